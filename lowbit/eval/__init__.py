@@ -1,0 +1,5 @@
+"""Evaluation: metrics, perplexity, reports."""
+
+from lowbit.eval.metrics import sqnr
+
+__all__ = ["sqnr"]
