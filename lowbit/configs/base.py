@@ -1,0 +1,79 @@
+"""The config registry: each config class registers the handler that applies it to a module."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lowbit.tensors.base import QuantizedTensor
+
+__all__ = ["QuantConfig", "register_handler", "get_handler", "registered_configs", "swap_weight", "float_weight"]
+
+_HANDLERS: dict[type, Callable[[nn.Module, "QuantConfig", str], None]] = {}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Base of every config: a frozen dataclass validated in ``__post_init__``."""
+
+
+def register_handler(config_cls: type):
+    """Register ``fn(module, config, fqn)`` as the way ``config_cls`` quantizes a module in place."""
+
+    def decorator(fn):
+        _HANDLERS[config_cls] = fn
+        return fn
+
+    return decorator
+
+
+def registered_configs() -> list[str]:
+    return sorted(c.__name__ for c in _HANDLERS)
+
+
+def get_handler(config: QuantConfig):
+    """The handler registered for ``type(config)``.
+
+    Raises:
+        TypeError: no handler is registered for it.
+    """
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise TypeError(f"config={config!r} has no registered handler; known configs: {registered_configs()}")
+    return handler
+
+
+def float_weight(module: nn.Module, fqn: str, rank: int = 2) -> torch.Tensor:
+    """The module's float weight, checked: present, floating, not yet quantized, of ``rank`` dims.
+
+    Raises:
+        ValueError: no weight, an already quantized weight, or the wrong rank.
+        TypeError: a non-floating weight.
+    """
+    w = getattr(module, "weight", None)
+    name = fqn or "<root>"
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"module {name!r} ({type(module).__name__}) has no weight tensor to quantize")
+    if isinstance(w, QuantizedTensor):
+        raise ValueError(f"module {name!r} is already quantized ({type(w).__name__}); quantize_ a float model")
+    if not w.is_floating_point():
+        raise TypeError(f"module {name!r} weight has dtype {w.dtype}; only floating weights can be quantized")
+    if w.dim() != rank:
+        raise ValueError(f"module {name!r} weight has shape {tuple(w.shape)}; this config needs a {rank}-D weight")
+    return w.detach()
+
+
+def _extra_repr_with_config(self) -> str:
+    base = type(self).extra_repr(self)
+    return f"{base}, quant={self.lowbit_config!r}" if base else f"quant={self.lowbit_config!r}"
+
+
+def swap_weight(module: nn.Module, weight: QuantizedTensor, config: QuantConfig) -> None:
+    """Replace ``module.weight`` with a frozen parameter holding ``weight``; record the config."""
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    module.lowbit_config = config
+    module.extra_repr = types.MethodType(_extra_repr_with_config, module)

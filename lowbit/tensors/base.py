@@ -1,0 +1,214 @@
+"""QuantizedTensor: the small base every quantized tensor subclass stands on.
+
+A subclass declares its fields by name and gets the rest:
+
+* ``tensor_data_names`` (required inner tensors), ``optional_tensor_data_names`` (inner tensors
+  that may be None) and ``tensor_attribute_names`` (hashable metadata) drive the constructor,
+  ``__tensor_flatten__``/``__tensor_unflatten__`` (so torch.compile traces through it),
+  ``__repr__`` and ``_replace``;
+* ops are registered per class with ``@Cls.implements(aten_op_or_list)`` (``__torch_dispatch__``)
+  or ``@Cls.implements_torch_function(F.linear)`` (``__torch_function__``), looked up along the MRO;
+* the base registers detach, clone, alias, contiguous, ``_to_copy`` (device moves; a float dtype
+  changes only the dequantized dtype) and ``copy_`` between tensors of the same layout;
+* any other op raises ``NotImplementedError`` naming the class and the op: there is no silent
+  dequantize fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+__all__ = ["QuantizedTensor"]
+
+aten = torch.ops.aten
+
+
+class QuantizedTensor(torch.Tensor):
+    """Base of lowbit's quantized tensors (a wrapper subclass; see the module docstring).
+
+    Constructed with keyword arguments only: every declared field, plus ``shape`` (the logical
+    shape; defaults to the first data tensor's shape) and ``dtype`` (the dequantized dtype).
+    """
+
+    tensor_data_names: ClassVar[tuple[str, ...]] = ()
+    optional_tensor_data_names: ClassVar[tuple[str, ...]] = ()
+    tensor_attribute_names: ClassVar[tuple[str, ...]] = ()
+    _dispatch_table: ClassVar[dict] = {}
+    _function_table: ClassVar[dict] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._dispatch_table = {}
+        cls._function_table = {}
+
+    @staticmethod
+    def __new__(cls, *, shape=None, dtype, **fields):
+        first = fields[cls.tensor_data_names[0]]
+        shape = first.shape if shape is None else torch.Size(shape)
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=first.device, requires_grad=False)
+
+    def __init__(self, *, shape=None, dtype, **fields):
+        expected = set(self._all_names())
+        unknown = set(fields) - expected
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected fields {sorted(unknown)}; fields: {sorted(expected)}")
+        for name in self.tensor_data_names:
+            if not isinstance(fields.get(name), torch.Tensor):
+                raise TypeError(f"{type(self).__name__} field {name!r} must be a tensor")
+        for name in self._all_names():
+            setattr(self, name, fields.get(name))
+
+    # --- fields ------------------------------------------------------------------------------
+
+    @classmethod
+    def _all_names(cls) -> tuple[str, ...]:
+        return cls.tensor_data_names + cls.optional_tensor_data_names + cls.tensor_attribute_names
+
+    def _fields(self) -> dict[str, Any]:
+        return {n: getattr(self, n) for n in self._all_names()}
+
+    def _replace(self, *, shape=None, dtype=None, **changes) -> "QuantizedTensor":
+        """A new tensor of the same class with some fields changed."""
+        fields = self._fields()
+        fields.update(changes)
+        return type(self)(shape=self.shape if shape is None else shape, dtype=dtype or self.dtype, **fields)
+
+    def _apply_to_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor], **changes) -> "QuantizedTensor":
+        """Apply ``fn`` to every inner tensor (None stays None)."""
+        names = self.tensor_data_names + self.optional_tensor_data_names
+        new = {n: (None if getattr(self, n) is None else fn(getattr(self, n))) for n in names}
+        return self._replace(**new, **changes)
+
+    def __tensor_flatten__(self):
+        names = [n for n in self.tensor_data_names + self.optional_tensor_data_names if getattr(self, n) is not None]
+        attrs = tuple(getattr(self, n) for n in self.tensor_attribute_names)
+        return names, (attrs, self.dtype)
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner_tensors, meta, outer_size, outer_stride):
+        attrs, dtype = meta
+        fields = dict(zip(cls.tensor_attribute_names, attrs))
+        fields.update(inner_tensors)
+        return cls(shape=outer_size, dtype=dtype, **fields)
+
+    def __repr__(self) -> str:
+        parts = [f"shape={tuple(self.shape)}", f"dtype={self.dtype}"]
+        for n in self.tensor_data_names + self.optional_tensor_data_names:
+            t = getattr(self, n)
+            if t is not None:
+                parts.append(f"{n}={tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}")
+        parts += [f"{n}={getattr(self, n)!r}" for n in self.tensor_attribute_names]
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    # --- op registration -------------------------------------------------------------------------
+
+    @classmethod
+    def implements(cls, ops):
+        """Register a ``__torch_dispatch__`` handler ``fn(func, types, args, kwargs)`` for aten ops."""
+        ops = ops if isinstance(ops, (list, tuple)) else [ops]
+
+        def decorator(fn):
+            for op in ops:
+                cls._dispatch_table[op] = fn
+            return fn
+
+        return decorator
+
+    @classmethod
+    def implements_torch_function(cls, funcs):
+        """Register a ``__torch_function__`` handler ``fn(func, types, args, kwargs)``."""
+        funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
+
+        def decorator(fn):
+            for f in funcs:
+                cls._function_table[f] = fn
+            return fn
+
+        return decorator
+
+    @classmethod
+    def _lookup(cls, table_name: str, func):
+        for klass in cls.__mro__:
+            table = klass.__dict__.get(table_name)
+            if table is not None and func in table:
+                return table[func]
+        return None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = cls._lookup("_function_table", func)
+        if handler is not None:
+            return handler(func, types, args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = cls._lookup("_dispatch_table", func)
+        if handler is None:
+            raise NotImplementedError(
+                f"{cls.__name__} does not support {func}: lowbit has no rule for this op on a quantized "
+                f"tensor (no silent dequantize). Dequantize explicitly with .dequantize() if you mean it."
+            )
+        return handler(func, types, args, kwargs)
+
+
+# --- ops every quantized tensor supports ------------------------------------------------------
+
+
+@QuantizedTensor.implements([aten.detach.default, aten.alias.default])
+def _(func, types, args, kwargs):
+    return return_and_correct_aliasing(func, args, kwargs, args[0]._apply_to_tensors(func))
+
+
+@QuantizedTensor.implements(aten.clone.default)
+def _(func, types, args, kwargs):
+    return args[0]._apply_to_tensors(lambda t: t.clone())
+
+
+@QuantizedTensor.implements(aten.contiguous.default)
+def _(func, types, args, kwargs):
+    return args[0]._apply_to_tensors(lambda t: t.contiguous())
+
+
+@QuantizedTensor.implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    self = args[0]
+    device = kwargs.get("device")
+    dtype = kwargs.get("dtype")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(
+            f"{type(self).__name__}.to(dtype={dtype}): only a floating dtype is allowed (it sets the "
+            "dequantized dtype); use .dequantize() to get a plain tensor"
+        )
+    moved = self._apply_to_tensors(lambda t: t.to(device=device) if device is not None else t.clone())
+    return moved._replace(dtype=dtype) if dtype is not None else moved
+
+
+def _same_layout(a: "QuantizedTensor", b: "QuantizedTensor") -> bool:
+    if type(a) is not type(b) or a.shape != b.shape:
+        return False
+    for n in a.tensor_data_names + a.optional_tensor_data_names:
+        x, y = getattr(a, n), getattr(b, n)
+        if (x is None) != (y is None) or (x is not None and (x.shape != y.shape or x.dtype != y.dtype)):
+            return False
+    return all(getattr(a, n) == getattr(b, n) for n in a.tensor_attribute_names)
+
+
+@QuantizedTensor.implements(aten.copy_.default)
+def _(func, types, args, kwargs):
+    dst, src = args[0], args[1]
+    if not isinstance(dst, QuantizedTensor) or not _same_layout(dst, src):
+        raise ValueError(
+            f"copy_ into {type(dst).__name__} needs a source of the same class and layout "
+            f"(shapes, dtypes and spec); got {src!r}. Quantize the model the same way before loading."
+        )
+    for n in dst.tensor_data_names + dst.optional_tensor_data_names:
+        if getattr(dst, n) is not None:
+            getattr(dst, n).copy_(getattr(src, n))
+    return dst
