@@ -4,6 +4,16 @@ from lowbit.dtypes import QDTYPES, QDType, get_qdtype
 from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerAxis, PerBlock, PerGroup, PerRow, PerTensor, PerToken, block_size
 from lowbit.spec import QuantSpec
+from lowbit.kernels import KernelPreference
+from lowbit.tensors import Int8Tensor, QuantizedTensor
+from lowbit.configs import (
+    Int8DynamicActivationInt8WeightConfig,
+    Int8StaticActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    QuantConfig,
+)
+from lowbit.quantize import quantize_
+from lowbit.serialization import load, save
 
 __version__ = "0.1.0"
 
@@ -20,4 +30,14 @@ __all__ = [
     "block_size",
     "QuantSpec",
     "sqnr",
+    "KernelPreference",
+    "QuantizedTensor",
+    "Int8Tensor",
+    "QuantConfig",
+    "Int8WeightOnlyConfig",
+    "Int8DynamicActivationInt8WeightConfig",
+    "Int8StaticActivationInt8WeightConfig",
+    "quantize_",
+    "save",
+    "load",
 ]

@@ -11,7 +11,15 @@ from torch import nn
 
 from lowbit.tensors.base import QuantizedTensor
 
-__all__ = ["QuantConfig", "register_handler", "get_handler", "registered_configs", "swap_weight", "float_weight"]
+__all__ = [
+    "QuantConfig",
+    "register_handler",
+    "get_handler",
+    "registered_configs",
+    "config_classes",
+    "swap_weight",
+    "float_weight",
+]
 
 _HANDLERS: dict[type, Callable[[nn.Module, "QuantConfig", str], None]] = {}
 
@@ -32,7 +40,13 @@ def register_handler(config_cls: type):
 
 
 def registered_configs() -> list[str]:
+    """Names of the config classes that have a handler."""
     return sorted(c.__name__ for c in _HANDLERS)
+
+
+def config_classes() -> list[type]:
+    """The config classes that have a handler (serialization looks them up by name)."""
+    return list(_HANDLERS)
 
 
 def get_handler(config: QuantConfig):

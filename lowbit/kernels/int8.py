@@ -90,7 +90,8 @@ def int8_weight_only_linear(
     if check_kernel(kernel) == "reference" or zero_point is not None:
         return _weight_only_reference(input, qdata, scale, zero_point, bias)
     if input.device.type == "cpu" and input.shape[0] <= _INT8PACK_MAX_M and scale.shape[1] == 1:
-        out = torch._weight_int8pack_mm(input, qdata, scale.reshape(-1).to(input.dtype))
+        s = scale.expand(qdata.shape[0], 1).reshape(-1).to(input.dtype).contiguous()  # the kernel takes scales in x's dtype
+        out = torch._weight_int8pack_mm(input, qdata, s)
         return out if bias is None else out + bias
     if input.device.type == "cpu":
         return _weight_only_chunked(input, qdata, scale, bias)

@@ -1,0 +1,174 @@
+"""Saving and loading quantized models.
+
+Two routes:
+
+* ``torch.save(model.state_dict(), path)`` then ``torch.load(path, weights_only=True)``: every
+  lowbit tensor class, spec, granularity, enum and config is registered as a safe global when
+  ``lowbit`` is imported, so the safe unpickler accepts them. Load into a model built on the
+  ``meta`` device with ``model.load_state_dict(sd, assign=True)``.
+* ``save(model, path)`` / ``load(model, path)``: a safetensors file of plain tensors (a quantized
+  tensor ``w`` is stored as ``w:qdata``, ``w:scale``, ...) with JSON metadata holding the format
+  version, each quantized tensor's class, shape, dtype and attributes, and each module's config.
+  No pickle is involved. ``load`` works on a float model or one built on ``meta``.
+
+Format versions: 1 (this one). A file with a newer version raises; old versions stay loadable
+(``tests/data`` keeps a checkpoint of every version).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from enum import Enum
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lowbit.dtypes import QDType, get_qdtype
+from lowbit.granularity import PerAxis, PerBlock, PerGroup, PerRow, PerTensor, PerToken
+from lowbit.configs.base import config_classes, swap_weight
+from lowbit.kernels.preference import KernelPreference
+from lowbit.spec import QuantSpec
+from lowbit.tensors.base import QuantizedTensor
+from lowbit.tensors.int8_tensor import Int8Tensor
+
+__all__ = ["save", "load", "FORMAT_VERSION", "register_safe_globals"]
+
+FORMAT_VERSION = 1
+_TENSOR_CLASSES: dict[str, type[QuantizedTensor]] = {c.__name__: c for c in (Int8Tensor,)}
+_GRANULARITIES = [PerTensor, PerAxis, PerRow, PerToken, PerGroup, PerBlock]
+_ENUMS = {KernelPreference.__name__: KernelPreference}
+
+
+def _dataclasses() -> dict[str, type]:
+    return {c.__name__: c for c in [QuantSpec, *_GRANULARITIES, *config_classes()]}
+
+
+def register_safe_globals() -> None:
+    """Allow lowbit's classes in ``torch.load(..., weights_only=True)``."""
+    torch.serialization.add_safe_globals(
+        [*_TENSOR_CLASSES.values(), QuantSpec, QDType, *_GRANULARITIES, *_ENUMS.values(), *config_classes()]
+    )
+
+
+# --- JSON encoding of specs, configs and attributes --------------------------------------------
+
+
+def _encode(v):
+    if isinstance(v, QDType):
+        return {"__qdtype__": v.name}
+    if isinstance(v, torch.dtype):
+        return {"__dtype__": str(v).removeprefix("torch.")}
+    if isinstance(v, Enum):
+        return {"__enum__": type(v).__name__, "value": v.value}
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {"__class__": type(v).__name__, **{f.name: _encode(getattr(v, f.name)) for f in dataclasses.fields(v)}}
+    if isinstance(v, tuple):
+        return {"__tuple__": [_encode(x) for x in v]}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise TypeError(f"cannot store {type(v).__name__} {v!r} in lowbit checkpoint metadata")
+
+
+def _decode(v, classes):
+    if isinstance(v, list):
+        return [_decode(x, classes) for x in v]
+    if not isinstance(v, dict):
+        return v
+    if "__qdtype__" in v:
+        return get_qdtype(v["__qdtype__"])
+    if "__dtype__" in v:
+        return getattr(torch, v["__dtype__"])
+    if "__enum__" in v:
+        return _ENUMS[v["__enum__"]](v["value"])
+    if "__tuple__" in v:
+        return tuple(_decode(x, classes) for x in v["__tuple__"])
+    if "__class__" in v:
+        name = v["__class__"]
+        if name not in classes:
+            raise ValueError(f"checkpoint names class {name!r}, unknown to this lowbit; known: {sorted(classes)}")
+        fields = {k: _decode(x, classes) for k, x in v.items() if k != "__class__"}
+        return classes[name](**fields)
+    return {k: _decode(x, classes) for k, x in v.items()}
+
+
+# --- safetensors ------------------------------------------------------------------------------
+
+
+def save(model: nn.Module, path: str | Path) -> None:
+    """Write ``model``'s state (quantized or not) to a safetensors file with lowbit metadata.
+
+    Args:
+        model: the model (after ``quantize_``).
+        path: the file to write.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    seen: dict[int, str] = {}
+    for key, t in model.state_dict().items():
+        if isinstance(t, QuantizedTensor):
+            names, (attrs, dtype) = t.__tensor_flatten__()
+            entries[key] = {
+                "class": type(t).__name__,
+                "shape": list(t.shape),
+                "dtype": _encode(dtype),
+                "attributes": {n: _encode(a) for n, a in zip(t.tensor_attribute_names, attrs)},
+                "tensors": names,
+            }
+            for n in names:
+                tensors[f"{key}:{n}"] = getattr(t, n).detach().contiguous().cpu()
+            continue
+        ident = id(t)
+        if ident in seen:  # tied weights: store once, point the alias at it
+            entries[key] = {"alias": seen[ident]}
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().contiguous().cpu()
+    modules = {fqn: _encode(m.lowbit_config) for fqn, m in model.named_modules() if hasattr(m, "lowbit_config")}
+    header = {"format_version": FORMAT_VERSION, "entries": entries, "modules": modules}
+    save_file(tensors, str(path), metadata={"lowbit": json.dumps(header)})
+
+
+def load(model: nn.Module, path: str | Path, *, device: str | torch.device = "cpu", strict: bool = True) -> nn.Module:
+    """Load a file written by ``save`` into ``model`` (float, quantized or on ``meta``), in place.
+
+    Quantized weights replace the model's parameters (``load_state_dict(assign=True)``) and each
+    module gets back its config (shown by ``print(model)``).
+
+    Raises:
+        ValueError: not a lowbit file, a newer format version, or an unknown class.
+    """
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        if "lowbit" not in meta:
+            raise ValueError(f"{path} has no lowbit metadata: it was not written by lowbit.save")
+        header = json.loads(meta["lowbit"])
+        version = header.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has format_version={version!r}; this lowbit reads versions 1..{FORMAT_VERSION}: upgrade lowbit"
+            )
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    classes = _dataclasses()
+    state: dict[str, torch.Tensor] = {k: v for k, v in raw.items() if ":" not in k}
+    for key, entry in header["entries"].items():
+        if "alias" in entry:
+            state[key] = state[entry["alias"]]
+            continue
+        cls = _TENSOR_CLASSES.get(entry["class"])
+        if cls is None:
+            raise ValueError(f"{path}: tensor {key!r} has class {entry['class']!r}, unknown to this lowbit")
+        inner = {n: raw[f"{key}:{n}"] for n in entry["tensors"]}
+        attrs = {n: _decode(a, classes) for n, a in entry["attributes"].items()}
+        state[key] = cls(shape=entry["shape"], dtype=_decode(entry["dtype"], classes), **inner, **attrs)
+    model.load_state_dict(state, strict=strict, assign=True)
+    for fqn, config in header["modules"].items():
+        module = model.get_submodule(fqn)
+        swap_weight(module, state[f"{fqn}.weight" if fqn else "weight"], _decode(config, classes))
+    return model
+
+
+register_safe_globals()
