@@ -107,7 +107,7 @@ def save(model: nn.Module, path: str | Path) -> None:
     """
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
-    seen: dict[int, str] = {}
+    seen: dict[tuple, str] = {}
     for key, t in model.state_dict().items():
         if isinstance(t, QuantizedTensor):
             names, (attrs, dtype) = t.__tensor_flatten__()
@@ -121,8 +121,8 @@ def save(model: nn.Module, path: str | Path) -> None:
             for n in names:
                 tensors[f"{key}:{n}"] = getattr(t, n).detach().contiguous().cpu()
             continue
-        ident = id(t)
-        if ident in seen:  # tied weights: store once, point the alias at it
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and ident in seen:  # tied weights: store once, point the alias at it
             entries[key] = {"alias": seen[ident]}
             continue
         seen[ident] = key

@@ -96,7 +96,7 @@ def _configs(model: nn.Module, amax: dict[str, float]) -> list[tuple[str, QuantC
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lowbit.eval.demo", description=__doc__)
-    parser.add_argument("--windows", type=int, default=256, help="perplexity windows (default 256)")
+    parser.add_argument("--windows", type=int, default=128, help="perplexity windows (default 128)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per window, at most 128 (default 128)")
     parser.add_argument("--calib-windows", type=int, default=8, help="static calibration windows (default 8)")
     parser.add_argument("--reps", type=int, default=30, help="timed forward passes of 1 x seq-len (default 30)")

@@ -135,11 +135,12 @@ class GlassLLM(nn.Module):
         self.norm = _RMSNorm(cfg.d_model, cfg.eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied; quantize_ gives lm_head its own weight
-        # Angles in float64, as glassllm computes them, then cast: (max_len, head_dim / 2).
+        # Angles in float64, as glassllm computes them: (max_len, head_dim / 2). The buffers take
+        # the model's dtype with .to(dtype) (float32 cos/sin would cap a float64 model at ~1e-7).
         theta = cfg.rope_base ** (-2.0 * torch.arange(cfg.head_dim // 2, dtype=torch.float64) / cfg.head_dim)
         angles = torch.outer(torch.arange(cfg.max_len, dtype=torch.float64), theta)
-        self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``, position 0 at the first token.

@@ -16,6 +16,7 @@ A subclass declares its fields by name and gets the rest:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -93,6 +94,15 @@ class QuantizedTensor(torch.Tensor):
         fields = dict(zip(cls.tensor_attribute_names, attrs))
         fields.update(inner_tensors)
         return cls(shape=outer_size, dtype=dtype, **fields)
+
+    def _stable_hash_for_caching(self) -> str:
+        """Key for torch.compile's AOT cache: class, shape, dtype, inner tensor layouts, attributes."""
+        parts = [type(self).__qualname__, str(tuple(self.shape)), str(self.dtype)]
+        for n in self.tensor_data_names + self.optional_tensor_data_names:
+            t = getattr(self, n)
+            parts.append("-" if t is None else f"{n}:{tuple(t.shape)}:{t.stride()}:{t.dtype}:{t.device.type}")
+        parts += [repr(getattr(self, n)) for n in self.tensor_attribute_names]
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
 
     def __repr__(self) -> str:
         parts = [f"shape={tuple(self.shape)}", f"dtype={self.dtype}"]
