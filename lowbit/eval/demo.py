@@ -79,10 +79,17 @@ def _tokens_per_s(model: nn.Module, ids: torch.Tensor, reps: int) -> float:
     return x.numel() / statistics.median(times)
 
 
+_GROUP = 32
+
+
+def _unsplittable(model: nn.Module, group: int) -> list[str]:
+    """Linear layers whose in_features ``PerGroup(group)`` can't split (glassllm's down_proj: 341)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % group]
+
+
 def _configs(model: nn.Module, amax: dict[str, float]) -> list[tuple[str, QuantConfig | dict]]:
-    group = 32
-    # PerGroup needs in_features % group == 0; glassllm's down_proj has 341 inputs, so it stays float.
-    unsplittable = {n: None for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % group}
+    group = _GROUP
+    unsplittable = dict.fromkeys(_unsplittable(model, group))  # None: leave the layer float
     static = {n: Int8StaticActivationInt8WeightConfig(act_scale=max(a, 1e-8) / 127) for n, a in amax.items()}
     return [
         ("Int8WeightOnlyConfig()", Int8WeightOnlyConfig()),
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-windows", type=int, default=8, help="static calibration windows (default 8)")
     parser.add_argument("--reps", type=int, default=30, help="timed forward passes of 1 x seq-len (default 30)")
     args = parser.parse_args(argv)
+    from tabulate import tabulate  # the demo's own dependency (the dev/demo extras); fail before any work
     for name in ("windows", "seq_len", "calib_windows", "reps"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -123,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
           f"speed: median of {args.reps} forward passes of 1 x {args.seq_len}")
     ref_bytes = linear_weight_bytes(base)
     ref_ppl = perplexity(base, evaluate, args.seq_len, args.windows)
-    rows = [["fp32", f"{ref_bytes:,}", "1.00x", f"{ref_ppl:.2f}", "-", f"{_tokens_per_s(base, timing, args.reps):,.0f}"]]
+    ref_tps = _tokens_per_s(base, timing, args.reps)
+    rows = [["fp32", f"{ref_bytes:,}", "1.00x", f"{ref_ppl:.2f}", "-", f"{ref_tps:,.0f}"]]
 
     amax = calibrate_act_amax(base, calib)
     for label, config in _configs(base, amax):
@@ -135,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * (ppl / ref_ppl - 1):+.2f}%", f"{_tokens_per_s(model, timing, args.reps):,.0f}",
         ])
 
-    from tabulate import tabulate
-
     headers = ["config", "linear weight bytes", "vs fp32", "perplexity", "delta ppl", "tokens/s"]
-    print(tabulate(rows, headers=headers, colalign=("left", "right", "right", "right", "right", "right")))
-    print("PerGroup(32) leaves the 4 down_proj layers (341 inputs, not divisible by 32) in fp32.")
+    print(tabulate(rows, headers=headers, colalign=("left",) + ("right",) * 5, disable_numparse=True))
+    skipped = _unsplittable(base, _GROUP)
+    if skipped:
+        print(f"PerGroup({_GROUP}) leaves {len(skipped)} layers in fp32 (in_features not divisible by {_GROUP}): "
+              f"{', '.join(skipped)}")
     return 0
 
 

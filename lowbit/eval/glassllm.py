@@ -204,8 +204,8 @@ def load_glassllm(dtype: torch.dtype = torch.float32) -> GlassLLM:
         "ffn.W1": "mlp.gate_proj", "ffn.W3": "mlp.up_proj", "ffn.W2": "mlp.down_proj",
     }
     for i in range(cfg.n_layers):
-        for src, dst in rename.items():
-            state[f"blocks.{i}.{dst}.weight"] = arrays.pop(f"blocks.{i}.{src}").t().contiguous()  # (in, out) -> (out, in)
+        for src, dst in rename.items():  # glassllm's (in, out) -> nn.Linear's (out, in)
+            state[f"blocks.{i}.{dst}.weight"] = arrays.pop(f"blocks.{i}.{src}").t().contiguous()
         for norm in ("norm1", "norm2"):
             state[f"blocks.{i}.{norm}.weight"] = arrays.pop(f"blocks.{i}.{norm}.gamma")
     assert not arrays, f"unmapped glassllm arrays: {sorted(arrays)}"

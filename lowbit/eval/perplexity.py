@@ -76,7 +76,8 @@ def perplexity(
         x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
         logits = model(x)
         if logits.shape[:2] != x.shape or logits.dim() != 3:
-            raise ValueError(f"model returned logits of shape {tuple(logits.shape)}; expected ({x.shape[0]}, {seq_len}, vocab)")
+            expected = f"({x.shape[0]}, {seq_len}, vocab)"
+            raise ValueError(f"model returned logits of shape {tuple(logits.shape)}; expected {expected}")
         logp = logits.double().log_softmax(dim=-1)
         total_nll -= logp.gather(-1, y.unsqueeze(-1)).sum().item()
     return math.exp(total_nll / (n_windows * seq_len))

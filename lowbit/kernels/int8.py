@@ -3,9 +3,11 @@
 Each op has one reference implementation (dequantize with the primitives, then ``F.linear``)
 and fast implementations chosen here by device and shape:
 
-* weight-only, CPU, per-row scale, M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm``;
-  otherwise the weight is dequantized in row chunks of ``_CHUNK_ROWS`` (each chunk stays in
-  cache) and each chunk is multiplied with ``torch.mm`` into its slice of the output;
+* weight-only, CPU, M <= ``_EXT_MAX_M``: our AVX-512 C++ kernel (``csrc/int8_gemv.cpp``, built
+  on first use; any group size that is a multiple of 16); per-row scale and
+  M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm``; otherwise the weight is dequantized
+  in row chunks of ``_CHUNK_ROWS`` (each chunk stays in cache) and each chunk is multiplied with
+  ``torch.mm`` into its slice of the output;
 * W8A8, CPU and CUDA: activations quantized with the primitives (per token, or the static scale
   given), ``torch._int_mm`` in int32, an exact integer zero-point correction for asymmetric
   activations (``zp_x * rowsum(W)``), one float32 rescale and one cast.
@@ -21,12 +23,14 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from lowbit.granularity import PerTensor, PerToken
+from lowbit.kernels import _ext
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, quantize_affine
 from lowbit.spec import QuantSpec
 
 __all__ = ["int8_weight_only_linear", "int8_activation_linear", "weight_spec", "activation_spec"]
 
+_EXT_MAX_M = 4  # our GEMV streams the weight once per call; above this its per-row dots lose
 _INT8PACK_MAX_M = 16  # _weight_int8pack_mm wins at decode sizes, loses to a bf16 GEMM above
 _CHUNK_ROWS = 512  # 512 x 4096 bf16 = 4 MiB: the dequantized chunk stays in L2/L3
 
@@ -89,7 +93,13 @@ def int8_weight_only_linear(
     _check_2d(input, qdata, scale)
     if check_kernel(kernel) == "reference" or zero_point is not None:
         return _weight_only_reference(input, qdata, scale, zero_point, bias)
-    if input.device.type == "cpu" and input.shape[0] <= _INT8PACK_MAX_M and scale.shape[1] == 1:
+    m, k = input.shape
+    if input.device.type == "cpu" and m <= _EXT_MAX_M and (k // scale.shape[1]) % 16 == 0 and qdata.is_contiguous():
+        ext = _ext.load()
+        if ext is not None:
+            out = ext.int8_weight_only_mm(input, qdata, scale.expand(qdata.shape[0], -1))
+            return out if bias is None else out + bias
+    if input.device.type == "cpu" and m <= _INT8PACK_MAX_M and scale.shape[1] == 1:
         s = scale.expand(qdata.shape[0], 1).reshape(-1).to(input.dtype).contiguous()  # the kernel takes scales in x's dtype
         out = torch._weight_int8pack_mm(input, qdata, s)
         return out if bias is None else out + bias

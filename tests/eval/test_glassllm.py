@@ -1,7 +1,9 @@
 """Our torch glassllm against glassllm's own numpy forward, and int8 perplexity on real text."""
 
 import copy
+from importlib import resources
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ from glassllm.autograd import no_grad as glass_no_grad  # noqa: E402
 from glassllm.model import GlassLM  # noqa: E402
 
 from lowbit.configs import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig  # noqa: E402
-from lowbit.eval.glassllm import _require_glassllm, eval_text, glassllm_tokenizer, load_glassllm  # noqa: E402
+from lowbit.eval.glassllm import eval_text, glassllm_tokenizer, load_glassllm  # noqa: E402
 from lowbit.eval.perplexity import perplexity  # noqa: E402
 from lowbit.quantize import quantize_  # noqa: E402
 from lowbit.tensors import Int8Tensor  # noqa: E402
@@ -23,7 +25,8 @@ SEQ_LEN = 128
 WINDOWS = 32  # 4,096 scored tokens from the start of the text: fast, and stable to ~0.1%
 
 # Max |our logits - glassllm numpy logits| on 2 x 128 real tokens (logits reach |21.9|):
-# float32 measured 1.5e-05 (fp32 rounding in both); float64 measured 2.8e-14.
+# float32 measured 1.5e-05 (our fp32 rounding; glassllm's fp32 path returns float64 logits);
+# float64 measured 2.8e-14.
 LOGITS_ATOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 # fp32 perplexity on the first 32 windows of pydoc_data.topics: measured 381.42. The text is
@@ -52,22 +55,15 @@ def fp32_ppl(model, token_ids):
 
 
 def _numpy_logits(ids: torch.Tensor, np_dtype) -> torch.Tensor:
-    with _weights_path() as path:
+    """glassllm's own numpy forward (GlassLM.load keeps ``np_dtype`` weights and activations)."""
+    with resources.as_file(resources.files("glassllm") / "weights" / "en.npz") as path:
         ref = GlassLM.load(path, dtype=np_dtype)
     with glass_no_grad():
         return torch.from_numpy(ref(ids.numpy()).data).double()
 
 
-def _weights_path():
-    from importlib import resources
-
-    return resources.as_file(_require_glassllm() / "en.npz")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_logits_match_glassllm_numpy(token_ids, dtype):
-    import numpy as np
-
     ids = token_ids[: 2 * SEQ_LEN].view(2, SEQ_LEN)
     expected = _numpy_logits(ids, {torch.float32: np.float32, torch.float64: np.float64}[dtype])
     with torch.no_grad():

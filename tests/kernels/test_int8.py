@@ -26,8 +26,8 @@ def _weights(granularity, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
-@pytest.mark.parametrize("m", [1, 16, 64], ids=lambda m: f"M{m}")  # int8pack (<=16) and chunked paths
-@pytest.mark.parametrize("granularity", [PerRow(), PerGroup(64), PerTensor()], ids=repr)
+@pytest.mark.parametrize("m", [1, 4, 16, 64], ids=lambda m: f"M{m}")  # C++ (<=4), int8pack (<=16), chunked
+@pytest.mark.parametrize("granularity", [PerRow(), PerGroup(64), PerGroup(16), PerGroup(8), PerTensor()], ids=repr)
 def test_weight_only_fast_matches_reference(dtype, m, granularity):
     t, g = _weights(granularity)
     x = torch.randn(m, 512, generator=g).to(dtype)
@@ -52,6 +52,20 @@ def test_activation_fast_matches_reference(dtype, m, mode):
     fast = int8_activation_linear(x, t.qdata, t.scale, b, s, zp, sym, "auto")
     assert fast.dtype == dtype
     assert sqnr(ref.float(), fast.float()) >= ACTIVATION_FAST_VS_REF_DB
+
+
+def test_cpp_extension_builds_where_it_should():
+    """On x86-64 with AVX-512 the C++ kernel must build: a silent fallback would hide a slow path."""
+    import os
+    import platform
+    from pathlib import Path
+
+    from lowbit.kernels import _ext
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if platform.machine() != "x86_64" or " avx512f " not in cpuinfo or os.environ.get("LOWBIT_NO_EXT") == "1":
+        pytest.skip("no AVX-512 here: the PyTorch paths serve")
+    assert _ext.load() is not None
 
 
 def test_asymmetric_correction_is_exact_integer_math():
