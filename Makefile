@@ -17,7 +17,7 @@ test: $(VENV)/.ready
 	$(PY) -m pytest -q
 
 demo: $(VENV)/.ready
-	@echo "make demo arrives with the int8 scheme (issue: Int8 end to end)"; exit 1
+	$(PY) -m lowbit.eval.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
