@@ -108,11 +108,12 @@ def module_weight_bytes(model: torch.nn.Module) -> dict:
 
 
 class ConstantCapture:
-    """Records the constants each inductor graph holds at code generation.
+    """Records the constants each frozen inductor graph holds.
 
-    With freezing, parameters become graph constants and constant folding may replace a quantized
-    weight and its dequantize ops by one float constant: the bytes recorded here are what the
-    compiled code actually keeps and reads.
+    Wraps ``torch._inductor.freezing.freeze`` (compile_fx imports it at call time): its output is
+    the graph after parameters were inlined as constants, weights prepacked and constants folded,
+    so a quantized weight whose dequantize ops were folded into one float constant shows up here
+    with the float dtype. Every ``get_attr`` tensor of that graph is counted.
     """
 
     def __init__(self):
@@ -120,22 +121,28 @@ class ConstantCapture:
         self._orig = None
 
     def __enter__(self):
-        from torch._inductor.graph import GraphLowering
+        import torch._inductor.freezing as freezing
 
-        self._orig = GraphLowering.compile_to_module
+        self._orig = freezing.freeze
         capture = self
 
-        def compile_to_module(graph_self):
-            capture.graphs.append(dict(graph_self.constants))
-            return capture._orig(graph_self)
+        def freeze(dynamo_gm, aot_gm, example_inputs):
+            gm, preserved = capture._orig(dynamo_gm, aot_gm, example_inputs)
+            consts = {}
+            for node in gm.graph.find_nodes(op="get_attr"):
+                t = getattr(gm, node.target, None)
+                if isinstance(t, torch.Tensor):
+                    consts[node.target] = t
+            capture.graphs.append(consts)
+            return gm, preserved
 
-        GraphLowering.compile_to_module = compile_to_module
+        freezing.freeze = freeze
         return self
 
     def __exit__(self, *exc):
-        from torch._inductor.graph import GraphLowering
+        import torch._inductor.freezing as freezing
 
-        GraphLowering.compile_to_module = self._orig
+        freezing.freeze = self._orig
 
     def constant_bytes(self) -> dict:
         """The largest graph's constants (what one compiled shape holds) and the union over all the

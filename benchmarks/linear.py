@@ -257,7 +257,7 @@ def main() -> None:
                 "variant": n, "library": v.library, "scheme": v.scheme, "mode": v.mode, "m": m,
                 **s, "baseline": base_name, "speedup_vs_baseline": speedup,
                 "weight_bytes": wb["total"], "weight_bytes_by_dtype": wb["by_dtype"], "weight_bytes_vs_bf16": wratio,
-                "weight_bytes_method": "constants held by the largest compiled inductor graph (freezing), unique storages; "
+                "weight_bytes_method": "get_attr constants of the largest frozen inductor graph (after prepack and constant folding), unique storages; "
                 "all_graphs_weight_bytes: union over the per-shape graphs"
                 if v.mode == "compiled" else "module parameters and buffers, subclasses flattened, unique storages",
                 "module_weight_bytes": b["eager_bytes"]["total"],
