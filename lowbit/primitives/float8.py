@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.primitives.affine import _block_from_scale, _blocked_shape, _check_float, _expand, _min_max
+from lowbit.primitives.affine import _abs_max, _block_from_scale, _blocked_shape, _check_finite, _check_float, _expand
 from lowbit.spec import QuantSpec
 
 __all__ = [
@@ -51,11 +51,9 @@ def choose_qparams_float8(input: torch.Tensor, spec: QuantSpec, *, check_finite:
     _check_spec(spec)
     if input.numel() == 0:
         raise ValueError(f"input is empty (shape {tuple(input.shape)}): no scale can be chosen from no values")
-    mn, mx = _min_max(input.detach(), spec.block_size(input.shape))
-    amax = torch.maximum(-mn, mx)
-    if check_finite and not torch.compiler.is_compiling():
-        if not bool(torch.isfinite(amax).all()):
-            raise ValueError("input contains NaN or inf: its scale would be meaningless; clean the tensor first")
+    amax = _abs_max(input.detach(), spec.block_size(input.shape))
+    if check_finite:
+        _check_finite(amax)
     return choose_qparams_float8_from_amax(amax, spec)
 
 

@@ -16,7 +16,9 @@ A subclass declares its fields by name and gets the rest:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -25,6 +27,19 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 __all__ = ["QuantizedTensor"]
 
 aten = torch.ops.aten
+
+
+@functools.cache
+def _code_version() -> str:
+    """Hash of the code a compiled graph of a lowbit tensor runs (primitives, kernels, tensors),
+    so torch.compile's caches never serve a graph traced by another version of it."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.blake2b(digest_size=8)
+    for sub in ("primitives", "kernels", "tensors"):
+        for f in sorted((root / sub).rglob("*")):
+            if f.suffix in (".py", ".cpp"):
+                h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 class QuantizedTensor(torch.Tensor):
@@ -95,9 +110,14 @@ class QuantizedTensor(torch.Tensor):
         fields.update(inner_tensors)
         return cls(shape=outer_size, dtype=dtype, **fields)
 
+    def _after_load(self) -> "QuantizedTensor":
+        """Called by ``lowbit.load`` on each tensor it rebuilds from the neutral on-disk layout:
+        a subclass returns itself in the memory layout its kernels want."""
+        return self
+
     def _stable_hash_for_caching(self) -> str:
         """Key for torch.compile's AOT cache: class, shape, dtype, inner tensor layouts, attributes."""
-        parts = [type(self).__qualname__, str(tuple(self.shape)), str(self.dtype)]
+        parts = [_code_version(), type(self).__qualname__, str(tuple(self.shape)), str(self.dtype)]
         for n in self.tensor_data_names + self.optional_tensor_data_names:
             t = getattr(self, n)
             parts.append("-" if t is None else f"{n}:{tuple(t.shape)}:{t.stride()}:{t.dtype}:{t.device.type}")

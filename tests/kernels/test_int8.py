@@ -114,11 +114,15 @@ def _w8a8_model(device):
     return quantize_(m, Int8DynamicActivationInt8WeightConfig())
 
 
-def test_compiled_w8a8_calls_int_mm_once_per_linear_cpu():
+@pytest.mark.parametrize("freezing", [False, True], ids=["plain", "freezing"])
+def test_compiled_w8a8_calls_int_mm_once_per_linear_cpu(freezing):
+    # with freezing, inductor would rewrite a bare _int_mm into a oneDNN qlinear holding a
+    # prepacked second copy of the weight; lowbit::int8_mm keeps _int_mm (and the memory) as is
     m = _w8a8_model("cpu")
-    c = torch.compile(m, fullgraph=True)
     x = torch.randn(32, 64)
-    with torch.no_grad():
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(freezing=freezing):
+        c = torch.compile(m, fullgraph=True)
         c(x)
         assert _count_int_mm(lambda: c(x)) == 3
 
