@@ -18,6 +18,10 @@ import torch
 # Inductor freezing for every compiled variant (the compiled bf16 baseline streams its weights
 # ~40% faster with it). Caches off: a cache hit would skip the lowering we inspect for constants.
 torch._inductor.config.freezing = True
+# every variant compiles the same forward code object (guarded by module identity) for every
+# shape: without room for all of them, dynamo silently falls back to eager after 8 recompiles
+torch._dynamo.config.cache_size_limit = 256
+torch._dynamo.config.accumulated_cache_size_limit = 4096
 torch._inductor.config.fx_graph_cache = False
 torch._functorch.config.enable_autograd_cache = False
 

@@ -209,7 +209,6 @@ def main() -> None:
                 eager_bytes = C.module_weight_bytes(model)
                 info = {"variant": v, "eager_bytes": eager_bytes, "compiled_bytes": None}
                 if v.mode == "compiled":
-                    torch._dynamo.reset()
                     torch._dynamo.utils.counters.clear()
                     fn = torch.compile(model, dynamic=False)
                     with C.ConstantCapture() as cap:

@@ -171,7 +171,6 @@ def main() -> None:
                 model = build(copy.deepcopy(base))
                 info = {"library": lib, "scheme": scheme, "mode": mode, "eager_bytes": C.module_weight_bytes(model)}
                 if mode == "compiled":
-                    torch._dynamo.reset()
                     torch._dynamo.utils.counters.clear()
                     fn = torch.compile(model, dynamic=False)
                     with C.ConstantCapture() as cap:

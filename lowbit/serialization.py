@@ -163,7 +163,7 @@ def load(model: nn.Module, path: str | Path, *, device: str | torch.device = "cp
             raise ValueError(f"{path}: tensor {key!r} has class {entry['class']!r}, unknown to this lowbit")
         inner = {n: raw[f"{key}:{n}"] for n in entry["tensors"]}
         attrs = {n: _decode(a, classes) for n, a in entry["attributes"].items()}
-        state[key] = cls(shape=entry["shape"], dtype=_decode(entry["dtype"], classes), **inner, **attrs)._after_load()
+        state[key] = cls(shape=entry["shape"], dtype=_decode(entry["dtype"], classes), **inner, **attrs)
     model.load_state_dict(state, strict=strict, assign=True)
     for fqn, config in header["modules"].items():
         module = model.get_submodule(fqn)

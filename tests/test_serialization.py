@@ -108,11 +108,3 @@ def test_format_v1_checkpoint_still_loads():
         assert torch.equal(model(io_["input"]), io_["output"])
     assert model[4].weight.act_zero_point is not None and model[5].weight.block_size == (1, 8)
 
-
-def test_load_restores_kernel_layout(tmp_path):
-    m = _quantized(Int8DynamicActivationInt8WeightConfig())
-    assert m[0].weight.qdata.t().is_contiguous()  # (K, N)-contiguous, what int8_mm reads fastest
-    save(m, tmp_path / "m.safetensors")
-    fresh = load(_build(), tmp_path / "m.safetensors")
-    assert fresh[0].weight.qdata.t().is_contiguous()
-    assert torch.equal(fresh[0].weight.qdata, m[0].weight.qdata)

@@ -110,11 +110,6 @@ class QuantizedTensor(torch.Tensor):
         fields.update(inner_tensors)
         return cls(shape=outer_size, dtype=dtype, **fields)
 
-    def _after_load(self) -> "QuantizedTensor":
-        """Called by ``lowbit.load`` on each tensor it rebuilds from the neutral on-disk layout:
-        a subclass returns itself in the memory layout its kernels want."""
-        return self
-
     def _stable_hash_for_caching(self) -> str:
         """Key for torch.compile's AOT cache: class, shape, dtype, inner tensor layouts, attributes."""
         parts = [_code_version(), type(self).__qualname__, str(tuple(self.shape)), str(self.dtype)]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.granularity import PerTensor, PerToken
-from lowbit.kernels.int8 import int8_activation_linear, int8_mm_weight_layout, int8_weight_only_linear
+from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.affine import _block_from_scale, choose_qparams_affine, dequantize_affine, quantize_affine
 from lowbit.spec import QuantSpec
@@ -66,8 +66,6 @@ class Int8Tensor(QuantizedTensor):
         _check_act(act_spec, act_scale, act_zero_point, spec)
         scale, zero_point = choose_qparams_affine(input, spec)
         qdata = quantize_affine(input, scale, zero_point, spec)
-        if act_spec is not None:
-            qdata = int8_mm_weight_layout(qdata)
         return cls(
             qdata=qdata,
             scale=scale.float(),
@@ -83,11 +81,6 @@ class Int8Tensor(QuantizedTensor):
     def block_size(self) -> tuple[int, ...]:
         """Elements per scale along each dim."""
         return _block_from_scale(self.qdata.shape, self.scale)
-
-    def _after_load(self) -> "Int8Tensor":
-        if self.act_spec is None:
-            return self
-        return self._replace(qdata=int8_mm_weight_layout(self.qdata))
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float tensor these int8 values stand for, in ``output_dtype`` (default: ``self.dtype``)."""
