@@ -57,18 +57,21 @@ def choose_qparams_float8(input: torch.Tensor, spec: QuantSpec, *, check_finite:
     return choose_qparams_float8_from_amax(amax, spec)
 
 
-def _scaled(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def _scaled(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, inplace: bool = False) -> torch.Tensor:
+    """``clamp(x / scale, -fmax, fmax)`` in float32; ``inplace``: on one private copy (no autograd)."""
     block = _block_from_scale(x.shape, scale)
-    xb = x.float().reshape(_blocked_shape(x.shape, block))
+    shape = _blocked_shape(x.shape, block)
     fmax = spec.dtype.qmax
-    return torch.clamp(xb / _expand(scale.float()), -fmax, fmax)
+    if inplace:
+        return x.to(torch.float32, copy=True).reshape(shape).div_(_expand(scale.float())).clamp_(-fmax, fmax)
+    return torch.clamp(x.float().reshape(shape) / _expand(scale.float()), -fmax, fmax)
 
 
 def quantize_float8(input: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Saturating cast of ``input / scale`` to the spec's float8 dtype, shape of ``input``."""
     _check_float(input)
     dt = _check_spec(spec)
-    return _scaled(input, scale, spec).to(dt).reshape(input.shape)
+    return _scaled(input, scale, spec, inplace=True).to(dt).reshape(input.shape)
 
 
 def dequantize_float8(
@@ -87,8 +90,8 @@ def dequantize_float8(
     if qdata.dim() == 0:
         raise ValueError("qdata must have rank >= 1, got a 0-d tensor")
     block = _block_from_scale(qdata.shape, scale)
-    qb = qdata.float().reshape(_blocked_shape(qdata.shape, block))
-    return (qb * _expand(scale.float())).reshape(qdata.shape).to(output_dtype)
+    qb = qdata.to(torch.float32).reshape(_blocked_shape(qdata.shape, block))  # a new buffer
+    return qb.mul_(_expand(scale.float())).reshape(qdata.shape).to(output_dtype)
 
 
 class _Float8RoundSTE(torch.autograd.Function):

@@ -279,3 +279,14 @@ def test_rejects_missing_zero_point_and_float8_spec():
         quantize_affine(torch.randn(4), torch.ones(1), None, QuantSpec("int8", symmetric=False))
     with pytest.raises(ValueError, match="float8"):
         choose_qparams_affine(torch.randn(4), QuantSpec("float8_e4m3fn"))
+
+
+def test_quantize_leaves_its_input_alone():
+    # quantize works in place on a private float32 copy: a float32 input must not change
+    for spec in [QuantSpec("int8", PerRow()), QuantSpec("uint4", PerGroup(4), symmetric=False)]:
+        x = torch.randn(4, 8)
+        before = x.clone()
+        s, zp = choose_qparams_affine(x, spec)
+        quantize_affine(x, s, zp, spec)
+        quantize_affine(x[:, :4], s[:, :1] if s.shape[1] == 2 else s, None if zp is None else zp[:, :1], spec)
+        assert torch.equal(x, before)

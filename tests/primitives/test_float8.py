@@ -80,3 +80,10 @@ def test_bad_inputs():
         dequantize_float8(torch.zeros(3, dtype=torch.float8_e5m2), torch.ones(1), E4M3)
     with pytest.raises(ValueError, match="empty"):
         choose_qparams_float8(torch.empty(0), E4M3)
+
+
+def test_quantize_leaves_its_input_alone():
+    x = torch.randn(4, 8)
+    before = x.clone()
+    quantize_float8(x, choose_qparams_float8(x, E4M3), E4M3)
+    assert torch.equal(x, before)
