@@ -162,6 +162,28 @@ class ConstantCapture:
 # --- timing ---------------------------------------------------------------------------------------
 
 
+def compile_and_capture(model: torch.nn.Module, calls: list) -> tuple[Callable, list, dict]:
+    """``torch.compile`` ``model``, run it on every input of ``calls`` twice (warm-up), and report
+    the constant bytes the frozen graphs hold and dynamo's graph and graph-break counts.
+
+    Returns ``(compiled_fn, outputs_of_first_calls, info)``.
+    """
+    torch._dynamo.utils.counters.clear()
+    fn = torch.compile(model, dynamic=False)
+    with ConstantCapture() as cap:
+        outs = [fn(x) for x in calls]
+        for x in calls:
+            fn(x)
+    cnt = torch._dynamo.utils.counters
+    info = {
+        "compiled_bytes": cap.constant_bytes(),
+        "graph_breaks": sum(cnt["graph_break"].values()),
+        "graph_break_reasons": sorted(cnt["graph_break"])[:5],
+        "dynamo_graphs": cnt["stats"].get("unique_graphs", 0),
+    }
+    return fn, outs, info
+
+
 def _busy_jiffies() -> int:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]

@@ -209,17 +209,9 @@ def main() -> None:
                 eager_bytes = C.module_weight_bytes(model)
                 info = {"variant": v, "eager_bytes": eager_bytes, "compiled_bytes": None}
                 if v.mode == "compiled":
-                    torch._dynamo.utils.counters.clear()
-                    fn = torch.compile(model, dynamic=False)
-                    with C.ConstantCapture() as cap:
-                        outs = {m: fn(x) for m, x in inputs.items()}
-                        for x in inputs.values():
-                            fn(x)
-                    info["compiled_bytes"] = cap.constant_bytes()
-                    cnt = torch._dynamo.utils.counters
-                    info["graph_breaks"] = sum(cnt["graph_break"].values())
-                    info["graph_break_reasons"] = sorted(cnt["graph_break"])[:5]
-                    info["dynamo_graphs"] = cnt["stats"].get("unique_graphs", 0)
+                    fn, out_list, compiled_info = C.compile_and_capture(model, list(inputs.values()))
+                    outs = dict(zip(inputs, out_list))
+                    info.update(compiled_info)
                 else:
                     fn = model
                     outs = {m: fn(x) for m, x in inputs.items()}

@@ -171,16 +171,8 @@ def main() -> None:
                 model = build(copy.deepcopy(base))
                 info = {"library": lib, "scheme": scheme, "mode": mode, "eager_bytes": C.module_weight_bytes(model)}
                 if mode == "compiled":
-                    torch._dynamo.utils.counters.clear()
-                    fn = torch.compile(model, dynamic=False)
-                    with C.ConstantCapture() as cap:
-                        out = fn(x)
-                        fn(x)
-                    info["compiled_bytes"] = cap.constant_bytes()
-                    cnt = torch._dynamo.utils.counters
-                    info["graph_breaks"] = sum(cnt["graph_break"].values())
-                    info["graph_break_reasons"] = sorted(cnt["graph_break"])[:5]
-                    info["dynamo_graphs"] = cnt["stats"].get("unique_graphs", 0)
+                    fn, (out,), compiled_info = C.compile_and_capture(model, [x])
+                    info.update(compiled_info)
                 else:
                     fn = model
                     out = fn(x)
