@@ -1,16 +1,17 @@
-"""Int8 linear ops (torch.library custom ops): weight-only and int8-activation (W8A8).
+"""Int8 linear: weight-only (custom op ``lowbit::int8_weight_only_linear``) and int8 activations
+(W8A8: traceable aten ops around the custom op ``lowbit::int8_mm``).
 
-Each op has one reference implementation (dequantize with the primitives, then ``F.linear``)
-and fast implementations chosen here by device and shape:
+Each has one reference implementation (dequantize with the primitives, then ``F.linear``) and
+fast implementations chosen here by device and shape:
 
 * weight-only, CPU, M <= ``_EXT_MAX_M``: our AVX-512 C++ kernel (``csrc/int8_gemv.cpp``, built
   on first use; any group size that is a multiple of 16); per-row scale and
-  M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm``; otherwise the weight is dequantized
+  M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm``; otherwise the weight is converted
   in row chunks of ``_CHUNK_ROWS`` (each chunk stays in cache) and each chunk is multiplied with
-  ``torch.mm`` into its slice of the output;
+  ``torch.mm`` into its slice of the output; other devices: the reference;
 * W8A8, CPU and CUDA: activations quantized with the primitives (per token, or the static scale
-  given), ``torch._int_mm`` in int32, an exact integer zero-point correction for asymmetric
-  activations (``zp_x * rowsum(W)``), one float32 rescale and one cast.
+  given), ``lowbit::int8_mm`` (``torch._int_mm``, exact int32), an exact integer zero-point
+  correction for asymmetric activations (``zp_x * rowsum(W)``), one float32 rescale, one cast.
 
 Inputs are 2-D (the tensor layer folds leading dims). Weights are symmetric int8 with a float32
 scale of shape ``(N, K // group)``; an asymmetric weight (with a zero point) runs the reference.
