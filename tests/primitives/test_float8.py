@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowbit.granularity import PerRow, PerTensor
+from lowbit.granularity import PerRow
 from lowbit.primitives.float8 import (
     choose_qparams_float8,
     choose_qparams_float8_from_amax,
