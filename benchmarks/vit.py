@@ -146,7 +146,8 @@ def variants(calib, peers: bool, compile_: bool):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (timed with a synchronize per call)")
+    p.add_argument("--batch", type=int, default=None, help="images per call (default: 8 on CPU, 32 on CUDA)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: 7)")
     p.add_argument("--max-rounds", type=int, default=None, help="extra rounds allowed to replace contaminated samples (default: 2x rounds)")
     p.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget; extra rounds stop when it is spent")
@@ -154,14 +155,17 @@ def main() -> None:
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vit.json"))
     args = p.parse_args()
+    if args.batch is None:
+        args.batch = 32 if args.device.startswith("cuda") else 8
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     t_start = time.time()
     machine = C.machine_facts()
     log(f"{machine['cpu_model']}, torch {machine['torch_version']}, {machine['torch_threads']} threads")
     with torch.no_grad():
-        base = make_model()
-        x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(DTYPE)
-        calib = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(DTYPE)
+        base = make_model().to(args.device)
+        x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(args.device, DTYPE)
+        calib = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(args.device, DTYPE)
         ref = base(x).float()
         vs, skipped = variants(calib, not args.no_peers, not args.no_compile)
         built = {}
@@ -177,7 +181,7 @@ def main() -> None:
                     fn = model
                     out = fn(x)
                 info["fn"], info["sqnr_db"] = fn, round(sqnr(ref, out.float()), 2)
-                info["inner"] = C.calibrate_inner(lambda: fn(x), 300.0)
+                info["inner"] = C.calibrate_inner(lambda: (fn(x), sync()), 300.0)
                 info["build_s"] = round(time.time() - t0, 1)
                 built[name] = info
                 log(f"built {name} in {info['build_s']}s, sqnr {info['sqnr_db']} dB")
@@ -185,7 +189,7 @@ def main() -> None:
                 skipped.append({"variant": name, "reason": f"{type(e).__name__}: {str(e)[:300]}"})
                 log(f"FAILED {name}: {type(e).__name__}: {str(e)[:300]}")
         log(f"timing: {len(built)} variants x {args.rounds} rounds")
-        fns = {n: (lambda f=b["fn"]: f(x)) for n, b in built.items()}
+        fns = {n: (lambda f=b["fn"]: (f(x), sync())) for n, b in built.items()}
         timings = C.interleaved(fns, {n: b["inner"] for n, b in built.items()}, args.rounds, log,
                                 max_rounds=args.max_rounds or 2 * args.rounds, deadline=t_start + args.budget_s)
 
@@ -233,7 +237,7 @@ def main() -> None:
     machine["loadavg_end"] = os.getloadavg()
     C.write_json(args.out, {
         "benchmark": "vit", "machine": machine,
-        "settings": {"model": "ViT-B/16 shape (random weights)", "batch": args.batch, "image": 224, "dtype": "bfloat16",
+        "settings": {"model": "ViT-B/16 shape (random weights)", "device": args.device, "batch": args.batch, "image": 224, "dtype": "bfloat16",
                      "rounds": args.rounds, "contaminated_share": C.CONTAMINATED_SHARE, "peers": not args.no_peers,
                      "compile": not args.no_compile, "wall_s": round(time.time() - t_start, 1)},
         "results": results, "targets": targets, "skipped": skipped,
