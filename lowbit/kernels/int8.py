@@ -52,6 +52,11 @@ def activation_spec(symmetric: bool, static: bool) -> QuantSpec:
     return QuantSpec("int8", PerTensor() if static else PerToken(), symmetric=symmetric)
 
 
+def _grad_input(grad, qdata, scale, zero_point):
+    """``grad @ dequantize(W)``: the input gradient of both linears (the weight is frozen)."""
+    return grad @ dequantize_affine(qdata, scale, zero_point, weight_spec(zero_point is not None), grad.dtype)
+
+
 def _check_2d(input, qdata, scale):
     if input.dim() != 2 or qdata.dim() != 2 or input.shape[1] != qdata.shape[1]:
         raise ValueError(f"input {tuple(input.shape)} and weight {tuple(qdata.shape)} must be (M, K) and (N, K)")
@@ -212,9 +217,8 @@ class _Int8ActivationLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         qdata, scale = ctx.saved_tensors
-        w = dequantize_affine(qdata, scale, None, weight_spec(False), grad.dtype)
         grad_bias = grad.sum(0) if ctx.has_bias else None
-        return grad @ w, None, None, grad_bias, None, None, None, None
+        return _grad_input(grad, qdata, scale, None), None, None, grad_bias, None, None, None, None
 
 
 def int8_activation_linear(
@@ -261,8 +265,8 @@ def _weight_only_setup(ctx, inputs, output):
 
 def _weight_only_backward(ctx, grad):
     qdata, scale, zero_point = ctx.saved_tensors
-    w = dequantize_affine(qdata, scale, zero_point, weight_spec(zero_point is not None), grad.dtype)
-    return grad @ w, None, None, None, (grad.sum(0) if ctx.has_bias else None), None
+    grad_bias = grad.sum(0) if ctx.has_bias else None
+    return _grad_input(grad, qdata, scale, zero_point), None, None, None, grad_bias, None
 
 
 int8_weight_only_linear.register_autograd(_weight_only_backward, setup_context=_weight_only_setup)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.granularity import PerTensor, PerToken
-from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear
+from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear, weight_spec
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.affine import _block_from_scale, choose_qparams_affine, dequantize_affine, quantize_affine
 from lowbit.spec import QuantSpec
@@ -84,7 +84,7 @@ class Int8Tensor(QuantizedTensor):
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float tensor these int8 values stand for, in ``output_dtype`` (default: ``self.dtype``)."""
-        spec = QuantSpec("int8", symmetric=self.zero_point is None)
+        spec = weight_spec(self.zero_point is not None)
         return dequantize_affine(self.qdata, self.scale, self.zero_point, spec, output_dtype or self.dtype)
 
 
