@@ -1,9 +1,10 @@
 """Lazily built C++ kernels (torch.utils.cpp_extension), cached per source, torch and CPU.
 
-``load()`` returns the extension module or None when it can't be built here (no compiler, no
-ninja, not x86 with AVX-512): callers then use the pure-PyTorch path. The build happens once per
+Each ``csrc/<name>.cpp`` is its own extension module (``lowbit_<name>``). ``load(name)`` returns
+it, or None when it can't be built here (no compiler, no ninja, not x86, a CPU feature the
+source needs is missing): callers then use the pure-PyTorch path. Each build happens once per
 machine (about 20 s) into ``$LOWBIT_CACHE`` or ``~/.cache/lowbit``; set ``LOWBIT_NO_EXT=1`` to
-skip it entirely.
+skip them all.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import torch
 __all__ = ["load"]
 
 _log = logging.getLogger(__name__)
-_SRC = Path(__file__).parent / "csrc" / "int8_gemv.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+# CPU features each source is compiled for (gcc -m<flag>, /proc/cpuinfo names).
+_FEATURES = {
+    "int8_gemv": ("avx512f", "avx512bw"),
+    "int4_cpu": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi", "avx512_vnni"),
+    "fp8_cpu": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi"),
+}
+_GCC_FLAG = {"avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni"}
 
 
 def _cpu_flags() -> str:
@@ -34,26 +42,31 @@ def _cpu_flags() -> str:
 
 
 @functools.cache
-def load():
-    """The compiled extension, or None (logged once) when it can't be built or loaded."""
+def load(name: str = "int8_gemv"):
+    """The compiled extension ``csrc/<name>.cpp``, or None (logged once) when it can't be built."""
+    if name not in _FEATURES:
+        raise ValueError(f"unknown C++ kernel source {name!r}; known: {sorted(_FEATURES)}")
     if os.environ.get("LOWBIT_NO_EXT") == "1":
         return None
     flags = _cpu_flags()
-    if platform.machine() != "x86_64" or " avx512f " not in f"{flags} ":
-        _log.info("lowbit C++ kernels need x86-64 with AVX-512; using the PyTorch paths")
+    missing = [f for f in _FEATURES[name] if f" {f} " not in f"{flags} "]
+    if platform.machine() != "x86_64" or missing:
+        _log.info("lowbit C++ kernel %s needs x86-64 with %s (missing %s); using the PyTorch paths",
+                  name, ", ".join(_FEATURES[name]), ", ".join(missing) or "x86-64")
         return None
-    key = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
+    src = _CSRC / f"{name}.cpp"
+    key = hashlib.sha256(src.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
     root = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
-    build = root / f"ext-{key}"
+    build = root / f"{name}-{key}"
     try:
         from torch.utils.cpp_extension import load as cpp_load
 
         build.mkdir(parents=True, exist_ok=True)
         return cpp_load(
-            name="lowbit_cpu_kernels",
-            sources=[str(_SRC)],
+            name=f"lowbit_{name}",
+            sources=[str(src)],
             build_directory=str(build),
-            extra_cflags=["-O3", "-mavx512f", "-mavx512bw"],
+            extra_cflags=["-O3"] + [f"-m{_GCC_FLAG.get(f, f)}" for f in _FEATURES[name]],
             verbose=False,
         )
     except Exception as e:  # a missing compiler or ninja must not break quantization

@@ -119,7 +119,7 @@ def int8_weight_only_linear(
         return _weight_only_reference(input, qdata, scale, zero_point, bias)
     m, k = input.shape
     if input.device.type == "cpu" and m <= _EXT_MAX_M and (k // scale.shape[1]) % 16 == 0 and qdata.is_contiguous():
-        ext = _ext.load()
+        ext = _ext.load("int8_gemv")
         if ext is not None:
             out = ext.int8_weight_only_mm(input, qdata, scale.expand(qdata.shape[0], -1))
             return out if bias is None else out + bias
