@@ -23,6 +23,7 @@ from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.affine import _block_from_scale, choose_qparams_affine, dequantize_affine, quantize_affine
 from lowbit.spec import QuantSpec
 from lowbit.tensors.base import QuantizedTensor
+from lowbit.tensors.layout_ops import register_layout_ops
 
 __all__ = ["Int8Tensor"]
 
@@ -35,6 +36,8 @@ class Int8Tensor(QuantizedTensor):
     tensor_data_names = ("qdata", "scale")
     optional_tensor_data_names = ("zero_point", "act_scale", "act_zero_point")
     tensor_attribute_names = ("act_spec", "kernel")
+    qparam_names = ("scale", "zero_point")  # blocked qparams, sliced with qdata
+    pack = 1  # one int8 value per qdata element
 
     @classmethod
     def from_float(
@@ -172,135 +175,6 @@ def _(func, types, args, kwargs):
     return _linear(x, wt.t(), bias)
 
 
-# --- slicing and indexing -----------------------------------------------------------------------
+# --- slicing, indexing, views (shared with the other blocked tensors) ----------------------------
 
-
-def _qparam_names(self):
-    return [n for n in ("scale", "zero_point") if getattr(self, n) is not None]
-
-
-def _slice(self: Int8Tensor, dim: int, start: int, end: int) -> Int8Tensor:
-    dim = dim % self.dim()
-    size = self.shape[dim]
-    start, end = max(0, min(start, size)), max(0, min(end, size))
-    if start < 0 or end <= start:
-        raise ValueError(f"empty slice [{start}:{end}] on dim {dim} of Int8Tensor {tuple(self.shape)}")
-    b = self.block_size[dim]
-    new = {"qdata": self.qdata.narrow(dim, start, end - start)}
-    for n in _qparam_names(self):
-        t = getattr(self, n)
-        if t.shape[dim] != 1:  # the block spans less than the dim: slice the scale with it
-            if start % b or end % b:
-                raise ValueError(
-                    f"slice [{start}:{end}] on dim {dim} cuts through a quantization block of {b}; "
-                    f"slice at multiples of {b}"
-                )
-            t = t.narrow(dim, start // b, (end - start) // b)
-        new[n] = t
-    shape = list(self.shape)
-    shape[dim] = end - start
-    return self._replace(shape=shape, **new)
-
-
-@Int8Tensor.implements(aten.slice.Tensor)
-def _(func, types, args, kwargs):
-    self, dim = args[0], (args[1] if len(args) > 1 else kwargs.get("dim", 0))
-    start = args[2] if len(args) > 2 else kwargs.get("start")
-    end = args[3] if len(args) > 3 else kwargs.get("end")
-    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
-    if step != 1:
-        raise NotImplementedError(f"Int8Tensor slice with step={step}: only step 1 keeps the block layout")
-    size = self.shape[dim]
-    start = 0 if start is None else (start + size if start < 0 else start)
-    end = size if end is None else (end + size if end < 0 else end)
-    return _slice(self, dim, start, end)
-
-
-@Int8Tensor.implements(aten.select.int)
-def _(func, types, args, kwargs):
-    self, dim, index = args
-    dim = dim % self.dim()
-    if self.dim() < 2:
-        raise ValueError("select on a 1-D Int8Tensor would give a 0-d tensor; dequantize() first")
-    index = index + self.shape[dim] if index < 0 else index
-    sliced = _slice(self, dim, index, index + 1)
-    shape = [s for i, s in enumerate(sliced.shape) if i != dim]
-    return sliced._apply_to_tensors(lambda t: t.squeeze(dim) if t.dim() == self.dim() else t, shape=shape)
-
-
-def _index_rows(self: Int8Tensor, index: torch.Tensor) -> Int8Tensor:
-    if index.dim() != 1:
-        raise NotImplementedError(f"Int8Tensor indexing takes a 1-D index on dim 0, got shape {tuple(index.shape)}")
-    new = {"qdata": self.qdata.index_select(0, index)}
-    for n in _qparam_names(self):
-        t = getattr(self, n)
-        if t.shape[0] == self.shape[0]:
-            t = t.index_select(0, index)
-        elif t.shape[0] != 1:
-            raise ValueError(f"indexing rows of an Int8Tensor whose blocks span {self.block_size[0]} rows")
-        new[n] = t
-    return self._replace(shape=(index.numel(), *self.shape[1:]), **new)
-
-
-@Int8Tensor.implements(aten.index_select.default)
-def _(func, types, args, kwargs):
-    self, dim, index = args
-    if dim % self.dim() != 0:
-        raise NotImplementedError(f"Int8Tensor index_select on dim {dim}: only dim 0 is supported")
-    return _index_rows(self, index)
-
-
-@Int8Tensor.implements(aten.index.Tensor)
-def _(func, types, args, kwargs):
-    self, indices = args
-    if len(indices) != 1 or indices[0] is None:
-        raise NotImplementedError("Int8Tensor indexing supports one index tensor on dim 0 (w[idx])")
-    index = indices[0]
-    if index.dtype == torch.bool:
-        index = index.nonzero().squeeze(1)
-    rows = _index_rows(self, index.reshape(-1))
-    return rows if index.dim() == 1 else _view(rows, (*index.shape, *self.shape[1:]))
-
-
-@Int8Tensor.implements(aten.embedding.default)
-def _(func, types, args, kwargs):
-    weight, indices = args[0], args[1]
-    if weight.act_spec is not None:
-        raise NotImplementedError("embedding on an Int8Tensor with activation quantization; use weight-only")
-    rows = _index_rows(weight, indices.reshape(-1))
-    return rows.dequantize().reshape(*indices.shape, weight.shape[-1])
-
-
-# --- view / reshape -------------------------------------------------------------------------------
-
-
-def _view(self: Int8Tensor, shape) -> Int8Tensor:
-    shape = list(shape)
-    if -1 in shape:
-        known = 1
-        for s in shape:
-            known *= s if s != -1 else 1
-        shape[shape.index(-1)] = self.numel() // max(known, 1)
-    shape = torch.Size(shape)
-    if shape.numel() != self.numel():
-        raise ValueError(f"cannot view Int8Tensor of shape {tuple(self.shape)} as {tuple(shape)}")
-    if shape == self.shape:
-        return self._apply_to_tensors(lambda t: t)
-    names = _qparam_names(self)
-    if all(getattr(self, n).numel() == 1 for n in names):  # one scale: any shape works
-        new = {n: getattr(self, n).reshape((1,) * len(shape)) for n in names}
-        return self._replace(shape=shape, qdata=self.qdata.reshape(shape), **new)
-    lead_full = all(b == 1 for b in self.block_size[:-1])
-    if lead_full and len(shape) >= 1 and shape[-1] == self.shape[-1]:  # fold/unfold leading dims
-        g = self.scale.shape[-1]
-        new = {n: getattr(self, n).reshape(*shape[:-1], g) for n in names}
-        return self._replace(shape=shape, qdata=self.qdata.reshape(shape), **new)
-    raise ValueError(
-        f"cannot view Int8Tensor of shape {tuple(self.shape)} with block_size {self.block_size} as "
-        f"{tuple(shape)}: only leading dims may change while the last dim and its blocks stay"
-    )
-
-
-@Int8Tensor.implements([aten.view.default, aten.reshape.default, aten._unsafe_view.default])
-def _(func, types, args, kwargs):
-    return _view(args[0], args[1])
+register_layout_ops(Int8Tensor)
