@@ -5,8 +5,13 @@ from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerAxis, PerBlock, PerGroup, PerRow, PerTensor, PerToken, block_size
 from lowbit.spec import QuantSpec
 from lowbit.kernels import KernelPreference
-from lowbit.tensors import Int8Tensor, QuantizedTensor
+from lowbit.tensors import Float8Tensor, Int4Tensor, Int8Tensor, QuantizedTensor
 from lowbit.configs import (
+    Float8DynamicActivationFloat8WeightConfig,
+    Float8DynamicActivationInt4WeightConfig,
+    Float8WeightOnlyConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt4WeightConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8StaticActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
@@ -33,10 +38,17 @@ __all__ = [
     "KernelPreference",
     "QuantizedTensor",
     "Int8Tensor",
+    "Int4Tensor",
+    "Float8Tensor",
     "QuantConfig",
     "Int8WeightOnlyConfig",
     "Int8DynamicActivationInt8WeightConfig",
     "Int8StaticActivationInt8WeightConfig",
+    "Int4WeightOnlyConfig",
+    "Int8DynamicActivationInt4WeightConfig",
+    "Float8WeightOnlyConfig",
+    "Float8DynamicActivationFloat8WeightConfig",
+    "Float8DynamicActivationInt4WeightConfig",
     "quantize_",
     "save",
     "load",

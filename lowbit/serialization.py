@@ -33,12 +33,14 @@ from lowbit.configs.base import config_classes, swap_weight
 from lowbit.kernels.preference import KernelPreference
 from lowbit.spec import QuantSpec
 from lowbit.tensors.base import QuantizedTensor
+from lowbit.tensors.float8_tensor import Float8Tensor
+from lowbit.tensors.int4_tensor import Int4Tensor
 from lowbit.tensors.int8_tensor import Int8Tensor
 
 __all__ = ["save", "load", "FORMAT_VERSION", "register_safe_globals"]
 
 FORMAT_VERSION = 1
-_TENSOR_CLASSES: dict[str, type[QuantizedTensor]] = {c.__name__: c for c in (Int8Tensor,)}
+_TENSOR_CLASSES: dict[str, type[QuantizedTensor]] = {c.__name__: c for c in (Int8Tensor, Int4Tensor, Float8Tensor)}
 _GRANULARITIES = [PerTensor, PerAxis, PerRow, PerToken, PerGroup, PerBlock]
 _ENUMS = {KernelPreference.__name__: KernelPreference}
 

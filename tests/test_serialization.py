@@ -8,14 +8,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.configs import (
+    Float8DynamicActivationFloat8WeightConfig,
+    Float8DynamicActivationInt4WeightConfig,
+    Float8WeightOnlyConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt4WeightConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8StaticActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
 )
-from lowbit.granularity import PerGroup
+from lowbit.granularity import PerGroup, PerRow, PerTensor
 from lowbit.quantize import quantize_
 from lowbit.serialization import FORMAT_VERSION, load, save
-from lowbit.tensors.int8_tensor import Int8Tensor
+from lowbit.tensors.base import QuantizedTensor
 
 DATA = Path(__file__).parent / "data"
 
@@ -25,6 +30,14 @@ CONFIGS = [
     Int8DynamicActivationInt8WeightConfig(),
     Int8DynamicActivationInt8WeightConfig(act_symmetric=False),
     Int8StaticActivationInt8WeightConfig(act_scale=0.05, act_zero_point=4),
+    Int4WeightOnlyConfig(group_size=32),
+    Int4WeightOnlyConfig(group_size=32, symmetric=True),
+    Int8DynamicActivationInt4WeightConfig(),
+    Float8WeightOnlyConfig(),
+    Float8WeightOnlyConfig(PerTensor(), dtype=torch.float8_e5m2),
+    Float8DynamicActivationFloat8WeightConfig(),
+    Float8DynamicActivationFloat8WeightConfig(PerRow()),
+    Float8DynamicActivationInt4WeightConfig(group_size=32),
 ]
 
 
@@ -46,7 +59,7 @@ def test_torch_save_weights_only_into_meta_model(config):
     torch.save(m.state_dict(), buf)
     buf.seek(0)
     sd = torch.load(buf, weights_only=True)
-    assert isinstance(sd["0.weight"], Int8Tensor)
+    assert isinstance(sd["0.weight"], QuantizedTensor)
     fresh = _build("meta")
     fresh.load_state_dict(sd, assign=True)
     assert torch.equal(fresh(x), m(x))
@@ -62,7 +75,7 @@ def test_safetensors_round_trip(config, target, tmp_path):
     fresh = _build("meta" if target == "meta" else None)
     load(fresh, path)
     assert torch.equal(fresh(x), m(x))
-    assert isinstance(fresh[0].weight, Int8Tensor) and not fresh[0].weight.requires_grad
+    assert isinstance(fresh[0].weight, QuantizedTensor) and not fresh[0].weight.requires_grad
     assert repr(config) in repr(fresh[0])
 
 

@@ -1,6 +1,12 @@
 """Quantization configs; importing this package registers every config's handler."""
 
 from lowbit.configs.base import QuantConfig, get_handler, register_handler, registered_configs
+from lowbit.configs.float8 import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig
+from lowbit.configs.int4 import (
+    Float8DynamicActivationInt4WeightConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt4WeightConfig,
+)
 from lowbit.configs.int8 import (
     Int8DynamicActivationInt8WeightConfig,
     Int8StaticActivationInt8WeightConfig,
@@ -15,4 +21,9 @@ __all__ = [
     "Int8WeightOnlyConfig",
     "Int8DynamicActivationInt8WeightConfig",
     "Int8StaticActivationInt8WeightConfig",
+    "Int4WeightOnlyConfig",
+    "Int8DynamicActivationInt4WeightConfig",
+    "Float8WeightOnlyConfig",
+    "Float8DynamicActivationFloat8WeightConfig",
+    "Float8DynamicActivationInt4WeightConfig",
 ]

@@ -15,7 +15,6 @@ The logical ``dtype`` is the dtype ``dequantize()`` returns and the activations 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lowbit.granularity import PerTensor, PerToken
 from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear, weight_spec
@@ -23,7 +22,7 @@ from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.affine import _block_from_scale, choose_qparams_affine, dequantize_affine, quantize_affine
 from lowbit.spec import QuantSpec
 from lowbit.tensors.base import QuantizedTensor
-from lowbit.tensors.layout_ops import register_layout_ops
+from lowbit.tensors.layout_ops import register_layout_ops, register_linear_ops
 
 __all__ = ["Int8Tensor"]
 
@@ -114,67 +113,17 @@ def _check_act(act_spec, act_scale, act_zero_point, spec):
         raise ValueError(f"act_spec.granularity={act_spec.granularity!r}; allowed: PerToken(), PerTensor()")
 
 
-# --- matmul -------------------------------------------------------------------------------------
+# --- ops -----------------------------------------------------------------------------------------
 
 
-def _linear(input: torch.Tensor, weight: Int8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(input, QuantizedTensor) or not isinstance(weight, Int8Tensor):
-        raise NotImplementedError(
-            f"linear with input {type(input).__name__} and weight {type(weight).__name__}: "
-            "lowbit runs float input x Int8Tensor weight only"
-        )
-    if weight.dim() != 2:
-        raise ValueError(f"linear needs a 2-D weight, got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    if input.dim() == 0 or input.shape[-1] != k:
-        raise ValueError(f"input shape {tuple(input.shape)} does not end in in_features={k}")
-    if input.dtype != weight.dtype:
-        raise TypeError(f"input dtype {input.dtype} != weight dtype {weight.dtype}; cast one (model.to(dtype))")
-    x = input.reshape(-1, k)
+def _run_linear(x: torch.Tensor, weight: Int8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     kernel = weight.kernel.value
     if weight.act_spec is None:
-        out = int8_weight_only_linear(x, weight.qdata, weight.scale, weight.zero_point, bias, kernel)
-    else:
-        out = int8_activation_linear(
-            x, weight.qdata, weight.scale, bias, weight.act_scale, weight.act_zero_point,
-            weight.act_spec.symmetric, kernel,
-        )
-    return out.reshape(*input.shape[:-1], n)
+        return int8_weight_only_linear(x, weight.qdata, weight.scale, weight.zero_point, bias, kernel)
+    return int8_activation_linear(
+        x, weight.qdata, weight.scale, bias, weight.act_scale, weight.act_zero_point, weight.act_spec.symmetric, kernel
+    )
 
 
-@Int8Tensor.implements_torch_function(F.linear)
-def _(func, types, args, kwargs):
-    input, weight = args[0], args[1]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return _linear(input, weight, bias)
-
-
-@Int8Tensor.implements(aten.linear.default)
-def _(func, types, args, kwargs):
-    return _linear(args[0], args[1], args[2] if len(args) > 2 else None)
-
-
-@Int8Tensor.implements([aten.t.default])
-def _(func, types, args, kwargs):
-    self = args[0]
-    if self.dim() != 2:
-        raise ValueError(f"t() needs a 2-D Int8Tensor, got shape {tuple(self.shape)}")
-    return self._apply_to_tensors(lambda t: t.t() if t.dim() == 2 else t, shape=self.shape[::-1])
-
-
-@Int8Tensor.implements(aten.mm.default)
-def _(func, types, args, kwargs):
-    return _linear(args[0], args[1].t(), None)  # x @ W.T where args[1] is W.T
-
-
-@Int8Tensor.implements(aten.addmm.default)
-def _(func, types, args, kwargs):
-    bias, x, wt = args[0], args[1], args[2]
-    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
-        raise NotImplementedError("Int8Tensor addmm supports beta=1, alpha=1 only")
-    return _linear(x, wt.t(), bias)
-
-
-# --- slicing, indexing, views (shared with the other blocked tensors) ----------------------------
-
+register_linear_ops(Int8Tensor, _run_linear)
 register_layout_ops(Int8Tensor)

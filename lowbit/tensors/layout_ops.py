@@ -12,6 +12,10 @@ dim) or ``shape[d] // block[d]``. These ops move qdata and every qparam together
 * ``view``/``reshape`` of the leading dims (the last dim and its blocks stay), or of any shape
   when every qparam has one element.
 
+``register_linear_ops(cls, run)`` registers ``F.linear``/``aten.linear`` (and, for unpacked
+formats, ``t``/``mm``/``addmm`` of the transposed weight) around ``run(x_2d, weight, bias)``,
+with the argument checks every tensor shares.
+
 ``register_layout_ops(cls)`` registers them on a ``QuantizedTensor`` subclass that declares
 ``qparam_names`` (its blocked qparam fields) and ``pack`` (values per qdata element along the
 last dim).
@@ -19,11 +23,14 @@ last dim).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 
 from lowbit.tensors.base import QuantizedTensor
 
-__all__ = ["register_layout_ops"]
+__all__ = ["register_layout_ops", "register_linear_ops"]
 
 aten = torch.ops.aten
 
@@ -185,3 +192,56 @@ def register_layout_ops(cls: type[QuantizedTensor]) -> None:
     @cls.implements([aten.view.default, aten.reshape.default, aten._unsafe_view.default])
     def _(func, types, args, kwargs):
         return view(args[0], args[1])
+
+
+def register_linear_ops(cls: type[QuantizedTensor], run: Callable) -> None:
+    """Register ``F.linear`` and friends on ``cls``; ``run(x, weight, bias)`` gets a 2-D ``x``."""
+    name = cls.__name__
+
+    def linear(input, weight, bias):
+        if isinstance(input, QuantizedTensor) or not isinstance(weight, cls):
+            raise NotImplementedError(
+                f"linear with input {type(input).__name__} and weight {type(weight).__name__}: "
+                f"lowbit runs float input x {name} weight only"
+            )
+        if weight.dim() != 2:
+            raise ValueError(f"linear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        n, k = weight.shape
+        if input.dim() == 0 or input.shape[-1] != k:
+            raise ValueError(f"input shape {tuple(input.shape)} does not end in in_features={k}")
+        if input.dtype != weight.dtype:
+            raise TypeError(f"input dtype {input.dtype} != weight dtype {weight.dtype}; cast one (model.to(dtype))")
+        out = run(input.reshape(-1, k), weight, bias)
+        return out.reshape(*input.shape[:-1], n)
+
+    @cls.implements_torch_function(F.linear)
+    def _(func, types, args, kwargs):
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        return linear(args[0], args[1], bias)
+
+    @cls.implements(aten.linear.default)
+    def _(func, types, args, kwargs):
+        return linear(args[0], args[1], args[2] if len(args) > 2 else None)
+
+    @cls.implements(aten.t.default)
+    def _(func, types, args, kwargs):
+        self = args[0]
+        if self.pack != 1:
+            raise NotImplementedError(
+                f"{name}.t(): the values are packed along in_features, a transposed view would unpack "
+                "them; call F.linear(x, weight) (or weight.dequantize().t())"
+            )
+        if self.dim() != 2:
+            raise ValueError(f"t() needs a 2-D {name}, got shape {tuple(self.shape)}")
+        return self._apply_to_tensors(lambda t: t.t() if t.dim() == 2 else t, shape=self.shape[::-1])
+
+    @cls.implements(aten.mm.default)
+    def _(func, types, args, kwargs):
+        return linear(args[0], args[1].t(), None)  # x @ W.T where args[1] is W.T
+
+    @cls.implements(aten.addmm.default)
+    def _(func, types, args, kwargs):
+        bias, x, wt = args[0], args[1], args[2]
+        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
+            raise NotImplementedError(f"{name} addmm supports beta=1, alpha=1 only")
+        return linear(x, wt.t(), bias)

@@ -1,0 +1,176 @@
+"""Float8 linear: weight-only (custom op ``lowbit::float8_weight_only_linear``) and float8
+weights x dynamic float8 activations.
+
+Weight: ``qdata`` float8_e4m3fn or float8_e5m2 (N, K) with a float32 ``scale`` (N, 1) per row or
+(1, 1) per tensor; it stands for ``qdata.float() * scale``.
+
+One reference per op: dequantize with the primitives (activations fake-quantized with the
+primitives when they are quantized), then ``F.linear``. Fast paths:
+
+* weight-only, CPU: our AVX-512 C++ kernels (``csrc/fp8_cpu.cpp`` via
+  ``_fp8_cpu.float8_weight_only_linear_cpu``); otherwise the reference (other devices too:
+  float8 weight-only is for memory, the dequantized matmul is what a GPU runs anyway);
+* float8 activations, CUDA with compute capability >= 8.9 (Ada, Hopper and later):
+  ``torch._scaled_mm`` on the float8 activation and weight with float32 scales (per tensor, or
+  per token x per row); below 8.9 and on CPU, the documented fallback: the activation is
+  fake-quantized with the same primitives and the weight-only op runs (same numbers as the
+  reference, no float8 tensor cores). Gradients (training through the op) take that route too.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.granularity import PerRow, PerTensor, PerToken
+from lowbit.kernels.preference import check_kernel
+from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, fake_quantize_float8, quantize_float8
+from lowbit.spec import QuantSpec
+
+__all__ = [
+    "float8_weight_only_linear",
+    "float8_activation_linear",
+    "float8_weight_spec",
+    "scaled_mm_supported",
+]
+
+_log = logging.getLogger(__name__)
+_FLOAT8 = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
+SCALED_MM_MIN_CAPABILITY = (8, 9)
+
+
+def float8_weight_spec(qdtype: torch.dtype, per_row: bool) -> QuantSpec:
+    """The float8 weight spec (blocks come from the scale's shape)."""
+    return QuantSpec(_FLOAT8[qdtype], PerRow() if per_row else PerTensor())
+
+
+def _check(input, qdata, scale):
+    if input.dim() != 2 or qdata.dim() != 2 or input.shape[1] != qdata.shape[1]:
+        raise ValueError(f"input {tuple(input.shape)} and weight {tuple(qdata.shape)} must be (M, K) and (N, K)")
+    if qdata.dtype not in _FLOAT8 or scale.dtype != torch.float32:
+        raise TypeError(f"qdata must be float8_e4m3fn/float8_e5m2 and scale float32, got {qdata.dtype}, {scale.dtype}")
+    if scale.shape not in ((qdata.shape[0], 1), (1, 1)):
+        raise ValueError(f"scale must be (N, 1) or (1, 1) for weight {tuple(qdata.shape)}, got {tuple(scale.shape)}")
+
+
+def _dequantize(qdata, scale, dtype):
+    return dequantize_float8(qdata, scale, float8_weight_spec(qdata.dtype, scale.shape[0] != 1), dtype)
+
+
+def _reference(input, qdata, scale, bias):
+    return F.linear(input, _dequantize(qdata, scale, input.dtype), bias)
+
+
+@torch.library.custom_op("lowbit::float8_weight_only_linear", mutates_args=())
+def float8_weight_only_linear(
+    input: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str
+) -> torch.Tensor:
+    """``input @ (qdata * scale).T + bias`` in ``input.dtype``.
+
+    Args:
+        input: (M, K) float activations.
+        qdata: (N, K) float8_e4m3fn or float8_e5m2.
+        scale: (N, 1) or (1, 1) float32.
+        bias: (N,) in input.dtype or None.
+        kernel: "auto" or "reference".
+    """
+    _check(input, qdata, scale)
+    if check_kernel(kernel) == "reference":
+        return _reference(input, qdata, scale, bias)
+    out = None
+    if input.device.type == "cpu":
+        try:
+            from lowbit.kernels._fp8_cpu import float8_weight_only_linear_cpu  # noqa: PLC0415
+        except ImportError:
+            float8_weight_only_linear_cpu = None
+        if float8_weight_only_linear_cpu is not None:
+            out = float8_weight_only_linear_cpu(input, qdata, scale, bias)
+    return _reference(input, qdata, scale, bias) if out is None else out
+
+
+@float8_weight_only_linear.register_fake
+def _(input, qdata, scale, bias, kernel):
+    return input.new_empty(input.shape[0], qdata.shape[0])
+
+
+def _setup(ctx, inputs, output):
+    input, qdata, scale, bias, _ = inputs
+    ctx.save_for_backward(qdata, scale)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    """Gradients flow to the input and the bias; the float8 weight is frozen."""
+    qdata, scale = ctx.saved_tensors
+    grad_bias = grad.sum(0) if ctx.has_bias else None
+    return grad @ _dequantize(qdata, scale, grad.dtype), None, None, grad_bias, None
+
+
+float8_weight_only_linear.register_autograd(_backward, setup_context=_setup)
+
+
+# --- float8 activations ----------------------------------------------------------------------------
+
+
+@functools.cache
+def scaled_mm_supported(device_index: int) -> bool:
+    """Whether ``torch._scaled_mm`` runs float8 on this CUDA device (compute capability >= 8.9)."""
+    ok = torch.cuda.get_device_capability(device_index) >= SCALED_MM_MIN_CAPABILITY
+    if not ok:
+        _log.warning(
+            "CUDA device %d has compute capability %s < 8.9: no float8 tensor cores; lowbit float8 "
+            "activations fall back to fake quantization + the dequantized-weight matmul (same numbers, slower)",
+            device_index, torch.cuda.get_device_capability(device_index),
+        )
+    return ok
+
+
+def _scaled_mm_path(input, qdata, scale, bias, act_spec) -> torch.Tensor | None:
+    m, k = input.shape
+    n = qdata.shape[0]
+    per_row = isinstance(act_spec.granularity, PerToken)
+    if k % 16 or n % 16 or (per_row and scale.shape[0] == 1) or (not per_row and scale.shape[0] != 1):
+        return None
+    if per_row and input.dtype != torch.bfloat16:
+        return None  # row-wise _scaled_mm writes bf16 only
+    if act_spec.dtype.storage != torch.float8_e4m3fn and qdata.dtype != torch.float8_e4m3fn:
+        return None  # e5m2 x e5m2 is not a _scaled_mm combination
+    s_x = choose_qparams_float8(input, act_spec, check_finite=False)
+    xq = quantize_float8(input, s_x, act_spec)
+    s_w = scale.reshape(1, n) if per_row else scale.reshape(())
+    s_x = s_x.reshape(m, 1) if per_row else s_x.reshape(())
+    return torch._scaled_mm(xq, qdata.t(), scale_a=s_x, scale_b=s_w, bias=bias, out_dtype=input.dtype)
+
+
+def float8_activation_linear(
+    input: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_spec: QuantSpec,
+    kernel: str,
+) -> torch.Tensor:
+    """Float8 activations (per token or per tensor, chosen at run time) x float8 weight.
+
+    Result: ``fake_quantize_float8(input) @ (qdata * scale).T + bias`` in ``input.dtype``
+    (see the module docstring for which device runs which route).
+    """
+    _check(input, qdata, scale)
+    if not act_spec.dtype.is_float or not isinstance(act_spec.granularity, (PerToken, PerTensor)):
+        raise ValueError(f"act_spec must be float8 PerToken() or PerTensor(), got {act_spec!r}")
+    kernel = check_kernel(kernel)
+    if (
+        kernel == "auto"
+        and input.device.type == "cuda"
+        and not (torch.is_grad_enabled() and input.requires_grad)
+        and scaled_mm_supported(input.device.index or 0)
+    ):
+        out = _scaled_mm_path(input, qdata, scale, bias, act_spec)
+        if out is not None:
+            return out
+    s_x = choose_qparams_float8(input.detach(), act_spec, check_finite=False)
+    x = fake_quantize_float8(input, act_spec, s_x)
+    return float8_weight_only_linear(x, qdata, scale, bias, kernel)

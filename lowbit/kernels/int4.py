@@ -1,0 +1,234 @@
+"""Int4 linear: weight-only (custom op ``lowbit::int4_weight_only_linear``), and the same weight
+behind int8 per-token activations ("8da4w") or float8 per-row activations.
+
+Canonical weight (what ``Int4Tensor`` stores and saves): ``qdata`` uint8 (N, K // 2) packed by
+``pack_int4`` (low nibble = even k), either uint4 in [0, 15] with an int8 ``zero_point``
+(N, K // g), or two's complement int4 in [-8, 7] and no zero point; a float32 ``scale``
+(N, K // g). The weight stands for ``(q - zero_point) * scale``.
+
+One reference: ``dequantize_affine`` to the input dtype, then ``F.linear``. Fast paths, chosen
+here by device and shape, each tested against it:
+
+* CPU: our AVX-512 C++ kernels (``csrc/int4_cpu.cpp``, via ``_int4_cpu.int4_linear_cpu``) read
+  the canonical layout directly; when they can't be built or don't take a case,
+  ``torch._weight_int4pack_mm_for_cpu`` on a converted copy (made on first use, cached per
+  weight, never saved; its scales and zeros are in the activation dtype: the bf16 cast of the
+  scale is its expected loss); otherwise the reference;
+* CUDA: tinygemm ``torch._weight_int4pack_mm`` (bf16 activations) on a converted copy, same
+  caching; otherwise the reference.
+
+Activation quantization (8da4w, fp8 x int4) is fake quantization with the primitives followed
+by the weight-only op: the activation values are exactly the reference's, so the only
+difference from the reference is the kernel's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from lowbit.granularity import PerGroup
+from lowbit.kernels.preference import check_kernel
+from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine
+from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
+from lowbit.primitives.packing import unpack_int4
+from lowbit.spec import QuantSpec
+
+__all__ = [
+    "int4_weight_only_linear",
+    "int4_linear",
+    "int4_weight_spec",
+    "dequantize_int4",
+    "fake_quantize_activation",
+]
+
+_log = logging.getLogger(__name__)
+
+
+def int4_weight_spec(group_size: int, symmetric: bool) -> QuantSpec:
+    """Asymmetric uint4 with an int8 zero point, or symmetric int4 (scale ``amax / 7``)."""
+    if symmetric:
+        return QuantSpec("int4", PerGroup(group_size), symmetric=True)
+    return QuantSpec("uint4", PerGroup(group_size), symmetric=False, zero_point_dtype=torch.int8)
+
+
+def _group_size(qdata: torch.Tensor, scale: torch.Tensor) -> int:
+    return qdata.shape[-1] * 2 // scale.shape[-1]
+
+
+def dequantize_int4(
+    qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, output_dtype: torch.dtype
+) -> torch.Tensor:
+    """``(q - zero_point) * scale`` from the packed canonical layout, float32 math, one cast."""
+    symmetric = zero_point is None
+    q = unpack_int4(qdata, signed=symmetric)
+    spec = int4_weight_spec(_group_size(qdata, scale), symmetric)
+    return dequantize_affine(q, scale, zero_point, spec, output_dtype)
+
+
+def _check(input, qdata, scale, zero_point):
+    if input.dim() != 2 or qdata.dim() != 2 or input.shape[1] != qdata.shape[1] * 2:
+        raise ValueError(
+            f"input {tuple(input.shape)} and packed weight {tuple(qdata.shape)} must be (M, K) and (N, K // 2)"
+        )
+    if qdata.dtype != torch.uint8 or scale.dtype != torch.float32:
+        raise TypeError(f"qdata must be uint8 (packed int4) and scale float32, got {qdata.dtype} and {scale.dtype}")
+    if scale.dim() != 2 or scale.shape[0] != qdata.shape[0] or input.shape[1] % scale.shape[1]:
+        raise ValueError(f"scale {tuple(scale.shape)} must be (N, K // group_size) for weight {tuple(qdata.shape)}")
+    if zero_point is not None and (zero_point.shape != scale.shape or zero_point.dtype != torch.int8):
+        raise ValueError(f"zero_point must be int8 shaped like scale {tuple(scale.shape)}, got {zero_point.dtype} "
+                         f"{tuple(zero_point.shape)}")
+
+
+def _reference(input, qdata, scale, zero_point, bias):
+    return F.linear(input, dequantize_int4(qdata, scale, zero_point, input.dtype), bias)
+
+
+# --- converted layouts for torch's int4 kernels (made on first use, weakly cached per weight) ---------
+
+_CONVERTED = WeakTensorKeyDictionary()
+
+
+def _cached(qdata: torch.Tensor, key: tuple, make):
+    hit = _CONVERTED.get(qdata)
+    if hit is not None and hit[0] == (qdata._version, key):
+        return hit[1]
+    value = make()
+    _CONVERTED[qdata] = ((qdata._version, key), value)
+    return value
+
+
+def _unsigned_nibbles(qdata, zero_point) -> torch.Tensor:
+    """The 4-bit values as uint8 in [0, 15]: asymmetric q as is, symmetric q + 8."""
+    return unpack_int4(qdata, signed=False) if zero_point is not None else unpack_int4(qdata, signed=False) ^ 8
+
+
+def _scales_and_zeros(scale, zero_point, dtype) -> torch.Tensor:
+    """tinygemm's (K // g, N, 2) scales and float zeros: w = (u - 8) * s + z, so z = (8 - zp) * s."""
+    zp = 8.0 if zero_point is None else zero_point.float()
+    z = (8.0 - zp) * scale if zero_point is not None else torch.zeros_like(scale)
+    return torch.stack([scale, z], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def _int4pack_cpu(input, qdata, scale, zero_point, bias):
+    g = _group_size(qdata, scale)
+    n, k = qdata.shape[0], input.shape[1]
+    if k % (g if g > 32 else 32) or n % 16:  # shapes the CPU int4pack kernel takes (checked below too)
+        return None
+
+    def make():
+        w = _unsigned_nibbles(qdata, zero_point).to(torch.int32)
+        return torch._convert_weight_to_int4pack_for_cpu(w, 2), _scales_and_zeros(scale, zero_point, input.dtype)
+
+    packed, sz = _cached(qdata, ("cpu", input.dtype, scale.data_ptr()), make)
+    out = torch._weight_int4pack_mm_for_cpu(input.contiguous(), packed, g, sz)
+    return out if bias is None else out + bias
+
+
+def _tinygemm_cuda(input, qdata, scale, zero_point, bias):
+    g = _group_size(qdata, scale)
+    n, k = qdata.shape[0], input.shape[1]
+    if input.dtype != torch.bfloat16 or g not in (32, 64, 128, 256) or n % 8 or k % 128:
+        return None
+    inner_k_tiles = 8 if k % 256 == 0 else 4
+
+    def make():
+        u = _unsigned_nibbles(qdata, zero_point)
+        tinygemm_bytes = (u[:, ::2] << 4 | u[:, 1::2]).contiguous()  # tinygemm: even k in the HIGH nibble
+        return torch._convert_weight_to_int4pack(tinygemm_bytes, inner_k_tiles), _scales_and_zeros(
+            scale, zero_point, torch.bfloat16
+        )
+
+    packed, sz = _cached(qdata, ("cuda", scale.data_ptr()), make)
+    out = torch._weight_int4pack_mm(input.contiguous(), packed, g, sz)
+    return out if bias is None else out + bias
+
+
+@torch.library.custom_op("lowbit::int4_weight_only_linear", mutates_args=())
+def int4_weight_only_linear(
+    input: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    kernel: str,
+) -> torch.Tensor:
+    """``input @ dequantize(W).T + bias`` in ``input.dtype`` for a packed int4 weight.
+
+    Args:
+        input: (M, K) float activations.
+        qdata: (N, K // 2) uint8, packed canonical layout (see the module docstring).
+        scale: (N, K // g) float32.
+        zero_point: (N, K // g) int8 in [0, 15] (uint4 weight) or None (int4 two's complement).
+        bias: (N,) in input.dtype or None.
+        kernel: "auto" or "reference".
+    """
+    _check(input, qdata, scale, zero_point)
+    if check_kernel(kernel) == "reference":
+        return _reference(input, qdata, scale, zero_point, bias)
+    out = None
+    if input.device.type == "cpu":
+        try:
+            from lowbit.kernels._int4_cpu import int4_linear_cpu  # noqa: PLC0415
+        except ImportError:
+            int4_linear_cpu = None
+        if int4_linear_cpu is not None:
+            out = int4_linear_cpu(input, qdata, scale, zero_point, bias)
+        if out is None:
+            out = _int4pack_cpu(input, qdata, scale, zero_point, bias)
+    elif input.device.type == "cuda":
+        out = _tinygemm_cuda(input, qdata, scale, zero_point, bias)
+    return _reference(input, qdata, scale, zero_point, bias) if out is None else out
+
+
+@int4_weight_only_linear.register_fake
+def _(input, qdata, scale, zero_point, bias, kernel):
+    return input.new_empty(input.shape[0], qdata.shape[0])
+
+
+def _setup(ctx, inputs, output):
+    input, qdata, scale, zero_point, bias, _ = inputs
+    ctx.save_for_backward(qdata, scale, zero_point)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    """Gradients flow to the input and the bias; the int4 weight is frozen."""
+    qdata, scale, zero_point = ctx.saved_tensors
+    grad_bias = grad.sum(0) if ctx.has_bias else None
+    return grad @ dequantize_int4(qdata, scale, zero_point, grad.dtype), None, None, None, grad_bias, None
+
+
+int4_weight_only_linear.register_autograd(_backward, setup_context=_setup)
+
+
+# --- activations -------------------------------------------------------------------------------------
+
+
+def fake_quantize_activation(input: torch.Tensor, act_spec: QuantSpec) -> torch.Tensor:
+    """Quantize-dequantize ``input`` (M, K) with ``act_spec`` (int8 per token, or float8 per token /
+    per tensor), scales from the primitives, result in ``input.dtype``, straight-through gradient."""
+    if act_spec.dtype.is_float:
+        s = choose_qparams_float8(input.detach(), act_spec, check_finite=False)
+        return fake_quantize_float8(input, act_spec, s)
+    s, zp = choose_qparams_affine(input.detach(), act_spec, check_finite=False)
+    return fake_quantize_affine(input, act_spec, s, zp)
+
+
+def int4_linear(
+    input: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    act_spec: QuantSpec | None,
+    kernel: str,
+) -> torch.Tensor:
+    """Int4 weight with float activations (``act_spec`` None) or with activations fake-quantized by
+    ``act_spec`` first (8da4w: int8 per-token asymmetric; fp8 x int4: float8 per token)."""
+    if act_spec is not None:
+        input = fake_quantize_activation(input, act_spec)
+    return int4_weight_only_linear(input, qdata, scale, zero_point, bias, kernel)

@@ -1,0 +1,93 @@
+"""Float8Tensor: float8 (e4m3fn or e5m2) values with a float32 scale per row or per tensor.
+
+Fields:
+    qdata: ``shape``, torch.float8_e4m3fn or torch.float8_e5m2.
+    scale: float32 of the same rank: ``(shape[0], 1)`` per row or ``(1, 1)`` per tensor.
+    act_spec: ``QuantSpec`` of dynamic float8 activations (``PerToken`` with a per-row weight,
+        ``PerTensor`` with a per-tensor weight) or None for weight-only.
+    kernel: ``KernelPreference`` for the matmul ops.
+
+The weight stands for ``qdata.float() * scale`` (one cast to ``dtype``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.granularity import PerRow, PerTensor, PerToken
+from lowbit.kernels.float8 import float8_activation_linear, float8_weight_only_linear, float8_weight_spec
+from lowbit.kernels.preference import KernelPreference
+from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, quantize_float8
+from lowbit.spec import QuantSpec
+from lowbit.tensors.base import QuantizedTensor
+from lowbit.tensors.layout_ops import register_layout_ops, register_linear_ops
+
+__all__ = ["Float8Tensor"]
+
+
+class Float8Tensor(QuantizedTensor):
+    """Float8 quantized tensor (see the module docstring for the fields)."""
+
+    tensor_data_names = ("qdata", "scale")
+    optional_tensor_data_names = ()
+    tensor_attribute_names = ("act_spec", "kernel")
+    qparam_names = ("scale",)
+    pack = 1
+
+    @classmethod
+    def from_float(
+        cls,
+        input: torch.Tensor,
+        spec: QuantSpec,
+        *,
+        act_spec: QuantSpec | None = None,
+        kernel: KernelPreference = KernelPreference.AUTO,
+    ) -> "Float8Tensor":
+        """Quantize a 2-D ``input`` with a float8 ``spec`` (``PerRow()`` or ``PerTensor()``).
+
+        Raises:
+            ValueError: a non-float8 spec, another granularity, a non-2-D input, or an
+                activation spec that does not match (float8, ``PerToken`` for a per-row weight,
+                ``PerTensor`` for a per-tensor weight).
+        """
+        if not spec.dtype.is_float:
+            raise ValueError(f"Float8Tensor needs a float8 spec, got spec.dtype={spec.dtype.name}")
+        if not isinstance(spec.granularity, (PerRow, PerTensor)):
+            raise ValueError(f"Float8Tensor granularity={spec.granularity!r}; allowed: PerRow(), PerTensor()")
+        if input.dim() != 2:
+            raise ValueError(f"Float8Tensor quantizes 2-D (out, in) weights, got shape {tuple(input.shape)}")
+        if act_spec is not None:
+            want = PerToken if isinstance(spec.granularity, PerRow) else PerTensor
+            if not act_spec.dtype.is_float or not isinstance(act_spec.granularity, want):
+                raise ValueError(
+                    f"act_spec={act_spec!r}: a {type(spec.granularity).__name__}() float8 weight takes float8 "
+                    f"{want.__name__}() activations"
+                )
+        scale = choose_qparams_float8(input, spec)
+        return cls(
+            qdata=quantize_float8(input, scale, spec),
+            scale=scale.float(),
+            act_spec=act_spec,
+            kernel=KernelPreference(kernel),
+            dtype=input.dtype,
+        )
+
+    @property
+    def block_size(self) -> tuple[int, ...]:
+        return tuple(s // t for s, t in zip(self.shape, self.scale.shape))
+
+    def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float tensor these float8 values stand for, in ``output_dtype`` (default: ``self.dtype``)."""
+        spec = float8_weight_spec(self.qdata.dtype, self.scale.numel() != 1)
+        return dequantize_float8(self.qdata, self.scale, spec, output_dtype or self.dtype)
+
+
+def _run_linear(x: torch.Tensor, weight: Float8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    kernel = weight.kernel.value
+    if weight.act_spec is None:
+        return float8_weight_only_linear(x, weight.qdata, weight.scale, bias, kernel)
+    return float8_activation_linear(x, weight.qdata, weight.scale, bias, weight.act_spec, kernel)
+
+
+register_linear_ops(Float8Tensor, _run_linear)
+register_layout_ops(Float8Tensor)

@@ -1,0 +1,135 @@
+"""Int4Tensor: 4-bit weights packed two per byte, a float32 scale per group along the last dim.
+
+Fields:
+    qdata: uint8 ``(*shape[:-1], shape[-1] // 2)``, packed by ``pack_int4`` (byte j holds element
+        2j in its low nibble): the one canonical layout, the only one saved. Kernel-specific
+        layouts are made from it on first use by ``lowbit.kernels.int4`` and never saved.
+    scale: float32 ``(*shape[:-1], shape[-1] // group_size)``.
+    zero_point: int8 like ``scale`` with values in [0, 15] (asymmetric uint4 values), or None
+        (symmetric int4 values in [-8, 7], stored as 4-bit two's complement).
+    act_spec: ``QuantSpec`` of the activations (int8 per token for 8da4w, float8 per token for
+        fp8 x int4) or None for weight-only.
+    kernel: ``KernelPreference`` for the matmul ops.
+
+The weight stands for ``(q - zero_point) * scale`` (float32 math, one cast to ``dtype``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.granularity import PerToken
+from lowbit.kernels.int4 import dequantize_int4, int4_linear, int4_weight_spec
+from lowbit.kernels.preference import KernelPreference
+from lowbit.primitives.affine import choose_qparams_affine, quantize_affine
+from lowbit.primitives.packing import pack_int4
+from lowbit.primitives.rules import float8_then_int4, int4_maxabs_group_scale, int4_maxabs_spec
+from lowbit.spec import QuantSpec
+from lowbit.tensors.base import QuantizedTensor
+from lowbit.tensors.layout_ops import register_layout_ops, register_linear_ops
+
+__all__ = ["Int4Tensor", "INT4_SCALE_RULES"]
+
+GROUP_SIZES = (32, 64, 128, 256)
+# How the int4 scales are chosen: "minmax" (the spec's rule: asymmetric min/max, or symmetric
+# amax / 7), "maxabs" (amax / 8, full [-8, 7] range), "float8_then_int4" (float8 rows first,
+# then max-abs groups of the float8 values; the stored scale is group_scale * row_scale).
+INT4_SCALE_RULES = ("minmax", "maxabs", "float8_then_int4")
+
+
+class Int4Tensor(QuantizedTensor):
+    """Packed int4 quantized tensor (see the module docstring for the fields)."""
+
+    tensor_data_names = ("qdata", "scale")
+    optional_tensor_data_names = ("zero_point",)
+    tensor_attribute_names = ("act_spec", "kernel")
+    qparam_names = ("scale", "zero_point")
+    pack = 2  # two 4-bit values per qdata byte along the last dim
+
+    @classmethod
+    def from_float(
+        cls,
+        input: torch.Tensor,
+        group_size: int = 128,
+        *,
+        symmetric: bool = False,
+        scale_rule: str = "minmax",
+        act_spec: QuantSpec | None = None,
+        kernel: KernelPreference = KernelPreference.AUTO,
+    ) -> "Int4Tensor":
+        """Quantize ``input`` (rank >= 1, the last dim split into groups) to packed int4.
+
+        Args:
+            input: floating tensor whose last dim is divisible by ``group_size`` (and even).
+            group_size: one of 32, 64, 128, 256.
+            symmetric: int4 in [-8, 7] without zero point, or (default) uint4 with an int8 zero point.
+            scale_rule: one of ``INT4_SCALE_RULES``; "maxabs" and "float8_then_int4" need
+                ``symmetric=True`` and a 2-D input.
+            act_spec: activation spec (int8 ``PerToken`` asymmetric, float8 ``PerToken``) or None.
+            kernel: ``KernelPreference``.
+
+        Raises:
+            ValueError: a group size not allowed or not dividing the last dim, an odd last dim,
+                an unknown scale rule or one that needs ``symmetric=True``.
+        """
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size={group_size!r}; allowed: {GROUP_SIZES}")
+        if input.dim() == 0 or input.shape[-1] % 2:
+            raise ValueError(f"Int4Tensor packs two values per byte: the last dim must be even, got shape "
+                             f"{tuple(input.shape)}")
+        if input.shape[-1] % group_size:
+            raise ValueError(f"the last dim {input.shape[-1]} (in_features) is not divisible by group_size={group_size}")
+        if scale_rule not in INT4_SCALE_RULES:
+            raise ValueError(f"scale_rule={scale_rule!r}; allowed: {INT4_SCALE_RULES}")
+        if scale_rule != "minmax" and (not symmetric or input.dim() != 2):
+            raise ValueError(f"scale_rule={scale_rule!r} needs symmetric=True and a 2-D weight")
+        _check_act(act_spec)
+        if scale_rule == "float8_then_int4":
+            q, group_scale, row_scale = float8_then_int4(input, group_size)
+            scale, zero_point = group_scale * row_scale, None
+        elif scale_rule == "maxabs":
+            scale, zero_point = int4_maxabs_group_scale(input, group_size), None
+            q = quantize_affine(input, scale, None, int4_maxabs_spec(group_size))
+        else:
+            spec = int4_weight_spec(group_size, symmetric)
+            scale, zero_point = choose_qparams_affine(input, spec)
+            q = quantize_affine(input, scale, zero_point, spec)
+        return cls(
+            qdata=pack_int4(q),
+            scale=scale.float(),
+            zero_point=zero_point,
+            act_spec=act_spec,
+            kernel=KernelPreference(kernel),
+            shape=input.shape,
+            dtype=input.dtype,
+        )
+
+    @property
+    def group_size(self) -> int:
+        return self.shape[-1] // self.scale.shape[-1]
+
+    @property
+    def block_size(self) -> tuple[int, ...]:
+        """Elements per scale along each dim."""
+        return tuple(s // t for s, t in zip(self.shape, self.scale.shape))
+
+    def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float tensor these int4 values stand for, in ``output_dtype`` (default: ``self.dtype``)."""
+        return dequantize_int4(self.qdata, self.scale, self.zero_point, output_dtype or self.dtype)
+
+
+def _check_act(act_spec):
+    if act_spec is None:
+        return
+    if not isinstance(act_spec.granularity, PerToken):
+        raise ValueError(f"int4 weights take per-token activations only, got act_spec.granularity={act_spec.granularity!r}")
+    if act_spec.dtype.name not in ("int8", "float8_e4m3fn", "float8_e5m2"):
+        raise ValueError(f"act_spec.dtype={act_spec.dtype.name}; allowed: int8, float8_e4m3fn, float8_e5m2")
+
+
+def _run_linear(x: torch.Tensor, weight: Int4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return int4_linear(x, weight.qdata, weight.scale, weight.zero_point, bias, weight.act_spec, weight.kernel.value)
+
+
+register_linear_ops(Int4Tensor, _run_linear)
+register_layout_ops(Int4Tensor)
