@@ -1,0 +1,102 @@
+"""Float8 kernels against their reference, and the dispatch rules (SM < 8.9 fallback)."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.eval.metrics import sqnr
+from lowbit.granularity import PerRow, PerTensor, PerToken
+from lowbit.kernels import float8 as k8
+from lowbit.kernels.float8 import float8_activation_linear, float8_weight_only_linear
+from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, fake_quantize_float8, quantize_float8
+from lowbit.spec import QuantSpec
+
+# fast CPU weight-only vs reference: the per-row scale applied to the output instead of the
+# bf16-rounded dequantized weight (bf16); float32 differs by rounding order only
+AUTO_VS_REF_DB = {torch.bfloat16: 40.0, torch.float32: 100.0, torch.float16: 55.0}
+# _scaled_mm (float32 accumulation of exact float8 products) vs the fake-quant reference
+SCALED_MM_VS_REF_DB = 40.0
+
+
+def _weight(n=64, k=256, dtype="float8_e4m3fn", per_row=True, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(n, k)
+    spec = QuantSpec(dtype, PerRow() if per_row else PerTensor())
+    s = choose_qparams_float8(w, spec)
+    return quantize_float8(w, s, spec), s
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2"])
+@pytest.mark.parametrize("per_row", [True, False], ids=["row", "tensor"])
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_weight_only_auto_matches_reference(dtype, fmt, per_row, m):
+    q, s = _weight(96, 200, fmt, per_row)
+    x = torch.randn(m, 200).to(dtype)
+    b = torch.randn(96).to(dtype)
+    ref = float8_weight_only_linear(x, q, s, b, "reference")
+    assert torch.equal(ref, F.linear(x, dequantize_float8(q, s, QuantSpec(fmt, PerRow() if per_row else PerTensor()), dtype), b))
+    out = float8_weight_only_linear(x, q, s, b, "auto")
+    assert out.dtype == dtype and sqnr(ref.float(), out.float()) >= AUTO_VS_REF_DB[dtype]
+
+
+@pytest.mark.parametrize("granularity", [PerToken(), PerTensor()], ids=repr)
+def test_activation_cpu_route_is_fake_quant_then_weight_only(granularity):
+    q, s = _weight(per_row=isinstance(granularity, PerToken))
+    act = QuantSpec("float8_e4m3fn", granularity)
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    xs = choose_qparams_float8(x, act)
+    want = float8_weight_only_linear(fake_quantize_float8(x, act, xs), q, s, None, "reference")
+    assert torch.equal(float8_activation_linear(x, q, s, None, act, "reference"), want)
+
+
+def test_below_sm89_falls_back_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    k8.scaled_mm_supported.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="lowbit.kernels.float8"):
+            assert k8.scaled_mm_supported(0) is False
+        assert "compute capability (8, 0) < 8.9" in caplog.text and "fall back" in caplog.text
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+        k8.scaled_mm_supported.cache_clear()
+        assert k8.scaled_mm_supported(0) is True
+    finally:
+        k8.scaled_mm_supported.cache_clear()
+
+
+def test_gradient_flows_through_both_ops():
+    q, s = _weight()
+    x = torch.randn(3, 256, requires_grad=True)
+    float8_activation_linear(x, q, s, None, QuantSpec("float8_e4m3fn", PerToken()), "auto").sum().backward()
+    w = dequantize_float8(q, s, QuantSpec("float8_e4m3fn", PerRow()))
+    assert torch.allclose(x.grad, w.sum(0).expand(3, -1), atol=1e-5)
+
+
+def test_bad_arguments():
+    q, s = _weight()
+    with pytest.raises(ValueError, match=r"must be \(M, K\) and \(N, K\)"):
+        float8_weight_only_linear(torch.randn(2, 100), q, s, None, "auto")
+    with pytest.raises(TypeError, match="qdata must be float8"):
+        float8_weight_only_linear(torch.randn(2, 256), q.float(), s, None, "auto")
+    with pytest.raises(ValueError, match=r"scale must be \(N, 1\) or \(1, 1\)"):
+        float8_weight_only_linear(torch.randn(2, 256), q, s.reshape(1, -1), None, "auto")
+    with pytest.raises(ValueError, match="act_spec must be float8"):
+        float8_activation_linear(torch.randn(2, 256), q, s, None, QuantSpec("int8", PerToken()), "auto")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("granularity", [PerToken(), PerTensor()], ids=repr)
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_scaled_mm_cuda_matches_reference(granularity, m):
+    if not k8.scaled_mm_supported(0):
+        pytest.skip("float8 _scaled_mm needs compute capability >= 8.9")
+    q, s = _weight(256, 512, per_row=isinstance(granularity, PerToken))
+    q, s = q.cuda(), s.cuda()
+    act = QuantSpec("float8_e4m3fn", granularity)
+    x = torch.randn(m, 512, dtype=torch.bfloat16, device="cuda")
+    ref = float8_activation_linear(x, q, s, None, act, "reference")
+    out = k8._scaled_mm_path(x, q, s, None, act)
+    assert out is not None and out.dtype == torch.bfloat16
+    assert sqnr(ref.float(), out.float()) >= SCALED_MM_VS_REF_DB
