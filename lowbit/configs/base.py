@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass
 from typing import Callable
@@ -24,9 +25,27 @@ __all__ = [
 _HANDLERS: dict[type, Callable[[nn.Module, "QuantConfig", str], None]] = {}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class QuantConfig:
-    """Base of every config: a frozen dataclass validated in ``__post_init__``."""
+    """Base of every config: a frozen dataclass validated in ``__post_init__``.
+
+    Subclasses are declared ``@dataclass(frozen=True, repr=False)`` so they share this repr,
+    which shows only the fields that differ from their defaults: ``Int4WeightOnlyConfig(group_size=32)``.
+    """
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = dataclasses.MISSING
+            if default is dataclasses.MISSING or value != default:
+                parts.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
 
 def register_handler(config_cls: type):

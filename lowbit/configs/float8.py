@@ -28,7 +28,7 @@ def _check(config, granularity, dtype, kernel) -> None:
         raise ValueError(f"{name}(kernel={kernel!r}); allowed: {[k for k in KernelPreference]}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Float8WeightOnlyConfig(QuantConfig):
     """Float8 weights (scale per row or per tensor), float activations.
 
@@ -46,7 +46,7 @@ class Float8WeightOnlyConfig(QuantConfig):
         _check(self, self.granularity, self.dtype, self.kernel)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Float8DynamicActivationFloat8WeightConfig(QuantConfig):
     """Float8 weights and float8 activations scaled at run time (per tensor, or per token with a
     per-row weight). CUDA SM >= 8.9 runs ``torch._scaled_mm``; elsewhere see ``lowbit.kernels.float8``.

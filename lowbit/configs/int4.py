@@ -24,7 +24,7 @@ def _check_common(config, group_size, kernel) -> None:
         raise ValueError(f"{name}(kernel={kernel!r}); allowed: {[k for k in KernelPreference]}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Int4WeightOnlyConfig(QuantConfig):
     """Int4 weights in groups along in_features, float activations.
 
@@ -45,7 +45,7 @@ class Int4WeightOnlyConfig(QuantConfig):
             raise ValueError(f"Int4WeightOnlyConfig(symmetric={self.symmetric!r}) must be a bool")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Int8DynamicActivationInt4WeightConfig(QuantConfig):
     """"8da4w": int8 per-token asymmetric activations (at run time), int4 symmetric per-group weights.
 
@@ -61,7 +61,7 @@ class Int8DynamicActivationInt4WeightConfig(QuantConfig):
         _check_common(self, self.group_size, self.kernel)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Float8DynamicActivationInt4WeightConfig(QuantConfig):
     """Float8 (e4m3fn) per-token activations, int4 weights with the fp8-then-int4 scale rule
     (``lowbit.primitives.rules.float8_then_int4``: float8 rows first, then max-abs int4 groups).

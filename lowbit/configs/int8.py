@@ -28,7 +28,7 @@ def _check_kernel(kernel, config: str) -> None:
         raise ValueError(f"{config}(kernel={kernel!r}); allowed: {[k for k in KernelPreference]}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Int8WeightOnlyConfig(QuantConfig):
     """Int8 symmetric weights, float activations.
 
@@ -45,7 +45,7 @@ class Int8WeightOnlyConfig(QuantConfig):
         _check_kernel(self.kernel, type(self).__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Int8DynamicActivationInt8WeightConfig(QuantConfig):
     """Int8 weights, activations quantized to int8 per token at run time (scales in float32).
 
@@ -67,7 +67,7 @@ class Int8DynamicActivationInt8WeightConfig(QuantConfig):
             raise ValueError(f"act_symmetric={self.act_symmetric!r} must be a bool")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Int8StaticActivationInt8WeightConfig(QuantConfig):
     """Int8 weights, activations quantized with a fixed per-tensor scale (from calibration).
 

@@ -1,4 +1,4 @@
-"""``python -m lowbit.eval.demo``: int8 configs on the real glassllm model: size, perplexity, speed."""
+"""``python -m lowbit.eval.demo``: every lowbit config on the real glassllm model: size, perplexity, speed."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ import torch
 from torch import nn
 
 from lowbit.configs import (
+    Float8DynamicActivationFloat8WeightConfig,
+    Float8DynamicActivationInt4WeightConfig,
+    Float8WeightOnlyConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt4WeightConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8StaticActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
@@ -19,9 +24,9 @@ from lowbit.configs import (
 from lowbit.configs.base import QuantConfig
 from lowbit.eval.glassllm import eval_text, glassllm_tokenizer, load_glassllm
 from lowbit.eval.perplexity import perplexity
-from lowbit.granularity import PerGroup
+from lowbit.granularity import PerGroup, PerRow
 from lowbit.quantize import quantize_
-from lowbit.tensors import Int8Tensor
+from lowbit.tensors import QuantizedTensor
 
 __all__ = ["linear_weight_bytes", "calibrate_act_amax", "main"]
 
@@ -29,17 +34,18 @@ __all__ = ["linear_weight_bytes", "calibrate_act_amax", "main"]
 def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes held by the weights of ``model``'s ``nn.Linear`` layers.
 
-    An ``Int8Tensor`` weight counts ``qdata + scale (+ zero_point)``; a float weight counts its
-    elements. A tied weight counts once per layer that uses it as a linear weight.
+    A quantized weight counts every inner tensor (``qdata``, ``scale``, ``zero_point``...); a
+    float weight counts its elements. A tied weight counts once per layer that uses it as a
+    linear weight.
     """
     total = 0
     for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue
         w = module.weight
-        if isinstance(w, Int8Tensor):
-            parts = (w.qdata, w.scale) + (() if w.zero_point is None else (w.zero_point,))
-            total += sum(t.numel() * t.element_size() for t in parts)
+        if isinstance(w, QuantizedTensor):
+            names, _ = w.__tensor_flatten__()
+            total += sum(getattr(w, n).numel() * getattr(w, n).element_size() for n in names)
         else:
             total += w.numel() * w.element_size()
     return total
@@ -83,22 +89,40 @@ _GROUP = 32
 
 
 def _unsplittable(model: nn.Module, group: int) -> list[str]:
-    """Linear layers whose in_features ``PerGroup(group)`` can't split (glassllm's down_proj: 341)."""
+    """Linear layers whose in_features groups of ``group`` can't split (glassllm's down_proj: 341)."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % group]
+
+
+def _grouped(model: nn.Module, config: QuantConfig, group: int) -> dict:
+    """``config`` on every linear whose in_features splits into groups of ``group``; the others stay float."""
+    return {**dict.fromkeys(_unsplittable(model, group)), "re:.*": config}
 
 
 def _configs(model: nn.Module, amax: dict[str, float]) -> list[tuple[str, QuantConfig | dict]]:
     group = _GROUP
-    unsplittable = dict.fromkeys(_unsplittable(model, group))  # None: leave the layer float
     static = {n: Int8StaticActivationInt8WeightConfig(act_scale=max(a, 1e-8) / 127) for n, a in amax.items()}
-    return [
+    rows = [
         ("Int8WeightOnlyConfig()", Int8WeightOnlyConfig()),
-        (f"Int8WeightOnlyConfig(PerGroup({group}))", {**unsplittable, "re:.*": Int8WeightOnlyConfig(PerGroup(group))}),
+        (f"Int8WeightOnlyConfig(PerGroup({group}))", _grouped(model, Int8WeightOnlyConfig(PerGroup(group)), group)),
         ("Int8DynamicActivationInt8WeightConfig()", Int8DynamicActivationInt8WeightConfig()),
         ("Int8DynamicActivationInt8WeightConfig(act_symmetric=False)",
          Int8DynamicActivationInt8WeightConfig(act_symmetric=False)),
         ("Int8StaticActivationInt8WeightConfig(act_scale=amax/127)", static),
     ]
+    for config in (
+        Int4WeightOnlyConfig(group_size=32),
+        Int4WeightOnlyConfig(group_size=128),
+        Int4WeightOnlyConfig(group_size=32, symmetric=True),
+        Int8DynamicActivationInt4WeightConfig(),
+        Float8DynamicActivationInt4WeightConfig(group_size=32),
+    ):
+        rows.append((repr(config), _grouped(model, config, config.group_size)))
+    rows += [
+        ("Float8WeightOnlyConfig()", Float8WeightOnlyConfig()),
+        ("Float8DynamicActivationFloat8WeightConfig()", Float8DynamicActivationFloat8WeightConfig()),
+        ("Float8DynamicActivationFloat8WeightConfig(PerRow())", Float8DynamicActivationFloat8WeightConfig(PerRow())),
+    ]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     print(tabulate(rows, headers=headers, colalign=("left",) + ("right",) * 5, disable_numparse=True))
     skipped = _unsplittable(base, _GROUP)
     if skipped:
-        print(f"PerGroup({_GROUP}) leaves {len(skipped)} layers in fp32 (in_features not divisible by {_GROUP}): "
-              f"{', '.join(skipped)}")
+        print(f"PerGroup({_GROUP}) and the int4 configs leave {len(skipped)} layers in fp32 (in_features not "
+              f"divisible by the group size): {', '.join(skipped)}")
     return 0
 
 

@@ -110,3 +110,9 @@ def test_mixed_mapping_of_families():
     quantize_(m, {"0": Int4WeightOnlyConfig(group_size=64), "2": Float8WeightOnlyConfig()})
     assert isinstance(m[0].weight, Int4Tensor) and isinstance(m[2].weight, Float8Tensor)
     assert m(torch.randn(2, 256)).shape == (2, 32)
+
+
+def test_repr_shows_only_non_default_fields():
+    assert repr(Int4WeightOnlyConfig()) == "Int4WeightOnlyConfig()"
+    assert repr(Int4WeightOnlyConfig(group_size=32, symmetric=True)) == "Int4WeightOnlyConfig(group_size=32, symmetric=True)"
+    assert repr(Float8WeightOnlyConfig(PerTensor())) == "Float8WeightOnlyConfig(granularity=PerTensor())"
