@@ -1,11 +1,15 @@
-"""Benchmark: 8 stacked bf16 Linear(4096, 4096) layers, lowbit int8 configs against bf16 and peers.
+"""Benchmark: 8 stacked bf16 Linear(4096, 4096) layers, lowbit configs against bf16 and peers.
+
+One family per run (``--family int8 | int4 | float8``), each with its peers; results go to
+``results/linear.json`` (int8) or ``results/linear_<family>.json``.
 
 Every variant runs in one process, eager and torch.compile'd (inductor freezing), timed in
 interleaved rounds; compiled variants are compared with compiled bf16, eager with eager bf16.
 Weight bytes of compiled variants are the constants the compiled graphs hold (see _common.py).
 
-    python benchmarks/linear.py                       # full run, writes benchmarks/results/linear.json
-    python benchmarks/linear.py --m 1 --rounds 3 --no-peers
+    python benchmarks/linear.py                       # int8 family, writes benchmarks/results/linear.json
+    python benchmarks/linear.py --family int4         # writes benchmarks/results/linear_int4.json
+    python benchmarks/linear.py --family float8 --m 1 --rounds 3 --no-peers
 """
 
 from __future__ import annotations
@@ -26,11 +30,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 from lowbit.configs import (  # noqa: E402
+    Float8DynamicActivationFloat8WeightConfig,
+    Float8DynamicActivationInt4WeightConfig,
+    Float8WeightOnlyConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt4WeightConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8StaticActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
 )
 from lowbit.eval.metrics import sqnr  # noqa: E402
+from lowbit.granularity import PerRow  # noqa: E402
 from lowbit.quantize import quantize_  # noqa: E402
 
 D, LAYERS, DTYPE = 4096, 8, torch.bfloat16
@@ -83,13 +93,17 @@ def _lowbit(config):
     return build
 
 
-def _torchao(config_name):
+def _torchao(config_name, module="torchao.quantization", **kwargs):
+    import importlib
+
     import torchao.quantization as aq
 
-    cfg_cls = getattr(aq, config_name)
+    cfg_cls = getattr(importlib.import_module(module), config_name)
+    if "set_inductor_config" in cfg_cls.__dataclass_fields__:
+        kwargs["set_inductor_config"] = False  # it changes global inductor settings for every variant
 
     def build(m):
-        aq.quantize_(m, cfg_cls())
+        aq.quantize_(m, cfg_cls(**kwargs))
         return m
 
     return build
@@ -106,11 +120,23 @@ def _bnb(m):
     return nn.Sequential(*layers).eval()
 
 
-def _quanto(activations: bool, calib: torch.Tensor):
+def _bnb_nf4(m):
+    import bitsandbytes as bnb
+
+    layers = []
+    for lin in m:
+        q = bnb.nn.Linear4bit(D, D, bias=False, compute_dtype=DTYPE, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        layers.append(q.to("cpu"))  # the move to a device quantizes
+    return nn.Sequential(*layers).eval()
+
+
+def _quanto(activations: bool, calib: torch.Tensor, weights: str = "qint8"):
     def build(m):
+        import optimum.quanto as oq
         from optimum.quanto import Calibration, freeze, qint8, quantize
 
-        quantize(m, weights=qint8, activations=qint8 if activations else None)
+        quantize(m, weights=getattr(oq, weights), activations=qint8 if activations else None)
         if activations:
             with Calibration():
                 m(calib)
@@ -120,50 +146,102 @@ def _quanto(activations: bool, calib: torch.Tensor):
     return build
 
 
-def variants(act_scale: float, calib: torch.Tensor, peers: bool, compile_: bool) -> tuple[list[Variant], list[dict]]:
-    modes = ["eager", "compiled"] if compile_ else ["eager"]
+def _lowbit_variants(family: str, act_scale: float, modes: list[str]) -> list[Variant]:
     out: list[Variant] = []
     for mode in modes:
-        out += [
-            Variant(f"bf16 {mode}", "torch", "bf16", mode, lambda m: m),
-            Variant(f"lowbit int8wo {mode}", "lowbit", "int8 weight-only", mode, _lowbit(Int8WeightOnlyConfig())),
-            Variant(f"lowbit w8a8-dyn {mode}", "lowbit", "W8A8 dynamic", mode, _lowbit(Int8DynamicActivationInt8WeightConfig())),
-            Variant(
-                f"lowbit w8a8-static {mode}", "lowbit", "W8A8 static", mode,
-                _lowbit(Int8StaticActivationInt8WeightConfig(act_scale=act_scale)),
-            ),
-        ]
+        out.append(Variant(f"bf16 {mode}", "torch", "bf16", mode, lambda m: m))
+        if family == "int8":
+            out += [
+                Variant(f"lowbit int8wo {mode}", "lowbit", "int8 weight-only", mode, _lowbit(Int8WeightOnlyConfig())),
+                Variant(f"lowbit w8a8-dyn {mode}", "lowbit", "W8A8 dynamic", mode,
+                        _lowbit(Int8DynamicActivationInt8WeightConfig())),
+                Variant(f"lowbit w8a8-static {mode}", "lowbit", "W8A8 static", mode,
+                        _lowbit(Int8StaticActivationInt8WeightConfig(act_scale=act_scale))),
+            ]
+        elif family == "int4":
+            out += [
+                Variant(f"lowbit int4wo-g128 {mode}", "lowbit", "int4 weight-only g128 asym", mode,
+                        _lowbit(Int4WeightOnlyConfig())),
+                Variant(f"lowbit int4wo-g32 {mode}", "lowbit", "int4 weight-only g32 asym", mode,
+                        _lowbit(Int4WeightOnlyConfig(group_size=32))),
+                Variant(f"lowbit 8da4w {mode}", "lowbit", "int8 dyn act x int4 g32 sym", mode,
+                        _lowbit(Int8DynamicActivationInt4WeightConfig())),
+                Variant(f"lowbit fp8a-int4w {mode}", "lowbit", "float8 dyn act x int4 g128 (fp8 rule)", mode,
+                        _lowbit(Float8DynamicActivationInt4WeightConfig())),
+            ]
+        else:
+            out += [
+                Variant(f"lowbit fp8wo {mode}", "lowbit", "float8 e4m3 weight-only per row", mode,
+                        _lowbit(Float8WeightOnlyConfig())),
+                Variant(f"lowbit fp8-dyn-row {mode}", "lowbit", "float8 dyn act per token x weight per row", mode,
+                        _lowbit(Float8DynamicActivationFloat8WeightConfig(PerRow()))),
+            ]
+    return out
+
+
+def _peer_variants(family: str, calib: torch.Tensor, modes: list[str]) -> list[tuple[str, Callable[[], list[Variant]]]]:
+    def each_mode(name, scheme, build):
+        return [Variant(f"{name} {mode}", name.split()[0], scheme, mode, build) for mode in modes]
+
+    if family == "int8":
+        def ao():
+            return each_mode("torchao int8wo", "int8 weight-only", _torchao("Int8WeightOnlyConfig")) + each_mode(
+                "torchao w8a8-dyn", "W8A8 dynamic", _torchao("Int8DynamicActivationInt8WeightConfig"))
+
+        def bnb():
+            import bitsandbytes  # noqa: F401
+
+            return [Variant("bnb int8 eager", "bitsandbytes", "W8A8 (LLM.int8, threshold 0)", "eager", _bnb)]
+
+        def quanto():
+            import optimum.quanto  # noqa: F401
+
+            return [
+                Variant("quanto w8 eager", "optimum-quanto", "int8 weight-only", "eager", _quanto(False, calib)),
+                Variant("quanto w8a8 eager", "optimum-quanto", "W8A8 static (calibrated)", "eager", _quanto(True, calib)),
+            ]
+    elif family == "int4":
+        proto = "torchao.prototype.quantization.int4.inference_workflow"
+
+        def ao():
+            return each_mode("torchao int4wo-g128", "int4 weight-only g128 (CPU prototype)",
+                             _torchao("PrototypeInt4WeightOnlyConfig", proto, group_size=128)) + each_mode(
+                "torchao 8da4w", "int8 dyn act x int4 g32 (CPU prototype)",
+                _torchao("Int8DynamicActivationInt4WeightConfig", proto, group_size=32))
+
+        def bnb():
+            import bitsandbytes  # noqa: F401
+
+            return [Variant("bnb nf4 eager", "bitsandbytes", "nf4 weight-only (blocks of 64)", "eager", _bnb_nf4)]
+
+        def quanto():
+            import optimum.quanto  # noqa: F401
+
+            return [Variant("quanto w4 eager", "optimum-quanto", "int4 weight-only g128", "eager",
+                            _quanto(False, calib, "qint4"))]
+    else:
+        def ao():
+            return each_mode("torchao fp8wo", "float8 e4m3 weight-only per row", _torchao("Float8WeightOnlyConfig"))
+
+        def bnb():
+            raise ImportError("bitsandbytes has no float8 weight-only linear")
+
+        def quanto():
+            import optimum.quanto  # noqa: F401
+
+            return [Variant("quanto f8 eager", "optimum-quanto", "float8 e4m3 weight-only", "eager",
+                            _quanto(False, calib, "qfloat8"))]
+    return [("torchao", ao), ("bitsandbytes", bnb), ("optimum-quanto", quanto)]
+
+
+def variants(family: str, act_scale: float, calib: torch.Tensor, peers: bool, compile_: bool
+             ) -> tuple[list[Variant], list[dict]]:
+    modes = ["eager", "compiled"] if compile_ else ["eager"]
+    out = _lowbit_variants(family, act_scale, modes)
     skipped: list[dict] = []
     if not peers:
         return out, skipped
-    peer_list: list[tuple[str, Callable[[], list[Variant]]]] = []
-
-    def ao():
-        import torchao  # noqa: F401
-
-        return [
-            Variant(f"torchao int8wo {mode}", "torchao", "int8 weight-only", mode, _torchao("Int8WeightOnlyConfig"))
-            for mode in modes
-        ] + [
-            Variant(f"torchao w8a8-dyn {mode}", "torchao", "W8A8 dynamic", mode, _torchao("Int8DynamicActivationInt8WeightConfig"))
-            for mode in modes
-        ]
-
-    def bnb():
-        import bitsandbytes  # noqa: F401
-
-        return [Variant("bnb int8 eager", "bitsandbytes", "W8A8 (LLM.int8, threshold 0)", "eager", _bnb)]
-
-    def quanto():
-        import optimum.quanto  # noqa: F401
-
-        return [
-            Variant("quanto w8 eager", "optimum-quanto", "int8 weight-only", "eager", _quanto(False, calib)),
-            Variant("quanto w8a8 eager", "optimum-quanto", "W8A8 static (calibrated)", "eager", _quanto(True, calib)),
-        ]
-
-    peer_list = [("torchao", ao), ("bitsandbytes", bnb), ("optimum-quanto", quanto)]
-    for lib, make in peer_list:
+    for lib, make in _peer_variants(family, calib, modes):
         try:
             out += make()
         except Exception as e:  # noqa: BLE001 - an absent or broken peer is skipped, with the reason
@@ -177,6 +255,7 @@ def variants(act_scale: float, calib: torch.Tensor, peers: bool, compile_: bool)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=["int8", "int4", "float8"], default="int8", help="which configs (default int8)")
     p.add_argument("--m", type=int, nargs="+", default=[1, 16, 256], help="tokens per call (default: 1 16 256)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: 7)")
     p.add_argument("--max-rounds", type=int, default=None, help="extra rounds allowed to replace contaminated samples (default: 2x rounds)")
@@ -184,8 +263,11 @@ def main() -> None:
     p.add_argument("--sample-ms", type=float, default=150.0, help="target length of one timing sample")
     p.add_argument("--no-compile", action="store_true", help="eager variants only")
     p.add_argument("--no-peers", action="store_true", help="skip torchao, bitsandbytes, optimum-quanto")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "linear.json"))
+    p.add_argument("--out", default=None, help="JSON path (default: results/linear.json for int8, else linear_<family>.json)")
     args = p.parse_args()
+    if args.out is None:
+        name = "linear.json" if args.family == "int8" else f"linear_{args.family}.json"
+        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
 
     t_start = time.time()
     torch.manual_seed(0)
@@ -198,7 +280,7 @@ def main() -> None:
         calib = torch.randn(256, D, generator=torch.Generator().manual_seed(1)).to(DTYPE)
         act_scale = static_act_scale(base, calib)
         refs = {m: base(x).float() for m, x in inputs.items()}
-        vs, skipped = variants(act_scale, calib, not args.no_peers, not args.no_compile)
+        vs, skipped = variants(args.family, act_scale, calib, not args.no_peers, not args.no_compile)
 
         # build (and compile, warm up every shape) before any timing
         built: dict[str, dict] = {}
@@ -267,7 +349,7 @@ def main() -> None:
     headers = ["M", "variant", "median ms", "IQR ms", "clean", "speedup", "weight MB", "w/bf16", "weight dtypes (MB)",
                "all graphs MB", "SQNR dB"]
     table = tabulate(rows, headers=headers, tablefmt="github")
-    targets = evaluate_targets(results)
+    targets = evaluate_targets(args.family, results)
     ttable = tabulate([[t["target"], t["measured"], "met" if t["met"] else "MISSED"] for t in targets],
                       headers=["target", "measured", ""], tablefmt="github")
     print(f"\n{machine['cpu_model']} | torch {machine['torch_version']} | {machine['torch_threads']} threads | "
@@ -280,7 +362,7 @@ def main() -> None:
         print("\nskipped:", *[f"  {s}" for s in skipped], sep="\n")
     machine["loadavg_end"] = os.getloadavg()
     C.write_json(args.out, {
-        "benchmark": "linear", "machine": machine,
+        "benchmark": "linear", "family": args.family, "machine": machine,
         "settings": {"layers": LAYERS, "d": D, "dtype": "bfloat16", "m": args.m, "rounds": args.rounds,
                      "sample_ms": args.sample_ms, "static_act_scale": act_scale,
                      "contaminated_share": C.CONTAMINATED_SHARE, "peers": not args.no_peers,
@@ -294,27 +376,45 @@ def _dtypes(by_dtype: dict) -> str:
     return " ".join(f"{k}:{v / 1e6:.0f}" for k, v in sorted(by_dtype.items(), key=lambda kv: -kv[1]) if v >= 1e6)
 
 
-def evaluate_targets(results: list[dict]) -> list[dict]:
-    """The issue's targets, checked against this run (None when a variant or shape was not run)."""
-    r = {(x["variant"], x["m"]): x for x in results}
-    checks = [
+TARGETS = {  # (variant, M, minimum speedup vs the matching bf16) per family, from the issues
+    "int8": [
         ("lowbit int8wo eager", 1, 2.0), ("lowbit int8wo compiled", 1, 1.8),
         ("lowbit w8a8-dyn eager", 256, 1.6), ("lowbit w8a8-dyn compiled", 256, 1.5),
         ("lowbit int8wo eager", 256, 0.95), ("lowbit int8wo compiled", 256, 0.95),
-    ]
+    ],
+    "int4": [
+        ("lowbit int4wo-g128 eager", 1, 5.3), ("lowbit int4wo-g128 compiled", 1, 4.0),
+        ("lowbit int4wo-g128 eager", 16, 2.5), ("lowbit int4wo-g128 compiled", 16, 1.8),
+        ("lowbit int4wo-g128 eager", 256, 0.95), ("lowbit int4wo-g128 compiled", 256, 0.95),
+    ],
+    "float8": [(f"lowbit fp8wo {mode}", m, 0.95) for mode in ("eager", "compiled") for m in (1, 16, 256)],
+}
+MAX_WEIGHT_BYTES_VS_BF16 = {"int8": 0.51, "float8": 0.51}
+
+
+def evaluate_targets(family: str, results: list[dict]) -> list[dict]:
+    """The issue's targets, checked against this run (None when a variant or shape was not run)."""
+    r = {(x["variant"], x["m"]): x for x in results}
     out = []
-    for name, m, need in checks:
+    for name, m, need in TARGETS[family]:
         x = r.get((name, m))
         if x is None or x["speedup_vs_baseline"] is None:
             continue
         out.append({"target": f"{name} M={m} speedup >= {need}x", "measured": f"{x['speedup_vs_baseline']:.2f}x",
                     "met": x["speedup_vs_baseline"] >= need})
     seen = set()
+    limit = MAX_WEIGHT_BYTES_VS_BF16.get(family)
     for x in results:
         if x["library"] == "lowbit" and x["variant"] not in seen and x["weight_bytes_vs_bf16"] is not None:
             seen.add(x["variant"])
-            out.append({"target": f"{x['variant']} weight bytes <= 0.51x bf16", "measured": f"{x['weight_bytes_vs_bf16']:.3f}x",
-                        "met": x["weight_bytes_vs_bf16"] <= 0.51})
+            if family == "int4":  # int4-sized: the compiled graph holds no more than the quantized module
+                ok = x["weight_bytes"] <= 1.02 * x["module_weight_bytes"]
+                out.append({"target": f"{x['variant']} weight bytes <= 1.02x its quantized module (int4-sized)",
+                            "measured": f"{x['weight_bytes'] / x['module_weight_bytes']:.3f}x "
+                                        f"({x['weight_bytes_vs_bf16']:.3f}x bf16)", "met": ok})
+                continue
+            out.append({"target": f"{x['variant']} weight bytes <= {limit}x bf16",
+                        "measured": f"{x['weight_bytes_vs_bf16']:.3f}x", "met": x["weight_bytes_vs_bf16"] <= limit})
     return out
 
 
