@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from lowbit.granularity import PerGroup
+from lowbit.kernels._int4_cpu import int4_linear_cpu
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine
 from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
@@ -171,12 +172,7 @@ def int4_weight_only_linear(
         return _reference(input, qdata, scale, zero_point, bias)
     out = None
     if input.device.type == "cpu":
-        try:
-            from lowbit.kernels._int4_cpu import int4_linear_cpu  # noqa: PLC0415
-        except ImportError:
-            int4_linear_cpu = None
-        if int4_linear_cpu is not None:
-            out = int4_linear_cpu(input, qdata, scale, zero_point, bias)
+        out = int4_linear_cpu(input, qdata, scale, zero_point, bias)
         if out is None:
             out = _int4pack_cpu(input, qdata, scale, zero_point, bias)
     elif input.device.type == "cuda":

@@ -1,0 +1,124 @@
+"""Int4 weight-only linear on CPU with our AVX-512 kernels (``csrc/int4_cpu.cpp``).
+
+``int4_linear_cpu(x, qdata, scale, zero_point, bias)`` computes
+``F.linear(x, dequantize(qdata, scale, zero_point), bias)`` in ``x.dtype``, or returns None when
+it can't (then the caller uses another path, e.g. the reference).
+
+Weight layout (the library's canonical int4 data, used as is, nothing cached or repacked):
+``qdata`` uint8 (N, K // 2) from ``pack_int4`` (element 2j in the low nibble of byte j);
+``scale`` float32 (N, G); ``zero_point`` int8 (N, G) in [0, 15] (asymmetric uint4 nibbles) or
+None (symmetric: nibbles are int4 two's complement). Group size K // G.
+
+Supported (anything else returns None):
+
+* CPU tensors, x of rank >= 1 with last dim K (leading dims folded, any strides: x is copied
+  only when its last dim is not unit-stride); not differentiable itself (the caller, the custom
+  op ``lowbit::int4_weight_only_linear``, owns the autograd formula);
+* x dtype bfloat16, float32 or float16; output in x's dtype; bias (N,) or None;
+* group size a power of two >= 16 (32, 64, 128, 256, ...), K even, K % G == 0; any N; qdata
+  contiguous; the extension built (AVX-512 F/BW/VL/BF16/VBMI/VNNI, see ``_ext``).
+
+Paths, by M = number of rows of x (thresholds measured on Zen 5, 2 threads, 8 x 4096^2 layers):
+
+* bfloat16, M <= ``GEMV_MAX_M``: ``gemv_bf16``, streams the packed weight once; nibbles become
+  bf16 ``128 + q`` in one op, vdpbf16ps against x (bf16, permuted once per call), per-group scale
+  by FMA, the ``128 + zp`` offset removed once per row from per-group sums of x. Float32
+  accumulation; the weight is used unrounded (the reference rounds it to bf16 first), so results
+  differ from the reference by about the reference's own rounding (~50 dB SQNR).
+* bfloat16, M <= ``SMALL_MAX_M``: ``gemm_small_bf16``, same math, each unpacked weight pair
+  applied to 16 rows of x per instruction (register tile of W rows x 16-row blocks of x).
+* otherwise (and float32/float16 with M > 1): ``linear_chunked``: ``CHUNK_ROWS`` rows of W at a
+  time are dequantized exactly (bit-equal to ``dequantize_affine``: ``(q - zp) * s`` in float32,
+  one rounding to x's dtype) into a reused buffer, then ``addmm``/``mm`` (oneDNN/BLAS) into
+  the output's column slice. Equal to the reference up to matmul accumulation order.
+* float32 / float16, M == 1: ``gemv_f32``, float32 math (x converted to float32 exactly, nibbles
+  to float32 exactly, FMA), one rounding of the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels import _ext
+
+__all__ = ["int4_linear_cpu", "available", "GEMV_MAX_M", "SMALL_MAX_M", "CHUNK_ROWS"]
+
+GEMV_MAX_M = 4  # bf16: gemv_bf16 up to here (2.7x bf16 at M=4, 1 thread)
+SMALL_MAX_M = 32  # bf16: gemm_small_bf16 up to here, then the chunked dequantize + mm
+CHUNK_ROWS = 1024  # rows of W per mm (256-row slices measured 15% slower than one mm; 1024 equal)
+
+_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+
+
+def available() -> bool:
+    """Whether the C++ extension could be built and loaded here."""
+    return _ext.load("int4_cpu") is not None
+
+
+def _supported(x, qdata, scale, zero_point, bias) -> bool:
+    if not all(t is None or (isinstance(t, torch.Tensor) and t.device.type == "cpu") for t in (x, qdata, scale, zero_point, bias)):
+        return False
+    if x.dtype not in _DTYPES or x.dim() < 1 or qdata.dtype != torch.uint8 or qdata.dim() != 2 or not qdata.is_contiguous():
+        return False
+    n, k = qdata.shape[0], 2 * qdata.shape[1]
+    if x.shape[-1] != k or scale.dtype != torch.float32 or scale.dim() != 2 or scale.shape[0] != n:
+        return False
+    g = scale.shape[1]
+    if g == 0 or k % g:
+        return False
+    gs = k // g
+    if gs < 16 or gs & (gs - 1):
+        return False
+    if zero_point is not None and (zero_point.shape != scale.shape or zero_point.dtype.is_floating_point or zero_point.dtype == torch.bool):
+        return False
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or not bias.dtype.is_floating_point):
+        return False
+    return True
+
+
+def int4_linear_cpu(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``x @ dequantize(W).T + bias`` in ``x.dtype``, or None when unsupported (see module docs).
+
+    Args:
+        x: (..., K) bfloat16, float32 or float16 activations.
+        qdata: (N, K // 2) uint8, two int4 values per byte (``pack_int4``).
+        scale: (N, G) float32.
+        zero_point: (N, G) integer zero point in [0, 15] (asymmetric), or None (symmetric).
+        bias: (N,) or None.
+
+    Returns:
+        (..., N) tensor in ``x.dtype``, or None.
+    """
+    if not _supported(x, qdata, scale, zero_point, bias):
+        return None
+    ext = _ext.load("int4_cpu")
+    if ext is None:
+        return None
+    n, k = qdata.shape[0], 2 * qdata.shape[1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*lead, n)
+    scale = scale.contiguous()
+    if zero_point is not None:
+        zero_point = zero_point.to(torch.int8).contiguous()
+    if x.dtype == torch.bfloat16 and m <= GEMV_MAX_M:
+        out = ext.gemv_bf16(x2, qdata, scale, zero_point, bias)
+    elif x.dtype == torch.bfloat16 and m <= SMALL_MAX_M:
+        out = ext.gemm_small_bf16(x2, qdata, scale, zero_point, bias)
+    elif x.dtype != torch.bfloat16 and m == 1:
+        out = ext.gemv_f32(x2, qdata, scale, zero_point, bias)
+    else:
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        out = ext.linear_chunked(x2, qdata, scale, zero_point, bias, CHUNK_ROWS)
+    return out.reshape(*lead, n)

@@ -1,0 +1,589 @@
+// Int4 weight-only linear for CPU (AVX-512 F/BW/VL + BF16 + VBMI).
+//
+// Weight: qdata uint8 (N, K/2), byte j of a row = element 2j (low nibble) | element 2j+1 (high
+// nibble); asymmetric nibbles are uint4 q with an int8 zero point per group, symmetric nibbles are
+// int4 two's complement (q + 8 == nibble ^ 8, no zero point). scale float32 (N, G), group size
+// gs = K / G a power of two >= 16. W[n, k] = (q - zp) * s.
+//
+// Three paths (the Python wrapper picks by M and dtype):
+//  * gemv_bf16 (bf16 x, tiny M): streams the packed weight once. Nibbles become bf16 with one
+//    ternary-logic op each (bits 0x4300 | v == 128 + v exactly), dot products with vdpbf16ps
+//    against a copy of x permuted once per call to the nibble-unpack order, per-lane group scale
+//    with one FMA per 128 elements, and the constant part removed once per row:
+//    dot(x, 128 + q) - sum_g s_g (128 + zp_g) sum(x over g). Float32 accumulation.
+//  * gemv_f32 (float32 / float16 x, M = 1): x in float32, nibbles -> float32 exactly
+//    (0x4B000000 | v == 2^23 + v, minus 2^23 + zp), FMA per group, scale per group.
+//  * gemm_small_bf16 (bf16 x, small M): a tile of rows is dequantized exactly (bit-equal to the
+//    reference dequantize) into an L1 buffer, then vdpbf16ps with a broadcast weight pair against
+//    16 rows of x at a time (x repacked once per call as k-pairs x 16 rows).
+//  * linear_chunked (any float dtype, large M): rows of W dequantized exactly into a reused
+//    buffer in x's dtype, at::addmm / at::mm per chunk into the output's column slice.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+// Threads: at::parallel_for is serial here (ATen's OpenMP backend is header-only and extensions
+// are built without -fopenmp), so par_for drives torch's own libgomp thread pool directly (the
+// same threads torch.set_num_threads controls). Weak symbols: serial when they are absent.
+extern "C" {
+void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) __attribute__((weak));
+int omp_get_thread_num() __attribute__((weak));
+}
+
+namespace {
+
+template <typename F>
+void par_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
+  if (nt <= 1 || !GOMP_parallel || !omp_get_thread_num || at::in_parallel_region()) {
+    f(begin, end);
+    return;
+  }
+  struct Ctx {
+    const F* f;
+    int64_t begin, end, chunk;
+  } ctx{&f, begin, end, (n + nt - 1) / nt};
+  GOMP_parallel(
+      [](void* p) {
+        const Ctx* c = static_cast<const Ctx*>(p);
+        const int64_t b = c->begin + int64_t(omp_get_thread_num()) * c->chunk;
+        if (b < c->end) (*c->f)(b, std::min(c->end, b + c->chunk));
+      },
+      &ctx, unsigned(nt), 0);
+}
+
+// Non-temporal software prefetch this far ahead in the weight stream (each byte used once).
+constexpr int64_t kPrefetch = 32768;
+constexpr int kAndXor = 0x6A;  // ternary logic: (a & b) ^ c
+
+struct W4 {
+  const uint8_t* q;
+  const float* s;
+  const int8_t* zp;  // nullptr: symmetric
+  int64_t N, K, G, gs, rb;
+  int lg;  // log2(gs)
+};
+
+W4 make_w4(const torch::Tensor& q, const torch::Tensor& s, const c10::optional<torch::Tensor>& zp) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kUInt8 && q.is_contiguous(), "qdata must be contiguous uint8 (N, K/2)");
+  TORCH_CHECK(s.dim() == 2 && s.scalar_type() == torch::kFloat && s.is_contiguous() && s.size(0) == q.size(0),
+              "scale must be contiguous float32 (N, G)");
+  W4 w;
+  w.q = q.data_ptr<uint8_t>();
+  w.s = s.data_ptr<float>();
+  w.N = q.size(0);
+  w.rb = q.size(1);
+  w.K = 2 * w.rb;
+  w.G = s.size(1);
+  TORCH_CHECK(w.G > 0 && w.K % w.G == 0, "scale groups must divide K");
+  w.gs = w.K / w.G;
+  TORCH_CHECK(w.gs >= 16 && (w.gs & (w.gs - 1)) == 0, "group size must be a power of two >= 16");
+  w.lg = 0;
+  while ((int64_t(1) << w.lg) < w.gs) ++w.lg;
+  w.zp = nullptr;
+  if (zp.has_value() && zp->defined()) {
+    TORCH_CHECK(zp->scalar_type() == torch::kChar && zp->is_contiguous() && zp->sizes() == s.sizes(),
+                "zero_point must be contiguous int8 shaped like scale");
+    w.zp = zp->data_ptr<int8_t>();
+  }
+  return w;
+}
+
+inline float zp_of(const W4& w, int64_t n, int64_t g) { return w.zp ? float(w.zp[n * w.G + g]) : 0.f; }
+
+inline void store_out(void* out, at::ScalarType t, int64_t i, float v) {
+  if (t == at::kBFloat16) static_cast<c10::BFloat16*>(out)[i] = c10::BFloat16(v);
+  else if (t == at::kHalf) static_cast<c10::Half*>(out)[i] = c10::Half(v);
+  else static_cast<float*>(out)[i] = v;
+}
+
+// ---- exact dequantization of one row segment --------------------------------------------------
+
+// vpmultishiftqb control: dword d of the result gets bits [4d, 4d + 8) of a broadcast qword, i.e.
+// element d of 16 packed nibbles in its low 4 bits.
+inline __m512i nibble_ctrl() {
+  alignas(64) uint8_t c[64] = {0};
+  for (int d = 0; d < 16; ++d) c[4 * d] = uint8_t(4 * d);
+  return _mm512_load_si512(c);
+}
+
+// 16 elements starting at element k (k % 16 == 0) of row r as exact float32 (q - zp).
+inline __m512 nib16_f32(const uint8_t* qr, int64_t k, __m512i ctrl, __m512i m0f, __m512i magic, __m512 mz) {
+  int64_t v;
+  std::memcpy(&v, qr + k / 2, 8);
+  __m512i t = _mm512_multishift_epi64_epi8(ctrl, _mm512_set1_epi64(v));
+  __m512 f = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(t, m0f, magic, kAndXor));
+  return _mm512_sub_ps(f, mz);
+}
+
+// Elements [k0, k1) of row n ((q - zp) * s in float32, one rounding to T), k0 % 16 == 0,
+// k1 % 16 == 0. T: float, c10::BFloat16 or c10::Half.
+template <typename T>
+inline void store16(T* o, __m512 a) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_storeu_ps(o, a);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), (__m256i)_mm512_cvtneps_pbh(a));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+template <typename T>
+inline void store32(T* o, __m512 a, __m512 b) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    _mm512_storeu_si512(o, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+  } else {
+    store16(o, a);
+    store16(o + 16, b);
+  }
+}
+
+// Elements [k0, k1) of row n ((q - zp) * s in float32, one rounding to T), k0 % 16 == 0,
+// k1 % 16 == 0. T: float, c10::BFloat16 or c10::Half.
+template <typename T>
+void dequant_row(const W4& w, int64_t n, int64_t k0, int64_t k1, T* out) {
+  const __m512i ctrl = nibble_ctrl(), m0f = _mm512_set1_epi32(0xF);
+  const __m512i magic = _mm512_set1_epi32(w.zp ? 0x4B000000 : 0x4B000008);
+  const uint8_t* qr = w.q + n * w.rb;
+  const float* sr = w.s + n * w.G;
+  const int8_t* zr = w.zp ? w.zp + n * w.G : nullptr;
+  const float zbase = w.zp ? 8388608.f : 8388616.f;
+  int64_t k = k0;
+  while (k < k1) {
+    const int64_t g = k >> w.lg;
+    const int64_t ke = std::min(k1, (g + 1) << w.lg);
+    const __m512 mz = _mm512_set1_ps(zbase + (zr ? float(zr[g]) : 0.f));
+    const __m512 sv = _mm512_set1_ps(sr[g]);
+    T* o = out + (k - k0);
+    for (; k + 32 <= ke; k += 32, o += 32)
+      store32(o, _mm512_mul_ps(nib16_f32(qr, k, ctrl, m0f, magic, mz), sv),
+              _mm512_mul_ps(nib16_f32(qr, k + 16, ctrl, m0f, magic, mz), sv));
+    for (; k < ke; k += 16, o += 16) store16(o, _mm512_mul_ps(nib16_f32(qr, k, ctrl, m0f, magic, mz), sv));
+  }
+}
+
+template <typename T>
+void dequant_rows_t(const W4& w, int64_t r0, int64_t r1, T* out, bool parallel) {
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) dequant_row<T>(w, n, 0, w.K, out + (n - r0) * w.K);
+  };
+  if (parallel) par_for(r0, r1, 8, body);
+  else body(r0, r1);
+}
+
+void dequant_rows_any(const W4& w, int64_t r0, int64_t r1, torch::Tensor& out, bool parallel) {
+  switch (out.scalar_type()) {
+    case at::kBFloat16: dequant_rows_t(w, r0, r1, out.data_ptr<c10::BFloat16>(), parallel); break;
+    case at::kHalf: dequant_rows_t(w, r0, r1, out.data_ptr<c10::Half>(), parallel); break;
+    case at::kFloat: dequant_rows_t(w, r0, r1, out.data_ptr<float>(), parallel); break;
+    default: TORCH_CHECK(false, "dequant output must be bfloat16, float16 or float32");
+  }
+}
+
+// ---- GEMV, bf16 x ------------------------------------------------------------------------------
+
+// Per call: x permuted per 128-element chunk so that word i of vector j (j = 0..3) is element
+// 4i + j (the order the 64 packed bytes unpack to with 16-bit shifts), zero padded to whole
+// chunks; per-group sums of x.
+struct XPerm {
+  std::vector<uint16_t> xq;  // (M, C * 128)
+  std::vector<float> sx;     // (M, G)
+  int64_t C;
+};
+
+XPerm permute_x(const c10::BFloat16* x, int64_t M, int64_t K, int64_t ldx, int64_t G, int64_t gs) {
+  XPerm p;
+  p.C = (K + 127) / 128;
+  p.xq.assign(M * p.C * 128, 0);
+  p.sx.assign(M * G, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xr = reinterpret_cast<const uint16_t*>(x + m * ldx);
+    uint16_t* d = p.xq.data() + m * p.C * 128;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t c = k / 128, e = k % 128;
+      d[c * 128 + (e % 4) * 32 + e / 4] = xr[k];
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k));
+        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      }
+      p.sx[m * G + g] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  return p;
+}
+
+// R rows (n0 .. n0 + R) x MM rows of x.
+template <int R, int MM>
+inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t M, const float* bias, void* out,
+                           at::ScalarType ot) {
+  const int64_t C = p.C, rb = w.rb, gs = w.gs, G = w.G;
+  const __m512i m0f = _mm512_set1_epi16(0xF);
+  const __m512i magic = _mm512_set1_epi16(w.zp ? 0x4300 : 0x4308);
+  // group of fp32 lane l in a chunk: lane l covers chunk elements [8l, 8l + 8)
+  alignas(64) int32_t gidx[16];
+  for (int l = 0; l < 16; ++l) gidx[l] = gs < 128 ? int32_t(8 * l / gs) : 0;
+  const __m512i gi = _mm512_load_si512(gidx);
+  const int64_t gpc = gs < 128 ? 128 / gs : 0;  // groups per chunk (small groups)
+  __m512 tot[R][MM];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MM; ++m) tot[r][m] = _mm512_setzero_ps();
+  const uint8_t* qr[R];
+  const float* sr[R];
+  for (int r = 0; r < R; ++r) {
+    qr[r] = w.q + (n0 + r) * rb;
+    sr[r] = w.s + (n0 + r) * G;
+  }
+  const int64_t tail_bytes = rb - (C - 1) * 64;  // 1..64
+  const __mmask64 tail_mask = tail_bytes >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail_bytes) - 1);
+  for (int64_t c = 0; c < C; ++c) {
+    const uint16_t* xc = p.xq.data() + c * 128;
+    const __mmask64 bm = c + 1 < C ? ~__mmask64(0) : tail_mask;
+    __mmask16 sm = 0xFFFF;
+    if (gs < 128) {
+      const int64_t left = G - c * gpc;
+      sm = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(qr[r] + c * 64 + kPrefetch), _MM_HINT_NTA);
+      const __m512i v = c + 1 < C ? _mm512_loadu_si512(qr[r] + c * 64) : _mm512_maskz_loadu_epi8(bm, qr[r] + c * 64);
+      const __m512bh w0 = (__m512bh)_mm512_ternarylogic_epi32(v, m0f, magic, kAndXor);
+      const __m512bh w1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m0f, magic, kAndXor);
+      const __m512bh w2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), m0f, magic, kAndXor);
+      const __m512bh w3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 12), m0f, magic, kAndXor);
+      __m512 sv;
+      if (gs < 128) sv = _mm512_permutexvar_ps(gi, _mm512_maskz_loadu_ps(sm, sr[r] + c * gpc));
+      else sv = _mm512_set1_ps(sr[r][(c * 128) >> w.lg]);
+#pragma GCC unroll 4
+      for (int m = 0; m < MM; ++m) {
+        const uint16_t* xm = xc + m * C * 128;
+        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xm));
+        __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), w1, (__m512bh)_mm512_loadu_si512(xm + 32));
+        a = _mm512_dpbf16_ps(a, w2, (__m512bh)_mm512_loadu_si512(xm + 64));
+        b = _mm512_dpbf16_ps(b, w3, (__m512bh)_mm512_loadu_si512(xm + 96));
+        tot[r][m] = _mm512_fmadd_ps(_mm512_add_ps(a, b), sv, tot[r][m]);
+      }
+    }
+  }
+  const float off = w.zp ? 128.f : 136.f;
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    for (int m = 0; m < MM; ++m) {
+      // sum_g s_g (off + zp_g) sx_g
+      __m512 corr = _mm512_setzero_ps();
+      const float* sxm = p.sx.data() + m * G;
+      for (int64_t g = 0; g < G; g += 16) {
+        const __mmask16 gm = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1);
+        __m512 z = _mm512_set1_ps(off);
+        if (w.zp) z = _mm512_add_ps(z, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(gm, w.zp + n * G + g))));
+        corr = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(gm, sr[r] + g), z), _mm512_maskz_loadu_ps(gm, sxm + g), corr);
+      }
+      float v = _mm512_reduce_add_ps(tot[r][m]) - _mm512_reduce_add_ps(corr);
+      if (bias) v += bias[n];
+      store_out(out, ot, m * w.N + n, v);
+    }
+  }
+}
+
+#ifndef KGEMVROWS
+#define KGEMVROWS 4
+#endif
+constexpr int kGemvRows = KGEMVROWS;  // rows of W per step at M = 1
+
+template <int MM>
+void gemv_bf16_impl(const W4& w, const XPerm& p, int64_t M, const float* bias, void* out, at::ScalarType ot) {
+  constexpr int R = MM == 1 ? kGemvRows : 2;
+  const int64_t nb = (w.N + R - 1) / R;
+  par_for(0, nb, 4, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n0 = i * R;
+      if (n0 + R <= w.N) gemv_bf16_rows<R, MM>(w, p, n0, M, bias, out, ot);
+      else
+        for (int64_t n = n0; n < w.N; ++n) gemv_bf16_rows<1, MM>(w, p, n, M, bias, out, ot);
+    }
+  });
+}
+
+// ---- GEMV, float32 math (float32 / float16 x), M = 1 -------------------------------------------
+
+template <int R>
+inline void gemv_f32_rows(const W4& w, const float* x, int64_t n0, const float* bias, void* out, at::ScalarType ot) {
+  const __m512i ctrl = nibble_ctrl(), m0f = _mm512_set1_epi32(0xF);
+  const __m512i magic = _mm512_set1_epi32(w.zp ? 0x4B000000 : 0x4B000008);
+  const float zbase = w.zp ? 8388608.f : 8388616.f;
+  const int64_t gs = w.gs;
+  __m512 tot[R];
+  for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < w.G; ++g) {
+    __m512 a0[R], a1[R], mz[R];
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm512_setzero_ps();
+      a1[r] = _mm512_setzero_ps();
+      mz[r] = _mm512_set1_ps(zbase + zp_of(w, n0 + r, g));
+    }
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+      const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* qr = w.q + (n0 + r) * w.rb;
+        if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(qr + k / 2 + kPrefetch), _MM_HINT_NTA);
+        a0[r] = _mm512_fmadd_ps(x0, nib16_f32(qr, k, ctrl, m0f, magic, mz[r]), a0[r]);
+        a1[r] = _mm512_fmadd_ps(x1, nib16_f32(qr, k + 16, ctrl, m0f, magic, mz[r]), a1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      tot[r] = _mm512_fmadd_ps(_mm512_add_ps(a0[r], a1[r]), _mm512_set1_ps(w.s[(n0 + r) * w.G + g]), tot[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float v = _mm512_reduce_add_ps(tot[r]);
+    if (bias) v += bias[n0 + r];
+    store_out(out, ot, n0 + r, v);
+  }
+}
+
+// ---- small-M GEMM, bf16 x ----------------------------------------------------------------------
+//
+// A chunk of 128 elements of a row is 16 dwords; dword i holds nibbles of elements 8i .. 8i + 7
+// at bits 4t. ((D >> 4j) & 0x000F000F) ^ 0x43004300 is the bf16 pair (128 + q[8i + j],
+// 128 + q[8i + j + 4]): 4 shifts/ternlogs give all 64 pairs of the chunk. Each pair is broadcast
+// and multiplied (vdpbf16ps) with a vector of 16 x rows holding the same two elements, packed
+// once per call. Accumulators are per (row of W, 16 rows of x): a segment of min(gs, 128)
+// elements is one group, its accumulator is scaled by s[n, g] with one FMA; the constant part
+// sum_g s (128 + zp) sum_{k in g} x is removed at the end.
+
+// xpk[b][c][j][i][l] = (x[16b + l, 128c + 8i + j], x[16b + l, 128c + 8i + j + 4]); zero padded.
+std::vector<uint32_t> pack_x_pairs(const c10::BFloat16* x, int64_t M, int64_t K, int64_t ldx, int64_t C) {
+  const int64_t MB = (M + 15) / 16;
+  std::vector<uint32_t> xp(MB * C * 64 * 16, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xr = reinterpret_cast<const uint16_t*>(x + m * ldx);
+    uint32_t* d = xp.data() + (m / 16) * C * 1024 + (m % 16);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t kb = c * 128;
+      for (int j = 0; j < 4; ++j)
+        for (int i = 0; i < 16; ++i) {
+          const int64_t k0 = kb + 8 * i + j, k1 = k0 + 4;
+          const uint32_t lo = k0 < K ? xr[k0] : 0, hi = k1 < K ? xr[k1] : 0;
+          d[(c * 64 + j * 16 + i) * 16] = lo | (hi << 16);
+        }
+    }
+  }
+  return xp;
+}
+
+template <int MB, int NT>
+void gemm_small_impl(const W4& w, const uint32_t* xp, const float* sxp, int64_t M, const float* bias, void* out,
+                     at::ScalarType ot) {
+  const int64_t N = w.N, K = w.K, G = w.G, C = (K + 127) / 128;
+  const int64_t seg = std::min<int64_t>(w.gs, 128);  // elements per segment (one group)
+  const int ipg = int(seg / 8);                      // dword lanes i per segment
+  const int64_t ntiles = (N + NT - 1) / NT;
+  const int64_t tail_bytes = w.rb - (C - 1) * 64;
+  const __mmask64 tail_mask = tail_bytes >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail_bytes) - 1);
+  const __m512i m0f = _mm512_set1_epi32(0x000F000F);
+  const __m512i magic = _mm512_set1_epi32(w.zp ? 0x43004300 : 0x43084308);
+  const float off = w.zp ? 128.f : 136.f;
+  par_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
+    alignas(64) uint32_t wbuf[NT][64];
+    alignas(64) float tot[NT][MB][16];
+    alignas(64) float tmp[16];
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n0 = t * NT;
+      int64_t nr[NT];
+      for (int n = 0; n < NT; ++n) nr[n] = std::min<int64_t>(n0 + n, N - 1);  // tail rows repeat the last
+      // scaled per-group sums, in memory (one load/FMA/store per 64 pairs): registers hold acc only
+      for (int n = 0; n < NT; ++n)
+        for (int b = 0; b < MB; ++b) _mm512_store_ps(tot[n][b], _mm512_setzero_ps());
+      for (int64_t c = 0; c < C; ++c) {
+        const __mmask64 bm = c + 1 < C ? ~__mmask64(0) : tail_mask;
+        for (int n = 0; n < NT; ++n) {
+          const uint8_t* src = w.q + nr[n] * w.rb + c * 64;
+          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetch), _MM_HINT_NTA);
+          const __m512i v = _mm512_maskz_loadu_epi8(bm, src);
+          _mm512_store_si512(wbuf[n], _mm512_ternarylogic_epi32(v, m0f, magic, kAndXor));
+          _mm512_store_si512(wbuf[n] + 16, _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 4), m0f, magic, kAndXor));
+          _mm512_store_si512(wbuf[n] + 32, _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 8), m0f, magic, kAndXor));
+          _mm512_store_si512(wbuf[n] + 48, _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 12), m0f, magic, kAndXor));
+        }
+        const int64_t nseg = std::min<int64_t>(128, K - c * 128) / seg;
+        for (int64_t sgi = 0; sgi < nseg; ++sgi) {
+          const int64_t g = (c * 128 + sgi * seg) >> w.lg;
+          __m512 acc[NT][MB];
+          for (int n = 0; n < NT; ++n)
+            for (int b = 0; b < MB; ++b) acc[n][b] = _mm512_setzero_ps();
+          for (int j = 0; j < 4; ++j) {
+            for (int i = int(sgi) * ipg; i < int(sgi + 1) * ipg; ++i) {
+              const int p = j * 16 + i;
+              __m512bh xv[MB];
+              for (int b = 0; b < MB; ++b) xv[b] = (__m512bh)_mm512_loadu_si512(xp + ((b * C + c) * 64 + p) * 16);
+#pragma GCC unroll 16
+              for (int n = 0; n < NT; ++n) {
+                const __m512bh wv = (__m512bh)_mm512_set1_epi32(int(wbuf[n][p]));
+                for (int b = 0; b < MB; ++b) acc[n][b] = _mm512_dpbf16_ps(acc[n][b], wv, xv[b]);
+              }
+            }
+          }
+          for (int n = 0; n < NT; ++n) {
+            const __m512 sv = _mm512_set1_ps(w.s[nr[n] * G + g]);
+            for (int b = 0; b < MB; ++b) _mm512_store_ps(tot[n][b], _mm512_fmadd_ps(acc[n][b], sv, _mm512_load_ps(tot[n][b])));
+          }
+        }
+      }
+      const int64_t nv = std::min<int64_t>(NT, N - n0);
+      for (int n = 0; n < nv; ++n) {
+        const int64_t row = n0 + n;
+        const float bv = bias ? bias[row] : 0.f;
+        for (int b = 0; b < MB; ++b) {
+          __m512 corr = _mm512_setzero_ps();
+          for (int64_t g = 0; g < G; ++g) {
+            const float cg = w.s[row * G + g] * (off + (w.zp ? float(w.zp[row * G + g]) : 0.f));
+            corr = _mm512_fmadd_ps(_mm512_set1_ps(cg), _mm512_loadu_ps(sxp + (b * G + g) * 16), corr);
+          }
+          _mm512_store_ps(tmp, _mm512_sub_ps(_mm512_load_ps(tot[n][b]), corr));
+          const int64_t mend = std::min<int64_t>(16, M - b * 16);
+          for (int64_t l = 0; l < mend; ++l) store_out(out, ot, (b * 16 + l) * N + row, tmp[l] + bv);
+        }
+      }
+    }
+  });
+}
+
+const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N, torch::Tensor& keep) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be (N,)");
+  keep = bias->to(torch::kFloat).contiguous();
+  return keep.data_ptr<float>();
+}
+
+}  // namespace
+
+// out = x @ W.T + bias for bf16 x (2-D, row stride any, unit column stride), 1 <= M <= 4.
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                        c10::optional<torch::Tensor> bias) {
+  W4 w = make_w4(qdata, scale, zp);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.K && x.stride(1) == 1,
+              "x must be bf16 (M, K) with unit column stride");
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M >= 1 && M <= 4, "gemv_bf16 takes 1 <= M <= 4");
+  torch::Tensor bkeep;
+  const float* bp = bias_ptr(bias, w.N, bkeep);
+  XPerm p = permute_x(x.data_ptr<c10::BFloat16>(), M, w.K, x.stride(0), w.G, w.gs);
+  auto out = torch::empty({M, w.N}, x.options());
+  void* op = out.data_ptr();
+  switch (M) {
+    case 1: gemv_bf16_impl<1>(w, p, M, bp, op, at::kBFloat16); break;
+    case 2: gemv_bf16_impl<2>(w, p, M, bp, op, at::kBFloat16); break;
+    case 3: gemv_bf16_impl<3>(w, p, M, bp, op, at::kBFloat16); break;
+    default: gemv_bf16_impl<4>(w, p, M, bp, op, at::kBFloat16); break;
+  }
+  return out;
+}
+
+// out = x @ W.T + bias for float32 / float16 x of shape (1, K), float32 math.
+torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                       c10::optional<torch::Tensor> bias) {
+  W4 w = make_w4(qdata, scale, zp);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == w.K, "x must be (1, K)");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kHalf, "x must be float32 or float16");
+  torch::Tensor bkeep;
+  const float* bp = bias_ptr(bias, w.N, bkeep);
+  auto xf = x.to(torch::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  auto out = torch::empty({1, w.N}, x.options());
+  void* op = out.data_ptr();
+  const at::ScalarType ot = x.scalar_type();
+  const int64_t nb = (w.N + 3) / 4;
+  par_for(0, nb, 4, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n0 = i * 4;
+      if (n0 + 4 <= w.N) gemv_f32_rows<4>(w, xp, n0, bp, op, ot);
+      else
+        for (int64_t n = n0; n < w.N; ++n) gemv_f32_rows<1>(w, xp, n, bp, op, ot);
+    }
+  });
+  return out;
+}
+
+// out = x @ W.T + bias for bf16 x, 1 <= M <= 64 (see gemm_small_impl).
+torch::Tensor gemm_small_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                              c10::optional<torch::Tensor> bias) {
+  W4 w = make_w4(qdata, scale, zp);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.K && x.stride(1) == 1,
+              "x must be bf16 (M, K) with unit column stride");
+  const int64_t M = x.size(0), K = w.K, G = w.G, C = (K + 127) / 128;
+  TORCH_CHECK(M >= 1 && M <= 64, "gemm_small_bf16 takes 1 <= M <= 64");
+  torch::Tensor bkeep;
+  const float* bp = bias_ptr(bias, w.N, bkeep);
+  const int64_t MB = (M + 15) / 16;
+  const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
+  std::vector<uint32_t> xp = pack_x_pairs(xb, M, K, x.stride(0), C);
+  // per-group sums of x: sx[b][g][l], zero for padding rows
+  std::vector<float> sx(MB * G * 16, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * w.gs; k < (g + 1) * w.gs; ++k) acc += float(xb[m * x.stride(0) + k]);
+      sx[((m / 16) * G + g) * 16 + m % 16] = acc;
+    }
+  auto out = torch::empty({M, w.N}, x.options());
+  void* op = out.data_ptr();
+  switch (MB) {
+    case 1: gemm_small_impl<1, 12>(w, xp.data(), sx.data(), M, bp, op, at::kBFloat16); break;
+    case 2: gemm_small_impl<2, 12>(w, xp.data(), sx.data(), M, bp, op, at::kBFloat16); break;
+    case 3: gemm_small_impl<3, 8>(w, xp.data(), sx.data(), M, bp, op, at::kBFloat16); break;
+    default: gemm_small_impl<4, 6>(w, xp.data(), sx.data(), M, bp, op, at::kBFloat16); break;
+  }
+  return out;
+}
+
+// Rows [row0, row1) of W, dequantized exactly into out[: row1 - row0] (dtype of out).
+void dequant_rows(torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp, int64_t row0, int64_t row1,
+                  torch::Tensor out) {
+  W4 w = make_w4(qdata, scale, zp);
+  TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= w.N, "bad row range");
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(1) == w.K && out.size(0) >= row1 - row0,
+              "out must be contiguous (>= rows, K)");
+  dequant_rows_any(w, row0, row1, out, true);
+}
+
+// x @ W.T + bias for any M: W dequantized in chunks of `chunk` rows into a buffer of x's dtype,
+// each chunk multiplied with at::mm / at::addmm into its column slice of the output.
+torch::Tensor linear_chunked(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                             c10::optional<torch::Tensor> bias, int64_t chunk) {
+  W4 w = make_w4(qdata, scale, zp);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.K, "x must be (M, K)");
+  const int64_t M = x.size(0), N = w.N;
+  auto out = torch::empty({M, N}, x.options());
+  chunk = std::max<int64_t>(1, std::min(chunk, N));
+  auto buf = torch::empty({chunk, w.K}, x.options());
+  const bool has_bias = bias.has_value() && bias->defined();
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t rows = std::min(chunk, N - r0);
+    dequant_rows_any(w, r0, r0 + rows, buf, true);
+    auto wt = buf.narrow(0, 0, rows).t();
+    auto o = out.narrow(1, r0, rows);
+    if (has_bias) at::addmm_out(o, bias->narrow(0, r0, rows), x, wt);
+    else at::mm_out(o, x, wt);
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_bf16", &gemv_bf16, "int4 weight-only GEMV, bf16 x, M <= 4");
+  m.def("gemv_f32", &gemv_f32, "int4 weight-only GEMV, float32/float16 x, M = 1");
+  m.def("gemm_small_bf16", &gemm_small_bf16, "int4 weight-only small-M GEMM, bf16 x, M <= 64");
+  m.def("dequant_rows", &dequant_rows, "exact dequantization of a row range into a buffer");
+  m.def("linear_chunked", &linear_chunked, "chunked dequantize + mm");
+}
