@@ -55,7 +55,8 @@ def load(name: str = "int8_gemv"):
                   name, ", ".join(_FEATURES[name]), ", ".join(missing) or "x86-64")
         return None
     src = _CSRC / f"{name}.cpp"
-    key = hashlib.sha256(src.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))
+    key = hashlib.sha256(src.read_bytes() + headers + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
     root = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
     build = root / f"{name}-{key}"
     try:
@@ -66,6 +67,7 @@ def load(name: str = "int8_gemv"):
             name=f"lowbit_{name}",
             sources=[str(src)],
             build_directory=str(build),
+            extra_include_paths=[str(_CSRC)],
             extra_cflags=["-O3"] + [f"-m{_GCC_FLAG.get(f, f)}" for f in _FEATURES[name]],
             verbose=False,
         )

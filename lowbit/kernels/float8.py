@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.granularity import PerRow, PerTensor, PerToken
+from lowbit.kernels._fp8_cpu import float8_weight_only_linear_cpu
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, fake_quantize_float8, quantize_float8
 from lowbit.spec import QuantSpec
@@ -82,12 +83,7 @@ def float8_weight_only_linear(
         return _reference(input, qdata, scale, bias)
     out = None
     if input.device.type == "cpu":
-        try:
-            from lowbit.kernels._fp8_cpu import float8_weight_only_linear_cpu  # noqa: PLC0415
-        except ImportError:
-            float8_weight_only_linear_cpu = None
-        if float8_weight_only_linear_cpu is not None:
-            out = float8_weight_only_linear_cpu(input, qdata, scale, bias)
+        out = float8_weight_only_linear_cpu(input, qdata, scale, bias)
     return _reference(input, qdata, scale, bias) if out is None else out
 
 

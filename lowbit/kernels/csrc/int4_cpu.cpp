@@ -28,37 +28,11 @@
 #include <cstring>
 #include <vector>
 
-// Threads: at::parallel_for is serial here (ATen's OpenMP backend is header-only and extensions
-// are built without -fopenmp), so par_for drives torch's own libgomp thread pool directly (the
-// same threads torch.set_num_threads controls). Weak symbols: serial when they are absent.
-extern "C" {
-void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) __attribute__((weak));
-int omp_get_thread_num() __attribute__((weak));
-}
+#include "parallel.h"
 
 namespace {
 
-template <typename F>
-void par_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
-  const int64_t n = end - begin;
-  if (n <= 0) return;
-  const int64_t nt = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
-  if (nt <= 1 || !GOMP_parallel || !omp_get_thread_num || at::in_parallel_region()) {
-    f(begin, end);
-    return;
-  }
-  struct Ctx {
-    const F* f;
-    int64_t begin, end, chunk;
-  } ctx{&f, begin, end, (n + nt - 1) / nt};
-  GOMP_parallel(
-      [](void* p) {
-        const Ctx* c = static_cast<const Ctx*>(p);
-        const int64_t b = c->begin + int64_t(omp_get_thread_num()) * c->chunk;
-        if (b < c->end) (*c->f)(b, std::min(c->end, b + c->chunk));
-      },
-      &ctx, unsigned(nt), 0);
-}
+using lowbit::par_for;
 
 // Non-temporal software prefetch this far ahead in the weight stream (each byte used once).
 constexpr int64_t kPrefetch = 32768;

@@ -5,6 +5,7 @@
 // per group, one cast to x's dtype at the end. Needs the group size to be a multiple of 16.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "parallel.h"
 #include <immintrin.h>
 
 #include <vector>
@@ -66,7 +67,7 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tenso
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  lowbit::par_for(0, N, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(M > 1 ? K : 0);  // M > 1: the row as float32, reused by every m (in L1)
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* wr = wp + n * K;

@@ -1,0 +1,460 @@
+// Float8 (e4m3fn / e5m2) weight-only linear on CPU (AVX-512 BW/VBMI/BF16):
+//   out[m, n] = (sum_k x[m, k] * q[n, k]) * s[n] + bias[n]
+// with q the float8 weight (N, K) and s a per-row (N) or per-tensor float32 scale.
+//
+// Conversion: every e4m3fn / e5m2 value is exactly a bf16. The 7-bit magnitude of each byte
+// indexes two 128-entry byte tables (high and low byte of the bf16) with vpermt2b (64 lanes per
+// instruction), the sign bit is OR-ed into the high byte, and vpunpck{l,h}bw interleaves the two
+// into 16-bit words. The input bytes are permuted first (vpermb) so that the words come out in
+// natural order. NaN encodings map to bf16 NaN (and so propagate), subnormals are exact.
+//
+// Paths (the caller picks the thresholds):
+//  * bf16 x, M <= gemv_max_m (<= 4): fused GEMV. Each thread streams its rows once, 4 rows at a
+//    time, converting in registers and multiplying with vdpbf16ps (float32 accumulation);
+//    non-temporal software prefetch ahead in the weight stream.
+//  * bf16 x, M <= tiled_max_m: 4 rows are converted into a small bf16 scratch (L1), then
+//    4x4 register tiles (4 rows of x, 4 weight rows) of vdpbf16ps over K; the next 4 weight rows
+//    are prefetched while computing, so the weight read overlaps the arithmetic.
+//  * otherwise: row chunks of the weight are converted (in parallel) into a reused buffer in x's
+//    compute dtype that stays in cache and multiplied with at::mm into the output slice.
+//  * float32 / float16 x: the weight is converted to float32 (small M: per 4 rows, float32 FMA;
+//    large M: chunks + at::mm in float32); float16 x is computed in float32, cast at the end.
+// The scale (and bias) is applied to the float32 result (GEMV/tiled) or to the output (chunks).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+
+namespace {
+
+using lowbit::par_for;
+
+constexpr int64_t kPrefetch = 32768;  // NTA prefetch distance in the weight stream (bytes)
+
+struct Tables {
+  __m512i hlo, hhi, llo, lhi, perm, sign;
+};
+
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>(u >> 16);  // exact for every float8 value
+}
+
+float e4m3fn_value(int m) {  // magnitude byte 0..127
+  const int e = m >> 3, f = m & 7;
+  if (m == 0x7F) return NAN;
+  if (e == 0) return std::ldexp(static_cast<float>(f), -9);
+  return std::ldexp(static_cast<float>(8 + f), e - 10);
+}
+
+float e5m2_value(int m) {
+  const int e = m >> 2, f = m & 3;
+  if (e == 31) return f ? NAN : INFINITY;
+  if (e == 0) return std::ldexp(static_cast<float>(f), -16);
+  return std::ldexp(static_cast<float>(4 + f), e - 17);
+}
+
+Tables make_tables(bool e5m2) {
+  alignas(64) uint8_t hi[128], lo[128], perm[64];
+  for (int m = 0; m < 128; ++m) {
+    const uint16_t b = bf16_bits(e5m2 ? e5m2_value(m) : e4m3fn_value(m));
+    hi[m] = static_cast<uint8_t>(b >> 8);
+    lo[m] = static_cast<uint8_t>(b & 0xFF);
+  }
+  // unpacklo_epi8 takes bytes 0-7 of each 128-bit lane, unpackhi bytes 8-15: place element
+  // 8j+i (i < 8) at byte 16j+i and element 32+8j+i at byte 16j+8+i.
+  for (int p = 0; p < 64; ++p) {
+    const int j = p / 16, i = p % 16;
+    perm[p] = static_cast<uint8_t>(i < 8 ? 8 * j + i : 32 + 8 * j + (i - 8));
+  }
+  Tables t;
+  t.hlo = _mm512_load_si512(hi);
+  t.hhi = _mm512_load_si512(hi + 64);
+  t.llo = _mm512_load_si512(lo);
+  t.lhi = _mm512_load_si512(lo + 64);
+  t.perm = _mm512_load_si512(perm);
+  t.sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  return t;
+}
+
+// 64 float8 bytes -> 64 bf16 in natural order (w0: elements 0..31, w1: 32..63).
+inline void cvt64(__m512i b, const Tables& t, __m512i& w0, __m512i& w1) {
+  b = _mm512_permutexvar_epi8(t.perm, b);
+  __m512i h = _mm512_permutex2var_epi8(t.hlo, b, t.hhi);
+  const __m512i l = _mm512_permutex2var_epi8(t.llo, b, t.lhi);
+  h = _mm512_ternarylogic_epi32(h, b, t.sign, 0xF8);  // h | (b & sign)
+  w0 = _mm512_unpacklo_epi8(l, h);
+  w1 = _mm512_unpackhi_epi8(l, h);
+}
+
+inline __m512i load_tail(const uint8_t* p, int64_t n) {  // n < 64 bytes, zero-filled
+  return _mm512_maskz_loadu_epi8(_cvtu64_mask64((n >= 64) ? ~0ULL : ((1ULL << n) - 1)), p);
+}
+
+inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+
+// Sums of 4 vectors -> 4 floats.
+inline void reduce4(const __m512* a, float* r) {
+  for (int i = 0; i < 4; ++i) r[i] = _mm512_reduce_add_ps(a[i]);
+}
+
+// ---- bf16 x, fused GEMV: MT (1..4) rows of x against 4 weight rows ---------------------------
+// xb: MT rows of bf16 x, row stride Kp (zero padded to a multiple of 64).
+template <int MT>
+inline void gemv_group(const uint8_t* const* rows, const uint16_t* xb, int64_t K, int64_t Kp, const Tables& t,
+                       float* res /* [MT][4] */) {
+  constexpr int NA = MT <= 2 ? 2 : 1;  // accumulators per (m, row): more chains for small MT
+  __m512 acc[MT][4][NA];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < 4; ++r)
+      for (int a = 0; a < NA; ++a) acc[m][r][a] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, const __m512i* b) {
+    __m512i w0[4], w1[4];
+    for (int r = 0; r < 4; ++r) cvt64(b[r], t, w0[r], w1[r]);
+    for (int m = 0; m < MT; ++m) {
+      const __m512i x0 = _mm512_loadu_si512(xb + m * Kp + k);
+      const __m512i x1 = _mm512_loadu_si512(xb + m * Kp + k + 32);
+      for (int r = 0; r < 4; ++r) {
+        acc[m][r][0] = dp(acc[m][r][0], x0, w0[r]);
+        acc[m][r][NA - 1] = dp(acc[m][r][NA - 1], x1, w1[r]);
+      }
+    }
+  };
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    __m512i b[4];
+    for (int r = 0; r < 4; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k + kPrefetch), _MM_HINT_NTA);
+      b[r] = _mm512_loadu_si512(rows[r] + k);
+    }
+    step(k, b);
+  }
+  if (k < K) {
+    __m512i b[4];
+    for (int r = 0; r < 4; ++r) b[r] = load_tail(rows[r] + k, K - k);
+    step(k, b);
+  }
+  for (int m = 0; m < MT; ++m) {
+    __m512 s[4];
+    for (int r = 0; r < 4; ++r) s[r] = NA == 2 ? _mm512_add_ps(acc[m][r][0], acc[m][r][NA - 1]) : acc[m][r][0];
+    reduce4(s, res + m * 4);
+  }
+}
+
+// Converts 4 rows of K bytes into scratch (4 rows of Kp bf16, zero padded).
+inline void convert_rows_bf16(const uint8_t* const* rows, uint16_t* dst, int64_t K, int64_t Kp, const Tables& t,
+                              bool prefetch) {
+  for (int r = 0; r < 4; ++r) {
+    const uint8_t* src = rows[r];
+    uint16_t* d = dst + r * Kp;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(src + k + kPrefetch), _MM_HINT_NTA);
+      __m512i w0, w1;
+      cvt64(_mm512_loadu_si512(src + k), t, w0, w1);
+      _mm512_storeu_si512(d + k, w0);
+      _mm512_storeu_si512(d + k + 32, w1);
+    }
+    if (k < K) {
+      __m512i w0, w1;
+      cvt64(load_tail(src + k, K - k), t, w0, w1);
+      _mm512_storeu_si512(d + k, w0);
+      _mm512_storeu_si512(d + k + 32, w1);
+    }
+  }
+}
+
+// MT (1..4) rows of x against 4 converted weight rows (scratch), K in steps of 32 (Kp % 64 == 0).
+// Prefetches [pf, pf_end) spread over the steps (the next weight rows).
+template <int MT>
+inline void tile_4x(const uint16_t* w, const uint16_t* xb, int64_t Kr, int64_t Kp, float* res, const char*& pf,
+                    const char* pf_end, int64_t pf_adv) {
+  __m512 acc[MT][4];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Kr; k += 32) {
+    if (pf < pf_end) {
+      _mm_prefetch(pf, _MM_HINT_T0);
+      pf += pf_adv;
+    }
+    __m512i wv[4];
+    for (int r = 0; r < 4; ++r) wv[r] = _mm512_loadu_si512(w + r * Kp + k);
+    for (int m = 0; m < MT; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xb + m * Kp + k);
+      for (int r = 0; r < 4; ++r) acc[m][r] = dp(acc[m][r], xv, wv[r]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) reduce4(acc[m], res + m * 4);
+}
+
+template <typename out_t>
+inline void store_group(out_t* op, int64_t N, int64_t M0, int MT, int64_t n, int nrows, const float* res,
+                        const float* sp, bool per_row, const float* bp) {
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < nrows; ++r) {
+      const float s = sp[per_row ? n + r : 0];
+      float v = res[m * 4 + r] * s;
+      if (bp) v += bp[n + r];
+      op[(M0 + m) * N + n + r] = static_cast<out_t>(v);
+    }
+}
+
+// ---- float32 x: 4 rows converted to float32 scratch, float32 FMA -----------------------------
+inline void convert_rows_f32(const uint8_t* const* rows, float* dst, int64_t K, int64_t Kp, const Tables& t) {
+  for (int r = 0; r < 4; ++r) {
+    const uint8_t* src = rows[r];
+    float* d = dst + r * Kp;
+    for (int64_t k = 0; k < K; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(src + k + kPrefetch), _MM_HINT_NTA);
+      __m512i w[2];
+      cvt64(k + 64 <= K ? _mm512_loadu_si512(src + k) : load_tail(src + k, K - k), t, w[0], w[1]);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i lo = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w[h])), 16);
+        const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w[h], 1)), 16);
+        _mm512_storeu_si512(d + k + 32 * h, lo);
+        _mm512_storeu_si512(d + k + 32 * h + 16, hi);
+      }
+    }
+  }
+}
+
+inline void dot4_f32(const float* w, const float* x, int64_t Kr, int64_t Kp, float* res) {
+  __m512 acc[4][2];
+  for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Kr; k += 32) {
+    const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+    for (int r = 0; r < 4; ++r) {
+      acc[r][0] = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w + r * Kp + k), acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w + r * Kp + k + 16), acc[r][1]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) res[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+// Converts rows [n0, n1) into buf (row stride ld, ld % 64 == 0 and >= K), bf16 or float32.
+void convert_chunk(const uint8_t* q, int64_t K, int64_t n0, int64_t n1, void* buf, int64_t ld, bool f32,
+                   const Tables& t) {
+  par_for(n0, n1, 8, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const uint8_t* src = q + n * K;
+      if (f32) {
+        float* d = static_cast<float*>(buf) + (n - n0) * ld;
+        for (int64_t k = 0; k < K; k += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(src + k + kPrefetch), _MM_HINT_NTA);
+          __m512i w[2];
+          cvt64(k + 64 <= K ? _mm512_loadu_si512(src + k) : load_tail(src + k, K - k), t, w[0], w[1]);
+          for (int h = 0; h < 2; ++h) {
+            _mm512_storeu_si512(d + k + 32 * h,
+                                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w[h])), 16));
+            _mm512_storeu_si512(d + k + 32 * h + 16,
+                                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w[h], 1)), 16));
+          }
+        }
+      } else {
+        uint16_t* d = static_cast<uint16_t*>(buf) + (n - n0) * ld;
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(src + k + kPrefetch), _MM_HINT_NTA);
+          __m512i w0, w1;
+          cvt64(_mm512_loadu_si512(src + k), t, w0, w1);
+          _mm512_storeu_si512(d + k, w0);
+          _mm512_storeu_si512(d + k + 32, w1);
+        }
+        if (k < K) {
+          __m512i w0, w1;
+          cvt64(load_tail(src + k, K - k), t, w0, w1);
+          _mm512_storeu_si512(d + k, w0);
+          _mm512_storeu_si512(d + k + 32, w1);
+        }
+      }
+    }
+  });
+}
+
+template <typename out_t>
+void small_m(const torch::Tensor& xc /* compute copy, (M, Kp) bf16 or f32 */, const uint8_t* q, int64_t N,
+             int64_t K, int64_t Kp, const float* sp, bool per_row, const float* bp, out_t* op, int64_t gemv_max_m,
+             const Tables& t) {
+  const int64_t M = xc.size(0);
+  const bool f32 = xc.scalar_type() == torch::kFloat;
+  const int64_t groups = (N + 3) / 4;
+  const int64_t Kr = (K + 63) / 64 * 64;  // loop bound (the scratch and x are zero up to Kr)
+  std::vector<uint8_t> zero(K, 0);
+  par_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
+    std::vector<uint16_t> sbf(f32 ? 0 : 4 * Kp);
+    std::vector<float> sf(f32 ? 4 * Kp : 0);
+    float res[16];
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t n = 4 * g;
+      const int nrows = static_cast<int>(std::min<int64_t>(4, N - n));
+      const uint8_t* rows[4];
+      for (int r = 0; r < 4; ++r) rows[r] = r < nrows ? q + (n + r) * K : zero.data();
+      if (f32) {
+        const float* xp = xc.data_ptr<float>();
+        convert_rows_f32(rows, sf.data(), K, Kp, t);
+        for (int64_t m = 0; m < M; ++m) {
+          dot4_f32(sf.data(), xp + m * Kp, Kr, Kp, res);
+          store_group(op, N, m, 1, n, nrows, res, sp, per_row, bp);
+        }
+        continue;
+      }
+      const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+      if (M <= gemv_max_m) {
+        switch (M) {
+          case 1: gemv_group<1>(rows, xp, K, Kp, t, res); break;
+          case 2: gemv_group<2>(rows, xp, K, Kp, t, res); break;
+          case 3: gemv_group<3>(rows, xp, K, Kp, t, res); break;
+          default: gemv_group<4>(rows, xp, K, Kp, t, res); break;
+        }
+        store_group(op, N, 0, static_cast<int>(M), n, nrows, res, sp, per_row, bp);
+        continue;
+      }
+      convert_rows_bf16(rows, sbf.data(), K, Kp, t, false);
+      // Prefetch the next group's rows (contiguous) spread over all tile steps.
+      const int64_t nn = std::min(N, n + 4), nn_end = std::min(N, n + 8);
+      const char* pf = reinterpret_cast<const char*>(q + nn * K);
+      const char* pf_end = reinterpret_cast<const char*>(q + nn_end * K);
+      const int64_t steps = ((M + 3) / 4) * (Kr / 32);
+      int64_t adv = ((pf_end - pf) + steps - 1) / std::max<int64_t>(steps, 1);
+      adv = std::min<int64_t>(std::max<int64_t>(adv, 32), 64);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int MT = static_cast<int>(std::min<int64_t>(4, M - m0));
+        const uint16_t* xm = xp + m0 * Kp;
+        switch (MT) {
+          case 1: tile_4x<1>(sbf.data(), xm, Kr, Kp, res, pf, pf_end, adv); break;
+          case 2: tile_4x<2>(sbf.data(), xm, Kr, Kp, res, pf, pf_end, adv); break;
+          case 3: tile_4x<3>(sbf.data(), xm, Kr, Kp, res, pf, pf_end, adv); break;
+          default: tile_4x<4>(sbf.data(), xm, Kr, Kp, res, pf, pf_end, adv); break;
+        }
+        store_group(op, N, m0, MT, n, nrows, res, sp, per_row, bp);
+      }
+    }
+  });
+}
+
+template <typename T>
+inline void copy_pad_rows(const torch::Tensor& x, T* dst, int64_t Kp) {  // x (M, K) contiguous of T
+  const int64_t M = x.size(0), K = x.size(1);
+  const T* src = x.data_ptr<T>();
+  for (int64_t m = 0; m < M; ++m) {
+    std::memcpy(dst + m * Kp, src + m * K, K * sizeof(T));
+    std::memset(dst + m * Kp + K, 0, (Kp - K) * sizeof(T));
+  }
+}
+
+}  // namespace
+
+// x: (M, K) float32 / bfloat16 / float16 (any strides); qdata: (N, K) float8 contiguous;
+// scale: float32 with N or 1 elements; bias: (N,) or None.
+torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                         int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows) {
+  TORCH_CHECK(x.dim() == 2 && qdata.dim() == 2 && x.size(1) == qdata.size(1), "x (M, K) and qdata (N, K) expected");
+  const auto qt = qdata.scalar_type();
+  TORCH_CHECK(qt == at::kFloat8_e4m3fn || qt == at::kFloat8_e5m2, "qdata must be float8_e4m3fn or float8_e5m2");
+  TORCH_CHECK(qdata.is_contiguous(), "qdata must be contiguous");
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == torch::kBFloat16 || xt == torch::kFloat || xt == torch::kHalf, "x must be bf16, fp16 or fp32");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat, "scale must be float32");
+  const int64_t M = x.size(0), K = x.size(1), N = qdata.size(0);
+  TORCH_CHECK(scale.numel() == N || scale.numel() == 1, "scale must have N or 1 elements");
+  TORCH_CHECK(gemv_max_m <= 4, "gemv_max_m must be <= 4");
+  const bool per_row = scale.numel() == N && N != 1;
+  auto sc = scale.reshape(-1).contiguous();
+  torch::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias must have N elements");
+    bf = bias->reshape(-1).to(torch::kFloat).contiguous();
+  }
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  if (K == 0) {
+    out.zero_();
+    if (bf.defined()) out.add_(bf.to(xt));
+    return out;
+  }
+  static const Tables t_e4m3 = make_tables(false);
+  static const Tables t_e5m2 = make_tables(true);
+  const Tables& t = qt == at::kFloat8_e5m2 ? t_e5m2 : t_e4m3;
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(qdata.data_ptr());
+  const float* sp = sc.data_ptr<float>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  const bool f32 = xt != torch::kBFloat16;
+  // Row stride of the padded x copy and scratch: a multiple of 64 elements plus one cache line,
+  // so that rows do not all map to the same L1 sets (a 8 KiB stride thrashed L1: 4x slower).
+  const int64_t Kr = (K + 63) / 64 * 64;
+  const int64_t Kp = Kr + (xt == torch::kBFloat16 ? 32 : 16);
+  const auto ct = f32 ? torch::kFloat : torch::kBFloat16;
+
+  if (M <= tiled_max_m) {
+    auto xc = torch::empty({M, Kp}, x.options().dtype(ct));
+    auto xs = x.to(ct).contiguous();
+    if (f32) copy_pad_rows<float>(xs, xc.data_ptr<float>(), Kp);
+    else copy_pad_rows<at::BFloat16>(xs, xc.data_ptr<at::BFloat16>(), Kp);
+    if (xt == torch::kBFloat16)
+      small_m(xc, q, N, K, Kp, sp, per_row, bp, out.data_ptr<at::BFloat16>(), gemv_max_m, t);
+    else if (xt == torch::kHalf)
+      small_m(xc, q, N, K, Kp, sp, per_row, bp, out.data_ptr<at::Half>(), gemv_max_m, t);
+    else
+      small_m(xc, q, N, K, Kp, sp, per_row, bp, out.data_ptr<float>(), gemv_max_m, t);
+    return out;
+  }
+
+  // Chunks: buffer (rows, ld) in the compute dtype, ld padded so every 64-wide store fits.
+  auto xs = x.to(ct);
+  auto res = f32 ? torch::empty({M, N}, x.options().dtype(torch::kFloat)) : out;
+  const int64_t rows = std::max<int64_t>(1, std::min(chunk_rows, N));
+  auto buf = torch::empty({rows, Kr}, x.options().dtype(ct));
+  for (int64_t i = 0; i < N; i += rows) {
+    const int64_t j = std::min(N, i + rows);
+    convert_chunk(q, K, i, j, buf.data_ptr(), Kr, f32, t);
+    auto w = buf.narrow(0, 0, j - i).narrow(1, 0, K);
+    auto o = res.narrow(1, i, j - i);
+    at::mm_out(o, xs, w.t());
+  }
+  // Scale and bias on the float32 result or the bf16 output, in place, one cast.
+  par_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      if (f32) {
+        float* r = res.data_ptr<float>() + m * N;
+        for (int64_t n = 0; n < N; ++n) r[n] = r[n] * sp[per_row ? n : 0] + (bp ? bp[n] : 0.f);
+      } else {
+        at::BFloat16* r = out.data_ptr<at::BFloat16>() + m * N;
+        for (int64_t n = 0; n < N; ++n)
+          r[n] = static_cast<at::BFloat16>(static_cast<float>(r[n]) * sp[per_row ? n : 0] + (bp ? bp[n] : 0.f));
+      }
+    }
+  });
+  if (f32 && xt != torch::kFloat) out.copy_(res);
+  return f32 && xt == torch::kFloat ? res : out;
+}
+
+// The float8 -> bf16 conversion alone (tests): (N, K) float8 -> (N, K) bf16.
+torch::Tensor fp8_to_bf16(torch::Tensor qdata) {
+  TORCH_CHECK(qdata.dim() == 2 && qdata.is_contiguous(), "qdata must be 2-D contiguous");
+  const auto qt = qdata.scalar_type();
+  TORCH_CHECK(qt == at::kFloat8_e4m3fn || qt == at::kFloat8_e5m2, "qdata must be float8_e4m3fn or float8_e5m2");
+  static const Tables t_e4m3 = make_tables(false);
+  static const Tables t_e5m2 = make_tables(true);
+  const int64_t N = qdata.size(0), K = qdata.size(1), Kp = (K + 63) / 64 * 64;
+  auto buf = torch::empty({N, Kp}, qdata.options().dtype(torch::kBFloat16));
+  if (N > 0 && K > 0)
+    convert_chunk(reinterpret_cast<const uint8_t*>(qdata.data_ptr()), K, 0, N, buf.data_ptr(), Kp, false,
+                  qt == at::kFloat8_e5m2 ? t_e5m2 : t_e4m3);
+  return buf.narrow(1, 0, K).contiguous();
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fp8_linear", &fp8_linear, "float8 weight-only linear (x @ (q * s).T + bias)", py::arg("x"), py::arg("qdata"),
+        py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"), py::arg("chunk_rows"));
+  m.def("fp8_to_bf16", &fp8_to_bf16, "float8 (N, K) -> bf16 (N, K), exact");
+}
