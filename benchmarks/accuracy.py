@@ -206,6 +206,8 @@ def configs():
         lb.Int8DynamicActivationInt8WeightConfig(),
         lb.Int8DynamicActivationInt8WeightConfig(act_symmetric=False),
         *int4,
+        lb.Int4WeightOnlyConfig(group_size=32, zero_point_domain="float"),
+        lb.Int4WeightOnlyConfig(group_size=64, zero_point_domain="float"),
         lb.Int4WeightOnlyConfig(group_size=64, symmetric=True),
         lb.Int8DynamicActivationInt4WeightConfig(),
         lb.Int8DynamicActivationInt4WeightConfig(group_size=64),
@@ -259,9 +261,12 @@ def rows_for(model: nn.Module, model_key: str):
     for config in configs():
         note = ""
         if model_key == "smollm2" and split_rule(config) == (32, True):
-            note = ("g32 = the GGUF's Q4_1 groups; not exact (int zero point vs Q4_1's float offset)"
-                    if isinstance(config, lb.Int4WeightOnlyConfig) and not config.symmetric
-                    else "g32 = the GGUF's Q4_1 groups")
+            if isinstance(config, lb.Int4WeightOnlyConfig) and config.zero_point_domain == "float":
+                note = "g32 = the GGUF's Q4_1 groups: a float zero point reproduces them"
+            elif isinstance(config, lb.Int4WeightOnlyConfig) and not config.symmetric:
+                note = "g32 = the GGUF's Q4_1 groups; not exact (int zero point vs Q4_1's float offset)"
+            else:
+                note = "g32 = the GGUF's Q4_1 groups"
         out.append((short_repr(config), plan(model, config), note))
     # Int4 g128 with the layers 128 can't split (576-wide on smollm2) at g64: every linear int4.
     g128, g64 = lb.Int4WeightOnlyConfig(group_size=128), lb.Int4WeightOnlyConfig(group_size=64)
@@ -270,6 +275,10 @@ def rows_for(model: nn.Module, model_key: str):
         widths = sorted({linears(model)[n].in_features for n in skip128})
         label = f"Int4WeightOnlyConfig(group_size=128), in_features {'/'.join(map(str, widths))} at group_size=64"
         out.append((label, {**dict.fromkeys(skip128, g64), "re:.*": g128}, "mapping: every linear int4"))
+        f128 = lb.Int4WeightOnlyConfig(group_size=128, zero_point_domain="float")
+        f64 = lb.Int4WeightOnlyConfig(group_size=64, zero_point_domain="float")
+        out.append((label.replace("group_size=128", "group_size=128, zero_point_domain='float'"),
+                    {**dict.fromkeys(skip128, f64), "re:.*": f128}, "mapping: every linear int4, float zero points"))
     return out
 
 

@@ -32,6 +32,7 @@ CONFIGS = [
     Int8StaticActivationInt8WeightConfig(act_scale=0.05, act_zero_point=4),
     Int4WeightOnlyConfig(group_size=32),
     Int4WeightOnlyConfig(group_size=32, symmetric=True),
+    Int4WeightOnlyConfig(group_size=32, zero_point_domain="float"),
     Int8DynamicActivationInt4WeightConfig(),
     Float8WeightOnlyConfig(),
     Float8WeightOnlyConfig(PerTensor(), dtype=torch.float8_e5m2),

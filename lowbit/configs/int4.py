@@ -32,17 +32,25 @@ class Int4WeightOnlyConfig(QuantConfig):
         group_size: 32, 64, 128 (default) or 256; must divide in_features.
         symmetric: False (default): uint4 with a zero point per group (min/max scale);
             True: int4 in [-8, 7] without zero point (scale ``amax / 7``).
+        zero_point_domain: "int" (default): int8 zero point ``round(-min / s)``; "float": float32
+            zero point ``-min / s`` kept unrounded (tinygemm/HQQ style; the group minimum maps
+            exactly to 0), asymmetric only.
         kernel: ``KernelPreference``.
     """
 
     group_size: int = 128
     symmetric: bool = False
+    zero_point_domain: str = "int"
     kernel: KernelPreference = KernelPreference.AUTO
 
     def __post_init__(self):
         _check_common(self, self.group_size, self.kernel)
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"Int4WeightOnlyConfig(symmetric={self.symmetric!r}) must be a bool")
+        if self.zero_point_domain not in ("int", "float"):
+            raise ValueError(f"Int4WeightOnlyConfig(zero_point_domain={self.zero_point_domain!r}); allowed: 'int', 'float'")
+        if self.zero_point_domain == "float" and self.symmetric:
+            raise ValueError("Int4WeightOnlyConfig(zero_point_domain='float') needs symmetric=False")
 
 
 @dataclass(frozen=True, repr=False)
@@ -89,7 +97,7 @@ def _quantize(module: nn.Module, fqn: str, config: QuantConfig, **kwargs) -> Non
 
 @register_handler(Int4WeightOnlyConfig)
 def _(module: nn.Module, config: Int4WeightOnlyConfig, fqn: str) -> None:
-    _quantize(module, fqn, config, symmetric=config.symmetric)
+    _quantize(module, fqn, config, symmetric=config.symmetric, zero_point_domain=config.zero_point_domain)
 
 
 @register_handler(Int8DynamicActivationInt4WeightConfig)

@@ -10,7 +10,7 @@ One reference: ``dequantize_affine`` to the input dtype, then ``F.linear``. Fast
 here by device and shape, each tested against it:
 
 * CPU: our AVX-512 C++ kernels (``csrc/int4_cpu.cpp``, via ``_int4_cpu.int4_linear_cpu``) read
-  the canonical layout directly; when they can't be built or don't take a case,
+  the canonical layout directly (a float-domain zero point: see ``_cpu_ext``); when they can't be built or don't take a case,
   ``torch._weight_int4pack_mm_for_cpu`` on a converted copy (made on first use, cached per
   weight, never saved; its scales and zeros are in the activation dtype: the bf16 cast of the
   scale is its expected loss); otherwise the reference;
@@ -49,11 +49,19 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 
-def int4_weight_spec(group_size: int, symmetric: bool) -> QuantSpec:
-    """Asymmetric uint4 with an int8 zero point, or symmetric int4 (scale ``amax / 7``)."""
+def int4_weight_spec(group_size: int, symmetric: bool, zero_point_domain: str = "int") -> QuantSpec:
+    """Asymmetric uint4 with an int8 zero point (or, ``zero_point_domain="float"``, an unrounded
+    float32 zero point), or symmetric int4 (scale ``amax / 7``)."""
     if symmetric:
         return QuantSpec("int4", PerGroup(group_size), symmetric=True)
+    if zero_point_domain == "float":
+        return QuantSpec("uint4", PerGroup(group_size), symmetric=False, zero_point_domain="float",
+                         zero_point_dtype=torch.float32)
     return QuantSpec("uint4", PerGroup(group_size), symmetric=False, zero_point_dtype=torch.int8)
+
+
+def _domain(zero_point: torch.Tensor | None) -> str:
+    return "float" if zero_point is not None and zero_point.dtype == torch.float32 else "int"
 
 
 def _group_size(qdata: torch.Tensor, scale: torch.Tensor) -> int:
@@ -66,7 +74,7 @@ def dequantize_int4(
     """``(q - zero_point) * scale`` from the packed canonical layout, float32 math, one cast."""
     symmetric = zero_point is None
     q = unpack_int4(qdata, signed=symmetric)
-    spec = int4_weight_spec(_group_size(qdata, scale), symmetric)
+    spec = int4_weight_spec(_group_size(qdata, scale), symmetric, _domain(zero_point))
     return dequantize_affine(q, scale, zero_point, spec, output_dtype)
 
 
@@ -79,9 +87,9 @@ def _check(input, qdata, scale, zero_point):
         raise TypeError(f"qdata must be uint8 (packed int4) and scale float32, got {qdata.dtype} and {scale.dtype}")
     if scale.dim() != 2 or scale.shape[0] != qdata.shape[0] or input.shape[1] % scale.shape[1]:
         raise ValueError(f"scale {tuple(scale.shape)} must be (N, K // group_size) for weight {tuple(qdata.shape)}")
-    if zero_point is not None and (zero_point.shape != scale.shape or zero_point.dtype != torch.int8):
-        raise ValueError(f"zero_point must be int8 shaped like scale {tuple(scale.shape)}, got {zero_point.dtype} "
-                         f"{tuple(zero_point.shape)}")
+    if zero_point is not None and (zero_point.shape != scale.shape or zero_point.dtype not in (torch.int8, torch.float32)):
+        raise ValueError(f"zero_point must be int8 (integer domain) or float32 (float domain) shaped like scale "
+                         f"{tuple(scale.shape)}, got {zero_point.dtype} {tuple(zero_point.shape)}")
 
 
 def _reference(input, qdata, scale, zero_point, bias):
@@ -148,6 +156,29 @@ def _tinygemm_cuda(input, qdata, scale, zero_point, bias):
     return out if bias is None else out + bias
 
 
+def _cpu_ext(input, qdata, scale, zero_point, bias):
+    """Our C++ kernels; a float-domain zero point runs them with the zero point rounded to an
+    integer ``zi`` plus an exact correction: ``(q - zf) s = (q - zi) s + (zi - zf) s``, i.e.
+    ``sum_g xsum_g * (zi - zf)_g * s_g`` per output, one small (M, G) x (G, N) matmul."""
+    if zero_point is None or zero_point.dtype == torch.int8:
+        return int4_linear_cpu(input, qdata, scale, zero_point, bias)
+
+    def make():
+        zi = zero_point.round().clamp(-128, 127)
+        return zi.to(torch.int8), ((zi - zero_point) * scale).t().contiguous()
+
+    zi, corr = _cached(qdata, ("float-zp", scale.data_ptr(), zero_point.data_ptr()), make)
+    out = int4_linear_cpu(input, qdata, scale, zi, None)
+    if out is None:
+        return None
+    m, k = input.shape
+    xsum = input.float().reshape(m, scale.shape[1], -1).sum(-1)
+    out = torch.addmm(out.float(), xsum, corr)
+    if bias is not None:
+        out = out.add_(bias)
+    return out.to(input.dtype)
+
+
 @torch.library.custom_op("lowbit::int4_weight_only_linear", mutates_args=())
 def int4_weight_only_linear(
     input: torch.Tensor,
@@ -163,7 +194,8 @@ def int4_weight_only_linear(
         input: (M, K) float activations.
         qdata: (N, K // 2) uint8, packed canonical layout (see the module docstring).
         scale: (N, K // g) float32.
-        zero_point: (N, K // g) int8 in [0, 15] (uint4 weight) or None (int4 two's complement).
+        zero_point: (N, K // g) int8 in [0, 15] or float32 (uint4 weight, integer or float zero-point
+            domain), or None (int4 two's complement).
         bias: (N,) in input.dtype or None.
         kernel: "auto" or "reference".
     """
@@ -172,7 +204,7 @@ def int4_weight_only_linear(
         return _reference(input, qdata, scale, zero_point, bias)
     out = None
     if input.device.type == "cpu":
-        out = int4_linear_cpu(input, qdata, scale, zero_point, bias)
+        out = _cpu_ext(input, qdata, scale, zero_point, bias)
         if out is None:
             out = _int4pack_cpu(input, qdata, scale, zero_point, bias)
     elif input.device.type == "cuda":

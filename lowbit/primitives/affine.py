@@ -4,9 +4,12 @@ The formulas (s = scale, zp = zero point, both per block):
 
 * symmetric, signed:    ``s = amax / min(qmax, -qmin)``, no zero point;
 * symmetric, unsigned:  ``zp = mid = (qmin + qmax + 1) // 2``, ``s = amax / min(qmax - mid, mid - qmin)``;
-* asymmetric:           ``s = (max(x, 0) - min(x, 0)) / (qmax - qmin)``,
-                        int domain ``zp = clamp(qmin - round(min(x, 0) / s), qmin, qmax)``,
-                        float domain ``zp = qmin - min(x, 0) / s`` (unrounded);
+* asymmetric, int domain: ``s = (max(x, 0) - min(x, 0)) / (qmax - qmin)``,
+                        ``zp = clamp(qmin - round(min(x, 0) / s), qmin, qmax)``: the range includes
+                        0 and 0 is exact;
+* asymmetric, float domain (tinygemm/HQQ style): ``s = (max(x) - min(x)) / (qmax - qmin)``,
+                        ``zp = qmin - min(x) / s`` unrounded and unclamped: the range is the
+                        values' own, ``min(x)`` maps exactly to ``qmin``, 0 need not be exact;
 * every scale is computed in float32 and clamped below by ``spec.eps``;
 * quantize: int domain ``q = clamp(round(x / s) + zp, qmin, qmax)``,
             float domain ``q = clamp(round(x / s + zp), qmin, qmax)``, ``round`` half to even;
@@ -158,8 +161,11 @@ def choose_qparams_affine_from_min_max(
     if min_val.shape != max_val.shape:
         raise ValueError(f"min_val {tuple(min_val.shape)} and max_val {tuple(max_val.shape)} differ in shape")
     qmin, qmax = spec.qmin, spec.qmax
-    mn = torch.clamp(min_val.float(), max=0.0)
-    mx = torch.clamp(max_val.float(), min=0.0)
+    if spec.zero_point_domain == "float":  # the values' own range (see the module docstring)
+        mn, mx = min_val.float(), max_val.float()
+    else:
+        mn = torch.clamp(min_val.float(), max=0.0)
+        mx = torch.clamp(max_val.float(), min=0.0)
     if spec.symmetric:
         return _symmetric_qparams(torch.maximum(-mn, mx), spec)
     scale = torch.clamp((mx - mn) / float(qmax - qmin), min=spec.eps).to(spec.scale_dtype)

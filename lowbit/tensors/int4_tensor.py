@@ -5,8 +5,10 @@ Fields:
         2j in its low nibble): the one canonical layout, the only one saved. Kernel-specific
         layouts are made from it on first use by ``lowbit.kernels.int4`` and never saved.
     scale: float32 ``(*shape[:-1], shape[-1] // group_size)``.
-    zero_point: int8 like ``scale`` with values in [0, 15] (asymmetric uint4 values), or None
-        (symmetric int4 values in [-8, 7], stored as 4-bit two's complement).
+    zero_point: int8 like ``scale`` with values in [0, 15] (asymmetric uint4 values), float32
+        like ``scale`` (asymmetric with an unrounded zero point, ``zero_point_domain="float"``,
+        as tinygemm and HQQ store it), or None (symmetric int4 values in [-8, 7], stored as
+        4-bit two's complement).
     act_spec: ``QuantSpec`` of the activations (int8 per token for 8da4w, float8 per token for
         fp8 x int4) or None for weight-only.
     kernel: ``KernelPreference`` for the matmul ops.
@@ -53,6 +55,7 @@ class Int4Tensor(QuantizedTensor):
         group_size: int = 128,
         *,
         symmetric: bool = False,
+        zero_point_domain: str = "int",
         scale_rule: str = "minmax",
         act_spec: QuantSpec | None = None,
         kernel: KernelPreference = KernelPreference.AUTO,
@@ -62,7 +65,9 @@ class Int4Tensor(QuantizedTensor):
         Args:
             input: floating tensor whose last dim is divisible by ``group_size`` (and even).
             group_size: one of 32, 64, 128, 256.
-            symmetric: int4 in [-8, 7] without zero point, or (default) uint4 with an int8 zero point.
+            symmetric: int4 in [-8, 7] without zero point, or (default) uint4 with a zero point.
+            zero_point_domain: "int" (default, int8 zero point, ``round(-min / s)``) or "float"
+                (float32 zero point ``-min / s``, unrounded: the group minimum is kept exactly).
             scale_rule: one of ``INT4_SCALE_RULES``; "maxabs" and "float8_then_int4" need
                 ``symmetric=True`` and a 2-D input.
             act_spec: activation spec (int8 ``PerToken`` asymmetric, float8 ``PerToken``) or None.
@@ -79,6 +84,10 @@ class Int4Tensor(QuantizedTensor):
                              f"{tuple(input.shape)}")
         if input.shape[-1] % group_size:
             raise ValueError(f"the last dim {input.shape[-1]} (in_features) is not divisible by group_size={group_size}")
+        if zero_point_domain not in ("int", "float"):
+            raise ValueError(f"zero_point_domain={zero_point_domain!r}; allowed: 'int', 'float'")
+        if zero_point_domain == "float" and symmetric:
+            raise ValueError("zero_point_domain='float' needs symmetric=False (a symmetric weight has no zero point)")
         if scale_rule not in INT4_SCALE_RULES:
             raise ValueError(f"scale_rule={scale_rule!r}; allowed: {INT4_SCALE_RULES}")
         if scale_rule != "minmax" and (not symmetric or input.dim() != 2):
@@ -91,7 +100,7 @@ class Int4Tensor(QuantizedTensor):
             scale, zero_point = int4_maxabs_group_scale(input, group_size), None
             q = quantize_affine(input, scale, None, int4_maxabs_spec(group_size))
         else:
-            spec = int4_weight_spec(group_size, symmetric)
+            spec = int4_weight_spec(group_size, symmetric, zero_point_domain)
             scale, zero_point = choose_qparams_affine(input, spec)
             q = quantize_affine(input, scale, zero_point, spec)
         return cls(

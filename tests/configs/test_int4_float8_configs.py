@@ -21,6 +21,7 @@ CONFIGS = {
     "int4-g32": Int4WeightOnlyConfig(group_size=32),
     "int4-g128": Int4WeightOnlyConfig(),
     "int4-g64-sym": Int4WeightOnlyConfig(group_size=64, symmetric=True),
+    "int4-g64-floatzp": Int4WeightOnlyConfig(group_size=64, zero_point_domain="float"),
     "8da4w": Int8DynamicActivationInt4WeightConfig(),
     "fp8-wo-row": Float8WeightOnlyConfig(),
     "fp8-wo-tensor-e5m2": Float8WeightOnlyConfig(PerTensor(), dtype=torch.float8_e5m2),
@@ -29,10 +30,10 @@ CONFIGS = {
     "fp8-int4": Float8DynamicActivationInt4WeightConfig(),
 }
 # model output vs float (Linear(256, 128), ReLU, Linear(128, 32), seeded); measured minimum over
-# fp32/bf16: int4-g32 20.4, int4-g128 20.4, int4-g64-sym 19.9, 8da4w 20.0, fp8-wo-row 28.6,
+# fp32/bf16: int4-g32 20.4, int4-g128 20.4, int4-g64-sym 19.9, int4-g64-floatzp 20.4, 8da4w 20.0, fp8-wo-row 28.6,
 # fp8-wo-tensor-e5m2 22.6, fp8-dyn-tensor 26.2, fp8-dyn-row 25.1, fp8-int4 19.2 dB
 MIN_DB = {
-    "int4-g32": 19.5, "int4-g128": 19.5, "int4-g64-sym": 19.0, "8da4w": 19.0, "fp8-wo-row": 28.0,
+    "int4-g32": 19.5, "int4-g128": 19.5, "int4-g64-sym": 19.0, "int4-g64-floatzp": 19.5, "8da4w": 19.0, "fp8-wo-row": 28.0,
     "fp8-wo-tensor-e5m2": 22.0, "fp8-dyn-tensor": 25.5, "fp8-dyn-row": 24.5, "fp8-int4": 18.5,
 }
 # compiled vs eager with activation quantization: inductor may round a fused intermediate
@@ -84,6 +85,8 @@ def test_int4_bytes_are_a_quarter_of_bf16_plus_scales():
     [
         (lambda: Int4WeightOnlyConfig(group_size=48), r"Int4WeightOnlyConfig\(group_size=48\); allowed: \(32, 64, 128, 256\)"),
         (lambda: Int4WeightOnlyConfig(symmetric="yes"), "must be a bool"),
+        (lambda: Int4WeightOnlyConfig(zero_point_domain="fp"), "zero_point_domain='fp'"),
+        (lambda: Int4WeightOnlyConfig(symmetric=True, zero_point_domain="float"), "needs symmetric=False"),
         (lambda: Int8DynamicActivationInt4WeightConfig(group_size=16), "allowed"),
         (lambda: Float8DynamicActivationInt4WeightConfig(kernel="fast"), "kernel='fast'"),
         (lambda: Float8WeightOnlyConfig(PerGroup(32)), r"granularity=PerGroup\(group_size=32\)\) is not supported"),

@@ -51,6 +51,21 @@ def test_auto_matches_reference(dtype, symmetric, shape):
     bound = AUTO_VS_REF_DB.get(dtype, 60.0)
     assert sqnr(ref.float(), out.float()) >= bound
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_float_zero_point_domain_matches_reference(dtype, m):
+    torch.manual_seed(0)
+    w = torch.randn(96, 256) + 0.5  # groups that do not straddle 0 evenly: fractional zero points
+    spec = int4_weight_spec(64, False, "float")
+    s, zp = choose_qparams_affine(w, spec)
+    assert zp.dtype == torch.float32 and (zp != zp.round()).any()
+    qdata = pack_int4(quantize_affine(w, s, zp, spec))
+    x = torch.randn(m, 256).to(dtype)
+    ref = int4_weight_only_linear(x, qdata, s, zp, None, "reference")
+    for out in (int4_weight_only_linear(x, qdata, s, zp, None, "auto"), k4._int4pack_cpu(x, qdata, s, zp, None)):
+        assert sqnr(ref.float(), out.float()) >= AUTO_VS_REF_DB[dtype]
+
+
 def test_converted_copy_follows_in_place_updates():
     qdata, s, zp = _weight()
     other, s2, zp2 = _weight(seed=1)

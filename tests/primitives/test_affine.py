@@ -78,6 +78,18 @@ def test_float_zero_point_domain():
     assert torch.equal(dequantize_affine(q, s, zp, spec), (q.float() - zp) * s)
 
 
+def test_float_domain_uses_the_values_own_range():
+    spec = QuantSpec("uint4", symmetric=False, zero_point_domain="float")
+    x = torch.tensor([0.5, 1.25, 2.0])  # all positive: the int domain would stretch the range to 0
+    s, zp = choose_qparams_affine(x, spec)
+    assert torch.allclose(s, torch.tensor([0.1])) and torch.allclose(zp, torch.tensor([-5.0]))
+    q = quantize_affine(x, s, zp, spec)
+    assert q[0] == 0 and q[2] == 15
+    dq = dequantize_affine(q, s, zp, spec)
+    assert torch.allclose(dq[[0, 2]], x[[0, 2]], atol=1e-6)  # the range ends are exact
+    assert abs(dq[1] - x[1]) <= s / 2 + 1e-6
+
+
 def test_zero_is_exact():
     for spec in [QuantSpec("int8", symmetric=False), QuantSpec("uint4", symmetric=False), QuantSpec("int4")]:
         x = torch.tensor([[0.0, 0.37, 1.91, 2.2, 0.0, 5.3]])

@@ -23,6 +23,7 @@ FAST_VS_DEQUANT_LINEAR_DB = 60.0  # float32 input: the fast kernels against F.li
 MAKERS = {
     "int4-asym": lambda w: Int4Tensor.from_float(w, 32),
     "int4-sym": lambda w: Int4Tensor.from_float(w, 32, symmetric=True),
+    "int4-floatzp": lambda w: Int4Tensor.from_float(w, 32, zero_point_domain="float"),
     "int4-fp8rule": lambda w: Int4Tensor.from_float(w, 32, symmetric=True, scale_rule="float8_then_int4"),
     "fp8-row": lambda w: Float8Tensor.from_float(w, QuantSpec("float8_e4m3fn", PerRow())),
     "fp8-tensor": lambda w: Float8Tensor.from_float(w, QuantSpec("float8_e5m2", PerTensor())),
@@ -171,6 +172,10 @@ def test_from_float_bad_inputs():
         Int4Tensor.from_float(torch.randn(8, 96), 48)
     with pytest.raises(ValueError, match="needs symmetric=True"):
         Int4Tensor.from_float(torch.randn(8, 64), 32, scale_rule="maxabs")
+    with pytest.raises(ValueError, match="zero_point_domain='float' needs symmetric=False"):
+        Int4Tensor.from_float(torch.randn(8, 64), 32, symmetric=True, zero_point_domain="float")
+    with pytest.raises(ValueError, match="zero_point_domain='x'"):
+        Int4Tensor.from_float(torch.randn(8, 64), 32, zero_point_domain="x")
     with pytest.raises(ValueError, match="scale_rule='minmaxx'"):
         Int4Tensor.from_float(torch.randn(8, 64), 32, scale_rule="minmaxx")
     with pytest.raises(ValueError, match="per-token activations only"):
