@@ -19,6 +19,12 @@ def test_demo_runs_and_reports_every_config(capsys):
         "Int8DynamicActivationInt8WeightConfig()",
         "Int8DynamicActivationInt8WeightConfig(act_symmetric=False)",
         "Int8StaticActivationInt8WeightConfig",
+        "Int4WeightOnlyConfig(group_size=32)",
+        "Int4WeightOnlyConfig()",
+        "Int8DynamicActivationInt4WeightConfig()",
+        "Float8DynamicActivationInt4WeightConfig(group_size=32)",
+        "Float8WeightOnlyConfig()",
+        "Float8DynamicActivationFloat8WeightConfig(PerRow())",
     ]:
         assert name in out
     assert "0.26x" in out  # int8 per-row weights: a quarter of the fp32 bytes
