@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import datetime
 import importlib
 import importlib.util
@@ -180,22 +179,6 @@ def load_smollm2_case(say=print):
 # --- configs ----------------------------------------------------------------------------------
 
 
-def short_repr(config) -> str:
-    """``Int4WeightOnlyConfig(group_size=32)``: the dataclass repr without default-valued fields."""
-    parts = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = dataclasses.MISSING
-        if value != default:
-            parts.append(f"{f.name}={value!r}")
-    return f"{type(config).__name__}({', '.join(parts)})"
-
-
 def configs():
     import lowbit as lb
 
@@ -267,7 +250,7 @@ def rows_for(model: nn.Module, model_key: str):
                 note = "g32 = the GGUF's Q4_1 groups; not exact (int zero point vs Q4_1's float offset)"
             else:
                 note = "g32 = the GGUF's Q4_1 groups"
-        out.append((short_repr(config), plan(model, config), note))
+        out.append((repr(config), plan(model, config), note))  # configs repr only non-default fields
     # Int4 g128 with the layers 128 can't split (576-wide on smollm2) at g64: every linear int4.
     g128, g64 = lb.Int4WeightOnlyConfig(group_size=128), lb.Int4WeightOnlyConfig(group_size=64)
     skip128 = unsplittable(model, g128)

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowbit.kernels.preference import KernelPreference
 from lowbit.tensors.base import QuantizedTensor
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "config_classes",
     "swap_weight",
     "float_weight",
+    "check_kernel_field",
 ]
 
 _HANDLERS: dict[type, Callable[[nn.Module, "QuantConfig", str], None]] = {}
@@ -46,6 +48,12 @@ class QuantConfig:
             if default is dataclasses.MISSING or value != default:
                 parts.append(f"{f.name}={value!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def check_kernel_field(config: "QuantConfig") -> None:
+    """Raise ValueError unless ``config.kernel`` is a ``KernelPreference``."""
+    if not isinstance(config.kernel, KernelPreference):
+        raise ValueError(f"{type(config).__name__}(kernel={config.kernel!r}); allowed: {[k for k in KernelPreference]}")
 
 
 def register_handler(config_cls: type):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowbit.configs.base import QuantConfig, float_weight, register_handler, swap_weight
+from lowbit.configs.base import QuantConfig, check_kernel_field, float_weight, register_handler, swap_weight
 from lowbit.granularity import Granularity, PerRow, PerTensor, PerToken
 from lowbit.kernels.preference import KernelPreference
 from lowbit.spec import QuantSpec
@@ -18,14 +18,13 @@ __all__ = ["Float8WeightOnlyConfig", "Float8DynamicActivationFloat8WeightConfig"
 _DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
 
 
-def _check(config, granularity, dtype, kernel) -> None:
+def _check(config) -> None:
     name = type(config).__name__
-    if not isinstance(granularity, (PerRow, PerTensor)):
-        raise ValueError(f"{name}(granularity={granularity!r}) is not supported; allowed: PerRow(), PerTensor()")
-    if dtype not in _DTYPES:
-        raise ValueError(f"{name}(dtype={dtype!r}); allowed: torch.float8_e4m3fn, torch.float8_e5m2")
-    if not isinstance(kernel, KernelPreference):
-        raise ValueError(f"{name}(kernel={kernel!r}); allowed: {[k for k in KernelPreference]}")
+    if not isinstance(config.granularity, (PerRow, PerTensor)):
+        raise ValueError(f"{name}(granularity={config.granularity!r}) is not supported; allowed: PerRow(), PerTensor()")
+    if config.dtype not in _DTYPES:
+        raise ValueError(f"{name}(dtype={config.dtype!r}); allowed: torch.float8_e4m3fn, torch.float8_e5m2")
+    check_kernel_field(config)
 
 
 @dataclass(frozen=True, repr=False)
@@ -43,7 +42,7 @@ class Float8WeightOnlyConfig(QuantConfig):
     kernel: KernelPreference = KernelPreference.AUTO
 
     def __post_init__(self):
-        _check(self, self.granularity, self.dtype, self.kernel)
+        _check(self)
 
 
 @dataclass(frozen=True, repr=False)
@@ -63,7 +62,7 @@ class Float8DynamicActivationFloat8WeightConfig(QuantConfig):
     kernel: KernelPreference = KernelPreference.AUTO
 
     def __post_init__(self):
-        _check(self, self.granularity, self.dtype, self.kernel)
+        _check(self)
 
 
 @register_handler(Float8WeightOnlyConfig)

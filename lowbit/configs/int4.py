@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lowbit.configs.base import QuantConfig, float_weight, register_handler, swap_weight
+from lowbit.configs.base import QuantConfig, check_kernel_field, float_weight, register_handler, swap_weight
 from lowbit.granularity import PerToken
 from lowbit.kernels.preference import KernelPreference
 from lowbit.spec import QuantSpec
@@ -16,12 +16,10 @@ from lowbit.tensors.int4_tensor import GROUP_SIZES, Int4Tensor
 __all__ = ["Int4WeightOnlyConfig", "Int8DynamicActivationInt4WeightConfig", "Float8DynamicActivationInt4WeightConfig"]
 
 
-def _check_common(config, group_size, kernel) -> None:
-    name = type(config).__name__
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"{name}(group_size={group_size!r}); allowed: {GROUP_SIZES}")
-    if not isinstance(kernel, KernelPreference):
-        raise ValueError(f"{name}(kernel={kernel!r}); allowed: {[k for k in KernelPreference]}")
+def _check_common(config) -> None:
+    if config.group_size not in GROUP_SIZES:
+        raise ValueError(f"{type(config).__name__}(group_size={config.group_size!r}); allowed: {GROUP_SIZES}")
+    check_kernel_field(config)
 
 
 @dataclass(frozen=True, repr=False)
@@ -44,7 +42,7 @@ class Int4WeightOnlyConfig(QuantConfig):
     kernel: KernelPreference = KernelPreference.AUTO
 
     def __post_init__(self):
-        _check_common(self, self.group_size, self.kernel)
+        _check_common(self)
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"Int4WeightOnlyConfig(symmetric={self.symmetric!r}) must be a bool")
         if self.zero_point_domain not in ("int", "float"):
@@ -66,7 +64,7 @@ class Int8DynamicActivationInt4WeightConfig(QuantConfig):
     kernel: KernelPreference = KernelPreference.AUTO
 
     def __post_init__(self):
-        _check_common(self, self.group_size, self.kernel)
+        _check_common(self)
 
 
 @dataclass(frozen=True, repr=False)
@@ -83,7 +81,7 @@ class Float8DynamicActivationInt4WeightConfig(QuantConfig):
     kernel: KernelPreference = KernelPreference.AUTO
 
     def __post_init__(self):
-        _check_common(self, self.group_size, self.kernel)
+        _check_common(self)
 
 
 def _quantize(module: nn.Module, fqn: str, config: QuantConfig, **kwargs) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowbit.configs.base import QuantConfig, float_weight, register_handler, swap_weight
+from lowbit.configs.base import QuantConfig, check_kernel_field, float_weight, register_handler, swap_weight
 from lowbit.granularity import Granularity, PerGroup, PerRow, PerTensor, PerToken
 from lowbit.kernels.preference import KernelPreference
 from lowbit.spec import QuantSpec
@@ -21,11 +21,6 @@ def _check_granularity(granularity, allowed: tuple[type, ...], config: str) -> N
     if not isinstance(granularity, allowed):
         names = ", ".join(f"{c.__name__}()" if c is not PerGroup else "PerGroup(g)" for c in allowed)
         raise ValueError(f"{config}(granularity={granularity!r}) is not supported; allowed: {names}")
-
-
-def _check_kernel(kernel, config: str) -> None:
-    if not isinstance(kernel, KernelPreference):
-        raise ValueError(f"{config}(kernel={kernel!r}); allowed: {[k for k in KernelPreference]}")
 
 
 @dataclass(frozen=True, repr=False)
@@ -42,7 +37,7 @@ class Int8WeightOnlyConfig(QuantConfig):
 
     def __post_init__(self):
         _check_granularity(self.granularity, (PerRow, PerGroup, PerTensor), type(self).__name__)
-        _check_kernel(self.kernel, type(self).__name__)
+        check_kernel_field(self)
 
 
 @dataclass(frozen=True, repr=False)
@@ -62,7 +57,7 @@ class Int8DynamicActivationInt8WeightConfig(QuantConfig):
 
     def __post_init__(self):
         _check_granularity(self.granularity, (PerRow, PerTensor), type(self).__name__)
-        _check_kernel(self.kernel, type(self).__name__)
+        check_kernel_field(self)
         if not isinstance(self.act_symmetric, bool):
             raise ValueError(f"act_symmetric={self.act_symmetric!r} must be a bool")
 
@@ -98,7 +93,7 @@ class Int8StaticActivationInt8WeightConfig(QuantConfig):
         if zp is not None and (not isinstance(zp, int) or not -128 <= zp <= 127):
             raise ValueError(f"{name}(act_zero_point={zp!r}) must be None or an int in [-128, 127]")
         _check_granularity(self.granularity, (PerRow, PerTensor), name)
-        _check_kernel(self.kernel, name)
+        check_kernel_field(self)
 
 
 def _weight_spec(granularity: Granularity) -> QuantSpec:
