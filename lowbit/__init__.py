@@ -18,6 +18,7 @@ from lowbit.configs import (
     QuantConfig,
 )
 from lowbit.quantize import quantize_
+from lowbit.qat import QATConfig
 from lowbit.serialization import load, save
 
 __version__ = "0.1.0"
@@ -50,6 +51,7 @@ __all__ = [
     "Float8DynamicActivationFloat8WeightConfig",
     "Float8DynamicActivationInt4WeightConfig",
     "quantize_",
+    "QATConfig",
     "save",
     "load",
 ]

@@ -1,0 +1,179 @@
+"""Fake quantizers: the QAT mirror of each PTQ config, registered per config class.
+
+A mirror says how a prepared module computes its forward so that it equals, bit for bit, the
+converted module run with the reference kernels:
+
+* ``weight(w)``: the fake-quantized weight, equal to the converted tensor's ``dequantize()``
+  (same ``QuantSpec`` or scale rule, same primitives), in ``w.dtype``;
+* ``activation(x)``: the fake-quantized activation the converted kernel's reference uses, or
+  None (weight-only);
+* ``float32_linear``: the reference computes the linear in float32 and casts once (the int8 x
+  int8 configs), instead of in the activation dtype.
+
+Gradients: straight-through for every rounding (the primitives' ``round_ste`` and float8
+round-trip), zero where an affine value was clipped to ``[qmin, qmax]`` (``fake_quantize_affine``).
+Scales are recomputed from the current (detached) weight every step. For the fp8-then-int4 rule
+the clipped-gradient mask is not applied: with max-abs scales only the positive group maximum
+(8 -> 7) clips, and its gradient passes straight through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lowbit.configs import (
+    Float8DynamicActivationFloat8WeightConfig,
+    Float8DynamicActivationInt4WeightConfig,
+    Float8WeightOnlyConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt4WeightConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    QuantConfig,
+)
+from lowbit.granularity import PerRow, PerTensor, PerToken
+from lowbit.kernels.int4 import fake_quantize_activation, int4_weight_spec
+from lowbit.kernels.int8 import activation_spec
+from lowbit.primitives.affine import choose_qparams_affine, fake_quantize_affine
+from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
+from lowbit.primitives.rules import float8_then_int4
+from lowbit.spec import QuantSpec
+
+__all__ = ["FakeQuant", "register_fake_quant", "fake_quant_for", "qat_configs"]
+
+
+@dataclass(frozen=True)
+class FakeQuant:
+    """How a prepared module computes (see the module docstring)."""
+
+    weight: Callable[[torch.Tensor], torch.Tensor]
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None
+    float32_linear: bool = False
+
+
+_MIRRORS: dict[type, Callable[[QuantConfig], FakeQuant]] = {}
+
+
+def register_fake_quant(config_cls: type):
+    """Register ``fn(config) -> FakeQuant`` as the QAT mirror of ``config_cls``."""
+
+    def decorator(fn):
+        _MIRRORS[config_cls] = fn
+        return fn
+
+    return decorator
+
+
+def qat_configs() -> list[str]:
+    """Names of the PTQ configs that have a QAT mirror."""
+    return sorted(c.__name__ for c in _MIRRORS)
+
+
+def fake_quant_for(config: QuantConfig) -> FakeQuant:
+    """The mirror of ``config``.
+
+    Raises:
+        TypeError: ``config`` has no QAT mirror (the message names it and lists those that do).
+    """
+    fn = _MIRRORS.get(type(config))
+    if fn is None:
+        raise TypeError(f"{type(config).__name__} has no QAT mirror; QATConfig supports: {qat_configs()}")
+    return fn(config)
+
+
+# --- building blocks ---------------------------------------------------------------------------
+
+
+def _affine_weight(spec: QuantSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fq(w):
+        s, zp = choose_qparams_affine(w.detach(), spec)
+        return fake_quantize_affine(w, spec, s, zp)
+
+    return fq
+
+
+def _float8_weight(spec: QuantSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fq(w):
+        return fake_quantize_float8(w, spec, choose_qparams_float8(w.detach(), spec))
+
+    return fq
+
+
+def _float32_weight(inner):
+    """``inner`` applied to the float32 weight: the int8 x int8 reference dequantizes to float32."""
+    return lambda w: inner(w.float())
+
+
+def _fp8_int4_weight(group_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fq(w):
+        with torch.no_grad():
+            q, group_scale, row_scale = float8_then_int4(w.detach(), group_size)
+            # what Int4Tensor stores (scale = group_scale * row_scale) and dequantizes: q * scale
+            # in float32, one cast
+            scale = (group_scale * row_scale).repeat_interleave(group_size, dim=1)
+            value = (q.float() * scale).to(w.dtype)
+        return w + (value - w).detach()  # straight through
+
+    return fq
+
+
+def _int8_activation(symmetric: bool):
+    spec = activation_spec(symmetric, static=False)
+
+    def fq(x):
+        s, zp = choose_qparams_affine(x.detach(), spec, check_finite=False)
+        return fake_quantize_affine(x.float(), spec, s, zp)  # the reference's float32 activation
+
+    return fq
+
+
+def _activation(spec: QuantSpec):
+    return lambda x: fake_quantize_activation(x, spec)
+
+
+# --- mirrors -------------------------------------------------------------------------------------
+
+
+@register_fake_quant(Int8WeightOnlyConfig)
+def _(c):
+    return FakeQuant(_affine_weight(QuantSpec("int8", c.granularity)))
+
+
+@register_fake_quant(Int8DynamicActivationInt8WeightConfig)
+def _(c):
+    weight = _float32_weight(_affine_weight(QuantSpec("int8", c.granularity)))
+    return FakeQuant(weight, _int8_activation(c.act_symmetric), float32_linear=True)
+
+
+@register_fake_quant(Int4WeightOnlyConfig)
+def _(c):
+    return FakeQuant(_affine_weight(int4_weight_spec(c.group_size, c.symmetric, c.zero_point_domain)))
+
+
+@register_fake_quant(Int8DynamicActivationInt4WeightConfig)
+def _(c):
+    act = QuantSpec("int8", PerToken(), symmetric=False)
+    return FakeQuant(_affine_weight(int4_weight_spec(c.group_size, True)), _activation(act))
+
+
+_FLOAT8 = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
+
+
+@register_fake_quant(Float8WeightOnlyConfig)
+def _(c):
+    return FakeQuant(_float8_weight(QuantSpec(_FLOAT8[c.dtype], c.granularity)))
+
+
+@register_fake_quant(Float8DynamicActivationFloat8WeightConfig)
+def _(c):
+    name = _FLOAT8[c.dtype]
+    act = QuantSpec(name, PerToken() if isinstance(c.granularity, PerRow) else PerTensor())
+    return FakeQuant(_float8_weight(QuantSpec(name, c.granularity)), _activation(act))
+
+
+@register_fake_quant(Float8DynamicActivationInt4WeightConfig)
+def _(c):
+    return FakeQuant(_fp8_int4_weight(c.group_size), _activation(QuantSpec("float8_e4m3fn", PerToken())))
