@@ -30,6 +30,7 @@ __all__ = [
     "float8_row_scale",
     "int4_maxabs_group_scale",
     "float8_then_int4",
+    "float8_then_int4_scale",
     "int4_maxabs_spec",
 ]
 
@@ -96,3 +97,9 @@ def float8_then_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     group_scale = int4_maxabs_group_scale(w8, group_size)
     q = quantize_affine(w8, group_scale, None, int4_maxabs_spec(group_size))
     return q, group_scale, row_scale
+
+
+def float8_then_int4_scale(group_scale: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """The one per-group scale an int4 tensor stores for the fp8-then-int4 rule:
+    ``group_scale * row_scale`` in float32, so the weight dequantizes as ``q * scale``."""
+    return group_scale.float() * row_scale.float()

@@ -37,9 +37,9 @@ from lowbit.configs import (
 from lowbit.granularity import PerRow, PerTensor, PerToken
 from lowbit.kernels.int4 import fake_quantize_activation, int4_weight_spec
 from lowbit.kernels.int8 import activation_spec
-from lowbit.primitives.affine import choose_qparams_affine, fake_quantize_affine
+from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine
 from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
-from lowbit.primitives.rules import float8_then_int4
+from lowbit.primitives.rules import float8_then_int4, float8_then_int4_scale, int4_maxabs_spec
 from lowbit.spec import QuantSpec
 
 __all__ = ["FakeQuant", "register_fake_quant", "fake_quant_for", "qat_configs"]
@@ -111,10 +111,9 @@ def _fp8_int4_weight(group_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def fq(w):
         with torch.no_grad():
             q, group_scale, row_scale = float8_then_int4(w.detach(), group_size)
-            # what Int4Tensor stores (scale = group_scale * row_scale) and dequantizes: q * scale
-            # in float32, one cast
-            scale = (group_scale * row_scale).repeat_interleave(group_size, dim=1)
-            value = (q.float() * scale).to(w.dtype)
+            # what Int4Tensor stores and dequantizes
+            scale = float8_then_int4_scale(group_scale, row_scale)
+            value = dequantize_affine(q, scale, None, int4_maxabs_spec(group_size), w.dtype)
         return w + (value - w).detach()  # straight through
 
     return fq

@@ -25,7 +25,7 @@ from lowbit.kernels.int4 import dequantize_int4, int4_linear, int4_weight_spec
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.affine import choose_qparams_affine, quantize_affine
 from lowbit.primitives.packing import pack_int4
-from lowbit.primitives.rules import float8_then_int4, int4_maxabs_group_scale, int4_maxabs_spec
+from lowbit.primitives.rules import float8_then_int4, float8_then_int4_scale, int4_maxabs_group_scale, int4_maxabs_spec
 from lowbit.spec import QuantSpec
 from lowbit.tensors.base import QuantizedTensor
 from lowbit.tensors.layout_ops import register_layout_ops, register_linear_ops
@@ -95,7 +95,7 @@ class Int4Tensor(QuantizedTensor):
         _check_act(act_spec)
         if scale_rule == "float8_then_int4":
             q, group_scale, row_scale = float8_then_int4(input, group_size)
-            scale, zero_point = group_scale * row_scale, None
+            scale, zero_point = float8_then_int4_scale(group_scale, row_scale), None
         elif scale_rule == "maxabs":
             scale, zero_point = int4_maxabs_group_scale(input, group_size), None
             q = quantize_affine(input, scale, None, int4_maxabs_spec(group_size))
