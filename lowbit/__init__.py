@@ -8,6 +8,7 @@ from lowbit.kernels import KernelPreference
 from lowbit.tensors import Float8Tensor, Int4Tensor, Int8Tensor, QuantizedTensor
 from lowbit.configs import (
     Float8DynamicActivationFloat8WeightConfig,
+    Float8StaticActivationFloat8WeightConfig,
     Float8DynamicActivationInt4WeightConfig,
     Float8WeightOnlyConfig,
     Int4WeightOnlyConfig,
@@ -18,6 +19,7 @@ from lowbit.configs import (
     QuantConfig,
 )
 from lowbit.quantize import quantize_
+from lowbit.static import SmoothQuantConfig, StaticQuantConfig
 from lowbit.qat import QATConfig
 from lowbit.serialization import load, save
 
@@ -49,8 +51,11 @@ __all__ = [
     "Int8DynamicActivationInt4WeightConfig",
     "Float8WeightOnlyConfig",
     "Float8DynamicActivationFloat8WeightConfig",
+    "Float8StaticActivationFloat8WeightConfig",
     "Float8DynamicActivationInt4WeightConfig",
     "quantize_",
+    "StaticQuantConfig",
+    "SmoothQuantConfig",
     "QATConfig",
     "save",
     "load",

@@ -1,7 +1,11 @@
 """Quantization configs; importing this package registers every config's handler."""
 
 from lowbit.configs.base import QuantConfig, get_handler, register_handler, registered_configs
-from lowbit.configs.float8 import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig
+from lowbit.configs.float8 import (
+    Float8DynamicActivationFloat8WeightConfig,
+    Float8StaticActivationFloat8WeightConfig,
+    Float8WeightOnlyConfig,
+)
 from lowbit.configs.int4 import (
     Float8DynamicActivationInt4WeightConfig,
     Int4WeightOnlyConfig,
@@ -25,5 +29,6 @@ __all__ = [
     "Int8DynamicActivationInt4WeightConfig",
     "Float8WeightOnlyConfig",
     "Float8DynamicActivationFloat8WeightConfig",
+    "Float8StaticActivationFloat8WeightConfig",
     "Float8DynamicActivationInt4WeightConfig",
 ]

@@ -1,7 +1,9 @@
-"""Float8 configs: weight-only, and float8 weights x dynamic float8 activations."""
+"""Float8 configs: weight-only, float8 weights x dynamic float8 activations, and x static
+(calibrated) float8 activations."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +15,7 @@ from lowbit.kernels.preference import KernelPreference
 from lowbit.spec import QuantSpec
 from lowbit.tensors.float8_tensor import Float8Tensor
 
-__all__ = ["Float8WeightOnlyConfig", "Float8DynamicActivationFloat8WeightConfig"]
+__all__ = ["Float8WeightOnlyConfig", "Float8DynamicActivationFloat8WeightConfig", "Float8StaticActivationFloat8WeightConfig"]
 
 _DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
 
@@ -65,6 +67,37 @@ class Float8DynamicActivationFloat8WeightConfig(QuantConfig):
         _check(self)
 
 
+@dataclass(frozen=True, repr=False)
+class Float8StaticActivationFloat8WeightConfig(QuantConfig):
+    """Float8 weights and float8 activations with a fixed per-tensor scale (from calibration:
+    ``lowbit.static``). The activation is ``clamp(x / act_scale, -fmax, fmax)`` cast to float8.
+
+    Args:
+        act_scale: the activation scale, a positive finite float (``amax / fmax``).
+        granularity: weight granularity, ``PerRow()`` or ``PerTensor()`` (default).
+        dtype: float8 dtype of weights and activations, ``torch.float8_e4m3fn`` (default) or
+            ``torch.float8_e5m2``.
+        kernel: ``KernelPreference``.
+    """
+
+    act_scale: float
+    granularity: Granularity = field(default_factory=PerTensor)
+    dtype: torch.dtype = torch.float8_e4m3fn
+    kernel: KernelPreference = KernelPreference.AUTO
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if isinstance(self.act_scale, torch.Tensor):
+            if self.act_scale.numel() != 1:
+                raise ValueError(f"{name}(act_scale=...) must be one number, got shape {tuple(self.act_scale.shape)}")
+            object.__setattr__(self, "act_scale", float(self.act_scale))
+        a = self.act_scale
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
+            raise ValueError(f"{name}(act_scale={a!r}) must be a positive finite float")
+        object.__setattr__(self, "act_scale", float(a))
+        _check(self)
+
+
 @register_handler(Float8WeightOnlyConfig)
 def _(module: nn.Module, config: Float8WeightOnlyConfig, fqn: str) -> None:
     w = float_weight(module, fqn)
@@ -78,3 +111,12 @@ def _(module: nn.Module, config: Float8DynamicActivationFloat8WeightConfig, fqn:
     spec = QuantSpec(_DTYPES[config.dtype], config.granularity)
     act = QuantSpec(_DTYPES[config.dtype], PerToken() if isinstance(config.granularity, PerRow) else PerTensor())
     swap_weight(module, Float8Tensor.from_float(w, spec, act_spec=act, kernel=config.kernel), config)
+
+
+@register_handler(Float8StaticActivationFloat8WeightConfig)
+def _(module: nn.Module, config: Float8StaticActivationFloat8WeightConfig, fqn: str) -> None:
+    w = float_weight(module, fqn)
+    spec = QuantSpec(_DTYPES[config.dtype], config.granularity)
+    act = QuantSpec(_DTYPES[config.dtype], PerTensor())
+    q = Float8Tensor.from_float(w, spec, act_spec=act, act_scale=torch.tensor(config.act_scale), kernel=config.kernel)
+    swap_weight(module, q, config)

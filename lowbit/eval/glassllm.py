@@ -68,10 +68,16 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
+_ATTENTION = ("sdpa", "eager")
+
+
 class _Attention(nn.Module):
-    def __init__(self, cfg: GlassConfig):
+    def __init__(self, cfg: GlassConfig, attention: str):
         super().__init__()
         d, hd = cfg.d_model, cfg.head_dim
+        self.attention = attention
+        if attention == "eager":  # scores -> nn.Softmax module -> @ v: a softmax lowbit.static can quantize
+            self.softmax = nn.Softmax(dim=-1)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
         self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
@@ -87,7 +93,12 @@ class _Attention(nn.Module):
         # GQA: query head h reads KV head h // repeats (np.repeat order, as glassllm).
         repeats = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.attention == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            out = self.softmax(scores.masked_fill(~causal, float("-inf"))) @ v
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -103,10 +114,10 @@ class _SwiGLU(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, cfg: GlassConfig):
+    def __init__(self, cfg: GlassConfig, attention: str):
         super().__init__()
         self.norm1 = _RMSNorm(cfg.d_model, cfg.eps)
-        self.attn = _Attention(cfg)
+        self.attn = _Attention(cfg, attention)
         self.norm2 = _RMSNorm(cfg.d_model, cfg.eps)
         self.mlp = _SwiGLU(cfg)
 
@@ -120,6 +131,9 @@ class GlassLLM(nn.Module):
 
     Args:
         cfg: the hyperparameters.
+        attention: ``"sdpa"`` (default, ``F.scaled_dot_product_attention``) or ``"eager"``
+            (explicit scores, an ``nn.Softmax`` module, then ``@ v``: same math, and a softmax
+            module that static quantization can replace).
 
     Example:
         >>> model = load_glassllm()
@@ -127,11 +141,13 @@ class GlassLLM(nn.Module):
         torch.Size([1, 8, 1024])
     """
 
-    def __init__(self, cfg: GlassConfig):
+    def __init__(self, cfg: GlassConfig, attention: str = "sdpa"):
         super().__init__()
+        if attention not in _ATTENTION:
+            raise ValueError(f"attention={attention!r}; allowed: {list(_ATTENTION)}")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(_Block(cfg, attention) for _ in range(cfg.n_layers))
         self.norm = _RMSNorm(cfg.d_model, cfg.eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied; quantize_ gives lm_head its own weight
@@ -171,12 +187,13 @@ def _describe(x) -> str:
     return f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def load_glassllm(dtype: torch.dtype = torch.float32) -> GlassLLM:
+def load_glassllm(dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> GlassLLM:
     """Build :class:`GlassLLM` from the fp16 weights shipped in the ``glassllm`` package.
 
     Args:
         dtype: floating dtype of the parameters (the fp16 weights are widened exactly to float32
             first, then cast).
+        attention: ``"sdpa"`` or ``"eager"`` (see :class:`GlassLLM`).
 
     Returns:
         The model in eval mode (852,608 parameters for glassllm-en).
@@ -210,7 +227,7 @@ def load_glassllm(dtype: torch.dtype = torch.float32) -> GlassLLM:
             state[f"blocks.{i}.{norm}.weight"] = arrays.pop(f"blocks.{i}.{norm}.gamma")
     assert not arrays, f"unmapped glassllm arrays: {sorted(arrays)}"
 
-    model = GlassLLM(cfg)
+    model = GlassLLM(cfg, attention)
     state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True)
     return model.to(dtype).eval()

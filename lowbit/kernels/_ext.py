@@ -27,7 +27,11 @@ _FEATURES = {
     "int8_gemv": ("avx512f", "avx512bw"),
     "int4_cpu": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi", "avx512_vnni"),
     "fp8_cpu": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi"),
+    "int8_act": ("avx512f", "avx512bw", "avx512vl", "f16c"),
 }
+# Extra compiler flags per source: int8_act must repeat the primitives' float32 ops exactly, so
+# gcc may not fuse a multiply and an add into an FMA (its default -ffp-contract=fast would).
+_CFLAGS = {"int8_act": ("-ffp-contract=off",)}
 _GCC_FLAG = {"avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni"}
 
 
@@ -56,7 +60,8 @@ def load(name: str = "int8_gemv"):
         return None
     src = _CSRC / f"{name}.cpp"
     headers = b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))
-    key = hashlib.sha256(src.read_bytes() + headers + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
+    extra = repr(_CFLAGS.get(name, ())).encode()
+    key = hashlib.sha256(src.read_bytes() + headers + extra + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
     root = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
     build = root / f"{name}-{key}"
     try:
@@ -68,7 +73,7 @@ def load(name: str = "int8_gemv"):
             sources=[str(src)],
             build_directory=str(build),
             extra_include_paths=[str(_CSRC)],
-            extra_cflags=["-O3"] + [f"-m{_GCC_FLAG.get(f, f)}" for f in _FEATURES[name]],
+            extra_cflags=["-O3", *_CFLAGS.get(name, ())] + [f"-m{_GCC_FLAG.get(f, f)}" for f in _FEATURES[name]],
             verbose=False,
         )
     except Exception as e:  # a missing compiler or ninja must not break quantization

@@ -124,20 +124,20 @@ def scaled_mm_supported(device_index: int) -> bool:
     return ok
 
 
-def _scaled_mm_path(input, qdata, scale, bias, act_spec) -> torch.Tensor | None:
+def _scaled_mm_path(input, qdata, scale, bias, act_spec, act_scale) -> torch.Tensor | None:
     m, k = input.shape
     n = qdata.shape[0]
-    per_row = isinstance(act_spec.granularity, PerToken)
-    if k % 16 or n % 16 or (per_row and scale.shape[0] == 1) or (not per_row and scale.shape[0] != 1):
+    per_row = scale.shape[0] != 1  # row-wise _scaled_mm: per-token (or broadcast static) x per-row scales
+    if k % 16 or n % 16 or (isinstance(act_spec.granularity, PerToken) and not per_row):
         return None
     if per_row and input.dtype != torch.bfloat16:
         return None  # row-wise _scaled_mm writes bf16 only
     if act_spec.dtype.storage != torch.float8_e4m3fn and qdata.dtype != torch.float8_e4m3fn:
         return None  # e5m2 x e5m2 is not a _scaled_mm combination
-    s_x = choose_qparams_float8(input, act_spec, check_finite=False)
+    s_x = choose_qparams_float8(input, act_spec, check_finite=False) if act_scale is None else act_scale.reshape(1, 1)
     xq = quantize_float8(input, s_x, act_spec)
     s_w = scale.reshape(1, n) if per_row else scale.reshape(())
-    s_x = s_x.reshape(m, 1) if per_row else s_x.reshape(())
+    s_x = s_x.expand(m, 1).contiguous() if per_row else s_x.reshape(())
     return torch._scaled_mm(xq, qdata.t(), scale_a=s_x, scale_b=s_w, bias=bias, out_dtype=input.dtype)
 
 
@@ -148,8 +148,10 @@ def float8_activation_linear(
     bias: torch.Tensor | None,
     act_spec: QuantSpec,
     kernel: str,
+    act_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Float8 activations (per token or per tensor, chosen at run time) x float8 weight.
+    """Float8 activations x float8 weight: the activation scale is chosen at run time (per token
+    or per tensor) or, for static quantization, given as ``act_scale`` (one element, per tensor).
 
     Result: ``fake_quantize_float8(input) @ (qdata * scale).T + bias`` in ``input.dtype``
     (see the module docstring for which device runs which route).
@@ -157,6 +159,8 @@ def float8_activation_linear(
     _check(input, qdata, scale)
     if not act_spec.dtype.is_float or not isinstance(act_spec.granularity, (PerToken, PerTensor)):
         raise ValueError(f"act_spec must be float8 PerToken() or PerTensor(), got {act_spec!r}")
+    if act_scale is not None and (act_scale.numel() != 1 or not isinstance(act_spec.granularity, PerTensor)):
+        raise ValueError(f"a static act_scale must have one element and a PerTensor() act_spec, got {act_spec!r}")
     kernel = check_kernel(kernel)
     if (
         kernel == "auto"
@@ -164,9 +168,12 @@ def float8_activation_linear(
         and not (torch.is_grad_enabled() and input.requires_grad)
         and scaled_mm_supported(input.device.index or 0)
     ):
-        out = _scaled_mm_path(input, qdata, scale, bias, act_spec)
+        out = _scaled_mm_path(input, qdata, scale, bias, act_spec, act_scale)
         if out is not None:
             return out
-    s_x = choose_qparams_float8(input.detach(), act_spec, check_finite=False)
+    if act_scale is not None:
+        s_x = act_scale.reshape(1, 1)
+    else:
+        s_x = choose_qparams_float8(input.detach(), act_spec, check_finite=False)
     x = fake_quantize_float8(input, act_spec, s_x)
     return float8_weight_only_linear(x, qdata, scale, bias, kernel)

@@ -184,7 +184,43 @@ def _(a, b):
     return a.new_empty(a.shape[0], b.shape[0], dtype=torch.int32)
 
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric):
+    """Eager CPU: activation quantization and the rescale each in one C++ pass (``csrc/int8_act.cpp``,
+    the same float32 ops as the primitives, bit-identical), around ``int8_mm``. None when not applicable."""
+    static = act_scale is not None
+    if (
+        input.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or input.dtype not in _FUSED_DTYPES
+        or not input.is_contiguous()
+        or (bias is not None and (bias.dtype != input.dtype or not bias.is_contiguous()))
+        or (not static and not act_symmetric)
+    ):
+        return None
+    ext = _ext.load("int8_act")
+    if ext is None:
+        return None
+    spec = activation_spec(act_symmetric, static)
+    zp = 0 if act_zero_point is None else int(act_zero_point)
+    xq, s_dyn = ext.quantize_i8(input, float(act_scale) if static else -1.0, zp, spec.eps)
+    s_x = act_scale.reshape(1).float() if static else s_dyn
+    zcorr = None if zp == 0 else (zp * _rowsum(qdata)).to(torch.int32)
+    s_w = scale.expand(qdata.shape[0], 1).reshape(-1).contiguous()
+    return ext.w8a8_epilogue(int8_mm(xq, qdata), s_x.contiguous(), s_w, bias, zcorr, input)
+
+
 def _activation_forward(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric, kernel):
+    if kernel != "reference":
+        out = _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric)
+        if out is not None:
+            return out
+    return _activation_forward_aten(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric, kernel)
+
+
+def _activation_forward_aten(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric, kernel):
     xq, s_x, zp_x, spec = _quantize_activation(input, act_scale, act_zero_point, act_symmetric)
     if kernel == "reference":
         x = dequantize_affine(xq, s_x, zp_x, spec)

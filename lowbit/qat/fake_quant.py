@@ -27,10 +27,12 @@ import torch
 from lowbit.configs import (
     Float8DynamicActivationFloat8WeightConfig,
     Float8DynamicActivationInt4WeightConfig,
+    Float8StaticActivationFloat8WeightConfig,
     Float8WeightOnlyConfig,
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt4WeightConfig,
     Int8DynamicActivationInt8WeightConfig,
+    Int8StaticActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
     QuantConfig,
 )
@@ -129,6 +131,24 @@ def _int8_activation(symmetric: bool):
     return fq
 
 
+def _int8_static_activation(act_scale: float, act_zero_point: int | None):
+    """The static int8 activation: the config's fixed scale (and zero point), as float32 (1, 1)."""
+    spec = activation_spec(act_zero_point is None, static=True)
+
+    def fq(x):
+        one = (1,) * x.dim()  # per tensor, at x's rank
+        s = torch.full(one, act_scale, dtype=torch.float32, device=x.device)
+        zp = None if act_zero_point is None else torch.full(one, act_zero_point, dtype=torch.int32, device=x.device)
+        return fake_quantize_affine(x.float(), spec, s, zp)
+
+    return fq
+
+
+def _float8_static_activation(name: str, act_scale: float):
+    spec = QuantSpec(name, PerTensor())
+    return lambda x: fake_quantize_float8(x, spec, torch.full((1,) * x.dim(), act_scale, dtype=torch.float32, device=x.device))
+
+
 def _activation(spec: QuantSpec):
     return lambda x: fake_quantize_activation(x, spec)
 
@@ -145,6 +165,12 @@ def _(c):
 def _(c):
     weight = _float32_weight(_affine_weight(QuantSpec("int8", c.granularity)))
     return FakeQuant(weight, _int8_activation(c.act_symmetric), float32_linear=True)
+
+
+@register_fake_quant(Int8StaticActivationInt8WeightConfig)
+def _(c):
+    weight = _float32_weight(_affine_weight(QuantSpec("int8", c.granularity)))
+    return FakeQuant(weight, _int8_static_activation(c.act_scale, c.act_zero_point), float32_linear=True)
 
 
 @register_fake_quant(Int4WeightOnlyConfig)
@@ -171,6 +197,12 @@ def _(c):
     name = _FLOAT8[c.dtype]
     act = QuantSpec(name, PerToken() if isinstance(c.granularity, PerRow) else PerTensor())
     return FakeQuant(_float8_weight(QuantSpec(name, c.granularity)), _activation(act))
+
+
+@register_fake_quant(Float8StaticActivationFloat8WeightConfig)
+def _(c):
+    name = _FLOAT8[c.dtype]
+    return FakeQuant(_float8_weight(QuantSpec(name, c.granularity)), _float8_static_activation(name, c.act_scale))
 
 
 @register_fake_quant(Float8DynamicActivationInt4WeightConfig)

@@ -3,8 +3,13 @@
 Fields:
     qdata: ``shape``, torch.float8_e4m3fn or torch.float8_e5m2.
     scale: float32 of the same rank: ``(shape[0], 1)`` per row or ``(1, 1)`` per tensor.
-    act_spec: ``QuantSpec`` of dynamic float8 activations (``PerToken`` with a per-row weight,
-        ``PerTensor`` with a per-tensor weight) or None for weight-only.
+    act_spec: ``QuantSpec`` of float8 activations or None for weight-only: dynamic ``PerToken``
+        with a per-row weight, dynamic ``PerTensor`` with a per-tensor weight, or static
+        ``PerTensor`` (with ``act_scale``) with either weight.
+    act_scale: float32 (1,) static activation scale, or None (dynamic / weight-only).
+    act_pre_scale: float32 (1, K) per-input-channel factor the activation is multiplied by before
+        it is quantized (SmoothQuant's ``1 / s``), or None. The stored values are then those of
+        ``W * s``; ``dequantize()`` returns the weight the linear effectively applies, ``W``.
     kernel: ``KernelPreference`` for the matmul ops.
 
 The weight stands for ``qdata.float() * scale`` (one cast to ``dtype``).
@@ -29,9 +34,9 @@ class Float8Tensor(QuantizedTensor):
     """Float8 quantized tensor (see the module docstring for the fields)."""
 
     tensor_data_names = ("qdata", "scale")
-    optional_tensor_data_names = ()
+    optional_tensor_data_names = ("act_scale", "act_pre_scale")
     tensor_attribute_names = ("act_spec", "kernel")
-    qparam_names = ("scale",)
+    qparam_names = ("scale", "act_pre_scale")
     pack = 1
 
     @classmethod
@@ -41,14 +46,22 @@ class Float8Tensor(QuantizedTensor):
         spec: QuantSpec,
         *,
         act_spec: QuantSpec | None = None,
+        act_scale: torch.Tensor | None = None,
         kernel: KernelPreference = KernelPreference.AUTO,
     ) -> "Float8Tensor":
         """Quantize a 2-D ``input`` with a float8 ``spec`` (``PerRow()`` or ``PerTensor()``).
 
+        Args:
+            input: (N, K) float weight.
+            spec: float8 weight spec.
+            act_spec: float8 activation spec or None (see the module docstring).
+            act_scale: static activation scale (one element; needs a ``PerTensor()`` act_spec).
+            kernel: ``KernelPreference``.
+
         Raises:
             ValueError: a non-float8 spec, another granularity, a non-2-D input, or an
                 activation spec that does not match (float8, ``PerToken`` for a per-row weight,
-                ``PerTensor`` for a per-tensor weight).
+                ``PerTensor`` for a per-tensor weight, ``PerTensor`` for a static scale).
         """
         if not spec.dtype.is_float:
             raise ValueError(f"Float8Tensor needs a float8 spec, got spec.dtype={spec.dtype.name}")
@@ -56,7 +69,12 @@ class Float8Tensor(QuantizedTensor):
             raise ValueError(f"Float8Tensor granularity={spec.granularity!r}; allowed: PerRow(), PerTensor()")
         if input.dim() != 2:
             raise ValueError(f"Float8Tensor quantizes 2-D (out, in) weights, got shape {tuple(input.shape)}")
-        if act_spec is not None:
+        if act_scale is not None:
+            if act_spec is None or not act_spec.dtype.is_float or not isinstance(act_spec.granularity, PerTensor):
+                raise ValueError(f"act_scale needs a float8 PerTensor() act_spec, got act_spec={act_spec!r}")
+            if act_scale.numel() != 1:
+                raise ValueError(f"act_scale must have one element, got shape {tuple(act_scale.shape)}")
+        elif act_spec is not None:
             want = PerToken if isinstance(spec.granularity, PerRow) else PerTensor
             if not act_spec.dtype.is_float or not isinstance(act_spec.granularity, want):
                 raise ValueError(
@@ -67,6 +85,7 @@ class Float8Tensor(QuantizedTensor):
         return cls(
             qdata=quantize_float8(input, scale, spec),
             scale=scale.float(),
+            act_scale=None if act_scale is None else act_scale.detach().float().reshape(1).to(input.device),
             act_spec=act_spec,
             kernel=KernelPreference(kernel),
             dtype=input.dtype,
@@ -79,14 +98,19 @@ class Float8Tensor(QuantizedTensor):
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float tensor these float8 values stand for, in ``output_dtype`` (default: ``self.dtype``)."""
         spec = float8_weight_spec(self.qdata.dtype, self.scale.numel() != 1)
-        return dequantize_float8(self.qdata, self.scale, spec, output_dtype or self.dtype)
+        if self.act_pre_scale is None:
+            return dequantize_float8(self.qdata, self.scale, spec, output_dtype or self.dtype)
+        w = dequantize_float8(self.qdata, self.scale, spec, torch.float32) * self.act_pre_scale
+        return w.to(output_dtype or self.dtype)
 
 
 def _run_linear(x: torch.Tensor, weight: Float8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     kernel = weight.kernel.value
+    if weight.act_pre_scale is not None:
+        x = x * weight.act_pre_scale.to(x.dtype)
     if weight.act_spec is None:
         return float8_weight_only_linear(x, weight.qdata, weight.scale, bias, kernel)
-    return float8_activation_linear(x, weight.qdata, weight.scale, bias, weight.act_spec, kernel)
+    return float8_activation_linear(x, weight.qdata, weight.scale, bias, weight.act_spec, kernel, weight.act_scale)
 
 
 register_linear_ops(Float8Tensor, _run_linear)

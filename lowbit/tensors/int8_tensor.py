@@ -5,6 +5,9 @@ Fields:
     scale: float32 of the same rank, ``shape[i] // block_size[i]``.
     zero_point: int32 like ``scale``, or None (symmetric).
     act_scale, act_zero_point: static activation qparams (one element each) or None.
+    act_pre_scale: float32 (1, K) per-input-channel factor the activation is multiplied by before
+        it is quantized (SmoothQuant's ``1 / s``), or None. The stored values are then those of
+        ``W * s``; ``dequantize()`` returns the weight the linear effectively applies, ``W``.
     act_spec: ``QuantSpec`` of the activations (int8, ``PerToken`` dynamic or ``PerTensor``
         static), or None for weight-only; when set, ``F.linear`` quantizes its input on the fly.
     kernel: ``KernelPreference`` for the matmul ops.
@@ -33,9 +36,9 @@ class Int8Tensor(QuantizedTensor):
     """Int8 quantized tensor (see the module docstring for the fields)."""
 
     tensor_data_names = ("qdata", "scale")
-    optional_tensor_data_names = ("zero_point", "act_scale", "act_zero_point")
+    optional_tensor_data_names = ("zero_point", "act_scale", "act_zero_point", "act_pre_scale")
     tensor_attribute_names = ("act_spec", "kernel")
-    qparam_names = ("scale", "zero_point")  # blocked qparams, sliced with qdata
+    qparam_names = ("scale", "zero_point", "act_pre_scale")  # blocked qparams, sliced with qdata
     pack = 1  # one int8 value per qdata element
 
     @classmethod
@@ -87,7 +90,10 @@ class Int8Tensor(QuantizedTensor):
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float tensor these int8 values stand for, in ``output_dtype`` (default: ``self.dtype``)."""
         spec = weight_spec(self.zero_point is not None)
-        return dequantize_affine(self.qdata, self.scale, self.zero_point, spec, output_dtype or self.dtype)
+        if self.act_pre_scale is None:
+            return dequantize_affine(self.qdata, self.scale, self.zero_point, spec, output_dtype or self.dtype)
+        w = dequantize_affine(self.qdata, self.scale, self.zero_point, spec, torch.float32) * self.act_pre_scale
+        return w.to(output_dtype or self.dtype)
 
 
 def _check_act(act_spec, act_scale, act_zero_point, spec):
@@ -118,6 +124,8 @@ def _check_act(act_spec, act_scale, act_zero_point, spec):
 
 def _run_linear(x: torch.Tensor, weight: Int8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     kernel = weight.kernel.value
+    if weight.act_pre_scale is not None:
+        x = x * weight.act_pre_scale.to(x.dtype)
     if weight.act_spec is None:
         return int8_weight_only_linear(x, weight.qdata, weight.scale, weight.zero_point, bias, kernel)
     return int8_activation_linear(

@@ -14,6 +14,7 @@ from lowbit.configs import (
 from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerGroup, PerRow, PerTensor
 from lowbit.quantize import quantize_
+from lowbit.spec import QuantSpec
 from lowbit.tensors.float8_tensor import Float8Tensor
 from lowbit.tensors.int4_tensor import Int4Tensor
 
@@ -119,3 +120,31 @@ def test_repr_shows_only_non_default_fields():
     assert repr(Int4WeightOnlyConfig()) == "Int4WeightOnlyConfig()"
     assert repr(Int4WeightOnlyConfig(group_size=32, symmetric=True)) == "Int4WeightOnlyConfig(group_size=32, symmetric=True)"
     assert repr(Float8WeightOnlyConfig(PerTensor())) == "Float8WeightOnlyConfig(granularity=PerTensor())"
+
+
+# --- float8 static activations -------------------------------------------------------------------
+
+
+def test_float8_static_config_validation_and_handler():
+    from lowbit.configs import Float8StaticActivationFloat8WeightConfig
+    from lowbit.tensors import Float8Tensor
+
+    c = Float8StaticActivationFloat8WeightConfig(act_scale=torch.tensor([0.01]))
+    assert isinstance(c.act_scale, float) and repr(c).startswith("Float8StaticActivationFloat8WeightConfig(act_scale=")
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="act_scale=.* must be a positive finite float"):
+            Float8StaticActivationFloat8WeightConfig(act_scale=bad)
+    with pytest.raises(ValueError, match="must be one number"):
+        Float8StaticActivationFloat8WeightConfig(act_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="granularity=.*allowed: PerRow"):
+        Float8StaticActivationFloat8WeightConfig(act_scale=0.1, granularity=PerGroup(32))
+    with pytest.raises(ValueError, match="dtype=.*allowed"):
+        Float8StaticActivationFloat8WeightConfig(act_scale=0.1, dtype=torch.int8)
+    lin = nn.Linear(32, 16)
+    quantize_(nn.Sequential(lin), Float8StaticActivationFloat8WeightConfig(act_scale=0.01, granularity=PerRow()))
+    assert isinstance(lin.weight, Float8Tensor) and lin.weight.act_scale.item() == pytest.approx(0.01)
+    spec = QuantSpec("float8_e4m3fn", PerRow())
+    with pytest.raises(ValueError, match="act_scale needs a float8 PerTensor"):
+        Float8Tensor.from_float(torch.randn(4, 32), spec, act_scale=torch.tensor([0.1]))
+    with pytest.raises(ValueError, match="one element"):
+        Float8Tensor.from_float(torch.randn(4, 32), spec, act_spec=QuantSpec("float8_e4m3fn"), act_scale=torch.ones(2))

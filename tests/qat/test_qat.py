@@ -10,6 +10,7 @@ from torch import nn
 from lowbit.configs import (
     Float8DynamicActivationFloat8WeightConfig,
     Float8DynamicActivationInt4WeightConfig,
+    Float8StaticActivationFloat8WeightConfig,
     Float8WeightOnlyConfig,
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt4WeightConfig,
@@ -40,6 +41,10 @@ CONFIGS = {
     "fp8-dyn-tensor": Float8DynamicActivationFloat8WeightConfig(),
     "fp8-dyn-row": Float8DynamicActivationFloat8WeightConfig(PerRow()),
     "fp8a-int4w-g32": Float8DynamicActivationInt4WeightConfig(group_size=32),
+    "w8a8-static": Int8StaticActivationInt8WeightConfig(act_scale=0.02),
+    "w8a8-static-asym-tensor": Int8StaticActivationInt8WeightConfig(act_scale=0.015, act_zero_point=-7, granularity=PerTensor()),
+    "fp8-static-tensor": Float8StaticActivationFloat8WeightConfig(act_scale=0.004),
+    "fp8-static-row-e5m2": Float8StaticActivationFloat8WeightConfig(act_scale=0.0002, granularity=PerRow(), dtype=torch.float8_e5m2),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEEDS = range(4)
@@ -164,16 +169,15 @@ def test_embedding_qat(name):
         torch.testing.assert_close(m(ids), prepared, atol=0, rtol=0)
 
 
-def test_every_config_with_a_handler_has_a_mirror_except_static():
+def test_every_config_with_a_handler_has_a_mirror():
     from lowbit.configs import registered_configs
 
-    missing = set(registered_configs()) - set(qat_configs()) - {"QATConfig"}
-    assert missing == {"Int8StaticActivationInt8WeightConfig"}  # static scales come from calibration (issue 5)
+    assert set(registered_configs()) - set(qat_configs()) == {"QATConfig"}
 
 
 def test_bad_inputs():
-    with pytest.raises(TypeError, match="Int8StaticActivationInt8WeightConfig has no QAT mirror; QATConfig supports"):
-        QATConfig(Int8StaticActivationInt8WeightConfig(act_scale=0.1))
+    with pytest.raises(TypeError, match="has no QAT mirror; QATConfig supports"):
+        fake_quant_for(object())
     with pytest.raises(ValueError, match="step='train'"):
         QATConfig(Int8WeightOnlyConfig(), step="train")
     with pytest.raises(ValueError, match="must be a PTQ config"):

@@ -1,0 +1,272 @@
+"""The calibration flow: ``prepare`` (observers in), run data, ``convert`` (static scales out).
+
+``prepare(model, config)`` turns each selected ``nn.Linear`` into an ``ObservedLinear`` in place
+(same object, an ``input_observer`` submodule added; the forward is the float one) and, when the
+config asks, each ``nn.Softmax`` into a ``QuantizedSoftmax``. The user runs calibration batches.
+``convert(model)`` turns each observed linear back into an ``nn.Linear`` whose weight is a
+quantized tensor with the observed static activation scale, by the ordinary config handlers:
+
+* ``StaticQuantConfig("int8")`` -> ``Int8StaticActivationInt8WeightConfig(act_scale, act_zero_point)``;
+* ``StaticQuantConfig("float8_e4m3fn")`` -> ``Float8StaticActivationFloat8WeightConfig(act_scale)``;
+* ``SmoothQuantConfig(base, alpha)`` -> the base config on ``W * s`` with ``1 / s`` as the
+  weight's ``act_pre_scale`` (see ``SmoothQuantConfig``).
+
+Scales come from the observers' ``calculate_qparams`` (the primitives), so a static linear whose
+observer saw exactly the input it is run on gives the per-tensor dynamic result bit for bit.
+
+Missing data: ``convert`` raises when no observed linear saw a batch (calibration never ran),
+and for a linear no batch reached (an unused MoE expert) it warns, names it, and applies
+``config.missing``. No scale is ever NaN: an all-zero input gives the smallest scale.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.configs import (
+    Float8DynamicActivationFloat8WeightConfig,
+    Float8StaticActivationFloat8WeightConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8StaticActivationInt8WeightConfig,
+    QuantConfig,
+    get_handler,
+)
+from lowbit.configs.base import swap_weight
+from lowbit.granularity import PerAxis, PerRow, PerTensor
+from lowbit.observers import ObserverBase, make_observer
+from lowbit.primitives.affine import choose_qparams_affine_from_min_max
+from lowbit.primitives.float8 import choose_qparams_float8_from_amax
+from lowbit.spec import QuantSpec
+from lowbit.static.config import SmoothQuantConfig, StaticQuantConfig
+from lowbit.static.softmax import quantize_softmax_module
+from lowbit.tensors.base import QuantizedTensor
+
+__all__ = ["ObservedLinear", "prepare", "convert", "smoothing_factors", "SMOOTH_MIN", "SMOOTH_MAX"]
+
+# SmoothQuant factors are clamped to this range: a channel that is all zero in the activations
+# or in the weight gets s = 1 (no change) instead of 0 or inf.
+SMOOTH_MIN, SMOOTH_MAX = 1e-5, 1e5
+
+
+class ObservedLinear(nn.Linear):
+    """``nn.Linear`` that records its input range in ``input_observer`` (forward unchanged)."""
+
+    input_observer: ObserverBase
+    static_config: StaticQuantConfig | SmoothQuantConfig
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self.input_observer(input)
+        return F.linear(input, self.weight, self.bias)
+
+
+def _is_linear(module: nn.Module, fqn: str) -> bool:
+    return type(module) is nn.Linear
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _act_spec(config) -> QuantSpec:
+    """The observer's spec: per tensor for a static config, per input channel for SmoothQuant."""
+    if isinstance(config, SmoothQuantConfig):
+        base = config.base_config
+        dtype = base.dtype if isinstance(base, StaticQuantConfig) else (
+            "int8" if isinstance(base, Int8DynamicActivationInt8WeightConfig) else str(base.dtype).removeprefix("torch.")
+        )
+        symmetric = base.act_symmetric if isinstance(base, (StaticQuantConfig, Int8DynamicActivationInt8WeightConfig)) else True
+        return QuantSpec(dtype, PerAxis(1), symmetric=symmetric)
+    return QuantSpec(config.dtype, PerTensor(), symmetric=config.act_symmetric)
+
+
+def _observer_recipe(config) -> StaticQuantConfig:
+    if isinstance(config, SmoothQuantConfig) and isinstance(config.base_config, StaticQuantConfig):
+        return config.base_config
+    return config if isinstance(config, StaticQuantConfig) else StaticQuantConfig()
+
+
+def prepare(
+    model: nn.Module,
+    config: StaticQuantConfig | SmoothQuantConfig,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> nn.Module:
+    """Put observers on ``model``'s linears (and quantize its softmax modules), in place.
+
+    Args:
+        model: a float model.
+        config: ``StaticQuantConfig(...)`` or ``SmoothQuantConfig(...)``.
+        filter_fn: ``fn(module, fqn) -> bool`` choosing the linears; default: every module whose
+            type is exactly ``nn.Linear``.
+
+    Returns:
+        ``model``; run calibration batches through it, then call ``convert(model)``.
+
+    Raises:
+        TypeError: ``config`` is not a static recipe; a linear is already observed or quantized.
+        ValueError: no linear selected.
+
+    Example:
+        >>> prepare(model, StaticQuantConfig("int8"))
+        >>> for batch in calibration_data: model(batch)
+        >>> convert(model)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, (StaticQuantConfig, SmoothQuantConfig)):
+        raise TypeError(
+            f"config must be StaticQuantConfig or SmoothQuantConfig, got {type(config).__name__}; "
+            "configs with a fixed act_scale go straight to quantize_"
+        )
+    filter_fn = filter_fn or _is_linear
+    recipe = _observer_recipe(config)
+    spec = _act_spec(config)
+    targets = []
+    for fqn, module in model.named_modules():
+        if isinstance(module, ObservedLinear):
+            raise TypeError(f"linear {fqn!r} is already prepared for calibration; call convert(model) first")
+        if filter_fn(module, fqn):
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"filter_fn selected {fqn!r} ({type(module).__name__}); only nn.Linear can be observed")
+            if isinstance(module.weight, QuantizedTensor) or not module.weight.is_floating_point():
+                raise TypeError(f"linear {fqn!r} is already quantized ({type(module.weight).__name__})")
+            targets.append((fqn, module))
+    if not targets:
+        raise ValueError("prepare found no nn.Linear to observe (check filter_fn)")
+    device = _model_device(model)
+    for fqn, module in targets:
+        module.input_observer = make_observer(recipe.observer, spec, name=fqn, **recipe.observer_kwargs()).to(device)
+        module.static_config = config
+        module.__class__ = ObservedLinear
+    static_base = not isinstance(config, SmoothQuantConfig) or isinstance(config.base_config, StaticQuantConfig)
+    if recipe.softmax and static_base:
+        for _, module in model.named_modules():
+            if type(module) is nn.Softmax:
+                quantize_softmax_module(module, recipe.dtype, device)
+    return model
+
+
+def _unobserve(module: ObservedLinear) -> tuple[ObserverBase, StaticQuantConfig | SmoothQuantConfig]:
+    observer = module.input_observer
+    del module.input_observer
+    config = module.static_config
+    del module.static_config
+    module.__class__ = nn.Linear
+    return observer, config
+
+
+def _static_config(recipe: StaticQuantConfig, scale: torch.Tensor, zero_point) -> QuantConfig:
+    if recipe.is_float8:
+        return Float8StaticActivationFloat8WeightConfig(
+            act_scale=float(scale), granularity=recipe.granularity, dtype=getattr(torch, recipe.dtype), kernel=recipe.kernel
+        )
+    return Int8StaticActivationInt8WeightConfig(
+        act_scale=float(scale), act_zero_point=None if zero_point is None else int(zero_point),
+        granularity=recipe.granularity, kernel=recipe.kernel,
+    )
+
+
+def _dynamic_config(recipe: StaticQuantConfig) -> QuantConfig:
+    if recipe.is_float8:
+        per_row = isinstance(recipe.granularity, PerRow)
+        return Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow() if per_row else PerTensor(), dtype=getattr(torch, recipe.dtype), kernel=recipe.kernel
+        )
+    return Int8DynamicActivationInt8WeightConfig(
+        act_symmetric=recipe.act_symmetric, granularity=recipe.granularity, kernel=recipe.kernel
+    )
+
+
+def _convert_static(module: nn.Linear, fqn: str, observer: ObserverBase, recipe: StaticQuantConfig) -> None:
+    scale, zero_point = observer.calculate_qparams()
+    config = _static_config(recipe, scale, zero_point)
+    get_handler(config)(module, config, fqn)
+
+
+def smoothing_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel ``s = act_amax ** alpha / max|W[:, j]| ** (1 - alpha)`` (float32, (K,)).
+
+    A channel whose activation or weight maximum is 0 gets ``s = 1``; the rest are clamped to
+    ``[SMOOTH_MIN, SMOOTH_MAX]``.
+    """
+    a = act_amax.float().reshape(-1)
+    w = weight.detach().float().abs().amax(dim=0)
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    ok = (a > 0) & (w > 0) & torch.isfinite(s)
+    return torch.where(ok, s, torch.ones_like(s)).clamp(SMOOTH_MIN, SMOOTH_MAX)
+
+
+def _convert_smooth(module: nn.Linear, fqn: str, observer: ObserverBase, config: SmoothQuantConfig) -> None:
+    mn, mx = observer.min_val.reshape(-1), observer.max_val.reshape(-1)
+    s = smoothing_factors(torch.maximum(-mn, mx), module.weight, config.alpha)
+    inv = 1.0 / s
+    with torch.no_grad():
+        module.weight.copy_((module.weight.float() * s).to(module.weight.dtype))
+    base = config.base_config
+    if isinstance(base, StaticQuantConfig):
+        # per-tensor range of x * inv from the per-channel ranges: exact (inv > 0 keeps the order)
+        lo, hi = (mn * inv).amin().reshape(1, 1), (mx * inv).amax().reshape(1, 1)
+        spec = QuantSpec(base.dtype, PerTensor(), symmetric=base.act_symmetric)
+        if spec.dtype.is_float:
+            scale, zp = choose_qparams_float8_from_amax(torch.maximum(-lo, hi).clamp(min=0), spec), None
+        else:
+            scale, zp = choose_qparams_affine_from_min_max(lo, hi, spec)
+        concrete = _static_config(base, scale, zp)
+    else:
+        concrete = base
+    get_handler(concrete)(module, concrete, fqn)
+    weight = module.weight._replace(act_pre_scale=inv.reshape(1, -1).to(module.weight.device))
+    swap_weight(module, weight, concrete)
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every observed linear by its statically quantized form, in place.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: the model has no observed linears (``prepare`` was not called).
+        RuntimeError: no observed linear saw a calibration batch (run data between prepare and
+            convert; the message names the layers), or ``missing="error"`` and some did not.
+
+    Warns:
+        UserWarning naming each linear no batch reached (handled per ``config.missing``).
+    """
+    observed = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, ObservedLinear)]
+    if not observed:
+        raise ValueError("convert found no observed linears: call lowbit.static.prepare(model, config) first")
+    empty = [fqn for fqn, m in observed if not m.input_observer.has_data]
+    if len(empty) == len(observed):
+        shown = ", ".join(repr(n) for n in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise RuntimeError(
+            f"convert() before any calibration batch: no observed linear saw data ({shown}); "
+            "run model(batch) on calibration data between prepare() and convert()"
+        )
+    if empty:
+        recipe = _observer_recipe(observed[0][1].static_config)
+        if recipe.missing == "error":
+            raise RuntimeError(f"no calibration batch reached these linears: {empty} (missing='error')")
+        action = {"dynamic": "dynamic activation quantization", "float": "left in float"}[recipe.missing]
+        warnings.warn(f"no calibration batch reached {len(empty)} linear(s), {action}: {empty}", stacklevel=2)
+    for fqn, module in observed:
+        observer, config = _unobserve(module)
+        recipe = _observer_recipe(config)
+        if not observer.has_data:
+            if recipe.missing == "dynamic":
+                dyn = _dynamic_config(recipe)
+                get_handler(dyn)(module, dyn, fqn)
+            continue
+        if isinstance(config, SmoothQuantConfig):
+            _convert_smooth(module, fqn, observer, config)
+        else:
+            _convert_static(module, fqn, observer, recipe)
+    return model
