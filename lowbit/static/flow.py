@@ -208,8 +208,8 @@ def _convert_smooth(module: nn.Linear, fqn: str, observer: ObserverBase, config:
     mn, mx = observer.min_val.reshape(-1), observer.max_val.reshape(-1)
     s = smoothing_factors(torch.maximum(-mn, mx), module.weight, config.alpha)
     inv = 1.0 / s
-    with torch.no_grad():
-        module.weight.copy_((module.weight.float() * s).to(module.weight.dtype))
+    # a new tensor, never an in-place update: the weight may be shared (an lm_head tied to the embedding)
+    module.weight = nn.Parameter((module.weight.detach().float() * s).to(module.weight.dtype), requires_grad=False)
     base = config.base_config
     if isinstance(base, StaticQuantConfig):
         # per-tensor range of x * inv from the per-channel ranges: exact (inv > 0 keeps the order)

@@ -61,3 +61,26 @@ def test_pre_scale_is_stored_and_dequantize_is_the_effective_weight():
     assert m.lowbit_config.act_scale == pytest.approx(float(xs.abs().max() / 127), rel=1e-6)
     sliced = w[:32]
     assert torch.equal(sliced.act_pre_scale, w.act_pre_scale)
+
+
+def test_a_tied_weight_is_not_modified():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 32)
+            self.head = nn.Linear(32, 50, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    torch.manual_seed(0)
+    model = Tied()
+    table = model.embed.weight.detach().clone()
+    ids = torch.randint(0, 50, (4, 16))
+    ref = model(ids)
+    prepare(model, SmoothQuantConfig())
+    model(ids)
+    convert(model)
+    assert torch.equal(model.embed.weight, table)  # smoothing the head must not scale the embedding
+    assert sqnr(ref, model(ids)) > 30.0
