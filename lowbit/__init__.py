@@ -22,6 +22,7 @@ from lowbit.quantize import quantize_
 from lowbit.static import SmoothQuantConfig, StaticQuantConfig
 from lowbit.qat import QATConfig
 from lowbit.serialization import load, save
+from lowbit.eval.autoquant import autoquant
 
 __version__ = "0.1.0"
 
@@ -59,4 +60,5 @@ __all__ = [
     "QATConfig",
     "save",
     "load",
+    "autoquant",
 ]
