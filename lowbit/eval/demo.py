@@ -1,12 +1,26 @@
-"""``python -m lowbit.eval.demo``: every lowbit config on the real glassllm model: size, perplexity, speed."""
+"""``python -m lowbit.eval.demo`` (``make demo``): every lowbit config on real models, at a glance.
+
+For SmolLM2-135M-Instruct and glassllm-en (both real weights; text: Python's ``pydoc_data.topics``):
+linear weight MB, perplexity change vs float32, prefill and decode tokens/s vs bf16 (eager, 2
+threads, medians), the ``autoquant`` mixed-precision choice within a 1% perplexity budget, and a
+PNG of accuracy vs size and speed per model. Static configs are calibrated with ``lowbit.static``
+on windows from the end of the text, disjoint from the scored ones. Writes ``demo.json``,
+``demo.md`` and ``<model>.png`` under ``--out`` and prints where.
+
+Speed: prefill = one forward pass over ``--prefill`` tokens (batch 1); decode = greedy
+``generate`` of ``--new-tokens`` tokens after a short prompt with the KV cache (SmolLM2; glassllm's
+module has no KV cache, so its decode column is empty). Both on a bf16 copy of the model.
+"""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,26 +32,25 @@ from lowbit.configs import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt4WeightConfig,
     Int8DynamicActivationInt8WeightConfig,
-    Int8StaticActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
 )
 from lowbit.configs.base import QuantConfig
-from lowbit.eval.glassllm import eval_text, glassllm_tokenizer, load_glassllm
+from lowbit.eval.autoquant import autoquant
 from lowbit.eval.perplexity import perplexity
 from lowbit.granularity import PerGroup, PerRow
 from lowbit.quantize import quantize_
+from lowbit.static import SmoothQuantConfig, StaticQuantConfig, convert, prepare
 from lowbit.tensors import QuantizedTensor
 
-__all__ = ["linear_weight_bytes", "calibrate_act_amax", "main"]
+__all__ = ["linear_weight_bytes", "demo_configs", "applicable", "main"]
+
+MODELS = ("smollm2", "glassllm")
+AUTOQUANT_BUDGET = 0.01
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the weights of ``model``'s ``nn.Linear`` layers.
-
-    A quantized weight counts every inner tensor (``qdata``, ``scale``, ``zero_point``...); a
-    float weight counts its elements. A tied weight counts once per layer that uses it as a
-    linear weight.
-    """
+    """Bytes held by the weights of ``model``'s ``nn.Linear`` layers (a quantized weight: every
+    inner tensor, scales and zero points included; a tied weight once per linear using it)."""
     total = 0
     for module in model.modules():
         if not isinstance(module, nn.Linear):
@@ -51,129 +64,233 @@ def linear_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-@torch.no_grad()
-def calibrate_act_amax(model: nn.Module, windows: torch.Tensor) -> dict[str, float]:
-    """``{fqn: max |input|}`` of every ``nn.Linear`` over ``windows: (W, T)`` token ids (batch 1 each)."""
-    amax: dict[str, float] = {}
+def demo_configs() -> list[QuantConfig | StaticQuantConfig | SmoothQuantConfig]:
+    """Every config family the library has, in the demo's row order."""
+    return [
+        Int8WeightOnlyConfig(),
+        Int8WeightOnlyConfig(PerGroup(32)),
+        Int8DynamicActivationInt8WeightConfig(),
+        StaticQuantConfig(),
+        SmoothQuantConfig(alpha=0.8),
+        SmoothQuantConfig(Int8DynamicActivationInt8WeightConfig()),
+        Int4WeightOnlyConfig(group_size=128),
+        Int4WeightOnlyConfig(group_size=64),
+        Int4WeightOnlyConfig(group_size=32, zero_point_domain="float"),
+        Int8DynamicActivationInt4WeightConfig(),
+        Float8WeightOnlyConfig(),
+        Float8DynamicActivationFloat8WeightConfig(PerRow()),
+        StaticQuantConfig("float8_e4m3fn"),
+        Float8DynamicActivationInt4WeightConfig(group_size=64),
+    ]
 
-    def hook(fqn):
-        def record(module, args):
-            amax[fqn] = max(amax.get(fqn, 0.0), args[0].detach().abs().max().item())
 
-        return record
+def _group(config) -> tuple[int, bool] | None:
+    """(group along in_features, needs an even in_features) for configs that split in_features."""
+    if isinstance(config, (Int4WeightOnlyConfig, Int8DynamicActivationInt4WeightConfig,
+                           Float8DynamicActivationInt4WeightConfig)):
+        return config.group_size, True
+    g = getattr(config, "granularity", None)
+    return (g.group_size, False) if isinstance(g, PerGroup) else None
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+def applicable(model: nn.Module, config) -> QuantConfig | dict:
+    """``config``, or a mapping leaving float the linears whose in_features it can't split."""
+    rule = _group(config)
+    if rule is None:
+        return config
+    group, even = rule
+    skip = [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (m.in_features % group or (even and m.in_features % 2))]
+    return {**dict.fromkeys(skip), "re:.*": config} if skip else config
+
+
+def _progress(iterable, total: int, desc: str):
     try:
-        for row in windows:
-            model(row.unsqueeze(0))
-    finally:
-        for h in handles:
-            h.remove()
-    return amax
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are a nicety: tqdm comes with transformers
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None)  # None: only on a terminal
 
 
-@torch.no_grad()
-def _tokens_per_s(model: nn.Module, ids: torch.Tensor, reps: int) -> float:
-    x = ids.unsqueeze(0)
-    for _ in range(3):  # warm-up: first calls pick kernels and fill caches
-        model(x)
+class _Logits(nn.Module):
+    """``ids -> logits`` for a transformers causal LM."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def _load(name: str):
+    """(float32 model, ``ids -> logits`` wrapper factory, token ids, generate-capable?, max length)."""
+    if name == "glassllm":
+        from lowbit.eval.glassllm import eval_text, glassllm_tokenizer, load_glassllm
+
+        model = load_glassllm(torch.float32, attention="eager")  # an nn.Softmax for the static configs
+        return model, (lambda m: m), torch.tensor(glassllm_tokenizer().encode(eval_text())), False, 128
+    from lowbit.eval.models import load_smollm2, load_text
+
+    model, tokenizer = load_smollm2()
+    ids = torch.tensor(tokenizer(load_text("pydoc"))["input_ids"])
+    return model, _Logits, ids, True, 2048
+
+
+def _quantized(base: nn.Module, config, calib: torch.Tensor, wrap) -> nn.Module:
+    model = copy.deepcopy(base)
+    if isinstance(config, (StaticQuantConfig, SmoothQuantConfig)):
+        prepare(model, config)
+        runner = wrap(model)
+        with torch.no_grad():
+            for batch in calib.split(2):
+                runner(batch)
+        return convert(model)
+    return quantize_(model, applicable(model, config))
+
+
+def _median_s(fn, reps: int) -> float:
+    fn()  # warm-up: kernels chosen, caches filled
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        model(x)
+        fn()
         times.append(time.perf_counter() - t0)
-    return x.numel() / statistics.median(times)
+    return statistics.median(times)
 
 
-_GROUP = 32
+@torch.no_grad()
+def _speed(model: nn.Module, wrap, prompt: torch.Tensor, decode: bool, new_tokens: int, reps: int) -> dict:
+    runner = wrap(model)
+    x = prompt.unsqueeze(0)
+    out = {"prefill_tps": x.shape[1] / _median_s(lambda: runner(x), reps)}
+    if decode:
+        short = x[:, :16]
+        gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+        t = _median_s(lambda: model.generate(short, attention_mask=torch.ones_like(short), **gen), max(1, reps // 2))
+        t_prefill = _median_s(lambda: runner(short), reps)
+        out["decode_tps"] = new_tokens / max(t - t_prefill, 1e-9)
+    return out
 
 
-def _unsplittable(model: nn.Module, group: int) -> list[str]:
-    """Linear layers whose in_features groups of ``group`` can't split (glassllm's down_proj: 341)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % group]
+def run_model(name: str, args) -> dict:
+    """Every config on one model; returns the rows and the autoquant result as plain data."""
+    t_start = time.perf_counter()
+    base, wrap, ids, can_decode, max_len = _load(name)
+    seq_len = min(args.seq_len, max_len)
+    n_calib = args.calib_windows * seq_len
+    calib = ids[-n_calib:].view(args.calib_windows, seq_len)
+    scored = ids[: args.windows * seq_len + 1]
+    prompt = ids[: min(args.prefill, max_len)]
+    decode = can_decode and args.new_tokens > 0
+    print(f"\n== {name}: {sum(p.numel() for p in base.parameters()):,} params; perplexity on {args.windows} x "
+          f"{seq_len} tokens of pydoc_data.topics; calibration {args.calib_windows} x {seq_len} from its end")
+
+    def measure(label: str, model_f32: nn.Module, model_bf16: nn.Module, note: str = "") -> dict:
+        ppl = perplexity(wrap(model_f32), scored, seq_len, args.windows, batch_size=4)
+        return {"label": label, "bytes": linear_weight_bytes(model_f32), "perplexity": ppl, "note": note,
+                **_speed(model_bf16, wrap, prompt, decode, args.new_tokens, args.reps)}
+
+    base_bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    rows = [measure("float32 (speed: bf16)", base, base_bf16)]
+    ref = rows[0]
+    configs = demo_configs() if not args.quick else demo_configs()[:1] + [StaticQuantConfig(), Int4WeightOnlyConfig(group_size=32)]
+    for config in _progress(configs, len(configs), name):
+        m32 = _quantized(base, config, calib, wrap)
+        m16 = _quantized(base_bf16, config, calib, wrap)
+        kept = [n for n, m in m32.named_modules() if isinstance(m, nn.Linear) and not isinstance(m.weight, QuantizedTensor)]
+        rows.append(measure(repr(config), m32, m16, f"{len(kept)} linear(s) left float" if kept else ""))
+        del m32, m16
+
+    aq = None
+    if not args.no_autoquant:
+        # two candidates keep the sensitivity pass to 2 model evaluations per linear (422 on SmolLM2)
+        cands = [Int4WeightOnlyConfig(group_size=32, zero_point_domain="float"), Int8WeightOnlyConfig()]
+        data = ids[: args.autoquant_windows * seq_len + 1]
+        holdout = ids[-(n_calib + args.autoquant_windows * seq_len + 1): -n_calib]
+        t0 = time.perf_counter()
+        result = autoquant(base, cands, data, budget=AUTOQUANT_BUDGET, seq_len=seq_len,
+                           max_windows=args.autoquant_windows, holdout=holdout, batch_size=4, progress_bar=None)
+        seconds = time.perf_counter() - t0
+        m32 = quantize_(copy.deepcopy(base), dict(result))
+        m16 = quantize_(copy.deepcopy(base_bf16), dict(result))
+        rows.append(measure(f"autoquant (1% budget): {result.counts()}", m32, m16,
+                            f"chosen on other windows: {result.delta_pct:+.2f}% there; held-out "
+                            f"{result.holdout_delta_pct:+.2f}%"))
+        aq = {**result.to_dict(), "seconds": seconds, "table": result.to_table()}
+        del m32, m16
+
+    for r in rows:
+        r["mb"] = r["bytes"] / 1e6
+        r["delta_pct"] = 100 * (r["perplexity"] / ref["perplexity"] - 1)
+        r["prefill_x"] = r["prefill_tps"] / ref["prefill_tps"]
+        if "decode_tps" in r:
+            r["decode_x"] = r["decode_tps"] / ref["decode_tps"]
+    return {"model": name, "seq_len": seq_len, "windows": args.windows, "rows": rows, "autoquant": aq,
+            "seconds": time.perf_counter() - t_start}
 
 
-def _grouped(model: nn.Module, config: QuantConfig, group: int) -> dict:
-    """``config`` on every linear whose in_features splits into groups of ``group``; the others stay float."""
-    return {**dict.fromkeys(_unsplittable(model, group)), "re:.*": config}
+def table(res: dict) -> str:
+    from tabulate import tabulate
 
-
-def _configs(model: nn.Module, amax: dict[str, float]) -> list[tuple[str, QuantConfig | dict]]:
-    group = _GROUP
-    static = {n: Int8StaticActivationInt8WeightConfig(act_scale=max(a, 1e-8) / 127) for n, a in amax.items()}
-    rows = [
-        ("Int8WeightOnlyConfig()", Int8WeightOnlyConfig()),
-        (f"Int8WeightOnlyConfig(PerGroup({group}))", _grouped(model, Int8WeightOnlyConfig(PerGroup(group)), group)),
-        ("Int8DynamicActivationInt8WeightConfig()", Int8DynamicActivationInt8WeightConfig()),
-        ("Int8DynamicActivationInt8WeightConfig(act_symmetric=False)",
-         Int8DynamicActivationInt8WeightConfig(act_symmetric=False)),
-        ("Int8StaticActivationInt8WeightConfig(act_scale=amax/127)", static),
-    ]
-    for config in (
-        Int4WeightOnlyConfig(group_size=32),
-        Int4WeightOnlyConfig(group_size=128),
-        Int4WeightOnlyConfig(group_size=32, symmetric=True),
-        Int8DynamicActivationInt4WeightConfig(),
-        Float8DynamicActivationInt4WeightConfig(group_size=32),
-    ):
-        rows.append((repr(config), _grouped(model, config, config.group_size)))
-    rows += [
-        ("Float8WeightOnlyConfig()", Float8WeightOnlyConfig()),
-        ("Float8DynamicActivationFloat8WeightConfig()", Float8DynamicActivationFloat8WeightConfig()),
-        ("Float8DynamicActivationFloat8WeightConfig(PerRow())", Float8DynamicActivationFloat8WeightConfig(PerRow())),
-    ]
-    return rows
+    body = []
+    for r in res["rows"]:
+        decode = f"{r['decode_tps']:.1f} ({r['decode_x']:.2f}x)" if "decode_tps" in r else "-"
+        body.append([r["label"], f"{r['mb']:.2f}", f"{r['perplexity']:.3f}",
+                     "-" if r is res["rows"][0] else f"{r['delta_pct']:+.2f}%",
+                     f"{r['prefill_tps']:,.0f} ({r['prefill_x']:.2f}x)", decode, r["note"]])
+    headers = ["config", "linear MB", "perplexity", "delta", "prefill tok/s (vs bf16)", "decode tok/s (vs bf16)", "note"]
+    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True,
+                    colalign=("left", "right", "right", "right", "right", "right", "left"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lowbit.eval.demo", description=__doc__)
-    parser.add_argument("--windows", type=int, default=128, help="perplexity windows (default 128)")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per window, at most 128 (default 128)")
-    parser.add_argument("--calib-windows", type=int, default=8, help="static calibration windows (default 8)")
-    parser.add_argument("--reps", type=int, default=30, help="timed forward passes of 1 x seq-len (default 30)")
+    parser = argparse.ArgumentParser(prog="python -m lowbit.eval.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--windows", type=int, default=8, help="scored perplexity windows (default 8)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    parser.add_argument("--calib-windows", type=int, default=4, help="static calibration windows (default 4)")
+    parser.add_argument("--prefill", type=int, default=128, help="prefill length in tokens (default 128)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="decoded tokens (default 16; 0: no decode)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions, median (default 3)")
+    parser.add_argument("--autoquant-windows", type=int, default=2,
+                        help="windows autoquant decides on, and held-out windows it is checked on (default 2)")
+    parser.add_argument("--no-autoquant", action="store_true", help="skip the mixed-precision search")
+    parser.add_argument("--quick", action="store_true", help="three configs only (CI's reduced mode)")
+    parser.add_argument("--out", type=Path, default=Path("lowbit-demo"), help="output folder (default ./lowbit-demo)")
     args = parser.parse_args(argv)
-    from tabulate import tabulate  # the demo's own dependency (the dev/demo extras); fail before any work
-    for name in ("windows", "seq_len", "calib_windows", "reps"):
+    for name in ("windows", "seq_len", "calib_windows", "prefill", "reps", "autoquant_windows"):
         if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.seq_len > 128:
-        parser.error("--seq-len must be at most 128 (glassllm's max_len)")
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.new_tokens < 0:
+        parser.error("--new-tokens must be >= 0")
+    from tabulate import tabulate  # noqa: F401  (the demo's own dependency: fail before any work)
 
-    ids = torch.tensor(glassllm_tokenizer().encode(eval_text()))
-    # Calibration windows come from the end of the text, away from the evaluation windows.
-    n_calib = args.calib_windows * args.seq_len
-    if ids.numel() < n_calib + args.seq_len + 1:
-        parser.error("--calib-windows x --seq-len leaves no text to evaluate on")
-    calib = ids[-n_calib:].view(args.calib_windows, args.seq_len)
-    evaluate = ids[:-n_calib]
-    timing = evaluate[: args.seq_len]
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"lowbit demo: torch {torch.__version__}, {torch.get_num_threads()} threads; accuracy in float32, "
+          f"speed in bf16 eager (medians of {args.reps})")
+    results, md = {}, ["# lowbit demo", ""]
+    for name in args.models:
+        res = run_model(name, args)
+        results[name] = res
+        text = table(res)
+        print(text)
+        if res["autoquant"]:
+            print(res["autoquant"]["table"])
+        md += [f"## {name} ({res['windows']} x {res['seq_len']} tokens, {res['seconds']:.0f} s)", "", text, ""]
+        try:
+            from lowbit.eval.plot import plot_tradeoff
 
-    base = load_glassllm(torch.float32)
-    n_windows = min(args.windows, (evaluate.numel() - 1) // args.seq_len)
-    print(f"glassllm-en ({sum(p.numel() for p in base.parameters()):,} params), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; text: pydoc_data.topics, {n_windows} windows x {args.seq_len} tokens; "
-          f"speed: median of {args.reps} forward passes of 1 x {args.seq_len}")
-    ref_bytes = linear_weight_bytes(base)
-    ref_ppl = perplexity(base, evaluate, args.seq_len, args.windows)
-    ref_tps = _tokens_per_s(base, timing, args.reps)
-    rows = [["fp32", f"{ref_bytes:,}", "1.00x", f"{ref_ppl:.2f}", "-", f"{ref_tps:,.0f}"]]
-
-    amax = calibrate_act_amax(base, calib)
-    for label, config in _configs(base, amax):
-        model = quantize_(copy.deepcopy(base), config)
-        nbytes = linear_weight_bytes(model)
-        ppl = perplexity(model, evaluate, args.seq_len, args.windows)
-        rows.append([
-            label, f"{nbytes:,}", f"{nbytes / ref_bytes:.2f}x", f"{ppl:.2f}",
-            f"{100 * (ppl / ref_ppl - 1):+.2f}%", f"{_tokens_per_s(model, timing, args.reps):,.0f}",
-        ])
-
-    headers = ["config", "linear weight bytes", "vs fp32", "perplexity", "delta ppl", "tokens/s"]
-    print(tabulate(rows, headers=headers, colalign=("left",) + ("right",) * 5, disable_numparse=True))
-    skipped = _unsplittable(base, _GROUP)
-    if skipped:
-        print(f"PerGroup({_GROUP}) and the int4 configs leave {len(skipped)} layers in fp32 (in_features not "
-              f"divisible by the group size): {', '.join(skipped)}")
+            png = plot_tradeoff(res["rows"][1:], args.out / f"{name}.png", speed_key="prefill_x",
+                                speed_label="prefill speed vs bf16 (x)", budget_pct=100 * AUTOQUANT_BUDGET,
+                                title=f"{name}: perplexity change vs weight size and speed")
+            md += [f"![{name}]({png.name})", ""]
+        except ImportError as e:
+            print(f"(no plot: {e})")
+    (args.out / "demo.json").write_text(json.dumps(results, indent=1, default=str))
+    (args.out / "demo.md").write_text("\n".join(md))
+    print(f"\nwrote {args.out.resolve()}/demo.json, demo.md and one PNG per model")
     return 0
 
 
