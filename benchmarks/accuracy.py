@@ -55,6 +55,7 @@ import importlib
 import importlib.util
 import json
 import math
+import re
 import os
 import platform
 import sys
@@ -130,9 +131,9 @@ def _text() -> str:
 def load_glassllm_case():
     from lowbit.eval.glassllm import glassllm_tokenizer, load_glassllm
 
-    model = load_glassllm(torch.float32).eval()
+    model = load_glassllm(torch.float32, attention="eager").eval()  # an nn.Softmax static configs quantize
     ids = torch.tensor(glassllm_tokenizer().encode(_text()))
-    return model, ids, {"name": "glassllm-en", "source": "glassllm==0.1.0 (fp16 npz, loaded as float32)",
+    return model, ids, {"name": "glassllm-en", "source": "glassllm==0.1.0 (fp16 npz, loaded as float32; eager attention)",
                         "max_seq_len": 128}
 
 
@@ -173,7 +174,32 @@ def configs():
         lb.Float8DynamicActivationFloat8WeightConfig(lb.PerRow()),
         lb.Float8DynamicActivationInt4WeightConfig(),
         lb.Float8DynamicActivationInt4WeightConfig(group_size=64),
+        # calibrated (lowbit.static): CALIB_WINDOWS windows from the END of the text, disjoint from the scored ones
+        lb.StaticQuantConfig(),
+        lb.StaticQuantConfig(act_symmetric=False),
+        lb.StaticQuantConfig(observer="percentile"),
+        lb.StaticQuantConfig("float8_e4m3fn"),
+        lb.SmoothQuantConfig(),
+        lb.SmoothQuantConfig(alpha=0.8),
+        lb.SmoothQuantConfig(lb.Int8DynamicActivationInt8WeightConfig()),
     ]
+
+
+CALIB_WINDOWS = 8
+
+
+def calibrate(model: nn.Module, recipe, ids: torch.Tensor, seq_len: int, run_model) -> nn.Module:
+    """``lowbit.static`` prepare -> CALIB_WINDOWS windows from the end of ``ids`` -> convert."""
+    from lowbit.static import convert, prepare
+
+    n = CALIB_WINDOWS * seq_len
+    batches = ids[-n:].view(CALIB_WINDOWS, seq_len).split(4)
+    prepare(model, recipe)
+    runner = run_model(model)
+    with torch.no_grad():
+        for b in batches:
+            runner(b)
+    return convert(model)
 
 
 def split_rule(config) -> tuple[int, bool] | None:
@@ -284,7 +310,9 @@ def _jsonable(x: float):
     return x if math.isfinite(x) else None
 
 
-def evaluate_model(key: str, windows: int, seq_len: int, batch_size: int) -> dict:
+def evaluate_model(key: str, windows: int, seq_len: int, batch_size: int, only: str | None = None) -> dict:
+    import lowbit as lb
+
     from lowbit import quantize_
     from lowbit.eval.perplexity import perplexity
 
@@ -316,11 +344,15 @@ def evaluate_model(key: str, windows: int, seq_len: int, batch_size: int) -> dic
         "note": "", "seconds": round(ref_s, 2),
     }]
 
-    todo = rows_for(base, key)
+    todo = [row for row in rows_for(base, key) if only is None or re.search(only, row[0])]
     bar, say = _progress(todo, len(todo), info["name"])
     for i, (label, arg, note) in enumerate(bar, 1):
         t0 = time.perf_counter()
-        model = quantize_(copy.deepcopy(base), arg)
+        if isinstance(arg, (lb.StaticQuantConfig, lb.SmoothQuantConfig)):
+            model = calibrate(copy.deepcopy(base), arg, ids, seq_len, run_model)
+            note = (note + "; " if note else "") + f"calibrated on {CALIB_WINDOWS} windows from the end of the text"
+        else:
+            model = quantize_(copy.deepcopy(base), arg)
         stats = linear_stats(model)
         ppl = perplexity(run_model(model), ids, seq_len, n_windows, batch_size=batch_size)
         seconds = time.perf_counter() - t0
@@ -436,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"tokens per window, like --windows "
                              f"(default: {', '.join(f'{k} {v[1]}' for k, v in DEFAULTS.items())})")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument("--only", default=None, metavar="REGEX",
+                        help="run only the configs whose label matches (re.search), e.g. 'Static|Smooth'")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-ext", action="store_true",
                         help="set LOWBIT_NO_EXT=1: lowbit's PyTorch paths instead of its C++ kernels")
@@ -478,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "batch_size": args.batch_size, "dtype": "float32"},
            "models": {}}
     for key in models:
-        out["models"][key] = evaluate_model(key, windows[key], seq_lens[key], args.batch_size)
+        out["models"][key] = evaluate_model(key, windows[key], seq_lens[key], args.batch_size, args.only)
     out.update(_kernels())
     out["runtime_s"] = round(time.perf_counter() - t_start, 1)
 
