@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+
 import dataclasses
+import math
 import types
 from dataclasses import dataclass
 from typing import Callable
@@ -48,6 +50,22 @@ class QuantConfig:
             if default is dataclasses.MISSING or value != default:
                 parts.append(f"{f.name}={value!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def check_act_scale_field(config: "QuantConfig") -> None:
+    """Normalize ``config.act_scale`` (a number or a one-element tensor) to a positive finite float.
+
+    Raises:
+        ValueError: several elements, or not a positive finite number (bools included).
+    """
+    name, a = type(config).__name__, config.act_scale
+    if isinstance(a, torch.Tensor):
+        if a.numel() != 1:
+            raise ValueError(f"{name}(act_scale=...) must be one number, got shape {tuple(a.shape)}")
+        a = float(a)
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
+        raise ValueError(f"{name}(act_scale={a!r}) must be a positive finite float")
+    object.__setattr__(config, "act_scale", float(a))
 
 
 def check_kernel_field(config: "QuantConfig") -> None:

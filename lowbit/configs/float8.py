@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from lowbit.configs.base import QuantConfig, check_kernel_field, float_weight, register_handler, swap_weight
+from lowbit.configs.base import QuantConfig, check_act_scale_field, check_kernel_field, float_weight, register_handler, swap_weight
 from lowbit.granularity import Granularity, PerRow, PerTensor, PerToken
 from lowbit.kernels.preference import KernelPreference
 from lowbit.spec import QuantSpec
@@ -86,15 +85,7 @@ class Float8StaticActivationFloat8WeightConfig(QuantConfig):
     kernel: KernelPreference = KernelPreference.AUTO
 
     def __post_init__(self):
-        name = type(self).__name__
-        if isinstance(self.act_scale, torch.Tensor):
-            if self.act_scale.numel() != 1:
-                raise ValueError(f"{name}(act_scale=...) must be one number, got shape {tuple(self.act_scale.shape)}")
-            object.__setattr__(self, "act_scale", float(self.act_scale))
-        a = self.act_scale
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
-            raise ValueError(f"{name}(act_scale={a!r}) must be a positive finite float")
-        object.__setattr__(self, "act_scale", float(a))
+        check_act_scale_field(self)
         _check(self)
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from lowbit.configs.base import QuantConfig, check_kernel_field, float_weight, register_handler, swap_weight
+from lowbit.configs.base import QuantConfig, check_act_scale_field, check_kernel_field, float_weight, register_handler, swap_weight
 from lowbit.granularity import Granularity, PerGroup, PerRow, PerTensor, PerToken
 from lowbit.kernels.preference import KernelPreference
 from lowbit.spec import QuantSpec
@@ -80,13 +79,7 @@ class Int8StaticActivationInt8WeightConfig(QuantConfig):
 
     def __post_init__(self):
         name = type(self).__name__
-        if isinstance(self.act_scale, torch.Tensor):
-            if self.act_scale.numel() != 1:
-                raise ValueError(f"{name}(act_scale=...) must be one number, got shape {tuple(self.act_scale.shape)}")
-            object.__setattr__(self, "act_scale", float(self.act_scale))
-        if not isinstance(self.act_scale, (int, float)) or not math.isfinite(self.act_scale) or self.act_scale <= 0:
-            raise ValueError(f"{name}(act_scale={self.act_scale!r}) must be a positive finite float")
-        object.__setattr__(self, "act_scale", float(self.act_scale))
+        check_act_scale_field(self)
         if isinstance(self.act_zero_point, torch.Tensor):
             object.__setattr__(self, "act_zero_point", int(self.act_zero_point))
         zp = self.act_zero_point
