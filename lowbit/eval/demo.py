@@ -2,8 +2,8 @@
 
 For SmolLM2-135M-Instruct and glassllm-en (both real weights; text: Python's ``pydoc_data.topics``):
 linear weight MB, perplexity change vs float32, prefill and decode tokens/s vs bf16 (eager, 2
-threads, medians), the ``autoquant`` mixed-precision choice within a 1% perplexity budget, and a
-PNG of accuracy vs size and speed per model. Static configs are calibrated with ``lowbit.static``
+threads, medians), the ``autoquant`` mixed-precision choice within a 1% perplexity budget (glassllm;
+SmolLM2 with ``--autoquant-all``), and a PNG of accuracy vs size and speed per model. Static configs are calibrated with ``lowbit.static``
 on windows from the end of the text, disjoint from the scored ones. Writes ``demo.json``,
 ``demo.md`` and ``<model>.png`` under ``--out`` and prints where.
 
@@ -183,7 +183,7 @@ def run_model(name: str, args) -> dict:
     scored = ids[: args.windows * seq_len + 1]
     prompt = ids[: min(args.prefill, max_len)]
     decode = can_decode and args.new_tokens > 0
-    print(f"\n== {name}: {sum(p.numel() for p in base.parameters()):,} params; perplexity on {args.windows} x "
+    print(f"\n== {name} (loaded in {time.perf_counter() - t_start:.1f} s): {sum(p.numel() for p in base.parameters()):,} params; perplexity on {args.windows} x "
           f"{seq_len} tokens of pydoc_data.topics; calibration {args.calib_windows} x {seq_len} from its end")
 
     def measure(label: str, model_f32: nn.Module, model_bf16: nn.Module, note: str = "") -> dict:
@@ -195,15 +195,18 @@ def run_model(name: str, args) -> dict:
     rows = [measure("float32 (speed: bf16)", base, base_bf16)]
     ref = rows[0]
     configs = demo_configs() if not args.quick else demo_configs()[:1] + [StaticQuantConfig(), Int4WeightOnlyConfig(group_size=32)]
-    for config in _progress(configs, len(configs), name):
+    for i, config in enumerate(_progress(configs, len(configs), name), 1):
+        t0 = time.perf_counter()
         m32 = _quantized(base, config, calib, wrap)
         m16 = _quantized(base_bf16, config, calib, wrap)
         kept = [n for n, m in m32.named_modules() if isinstance(m, nn.Linear) and not isinstance(m.weight, QuantizedTensor)]
         rows.append(measure(repr(config), m32, m16, f"{len(kept)} linear(s) left float" if kept else ""))
+        print(f"  [{i}/{len(configs)}] {config!r}: {time.perf_counter() - t0:.1f} s", flush=True)
         del m32, m16
 
     aq = None
-    if not args.no_autoquant:
+    if not args.no_autoquant and (name == "glassllm" or args.autoquant_all):
+        print("  autoquant (1% budget): sensitivity of every linear, then measured choices ...", flush=True)
         # two candidates keep the sensitivity pass to 2 model evaluations per linear (422 on SmolLM2)
         cands = [Int4WeightOnlyConfig(group_size=32, zero_point_domain="float"), Int8WeightOnlyConfig()]
         data = ids[: args.autoquant_windows * seq_len + 1]
@@ -256,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autoquant-windows", type=int, default=2,
                         help="windows autoquant decides on, and held-out windows it is checked on (default 2)")
     parser.add_argument("--no-autoquant", action="store_true", help="skip the mixed-precision search")
+    parser.add_argument("--autoquant-all", action="store_true",
+                        help="autoquant on SmolLM2 too (its sensitivity pass is 422 model evaluations: many minutes "
+                             "on 2 cores); by default only on glassllm")
     parser.add_argument("--quick", action="store_true", help="three configs only (CI's reduced mode)")
     parser.add_argument("--out", type=Path, default=Path("lowbit-demo"), help="output folder (default ./lowbit-demo)")
     args = parser.parse_args(argv)
