@@ -787,7 +787,7 @@ def main() -> None:
     p.add_argument("--models", default=None, help="comma list of smollm2, llama1b (default both; --quick: llama1b)")
     p.add_argument("--configs", default="all", help=f"comma list of {', '.join(keys)}; or all, lowbit, peers")
     p.add_argument("--compile-configs", default=",".join(DEFAULT_COMPILED),
-                   help="the configs that also run compiled (default %(default)s; all: every config that can)")
+                   help="the configs that also run compiled (default %(default)s; all: every config that can; none)")
     p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
     p.add_argument("--workloads", default="decode,prefill", help="comma list of decode, prefill")
     p.add_argument("--new-tokens", type=int, default=32, help="decode tokens per sample (default 32)")
@@ -828,7 +828,7 @@ def main() -> None:
     args.models, args.modes, args.workloads = (x.split(",") for x in (args.models, args.modes, args.workloads))
     args.profile_steps = min(args.profile_steps, args.new_tokens - 2)
     for flag in ("configs", "compile_configs"):
-        unknown = set(getattr(args, flag).split(",")) - set(keys) - {"all", "lowbit", "peers"}
+        unknown = set(getattr(args, flag).split(",")) - set(keys) - {"all", "lowbit", "peers", "none"}
         if unknown:
             p.error(f"--{flag.replace('_', '-')}: unknown {sorted(unknown)}; allowed: {keys}, all, lowbit, peers")
     variants = _select(args.configs)
