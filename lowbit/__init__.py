@@ -22,6 +22,7 @@ from lowbit.quantize import quantize_
 from lowbit.static import SmoothQuantConfig, StaticQuantConfig
 from lowbit.qat import QATConfig
 from lowbit.serialization import load, save
+from lowbit.pretrained import from_pretrained, quantize_pretrained, save_pretrained
 from lowbit.eval.autoquant import autoquant
 
 __version__ = "0.1.0"
@@ -60,5 +61,8 @@ __all__ = [
     "QATConfig",
     "save",
     "load",
+    "save_pretrained",
+    "from_pretrained",
+    "quantize_pretrained",
     "autoquant",
 ]

@@ -37,7 +37,20 @@ from lowbit.tensors.float8_tensor import Float8Tensor
 from lowbit.tensors.int4_tensor import Int4Tensor
 from lowbit.tensors.int8_tensor import Int8Tensor
 
-__all__ = ["save", "load", "FORMAT_VERSION", "register_safe_globals"]
+__all__ = [
+    "save",
+    "load",
+    "FORMAT_VERSION",
+    "register_safe_globals",
+    "flatten_tensor",
+    "file_header",
+    "read_header",
+    "read_state",
+    "apply_state",
+    "check_format_version",
+    "encode_config",
+    "decode_config",
+]
 
 FORMAT_VERSION = 1
 _TENSOR_CLASSES: dict[str, type[QuantizedTensor]] = {c.__name__: c for c in (Int8Tensor, Int4Tensor, Float8Tensor)}
@@ -100,6 +113,44 @@ def _decode(v, classes):
 # --- safetensors ------------------------------------------------------------------------------
 
 
+def flatten_tensor(key: str, t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The plain tensors that store state entry ``key`` and, for a quantized tensor, its metadata entry.
+
+    A quantized tensor ``w`` becomes ``{"w:qdata": ..., "w:scale": ...}`` plus an entry naming its
+    class, shape, dtype and attributes; a plain tensor is stored under its own key (entry None).
+    """
+    if isinstance(t, QuantizedTensor):
+        names, (attrs, dtype) = t.__tensor_flatten__()
+        entry = {
+            "class": type(t).__name__,
+            "shape": list(t.shape),
+            "dtype": _encode(dtype),
+            "attributes": {n: _encode(a) for n, a in zip(t.tensor_attribute_names, attrs)},
+            "tensors": names,
+        }
+        return {f"{key}:{n}": getattr(t, n).detach().contiguous().cpu() for n in names}, entry
+    return {key: t.detach().contiguous().cpu()}, None
+
+
+def encode_config(config) -> dict:
+    """A config as the JSON the checkpoint metadata stores (``decode_config`` reverses it)."""
+    return _encode(config)
+
+
+def decode_config(value: dict):
+    """The config (or spec, granularity) a checkpoint's JSON describes.
+
+    Raises:
+        ValueError: it names a class this lowbit does not know.
+    """
+    return _decode(value, _dataclasses())
+
+
+def file_header(entries: dict[str, dict], modules: dict[str, dict]) -> dict[str, str]:
+    """The safetensors metadata of a lowbit file: format version, tensor entries, module configs."""
+    return {"lowbit": json.dumps({"format_version": FORMAT_VERSION, "entries": entries, "modules": modules})}
+
+
 def save(model: nn.Module, path: str | Path) -> None:
     """Write ``model``'s state (quantized or not) to a safetensors file with lowbit metadata.
 
@@ -111,27 +162,101 @@ def save(model: nn.Module, path: str | Path) -> None:
     entries: dict[str, dict] = {}
     seen: dict[tuple, str] = {}
     for key, t in model.state_dict().items():
-        if isinstance(t, QuantizedTensor):
-            names, (attrs, dtype) = t.__tensor_flatten__()
-            entries[key] = {
-                "class": type(t).__name__,
-                "shape": list(t.shape),
-                "dtype": _encode(dtype),
-                "attributes": {n: _encode(a) for n, a in zip(t.tensor_attribute_names, attrs)},
-                "tensors": names,
-            }
-            for n in names:
-                tensors[f"{key}:{n}"] = getattr(t, n).detach().contiguous().cpu()
-            continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() and ident in seen:  # tied weights: store once, point the alias at it
-            entries[key] = {"alias": seen[ident]}
-            continue
-        seen[ident] = key
-        tensors[key] = t.detach().contiguous().cpu()
+        if not isinstance(t, QuantizedTensor):
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if t.numel() and ident in seen:  # tied weights: store once, point the alias at it
+                entries[key] = {"alias": seen[ident]}
+                continue
+            seen[ident] = key
+        plain, entry = flatten_tensor(key, t)
+        tensors.update(plain)
+        if entry is not None:
+            entries[key] = entry
     modules = {fqn: _encode(m.lowbit_config) for fqn, m in model.named_modules() if hasattr(m, "lowbit_config")}
-    header = {"format_version": FORMAT_VERSION, "entries": entries, "modules": modules}
-    save_file(tensors, str(path), metadata={"lowbit": json.dumps(header)})
+    save_file(tensors, str(path), metadata=file_header(entries, modules))
+
+
+def read_header(path: str | Path) -> dict:
+    """The lowbit metadata of a file written by ``save`` (or a shard of ``save_pretrained``), checked.
+
+    Raises:
+        ValueError: no lowbit metadata, or a format version newer than this lowbit reads.
+    """
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+    if "lowbit" not in meta:
+        raise ValueError(f"{path} has no lowbit metadata: it was not written by lowbit")
+    header = json.loads(meta["lowbit"])
+    check_format_version(header.get("format_version"), path)
+    return header
+
+
+def check_format_version(version, path) -> None:
+    """Raise ValueError unless ``version`` is a format version this lowbit reads."""
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has lowbit format_version={version!r}; this lowbit ({_lowbit_version()}) reads versions "
+            f"1..{FORMAT_VERSION}: upgrade lowbit"
+        )
+
+
+def _lowbit_version() -> str:
+    import lowbit
+
+    return getattr(lowbit, "__version__", "?")
+
+
+def read_state(paths: list[str | Path], *, device: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """``(state_dict, module_configs)`` rebuilt from one lowbit file or the shards of one checkpoint.
+
+    Each file is opened, read and closed in turn (a mapped file is not kept open), aliases may point
+    into another shard.
+
+    Raises:
+        ValueError: a file without lowbit metadata, a newer format version, an unknown class, or a
+            tensor the metadata names but no file holds.
+    """
+    raw: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    modules: dict[str, dict] = {}
+    for path in paths:
+        header = read_header(path)
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for k in f.keys():
+                raw[k] = f.get_tensor(k)
+        entries.update(header["entries"])
+        modules.update(header["modules"])
+    classes = _dataclasses()
+    where = paths[0] if len(paths) == 1 else Path(paths[0]).parent
+    state: dict[str, torch.Tensor] = {k: v for k, v in raw.items() if ":" not in k}
+    for key, entry in entries.items():
+        if "alias" in entry:
+            continue
+        cls = _TENSOR_CLASSES.get(entry["class"])
+        if cls is None:
+            raise ValueError(f"{where}: tensor {key!r} has class {entry['class']!r}, unknown to this lowbit")
+        missing = [n for n in entry["tensors"] if f"{key}:{n}" not in raw]
+        if missing:
+            raise ValueError(f"{where}: tensor {key!r} lacks its parts {missing}: a shard is missing or truncated")
+        inner = {n: raw.pop(f"{key}:{n}") for n in entry["tensors"]}
+        attrs = {n: _decode(a, classes) for n, a in entry["attributes"].items()}
+        state[key] = cls(shape=entry["shape"], dtype=_decode(entry["dtype"], classes), **inner, **attrs)
+    for key, entry in entries.items():
+        if "alias" in entry:
+            if entry["alias"] not in state:
+                raise ValueError(f"{where}: {key!r} is an alias of {entry['alias']!r}, which no file holds")
+            state[key] = state[entry["alias"]]
+    configs = {fqn: _decode(c, classes) for fqn, c in modules.items()}
+    return state, configs
+
+
+def apply_state(model: nn.Module, state: dict, configs: dict, *, strict: bool = True) -> nn.Module:
+    """Assign ``state`` (from ``read_state``) to ``model`` and give each quantized module its config."""
+    model.load_state_dict(state, strict=strict, assign=True)
+    for fqn, config in configs.items():
+        module = model.get_submodule(fqn)
+        swap_weight(module, state[f"{fqn}.weight" if fqn else "weight"], config)
+    return model
 
 
 def load(model: nn.Module, path: str | Path, *, device: str | torch.device = "cpu", strict: bool = True) -> nn.Module:
@@ -143,34 +268,8 @@ def load(model: nn.Module, path: str | Path, *, device: str | torch.device = "cp
     Raises:
         ValueError: not a lowbit file, a newer format version, or an unknown class.
     """
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        if "lowbit" not in meta:
-            raise ValueError(f"{path} has no lowbit metadata: it was not written by lowbit.save")
-        header = json.loads(meta["lowbit"])
-        version = header.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has format_version={version!r}; this lowbit reads versions 1..{FORMAT_VERSION}: upgrade lowbit"
-            )
-        raw = {k: f.get_tensor(k) for k in f.keys()}
-    classes = _dataclasses()
-    state: dict[str, torch.Tensor] = {k: v for k, v in raw.items() if ":" not in k}
-    for key, entry in header["entries"].items():
-        if "alias" in entry:
-            state[key] = state[entry["alias"]]
-            continue
-        cls = _TENSOR_CLASSES.get(entry["class"])
-        if cls is None:
-            raise ValueError(f"{path}: tensor {key!r} has class {entry['class']!r}, unknown to this lowbit")
-        inner = {n: raw[f"{key}:{n}"] for n in entry["tensors"]}
-        attrs = {n: _decode(a, classes) for n, a in entry["attributes"].items()}
-        state[key] = cls(shape=entry["shape"], dtype=_decode(entry["dtype"], classes), **inner, **attrs)
-    model.load_state_dict(state, strict=strict, assign=True)
-    for fqn, config in header["modules"].items():
-        module = model.get_submodule(fqn)
-        swap_weight(module, state[f"{fqn}.weight" if fqn else "weight"], _decode(config, classes))
-    return model
+    state, configs = read_state([path], device=device)
+    return apply_state(model, state, configs, strict=strict)
 
 
 register_safe_globals()

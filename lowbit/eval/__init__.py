@@ -12,6 +12,8 @@ from lowbit.eval.models import (
     TEXTS,
     SentenceEncoder,
     load_glassllm_hf,
+    glassllm_hf_tokenizer,
+    save_glassllm_hf,
     load_minilm,
     load_mnist_cnn,
     load_smollm2,
@@ -21,6 +23,6 @@ from lowbit.eval.models import (
 
 __all__ = ["sqnr", "perplexity", "load_glassllm", "glassllm_tokenizer", "eval_text"]
 __all__ += ["embedding_cosine", "classifier_agreement"]
-__all__ += ["load_glassllm_hf", "load_smollm2", "smollm2_cache_dir", "SMOLLM2_GGUF", "load_minilm", "SentenceEncoder",
+__all__ += ["load_glassllm_hf", "glassllm_hf_tokenizer", "save_glassllm_hf", "load_smollm2", "smollm2_cache_dir", "SMOLLM2_GGUF", "load_minilm", "SentenceEncoder",
             "load_mnist_cnn", "load_text", "TEXTS"]
 __all__ += ["layer_sqnr", "sensitivity_report", "SensitivityReport", "autoquant", "AutoQuantResult", "plot_tradeoff"]

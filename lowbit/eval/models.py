@@ -28,6 +28,8 @@ __all__ = [
     "TEXTS",
     "SentenceEncoder",
     "load_glassllm_hf",
+    "glassllm_hf_tokenizer",
+    "save_glassllm_hf",
     "load_minilm",
     "load_mnist_cnn",
     "load_smollm2",
@@ -135,6 +137,47 @@ def load_glassllm_hf():
     """
     _require("load_glassllm_hf", "transformers", "numpy", "glassllm")
     return copy.deepcopy(_glassllm_hf())
+
+
+def glassllm_hf_tokenizer():
+    """glassllm's BPE as a transformers ``PreTrainedTokenizerFast`` (same ids as glassllm's own encoder).
+
+    glassllm normalizes to NFC, writes spaces as ``"\u2581"``, splits into chunks merges cannot cross
+    (newline / optional markers + a word / runs of markers) and applies its merges by rank: a
+    ``tokenizers`` BPE with that normalizer and a regex split does exactly this (equal ids on the
+    pydoc, Shakespeare and Britannica texts, tested). No BOS/EOS is added.
+
+    Raises:
+        ImportError: ``transformers`` or ``glassllm`` is missing.
+    """
+    _require("glassllm_hf_tokenizer", "transformers", "glassllm")
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lowbit.eval.glassllm import glassllm_tokenizer
+
+    g = glassllm_tokenizer()
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(g.vocab)}, merges=[tuple(m) for m in g.merges],
+                     unk_token="<unk>")
+    tk = Tokenizer(bpe)
+    tk.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(" ", "\u2581")])
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\u2581*[^\u2581\n]+|\u2581+"), behavior="isolated")
+    tk.decoder = decoders.Replace("\u2581", " ")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eos>", model_max_length=128)
+
+
+def save_glassllm_hf(path: str | Path) -> Path:
+    """Write glassllm-en as a transformers model directory (float32 safetensors, config, tokenizer).
+
+    The directory loads with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``
+    and is what the ``lowbit`` command's tests quantize. Returns ``path``.
+    """
+    model, _ = load_glassllm_hf()
+    path = Path(path)
+    model.save_pretrained(path)
+    glassllm_hf_tokenizer().save_pretrained(path)
+    return path
 
 
 # --- SmolLM2-135M-Instruct ----------------------------------------------------------------------
