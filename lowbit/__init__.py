@@ -25,7 +25,7 @@ from lowbit.serialization import load, save
 from lowbit.pretrained import from_pretrained, quantize_pretrained, save_pretrained
 from lowbit.eval.autoquant import autoquant
 
-__version__ = "0.1.0"
+from lowbit.version import __version__
 
 __all__ = [
     "QDType",

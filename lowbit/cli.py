@@ -239,7 +239,7 @@ def _mb(n: int) -> str:
 
 
 def cmd_quantize(args) -> dict:
-    from lowbit.pretrained import quantize_pretrained
+    from lowbit.pretrained import quantize_pretrained, summarize_configs
 
     src = _existing_dir(args.model_dir)
     (config,) = _configs_from(args)
@@ -248,7 +248,7 @@ def cmd_quantize(args) -> dict:
     summary = quantize_pretrained(src, args.out, config, skip=skip, dtype=args.dtype, overwrite=args.overwrite,
                                   max_shard_bytes=int(args.max_shard_mb * 2**20), progress=not args.quiet)
     result = summary.to_dict()
-    result["configs"] = _counts(summary.configs)
+    result["configs"] = summarize_configs(summary.configs)
     _say(args, f"lowbit: wrote {summary.out_dir} ({len(summary.shards)} shard(s))")
     if not args.json:
         print(f"quantized {len(summary.configs)} linears ({', '.join(f'{n} x {c}' for c, n in result['configs'].items())})"
@@ -258,13 +258,6 @@ def cmd_quantize(args) -> dict:
               f"{summary.seconds:.1f} s ({summary.quantize_seconds:.1f} s quantizing)")
         print(f"load it: lowbit.from_pretrained({str(summary.out_dir)!r})")
     return result
-
-
-def _counts(configs: dict[str, str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in configs.values():
-        out[c] = out.get(c, 0) + 1
-    return out
 
 
 def cmd_info(args) -> dict:
@@ -400,11 +393,11 @@ def cmd_report(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import lowbit
+    from lowbit.version import __version__
 
     p = _Parser(prog="lowbit", description="Quantize transformers checkpoints and measure them.",
                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"lowbit {lowbit.__version__}")
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines")
@@ -461,24 +454,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{s} must be positive")
-    return v
+def _int_at_least(low: int):
+    """An argparse type: an int >= ``low``."""
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{s} must be positive" if low == 1 else f"{s} must be >= {low}")
+        return v
+
+    return parse
 
 
-def _non_negative(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{s} must be >= 0")
-    return v
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
 _USER_ERRORS = (CLIError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError, ValueError,

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.configs.base import QuantConfig, get_handler
-from lowbit.quantize import ConfigMapping, _resolve
+from lowbit.quantize import ConfigMapping, _resolve, check_config
 from lowbit.serialization import (
     FORMAT_VERSION,
     apply_state,
@@ -258,14 +258,14 @@ def _prepare_out_dir(out_dir, source: Path | None, overwrite: bool) -> Path:
 
 
 def _write_config(out: Path, config_dict: dict, dtype: torch.dtype, shards: list[str], quantization: dict) -> None:
-    import lowbit
+    from lowbit.version import __version__
 
     config_dict = dict(config_dict)
     config_dict.pop("torch_dtype", None)
     config_dict["dtype"] = _dtype_name(dtype)
     config_dict["lowbit"] = {
         "format_version": FORMAT_VERSION,
-        "lowbit_version": lowbit.__version__,
+        "lowbit_version": __version__,
         "dtype": _dtype_name(dtype),
         "shards": shards,
         "quantization": quantization,
@@ -330,7 +330,7 @@ def save_pretrained(model: nn.Module, out_dir, tokenizer=None, *, max_shard_byte
             writer.modules[fqn] = encode_config(m.lowbit_config)
     shards = writer.close()
     configs = {fqn: repr(m.lowbit_config) for fqn, m in model.named_modules() if hasattr(m, "lowbit_config")}
-    _write_config(out, config.to_dict(), dtype, shards, {"by": "save_pretrained", "modules": _summarize(configs)})
+    _write_config(out, config.to_dict(), dtype, shards, {"by": "save_pretrained", "modules": summarize_configs(configs)})
     gen = getattr(model, "generation_config", None)
     if gen is not None and hasattr(gen, "save_pretrained"):
         gen.save_pretrained(out)
@@ -351,7 +351,7 @@ def _check_shard_bytes(n) -> None:
         raise ValueError(f"max_shard_bytes={n!r} must be a positive int")
 
 
-def _summarize(configs: Mapping[str, str]) -> dict[str, int]:
+def summarize_configs(configs: Mapping[str, str]) -> dict[str, int]:
     """``{config repr: number of modules}``."""
     out: dict[str, int] = {}
     for c in configs.values():
@@ -485,16 +485,7 @@ def _selection(config, skip) -> tuple[Callable[[str], QuantConfig | None], list[
             except re.error as e:
                 raise ValueError(f"skip {s!r} is not a valid regex: {e}") from None
     skip_map = {s: None for s in skip}
-    if isinstance(config, Mapping):
-        for key, value in config.items():
-            if not isinstance(key, str):
-                raise TypeError(f"config mapping key {key!r} must be a module name or 're:<regex>'")
-            if value is not None and not isinstance(value, QuantConfig):
-                raise TypeError(f"config mapping value for {key!r} must be a config or None, got {value!r}")
-    elif not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a lowbit config or a mapping of them, got {type(config).__name__}")
-    else:
-        get_handler(config)
+    check_config(config)
 
     def choose(fqn: str) -> QuantConfig | None:
         if _resolve(skip_map, fqn)[0]:
@@ -654,7 +645,7 @@ def quantize_pretrained(
         "by": "quantize_pretrained",
         "source": str(src),
         "skip": list(skip) if isinstance(skip, (list, tuple)) else ([skip] if skip else []),
-        "modules": _summarize(configs),
+        "modules": summarize_configs(configs),
     }
     _write_config(out, config_dict, dtype, shards, quantization)
     for f in src.iterdir():
@@ -753,7 +744,7 @@ def checkpoint_info(path) -> dict:
     info.setdefault("format_version", version)
     info.update(files=[f.name for f in files], bytes=quantized_bytes + float_bytes, quantized_bytes=quantized_bytes,
                 float_bytes=float_bytes, modules=dict(sorted(modules.items(), key=lambda kv: _natural(kv[0]))),
-                configs=_summarize(modules))
+                configs=summarize_configs(modules))
     return info
 
 

@@ -29,6 +29,21 @@ def _resolve(mapping: ConfigMapping, fqn: str):
     return False, None
 
 
+def check_config(config) -> None:
+    """Raise TypeError unless ``config`` is a config with a handler or a ``{name or "re:...": config or None}``
+    mapping of them."""
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            if not isinstance(key, str):
+                raise TypeError(f"config mapping key {key!r} must be a module name or 're:<regex>'")
+            if value is not None and not isinstance(value, QuantConfig):
+                raise TypeError(f"config mapping value for {key!r} must be a config or None, got {value!r}")
+    elif not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a lowbit config or a mapping of them, got {type(config).__name__}")
+    else:
+        get_handler(config)
+
+
 def quantize_(
     model: nn.Module,
     config: QuantConfig | ConfigMapping,
@@ -58,20 +73,12 @@ def quantize_(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     filter_fn = filter_fn or _is_linear
+    check_config(config)
     if isinstance(config, Mapping):
-        for key, value in config.items():
-            if not isinstance(key, str):
-                raise TypeError(f"config mapping key {key!r} must be a module name or 're:<regex>'")
-            if value is not None and not isinstance(value, QuantConfig):
-                raise TypeError(f"config mapping value for {key!r} must be a config or None, got {value!r}")
         names = {n for n, _ in model.named_modules()}
         missing = [k for k in config if not k.startswith("re:") and k not in names]
         if missing:
             raise ValueError(f"config mapping names modules that do not exist: {missing}")
-    elif not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a lowbit config or a mapping of them, got {type(config).__name__}")
-    else:
-        get_handler(config)
 
     todo = []
     for fqn, module in model.named_modules():

@@ -201,9 +201,9 @@ def check_format_version(version, path) -> None:
 
 
 def _lowbit_version() -> str:
-    import lowbit
+    from lowbit.version import __version__
 
-    return getattr(lowbit, "__version__", "?")
+    return __version__
 
 
 def read_state(paths: list[str | Path], *, device: str | torch.device = "cpu") -> tuple[dict, dict]:

@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lowbit"
 
 # lowest first; a module may import its own layer or any earlier one
 LAYERS = [
+    "version",
     "dtypes",
     "granularity",
     "spec",
@@ -21,6 +22,7 @@ LAYERS = [
     "static",
     "qat",
     "serialization",
+    "pretrained",
     "eval",
     "cli",
 ]
