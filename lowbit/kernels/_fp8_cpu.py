@@ -20,9 +20,13 @@ module constants):
 * bf16, M <= ``GEMV_MAX_M``: fused GEMV: float8 converted to bf16 in registers (exact, a
   256-entry table via vpermt2b), vdpbf16ps with float32 accumulation, the weight streamed once;
 * bf16, M <= ``TILED_MAX_M``: 4 weight rows converted to an L1 scratch, 4x4 vdpbf16ps tiles;
-* otherwise (and bf16 above ``TILED_MAX_M``): the weight is converted in chunks of
-  ``CHUNK_ROWS`` rows into a reused buffer (bf16, or float32 for float32/float16 x) and
-  multiplied with ``at::mm`` into the output slice;
+* otherwise (and bf16 above ``TILED_MAX_M``): one parallel region in which each thread takes a
+  contiguous range of weight rows and converts it in chunks of ``CHUNK_ROWS`` rows into its own
+  reused buffer (bf16, or float32 for float32/float16 x), each chunk multiplied with a serial
+  ``at::mm`` into the output slice. (It was a parallel conversion and a parallel ``at::mm`` per
+  chunk, ~1,800 parallel regions per SmolLM2 forward at M = 512: with another process on this
+  2-core machine a region's threads wait for each other's scheduler slices, and the path ran
+  15-30x slower than idle; one region per call: 2-4x, and within 10% of it when idle.);
 * float32 / float16 x at small M: float32 FMA against the weight converted to float32.
 
 The scale is applied to the float32 accumulator (or to the output of the chunked matmul) rather

@@ -180,3 +180,47 @@ def test_empty_and_one_dim():
     assert out.shape == (8,)
     assert sqnr(_ref(x1, q, s, spec, None).float(), out.float()) >= FAST_VS_REF_DB[torch.bfloat16]
     assert float8_weight_only_linear_cpu(torch.randn(0, 64).to(torch.bfloat16), q, s).shape == (0, 8)
+
+
+@pytest.fixture
+def num_threads():
+    """Sets torch's thread count for one test and restores it after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+# The chunked path splits the weight rows over the threads of one parallel region (each thread
+# its own buffer and serial at::mm): ranges that do not divide by the thread count or the chunk
+# size, fewer rows than threads x 8 (one thread), and more threads than cores. Same bounds as
+# every path: FAST_VS_REF_DB (float32 is not bit-identical across thread counts: the BLAS picks
+# its kernel by the chunk's width).
+@pytest.mark.parametrize("xd", XD)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n, chunk", [(67, 16), (7, 256), (300, 256), (9, 4)], ids=lambda v: str(v))
+def test_chunks_split_over_threads(n, chunk, threads, xd, num_threads):
+    num_threads(threads)
+    q, s, spec, g = _data("e4m3fn", "row", n, 200)
+    x = torch.randn(40, 200, generator=g).to(XD[xd])
+    b = torch.randn(n, generator=g).to(XD[xd])
+    out = ext.fp8_linear(x, q, s, b, 0, 0, chunk)
+    assert out.shape == (40, n) and out.dtype == XD[xd]
+    assert sqnr(_ref(x, q, s, spec, b).float(), out.float()) >= FAST_VS_REF_DB[XD[xd]]
+
+
+@pytest.mark.parametrize("xd", XD)
+def test_chunks_with_an_input_that_requires_grad(xd, num_threads):
+    """The worker threads run at::mm_out on a detached input: grad mode on and an input that
+    requires grad (training through ``lowbit::float8_weight_only_linear``) must not reach autograd."""
+    from lowbit.kernels.float8 import float8_weight_only_linear
+
+    num_threads(2)
+    q, s, spec, g = _data("e4m3fn", "row", 300, 200)
+    x = torch.randn(TILED_MAX_M + 8, 200, generator=g).to(XD[xd]).requires_grad_()
+    b = torch.randn(300, generator=g).to(XD[xd]).requires_grad_()
+    out = float8_weight_only_linear(x, q, s, b, "auto")
+    assert sqnr(_ref(x.detach(), q, s, spec, b.detach()).float(), out.detach().float()) >= FAST_VS_REF_DB[XD[xd]]
+    out.float().sum().backward()
+    w = dequantize_float8(q, s, spec, output_dtype=XD[xd])
+    assert torch.allclose(x.grad.float(), w.float().sum(0).expand_as(x), rtol=1e-2, atol=1e-2)
+    assert torch.equal(b.grad, torch.full_like(b, x.shape[0]))
