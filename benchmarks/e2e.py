@@ -542,7 +542,12 @@ def plan_batches(variants: list[Variant], linear_numel: int, budget: float) -> l
 def run_model(model_key: str, variants: list[Variant], args, skipped: list, profiles: dict) -> tuple[list, dict]:
     t0 = time.time()
     base, ids, info = load_smollm2() if model_key == "smollm2" else load_llama1b(args.layers)
-    base.set_attn_implementation(args.attn)
+    if args.attn == "lowbit_sdpa":  # every variant, bf16 included, runs the same attention
+        from lowbit.pretrained import use_packed_gqa_attention
+
+        use_packed_gqa_attention(base)
+    else:
+        base.set_attn_implementation(args.attn)
     lin_numel = sum(l.weight.numel() for _, l in linears(base))
     info.update(params=sum(p.numel() for p in base.parameters()), linear_params=lin_numel,
                 bf16_bytes=C.module_weight_bytes(base)["total"], load_s=round(time.time() - t0, 1))
@@ -797,8 +802,9 @@ def main() -> None:
     p.add_argument("--quiet-wait-s", type=float, default=10.0, help="per round: wait up to this long for a quiet machine")
     p.add_argument("--sample-ms", type=float, default=200.0, help="minimum length of one timing sample")
     p.add_argument("--layers", type=int, default=16, help="llama1b decoder layers (default 16: 0.84B parameters)")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
-                   help="transformers attention implementation (default sdpa, its default)")
+    p.add_argument("--attn", default="lowbit_sdpa", choices=["lowbit_sdpa", "sdpa", "eager"],
+                   help="attention for every variant, bf16 included (default lowbit_sdpa: transformers' sdpa whose "
+                        "one-token decode step runs on the KV heads also when compiled; sdpa repeats the cache then)")
     p.add_argument("--mem-gb", type=float, default=7.0, help="memory budget used to batch the variants (default 7.0)")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the llama1b decode profiles")
     p.add_argument("--profile-steps", type=int, default=8)

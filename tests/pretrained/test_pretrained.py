@@ -280,3 +280,32 @@ def test_kept_v1_checkpoint_directory_still_loads():
         logits = model(input_ids=io_["input_ids"]).logits
     assert lowbit.sqnr(io_["logits"], logits) >= COMPAT_LOGITS_SQNR_DB
     assert checkpoint_info(data / "llama_tiny_v1")["format_version"] == 1
+
+
+# --- packed grouped-query attention ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_packed_gqa_attention_equals_sdpa_in_decode(hf, compiled):
+    """The "lowbit_sdpa" attention gives sdpa's logits over a prompt and 6 decode steps with a static cache
+    (equal in eager; compiled: equal to compiled sdpa) and keeps the mask (no mask would read empty slots)."""
+    from lowbit.pretrained import use_packed_gqa_attention
+
+    def run(impl, comp):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(hf.tiny_llama_config(True)).to(torch.bfloat16).eval()
+        if impl == "lowbit":
+            assert use_packed_gqa_attention(model) == "lowbit_sdpa"
+        cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+
+        def step(ids, pos):
+            return model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1]
+
+        fn = torch.compile(step, dynamic=False) if comp else step
+        with torch.no_grad():
+            outs = [step(_ids(1, 10), torch.arange(10))]
+            for i in range(6):
+                outs.append(fn(outs[-1].argmax(-1, keepdim=True), torch.tensor([10 + i])))
+        return torch.stack(outs)
+
+    assert torch.equal(run("lowbit", compiled), run("sdpa", compiled))
