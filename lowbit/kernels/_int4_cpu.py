@@ -76,6 +76,43 @@ def _supported(x, qdata, scale, zero_point, bias) -> bool:
     return True
 
 
+_DIRECT: list = []  # [op or None], filled on first use
+
+
+def direct_gemv_op():
+    """``torch.ops.lowbit_cpu.int4_gemv_bf16`` (the bf16 M <= 4 GEMV as a C++ dispatcher op, with a fake
+    kernel for torch.compile), or None when the extension is not available."""
+    if not _DIRECT:
+        op = None
+        if _ext.load("int4_cpu") is not None and hasattr(torch.ops, "lowbit_cpu") and hasattr(torch.ops.lowbit_cpu, "int4_gemv_bf16"):
+            op = torch.ops.lowbit_cpu.int4_gemv_bf16
+
+            @torch.library.register_fake("lowbit_cpu::int4_gemv_bf16")
+            def _(x, qdata, scale, zero_point, bias):
+                return x.new_empty(x.shape[0], qdata.shape[0])
+
+        _DIRECT.append(op)
+    return _DIRECT[0]
+
+
+def direct_gemv(x, qdata, scale, zero_point, bias) -> torch.Tensor | None:
+    """The GEMV through :func:`direct_gemv_op` when it applies: CPU bf16 ``x`` (M, K) with M <= 4, no
+    gradient wanted (the op has no autograd kernel), an int8 or no zero point and a shape
+    ``int4_linear_cpu`` takes; else None. Same kernel, same values as ``int4_linear_cpu``."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if zero_point is not None and zero_point.dtype != torch.int8:
+        return None
+    if x.stride(-1) != 1 or not scale.is_contiguous() or (zero_point is not None and not zero_point.is_contiguous()):
+        return None
+    if x.shape[0] == 0 or not _supported(x, qdata, scale, zero_point, bias):
+        return None
+    op = direct_gemv_op()
+    return None if op is None else op(x, qdata, scale, zero_point, bias)
+
+
 def int4_linear_cpu(
     x: torch.Tensor,
     qdata: torch.Tensor,

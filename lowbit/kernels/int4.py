@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from lowbit.granularity import PerGroup
-from lowbit.kernels._int4_cpu import int4_linear_cpu
+from lowbit.kernels._int4_cpu import direct_gemv, int4_linear_cpu
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine
 from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
@@ -259,4 +259,8 @@ def int4_linear(
     ``act_spec`` first (8da4w: int8 per-token asymmetric; fp8 x int4: float8 per token)."""
     if act_spec is not None:
         input = fake_quantize_activation(input, act_spec)
+    if kernel == "auto":  # decode-sized bf16 on CPU: the same C++ GEMV without the custom op's Python layers
+        out = direct_gemv(input, qdata, scale, zero_point, bias)
+        if out is not None:
+            return out
     return int4_weight_only_linear(input, qdata, scale, zero_point, bias, kernel)
