@@ -386,7 +386,7 @@ _EAGER_CATS = {  # module class name -> category (innermost range wins; the rest
 }
 # compiled: extern ops by name, inductor's fused C++ kernels (named after the aten ops fused in them) by
 # keyword, first match wins; the last linear op of a step is the lm_head
-_OP_RULES = [("mkldnn::", "linear"), ("lowbit::", "linear"), ("_weight_int", "linear"), ("torchao", "linear"),
+_OP_RULES = [("mkldnn::", "linear"), ("lowbit::", "linear"), ("lowbit_cpu::", "linear"), ("_weight_int", "linear"), ("torchao", "linear"),
              ("bitsandbytes", "linear"), ("quanto", "linear"), ("aten::mm", "linear"), ("aten::addmm", "linear"),
              ("_int_mm", "linear"), ("aten::linear", "linear"), ("_scaled_dot", "attention (sdpa, reshapes, mask)"),
              ("argmax", "sampling (argmax)")]
