@@ -157,7 +157,7 @@ def _existing_dir(path: str) -> Path:
 
 def load_model(path: str, dtype: str = "auto"):
     """``(model, tokenizer or None, kind)`` for a lowbit checkpoint or a float transformers directory."""
-    from lowbit.pretrained import _resolve_dtype, _transformers, from_pretrained, is_lowbit_checkpoint
+    from lowbit.pretrained.checkpoint import _resolve_dtype, _transformers, from_pretrained, is_lowbit_checkpoint
 
     p = _existing_dir(path)
     tf = _transformers()
