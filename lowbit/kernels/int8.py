@@ -31,6 +31,7 @@ from lowbit.spec import QuantSpec
 
 __all__ = [
     "int8_weight_only_linear",
+    "int8_weight_only_linear_any",
     "int8_activation_linear",
     "int8_mm",
     "weight_spec",
@@ -93,6 +94,41 @@ def _weight_only_chunked(input, qdata, scale, bias):
     if per_row:
         out.mul_(scale.reshape(1, -1))
     return out if bias is None else out.add_(bias)
+
+
+_DIRECT: list = []  # [op or None], filled on first use
+
+
+def _direct_gemv_op():
+    """``torch.ops.lowbit_cpu.int8_weight_only_mm`` (the C++ GEMV as a dispatcher op, with a fake kernel
+    for torch.compile), or None when the extension is not available."""
+    if not _DIRECT:
+        op = None
+        if _ext.load("int8_gemv") is not None and hasattr(torch.ops.lowbit_cpu, "int8_weight_only_mm"):
+            op = torch.ops.lowbit_cpu.int8_weight_only_mm
+
+            @torch.library.register_fake("lowbit_cpu::int8_weight_only_mm")
+            def _(x, w, scale):
+                return x.new_empty(x.shape[0], w.shape[0])
+
+        _DIRECT.append(op)
+    return _DIRECT[0]
+
+
+def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, kernel: str) -> torch.Tensor:
+    """``int8_weight_only_linear``, except that a decode-sized CPU call wanting no gradient (M = 1, a
+    symmetric weight, groups of a multiple of 16) calls the same C++ GEMV as a dispatcher op directly,
+    skipping the custom op's Python layers (~15 us a call). Same values bit for bit."""
+    if (kernel == "auto" and zero_point is None and input.dim() == 2 and input.shape[0] <= _EXT_MAX_M
+            and input.device.type == "cpu" and qdata.dim() == 2 and qdata.dtype == torch.int8 and qdata.is_contiguous()
+            and scale.dtype == torch.float32 and scale.dim() == 2 and input.shape[1] == qdata.shape[1]
+            and scale.shape[1] > 0 and input.shape[1] % scale.shape[1] == 0 and (input.shape[1] // scale.shape[1]) % 16 == 0
+            and not (torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad)))):
+        op = _direct_gemv_op()
+        if op is not None:
+            out = op(input, qdata, scale.expand(qdata.shape[0], -1))
+            return out if bias is None else out + bias
+    return int8_weight_only_linear(input, qdata, scale, zero_point, bias, kernel)
 
 
 @torch.library.custom_op("lowbit::int8_weight_only_linear", mutates_args=())

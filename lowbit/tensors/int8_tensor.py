@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.granularity import PerTensor, PerToken
-from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear, weight_spec
+from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear_any, weight_spec
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.affine import _block_from_scale, choose_qparams_affine, dequantize_affine, quantize_affine
 from lowbit.spec import QuantSpec
@@ -127,7 +127,7 @@ def _run_linear(x: torch.Tensor, weight: Int8Tensor, bias: torch.Tensor | None) 
     if weight.act_pre_scale is not None:
         x = x * weight.act_pre_scale.to(x.dtype)
     if weight.act_spec is None:
-        return int8_weight_only_linear(x, weight.qdata, weight.scale, weight.zero_point, bias, kernel)
+        return int8_weight_only_linear_any(x, weight.qdata, weight.scale, weight.zero_point, bias, kernel)
     return int8_activation_linear(
         x, weight.qdata, weight.scale, bias, weight.act_scale, weight.act_zero_point, weight.act_spec.symmetric, kernel
     )
