@@ -243,7 +243,7 @@ def cmd_quantize(args) -> dict:
 
     src = _existing_dir(args.model_dir)
     (config,) = _configs_from(args)
-    skip = [s if s.startswith("re:") else s for s in (args.skip or [])]
+    skip = args.skip or []
     _say(args, f"lowbit: quantizing {src} with {config!r}" + (f", skipping {skip}" if skip else ""))
     summary = quantize_pretrained(src, args.out, config, skip=skip, dtype=args.dtype, overwrite=args.overwrite,
                                   max_shard_bytes=int(args.max_shard_mb * 2**20), progress=not args.quiet)
@@ -503,9 +503,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(e: BaseException) -> str:
-    msg = str(e) if not isinstance(e, KeyError) else repr(e.args[0]) if e.args else ""
-    if isinstance(e, OSError) and e.filename and e.strerror and not msg.startswith(str(e.filename)):
-        msg = f"{e.filename}: {e.strerror}" if not str(e).strip() or "Errno" in str(e) else msg
+    """The exception's message on one line ("path: reason" for an OS error that only says [Errno n])."""
+    msg = str(e)
+    if isinstance(e, OSError) and e.filename and e.strerror and "Errno" in msg:
+        msg = f"{e.filename}: {e.strerror}"
     return " ".join(msg.split()) or type(e).__name__
 
 

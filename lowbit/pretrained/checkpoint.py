@@ -193,7 +193,7 @@ class _ShardWriter:
         self.entries[key] = {"alias": target}
 
     def flush(self) -> None:
-        if not self.tensors and not self.entries:
+        if not self.tensors and not self.entries and not self.modules:
             return
         path = self.out_dir / f".lowbit-part-{len(self.written):05d}.safetensors"
         save_file(self.tensors, str(path), metadata=file_header(self.entries, self.modules))
