@@ -10,7 +10,7 @@ import torch
 from lowbit.dtypes import QDType, get_qdtype
 from lowbit.granularity import Granularity, PerTensor, block_size
 
-__all__ = ["QuantSpec", "INT_EPS", "FLOAT8_EPS"]
+__all__ = ["QuantSpec", "INT_EPS", "FLOAT8_EPS", "spec_key", "spec_from_key"]
 
 # Smallest scale a spec allows unless told otherwise; explicit so nothing depends on the
 # input dtype. Integer formats: float32 machine epsilon. Float8: 1e-12 (scale = amax / fmax).
@@ -108,6 +108,41 @@ class QuantSpec:
         """Whether quantize/dequantize carry a zero point tensor."""
         return not self.dtype.is_float and (not self.symmetric or not self.dtype.is_signed)
 
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_key"}  # the cached spec_key stays behind
+
     def block_size(self, shape) -> tuple[int, ...]:
         """``lowbit.granularity.block_size(self.granularity, shape)``."""
         return block_size(self.granularity, shape)
+
+
+# --- specs through custom ops --------------------------------------------------------------------
+# A torch.library custom op takes tensors, numbers and strings only. A quantized tensor hands its
+# spec to an op as ``spec_key(spec)`` (a string, a constant in a compiled graph) and the op gets the
+# very same object back with ``spec_from_key``: the kernels read the spec the tensor stores instead
+# of guessing it from dtypes and shapes.
+_BY_KEY: dict[str, QuantSpec] = {}
+
+
+def spec_key(spec: QuantSpec) -> str:
+    """A string naming ``spec`` (its repr), registered so that ``spec_from_key`` returns ``spec``."""
+    key = getattr(spec, "_key", None)  # cached on the (frozen) spec: no repr on a hot path
+    if key is None or key not in _BY_KEY:
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+        key = repr(spec)
+        _BY_KEY.setdefault(key, spec)
+        object.__setattr__(spec, "_key", key)  # not a field: equality, hash and repr ignore it
+    return key
+
+
+def spec_from_key(key: str) -> QuantSpec:
+    """The ``QuantSpec`` registered under ``key`` by ``spec_key``.
+
+    Raises:
+        ValueError: no spec was registered under ``key`` in this process.
+    """
+    try:
+        return _BY_KEY[key]
+    except KeyError:
+        raise ValueError(f"spec key {key!r} names no QuantSpec registered in this process (use spec_key(spec))") from None

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import types
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -21,7 +21,9 @@ __all__ = [
     "registered_configs",
     "config_classes",
     "swap_weight",
+    "mark_quantized",
     "float_weight",
+    "fit_group",
     "check_kernel_field",
 ]
 
@@ -34,7 +36,20 @@ class QuantConfig:
 
     Subclasses are declared ``@dataclass(frozen=True, repr=False)`` so they share this repr,
     which shows only the fields that differ from their defaults: ``Int4WeightOnlyConfig(group_size=32)``.
+
+    A config is the one statement of its scheme's numerics: ``weight_spec()`` and ``act_spec()``
+    say how weights and activations are quantized. The handler, the tensor it makes (which stores
+    the specs and dequantizes itself with them), the QAT mirror and the kernels' reference all read
+    these; nothing else writes a scheme's spec.
     """
+
+    def weight_spec(self):
+        """The ``QuantSpec`` of the weight (subclasses that quantize weights define it)."""
+        raise NotImplementedError(f"{type(self).__name__} states no weight spec")
+
+    def act_spec(self):
+        """The ``QuantSpec`` of the activations, or None when they stay float (weight-only)."""
+        return None
 
     def __repr__(self) -> str:
         parts = []
@@ -49,6 +64,24 @@ class QuantConfig:
             if default is dataclasses.MISSING or value != default:
                 parts.append(f"{f.name}={value!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
+
+    def for_weight(self, shape: tuple[int, ...]) -> "QuantConfig":
+        """The config a weight of ``shape`` gets: ``self``, or the nearest variant of it that fits.
+
+        ``quantize_`` asks this of every selected module before it changes anything. The default
+        fits every shape; a config with a group along in_features answers with the largest
+        allowed group, no larger than its own, that divides ``shape[-1]`` (see :func:`fit_group`).
+
+        Args:
+            shape: the float weight's shape, ``(out_features, in_features)`` for a linear.
+
+        Returns:
+            ``self`` or a copy with another group size.
+
+        Raises:
+            ValueError: no variant of this config fits ``shape`` (the message says why).
+        """
+        return self
 
 
 def check_act_scale_field(config: "QuantConfig") -> None:
@@ -125,13 +158,42 @@ def float_weight(module: nn.Module, fqn: str, rank: int = 2) -> torch.Tensor:
     return w.detach()
 
 
-def _extra_repr_with_config(self) -> str:
-    base = type(self).extra_repr(self)
-    return f"{base}, quant={self.lowbit_config!r}" if base else f"quant={self.lowbit_config!r}"
+def fit_group(config: QuantConfig, shape: Sequence[int], field: str, group: int, allowed: Sequence[int],
+              replace: Callable[[int], QuantConfig]) -> QuantConfig:
+    """``for_weight`` for a config with a group along the last dim: ``config`` when ``group`` divides
+    ``shape[-1]``, else ``replace(g)`` for the largest ``g`` of ``allowed`` below ``group`` that does.
+
+    Raises:
+        ValueError: no allowed group up to ``group`` divides ``shape[-1]``.
+    """
+    k = int(shape[-1])
+    if k % group == 0:
+        return config
+    smaller = sorted((g for g in allowed if g < group), reverse=True)
+    for g in smaller:
+        if k % g == 0:
+            return replace(g)
+    tried = f"nor by a smaller allowed {field} {smaller}" if smaller else "(no smaller one is allowed)"
+    raise ValueError(f"in_features {k} is not divisible by {field}={group} {tried}")
+
+
+def _extra_repr_with_config(module: nn.Module) -> str:
+    base = type(module).extra_repr(module)
+    return f"{base}, quant={module.lowbit_config!r}" if base else f"quant={module.lowbit_config!r}"
+
+
+def mark_quantized(module: nn.Module, config: QuantConfig) -> None:
+    """Record ``config`` on ``module`` (``module.lowbit_config``, saved with it) and show it in
+    ``print(model)`` as ``quant=<config>``.
+
+    The repr rule is a ``functools.partial`` of a module-level function, not a bound method, so
+    ``torch.save(model)`` pickles it and ``torch.load`` restores it.
+    """
+    module.lowbit_config = config
+    module.extra_repr = functools.partial(_extra_repr_with_config, module)
 
 
 def swap_weight(module: nn.Module, weight: QuantizedTensor, config: QuantConfig) -> None:
     """Replace ``module.weight`` with a frozen parameter holding ``weight``; record the config."""
     module.weight = nn.Parameter(weight, requires_grad=False)
-    module.lowbit_config = config
-    module.extra_repr = types.MethodType(_extra_repr_with_config, module)
+    mark_quantized(module, config)

@@ -45,6 +45,10 @@ class Float8WeightOnlyConfig(QuantConfig):
     def __post_init__(self):
         _check(self)
 
+    def weight_spec(self) -> QuantSpec:
+        """``dtype`` with a float32 scale ``amax / fmax`` per row or per tensor."""
+        return QuantSpec(_DTYPES[self.dtype], self.granularity)
+
 
 @dataclass(frozen=True, repr=False)
 class Float8DynamicActivationFloat8WeightConfig(QuantConfig):
@@ -64,6 +68,14 @@ class Float8DynamicActivationFloat8WeightConfig(QuantConfig):
 
     def __post_init__(self):
         _check(self)
+
+    def weight_spec(self) -> QuantSpec:
+        """``dtype`` with a float32 scale per row or per tensor."""
+        return QuantSpec(_DTYPES[self.dtype], self.granularity)
+
+    def act_spec(self) -> QuantSpec:
+        """``dtype`` per token (with a per-row weight) or per tensor, chosen at run time."""
+        return QuantSpec(_DTYPES[self.dtype], PerToken() if isinstance(self.granularity, PerRow) else PerTensor())
 
 
 @dataclass(frozen=True, repr=False)
@@ -88,26 +100,23 @@ class Float8StaticActivationFloat8WeightConfig(QuantConfig):
         check_act_scale_field(self)
         _check(self)
 
+    def weight_spec(self) -> QuantSpec:
+        """``dtype`` with a float32 scale per row or per tensor."""
+        return QuantSpec(_DTYPES[self.dtype], self.granularity)
+
+    def act_spec(self) -> QuantSpec:
+        """``dtype`` per tensor with the fixed ``act_scale``."""
+        return QuantSpec(_DTYPES[self.dtype], PerTensor())
+
 
 @register_handler(Float8WeightOnlyConfig)
-def _(module: nn.Module, config: Float8WeightOnlyConfig, fqn: str) -> None:
-    w = float_weight(module, fqn)
-    spec = QuantSpec(_DTYPES[config.dtype], config.granularity)
-    swap_weight(module, Float8Tensor.from_float(w, spec, kernel=config.kernel), config)
-
-
 @register_handler(Float8DynamicActivationFloat8WeightConfig)
-def _(module: nn.Module, config: Float8DynamicActivationFloat8WeightConfig, fqn: str) -> None:
-    w = float_weight(module, fqn)
-    spec = QuantSpec(_DTYPES[config.dtype], config.granularity)
-    act = QuantSpec(_DTYPES[config.dtype], PerToken() if isinstance(config.granularity, PerRow) else PerTensor())
-    swap_weight(module, Float8Tensor.from_float(w, spec, act_spec=act, kernel=config.kernel), config)
-
-
 @register_handler(Float8StaticActivationFloat8WeightConfig)
-def _(module: nn.Module, config: Float8StaticActivationFloat8WeightConfig, fqn: str) -> None:
+def _(module: nn.Module, config: QuantConfig, fqn: str) -> None:
     w = float_weight(module, fqn)
-    spec = QuantSpec(_DTYPES[config.dtype], config.granularity)
-    act = QuantSpec(_DTYPES[config.dtype], PerTensor())
-    q = Float8Tensor.from_float(w, spec, act_spec=act, act_scale=torch.tensor(config.act_scale), kernel=config.kernel)
+    act_scale = getattr(config, "act_scale", None)
+    q = Float8Tensor.from_float(
+        w, config.weight_spec(), act_spec=config.act_spec(), kernel=config.kernel,
+        act_scale=None if act_scale is None else torch.tensor(act_scale),
+    )
     swap_weight(module, q, config)

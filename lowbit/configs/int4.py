@@ -3,13 +3,15 @@ dynamic activations x int4 weights (fp8-then-int4 weight rule)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
-from lowbit.configs.base import QuantConfig, check_kernel_field, float_weight, register_handler, swap_weight
-from lowbit.granularity import PerToken
+from lowbit.configs.base import QuantConfig, check_kernel_field, fit_group, float_weight, register_handler, swap_weight
+from lowbit.granularity import PerGroup, PerToken
 from lowbit.kernels.preference import KernelPreference
+from lowbit.primitives.rules import int4_maxabs_spec
 from lowbit.spec import QuantSpec
 from lowbit.tensors.int4_tensor import GROUP_SIZES, Int4Tensor
 
@@ -50,6 +52,22 @@ class Int4WeightOnlyConfig(QuantConfig):
         if self.zero_point_domain == "float" and self.symmetric:
             raise ValueError("Int4WeightOnlyConfig(zero_point_domain='float') needs symmetric=False")
 
+    scale_rule = "minmax"
+
+    def weight_spec(self) -> QuantSpec:
+        """Groups of ``group_size`` along in_features: symmetric int4 in [-8, 7] (``amax / 7``), or
+        uint4 with an int8 zero point ``round(-min / s)`` or (``zero_point_domain="float"``) an
+        unrounded float32 one."""
+        g = PerGroup(self.group_size)
+        if self.symmetric:
+            return QuantSpec("int4", g, symmetric=True)
+        if self.zero_point_domain == "float":
+            return QuantSpec("uint4", g, symmetric=False, zero_point_domain="float", zero_point_dtype=torch.float32)
+        return QuantSpec("uint4", g, symmetric=False, zero_point_dtype=torch.int8)
+
+    def for_weight(self, shape):  # noqa: D102  (QuantConfig.for_weight: a smaller group where this one can't split)
+        return _fit_group(self, shape)
+
 
 @dataclass(frozen=True, repr=False)
 class Int8DynamicActivationInt4WeightConfig(QuantConfig):
@@ -65,6 +83,19 @@ class Int8DynamicActivationInt4WeightConfig(QuantConfig):
 
     def __post_init__(self):
         _check_common(self)
+
+    scale_rule = "minmax"
+
+    def weight_spec(self) -> QuantSpec:
+        """Symmetric int4 in [-8, 7] (``amax / 7``) per group."""
+        return QuantSpec("int4", PerGroup(self.group_size), symmetric=True)
+
+    def act_spec(self) -> QuantSpec:
+        """Int8 per token, asymmetric, chosen at run time."""
+        return QuantSpec("int8", PerToken(), symmetric=False)
+
+    def for_weight(self, shape):  # noqa: D102  (QuantConfig.for_weight: a smaller group where this one can't split)
+        return _fit_group(self, shape)
 
 
 @dataclass(frozen=True, repr=False)
@@ -83,28 +114,35 @@ class Float8DynamicActivationInt4WeightConfig(QuantConfig):
     def __post_init__(self):
         _check_common(self)
 
+    scale_rule = "float8_then_int4"
 
-def _quantize(module: nn.Module, fqn: str, config: QuantConfig, **kwargs) -> None:
+    def weight_spec(self) -> QuantSpec:
+        """The int4 step of the fp8-then-int4 rule: symmetric int4 in [-8, 7], max-abs groups."""
+        return int4_maxabs_spec(self.group_size)
+
+    def act_spec(self) -> QuantSpec:
+        """Float8 e4m3fn per token, chosen at run time."""
+        return QuantSpec("float8_e4m3fn", PerToken())
+
+    def for_weight(self, shape):  # noqa: D102  (QuantConfig.for_weight: a smaller group where this one can't split)
+        return _fit_group(self, shape)
+
+
+def _fit_group(config, shape):
+    """The largest allowed group (``GROUP_SIZES``) up to ``config.group_size`` that divides in_features."""
+    return fit_group(config, shape, "group_size", config.group_size, GROUP_SIZES, lambda g: replace(config, group_size=g))
+
+
+def _quantize(module: nn.Module, config: QuantConfig, fqn: str) -> None:
     w = float_weight(module, fqn)
     try:
-        q = Int4Tensor.from_float(w, config.group_size, kernel=config.kernel, **kwargs)
+        q = Int4Tensor.from_float(
+            w, config.weight_spec(), scale_rule=config.scale_rule, act_spec=config.act_spec(), kernel=config.kernel
+        )
     except ValueError as e:
         raise ValueError(f"module {fqn or '<root>'!r} weight {tuple(w.shape)}: {e}") from None
     swap_weight(module, q, config)
 
 
-@register_handler(Int4WeightOnlyConfig)
-def _(module: nn.Module, config: Int4WeightOnlyConfig, fqn: str) -> None:
-    _quantize(module, fqn, config, symmetric=config.symmetric, zero_point_domain=config.zero_point_domain)
-
-
-@register_handler(Int8DynamicActivationInt4WeightConfig)
-def _(module: nn.Module, config: Int8DynamicActivationInt4WeightConfig, fqn: str) -> None:
-    act = QuantSpec("int8", PerToken(), symmetric=False)
-    _quantize(module, fqn, config, symmetric=True, act_spec=act)
-
-
-@register_handler(Float8DynamicActivationInt4WeightConfig)
-def _(module: nn.Module, config: Float8DynamicActivationInt4WeightConfig, fqn: str) -> None:
-    act = QuantSpec("float8_e4m3fn", PerToken())
-    _quantize(module, fqn, config, symmetric=True, scale_rule="float8_then_int4", act_spec=act)
+for _cls in (Int4WeightOnlyConfig, Int8DynamicActivationInt4WeightConfig, Float8DynamicActivationInt4WeightConfig):
+    register_handler(_cls)(_quantize)

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from lowbit.configs.base import QuantConfig, check_act_scale_field, check_kernel_field, float_weight, register_handler, swap_weight
+from lowbit.configs.base import (
+    QuantConfig,
+    check_act_scale_field,
+    check_kernel_field,
+    fit_group,
+    float_weight,
+    register_handler,
+    swap_weight,
+)
 from lowbit.granularity import Granularity, PerGroup, PerRow, PerTensor, PerToken
 from lowbit.kernels.preference import KernelPreference
 from lowbit.spec import QuantSpec
 from lowbit.tensors.int8_tensor import Int8Tensor
 
 __all__ = ["Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig", "Int8StaticActivationInt8WeightConfig"]
+
+# Int8WeightOnlyConfig(PerGroup(g)) falls back to halved groups no smaller than this (a float32 scale
+# per 16 int8 values is already 1.25 bytes per weight)
+MIN_FALLBACK_GROUP = 16
 
 
 def _check_granularity(granularity, allowed: tuple[type, ...], config: str) -> None:
@@ -38,6 +50,21 @@ class Int8WeightOnlyConfig(QuantConfig):
         _check_granularity(self.granularity, (PerRow, PerGroup, PerTensor), type(self).__name__)
         check_kernel_field(self)
 
+    def weight_spec(self) -> QuantSpec:
+        """Symmetric int8 (``scale = amax / 127``) at ``granularity``."""
+        return QuantSpec("int8", self.granularity)
+
+    def for_weight(self, shape):
+        """``PerGroup(g)`` where ``g`` does not divide in_features: the largest of g/2, g/4, ... (down
+        to ``MIN_FALLBACK_GROUP``) that does (see ``QuantConfig.for_weight``); other granularities fit any shape."""
+        g = self.granularity
+        if not isinstance(g, PerGroup):
+            return self
+        smaller = [g.group_size >> i for i in range(1, g.group_size.bit_length())
+                   if g.group_size % (1 << i) == 0 and g.group_size >> i >= MIN_FALLBACK_GROUP]
+        return fit_group(self, shape, "PerGroup group_size", g.group_size, smaller,
+                         lambda n: replace(self, granularity=PerGroup(n)))
+
 
 @dataclass(frozen=True, repr=False)
 class Int8DynamicActivationInt8WeightConfig(QuantConfig):
@@ -59,6 +86,14 @@ class Int8DynamicActivationInt8WeightConfig(QuantConfig):
         check_kernel_field(self)
         if not isinstance(self.act_symmetric, bool):
             raise ValueError(f"act_symmetric={self.act_symmetric!r} must be a bool")
+
+    def weight_spec(self) -> QuantSpec:
+        """Symmetric int8 at ``granularity``."""
+        return QuantSpec("int8", self.granularity)
+
+    def act_spec(self) -> QuantSpec:
+        """Int8 per token, chosen at run time; symmetric, or asymmetric with an int32 zero point."""
+        return QuantSpec("int8", PerToken(), symmetric=self.act_symmetric)
 
 
 @dataclass(frozen=True, repr=False)
@@ -88,32 +123,34 @@ class Int8StaticActivationInt8WeightConfig(QuantConfig):
         _check_granularity(self.granularity, (PerRow, PerTensor), name)
         check_kernel_field(self)
 
+    def weight_spec(self) -> QuantSpec:
+        """Symmetric int8 at ``granularity``."""
+        return QuantSpec("int8", self.granularity)
 
-def _weight_spec(granularity: Granularity) -> QuantSpec:
-    return QuantSpec("int8", granularity)
+    def act_spec(self) -> QuantSpec:
+        """Int8 per tensor with the fixed ``act_scale`` (and ``act_zero_point``: asymmetric)."""
+        return QuantSpec("int8", PerTensor(), symmetric=self.act_zero_point is None)
 
 
 @register_handler(Int8WeightOnlyConfig)
 def _(module: nn.Module, config: Int8WeightOnlyConfig, fqn: str) -> None:
     w = float_weight(module, fqn)
-    swap_weight(module, Int8Tensor.from_float(w, _weight_spec(config.granularity), kernel=config.kernel), config)
+    swap_weight(module, Int8Tensor.from_float(w, config.weight_spec(), kernel=config.kernel), config)
 
 
 @register_handler(Int8DynamicActivationInt8WeightConfig)
 def _(module: nn.Module, config: Int8DynamicActivationInt8WeightConfig, fqn: str) -> None:
     w = float_weight(module, fqn)
-    act = QuantSpec("int8", PerToken(), symmetric=config.act_symmetric)
-    q = Int8Tensor.from_float(w, _weight_spec(config.granularity), act_spec=act, kernel=config.kernel)
+    q = Int8Tensor.from_float(w, config.weight_spec(), act_spec=config.act_spec(), kernel=config.kernel)
     swap_weight(module, q, config)
 
 
 @register_handler(Int8StaticActivationInt8WeightConfig)
 def _(module: nn.Module, config: Int8StaticActivationInt8WeightConfig, fqn: str) -> None:
     w = float_weight(module, fqn)
-    act = QuantSpec("int8", PerTensor(), symmetric=config.act_zero_point is None)
     zp = None if config.act_zero_point is None else torch.tensor(config.act_zero_point)
     q = Int8Tensor.from_float(
-        w, _weight_spec(config.granularity), act_spec=act, act_scale=torch.tensor(config.act_scale),
+        w, config.weight_spec(), act_spec=config.act_spec(), act_scale=torch.tensor(config.act_scale),
         act_zero_point=zp, kernel=config.kernel,
     )
     swap_weight(module, q, config)

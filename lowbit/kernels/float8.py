@@ -25,27 +25,21 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from lowbit.granularity import PerRow, PerTensor, PerToken
+from lowbit.granularity import PerTensor, PerToken
 from lowbit.kernels._fp8_cpu import float8_weight_only_linear_cpu
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, fake_quantize_float8, quantize_float8
-from lowbit.spec import QuantSpec
+from lowbit.spec import QuantSpec, spec_from_key, spec_key
 
 __all__ = [
     "float8_weight_only_linear",
     "float8_activation_linear",
-    "float8_weight_spec",
     "scaled_mm_supported",
 ]
 
 _log = logging.getLogger(__name__)
 _FLOAT8 = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
 SCALED_MM_MIN_CAPABILITY = (8, 9)
-
-
-def float8_weight_spec(qdtype: torch.dtype, per_row: bool) -> QuantSpec:
-    """The float8 weight spec (blocks come from the scale's shape)."""
-    return QuantSpec(_FLOAT8[qdtype], PerRow() if per_row else PerTensor())
 
 
 def _check(input, qdata, scale):
@@ -57,17 +51,18 @@ def _check(input, qdata, scale):
         raise ValueError(f"scale must be (N, 1) or (1, 1) for weight {tuple(qdata.shape)}, got {tuple(scale.shape)}")
 
 
-def _dequantize(qdata, scale, dtype):
-    return dequantize_float8(qdata, scale, float8_weight_spec(qdata.dtype, scale.shape[0] != 1), dtype)
+def _reference(input, qdata, scale, bias, spec):
+    return F.linear(input, dequantize_float8(qdata, scale, spec, input.dtype), bias)
 
 
-def _reference(input, qdata, scale, bias):
-    return F.linear(input, _dequantize(qdata, scale, input.dtype), bias)
+def _check_spec(qdata, spec: QuantSpec) -> None:
+    if not spec.dtype.is_float or spec.dtype.storage != qdata.dtype:
+        raise ValueError(f"weight spec dtype {spec.dtype.name} does not match qdata dtype {qdata.dtype}")
 
 
 @torch.library.custom_op("lowbit::float8_weight_only_linear", mutates_args=())
 def float8_weight_only_linear(
-    input: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str
+    input: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, spec: str, kernel: str
 ) -> torch.Tensor:
     """``input @ (qdata * scale).T + bias`` in ``input.dtype``.
 
@@ -76,33 +71,37 @@ def float8_weight_only_linear(
         qdata: (N, K) float8_e4m3fn or float8_e5m2.
         scale: (N, 1) or (1, 1) float32.
         bias: (N,) in input.dtype or None.
+        spec: ``spec_key`` of the weight's float8 ``QuantSpec`` (the one the tensor stores).
         kernel: "auto" or "reference".
     """
     _check(input, qdata, scale)
+    spec = spec_from_key(spec)
+    _check_spec(qdata, spec)
     if check_kernel(kernel) == "reference":
-        return _reference(input, qdata, scale, bias)
+        return _reference(input, qdata, scale, bias, spec)
     out = None
     if input.device.type == "cpu":
         out = float8_weight_only_linear_cpu(input, qdata, scale, bias)
-    return _reference(input, qdata, scale, bias) if out is None else out
+    return _reference(input, qdata, scale, bias, spec) if out is None else out
 
 
 @float8_weight_only_linear.register_fake
-def _(input, qdata, scale, bias, kernel):
+def _(input, qdata, scale, bias, spec, kernel):
     return input.new_empty(input.shape[0], qdata.shape[0])
 
 
 def _setup(ctx, inputs, output):
-    input, qdata, scale, bias, _ = inputs
+    input, qdata, scale, bias, spec, _ = inputs
     ctx.save_for_backward(qdata, scale)
     ctx.has_bias = bias is not None
+    ctx.spec = spec_from_key(spec)
 
 
 def _backward(ctx, grad):
     """Gradients flow to the input and the bias; the float8 weight is frozen."""
     qdata, scale = ctx.saved_tensors
     grad_bias = grad.sum(0) if ctx.has_bias else None
-    return grad @ _dequantize(qdata, scale, grad.dtype), None, None, grad_bias, None
+    return grad @ dequantize_float8(qdata, scale, ctx.spec, grad.dtype), None, None, grad_bias, None, None
 
 
 float8_weight_only_linear.register_autograd(_backward, setup_context=_setup)
@@ -146,6 +145,7 @@ def float8_activation_linear(
     qdata: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
+    spec: QuantSpec,
     act_spec: QuantSpec,
     kernel: str,
     act_scale: torch.Tensor | None = None,
@@ -176,4 +176,4 @@ def float8_activation_linear(
     else:
         s_x = choose_qparams_float8(input.detach(), act_spec, check_finite=False)
     x = fake_quantize_float8(input, act_spec, s_x)
-    return float8_weight_only_linear(x, qdata, scale, bias, kernel)
+    return float8_weight_only_linear(x, qdata, scale, bias, spec_key(spec), kernel)

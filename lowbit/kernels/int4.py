@@ -30,18 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from lowbit.granularity import PerGroup
 from lowbit.kernels._int4_cpu import direct_gemv, int4_linear_cpu
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine
 from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
 from lowbit.primitives.packing import unpack_int4
-from lowbit.spec import QuantSpec
+from lowbit.spec import QuantSpec, spec_from_key, spec_key
 
 __all__ = [
     "int4_weight_only_linear",
     "int4_linear",
-    "int4_weight_spec",
     "dequantize_int4",
     "fake_quantize_activation",
 ]
@@ -49,33 +47,29 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 
-def int4_weight_spec(group_size: int, symmetric: bool, zero_point_domain: str = "int") -> QuantSpec:
-    """Asymmetric uint4 with an int8 zero point (or, ``zero_point_domain="float"``, an unrounded
-    float32 zero point), or symmetric int4 (scale ``amax / 7``)."""
-    if symmetric:
-        return QuantSpec("int4", PerGroup(group_size), symmetric=True)
-    if zero_point_domain == "float":
-        return QuantSpec("uint4", PerGroup(group_size), symmetric=False, zero_point_domain="float",
-                         zero_point_dtype=torch.float32)
-    return QuantSpec("uint4", PerGroup(group_size), symmetric=False, zero_point_dtype=torch.int8)
-
-
-def _domain(zero_point: torch.Tensor | None) -> str:
-    return "float" if zero_point is not None and zero_point.dtype == torch.float32 else "int"
-
-
 def _group_size(qdata: torch.Tensor, scale: torch.Tensor) -> int:
     return qdata.shape[-1] * 2 // scale.shape[-1]
 
 
 def dequantize_int4(
-    qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, output_dtype: torch.dtype
+    qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec,
+    output_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``(q - zero_point) * scale`` from the packed canonical layout, float32 math, one cast."""
-    symmetric = zero_point is None
-    q = unpack_int4(qdata, signed=symmetric)
-    spec = int4_weight_spec(_group_size(qdata, scale), symmetric, _domain(zero_point))
+    """``(q - zero_point) * scale`` from the packed canonical layout under the weight's ``spec``
+    (int4 or uint4 values), float32 math, one cast."""
+    q = unpack_int4(qdata, signed=spec.dtype.is_signed)
     return dequantize_affine(q, scale, zero_point, spec, output_dtype)
+
+
+def _check_spec(spec: QuantSpec, zero_point) -> None:
+    if spec.dtype.name not in ("int4", "uint4"):
+        raise ValueError(f"an int4 weight needs an int4 or uint4 spec, got spec.dtype={spec.dtype.name}")
+    if spec.has_zero_point != (zero_point is not None):
+        want = "needs a zero point" if spec.has_zero_point else "takes no zero point"
+        raise ValueError(f"zero_point is {'None' if zero_point is None else 'given'}, but the weight spec "
+                         f"({spec.dtype.name}, symmetric={spec.symmetric}) {want}")
+    if zero_point is not None and zero_point.dtype != spec.zero_point_dtype:
+        raise ValueError(f"zero_point dtype {zero_point.dtype} != spec.zero_point_dtype {spec.zero_point_dtype}")
 
 
 def _check(input, qdata, scale, zero_point):
@@ -92,8 +86,8 @@ def _check(input, qdata, scale, zero_point):
                          f"{tuple(scale.shape)}, got {zero_point.dtype} {tuple(zero_point.shape)}")
 
 
-def _reference(input, qdata, scale, zero_point, bias):
-    return F.linear(input, dequantize_int4(qdata, scale, zero_point, input.dtype), bias)
+def _reference(input, qdata, scale, zero_point, bias, spec):
+    return F.linear(input, dequantize_int4(qdata, scale, zero_point, spec, input.dtype), bias)
 
 
 # --- converted layouts for torch's int4 kernels (made on first use, weakly cached per weight) ---------
@@ -156,11 +150,11 @@ def _tinygemm_cuda(input, qdata, scale, zero_point, bias):
     return out if bias is None else out + bias
 
 
-def _cpu_ext(input, qdata, scale, zero_point, bias):
+def _cpu_ext(input, qdata, scale, zero_point, bias, spec):
     """Our C++ kernels; a float-domain zero point runs them with the zero point rounded to an
     integer ``zi`` plus an exact correction: ``(q - zf) s = (q - zi) s + (zi - zf) s``, i.e.
     ``sum_g xsum_g * (zi - zf)_g * s_g`` per output, one small (M, G) x (G, N) matmul."""
-    if zero_point is None or zero_point.dtype == torch.int8:
+    if spec.zero_point_domain == "int":
         return int4_linear_cpu(input, qdata, scale, zero_point, bias)
 
     def make():
@@ -186,6 +180,7 @@ def int4_weight_only_linear(
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
     bias: torch.Tensor | None,
+    spec: str,
     kernel: str,
 ) -> torch.Tensor:
     """``input @ dequantize(W).T + bias`` in ``input.dtype`` for a packed int4 weight.
@@ -197,37 +192,43 @@ def int4_weight_only_linear(
         zero_point: (N, K // g) int8 in [0, 15] or float32 (uint4 weight, integer or float zero-point
             domain), or None (int4 two's complement).
         bias: (N,) in input.dtype or None.
+        spec: ``spec_key`` of the weight's ``QuantSpec`` (int4 symmetric, or uint4 with an int8 or
+            float32 zero point), the one the tensor stores.
         kernel: "auto" or "reference".
     """
     _check(input, qdata, scale, zero_point)
+    spec = spec_from_key(spec)
+    _check_spec(spec, zero_point)
     if check_kernel(kernel) == "reference":
-        return _reference(input, qdata, scale, zero_point, bias)
+        return _reference(input, qdata, scale, zero_point, bias, spec)
     out = None
     if input.device.type == "cpu":
-        out = _cpu_ext(input, qdata, scale, zero_point, bias)
+        out = _cpu_ext(input, qdata, scale, zero_point, bias, spec)
         if out is None:
             out = _int4pack_cpu(input, qdata, scale, zero_point, bias)
     elif input.device.type == "cuda":
         out = _tinygemm_cuda(input, qdata, scale, zero_point, bias)
-    return _reference(input, qdata, scale, zero_point, bias) if out is None else out
+    return _reference(input, qdata, scale, zero_point, bias, spec) if out is None else out
 
 
 @int4_weight_only_linear.register_fake
-def _(input, qdata, scale, zero_point, bias, kernel):
+def _(input, qdata, scale, zero_point, bias, spec, kernel):
     return input.new_empty(input.shape[0], qdata.shape[0])
 
 
 def _setup(ctx, inputs, output):
-    input, qdata, scale, zero_point, bias, _ = inputs
+    input, qdata, scale, zero_point, bias, spec, _ = inputs
     ctx.save_for_backward(qdata, scale, zero_point)
     ctx.has_bias = bias is not None
+    ctx.spec = spec_from_key(spec)
 
 
 def _backward(ctx, grad):
     """Gradients flow to the input and the bias; the int4 weight is frozen."""
     qdata, scale, zero_point = ctx.saved_tensors
     grad_bias = grad.sum(0) if ctx.has_bias else None
-    return grad @ dequantize_int4(qdata, scale, zero_point, grad.dtype), None, None, None, grad_bias, None
+    w = dequantize_int4(qdata, scale, zero_point, ctx.spec, grad.dtype)
+    return grad @ w, None, None, None, grad_bias, None, None
 
 
 int4_weight_only_linear.register_autograd(_backward, setup_context=_setup)
@@ -252,15 +253,17 @@ def int4_linear(
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
     bias: torch.Tensor | None,
+    spec: QuantSpec,
     act_spec: QuantSpec | None,
     kernel: str,
 ) -> torch.Tensor:
-    """Int4 weight with float activations (``act_spec`` None) or with activations fake-quantized by
-    ``act_spec`` first (8da4w: int8 per-token asymmetric; fp8 x int4: float8 per token)."""
+    """Int4 weight (stored under ``spec``) with float activations (``act_spec`` None) or with
+    activations fake-quantized by ``act_spec`` first (8da4w: int8 per-token asymmetric; fp8 x int4:
+    float8 per token)."""
     if act_spec is not None:
         input = fake_quantize_activation(input, act_spec)
     if kernel == "auto":  # decode-sized bf16 on CPU: the same C++ GEMV without the custom op's Python layers
         out = direct_gemv(input, qdata, scale, zero_point, bias)
         if out is not None:
             return out
-    return int4_weight_only_linear(input, qdata, scale, zero_point, bias, kernel)
+    return int4_weight_only_linear(input, qdata, scale, zero_point, bias, spec_key(spec), kernel)

@@ -23,19 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from lowbit.granularity import PerTensor, PerToken
 from lowbit.kernels import _ext
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, quantize_affine
-from lowbit.spec import QuantSpec
+from lowbit.spec import QuantSpec, spec_from_key, spec_key
 
 __all__ = [
     "int8_weight_only_linear",
     "int8_weight_only_linear_any",
     "int8_activation_linear",
     "int8_mm",
-    "weight_spec",
-    "activation_spec",
 ]
 
 _EXT_MAX_M = 1  # our GEMV streams the weight once; for M > 1 _weight_int8pack_mm is faster
@@ -43,19 +40,9 @@ _INT8PACK_MAX_M = 8  # _weight_int8pack_mm beats bf16 up to M=8 (1.2x), loses fr
 _CHUNK_ROWS = 256  # 256 x 4096 bf16 = 2 MiB: the converted chunk stays in cache (measured best)
 
 
-def weight_spec(has_zero_point: bool) -> QuantSpec:
-    """The int8 weight spec (blocks come from the scale's shape)."""
-    return QuantSpec("int8", symmetric=not has_zero_point)
-
-
-def activation_spec(symmetric: bool, static: bool) -> QuantSpec:
-    """Per-token (dynamic) or per-tensor (static) int8 activation spec."""
-    return QuantSpec("int8", PerTensor() if static else PerToken(), symmetric=symmetric)
-
-
-def _grad_input(grad, qdata, scale, zero_point):
+def _grad_input(grad, qdata, scale, zero_point, spec: QuantSpec):
     """``grad @ dequantize(W)``: the input gradient of both linears (the weight is frozen)."""
-    return grad @ dequantize_affine(qdata, scale, zero_point, weight_spec(zero_point is not None), grad.dtype)
+    return grad @ dequantize_affine(qdata, scale, zero_point, spec, grad.dtype)
 
 
 def _check_2d(input, qdata, scale):
@@ -68,12 +55,12 @@ def _check_2d(input, qdata, scale):
 # --- weight-only ------------------------------------------------------------------------------
 
 
-def _weight_only_reference(input, qdata, scale, zero_point, bias):
-    w = dequantize_affine(qdata, scale, zero_point, weight_spec(zero_point is not None), input.dtype)
+def _weight_only_reference(input, qdata, scale, zero_point, bias, spec):
+    w = dequantize_affine(qdata, scale, zero_point, spec, input.dtype)
     return F.linear(input, w, bias)
 
 
-def _weight_only_chunked(input, qdata, scale, bias):
+def _weight_only_chunked(input, qdata, scale, bias, spec):
     m, k = input.shape
     n = qdata.shape[0]
     out = torch.empty(m, n, dtype=input.dtype, device=input.device)
@@ -82,7 +69,6 @@ def _weight_only_chunked(input, qdata, scale, bias):
     # the (M, N) output once. fp16 is excluded: x @ Q.T can overflow it before scaling.
     per_row = scale.shape[1] == 1 and input.dtype in (torch.bfloat16, torch.float32)
     buf = torch.empty(min(_CHUNK_ROWS, n), k, dtype=input.dtype, device=input.device) if per_row else None
-    spec = weight_spec(False)
     for i in range(0, n, _CHUNK_ROWS):
         j = min(i + _CHUNK_ROWS, n)
         if per_row:
@@ -115,7 +101,7 @@ def _direct_gemv_op():
     return _DIRECT[0]
 
 
-def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, kernel: str) -> torch.Tensor:
+def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, spec: QuantSpec, kernel: str) -> torch.Tensor:
     """``int8_weight_only_linear``, except that a decode-sized CPU call wanting no gradient (M = 1, a
     symmetric weight, groups of a multiple of 16) calls the same C++ GEMV as a dispatcher op directly,
     skipping the custom op's Python layers (~15 us a call). Same values bit for bit."""
@@ -128,7 +114,7 @@ def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, kernel: s
         if op is not None:
             out = op(input, qdata, scale.expand(qdata.shape[0], -1))
             return out if bias is None else out + bias
-    return int8_weight_only_linear(input, qdata, scale, zero_point, bias, kernel)
+    return int8_weight_only_linear(input, qdata, scale, zero_point, bias, spec_key(spec), kernel)
 
 
 @torch.library.custom_op("lowbit::int8_weight_only_linear", mutates_args=())
@@ -138,6 +124,7 @@ def int8_weight_only_linear(
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
     bias: torch.Tensor | None,
+    spec: str,
     kernel: str,
 ) -> torch.Tensor:
     """``input @ dequantize(qdata, scale, zero_point).T + bias`` in ``input.dtype``.
@@ -148,11 +135,13 @@ def int8_weight_only_linear(
         scale: (N, K // group) float32.
         zero_point: same shape as scale (int32) or None for a symmetric weight.
         bias: (N,) in input.dtype or None.
+        spec: ``spec_key`` of the weight's ``QuantSpec`` (the spec the tensor stores).
         kernel: "auto" or "reference" (``KernelPreference``).
     """
     _check_2d(input, qdata, scale)
+    spec = spec_from_key(spec)
     if check_kernel(kernel) == "reference" or zero_point is not None:
-        return _weight_only_reference(input, qdata, scale, zero_point, bias)
+        return _weight_only_reference(input, qdata, scale, zero_point, bias, spec)
     m, k = input.shape
     if input.device.type == "cpu" and m <= _EXT_MAX_M and (k // scale.shape[1]) % 16 == 0 and qdata.is_contiguous():
         ext = _ext.load("int8_gemv")
@@ -164,12 +153,12 @@ def int8_weight_only_linear(
         out = torch._weight_int8pack_mm(input, qdata, s)
         return out if bias is None else out + bias
     if input.device.type == "cpu":
-        return _weight_only_chunked(input, qdata, scale, bias)
-    return _weight_only_reference(input, qdata, scale, zero_point, bias)
+        return _weight_only_chunked(input, qdata, scale, bias, spec)
+    return _weight_only_reference(input, qdata, scale, zero_point, bias, spec)
 
 
 @int8_weight_only_linear.register_fake
-def _(input, qdata, scale, zero_point, bias, kernel):
+def _(input, qdata, scale, zero_point, bias, spec, kernel):
     return input.new_empty(input.shape[0], qdata.shape[0])
 
 
@@ -189,9 +178,8 @@ def _rowsum(qdata: torch.Tensor) -> torch.Tensor:
     return rs
 
 
-def _quantize_activation(input, act_scale, act_zero_point, act_symmetric):
+def _quantize_activation(input, act_scale, act_zero_point, spec):
     static = act_scale is not None
-    spec = activation_spec(act_symmetric, static)
     if static:
         s, zp = act_scale.reshape(1, 1), None if act_zero_point is None else act_zero_point.reshape(1, 1)
     else:
@@ -223,7 +211,7 @@ def _(a, b):
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric):
+def _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_spec):
     """Eager CPU: activation quantization and the rescale each in one C++ pass (``csrc/int8_act.cpp``,
     the same float32 ops as the primitives, bit-identical), around ``int8_mm``. None when not applicable."""
     static = act_scale is not None
@@ -233,34 +221,33 @@ def _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetr
         or input.dtype not in _FUSED_DTYPES
         or not input.is_contiguous()
         or (bias is not None and (bias.dtype != input.dtype or not bias.is_contiguous()))
-        or (not static and not act_symmetric)
+        or (not static and not act_spec.symmetric)
     ):
         return None
     ext = _ext.load("int8_act")
     if ext is None:
         return None
-    spec = activation_spec(act_symmetric, static)
     zp = 0 if act_zero_point is None else int(act_zero_point)
-    xq, s_dyn = ext.quantize_i8(input, float(act_scale) if static else -1.0, zp, spec.eps)
+    xq, s_dyn = ext.quantize_i8(input, float(act_scale) if static else -1.0, zp, act_spec.eps)
     s_x = act_scale.reshape(1).float() if static else s_dyn
     zcorr = None if zp == 0 else (zp * _rowsum(qdata)).to(torch.int32)
     s_w = scale.expand(qdata.shape[0], 1).reshape(-1).contiguous()
     return ext.w8a8_epilogue(int8_mm(xq, qdata), s_x.contiguous(), s_w, bias, zcorr, input)
 
 
-def _activation_forward(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric, kernel):
+def _activation_forward(input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel):
     if kernel != "reference":
-        out = _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric)
+        out = _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_spec)
         if out is not None:
             return out
-    return _activation_forward_aten(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric, kernel)
+    return _activation_forward_aten(input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel)
 
 
-def _activation_forward_aten(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric, kernel):
-    xq, s_x, zp_x, spec = _quantize_activation(input, act_scale, act_zero_point, act_symmetric)
+def _activation_forward_aten(input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel):
+    xq, s_x, zp_x, _ = _quantize_activation(input, act_scale, act_zero_point, act_spec)
     if kernel == "reference":
-        x = dequantize_affine(xq, s_x, zp_x, spec)
-        w = dequantize_affine(qdata, scale, None, weight_spec(False))
+        x = dequantize_affine(xq, s_x, zp_x, act_spec)
+        w = dequantize_affine(qdata, scale, None, spec)
         return F.linear(x, w, None if bias is None else bias.float()).to(input.dtype)
     acc = int8_mm(xq, qdata)
     if zp_x is not None:
@@ -281,16 +268,17 @@ class _Int8ActivationLinear(torch.autograd.Function):
     to the input, and to the bias; the int8 weight is frozen."""
 
     @staticmethod
-    def forward(ctx, input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric, kernel):
+    def forward(ctx, input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel):
         ctx.save_for_backward(qdata, scale)
         ctx.has_bias = bias is not None
-        return _activation_forward(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric, kernel)
+        ctx.spec = spec
+        return _activation_forward(input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel)
 
     @staticmethod
     def backward(ctx, grad):
         qdata, scale = ctx.saved_tensors
         grad_bias = grad.sum(0) if ctx.has_bias else None
-        return _grad_input(grad, qdata, scale, None), None, None, grad_bias, None, None, None, None
+        return _grad_input(grad, qdata, scale, None, ctx.spec), None, None, grad_bias, None, None, None, None, None
 
 
 def int8_activation_linear(
@@ -300,7 +288,8 @@ def int8_activation_linear(
     bias: torch.Tensor | None,
     act_scale: torch.Tensor | None,
     act_zero_point: torch.Tensor | None,
-    act_symmetric: bool,
+    act_spec: QuantSpec,
+    spec: QuantSpec,
     kernel: str,
 ) -> torch.Tensor:
     """Int8 activations x int8 weights: the activation is quantized here by the primitives, per
@@ -315,14 +304,16 @@ def int8_activation_linear(
         qdata: (N, K) int8 symmetric weight; scale: (N, 1) or (1, 1) float32.
         bias: (N,) or None.
         act_scale, act_zero_point: static activation qparams (one element each) or None.
-        act_symmetric: symmetric (no zero point) or asymmetric activation quantization.
+        act_spec: the activation ``QuantSpec`` (int8, ``PerToken()`` dynamic or ``PerTensor()``
+            static, symmetric or not), as the weight tensor stores it.
+        spec: the weight's ``QuantSpec`` (int8 symmetric).
         kernel: "auto" or "reference".
     """
     _check_2d(input, qdata, scale)
     if scale.shape[1] != 1:
         raise ValueError(f"int8 activations need a per-row or per-tensor weight scale, got scale {tuple(scale.shape)}")
     check_kernel(kernel)
-    return _Int8ActivationLinear.apply(input, qdata, scale, bias, act_scale, act_zero_point, act_symmetric, kernel)
+    return _Int8ActivationLinear.apply(input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel)
 
 
 # --- autograd for the weight-only op: gradients flow to the input and the bias; the int8 weight
@@ -330,15 +321,16 @@ def int8_activation_linear(
 
 
 def _weight_only_setup(ctx, inputs, output):
-    input, qdata, scale, zero_point, bias, _ = inputs
+    input, qdata, scale, zero_point, bias, spec, _ = inputs
     ctx.save_for_backward(qdata, scale, zero_point)
     ctx.has_bias = bias is not None
+    ctx.spec = spec_from_key(spec)
 
 
 def _weight_only_backward(ctx, grad):
     qdata, scale, zero_point = ctx.saved_tensors
     grad_bias = grad.sum(0) if ctx.has_bias else None
-    return _grad_input(grad, qdata, scale, zero_point), None, None, None, grad_bias, None
+    return _grad_input(grad, qdata, scale, zero_point, ctx.spec), None, None, None, grad_bias, None, None
 
 
 int8_weight_only_linear.register_autograd(_weight_only_backward, setup_context=_weight_only_setup)

@@ -36,12 +36,10 @@ from lowbit.configs import (
     Int8WeightOnlyConfig,
     QuantConfig,
 )
-from lowbit.granularity import PerRow, PerTensor, PerToken
-from lowbit.kernels.int4 import fake_quantize_activation, int4_weight_spec
-from lowbit.kernels.int8 import activation_spec
+from lowbit.kernels.int4 import fake_quantize_activation
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine
 from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
-from lowbit.primitives.rules import float8_then_int4, float8_then_int4_scale, int4_maxabs_spec
+from lowbit.primitives.rules import float8_then_int4, float8_then_int4_scale
 from lowbit.spec import QuantSpec
 
 __all__ = ["FakeQuant", "register_fake_quant", "fake_quant_for", "qat_configs"]
@@ -86,7 +84,7 @@ def fake_quant_for(config: QuantConfig) -> FakeQuant:
     return fn(config)
 
 
-# --- building blocks ---------------------------------------------------------------------------
+# --- building blocks (each takes the specs the config states: its weight_spec() / act_spec()) --------
 
 
 def _affine_weight(spec: QuantSpec) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -109,21 +107,21 @@ def _float32_weight(inner):
     return lambda w: inner(w.float())
 
 
-def _fp8_int4_weight(group_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _fp8_int4_weight(spec: QuantSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+    group_size = spec.granularity.group_size
+
     def fq(w):
         with torch.no_grad():
             q, group_scale, row_scale = float8_then_int4(w.detach(), group_size)
             # what Int4Tensor stores and dequantizes
             scale = float8_then_int4_scale(group_scale, row_scale)
-            value = dequantize_affine(q, scale, None, int4_maxabs_spec(group_size), w.dtype)
+            value = dequantize_affine(q, scale, None, spec, w.dtype)
         return w + (value - w).detach()  # straight through
 
     return fq
 
 
-def _int8_activation(symmetric: bool):
-    spec = activation_spec(symmetric, static=False)
-
+def _int8_dynamic_activation(spec: QuantSpec):
     def fq(x):
         s, zp = choose_qparams_affine(x.detach(), spec, check_finite=False)
         return fake_quantize_affine(x.float(), spec, s, zp)  # the reference's float32 activation
@@ -131,9 +129,8 @@ def _int8_activation(symmetric: bool):
     return fq
 
 
-def _int8_static_activation(act_scale: float, act_zero_point: int | None):
+def _int8_static_activation(spec: QuantSpec, act_scale: float, act_zero_point: int | None):
     """The static int8 activation: the config's fixed scale (and zero point), as float32 (1, 1)."""
-    spec = activation_spec(act_zero_point is None, static=True)
 
     def fq(x):
         one = (1,) * x.dim()  # per tensor, at x's rank
@@ -144,8 +141,7 @@ def _int8_static_activation(act_scale: float, act_zero_point: int | None):
     return fq
 
 
-def _float8_static_activation(name: str, act_scale: float):
-    spec = QuantSpec(name, PerTensor())
+def _float8_static_activation(spec: QuantSpec, act_scale: float):
     return lambda x: fake_quantize_float8(x, spec, torch.full((1,) * x.dim(), act_scale, dtype=torch.float32, device=x.device))
 
 
@@ -158,53 +154,46 @@ def _activation(spec: QuantSpec):
 
 @register_fake_quant(Int8WeightOnlyConfig)
 def _(c):
-    return FakeQuant(_affine_weight(QuantSpec("int8", c.granularity)))
+    return FakeQuant(_affine_weight(c.weight_spec()))
 
 
 @register_fake_quant(Int8DynamicActivationInt8WeightConfig)
 def _(c):
-    weight = _float32_weight(_affine_weight(QuantSpec("int8", c.granularity)))
-    return FakeQuant(weight, _int8_activation(c.act_symmetric), float32_linear=True)
+    weight = _float32_weight(_affine_weight(c.weight_spec()))
+    return FakeQuant(weight, _int8_dynamic_activation(c.act_spec()), float32_linear=True)
 
 
 @register_fake_quant(Int8StaticActivationInt8WeightConfig)
 def _(c):
-    weight = _float32_weight(_affine_weight(QuantSpec("int8", c.granularity)))
-    return FakeQuant(weight, _int8_static_activation(c.act_scale, c.act_zero_point), float32_linear=True)
+    weight = _float32_weight(_affine_weight(c.weight_spec()))
+    return FakeQuant(weight, _int8_static_activation(c.act_spec(), c.act_scale, c.act_zero_point), float32_linear=True)
 
 
 @register_fake_quant(Int4WeightOnlyConfig)
 def _(c):
-    return FakeQuant(_affine_weight(int4_weight_spec(c.group_size, c.symmetric, c.zero_point_domain)))
+    return FakeQuant(_affine_weight(c.weight_spec()))
 
 
 @register_fake_quant(Int8DynamicActivationInt4WeightConfig)
 def _(c):
-    act = QuantSpec("int8", PerToken(), symmetric=False)
-    return FakeQuant(_affine_weight(int4_weight_spec(c.group_size, True)), _activation(act))
-
-
-_FLOAT8 = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
+    return FakeQuant(_affine_weight(c.weight_spec()), _activation(c.act_spec()))
 
 
 @register_fake_quant(Float8WeightOnlyConfig)
 def _(c):
-    return FakeQuant(_float8_weight(QuantSpec(_FLOAT8[c.dtype], c.granularity)))
+    return FakeQuant(_float8_weight(c.weight_spec()))
 
 
 @register_fake_quant(Float8DynamicActivationFloat8WeightConfig)
 def _(c):
-    name = _FLOAT8[c.dtype]
-    act = QuantSpec(name, PerToken() if isinstance(c.granularity, PerRow) else PerTensor())
-    return FakeQuant(_float8_weight(QuantSpec(name, c.granularity)), _activation(act))
+    return FakeQuant(_float8_weight(c.weight_spec()), _activation(c.act_spec()))
 
 
 @register_fake_quant(Float8StaticActivationFloat8WeightConfig)
 def _(c):
-    name = _FLOAT8[c.dtype]
-    return FakeQuant(_float8_weight(QuantSpec(name, c.granularity)), _float8_static_activation(name, c.act_scale))
+    return FakeQuant(_float8_weight(c.weight_spec()), _float8_static_activation(c.act_spec(), c.act_scale))
 
 
 @register_fake_quant(Float8DynamicActivationInt4WeightConfig)
 def _(c):
-    return FakeQuant(_fp8_int4_weight(c.group_size), _activation(QuantSpec("float8_e4m3fn", PerToken())))
+    return FakeQuant(_fp8_int4_weight(c.weight_spec()), _activation(c.act_spec()))

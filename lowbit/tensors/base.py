@@ -5,7 +5,10 @@ A subclass declares its fields by name and gets the rest:
 * ``tensor_data_names`` (required inner tensors), ``optional_tensor_data_names`` (inner tensors
   that may be None) and ``tensor_attribute_names`` (hashable metadata) drive the constructor,
   ``__tensor_flatten__``/``__tensor_unflatten__`` (so torch.compile traces through it),
-  ``__repr__`` and ``_replace``;
+  ``__repr__`` and ``_replace``; ``runtime_attribute_names`` (a subset of the attributes, e.g. the
+  ``KernelPreference``) say how to run, not what the tensor is: not saved, not part of the layout;
+* a ``QuantSpec`` attribute (``spec``: how the stored values were made) is registered with
+  ``lowbit.spec.spec_key`` on construction, so kernels get it as a string through custom ops;
 * ops are registered per class with ``@Cls.implements(aten_op_or_list)`` (``__torch_dispatch__``)
   or ``@Cls.implements_torch_function(F.linear)`` (``__torch_function__``), looked up along the MRO;
 * the base registers detach, clone, alias, contiguous, ``_to_copy`` (device moves; a float dtype
@@ -23,6 +26,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from lowbit.spec import QuantSpec, spec_key
 
 __all__ = ["QuantizedTensor"]
 
@@ -52,6 +57,7 @@ class QuantizedTensor(torch.Tensor):
     tensor_data_names: ClassVar[tuple[str, ...]] = ()
     optional_tensor_data_names: ClassVar[tuple[str, ...]] = ()
     tensor_attribute_names: ClassVar[tuple[str, ...]] = ()
+    runtime_attribute_names: ClassVar[tuple[str, ...]] = ()
     _dispatch_table: ClassVar[dict] = {}
     _function_table: ClassVar[dict] = {}
 
@@ -76,6 +82,10 @@ class QuantizedTensor(torch.Tensor):
                 raise TypeError(f"{type(self).__name__} field {name!r} must be a tensor")
         for name in self._all_names():
             setattr(self, name, fields.get(name))
+        for name in self.tensor_attribute_names:
+            value = fields.get(name)
+            if isinstance(value, QuantSpec):
+                spec_key(value)
 
     # --- fields ------------------------------------------------------------------------------
 
@@ -222,7 +232,7 @@ def _same_layout(a: "QuantizedTensor", b: "QuantizedTensor") -> bool:
         x, y = getattr(a, n), getattr(b, n)
         if (x is None) != (y is None) or (x is not None and (x.shape != y.shape or x.dtype != y.dtype)):
             return False
-    return all(getattr(a, n) == getattr(b, n) for n in a.tensor_attribute_names)
+    return all(getattr(a, n) == getattr(b, n) for n in a.tensor_attribute_names if n not in a.runtime_attribute_names)
 
 
 @QuantizedTensor.implements(aten.copy_.default)

@@ -2,6 +2,8 @@
 
 Fields:
     qdata: ``shape``, torch.float8_e4m3fn or torch.float8_e5m2.
+    spec: the weight's float8 ``QuantSpec`` (from the config's ``weight_spec()``); ``dequantize()``
+        and the kernels' reference read it.
     scale: float32 of the same rank: ``(shape[0], 1)`` per row or ``(1, 1)`` per tensor.
     act_spec: ``QuantSpec`` of float8 activations or None for weight-only: dynamic ``PerToken``
         with a per-row weight, dynamic ``PerTensor`` with a per-tensor weight, or static
@@ -10,7 +12,7 @@ Fields:
     act_pre_scale: float32 (1, K) per-input-channel factor the activation is multiplied by before
         it is quantized (SmoothQuant's ``1 / s``), or None. The stored values are then those of
         ``W * s``; ``dequantize()`` returns the weight the linear effectively applies, ``W``.
-    kernel: ``KernelPreference`` for the matmul ops.
+    kernel: ``KernelPreference`` for the matmul ops (how to run; not saved).
 
 The weight stands for ``qdata.float() * scale`` (one cast to ``dtype``).
 """
@@ -20,10 +22,10 @@ from __future__ import annotations
 import torch
 
 from lowbit.granularity import PerRow, PerTensor, PerToken
-from lowbit.kernels.float8 import float8_activation_linear, float8_weight_only_linear, float8_weight_spec
+from lowbit.kernels.float8 import float8_activation_linear, float8_weight_only_linear
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, quantize_float8
-from lowbit.spec import QuantSpec
+from lowbit.spec import QuantSpec, spec_key
 from lowbit.tensors.base import QuantizedTensor
 from lowbit.tensors.layout_ops import register_layout_ops, register_linear_ops
 
@@ -35,7 +37,8 @@ class Float8Tensor(QuantizedTensor):
 
     tensor_data_names = ("qdata", "scale")
     optional_tensor_data_names = ("act_scale", "act_pre_scale")
-    tensor_attribute_names = ("act_spec", "kernel")
+    tensor_attribute_names = ("spec", "act_spec", "kernel")
+    runtime_attribute_names = ("kernel",)
     qparam_names = ("scale", "act_pre_scale")
     pack = 1
 
@@ -86,6 +89,7 @@ class Float8Tensor(QuantizedTensor):
             qdata=quantize_float8(input, scale, spec),
             scale=scale.float(),
             act_scale=None if act_scale is None else act_scale.detach().float().reshape(1).to(input.device),
+            spec=spec,
             act_spec=act_spec,
             kernel=KernelPreference(kernel),
             dtype=input.dtype,
@@ -97,20 +101,29 @@ class Float8Tensor(QuantizedTensor):
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float tensor these float8 values stand for, in ``output_dtype`` (default: ``self.dtype``)."""
-        spec = float8_weight_spec(self.qdata.dtype, self.scale.numel() != 1)
         if self.act_pre_scale is None:
-            return dequantize_float8(self.qdata, self.scale, spec, output_dtype or self.dtype)
-        w = dequantize_float8(self.qdata, self.scale, spec, torch.float32) * self.act_pre_scale
+            return dequantize_float8(self.qdata, self.scale, self.spec, output_dtype or self.dtype)
+        w = dequantize_float8(self.qdata, self.scale, self.spec, torch.float32) * self.act_pre_scale
         return w.to(output_dtype or self.dtype)
 
 
 def _run_linear(x: torch.Tensor, weight: Float8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    kernel = weight.kernel.value
     if weight.act_pre_scale is not None:
-        x = x * weight.act_pre_scale.to(x.dtype)
+        # SmoothQuant's 1 / s where nothing absorbed it (lowbit.static.fold): multiplied in float32,
+        # never rounded to x.dtype, so it cancels the float32 s in the stored W * s as a folded norm
+        # would; the activation is quantized from float32 (as every path does) and the result cast once
+        b = None if bias is None else bias.float()
+        return _run_unscaled(x.float() * weight.act_pre_scale, weight, b).to(x.dtype)
+    return _run_unscaled(x, weight, bias)
+
+
+def _run_unscaled(x: torch.Tensor, weight: Float8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    kernel = weight.kernel.value
     if weight.act_spec is None:
-        return float8_weight_only_linear(x, weight.qdata, weight.scale, bias, kernel)
-    return float8_activation_linear(x, weight.qdata, weight.scale, bias, weight.act_spec, kernel, weight.act_scale)
+        return float8_weight_only_linear(x, weight.qdata, weight.scale, bias, spec_key(weight.spec), kernel)
+    return float8_activation_linear(
+        x, weight.qdata, weight.scale, bias, weight.spec, weight.act_spec, kernel, weight.act_scale
+    )
 
 
 register_linear_ops(Float8Tensor, _run_linear)

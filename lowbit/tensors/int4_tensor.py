@@ -5,13 +5,16 @@ Fields:
         2j in its low nibble): the one canonical layout, the only one saved. Kernel-specific
         layouts are made from it on first use by ``lowbit.kernels.int4`` and never saved.
     scale: float32 ``(*shape[:-1], shape[-1] // group_size)``.
+    spec: the weight ``QuantSpec`` (int4 symmetric, or uint4 with an int8 or float32 zero point;
+        ``PerGroup(group_size)``), from the config's ``weight_spec()``: ``dequantize()`` and the
+        kernels' reference read it.
     zero_point: int8 like ``scale`` with values in [0, 15] (asymmetric uint4 values), float32
         like ``scale`` (asymmetric with an unrounded zero point, ``zero_point_domain="float"``,
         as tinygemm and HQQ store it), or None (symmetric int4 values in [-8, 7], stored as
         4-bit two's complement).
     act_spec: ``QuantSpec`` of the activations (int8 per token for 8da4w, float8 per token for
         fp8 x int4) or None for weight-only.
-    kernel: ``KernelPreference`` for the matmul ops.
+    kernel: ``KernelPreference`` for the matmul ops (how to run; not saved).
 
 The weight stands for ``(q - zero_point) * scale`` (float32 math, one cast to ``dtype``).
 """
@@ -20,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.granularity import PerToken
-from lowbit.kernels.int4 import dequantize_int4, int4_linear, int4_weight_spec
+from lowbit.granularity import PerGroup, PerToken
+from lowbit.kernels.int4 import dequantize_int4, int4_linear
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.affine import choose_qparams_affine, quantize_affine
 from lowbit.primitives.packing import pack_int4
@@ -35,7 +38,8 @@ __all__ = ["Int4Tensor", "INT4_SCALE_RULES"]
 GROUP_SIZES = (32, 64, 128, 256)
 # How the int4 scales are chosen: "minmax" (the spec's rule: asymmetric min/max, or symmetric
 # amax / 7), "maxabs" (amax / 8, full [-8, 7] range), "float8_then_int4" (float8 rows first,
-# then max-abs groups of the float8 values; the stored scale is group_scale * row_scale).
+# then max-abs groups of the float8 values; the stored scale is group_scale * row_scale). The two
+# max-abs rules quantize with their spec (``lowbit.primitives.rules.int4_maxabs_spec``).
 INT4_SCALE_RULES = ("minmax", "maxabs", "float8_then_int4")
 
 
@@ -44,7 +48,8 @@ class Int4Tensor(QuantizedTensor):
 
     tensor_data_names = ("qdata", "scale")
     optional_tensor_data_names = ("zero_point",)
-    tensor_attribute_names = ("act_spec", "kernel")
+    tensor_attribute_names = ("spec", "act_spec", "kernel")
+    runtime_attribute_names = ("kernel",)
     qparam_names = ("scale", "zero_point")
     pack = 2  # two 4-bit values per qdata byte along the last dim
 
@@ -52,10 +57,8 @@ class Int4Tensor(QuantizedTensor):
     def from_float(
         cls,
         input: torch.Tensor,
-        group_size: int = 128,
+        spec: QuantSpec,
         *,
-        symmetric: bool = False,
-        zero_point_domain: str = "int",
         scale_rule: str = "minmax",
         act_spec: QuantSpec | None = None,
         kernel: KernelPreference = KernelPreference.AUTO,
@@ -63,50 +66,47 @@ class Int4Tensor(QuantizedTensor):
         """Quantize ``input`` (rank >= 1, the last dim split into groups) to packed int4.
 
         Args:
-            input: floating tensor whose last dim is divisible by ``group_size`` (and even).
-            group_size: one of 32, 64, 128, 256.
-            symmetric: int4 in [-8, 7] without zero point, or (default) uint4 with a zero point.
-            zero_point_domain: "int" (default, int8 zero point, ``round(-min / s)``) or "float"
-                (float32 zero point ``-min / s``, unrounded: the group minimum is kept exactly).
+            input: floating tensor whose last dim is divisible by the group size (and even).
+            spec: the weight ``QuantSpec`` (a config's ``weight_spec()``): ``"int4"`` symmetric
+                (values in [-8, 7], no zero point) or ``"uint4"`` asymmetric with an int8 zero point
+                (``zero_point_domain="int"``) or a float32 one (``"float"``), ``PerGroup(g)`` with g
+                one of 32, 64, 128, 256.
             scale_rule: one of ``INT4_SCALE_RULES``; "maxabs" and "float8_then_int4" need
-                ``symmetric=True`` and a 2-D input.
+                ``spec == int4_maxabs_spec(g)`` and a 2-D input.
             act_spec: activation spec (int8 ``PerToken`` asymmetric, float8 ``PerToken``) or None.
             kernel: ``KernelPreference``.
 
         Raises:
-            ValueError: a group size not allowed or not dividing the last dim, an odd last dim,
-                an unknown scale rule or one that needs ``symmetric=True``.
+            ValueError: a spec int4 does not store, a group size not allowed or not dividing the
+                last dim, an odd last dim, an unknown scale rule or one whose spec differs.
         """
-        if group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size={group_size!r}; allowed: {GROUP_SIZES}")
+        _check_spec(spec)
+        group_size = spec.granularity.group_size
         if input.dim() == 0 or input.shape[-1] % 2:
             raise ValueError(f"Int4Tensor packs two values per byte: the last dim must be even, got shape "
                              f"{tuple(input.shape)}")
         if input.shape[-1] % group_size:
             raise ValueError(f"the last dim {input.shape[-1]} (in_features) is not divisible by group_size={group_size}")
-        if zero_point_domain not in ("int", "float"):
-            raise ValueError(f"zero_point_domain={zero_point_domain!r}; allowed: 'int', 'float'")
-        if zero_point_domain == "float" and symmetric:
-            raise ValueError("zero_point_domain='float' needs symmetric=False (a symmetric weight has no zero point)")
         if scale_rule not in INT4_SCALE_RULES:
             raise ValueError(f"scale_rule={scale_rule!r}; allowed: {INT4_SCALE_RULES}")
-        if scale_rule != "minmax" and (not symmetric or input.dim() != 2):
-            raise ValueError(f"scale_rule={scale_rule!r} needs symmetric=True and a 2-D weight")
+        if scale_rule != "minmax" and (spec != int4_maxabs_spec(group_size) or input.dim() != 2):
+            raise ValueError(f"scale_rule={scale_rule!r} needs spec=int4_maxabs_spec({group_size}) and a 2-D weight, "
+                             f"got spec={spec!r}, shape {tuple(input.shape)}")
         _check_act(act_spec)
         if scale_rule == "float8_then_int4":
             q, group_scale, row_scale = float8_then_int4(input, group_size)
             scale, zero_point = float8_then_int4_scale(group_scale, row_scale), None
         elif scale_rule == "maxabs":
             scale, zero_point = int4_maxabs_group_scale(input, group_size), None
-            q = quantize_affine(input, scale, None, int4_maxabs_spec(group_size))
+            q = quantize_affine(input, scale, None, spec)
         else:
-            spec = int4_weight_spec(group_size, symmetric, zero_point_domain)
             scale, zero_point = choose_qparams_affine(input, spec)
             q = quantize_affine(input, scale, zero_point, spec)
         return cls(
             qdata=pack_int4(q),
             scale=scale.float(),
             zero_point=zero_point,
+            spec=spec,
             act_spec=act_spec,
             kernel=KernelPreference(kernel),
             shape=input.shape,
@@ -124,7 +124,27 @@ class Int4Tensor(QuantizedTensor):
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float tensor these int4 values stand for, in ``output_dtype`` (default: ``self.dtype``)."""
-        return dequantize_int4(self.qdata, self.scale, self.zero_point, output_dtype or self.dtype)
+        return dequantize_int4(self.qdata, self.scale, self.zero_point, self.spec, output_dtype or self.dtype)
+
+
+def _check_spec(spec: QuantSpec) -> None:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec (a config's weight_spec()), got {type(spec).__name__}")
+    if spec.dtype.name not in ("int4", "uint4") or spec.dtype.name == "uint4" and spec.symmetric:
+        raise ValueError(f"Int4Tensor stores symmetric int4 or asymmetric uint4, got spec.dtype={spec.dtype.name}, "
+                         f"symmetric={spec.symmetric}")
+    if spec.dtype.name == "int4" and not spec.symmetric:
+        raise ValueError("Int4Tensor stores asymmetric weights as uint4 (values [0, 15] and a zero point), got int4")
+    if not isinstance(spec.granularity, PerGroup) or spec.granularity.group_size not in GROUP_SIZES:
+        raise ValueError(f"Int4Tensor spec.granularity={spec.granularity!r}; allowed: PerGroup(g) with g in {GROUP_SIZES}")
+    if spec.has_zero_point and spec.zero_point_dtype not in (torch.int8, torch.float32):
+        raise ValueError(f"Int4Tensor stores an int8 (int domain) or float32 (float domain) zero point, got "
+                         f"spec.zero_point_dtype={spec.zero_point_dtype}")
+    if spec.has_zero_point and (spec.zero_point_dtype == torch.float32) != (spec.zero_point_domain == "float"):
+        raise ValueError(f"zero_point_dtype={spec.zero_point_dtype} does not match zero_point_domain="
+                         f"{spec.zero_point_domain!r}: int8 goes with 'int', float32 with 'float'")
+    if spec.quant_min is not None or spec.quant_max is not None:
+        raise ValueError("Int4Tensor stores the full 4-bit range: quant_min/quant_max must be None")
 
 
 def _check_act(act_spec):
@@ -137,7 +157,8 @@ def _check_act(act_spec):
 
 
 def _run_linear(x: torch.Tensor, weight: Int4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return int4_linear(x, weight.qdata, weight.scale, weight.zero_point, bias, weight.act_spec, weight.kernel.value)
+    return int4_linear(x, weight.qdata, weight.scale, weight.zero_point, bias, weight.spec, weight.act_spec,
+                       weight.kernel.value)
 
 
 register_linear_ops(Int4Tensor, _run_linear)

@@ -2,6 +2,8 @@
 
 Fields:
     qdata: ``shape`` int8.
+    spec: the weight ``QuantSpec`` the values were made with (int8; from the config's
+        ``weight_spec()``); ``dequantize()`` and the kernels' reference read it.
     scale: float32 of the same rank, ``shape[i] // block_size[i]``.
     zero_point: int32 like ``scale``, or None (symmetric).
     act_scale, act_zero_point: static activation qparams (one element each) or None.
@@ -10,7 +12,7 @@ Fields:
         ``W * s``; ``dequantize()`` returns the weight the linear effectively applies, ``W``.
     act_spec: ``QuantSpec`` of the activations (int8, ``PerToken`` dynamic or ``PerTensor``
         static), or None for weight-only; when set, ``F.linear`` quantizes its input on the fly.
-    kernel: ``KernelPreference`` for the matmul ops.
+    kernel: ``KernelPreference`` for the matmul ops (how to run; not saved).
 
 The logical ``dtype`` is the dtype ``dequantize()`` returns and the activations must have.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.granularity import PerTensor, PerToken
-from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear_any, weight_spec
+from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear_any
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.affine import _block_from_scale, choose_qparams_affine, dequantize_affine, quantize_affine
 from lowbit.spec import QuantSpec
@@ -37,7 +39,8 @@ class Int8Tensor(QuantizedTensor):
 
     tensor_data_names = ("qdata", "scale")
     optional_tensor_data_names = ("zero_point", "act_scale", "act_zero_point", "act_pre_scale")
-    tensor_attribute_names = ("act_spec", "kernel")
+    tensor_attribute_names = ("spec", "act_spec", "kernel")
+    runtime_attribute_names = ("kernel",)
     qparam_names = ("scale", "zero_point", "act_pre_scale")  # blocked qparams, sliced with qdata
     pack = 1  # one int8 value per qdata element
 
@@ -77,6 +80,7 @@ class Int8Tensor(QuantizedTensor):
             zero_point=zero_point,
             act_scale=None if act_scale is None else act_scale.detach().float().reshape(1).to(input.device),
             act_zero_point=None if act_zero_point is None else act_zero_point.detach().int().reshape(1).to(input.device),
+            spec=spec,
             act_spec=act_spec,
             kernel=KernelPreference(kernel),
             dtype=input.dtype,
@@ -89,10 +93,9 @@ class Int8Tensor(QuantizedTensor):
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float tensor these int8 values stand for, in ``output_dtype`` (default: ``self.dtype``)."""
-        spec = weight_spec(self.zero_point is not None)
         if self.act_pre_scale is None:
-            return dequantize_affine(self.qdata, self.scale, self.zero_point, spec, output_dtype or self.dtype)
-        w = dequantize_affine(self.qdata, self.scale, self.zero_point, spec, torch.float32) * self.act_pre_scale
+            return dequantize_affine(self.qdata, self.scale, self.zero_point, self.spec, output_dtype or self.dtype)
+        w = dequantize_affine(self.qdata, self.scale, self.zero_point, self.spec, torch.float32) * self.act_pre_scale
         return w.to(output_dtype or self.dtype)
 
 
@@ -123,13 +126,21 @@ def _check_act(act_spec, act_scale, act_zero_point, spec):
 
 
 def _run_linear(x: torch.Tensor, weight: Int8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    kernel = weight.kernel.value
     if weight.act_pre_scale is not None:
-        x = x * weight.act_pre_scale.to(x.dtype)
+        # SmoothQuant's 1 / s where nothing absorbed it (lowbit.static.fold): multiplied in float32,
+        # never rounded to x.dtype, so it cancels the float32 s in the stored W * s as a folded norm
+        # would; the activation is quantized from float32 (as every path does) and the result cast once
+        b = None if bias is None else bias.float()
+        return _run_unscaled(x.float() * weight.act_pre_scale, weight, b).to(x.dtype)
+    return _run_unscaled(x, weight, bias)
+
+
+def _run_unscaled(x: torch.Tensor, weight: Int8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    kernel = weight.kernel.value
     if weight.act_spec is None:
-        return int8_weight_only_linear_any(x, weight.qdata, weight.scale, weight.zero_point, bias, kernel)
+        return int8_weight_only_linear_any(x, weight.qdata, weight.scale, weight.zero_point, bias, weight.spec, kernel)
     return int8_activation_linear(
-        x, weight.qdata, weight.scale, bias, weight.act_scale, weight.act_zero_point, weight.act_spec.symmetric, kernel
+        x, weight.qdata, weight.scale, bias, weight.act_scale, weight.act_zero_point, weight.act_spec, weight.spec, kernel
     )
 
 

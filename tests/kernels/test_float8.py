@@ -11,7 +11,7 @@ from lowbit.granularity import PerRow, PerTensor, PerToken
 from lowbit.kernels import float8 as k8
 from lowbit.kernels.float8 import float8_activation_linear, float8_weight_only_linear
 from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, fake_quantize_float8, quantize_float8
-from lowbit.spec import QuantSpec
+from lowbit.spec import QuantSpec, spec_key
 
 # fast CPU weight-only vs reference: the per-row scale applied to the output instead of the
 # bf16-rounded dequantized weight (bf16); float32 differs by rounding order only
@@ -36,9 +36,10 @@ def test_weight_only_auto_matches_reference(dtype, fmt, per_row, m):
     q, s = _weight(96, 200, fmt, per_row)
     x = torch.randn(m, 200).to(dtype)
     b = torch.randn(96).to(dtype)
-    ref = float8_weight_only_linear(x, q, s, b, "reference")
-    assert torch.equal(ref, F.linear(x, dequantize_float8(q, s, QuantSpec(fmt, PerRow() if per_row else PerTensor()), dtype), b))
-    out = float8_weight_only_linear(x, q, s, b, "auto")
+    spec = QuantSpec(fmt, PerRow() if per_row else PerTensor())
+    ref = float8_weight_only_linear(x, q, s, b, spec_key(spec), "reference")
+    assert torch.equal(ref, F.linear(x, dequantize_float8(q, s, spec, dtype), b))
+    out = float8_weight_only_linear(x, q, s, b, spec_key(spec), "auto")
     assert out.dtype == dtype and sqnr(ref.float(), out.float()) >= AUTO_VS_REF_DB[dtype]
 
 
@@ -48,8 +49,9 @@ def test_activation_cpu_route_is_fake_quant_then_weight_only(granularity):
     act = QuantSpec("float8_e4m3fn", granularity)
     x = torch.randn(5, 256, dtype=torch.bfloat16)
     xs = choose_qparams_float8(x, act)
-    want = float8_weight_only_linear(fake_quantize_float8(x, act, xs), q, s, None, "reference")
-    assert torch.equal(float8_activation_linear(x, q, s, None, act, "reference"), want)
+    spec = QuantSpec("float8_e4m3fn", PerRow() if isinstance(granularity, PerToken) else PerTensor())
+    want = float8_weight_only_linear(fake_quantize_float8(x, act, xs), q, s, None, spec_key(spec), "reference")
+    assert torch.equal(float8_activation_linear(x, q, s, None, spec, act, "reference"), want)
 
 
 def test_below_sm89_falls_back_with_a_warning(monkeypatch, caplog):
@@ -69,21 +71,26 @@ def test_below_sm89_falls_back_with_a_warning(monkeypatch, caplog):
 def test_gradient_flows_through_both_ops():
     q, s = _weight()
     x = torch.randn(3, 256, requires_grad=True)
-    float8_activation_linear(x, q, s, None, QuantSpec("float8_e4m3fn", PerToken()), "auto").sum().backward()
-    w = dequantize_float8(q, s, QuantSpec("float8_e4m3fn", PerRow()))
+    spec = QuantSpec("float8_e4m3fn", PerRow())
+    float8_activation_linear(x, q, s, None, spec, QuantSpec("float8_e4m3fn", PerToken()), "auto").sum().backward()
+    w = dequantize_float8(q, s, spec)
     assert torch.allclose(x.grad, w.sum(0).expand(3, -1), atol=1e-5)
 
 
 def test_bad_arguments():
     q, s = _weight()
+    spec = QuantSpec("float8_e4m3fn", PerRow())
+    key = spec_key(spec)
     with pytest.raises(ValueError, match=r"must be \(M, K\) and \(N, K\)"):
-        float8_weight_only_linear(torch.randn(2, 100), q, s, None, "auto")
+        float8_weight_only_linear(torch.randn(2, 100), q, s, None, key, "auto")
     with pytest.raises(TypeError, match="qdata must be float8"):
-        float8_weight_only_linear(torch.randn(2, 256), q.float(), s, None, "auto")
+        float8_weight_only_linear(torch.randn(2, 256), q.float(), s, None, key, "auto")
     with pytest.raises(ValueError, match=r"scale must be \(N, 1\) or \(1, 1\)"):
-        float8_weight_only_linear(torch.randn(2, 256), q, s.reshape(1, -1), None, "auto")
+        float8_weight_only_linear(torch.randn(2, 256), q, s.reshape(1, -1), None, key, "auto")
+    with pytest.raises(ValueError, match="does not match qdata dtype"):
+        float8_weight_only_linear(torch.randn(2, 256), q, s, None, spec_key(QuantSpec("float8_e5m2", PerRow())), "auto")
     with pytest.raises(ValueError, match="act_spec must be float8"):
-        float8_activation_linear(torch.randn(2, 256), q, s, None, QuantSpec("int8", PerToken()), "auto")
+        float8_activation_linear(torch.randn(2, 256), q, s, None, spec, QuantSpec("int8", PerToken()), "auto")
 
 
 @pytest.mark.cuda
@@ -96,7 +103,8 @@ def test_scaled_mm_cuda_matches_reference(granularity, m):
     q, s = q.cuda(), s.cuda()
     act = QuantSpec("float8_e4m3fn", granularity)
     x = torch.randn(m, 512, dtype=torch.bfloat16, device="cuda")
-    ref = float8_activation_linear(x, q, s, None, act, "reference")
+    spec = QuantSpec("float8_e4m3fn", PerRow() if isinstance(granularity, PerToken) else PerTensor())
+    ref = float8_activation_linear(x, q, s, None, spec, act, "reference")
     out = k8._scaled_mm_path(x, q, s, None, act)
     assert out is not None and out.dtype == torch.bfloat16
     assert sqnr(ref.float(), out.float()) >= SCALED_MM_VS_REF_DB

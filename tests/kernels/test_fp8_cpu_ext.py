@@ -213,12 +213,13 @@ def test_chunks_with_an_input_that_requires_grad(xd, num_threads):
     """The worker threads run at::mm_out on a detached input: grad mode on and an input that
     requires grad (training through ``lowbit::float8_weight_only_linear``) must not reach autograd."""
     from lowbit.kernels.float8 import float8_weight_only_linear
+    from lowbit.spec import spec_key
 
     num_threads(2)
     q, s, spec, g = _data("e4m3fn", "row", 300, 200)
     x = torch.randn(TILED_MAX_M + 8, 200, generator=g).to(XD[xd]).requires_grad_()
     b = torch.randn(300, generator=g).to(XD[xd]).requires_grad_()
-    out = float8_weight_only_linear(x, q, s, b, "auto")
+    out = float8_weight_only_linear(x, q, s, b, spec_key(spec), "auto")
     assert sqnr(_ref(x.detach(), q, s, spec, b.detach()).float(), out.detach().float()) >= FAST_VS_REF_DB[XD[xd]]
     out.float().sum().backward()
     w = dequantize_float8(q, s, spec, output_dtype=XD[xd])

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerToken
 from lowbit.kernels import int4 as k4
-from lowbit.kernels.int4 import dequantize_int4, int4_linear, int4_weight_only_linear, int4_weight_spec
+from lowbit.configs import Int4WeightOnlyConfig
+from lowbit.kernels.int4 import dequantize_int4, int4_linear, int4_weight_only_linear
 from lowbit.primitives.affine import choose_qparams_affine, fake_quantize_affine, quantize_affine
 from lowbit.primitives.packing import pack_int4
-from lowbit.spec import QuantSpec
+from lowbit.spec import QuantSpec, spec_key
 
 # torch's int4pack kernels take scales and float zeros in the activation dtype: with bf16
 # activations the bf16 cast of scale and zero is the expected loss (measured 46-49 dB here);
@@ -18,10 +19,15 @@ from lowbit.spec import QuantSpec
 INT4PACK_VS_REF_DB = {torch.bfloat16: 40.0, torch.float32: 100.0}
 AUTO_VS_REF_DB = {torch.bfloat16: 40.0, torch.float32: 100.0}
 
+def _spec(g=32, symmetric=False, zero_point_domain="int"):
+    """The weight spec ``Int4WeightOnlyConfig`` states for these fields."""
+    return Int4WeightOnlyConfig(group_size=g, symmetric=symmetric, zero_point_domain=zero_point_domain).weight_spec()
+
+
 def _weight(n=64, k=256, g=32, symmetric=False, seed=0):
     torch.manual_seed(seed)
     w = torch.randn(n, k)
-    spec = int4_weight_spec(g, symmetric)
+    spec = _spec(g, symmetric)
     s, zp = choose_qparams_affine(w, spec)
     return pack_int4(quantize_affine(w, s, zp, spec)), s, zp
 
@@ -33,7 +39,7 @@ def test_int4pack_cpu_matches_reference(dtype, symmetric, g, m):
     qdata, s, zp = _weight(n=64, k=512, g=g, symmetric=symmetric)
     x = torch.randn(m, 512).to(dtype)
     bias = torch.randn(64).to(dtype)
-    ref = k4._reference(x, qdata, s, zp, bias)
+    ref = k4._reference(x, qdata, s, zp, bias, _spec(g, symmetric))
     out = k4._int4pack_cpu(x, qdata, s, zp, bias)
     assert out.dtype == dtype and out.shape == (m, 64)
     assert sqnr(ref.float(), out.float()) >= INT4PACK_VS_REF_DB[dtype]
@@ -45,9 +51,10 @@ def test_auto_matches_reference(dtype, symmetric, shape):
     m, n, k, g = shape
     qdata, s, zp = _weight(n, k, g, symmetric)
     x = torch.randn(m, k).to(dtype)
-    ref = int4_weight_only_linear(x, qdata, s, zp, None, "reference")
-    assert torch.equal(ref, F.linear(x, dequantize_int4(qdata, s, zp, dtype)))
-    out = int4_weight_only_linear(x, qdata, s, zp, None, "auto")
+    key = spec_key(_spec(g, symmetric))
+    ref = int4_weight_only_linear(x, qdata, s, zp, None, key, "reference")
+    assert torch.equal(ref, F.linear(x, dequantize_int4(qdata, s, zp, _spec(g, symmetric), dtype)))
+    out = int4_weight_only_linear(x, qdata, s, zp, None, key, "auto")
     bound = AUTO_VS_REF_DB.get(dtype, 60.0)
     assert sqnr(ref.float(), out.float()) >= bound
 
@@ -56,13 +63,13 @@ def test_auto_matches_reference(dtype, symmetric, shape):
 def test_float_zero_point_domain_matches_reference(dtype, m):
     torch.manual_seed(0)
     w = torch.randn(96, 256) + 0.5  # groups that do not straddle 0 evenly: fractional zero points
-    spec = int4_weight_spec(64, False, "float")
+    spec = _spec(64, False, "float")
     s, zp = choose_qparams_affine(w, spec)
     assert zp.dtype == torch.float32 and (zp != zp.round()).any()
     qdata = pack_int4(quantize_affine(w, s, zp, spec))
     x = torch.randn(m, 256).to(dtype)
-    ref = int4_weight_only_linear(x, qdata, s, zp, None, "reference")
-    for out in (int4_weight_only_linear(x, qdata, s, zp, None, "auto"), k4._int4pack_cpu(x, qdata, s, zp, None)):
+    ref = int4_weight_only_linear(x, qdata, s, zp, None, spec_key(spec), "reference")
+    for out in (int4_weight_only_linear(x, qdata, s, zp, None, spec_key(spec), "auto"), k4._int4pack_cpu(x, qdata, s, zp, None)):
         assert sqnr(ref.float(), out.float()) >= AUTO_VS_REF_DB[dtype]
 
 
@@ -74,7 +81,7 @@ def test_converted_copy_follows_in_place_updates():
     qdata.copy_(other)
     s.copy_(s2)
     zp.copy_(zp2)
-    ref = k4._reference(x, qdata, s, zp, None)
+    ref = k4._reference(x, qdata, s, zp, None, _spec())
     assert sqnr(ref.float(), k4._int4pack_cpu(x, qdata, s, zp, None).float()) >= INT4PACK_VS_REF_DB[torch.bfloat16]
 
 def test_8da4w_is_fake_quantized_activation_times_dequantized_weight():
@@ -82,28 +89,34 @@ def test_8da4w_is_fake_quantized_activation_times_dequantized_weight():
     x = torch.randn(4, 256)
     act = QuantSpec("int8", PerToken(), symmetric=False)
     xs, xzp = choose_qparams_affine(x, act)
-    want = F.linear(fake_quantize_affine(x, act, xs, xzp), dequantize_int4(qdata, s, None, torch.float32))
-    assert torch.equal(int4_linear(x, qdata, s, None, None, act, "reference"), want)
-    assert sqnr(want, int4_linear(x, qdata, s, None, None, act, "auto")) >= AUTO_VS_REF_DB[torch.float32]
+    spec = _spec(symmetric=True)
+    want = F.linear(fake_quantize_affine(x, act, xs, xzp), dequantize_int4(qdata, s, None, spec, torch.float32))
+    assert torch.equal(int4_linear(x, qdata, s, None, None, spec, act, "reference"), want)
+    assert sqnr(want, int4_linear(x, qdata, s, None, None, spec, act, "auto")) >= AUTO_VS_REF_DB[torch.float32]
 
 def test_gradient_flows_to_input_and_bias():
     qdata, s, zp = _weight()
     x = torch.randn(3, 256, requires_grad=True)
     b = torch.zeros(64, requires_grad=True)
-    int4_weight_only_linear(x, qdata, s, zp, b, "auto").sum().backward()
-    assert torch.allclose(x.grad, dequantize_int4(qdata, s, zp, torch.float32).sum(0).expand(3, -1), atol=1e-5)
+    int4_weight_only_linear(x, qdata, s, zp, b, spec_key(_spec()), "auto").sum().backward()
+    assert torch.allclose(x.grad, dequantize_int4(qdata, s, zp, _spec(), torch.float32).sum(0).expand(3, -1), atol=1e-5)
     assert torch.equal(b.grad, torch.full((64,), 3.0))
 
 def test_bad_arguments():
     qdata, s, zp = _weight()
+    key = spec_key(_spec())
     with pytest.raises(ValueError, match=r"must be \(M, K\) and \(N, K // 2\)"):
-        int4_weight_only_linear(torch.randn(2, 255), qdata, s, zp, None, "auto")
+        int4_weight_only_linear(torch.randn(2, 255), qdata, s, zp, None, key, "auto")
     with pytest.raises(TypeError, match="qdata must be uint8"):
-        int4_weight_only_linear(torch.randn(2, 256), qdata.to(torch.int8), s, zp, None, "auto")
+        int4_weight_only_linear(torch.randn(2, 256), qdata.to(torch.int8), s, zp, None, key, "auto")
     with pytest.raises(ValueError, match="zero_point must be int8"):
-        int4_weight_only_linear(torch.randn(2, 256), qdata, s, zp.int(), None, "auto")
+        int4_weight_only_linear(torch.randn(2, 256), qdata, s, zp.int(), None, key, "auto")
     with pytest.raises(ValueError, match="kernel"):
-        int4_weight_only_linear(torch.randn(2, 256), qdata, s, zp, None, "fast")
+        int4_weight_only_linear(torch.randn(2, 256), qdata, s, zp, None, key, "fast")
+    with pytest.raises(ValueError, match="takes no zero point"):
+        int4_weight_only_linear(torch.randn(2, 256), qdata, s, zp, None, spec_key(_spec(symmetric=True)), "auto")
+    with pytest.raises(ValueError, match="names no QuantSpec"):
+        int4_weight_only_linear(torch.randn(2, 256), qdata, s, zp, None, "not a key", "auto")
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
@@ -113,7 +126,7 @@ def test_tinygemm_cuda_matches_reference(symmetric, m):
     qdata, s = qdata.cuda(), s.cuda()
     zp = None if zp is None else zp.cuda()
     x = torch.randn(m, 1024, dtype=torch.bfloat16, device="cuda")
-    ref = k4._reference(x, qdata, s, zp, None)
+    ref = k4._reference(x, qdata, s, zp, None, _spec(128, symmetric))
     out = k4._tinygemm_cuda(x, qdata, s, zp, None)
     assert out is not None, "tinygemm did not take a supported shape"
     assert sqnr(ref.float(), out.float()) >= INT4PACK_VS_REF_DB[torch.bfloat16]

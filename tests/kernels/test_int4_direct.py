@@ -7,6 +7,7 @@ from torch import nn
 from lowbit import Int4WeightOnlyConfig, quantize_
 from lowbit.kernels import _int4_cpu
 from lowbit.kernels.int4 import int4_weight_only_linear
+from lowbit.spec import spec_key
 
 pytestmark = pytest.mark.skipif(_int4_cpu.direct_gemv_op() is None, reason="int4 C++ extension not available")
 
@@ -26,7 +27,7 @@ def test_direct_op_equals_the_custom_op(m, symmetric, bias):
     x = torch.randn(m, 256, dtype=torch.bfloat16)
     with torch.no_grad():
         direct = _int4_cpu.direct_gemv(x, w.qdata, w.scale, w.zero_point, layer.bias)
-        custom = int4_weight_only_linear(x, w.qdata, w.scale, w.zero_point, layer.bias, "auto")
+        custom = int4_weight_only_linear(x, w.qdata, w.scale, w.zero_point, layer.bias, spec_key(w.spec), "auto")
         assert direct is not None and torch.equal(direct, custom)
         assert torch.equal(layer(x), custom)
 

@@ -6,7 +6,8 @@ import torch
 from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerGroup, PerRow, PerTensor
 from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear
-from lowbit.spec import QuantSpec
+from lowbit.configs import Int8DynamicActivationInt8WeightConfig, Int8StaticActivationInt8WeightConfig
+from lowbit.spec import QuantSpec, spec_key
 from lowbit.tensors.int8_tensor import Int8Tensor
 
 # fast vs reference. Weight-only: the fast paths multiply in x's dtype with a different
@@ -17,6 +18,13 @@ ACTIVATION_FAST_VS_REF_DB = 80.0
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _act(symmetric: bool, static: bool = False) -> QuantSpec:
+    """The activation spec the W8A8 configs state (dynamic per token, or static per tensor)."""
+    if static:
+        return Int8StaticActivationInt8WeightConfig(act_scale=1.0, act_zero_point=None if symmetric else 0).act_spec()
+    return Int8DynamicActivationInt8WeightConfig(act_symmetric=symmetric).act_spec()
 
 
 def _weights(granularity, seed=0):
@@ -32,8 +40,8 @@ def test_weight_only_fast_matches_reference(dtype, m, granularity):
     t, g = _weights(granularity)
     x = torch.randn(m, 512, generator=g).to(dtype)
     b = torch.randn(256, generator=g).to(dtype)
-    ref = int8_weight_only_linear(x, t.qdata, t.scale, None, b, "reference")
-    fast = int8_weight_only_linear(x, t.qdata, t.scale, None, b, "auto")
+    ref = int8_weight_only_linear(x, t.qdata, t.scale, None, b, spec_key(t.spec), "reference")
+    fast = int8_weight_only_linear(x, t.qdata, t.scale, None, b, spec_key(t.spec), "auto")
     assert fast.dtype == dtype and fast.shape == (m, 256)
     assert sqnr(ref.float(), fast.float()) >= WEIGHT_ONLY_FAST_VS_REF_DB[dtype]
 
@@ -48,8 +56,9 @@ def test_activation_fast_matches_reference(dtype, m, mode):
     sym = mode.endswith("-sym")
     s = torch.tensor([0.03]) if mode.startswith("static") else None
     zp = torch.tensor([2], dtype=torch.int32) if mode == "static-asym" else None
-    ref = int8_activation_linear(x, t.qdata, t.scale, b, s, zp, sym, "reference")
-    fast = int8_activation_linear(x, t.qdata, t.scale, b, s, zp, sym, "auto")
+    act = _act(sym, static=s is not None)
+    ref = int8_activation_linear(x, t.qdata, t.scale, b, s, zp, act, t.spec, "reference")
+    fast = int8_activation_linear(x, t.qdata, t.scale, b, s, zp, act, t.spec, "auto")
     assert fast.dtype == dtype
     assert sqnr(ref.float(), fast.float()) >= ACTIVATION_FAST_VS_REF_DB
 
@@ -73,29 +82,30 @@ def test_asymmetric_correction_is_exact_integer_math():
     q = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
     x = torch.randint(-3, 9, (4, 16)).float()  # asymmetric range -> non-zero zero point
     s_w = torch.ones(8, 1)
-    out = int8_activation_linear(x, q, s_w, None, torch.tensor([1.0]), torch.tensor([-3], dtype=torch.int32), False, "auto")
+    zp = torch.tensor([-3], dtype=torch.int32)
+    out = int8_activation_linear(x, q, s_w, None, torch.tensor([1.0]), zp, _act(False, True), QuantSpec("int8"), "auto")
     assert torch.equal(out, x @ q.float().t())
 
 
 def test_rowsum_cache_follows_in_place_updates():
     t, g = _weights(PerRow())
     x = torch.randn(4, 512, generator=g)
-    before = int8_activation_linear(x, t.qdata, t.scale, None, None, None, False, "auto")
+    before = int8_activation_linear(x, t.qdata, t.scale, None, None, None, _act(False), t.spec, "auto")
     t.qdata.copy_(-t.qdata.clamp(min=-127))
-    after = int8_activation_linear(x, t.qdata, t.scale, None, None, None, False, "auto")
-    ref = int8_activation_linear(x, t.qdata, t.scale, None, None, None, False, "reference")
+    after = int8_activation_linear(x, t.qdata, t.scale, None, None, None, _act(False), t.spec, "auto")
+    ref = int8_activation_linear(x, t.qdata, t.scale, None, None, None, _act(False), t.spec, "reference")
     assert not torch.equal(before, after) and sqnr(ref, after) >= ACTIVATION_FAST_VS_REF_DB
 
 
 def test_bad_arguments():
     t, _ = _weights(PerRow())
     with pytest.raises(ValueError, match="kernel='fastest'"):
-        int8_weight_only_linear(torch.randn(2, 512), t.qdata, t.scale, None, None, "fastest")
+        int8_weight_only_linear(torch.randn(2, 512), t.qdata, t.scale, None, None, spec_key(t.spec), "fastest")
     with pytest.raises(ValueError, match=r"\(M, K\)"):
-        int8_weight_only_linear(torch.randn(2, 500), t.qdata, t.scale, None, None, "auto")
+        int8_weight_only_linear(torch.randn(2, 500), t.qdata, t.scale, None, None, spec_key(t.spec), "auto")
     g, _ = _weights(PerGroup(64))
     with pytest.raises(ValueError, match="per-row or per-tensor"):
-        int8_activation_linear(torch.randn(2, 512), g.qdata, g.scale, None, None, None, True, "auto")
+        int8_activation_linear(torch.randn(2, 512), g.qdata, g.scale, None, None, None, _act(True), g.spec, "auto")
 
 
 def _count_int_mm(fn):

@@ -6,6 +6,7 @@ from torch import nn
 
 from lowbit import Int8WeightOnlyConfig, PerGroup, PerTensor, quantize_
 from lowbit.kernels import int8 as K
+from lowbit.spec import spec_key
 
 pytestmark = pytest.mark.skipif(K._direct_gemv_op() is None, reason="int8 C++ extension not available")
 
@@ -24,8 +25,9 @@ def test_direct_op_equals_the_custom_op(granularity, dtype, bias):
     w = layer.weight
     x = torch.randn(1, 256, dtype=dtype)
     with torch.no_grad():
-        custom = K.int8_weight_only_linear(x, w.qdata, w.scale, w.zero_point, layer.bias, "auto")
-        assert torch.equal(K.int8_weight_only_linear_any(x, w.qdata, w.scale, w.zero_point, layer.bias, "auto"), custom)
+        custom = K.int8_weight_only_linear(x, w.qdata, w.scale, w.zero_point, layer.bias, spec_key(w.spec), "auto")
+        direct = K.int8_weight_only_linear_any(x, w.qdata, w.scale, w.zero_point, layer.bias, w.spec, "auto")
+        assert torch.equal(direct, custom)
         assert torch.equal(layer(x), custom)
 
 

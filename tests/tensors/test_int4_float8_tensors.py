@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lowbit.configs import Float8DynamicActivationInt4WeightConfig, Int4WeightOnlyConfig
 from lowbit.eval.metrics import sqnr
-from lowbit.granularity import PerRow, PerTensor, PerToken
+from lowbit.granularity import PerGroup, PerRow, PerTensor, PerToken
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.packing import unpack_int4
 from lowbit.spec import QuantSpec
@@ -20,11 +21,17 @@ E4M3_WEIGHT_DB = 30.0
 E5M2_WEIGHT_DB = 24.0
 FAST_VS_DEQUANT_LINEAR_DB = 60.0  # float32 input: the fast kernels against F.linear of the dequantized weight
 
+def _int4(g=32, **fields):
+    """The int4 weight spec of ``Int4WeightOnlyConfig(group_size=g, **fields)`` (the one statement of it)."""
+    return Int4WeightOnlyConfig(group_size=g, **fields).weight_spec()
+
+
 MAKERS = {
-    "int4-asym": lambda w: Int4Tensor.from_float(w, 32),
-    "int4-sym": lambda w: Int4Tensor.from_float(w, 32, symmetric=True),
-    "int4-floatzp": lambda w: Int4Tensor.from_float(w, 32, zero_point_domain="float"),
-    "int4-fp8rule": lambda w: Int4Tensor.from_float(w, 32, symmetric=True, scale_rule="float8_then_int4"),
+    "int4-asym": lambda w: Int4Tensor.from_float(w, _int4()),
+    "int4-sym": lambda w: Int4Tensor.from_float(w, _int4(symmetric=True)),
+    "int4-floatzp": lambda w: Int4Tensor.from_float(w, _int4(zero_point_domain="float")),
+    "int4-fp8rule": lambda w: Int4Tensor.from_float(
+        w, Float8DynamicActivationInt4WeightConfig(group_size=32).weight_spec(), scale_rule="float8_then_int4"),
     "fp8-row": lambda w: Float8Tensor.from_float(w, QuantSpec("float8_e4m3fn", PerRow())),
     "fp8-tensor": lambda w: Float8Tensor.from_float(w, QuantSpec("float8_e5m2", PerTensor())),
 }
@@ -37,7 +44,7 @@ def _w(shape=(64, 128), dtype=torch.float32, seed=0):
 
 def test_int4_fields_and_packing():
     w = _w()
-    t = Int4Tensor.from_float(w, 32)
+    t = Int4Tensor.from_float(w, _int4())
     assert t.shape == (64, 128) and t.dtype == torch.float32 and t.group_size == 32
     assert t.qdata.shape == (64, 64) and t.qdata.dtype == torch.uint8
     assert t.scale.shape == (64, 4) and t.scale.dtype == torch.float32
@@ -46,10 +53,10 @@ def test_int4_fields_and_packing():
     q = unpack_int4(t.qdata, signed=False)
     assert int(q.max()) <= 15
     assert sqnr(w, t.dequantize()) >= INT4_WEIGHT_DB
-    s = Int4Tensor.from_float(w, 32, symmetric=True)
+    s = Int4Tensor.from_float(w, _int4(symmetric=True))
     assert s.zero_point is None and int(unpack_int4(s.qdata, signed=True).min()) >= -8
     assert sqnr(w, s.dequantize()) >= INT4_WEIGHT_DB
-    bf = Int4Tensor.from_float(w.bfloat16(), 64)
+    bf = Int4Tensor.from_float(w.bfloat16(), _int4(64))
     assert bf.dtype == torch.bfloat16 and bf.scale.dtype == torch.float32 and bf.dequantize().dtype == torch.bfloat16
 
 
@@ -165,21 +172,26 @@ def test_unsupported_op_names_class_and_op(name):
 
 def test_from_float_bad_inputs():
     with pytest.raises(ValueError, match="not divisible by group_size=128"):
-        Int4Tensor.from_float(torch.randn(8, 96), 128)
+        Int4Tensor.from_float(torch.randn(8, 96), _int4(128))
     with pytest.raises(ValueError, match="last dim must be even"):
-        Int4Tensor.from_float(torch.randn(8, 33), 32)
-    with pytest.raises(ValueError, match="group_size=48; allowed"):
-        Int4Tensor.from_float(torch.randn(8, 96), 48)
-    with pytest.raises(ValueError, match="needs symmetric=True"):
-        Int4Tensor.from_float(torch.randn(8, 64), 32, scale_rule="maxabs")
-    with pytest.raises(ValueError, match="zero_point_domain='float' needs symmetric=False"):
-        Int4Tensor.from_float(torch.randn(8, 64), 32, symmetric=True, zero_point_domain="float")
-    with pytest.raises(ValueError, match="zero_point_domain='x'"):
-        Int4Tensor.from_float(torch.randn(8, 64), 32, zero_point_domain="x")
+        Int4Tensor.from_float(torch.randn(8, 33), _int4())
+    with pytest.raises(ValueError, match=r"spec.granularity=PerGroup\(group_size=48\); allowed"):
+        Int4Tensor.from_float(torch.randn(8, 96), QuantSpec("int4", PerGroup(48)))
+    with pytest.raises(ValueError, match=r"scale_rule='maxabs' needs spec=int4_maxabs_spec\(32\)"):
+        Int4Tensor.from_float(torch.randn(8, 64), _int4(), scale_rule="maxabs")
+    with pytest.raises(ValueError, match="stores asymmetric weights as uint4"):
+        Int4Tensor.from_float(torch.randn(8, 64), QuantSpec("int4", PerGroup(32), symmetric=False))
+    with pytest.raises(ValueError, match="symmetric int4 or asymmetric uint4, got spec.dtype=int8"):
+        Int4Tensor.from_float(torch.randn(8, 64), QuantSpec("int8", PerGroup(32)))
+    with pytest.raises(ValueError, match="does not match zero_point_domain='float'"):
+        Int4Tensor.from_float(torch.randn(8, 64), QuantSpec("uint4", PerGroup(32), symmetric=False,
+                                                            zero_point_domain="float", zero_point_dtype=torch.int8))
+    with pytest.raises(TypeError, match="spec must be a QuantSpec"):
+        Int4Tensor.from_float(torch.randn(8, 64), 32)
     with pytest.raises(ValueError, match="scale_rule='minmaxx'"):
-        Int4Tensor.from_float(torch.randn(8, 64), 32, scale_rule="minmaxx")
+        Int4Tensor.from_float(torch.randn(8, 64), _int4(), scale_rule="minmaxx")
     with pytest.raises(ValueError, match="per-token activations only"):
-        Int4Tensor.from_float(torch.randn(8, 64), 32, act_spec=QuantSpec("int8"))
+        Int4Tensor.from_float(torch.randn(8, 64), _int4(), act_spec=QuantSpec("int8"))
     with pytest.raises(ValueError, match="needs a float8 spec"):
         Float8Tensor.from_float(torch.randn(8, 64), QuantSpec("int8"))
     with pytest.raises(ValueError, match="allowed: PerRow"):
