@@ -14,9 +14,29 @@ from lowbit.kernels.preference import KernelPreference
 from lowbit.spec import QuantSpec
 from lowbit.tensors.float8_tensor import Float8Tensor
 
-__all__ = ["Float8WeightOnlyConfig", "Float8DynamicActivationFloat8WeightConfig", "Float8StaticActivationFloat8WeightConfig"]
+__all__ = [
+    "Float8WeightOnlyConfig",
+    "Float8DynamicActivationFloat8WeightConfig",
+    "Float8StaticActivationFloat8WeightConfig",
+    "float8_act_spec",
+]
 
 _DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
+
+
+class _Float8Weights:
+    """The float8 weight scheme the three float8 configs share."""
+
+    def weight_spec(self) -> QuantSpec:
+        """``dtype`` values, float32 scale ``amax / fmax`` per row or per tensor (``granularity``)."""
+        return QuantSpec(_DTYPES[self.dtype], self.granularity)
+
+
+def float8_act_spec(dtype: torch.dtype, granularity: Granularity) -> QuantSpec:
+    """Float8 activations of ``dtype``, one scale per token (``PerToken()``) or per tensor
+    (``PerTensor()``, dynamic or static): what the float8 x float8 configs state and calibration
+    observes with."""
+    return QuantSpec(_DTYPES[dtype], granularity)
 
 
 def _check(config) -> None:
@@ -29,7 +49,7 @@ def _check(config) -> None:
 
 
 @dataclass(frozen=True, repr=False)
-class Float8WeightOnlyConfig(QuantConfig):
+class Float8WeightOnlyConfig(_Float8Weights, QuantConfig):
     """Float8 weights (scale per row or per tensor), float activations.
 
     Args:
@@ -45,13 +65,9 @@ class Float8WeightOnlyConfig(QuantConfig):
     def __post_init__(self):
         _check(self)
 
-    def weight_spec(self) -> QuantSpec:
-        """``dtype`` with a float32 scale ``amax / fmax`` per row or per tensor."""
-        return QuantSpec(_DTYPES[self.dtype], self.granularity)
-
 
 @dataclass(frozen=True, repr=False)
-class Float8DynamicActivationFloat8WeightConfig(QuantConfig):
+class Float8DynamicActivationFloat8WeightConfig(_Float8Weights, QuantConfig):
     """Float8 weights and float8 activations scaled at run time (per tensor, or per token with a
     per-row weight). CUDA SM >= 8.9 runs ``torch._scaled_mm``; elsewhere see ``lowbit.kernels.float8``.
 
@@ -69,17 +85,13 @@ class Float8DynamicActivationFloat8WeightConfig(QuantConfig):
     def __post_init__(self):
         _check(self)
 
-    def weight_spec(self) -> QuantSpec:
-        """``dtype`` with a float32 scale per row or per tensor."""
-        return QuantSpec(_DTYPES[self.dtype], self.granularity)
-
     def act_spec(self) -> QuantSpec:
         """``dtype`` per token (with a per-row weight) or per tensor, chosen at run time."""
-        return QuantSpec(_DTYPES[self.dtype], PerToken() if isinstance(self.granularity, PerRow) else PerTensor())
+        return float8_act_spec(self.dtype, PerToken() if isinstance(self.granularity, PerRow) else PerTensor())
 
 
 @dataclass(frozen=True, repr=False)
-class Float8StaticActivationFloat8WeightConfig(QuantConfig):
+class Float8StaticActivationFloat8WeightConfig(_Float8Weights, QuantConfig):
     """Float8 weights and float8 activations with a fixed per-tensor scale (from calibration:
     ``lowbit.static``). The activation is ``clamp(x / act_scale, -fmax, fmax)`` cast to float8.
 
@@ -100,13 +112,9 @@ class Float8StaticActivationFloat8WeightConfig(QuantConfig):
         check_act_scale_field(self)
         _check(self)
 
-    def weight_spec(self) -> QuantSpec:
-        """``dtype`` with a float32 scale per row or per tensor."""
-        return QuantSpec(_DTYPES[self.dtype], self.granularity)
-
     def act_spec(self) -> QuantSpec:
         """``dtype`` per tensor with the fixed ``act_scale``."""
-        return QuantSpec(_DTYPES[self.dtype], PerTensor())
+        return float8_act_spec(self.dtype, PerTensor())
 
 
 @register_handler(Float8WeightOnlyConfig)

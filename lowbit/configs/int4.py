@@ -18,6 +18,11 @@ from lowbit.tensors.int4_tensor import GROUP_SIZES, Int4Tensor
 __all__ = ["Int4WeightOnlyConfig", "Int8DynamicActivationInt4WeightConfig", "Float8DynamicActivationInt4WeightConfig"]
 
 
+def _symmetric_int4(group_size: int) -> QuantSpec:
+    """Symmetric int4 in [-8, 7] without zero point, ``scale = amax / 7`` per group."""
+    return QuantSpec("int4", PerGroup(group_size), symmetric=True)
+
+
 def _check_common(config) -> None:
     if config.group_size not in GROUP_SIZES:
         raise ValueError(f"{type(config).__name__}(group_size={config.group_size!r}); allowed: {GROUP_SIZES}")
@@ -58,9 +63,9 @@ class Int4WeightOnlyConfig(QuantConfig):
         """Groups of ``group_size`` along in_features: symmetric int4 in [-8, 7] (``amax / 7``), or
         uint4 with an int8 zero point ``round(-min / s)`` or (``zero_point_domain="float"``) an
         unrounded float32 one."""
-        g = PerGroup(self.group_size)
         if self.symmetric:
-            return QuantSpec("int4", g, symmetric=True)
+            return _symmetric_int4(self.group_size)
+        g = PerGroup(self.group_size)
         if self.zero_point_domain == "float":
             return QuantSpec("uint4", g, symmetric=False, zero_point_domain="float", zero_point_dtype=torch.float32)
         return QuantSpec("uint4", g, symmetric=False, zero_point_dtype=torch.int8)
@@ -88,7 +93,7 @@ class Int8DynamicActivationInt4WeightConfig(QuantConfig):
 
     def weight_spec(self) -> QuantSpec:
         """Symmetric int4 in [-8, 7] (``amax / 7``) per group."""
-        return QuantSpec("int4", PerGroup(self.group_size), symmetric=True)
+        return _symmetric_int4(self.group_size)
 
     def act_spec(self) -> QuantSpec:
         """Int8 per token, asymmetric, chosen at run time."""

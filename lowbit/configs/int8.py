@@ -21,7 +21,26 @@ from lowbit.kernels.preference import KernelPreference
 from lowbit.spec import QuantSpec
 from lowbit.tensors.int8_tensor import Int8Tensor
 
-__all__ = ["Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig", "Int8StaticActivationInt8WeightConfig"]
+__all__ = [
+    "Int8WeightOnlyConfig",
+    "Int8DynamicActivationInt8WeightConfig",
+    "Int8StaticActivationInt8WeightConfig",
+    "int8_static_act_spec",
+]
+
+
+class _Int8Weights:
+    """The int8 weight scheme the three int8 configs share."""
+
+    def weight_spec(self) -> QuantSpec:
+        """Symmetric int8 (``scale = amax / 127``, no zero point) per block of ``granularity``."""
+        return QuantSpec("int8", self.granularity)
+
+
+def int8_static_act_spec(symmetric: bool) -> QuantSpec:
+    """Static int8 activations: one fixed scale per tensor (and a zero point when asymmetric); the
+    spec ``Int8StaticActivationInt8WeightConfig`` states and calibration observes with."""
+    return QuantSpec("int8", PerTensor(), symmetric=symmetric)
 
 # Int8WeightOnlyConfig(PerGroup(g)) falls back to halved groups no smaller than this (a float32 scale
 # per 16 int8 values is already 1.25 bytes per weight)
@@ -35,7 +54,7 @@ def _check_granularity(granularity, allowed: tuple[type, ...], config: str) -> N
 
 
 @dataclass(frozen=True, repr=False)
-class Int8WeightOnlyConfig(QuantConfig):
+class Int8WeightOnlyConfig(_Int8Weights, QuantConfig):
     """Int8 symmetric weights, float activations.
 
     Args:
@@ -50,10 +69,6 @@ class Int8WeightOnlyConfig(QuantConfig):
         _check_granularity(self.granularity, (PerRow, PerGroup, PerTensor), type(self).__name__)
         check_kernel_field(self)
 
-    def weight_spec(self) -> QuantSpec:
-        """Symmetric int8 (``scale = amax / 127``) at ``granularity``."""
-        return QuantSpec("int8", self.granularity)
-
     def for_weight(self, shape):
         """``PerGroup(g)`` where ``g`` does not divide in_features: the largest of g/2, g/4, ... (down
         to ``MIN_FALLBACK_GROUP``) that does (see ``QuantConfig.for_weight``); other granularities fit any shape."""
@@ -67,7 +82,7 @@ class Int8WeightOnlyConfig(QuantConfig):
 
 
 @dataclass(frozen=True, repr=False)
-class Int8DynamicActivationInt8WeightConfig(QuantConfig):
+class Int8DynamicActivationInt8WeightConfig(_Int8Weights, QuantConfig):
     """Int8 weights, activations quantized to int8 per token at run time (scales in float32).
 
     Args:
@@ -87,17 +102,13 @@ class Int8DynamicActivationInt8WeightConfig(QuantConfig):
         if not isinstance(self.act_symmetric, bool):
             raise ValueError(f"act_symmetric={self.act_symmetric!r} must be a bool")
 
-    def weight_spec(self) -> QuantSpec:
-        """Symmetric int8 at ``granularity``."""
-        return QuantSpec("int8", self.granularity)
-
     def act_spec(self) -> QuantSpec:
         """Int8 per token, chosen at run time; symmetric, or asymmetric with an int32 zero point."""
         return QuantSpec("int8", PerToken(), symmetric=self.act_symmetric)
 
 
 @dataclass(frozen=True, repr=False)
-class Int8StaticActivationInt8WeightConfig(QuantConfig):
+class Int8StaticActivationInt8WeightConfig(_Int8Weights, QuantConfig):
     """Int8 weights, activations quantized with a fixed per-tensor scale (from calibration).
 
     Args:
@@ -123,13 +134,9 @@ class Int8StaticActivationInt8WeightConfig(QuantConfig):
         _check_granularity(self.granularity, (PerRow, PerTensor), name)
         check_kernel_field(self)
 
-    def weight_spec(self) -> QuantSpec:
-        """Symmetric int8 at ``granularity``."""
-        return QuantSpec("int8", self.granularity)
-
     def act_spec(self) -> QuantSpec:
         """Int8 per tensor with the fixed ``act_scale`` (and ``act_zero_point``: asymmetric)."""
-        return QuantSpec("int8", PerTensor(), symmetric=self.act_zero_point is None)
+        return int8_static_act_spec(self.act_zero_point is None)
 
 
 @register_handler(Int8WeightOnlyConfig)
