@@ -20,6 +20,17 @@ FLOAT8_EPS: float = 1e-12
 _SCALE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _scale_steps(qmin: int, qmax: int, symmetric: bool, signed: bool) -> int:
+    """The divisor of an integer spec's scale (``lowbit.primitives.affine``): the number of steps
+    the range (asymmetric) or ``amax`` (symmetric; unsigned around the midpoint) maps onto."""
+    if not symmetric:
+        return qmax - qmin
+    if signed:
+        return min(qmax, -qmin)
+    mid = (qmin + qmax + 1) // 2
+    return min(qmax - mid, mid - qmin)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How to quantize one tensor.
@@ -90,8 +101,12 @@ class QuantSpec:
             raise ValueError(f"quant_min={lo} > quant_max={hi}: the range is empty")
         if lo < qd.qmin or hi > qd.qmax:
             raise ValueError(f"quant range [{lo}, {hi}] is outside {qd.name}'s [{qd.qmin}, {qd.qmax}]")
-        if not qd.is_float and self.symmetric and not qd.is_signed and lo == hi:
-            raise ValueError(f"symmetric {qd.name} needs quant_max > quant_min")
+        if not qd.is_float and _scale_steps(lo, hi, self.symmetric, qd.is_signed) < 1:
+            need = "a step on each side of zero (or of the unsigned midpoint)" if self.symmetric else "two values"
+            raise ValueError(
+                f"quant range [{lo}, {hi}] of {qd.name} (symmetric={self.symmetric}) has no room for {need}: "
+                "the scale would be infinite; widen quant_min/quant_max" + (" or use symmetric=False" if self.symmetric else "")
+            )
 
     @property
     def qmin(self):
