@@ -196,13 +196,18 @@ def _read_text(spec: str) -> str:
         raise CLIError(f"--text {spec} is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
-def _token_ids(tok, text: str, seq_len: int, what: str) -> torch.Tensor:
+def _tokenized(tok, text: str, seq_len: int, max_windows: int | None, what: str):
+    """(the text's tokens with the tokenizer's prefix and note, windows scored), as ``lowbit.eval`` takes them."""
+    from lowbit.eval.perplexity import perplexity_windows, tokenize_for_perplexity
+
     if tok is None:
         raise CLIError(f"{what} has no tokenizer files: eval needs one to turn --text into tokens")
-    ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
-    if ids.numel() < seq_len + 1:
-        raise CLIError(f"--text has {ids.numel()} tokens; --seq-len {seq_len} needs at least {seq_len + 1}")
-    return ids
+    tt = tokenize_for_perplexity(tok, text)
+    try:
+        _, targets = perplexity_windows(tt.ids, seq_len, max_windows, prefix=tt.prefix, name="--text")
+    except ValueError as e:
+        raise CLIError(str(e).replace("seq_len=", "--seq-len ")) from e
+    return tt, targets.shape[0]
 
 
 class _Logits(torch.nn.Module):
@@ -291,21 +296,20 @@ def cmd_eval(args) -> dict:
     _say(args, f"lowbit: loading {args.model_dir}")
     model, tok, kind = load_model(args.model_dir, args.dtype)
     load_s = time.perf_counter() - t0
-    ids = _token_ids(tok, text, args.seq_len, args.model_dir)
-    n_windows = (ids.numel() - 1) // args.seq_len
-    if args.max_windows:
-        n_windows = min(n_windows, args.max_windows)
+    tt, n_windows = _tokenized(tok, text, args.seq_len, args.max_windows, args.model_dir)
     bar = _bar(n_windows, "perplexity", not args.quiet, "window")
     t1 = time.perf_counter()
     with torch.inference_mode():
-        ppl = perplexity(_Logits(model, bar), ids, args.seq_len, n_windows, batch_size=args.batch_size)
+        ppl = perplexity(_Logits(model, bar), tt.ids, args.seq_len, n_windows, batch_size=args.batch_size,
+                         prefix=tt.prefix)
     bar.close()
     result = {"model_dir": args.model_dir, "kind": kind, "text": args.text, "perplexity": ppl, "seq_len": args.seq_len,
-              "windows": n_windows, "tokens_scored": n_windows * args.seq_len, "eval_seconds": time.perf_counter() - t1,
-              "load_seconds": load_s}
+              "windows": n_windows, "tokens_scored": n_windows * args.seq_len, "prefix": list(tt.prefix),
+              "special_tokens": tt.note, "eval_seconds": time.perf_counter() - t1, "load_seconds": load_s}
     if not args.json:
         print(f"perplexity {ppl:.4f} over {n_windows} windows x {args.seq_len} tokens ({kind} model, "
               f"{result['eval_seconds']:.1f} s)")
+        print(f"windows: {n_windows} x {args.seq_len} tokens, {tt.note}")
     return result
 
 
@@ -314,8 +318,9 @@ def _timed_model(path: str, dtype: str):
     return model, kind
 
 
-def _bench_one(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for new_tokens steps) with a transformers DynamicCache."""
+def _bench_one(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, int]:
+    """(prefill seconds, decode seconds for new_tokens steps, tokens decoded) with a transformers DynamicCache."""
+    decoded = 0
     with torch.inference_mode():
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True)
@@ -323,9 +328,10 @@ def _bench_one(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
             out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            decoded += out.logits.shape[1]  # one new position per step, read off the model's output
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, decoded
 
 
 def cmd_bench(args) -> dict:
@@ -336,7 +342,7 @@ def cmd_bench(args) -> dict:
         models.append(_timed_model(path, args.dtype))
     vocab = min(getattr(m.config, "vocab_size", 1000) for m, _ in models)
     ids = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    times: list[list[tuple[float, float]]] = [[] for _ in models]
+    times: list[list[tuple[float, float, int]]] = [[] for _ in models]
     for m, _ in models:  # warm-up (first-call allocations, kernel builds)
         _bench_one(m, ids[:, : min(16, args.prompt_len)], 2)
     bar = _bar(args.repeats * len(models), "bench", not args.quiet, "run")
@@ -349,9 +355,14 @@ def cmd_bench(args) -> dict:
     for path, (m, kind), t in zip(paths, models, times):
         pre = statistics.median(x[0] for x in t)
         dec = statistics.median(x[1] for x in t)
+        decoded = {x[2] for x in t}
+        if decoded != {args.new_tokens}:  # a model that stops early or returns more positions: no honest ratio
+            raise CLIError(f"{path} decoded {sorted(decoded)} tokens per run; --new-tokens asked for {args.new_tokens}")
         rows.append({"model_dir": path, "kind": kind, "prefill_tokens_per_s": args.prompt_len / pre,
                      "decode_tokens_per_s": args.new_tokens / dec if args.new_tokens else None,
-                     "prefill_ms": pre * 1e3, "decode_ms_per_token": dec * 1e3 / max(args.new_tokens, 1)})
+                     "prefill_ms": pre * 1e3, "decode_ms_per_token": dec * 1e3 / max(args.new_tokens, 1),
+                     "prefill_tokens": ids.shape[1], "decode_tokens": args.new_tokens,
+                     "prefill_ms_runs": [x[0] * 1e3 for x in t], "decode_ms_runs": [x[1] * 1e3 for x in t]})
     result = {"threads": torch.get_num_threads(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "results": rows}
     if len(rows) == 2:
@@ -380,13 +391,14 @@ def cmd_report(args) -> dict:
     model, tok, kind = load_model(args.model_dir, args.dtype)
     if kind != "float":
         raise CLIError(f"{args.model_dir} is already quantized; report needs the float model")
-    ids = _token_ids(tok, text, args.seq_len, args.model_dir)
-    report = sensitivity_report(model, configs, ids, seq_len=args.seq_len, max_windows=args.max_windows,
-                                batch_size=args.batch_size, progress_bar=not args.quiet)
+    tt, _ = _tokenized(tok, text, args.seq_len, args.max_windows, args.model_dir)
+    report = sensitivity_report(model, configs, tt.ids, seq_len=args.seq_len, max_windows=args.max_windows,
+                                batch_size=args.batch_size, progress_bar=not args.quiet, prefix=tt.prefix)
     if not args.json:
         shown = dataclasses.replace(report, rows=report.rows[: args.top]) if args.top else report
         print(shown.to_table())
-    return report.to_dict()
+        print(f"windows: {tt.note}")
+    return {**report.to_dict(), "special_tokens": tt.note}
 
 
 # --- main ---------------------------------------------------------------------------------------------

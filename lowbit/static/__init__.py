@@ -1,8 +1,9 @@
 """Static quantization: observers in, calibration data through, static scales out; quantized
-softmax; SmoothQuant."""
+softmax; SmoothQuant, with its scales folded into the preceding norm or linear (``fold``)."""
 
 from lowbit.static.config import SmoothQuantConfig, StaticQuantConfig
 from lowbit.static.flow import ObservedLinear, convert, prepare, smoothing_factors
+from lowbit.static.fold import FoldGroup, FoldReport, find_fold_groups, fold_scales
 from lowbit.static.softmax import QuantizedSoftmax, quantize_softmax_module, softmax_spec
 
 __all__ = [
@@ -12,6 +13,10 @@ __all__ = [
     "prepare",
     "convert",
     "smoothing_factors",
+    "FoldGroup",
+    "FoldReport",
+    "find_fold_groups",
+    "fold_scales",
     "QuantizedSoftmax",
     "quantize_softmax_module",
     "softmax_spec",

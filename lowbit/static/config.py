@@ -94,19 +94,28 @@ class SmoothQuantConfig:
     """SmoothQuant (Xiao et al., 2023): move activation outliers into the weights, then quantize.
 
     Calibration records each linear's per-input-channel activation range; ``convert`` computes
-    ``s_j = max|X_j| ** alpha / max|W_j| ** (1 - alpha)``, stores the weight ``W * s`` with the
-    base config and keeps ``1 / s`` as a per-channel pre-scale on the quantized weight (the
-    linear multiplies its input by it before quantizing). A static base gets its per-tensor
-    activation range from the smoothed per-channel ranges, exactly.
+    ``s_j = max|X_j| ** alpha / max|W_j| ** (1 - alpha)`` and stores the weight ``W * s`` with the
+    base config. The input must then be divided by ``s``: where the model's structure is known
+    (``lowbit.static.fold.FOLD_TABLE``: Llama/Mistral/Qwen2 decoder layers, glassllm), ``1 / s``
+    is folded into the preceding RMSNorm's weight (q/k/v, gate/up: one ``s`` per norm, from the
+    union of their ranges) or into the rows of the producing linear (``o_proj`` into ``v_proj``,
+    ``s`` tied across the query heads of a key/value head; ``down_proj`` into ``up_proj``);
+    elsewhere it stays a per-channel pre-scale on the quantized weight, multiplied into the input
+    in float32 before it is quantized. A static base gets its per-tensor activation range from
+    the smoothed per-channel ranges, exactly.
 
     Args:
         base_config: ``StaticQuantConfig(...)`` (int8 or float8), ``Int8DynamicActivationInt8WeightConfig``
             or ``Float8DynamicActivationFloat8WeightConfig``.
         alpha: migration strength in ``[0, 1]`` (0: no smoothing of activations, 1: all onto weights).
+        fold: fold ``1 / s`` where the structure allows (default); False keeps it as a pre-scale
+            on every linear, with the same ``s`` (the output then equals the folded model's up to
+            float32 rounding: a check of the folding, or for code that must not touch the norms).
     """
 
     base_config: StaticQuantConfig | QuantConfig = field(default_factory=StaticQuantConfig)
     alpha: float = 0.5
+    fold: bool = True
 
     def __post_init__(self):
         if not isinstance(self.base_config, _SMOOTH_BASES):
@@ -116,5 +125,7 @@ class SmoothQuantConfig:
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
             raise ValueError(f"SmoothQuantConfig(alpha={a!r}) must be a float in [0, 1]")
         object.__setattr__(self, "alpha", float(a))
+        if not isinstance(self.fold, bool):
+            raise ValueError(f"SmoothQuantConfig(fold={self.fold!r}) must be a bool")
 
     __repr__ = QuantConfig.__repr__

@@ -8,8 +8,9 @@ quantized tensor with the observed static activation scale, by the ordinary conf
 
 * ``StaticQuantConfig("int8")`` -> ``Int8StaticActivationInt8WeightConfig(act_scale, act_zero_point)``;
 * ``StaticQuantConfig("float8_e4m3fn")`` -> ``Float8StaticActivationFloat8WeightConfig(act_scale)``;
-* ``SmoothQuantConfig(base, alpha)`` -> the base config on ``W * s`` with ``1 / s`` as the
-  weight's ``act_pre_scale`` (see ``SmoothQuantConfig``).
+* ``SmoothQuantConfig(base, alpha)`` -> the base config on ``W * s``, with ``1 / s`` folded into
+  the preceding norm or linear where ``lowbit.static.fold`` knows the model's structure and kept
+  as the weight's ``act_pre_scale`` elsewhere (see ``SmoothQuantConfig``).
 
 Scales come from the observers' ``calculate_qparams`` (the primitives), so a static linear whose
 observer saw exactly the input it is run on gives the per-tensor dynamic result bit for bit.
@@ -22,7 +23,7 @@ and for a linear no batch reached (an unused MoE expert) it warns, names it, and
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ from lowbit.primitives.affine import choose_qparams_affine_from_min_max
 from lowbit.primitives.float8 import choose_qparams_float8_from_amax
 from lowbit.spec import QuantSpec
 from lowbit.static.config import SmoothQuantConfig, StaticQuantConfig
+from lowbit.static.fold import FoldGroup, FoldReport, find_fold_groups, fold_scales
 from lowbit.static.softmax import quantize_softmax_module
 from lowbit.tensors.base import QuantizedTensor
 
@@ -191,25 +193,63 @@ def _convert_static(module: nn.Linear, fqn: str, observer: ObserverBase, recipe:
     get_handler(config)(module, config, fqn)
 
 
-def smoothing_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+def smoothing_factors(
+    act_amax: torch.Tensor,
+    weight: torch.Tensor | Sequence[torch.Tensor],
+    alpha: float,
+    tie: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """SmoothQuant's per-input-channel ``s = act_amax ** alpha / max|W[:, j]| ** (1 - alpha)`` (float32, (K,)).
+
+    Args:
+        act_amax: ``(K,)`` largest activation magnitude per input channel.
+        weight: ``(N, K)``, or several weights reading the same input (q/k/v behind one norm):
+            ``max|W[:, j]|`` is then taken over all of them, so they share one ``s``.
+        alpha: migration strength in ``[0, 1]``.
+        tie: applied to both per-channel maxima before ``s`` is formed (``FoldGroup.tie``: equal
+            across the query heads that share a key/value head); None: no tie.
 
     A channel whose activation or weight maximum is 0 gets ``s = 1``; the rest are clamped to
     ``[SMOOTH_MIN, SMOOTH_MAX]``.
     """
+    weights = [weight] if isinstance(weight, torch.Tensor) else list(weight)
     a = act_amax.float().reshape(-1)
-    w = weight.detach().float().abs().amax(dim=0)
+    w = torch.stack([x.detach().float().abs().amax(dim=0) for x in weights]).amax(dim=0).to(a.device)
+    if tie is not None:
+        a, w = tie(a), tie(w)
     s = a.pow(alpha) / w.pow(1.0 - alpha)
     ok = (a > 0) & (w > 0) & torch.isfinite(s)
     return torch.where(ok, s, torch.ones_like(s)).clamp(SMOOTH_MIN, SMOOTH_MAX)
 
 
-def _convert_smooth(module: nn.Linear, fqn: str, observer: ObserverBase, config: SmoothQuantConfig) -> None:
+def _act_amax(observer: ObserverBase) -> torch.Tensor:
+    return torch.maximum(-observer.min_val, observer.max_val).reshape(-1)
+
+
+def _smooth_scales(model: nn.Module, smooth: dict) -> tuple[dict[str, torch.Tensor], list[FoldGroup]]:
+    """``s`` per smoothed linear: shared (from the union of ranges) within each fold group whose
+    linears are all smoothed with one config, per linear elsewhere."""
+    groups = find_fold_groups(model)
+    scales = {}
+    for g in groups:
+        members = [smooth.get(c) for c in g.consumers]
+        if g.reason is not None or None in members or len({m[2] for m in members}) != 1:
+            continue  # fold_scales reports why; these get their own s below
+        act = torch.stack([_act_amax(obs) for _, obs, _ in members]).amax(dim=0)
+        s = smoothing_factors(act, [m.weight for m, _, _ in members], members[0][2].alpha, tie=g.tie)
+        scales.update(dict.fromkeys(g.consumers, s))
+    for fqn, (module, observer, config) in smooth.items():
+        if fqn not in scales:
+            scales[fqn] = smoothing_factors(_act_amax(observer), module.weight, config.alpha)
+    return scales, groups
+
+
+def _quantize_smoothed(module: nn.Linear, fqn: str, observer: ObserverBase, config: SmoothQuantConfig,
+                       s: torch.Tensor, pre_scale: bool) -> None:
+    """Quantize ``module`` (its weight already ``W * s``) with the base config; ``1 / s`` becomes the
+    weight's ``act_pre_scale`` when nothing absorbed it."""
     mn, mx = observer.min_val.reshape(-1), observer.max_val.reshape(-1)
-    s = smoothing_factors(torch.maximum(-mn, mx), module.weight, config.alpha)
-    inv = 1.0 / s
-    # a new tensor, never an in-place update: the weight may be shared (an lm_head tied to the embedding)
-    module.weight = nn.Parameter((module.weight.detach().float() * s).to(module.weight.dtype), requires_grad=False)
+    inv = 1.0 / s.to(mn.device)
     base = config.base_config
     if isinstance(base, StaticQuantConfig):
         # per-tensor range of x * inv from the per-channel ranges: exact (inv > 0 keeps the order)
@@ -223,12 +263,39 @@ def _convert_smooth(module: nn.Linear, fqn: str, observer: ObserverBase, config:
     else:
         concrete = base
     get_handler(concrete)(module, concrete, fqn)
-    weight = module.weight._replace(act_pre_scale=inv.reshape(1, -1).to(module.weight.device))
-    swap_weight(module, weight, concrete)
+    if pre_scale:
+        weight = module.weight._replace(act_pre_scale=inv.reshape(1, -1).to(module.weight.device))
+        swap_weight(module, weight, concrete)
+
+
+def _convert_smooth(model: nn.Module, smooth: dict) -> FoldReport:
+    scales, groups = _smooth_scales(model, smooth)
+    fold = all(cfg.fold for _, _, cfg in smooth.values())
+    report = fold_scales(model, scales, groups if fold else [])
+    if not fold:  # the same s, every 1 / s a pre-scale: equal to the folded model up to float32 rounding
+        report.prescaled = dict.fromkeys(report.prescaled, "SmoothQuantConfig(fold=False)")
+    for fqn, (module, observer, config) in smooth.items():
+        _quantize_smoothed(module, fqn, observer, config, report.scales[fqn], fqn in report.prescaled)
+    kept = list(report.prescaled)
+    if kept and fold:  # fold=False asked for pre-scales: no warning
+        shown = ", ".join(repr(k) for k in kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        warnings.warn(
+            f"SmoothQuant: {len(kept)} of {len(smooth)} linear(s) kept a per-linear pre-scale 1/s (one float32 "
+            f"multiply per call; nothing in the fold table absorbs it): {shown}; the reasons are in "
+            "model.lowbit_fold_report.prescaled",
+            stacklevel=3,
+        )
+    return report
 
 
 def convert(model: nn.Module) -> nn.Module:
     """Replace every observed linear by its statically quantized form, in place.
+
+    SmoothQuant: ``s`` is shared by the linears that read one norm and tied across the query
+    heads of one key/value head (see ``lowbit.static.fold``); ``1 / s`` is folded into the
+    preceding norm or linear where ``FOLD_TABLE`` knows the structure, and kept as the quantized
+    weight's ``act_pre_scale`` elsewhere (or everywhere with ``SmoothQuantConfig(fold=False)``).
+    ``model.lowbit_fold_report`` (a ``FoldReport``) then says which linear went where and why.
 
     Returns:
         ``model``.
@@ -239,7 +306,8 @@ def convert(model: nn.Module) -> nn.Module:
             convert; the message names the layers), or ``missing="error"`` and some did not.
 
     Warns:
-        UserWarning naming each linear no batch reached (handled per ``config.missing``).
+        UserWarning naming each linear no batch reached (handled per ``config.missing``), and,
+        for SmoothQuant with ``fold=True``, one naming the count of linears that kept a pre-scale.
     """
     observed = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, ObservedLinear)]
     if not observed:
@@ -257,16 +325,19 @@ def convert(model: nn.Module) -> nn.Module:
             raise RuntimeError(f"no calibration batch reached these linears: {empty} (missing='error')")
         action = {"dynamic": "dynamic activation quantization", "float": "left in float"}[recipe.missing]
         warnings.warn(f"no calibration batch reached {len(empty)} linear(s), {action}: {empty}", stacklevel=2)
-    for fqn, module in observed:
-        observer, config = _unobserve(module)
+    unobserved = [(fqn, module, *_unobserve(module)) for fqn, module in observed]
+    smooth = {fqn: (module, observer, config) for fqn, module, observer, config in unobserved
+              if isinstance(config, SmoothQuantConfig) and observer.has_data}
+    if smooth:
+        # all scales first, then the folds (they rewrite norms and producer linears, e.g. v_proj's
+        # rows for o_proj, before any of them is quantized), then the quantization
+        model.lowbit_fold_report = _convert_smooth(model, smooth)
+    for fqn, module, observer, config in unobserved:
         recipe = _observer_recipe(config)
         if not observer.has_data:
             if recipe.missing == "dynamic":
                 dyn = _dynamic_config(recipe)
                 get_handler(dyn)(module, dyn, fqn)
-            continue
-        if isinstance(config, SmoothQuantConfig):
-            _convert_smooth(module, fqn, observer, config)
-        else:
+        elif not isinstance(config, SmoothQuantConfig):
             _convert_static(module, fqn, observer, recipe)
     return model

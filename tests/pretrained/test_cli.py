@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from lowbit.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, build_config, config_names, main
+from lowbit.eval.models import load_text
 from lowbit.pretrained import from_pretrained
 
 transformers = pytest.importorskip("transformers")
@@ -84,9 +87,51 @@ def test_quantize_int4_skip_json_and_report_and_bench(tmp_path, capsys, glassllm
     assert code == EXIT_OK and "A = Int8DynamicActivationInt8WeightConfig()" in out
 
     b = run_json(capsys, "bench", tmp_path / "g4", "--against", glassllm_dir, "--prompt-len", "16",
-                 "--new-tokens", "2", "--repeats", "1")
-    assert [x["kind"] for x in b["results"]] == ["lowbit", "float"]
-    assert b["prefill_speedup"] > 0 and b["decode_speedup"] > 0
+                 "--new-tokens", "3", "--repeats", "2")
+    assert (b["prompt_len"], b["new_tokens"], b["repeats"], b["threads"]) == (16, 3, 2, torch.get_num_threads())
+    assert [(x["model_dir"], x["kind"]) for x in b["results"]] == [(str(tmp_path / "g4"), "lowbit"),
+                                                                    (str(glassllm_dir), "float")]
+    for r in b["results"]:  # both timed, every run; the tokens each run fed and decoded; rates from the times
+        assert (r["prefill_tokens"], r["decode_tokens"]) == (16, 3)
+        assert len(r["prefill_ms_runs"]) == len(r["decode_ms_runs"]) == 2
+        assert all(0 < t < 60_000 for t in r["prefill_ms_runs"] + r["decode_ms_runs"])
+        assert r["prefill_ms"] == pytest.approx(statistics.median(r["prefill_ms_runs"]), rel=1e-12)
+        assert r["decode_ms_per_token"] == pytest.approx(statistics.median(r["decode_ms_runs"]) / 3, rel=1e-12)
+        assert r["prefill_tokens_per_s"] == pytest.approx(16e3 / r["prefill_ms"], rel=1e-12)
+        assert r["decode_tokens_per_s"] == pytest.approx(1e3 / r["decode_ms_per_token"], rel=1e-12)
+    quant, ref = b["results"]
+    assert b["prefill_speedup"] == pytest.approx(ref["prefill_ms"] / quant["prefill_ms"], rel=1e-12)
+    assert b["decode_speedup"] == pytest.approx(ref["decode_ms_per_token"] / quant["decode_ms_per_token"], rel=1e-12)
+    code, out, _ = run(capsys, "bench", glassllm_dir, "--prompt-len", "8", "--new-tokens", "0", "--repeats", "1", "-q")
+    assert code == EXIT_OK and " vs " not in out and "float" in out  # one model: no ratio line
+
+
+def test_eval_prepends_what_the_tokenizer_adds(tmp_path, capsys, glassllm_dir):
+    from tokenizers import processors
+
+    bos_dir = tmp_path / "glassllm-bos"  # the same model; its tokenizer now adds <bos> (id 2), as Llama 3's does
+    shutil.copytree(glassllm_dir, bos_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(bos_dir)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok.save_pretrained(bos_dir)
+    text = ["--text", "builtin:pydoc", "--seq-len", "32", "--max-windows", "2"]
+
+    plain = run_json(capsys, "eval", glassllm_dir, *text)
+    assert plain["prefix"] == [] and plain["special_tokens"] == "no special token prepended: the tokenizer adds none"
+    with_bos = run_json(capsys, "eval", bos_dir, *text)
+    assert with_bos["prefix"] == [2] and with_bos["tokens_scored"] == 64
+    assert with_bos["special_tokens"] == "each window prefixed with BOS '<bos>' (id 2), as the tokenizer does"
+
+    # what the model is fed: BOS, then the text's tokens (scored from BOS on)
+    model = transformers.AutoModelForCausalLM.from_pretrained(bos_dir).eval()
+    ids = torch.tensor(tok(load_text("pydoc"), add_special_tokens=False)["input_ids"][:64]).view(2, 32)
+    x = torch.cat([torch.full((2, 1), 2), ids[:, :-1]], dim=1)
+    logp = model(input_ids=x).logits.double().log_softmax(-1)
+    expected = math.exp(-logp.gather(-1, ids.unsqueeze(-1)).mean().item())
+    assert with_bos["perplexity"] == pytest.approx(expected, rel=1e-6) and with_bos["perplexity"] != plain["perplexity"]
+
+    code, out, _ = run(capsys, "eval", bos_dir, *text, "--quiet")
+    assert code == EXIT_OK and "windows: 2 x 32 tokens, each window prefixed with BOS '<bos>' (id 2)" in out
 
 
 def test_config_names_match_the_python_api():

@@ -4,8 +4,10 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from lowbit.configs import Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig
 from lowbit.eval import sqnr
 from lowbit.static import SmoothQuantConfig, StaticQuantConfig, convert, prepare, smoothing_factors
 from lowbit.static.flow import SMOOTH_MAX, SMOOTH_MIN
@@ -28,7 +30,10 @@ def _run(lin, config, x):
     with torch.no_grad():
         for b in x:
             m(b)
-    return convert(m)
+    if not isinstance(config, SmoothQuantConfig):
+        return convert(m)
+    with pytest.warns(UserWarning, match="kept a per-linear pre-scale"):  # a lone linear: nothing to fold into
+        return convert(m)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.7])
@@ -81,6 +86,31 @@ def test_a_tied_weight_is_not_modified():
     ref = model(ids)
     prepare(model, SmoothQuantConfig())
     model(ids)
-    convert(model)
+    with pytest.warns(UserWarning, match=r"1 of 1 linear\(s\) kept a per-linear pre-scale"):
+        convert(model)
     assert torch.equal(model.embed.weight, table)  # smoothing the head must not scale the embedding
     assert sqnr(ref, model(ids)) > 30.0
+
+
+BASES = {
+    "int8-static": StaticQuantConfig(),
+    "int8-dynamic": Int8DynamicActivationInt8WeightConfig(),
+    "fp8-static": StaticQuantConfig("float8_e4m3fn"),
+    "fp8-dynamic": Float8DynamicActivationFloat8WeightConfig(),
+}
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_bf16_pre_scale_is_applied_in_float32(base):
+    # issue 15, defect 9: 1/s was rounded to bf16 before the multiply, while W was scaled by the
+    # float32 s; now x * (1/s) is formed in float32 and quantized from there, as a folded norm's
+    # float32 math would be, and the result is cast to bf16 once
+    lin, x = _outlier_case(k=256, n=64)
+    lin, x = lin.to(torch.bfloat16), x.to(torch.bfloat16)
+    m = _run(lin, SmoothQuantConfig(BASES[base]), x)
+    w, inp = m.weight, x[0]
+    plain = w._replace(act_pre_scale=None, dtype=torch.float32)  # the same stored W * s, without the pre-scale
+    want = F.linear(inp.float() * w.act_pre_scale, plain, m.bias.float()).to(torch.bfloat16)
+    assert torch.equal(m(inp), want)
+    old = F.linear(inp * w.act_pre_scale.to(torch.bfloat16), w._replace(act_pre_scale=None), m.bias)
+    assert not torch.equal(old, want)  # the bf16 rounding of 1/s is visible: the check above can fail
