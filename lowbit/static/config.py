@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.configs import Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig, QuantConfig
+from lowbit.configs.float8 import float8_act_spec
+from lowbit.configs.int8 import int8_static_act_spec
 from lowbit.granularity import Granularity, PerRow, PerTensor
 from lowbit.kernels.preference import KernelPreference
 
@@ -76,6 +78,13 @@ class StaticQuantConfig:
     @property
     def is_float8(self) -> bool:
         return self.dtype != "int8"
+
+    def act_spec(self):
+        """The static activation spec calibration observes with: the one the converted config
+        (``Int8StaticActivationInt8WeightConfig`` / ``Float8StaticActivationFloat8WeightConfig``) states."""
+        if self.is_float8:
+            return float8_act_spec(getattr(torch, self.dtype), PerTensor())
+        return int8_static_act_spec(self.act_symmetric)
 
     def observer_kwargs(self) -> dict:
         """Keyword arguments for ``lowbit.observers.make_observer``."""

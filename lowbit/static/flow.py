@@ -22,6 +22,7 @@ and for a linear no batch reached (an unused MoE expert) it warns, names it, and
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Callable, Sequence
 
@@ -79,15 +80,11 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _act_spec(config) -> QuantSpec:
-    """The observer's spec: per tensor for a static config, per input channel for SmoothQuant."""
+    """The observer's spec: the activation spec the config states (static: per tensor); SmoothQuant
+    observes the same spec per input channel."""
     if isinstance(config, SmoothQuantConfig):
-        base = config.base_config
-        dtype = base.dtype if isinstance(base, StaticQuantConfig) else (
-            "int8" if isinstance(base, Int8DynamicActivationInt8WeightConfig) else str(base.dtype).removeprefix("torch.")
-        )
-        symmetric = base.act_symmetric if isinstance(base, (StaticQuantConfig, Int8DynamicActivationInt8WeightConfig)) else True
-        return QuantSpec(dtype, PerAxis(1), symmetric=symmetric)
-    return QuantSpec(config.dtype, PerTensor(), symmetric=config.act_symmetric)
+        return dataclasses.replace(config.base_config.act_spec(), granularity=PerAxis(1))
+    return config.act_spec()
 
 
 def _observer_recipe(config) -> StaticQuantConfig:
@@ -254,7 +251,7 @@ def _quantize_smoothed(module: nn.Linear, fqn: str, observer: ObserverBase, conf
     if isinstance(base, StaticQuantConfig):
         # per-tensor range of x * inv from the per-channel ranges: exact (inv > 0 keeps the order)
         lo, hi = (mn * inv).amin().reshape(1, 1), (mx * inv).amax().reshape(1, 1)
-        spec = QuantSpec(base.dtype, PerTensor(), symmetric=base.act_symmetric)
+        spec = base.act_spec()
         if spec.dtype.is_float:
             scale, zp = choose_qparams_float8_from_amax(torch.maximum(-lo, hi).clamp(min=0), spec), None
         else:
