@@ -63,20 +63,6 @@ def test_activation_fast_matches_reference(dtype, m, mode):
     assert sqnr(ref.float(), fast.float()) >= ACTIVATION_FAST_VS_REF_DB
 
 
-def test_cpp_extension_builds_where_it_should():
-    """On x86-64 with AVX-512 the C++ kernel must build: a silent fallback would hide a slow path."""
-    import os
-    import platform
-    from pathlib import Path
-
-    from lowbit.kernels import _ext
-
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if platform.machine() != "x86_64" or " avx512f " not in cpuinfo or os.environ.get("LOWBIT_NO_EXT") == "1":
-        pytest.skip("no AVX-512 here: the PyTorch paths serve")
-    assert _ext.load("int8_gemv") is not None
-
-
 def test_asymmetric_correction_is_exact_integer_math():
     # with scales of 1 the fast path is pure integer arithmetic: it must equal the float64 result
     q = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
