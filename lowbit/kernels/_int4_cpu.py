@@ -15,8 +15,9 @@ Supported (anything else returns None):
   only when its last dim is not unit-stride); not differentiable itself (the caller, the custom
   op ``lowbit::int4_weight_only_linear``, owns the autograd formula);
 * x dtype bfloat16, float32 or float16; output in x's dtype; bias (N,) or None;
-* group size a power of two >= 16 (32, 64, 128, 256, ...), K even, K % G == 0; any N; qdata
-  contiguous; the extension built (AVX-512 F/BW/VL/BF16/VBMI/VNNI, see ``_ext``).
+* group size a power of two >= ``MIN_GROUP`` (32, 64, 128, 256, ...; the C++ entry points check
+  the same), K even, K % G == 0; any N; qdata contiguous; ``zero_point`` int8 or None; the
+  extension built (AVX-512 F/BW/VL/BF16/VBMI/VNNI, see ``_ext``).
 
 Paths, by M = number of rows of x (thresholds measured on Zen 5, 2 threads, 8 x 4096^2 layers):
 
@@ -40,12 +41,14 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import _ext
+from lowbit.kernels._cache import direct_op
 
-__all__ = ["int4_linear_cpu", "available", "GEMV_MAX_M", "SMALL_MAX_M", "CHUNK_ROWS"]
+__all__ = ["int4_linear_cpu", "available", "GEMV_MAX_M", "SMALL_MAX_M", "CHUNK_ROWS", "MIN_GROUP"]
 
 GEMV_MAX_M = 4  # bf16: gemv_bf16 up to here (2.7x bf16 at M=4, 1 thread)
 SMALL_MAX_M = 32  # bf16: gemm_small_bf16 up to here, then the chunked dequantize + mm
 CHUNK_ROWS = 1024  # rows of W per mm (256-row slices measured 15% slower than one mm; 1024 equal)
+MIN_GROUP = 32  # smallest group size (a power of two) the kernels take: gemv_f32 steps 32 elements
 
 _DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 
@@ -67,32 +70,25 @@ def _supported(x, qdata, scale, zero_point, bias) -> bool:
     if g == 0 or k % g:
         return False
     gs = k // g
-    if gs < 16 or gs & (gs - 1):
+    if gs < MIN_GROUP or gs & (gs - 1):
         return False
-    if zero_point is not None and (zero_point.shape != scale.shape or zero_point.dtype.is_floating_point or zero_point.dtype == torch.bool):
+    if zero_point is not None and (zero_point.shape != scale.shape or zero_point.dtype != torch.int8):
         return False
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or not bias.dtype.is_floating_point):
         return False
     return True
 
 
-_DIRECT: list = []  # [op or None], filled on first use
+def _gemv_fake(x, qdata, scale, zero_point, bias):
+    return x.new_empty(x.shape[0], qdata.shape[0])
 
 
 def direct_gemv_op():
     """``torch.ops.lowbit_cpu.int4_gemv_bf16`` (the bf16 M <= 4 GEMV as a C++ dispatcher op, with a fake
     kernel for torch.compile), or None when the extension is not available."""
-    if not _DIRECT:
-        op = None
-        if _ext.load("int4_cpu") is not None and hasattr(torch.ops, "lowbit_cpu") and hasattr(torch.ops.lowbit_cpu, "int4_gemv_bf16"):
-            op = torch.ops.lowbit_cpu.int4_gemv_bf16
-
-            @torch.library.register_fake("lowbit_cpu::int4_gemv_bf16")
-            def _(x, qdata, scale, zero_point, bias):
-                return x.new_empty(x.shape[0], qdata.shape[0])
-
-        _DIRECT.append(op)
-    return _DIRECT[0]
+    if _ext.load("int4_cpu") is None:
+        return None
+    return direct_op("lowbit_cpu::int4_gemv_bf16", _gemv_fake)
 
 
 def direct_gemv(x, qdata, scale, zero_point, bias) -> torch.Tensor | None:
@@ -126,7 +122,7 @@ def int4_linear_cpu(
         x: (..., K) bfloat16, float32 or float16 activations.
         qdata: (N, K // 2) uint8, two int4 values per byte (``pack_int4``).
         scale: (N, G) float32.
-        zero_point: (N, G) integer zero point in [0, 15] (asymmetric), or None (symmetric).
+        zero_point: (N, G) int8 zero point in [0, 15] (asymmetric), or None (symmetric).
         bias: (N,) or None.
 
     Returns:
@@ -147,7 +143,7 @@ def int4_linear_cpu(
         return x.new_empty(*lead, n)
     scale = scale.contiguous()
     if zero_point is not None:
-        zero_point = zero_point.to(torch.int8).contiguous()
+        zero_point = zero_point.contiguous()
     if x.dtype == torch.bfloat16 and m <= GEMV_MAX_M:
         out = ext.gemv_bf16(x2, qdata, scale, zero_point, bias)
     elif x.dtype == torch.bfloat16 and m <= SMALL_MAX_M:

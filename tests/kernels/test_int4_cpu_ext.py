@@ -144,6 +144,9 @@ def test_unsupported_returns_none():
     assert int4_linear_cpu(x[:, :256], qdata, s, zp) is None  # K mismatch
     s8 = torch.ones(n, k // 8)  # group size 8
     assert int4_linear_cpu(x, qdata, s8, None) is None
+    # group size 16: the C++ entry points reject it too (gemv_f32 steps 32 elements per group)
+    assert int4_linear_cpu(x, qdata, torch.ones(n, k // 16), None) is None
+    assert int4_linear_cpu(x, qdata, s, zp.int()) is None  # an int32 zero point is not wrapped to int8
     s_odd = torch.ones(n, k // 48 if k % 48 == 0 else 1)[:, :1].expand(n, 1)  # group 512: fine
     assert int4_linear_cpu(x, qdata, s_odd.contiguous(), None) is not None
     assert int4_linear_cpu(torch.randn(2, 96), torch.zeros(4, 48, dtype=torch.uint8), torch.ones(4, 2), None) is None  # group 48

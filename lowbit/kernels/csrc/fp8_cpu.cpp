@@ -361,7 +361,10 @@ inline void copy_pad_rows(const torch::Tensor& x, T* dst, int64_t Kp) {  // x (M
 // scale: float32 with N or 1 elements; bias: (N,) or None.
 torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                          int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows) {
-  TORCH_CHECK(x.dim() == 2 && qdata.dim() == 2 && x.size(1) == qdata.size(1), "x (M, K) and qdata (N, K) expected");
+  // every argument checked before any memory is touched: nothing is read out of bounds
+  TORCH_CHECK(x.device().is_cpu() && qdata.device().is_cpu() && scale.device().is_cpu(), "x, qdata and scale must be CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && qdata.dim() == 2 && x.size(1) == qdata.size(1), "x (M, K) and qdata (N, K) expected, got ",
+              x.sizes(), " and ", qdata.sizes());
   const auto qt = qdata.scalar_type();
   TORCH_CHECK(qt == at::kFloat8_e4m3fn || qt == at::kFloat8_e5m2, "qdata must be float8_e4m3fn or float8_e5m2");
   TORCH_CHECK(qdata.is_contiguous(), "qdata must be contiguous");
@@ -375,7 +378,9 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   auto sc = scale.reshape(-1).contiguous();
   torch::Tensor bf;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "bias must have N elements");
+    TORCH_CHECK(bias->device().is_cpu(), "bias must be a CPU tensor");
+    TORCH_CHECK(bias->numel() == N && bias->is_floating_point(), "bias must have N = ", N, " floating elements, got ",
+                bias->scalar_type(), " ", bias->sizes());
     bf = bias->reshape(-1).to(torch::kFloat).contiguous();
   }
   auto out = torch::empty({M, N}, x.options());
@@ -464,6 +469,7 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
 
 // The float8 -> bf16 conversion alone (tests): (N, K) float8 -> (N, K) bf16.
 torch::Tensor fp8_to_bf16(torch::Tensor qdata) {
+  TORCH_CHECK(qdata.device().is_cpu(), "qdata must be a CPU tensor");
   TORCH_CHECK(qdata.dim() == 2 && qdata.is_contiguous(), "qdata must be 2-D contiguous");
   const auto qt = qdata.scalar_type();
   TORCH_CHECK(qt == at::kFloat8_e4m3fn || qt == at::kFloat8_e5m2, "qdata must be float8_e4m3fn or float8_e5m2");

@@ -3,7 +3,10 @@
 // Weight: qdata uint8 (N, K/2), byte j of a row = element 2j (low nibble) | element 2j+1 (high
 // nibble); asymmetric nibbles are uint4 q with an int8 zero point per group, symmetric nibbles are
 // int4 two's complement (q + 8 == nibble ^ 8, no zero point). scale float32 (N, G), group size
-// gs = K / G a power of two >= 16. W[n, k] = (q - zp) * s.
+// gs = K / G a power of two >= 32 (gemv_f32 steps 32 elements within a group). W[n, k] = (q - zp) * s.
+//
+// Every entry point checks its own arguments (devices, dtypes, ranks, shapes, strides, group size)
+// with TORCH_CHECK before touching memory: whatever Python passes, nothing is read out of bounds.
 //
 // Three paths (the Python wrapper picks by M and dtype):
 //  * gemv_bf16 (bf16 x, tiny M): streams the packed weight once. Nibbles become bf16 with one
@@ -46,10 +49,19 @@ struct W4 {
   int lg;  // log2(gs)
 };
 
+constexpr int64_t kMinGroup = 32;
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined() && t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
 W4 make_w4(const torch::Tensor& q, const torch::Tensor& s, const c10::optional<torch::Tensor>& zp) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kUInt8 && q.is_contiguous(), "qdata must be contiguous uint8 (N, K/2)");
+  check_cpu(q, "qdata");
+  check_cpu(s, "scale");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kUInt8 && q.is_contiguous(), "qdata must be contiguous uint8 (N, K/2), got ",
+              q.scalar_type(), " ", q.sizes());
   TORCH_CHECK(s.dim() == 2 && s.scalar_type() == torch::kFloat && s.is_contiguous() && s.size(0) == q.size(0),
-              "scale must be contiguous float32 (N, G)");
+              "scale must be contiguous float32 (N, G) with N = ", q.size(0), ", got ", s.scalar_type(), " ", s.sizes());
   W4 w;
   w.q = q.data_ptr<uint8_t>();
   w.s = s.data_ptr<float>();
@@ -57,15 +69,17 @@ W4 make_w4(const torch::Tensor& q, const torch::Tensor& s, const c10::optional<t
   w.rb = q.size(1);
   w.K = 2 * w.rb;
   w.G = s.size(1);
-  TORCH_CHECK(w.G > 0 && w.K % w.G == 0, "scale groups must divide K");
+  TORCH_CHECK(w.G > 0 && w.K % w.G == 0, "scale groups (", w.G, ") must divide K (", w.K, ")");
   w.gs = w.K / w.G;
-  TORCH_CHECK(w.gs >= 16 && (w.gs & (w.gs - 1)) == 0, "group size must be a power of two >= 16");
+  TORCH_CHECK(w.gs >= kMinGroup && (w.gs & (w.gs - 1)) == 0, "group size must be a power of two >= ", kMinGroup,
+              ", got ", w.gs);
   w.lg = 0;
   while ((int64_t(1) << w.lg) < w.gs) ++w.lg;
   w.zp = nullptr;
   if (zp.has_value() && zp->defined()) {
+    check_cpu(*zp, "zero_point");
     TORCH_CHECK(zp->scalar_type() == torch::kChar && zp->is_contiguous() && zp->sizes() == s.sizes(),
-                "zero_point must be contiguous int8 shaped like scale");
+                "zero_point must be contiguous int8 shaped like scale ", s.sizes(), ", got ", zp->scalar_type(), " ", zp->sizes());
     w.zp = zp->data_ptr<int8_t>();
   }
   return w;
@@ -449,7 +463,9 @@ void gemm_small_impl(const W4& w, const uint32_t* xp, const float* sxp, int64_t 
 
 const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N, torch::Tensor& keep) {
   if (!bias.has_value() || !bias->defined()) return nullptr;
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be (N,)");
+  check_cpu(*bias, "bias");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_floating_point(), "bias must be floating (N,) with N = ", N,
+              ", got ", bias->scalar_type(), " ", bias->sizes());
   keep = bias->to(torch::kFloat).contiguous();
   return keep.data_ptr<float>();
 }
@@ -460,10 +476,11 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N, torch
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
                         c10::optional<torch::Tensor> bias) {
   W4 w = make_w4(qdata, scale, zp);
+  check_cpu(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.K && x.stride(1) == 1,
-              "x must be bf16 (M, K) with unit column stride");
+              "x must be bf16 (M, K) with K = ", w.K, " and unit column stride, got ", x.scalar_type(), " ", x.sizes());
   const int64_t M = x.size(0);
-  TORCH_CHECK(M >= 1 && M <= 4, "gemv_bf16 takes 1 <= M <= 4");
+  TORCH_CHECK(M >= 1 && M <= 4, "gemv_bf16 takes 1 <= M <= 4, got M = ", M);
   torch::Tensor bkeep;
   const float* bp = bias_ptr(bias, w.N, bkeep);
   XPerm p = permute_x(x.data_ptr<c10::BFloat16>(), M, w.K, x.stride(0), w.G, w.gs);
@@ -482,8 +499,10 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scal
 torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
                        c10::optional<torch::Tensor> bias) {
   W4 w = make_w4(qdata, scale, zp);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == w.K, "x must be (1, K)");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kHalf, "x must be float32 or float16");
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == w.K, "x must be (1, K) with K = ", w.K, ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kHalf, "x must be float32 or float16, got ",
+              x.scalar_type());
   torch::Tensor bkeep;
   const float* bp = bias_ptr(bias, w.N, bkeep);
   auto xf = x.to(torch::kFloat).contiguous();
@@ -507,10 +526,11 @@ torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale
 torch::Tensor gemm_small_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
                               c10::optional<torch::Tensor> bias) {
   W4 w = make_w4(qdata, scale, zp);
+  check_cpu(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.K && x.stride(1) == 1,
-              "x must be bf16 (M, K) with unit column stride");
+              "x must be bf16 (M, K) with K = ", w.K, " and unit column stride, got ", x.scalar_type(), " ", x.sizes());
   const int64_t M = x.size(0), K = w.K, G = w.G, C = (K + 127) / 128;
-  TORCH_CHECK(M >= 1 && M <= 64, "gemm_small_bf16 takes 1 <= M <= 64");
+  TORCH_CHECK(M >= 1 && M <= 64, "gemm_small_bf16 takes 1 <= M <= 64, got M = ", M);
   torch::Tensor bkeep;
   const float* bp = bias_ptr(bias, w.N, bkeep);
   const int64_t MB = (M + 15) / 16;
@@ -539,9 +559,10 @@ torch::Tensor gemm_small_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tenso
 void dequant_rows(torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp, int64_t row0, int64_t row1,
                   torch::Tensor out) {
   W4 w = make_w4(qdata, scale, zp);
-  TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= w.N, "bad row range");
+  check_cpu(out, "out");
+  TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= w.N, "bad row range [", row0, ", ", row1, ") for N = ", w.N);
   TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(1) == w.K && out.size(0) >= row1 - row0,
-              "out must be contiguous (>= rows, K)");
+              "out must be contiguous (>= ", row1 - row0, ", ", w.K, "), got ", out.sizes());
   dequant_rows_any(w, row0, row1, out, true);
 }
 
@@ -550,7 +571,15 @@ void dequant_rows(torch::Tensor qdata, torch::Tensor scale, c10::optional<torch:
 torch::Tensor linear_chunked(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
                              c10::optional<torch::Tensor> bias, int64_t chunk) {
   W4 w = make_w4(qdata, scale, zp);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.K, "x must be (M, K)");
+  check_cpu(x, "x");
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.K, "x must be (M, K) with K = ", w.K, ", got ", x.sizes());
+  TORCH_CHECK(xt == torch::kBFloat16 || xt == torch::kFloat || xt == torch::kHalf, "x must be bfloat16, float32 or float16, got ", xt);
+  if (bias.has_value() && bias->defined()) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.N && bias->scalar_type() == xt, "bias must be (N,) with N = ", w.N,
+                " in x's dtype ", xt, ", got ", bias->scalar_type(), " ", bias->sizes());
+  }
   const int64_t M = x.size(0), N = w.N;
   auto out = torch::empty({M, N}, x.options());
   chunk = std::max<int64_t>(1, std::min(chunk, N));

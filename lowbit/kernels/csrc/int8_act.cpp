@@ -98,8 +98,12 @@ void epilogue_rows(const int32_t* acc, const float* sx, bool sx_per_row, const f
 
 // Quantize x (M, K) to int8: static (scale given, zp) or dynamic per-token symmetric (scale < 0).
 // Returns (q, scales) where scales is (M, 1) float32 for the dynamic case, else empty.
+// Every entry point checks its arguments (devices, dtypes, ranks, shapes, contiguity) before
+// touching memory: whatever a caller passes, nothing is read or written out of bounds.
 std::vector<torch::Tensor> quantize_i8(torch::Tensor x, double scale, int64_t zero_point, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) tensor");
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) tensor, got ", x.sizes());
+  TORCH_CHECK(zero_point >= -128 && zero_point <= 127, "zero_point must be in [-128, 127], got ", zero_point);
   const int64_t M = x.size(0), K = x.size(1);
   auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
   const bool dynamic = scale < 0;
@@ -118,6 +122,7 @@ std::vector<torch::Tensor> quantize_i8(torch::Tensor x, double scale, int64_t ze
 // out (M, N) in dtype of `like` = ((acc - zcorr) * s_x) * s_w + bias.
 torch::Tensor w8a8_epilogue(torch::Tensor acc, torch::Tensor s_x, torch::Tensor s_w, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> zcorr, torch::Tensor like) {
+  TORCH_CHECK(acc.device().is_cpu() && s_x.device().is_cpu() && s_w.device().is_cpu(), "acc, s_x and s_w must be CPU tensors");
   TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kInt && acc.is_contiguous(), "acc must be contiguous int32 (M, N)");
   const int64_t M = acc.size(0), N = acc.size(1);
   TORCH_CHECK(s_x.scalar_type() == torch::kFloat && s_x.is_contiguous() && (s_x.numel() == 1 || s_x.numel() == M), "s_x: float32, 1 or M values");
@@ -125,10 +130,12 @@ torch::Tensor w8a8_epilogue(torch::Tensor acc, torch::Tensor s_x, torch::Tensor 
   auto out = torch::empty({M, N}, acc.options().dtype(like.scalar_type()));
   const int32_t* zc = nullptr;
   if (zcorr) {
+    TORCH_CHECK(zcorr->device().is_cpu(), "zcorr must be a CPU tensor");
     TORCH_CHECK(zcorr->scalar_type() == torch::kInt && zcorr->is_contiguous() && zcorr->numel() == N, "zcorr: int32, N values");
     zc = zcorr->data_ptr<int32_t>();
   }
   const bool per_row = s_x.numel() == M && M > 1;
+  if (bias) TORCH_CHECK(bias->device().is_cpu(), "bias must be a CPU tensor");
   if (bias) TORCH_CHECK(bias->scalar_type() == like.scalar_type() && bias->is_contiguous() && bias->numel() == N, "bias: N values in x's dtype");
   switch (like.scalar_type()) {
 #define LOWBIT_EPI(T, ST)                                                                                         \

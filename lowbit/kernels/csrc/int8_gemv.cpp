@@ -52,14 +52,22 @@ inline float dot_f32(const float* x, const float* w, int64_t n) {
 
 }  // namespace
 
+// Every argument is checked here (devices, dtypes, ranks, shapes; strides are made contiguous):
+// whatever a caller passes, nothing is read out of bounds.
 torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (M, K) and w (N, K) expected");
-  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous(), "w must be contiguous int8");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), "x, w and scale must be CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (M, K) and w (N, K) expected, got ", x.sizes(),
+              " and ", w.sizes());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == torch::kFloat || xt == torch::kBFloat16 || xt == torch::kHalf, "x must be float32, bfloat16 or float16, got ", xt);
+  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous(), "w must be contiguous int8, got ", w.scalar_type());
   TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.dim() == 2 && scale.size(0) == w.size(0),
-              "scale must be float32 (N, groups)");
+              "scale must be float32 (N, groups) with N = ", w.size(0), ", got ", scale.scalar_type(), " ", scale.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
-  TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 16 == 0, "group size must divide K and be a multiple of 16");
+  TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 16 == 0, "group size must divide K and be a multiple of 16, got K = ", K,
+              " with ", G, " groups");
   const int64_t gs = K / G;
+  if (M == 0 || N == 0) return torch::zeros({M, N}, x.options());  // (M > 1 below sizes the row buffer)
   auto xf = x.to(torch::kFloat).contiguous();
   auto sc = scale.contiguous();
   auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
