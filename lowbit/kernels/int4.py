@@ -10,12 +10,16 @@ One reference: ``dequantize_affine`` to the input dtype, then ``F.linear``. Fast
 here by device and shape, each tested against it:
 
 * CPU: our AVX-512 C++ kernels (``csrc/int4_cpu.cpp``, via ``_int4_cpu.int4_linear_cpu``) read
-  the canonical layout directly (a float-domain zero point: see ``_cpu_ext``); when they can't be built or don't take a case,
-  ``torch._weight_int4pack_mm_for_cpu`` on a converted copy (made on first use, cached per
-  weight, never saved; its scales and zeros are in the activation dtype: the bf16 cast of the
-  scale is its expected loss); otherwise the reference;
-* CUDA: tinygemm ``torch._weight_int4pack_mm`` (bf16 activations) on a converted copy, same
-  caching; otherwise the reference.
+  the canonical layout directly (a float-domain zero point: see ``_cpu_ext``); when they can't
+  be built or don't take a case (group sizes below 32 or not a power of two), ``_chunked_cpu``:
+  rows of W dequantized exactly by the reference's ``dequantize_int4``, a chunk at a time, each
+  chunk multiplied (float32) into its slice of the output (no converted copy is kept);
+* CUDA: tinygemm ``torch._weight_int4pack_mm`` (bf16 activations) on a layout converted for the
+  call only; otherwise the reference.
+
+Nothing the kernels derive from a weight outlives the call, except the float-domain zero
+point's integer part and correction (about 5 bytes per group), recomputed whenever the scale or
+zero point changes (``_cache.DerivedCache``).
 
 Activation quantization (8da4w, fp8 x int4) is fake quantization with the primitives followed
 by the weight-only op: the activation values are exactly the reference's, so the only
@@ -28,8 +32,9 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakTensorKeyDictionary
 
+from lowbit.kernels._cache import DerivedCache
+from lowbit.kernels._int4_cpu import available as int4_cpu_available
 from lowbit.kernels._int4_cpu import direct_gemv, int4_linear_cpu
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine
@@ -79,7 +84,7 @@ def _check(input, qdata, scale, zero_point):
         )
     if qdata.dtype != torch.uint8 or scale.dtype != torch.float32:
         raise TypeError(f"qdata must be uint8 (packed int4) and scale float32, got {qdata.dtype} and {scale.dtype}")
-    if scale.dim() != 2 or scale.shape[0] != qdata.shape[0] or input.shape[1] % scale.shape[1]:
+    if scale.dim() != 2 or scale.shape[0] != qdata.shape[0] or scale.shape[1] == 0 or input.shape[1] % scale.shape[1]:
         raise ValueError(f"scale {tuple(scale.shape)} must be (N, K // group_size) for weight {tuple(qdata.shape)}")
     if zero_point is not None and (zero_point.shape != scale.shape or zero_point.dtype not in (torch.int8, torch.float32)):
         raise ValueError(f"zero_point must be int8 (integer domain) or float32 (float domain) shaped like scale "
@@ -90,18 +95,36 @@ def _reference(input, qdata, scale, zero_point, bias, spec):
     return F.linear(input, dequantize_int4(qdata, scale, zero_point, spec, input.dtype), bias)
 
 
-# --- converted layouts for torch's int4 kernels (made on first use, weakly cached per weight) ---------
+# --- fallbacks off our C++ kernels: nothing converted outlives the call ------------------------------
 
-_CONVERTED = WeakTensorKeyDictionary()
+_CHUNK_ELEMENTS = 1 << 20  # weight elements dequantized at a time (4 MiB of float32 temporaries)
 
 
-def _cached(qdata: torch.Tensor, key: tuple, make):
-    hit = _CONVERTED.get(qdata)
-    if hit is not None and hit[0] == (qdata._version, key):
-        return hit[1]
-    value = make()
-    _CONVERTED[qdata] = ((qdata._version, key), value)
-    return value
+def _chunked_cpu(input, qdata, scale, zero_point, bias, spec):
+    """Rows of W dequantized exactly (the reference's own ``dequantize_int4`` on a slice of rows, in
+    the input dtype) a chunk at a time, each chunk multiplied into its column slice of the output;
+    the only weight copy is one chunk. The matmul runs in float32 on those exact values, with one
+    rounding of the result to the input dtype, as the reference's bf16/fp16 matmul accumulates:
+    equal to the reference up to accumulation order. (CPUs that reach this path lack our AVX-512
+    kernels, and mostly native bf16 matmul too: there float32 runs several times faster.)"""
+    m, k = input.shape
+    n = qdata.shape[0]
+    x = input.float()
+    out = torch.empty(m, n, dtype=torch.float32)
+    rows = max(1, min(n, _CHUNK_ELEMENTS // max(k, 1)))
+    buf = torch.empty(rows, k) if input.dtype != torch.float32 else None
+    b = None if bias is None else bias.float()
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        zp = None if zero_point is None else zero_point[i:j]
+        w = dequantize_int4(qdata[i:j], scale[i:j], zp, spec, input.dtype)
+        if buf is not None:
+            w = buf[: j - i].copy_(w)
+        if b is None:
+            torch.mm(x, w.t(), out=out[:, i:j])
+        else:
+            torch.addmm(b[i:j], x, w.t(), out=out[:, i:j])
+    return out.to(input.dtype)
 
 
 def _unsigned_nibbles(qdata, zero_point) -> torch.Tensor:
@@ -116,38 +139,25 @@ def _scales_and_zeros(scale, zero_point, dtype) -> torch.Tensor:
     return torch.stack([scale, z], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
-def _int4pack_cpu(input, qdata, scale, zero_point, bias):
-    g = _group_size(qdata, scale)
-    n, k = qdata.shape[0], input.shape[1]
-    if k % (g if g > 32 else 32) or n % 16:  # shapes the CPU int4pack kernel takes (checked below too)
-        return None
-
-    def make():
-        w = _unsigned_nibbles(qdata, zero_point).to(torch.int32)
-        return torch._convert_weight_to_int4pack_for_cpu(w, 2), _scales_and_zeros(scale, zero_point, input.dtype)
-
-    packed, sz = _cached(qdata, ("cpu", input.dtype, scale.data_ptr()), make)
-    out = torch._weight_int4pack_mm_for_cpu(input.contiguous(), packed, g, sz)
-    return out if bias is None else out + bias
-
-
 def _tinygemm_cuda(input, qdata, scale, zero_point, bias):
+    """tinygemm on a layout converted for this call only (a copy kept for the model's lifetime
+    would be about 1 byte per parameter next to the canonical 0.5)."""
     g = _group_size(qdata, scale)
     n, k = qdata.shape[0], input.shape[1]
     if input.dtype != torch.bfloat16 or g not in (32, 64, 128, 256) or n % 8 or k % 128:
         return None
     inner_k_tiles = 8 if k % 256 == 0 else 4
-
-    def make():
-        u = _unsigned_nibbles(qdata, zero_point)
-        tinygemm_bytes = (u[:, ::2] << 4 | u[:, 1::2]).contiguous()  # tinygemm: even k in the HIGH nibble
-        return torch._convert_weight_to_int4pack(tinygemm_bytes, inner_k_tiles), _scales_and_zeros(
-            scale, zero_point, torch.bfloat16
-        )
-
-    packed, sz = _cached(qdata, ("cuda", scale.data_ptr()), make)
-    out = torch._weight_int4pack_mm(input.contiguous(), packed, g, sz)
+    u = _unsigned_nibbles(qdata, zero_point)
+    tinygemm_bytes = (u[:, ::2] << 4 | u[:, 1::2]).contiguous()  # tinygemm: even k in the HIGH nibble
+    packed = torch._convert_weight_to_int4pack(tinygemm_bytes, inner_k_tiles)
+    del u, tinygemm_bytes
+    out = torch._weight_int4pack_mm(input.contiguous(), packed, g, _scales_and_zeros(scale, zero_point, torch.bfloat16))
     return out if bias is None else out + bias
+
+
+# The float-domain zero point's integer part and correction (``_cpu_ext``), per weight: about
+# 5 bytes per group, recomputed whenever the scale or the zero point changes.
+_FLOAT_ZP = DerivedCache()
 
 
 def _cpu_ext(input, qdata, scale, zero_point, bias, spec):
@@ -156,12 +166,14 @@ def _cpu_ext(input, qdata, scale, zero_point, bias, spec):
     ``sum_g xsum_g * (zi - zf)_g * s_g`` per output, one small (M, G) x (G, N) matmul."""
     if spec.zero_point_domain == "int":
         return int4_linear_cpu(input, qdata, scale, zero_point, bias)
+    if not int4_cpu_available():
+        return None
 
     def make():
         zi = zero_point.round().clamp(-128, 127)
         return zi.to(torch.int8), ((zi - zero_point) * scale).t().contiguous()
 
-    zi, corr = _cached(qdata, ("float-zp", scale.data_ptr(), zero_point.data_ptr()), make)
+    zi, corr = _FLOAT_ZP.get((zero_point, scale), "float-zp", make)
     out = int4_linear_cpu(input, qdata, scale, zi, None)
     if out is None:
         return None
@@ -205,7 +217,7 @@ def int4_weight_only_linear(
     if input.device.type == "cpu":
         out = _cpu_ext(input, qdata, scale, zero_point, bias, spec)
         if out is None:
-            out = _int4pack_cpu(input, qdata, scale, zero_point, bias)
+            out = _chunked_cpu(input, qdata, scale, zero_point, bias, spec)
     elif input.device.type == "cuda":
         out = _tinygemm_cuda(input, qdata, scale, zero_point, bias)
     return _reference(input, qdata, scale, zero_point, bias, spec) if out is None else out

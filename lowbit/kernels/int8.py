@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from lowbit.kernels import _ext
+from lowbit.kernels._cache import direct_op
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, quantize_affine
 from lowbit.spec import QuantSpec, spec_from_key, spec_key
@@ -82,23 +82,16 @@ def _weight_only_chunked(input, qdata, scale, bias, spec):
     return out if bias is None else out.add_(bias)
 
 
-_DIRECT: list = []  # [op or None], filled on first use
+def _gemv_fake(x, w, scale):
+    return x.new_empty(x.shape[0], w.shape[0])
 
 
 def _direct_gemv_op():
     """``torch.ops.lowbit_cpu.int8_weight_only_mm`` (the C++ GEMV as a dispatcher op, with a fake kernel
     for torch.compile), or None when the extension is not available."""
-    if not _DIRECT:
-        op = None
-        if _ext.load("int8_gemv") is not None and hasattr(torch.ops.lowbit_cpu, "int8_weight_only_mm"):
-            op = torch.ops.lowbit_cpu.int8_weight_only_mm
-
-            @torch.library.register_fake("lowbit_cpu::int8_weight_only_mm")
-            def _(x, w, scale):
-                return x.new_empty(x.shape[0], w.shape[0])
-
-        _DIRECT.append(op)
-    return _DIRECT[0]
+    if _ext.load("int8_gemv") is None:
+        return None
+    return direct_op("lowbit_cpu::int8_weight_only_mm", _gemv_fake)
 
 
 def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, spec: QuantSpec, kernel: str) -> torch.Tensor:
@@ -164,18 +157,14 @@ def _(input, qdata, scale, zero_point, bias, spec, kernel):
 
 # --- int8 activations x int8 weights ----------------------------------------------------------
 
-# rowsum(W) for the asymmetric-activation correction, computed once per weight (weakly keyed on
-# the qdata tensor, recomputed when it is modified in place, e.g. by load_state_dict).
-_ROWSUMS = WeakTensorKeyDictionary()
-
-
-def _rowsum(qdata: torch.Tensor) -> torch.Tensor:
-    hit = _ROWSUMS.get(qdata)
-    if hit is not None and hit[0] == qdata._version:
-        return hit[1]
-    rs = qdata.sum(dim=1, dtype=torch.int32)
-    _ROWSUMS[qdata] = (qdata._version, rs)
-    return rs
+def _mm_and_rowsum(xq: torch.Tensor, qdata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``int8_mm(xq, qdata)`` and ``rowsum(qdata)`` (int32, exact) from one GEMM: a row of ones
+    appended to the activation gives the weight's row sums as the last output row. No per-weight
+    cache to keep in step with in-place edits (or to fail on inference tensors), and no second
+    pass over the weight."""
+    ones = torch.ones(1, xq.shape[1], dtype=torch.int8, device=xq.device)
+    acc = int8_mm(torch.cat([xq, ones]), qdata)
+    return acc[:-1], acc[-1]
 
 
 def _quantize_activation(input, act_scale, act_zero_point, spec):
@@ -230,9 +219,13 @@ def _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_spec):
     zp = 0 if act_zero_point is None else int(act_zero_point)
     xq, s_dyn = ext.quantize_i8(input, float(act_scale) if static else -1.0, zp, act_spec.eps)
     s_x = act_scale.reshape(1).float() if static else s_dyn
-    zcorr = None if zp == 0 else (zp * _rowsum(qdata)).to(torch.int32)
+    if zp == 0:
+        acc, zcorr = int8_mm(xq, qdata), None
+    else:
+        acc, rs = _mm_and_rowsum(xq, qdata)
+        zcorr = (zp * rs).to(torch.int32)
     s_w = scale.expand(qdata.shape[0], 1).reshape(-1).contiguous()
-    return ext.w8a8_epilogue(int8_mm(xq, qdata), s_x.contiguous(), s_w, bias, zcorr, input)
+    return ext.w8a8_epilogue(acc, s_x.contiguous(), s_w, bias, zcorr, input)
 
 
 def _activation_forward(input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel):
@@ -249,10 +242,11 @@ def _activation_forward_aten(input, qdata, scale, bias, act_scale, act_zero_poin
         x = dequantize_affine(xq, s_x, zp_x, act_spec)
         w = dequantize_affine(qdata, scale, None, spec)
         return F.linear(x, w, None if bias is None else bias.float()).to(input.dtype)
-    acc = int8_mm(xq, qdata)
-    if zp_x is not None:
+    if zp_x is None:
+        acc = int8_mm(xq, qdata)
+    else:
         # exact in int32: x = s_x (q_x - zp_x), so x @ W^T = s_x (q_x @ W_q^T - zp_x rowsum(W_q)) s_w
-        rs = qdata.sum(dim=1, dtype=torch.int32) if torch.compiler.is_compiling() else _rowsum(qdata)
+        acc, rs = _mm_and_rowsum(xq, qdata)
         acc = acc - zp_x.to(torch.int32) * rs
     # one float32 rescale, in place so eager allocates the (M, N) result once; compiled, inductor
     # fuses it into one pass over the int32 accumulator

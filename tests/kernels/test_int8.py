@@ -73,7 +73,7 @@ def test_asymmetric_correction_is_exact_integer_math():
     assert torch.equal(out, x @ q.float().t())
 
 
-def test_rowsum_cache_follows_in_place_updates():
+def test_asymmetric_correction_follows_in_place_updates():
     t, g = _weights(PerRow())
     x = torch.randn(4, 512, generator=g)
     before = int8_activation_linear(x, t.qdata, t.scale, None, None, None, _act(False), t.spec, "auto")
