@@ -93,18 +93,23 @@ def test_bad_arguments():
         float8_activation_linear(torch.randn(2, 256), q, s, None, spec, QuantSpec("int8", PerToken()), "auto")
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("granularity", [PerToken(), PerTensor()], ids=repr)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("act", ["dynamic-token", "dynamic-tensor", "static"])
 @pytest.mark.parametrize("m", [1, 16, 256])
-def test_scaled_mm_cuda_matches_reference(granularity, m):
-    if not k8.scaled_mm_supported(0):
+def test_scaled_mm_path_matches_reference(act, m, device):
+    """The ``_scaled_mm`` route called the way ``float8_activation_linear`` calls it (CUDA runs it
+    on SM >= 8.9; torch's CPU ``_scaled_mm`` runs the same call here, so its arguments are checked
+    on every machine, not only where a GPU is)."""
+    if device == "cuda" and not k8.scaled_mm_supported(0):
         pytest.skip("float8 _scaled_mm needs compute capability >= 8.9")
-    q, s = _weight(256, 512, per_row=isinstance(granularity, PerToken))
-    q, s = q.cuda(), s.cuda()
-    act = QuantSpec("float8_e4m3fn", granularity)
-    x = torch.randn(m, 512, dtype=torch.bfloat16, device="cuda")
-    spec = QuantSpec("float8_e4m3fn", PerRow() if isinstance(granularity, PerToken) else PerTensor())
-    ref = float8_activation_linear(x, q, s, None, spec, act, "reference")
-    out = k8._scaled_mm_path(x, q, s, None, act)
-    assert out is not None and out.dtype == torch.bfloat16
+    per_row = act == "dynamic-token"
+    q, s = _weight(256, 512, per_row=per_row)
+    q, s = q.to(device), s.to(device)
+    act_spec = QuantSpec("float8_e4m3fn", PerToken() if per_row else PerTensor())
+    act_scale = torch.tensor(0.01, device=device) if act == "static" else None
+    x = torch.randn(m, 512, dtype=torch.bfloat16, device=device)
+    spec = QuantSpec("float8_e4m3fn", PerRow() if per_row else PerTensor())
+    ref = float8_activation_linear(x, q, s, None, spec, act_spec, "reference", act_scale=act_scale)
+    out = k8._scaled_mm_path(x, q, s, None, act_spec, act_scale)
+    assert out is not None and out.dtype == torch.bfloat16 and out.shape == (m, 256)
     assert sqnr(ref.float(), out.float()) >= SCALED_MM_VS_REF_DB
