@@ -6,7 +6,7 @@ import torch
 from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerGroup, PerRow, PerTensor
 from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear
-from lowbit.configs import Int8DynamicActivationInt8WeightConfig, Int8StaticActivationInt8WeightConfig
+from lowbit.configs import Int8DynamicActivationInt8WeightConfig, Int8StaticActivationInt8WeightConfig, Int8WeightOnlyConfig
 from lowbit.spec import QuantSpec, spec_key
 from lowbit.tensors.int8_tensor import Int8Tensor
 
@@ -131,3 +131,38 @@ def test_compiled_w8a8_calls_int_mm_once_per_linear_cuda():
     with torch.no_grad():
         c(x)
         assert _count_int_mm(lambda: c(x)) == 3
+
+
+# --- backward: the gradients' values, not only their presence ------------------------------------
+
+BACKWARD_CONFIGS = {
+    "wo-row": Int8WeightOnlyConfig(),
+    "wo-g32": Int8WeightOnlyConfig(PerGroup(32)),
+    "wo-tensor": Int8WeightOnlyConfig(PerTensor()),
+    "w8a8-sym": Int8DynamicActivationInt8WeightConfig(),
+    "w8a8-asym": Int8DynamicActivationInt8WeightConfig(act_symmetric=False),
+    "w8a8-static": Int8StaticActivationInt8WeightConfig(act_scale=0.05),
+    "w8a8-static-zp": Int8StaticActivationInt8WeightConfig(act_scale=0.05, act_zero_point=-7),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+@pytest.mark.parametrize("m", [1, 5], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("name", BACKWARD_CONFIGS)
+def test_backward_equals_the_float_reference(name, m, dtype):
+    """The input gradient is ``grad @ dequantize(W)`` (straight through the activation rounding of
+    W8A8) and the bias gradient ``grad.sum(0)``: the float reference's, bit for bit (same ops)."""
+    from torch import nn
+
+    from lowbit.quantize import quantize_
+
+    torch.manual_seed(0)
+    layer = quantize_(nn.Linear(64, 48).to(dtype), BACKWARD_CONFIGS[name])
+    x = torch.randn(m, 64, dtype=dtype, requires_grad=True)
+    grad = torch.randn(m, 48, dtype=dtype)
+    layer(x).backward(grad)
+    xr = x.detach().clone().requires_grad_()
+    br = layer.bias.detach().clone().requires_grad_()
+    torch.nn.functional.linear(xr, layer.weight.dequantize(dtype), br).backward(grad)
+    assert torch.equal(x.grad, xr.grad) and torch.equal(layer.bias.grad, br.grad)
+    assert torch.equal(x.grad, grad @ layer.weight.dequantize(dtype))
