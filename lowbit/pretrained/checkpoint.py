@@ -17,6 +17,7 @@ from torch import nn
 from lowbit.configs.base import QuantConfig
 from lowbit.serialization import (
     FORMAT_VERSION,
+    CheckpointError,
     apply_state,
     check_format_version,
     encode_config,
@@ -353,7 +354,11 @@ def _lowbit_meta(path: Path) -> tuple[dict, dict]:
     check_format_version(meta.get("format_version"), path)
     shards = meta.get("shards")
     if not isinstance(shards, list) or not shards:
-        raise ValueError(f"{path}/config.json: lowbit entry lists no shard files")
+        raise CheckpointError(f"{path}/config.json: lowbit entry lists no shard files")
+    bad = [s for s in shards if not isinstance(s, str) or not _SHARD_RE.fullmatch(s)]
+    if bad:  # a shard is a file of this directory, never a path elsewhere
+        raise CheckpointError(f"{path}/config.json: lowbit shards {bad[:3]!r:.200} are not shard file names "
+                              f"(allowed: {_SHARD.format(1, 1)!r}-style names in the directory)")
     missing = [s for s in shards if not (path / s).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} lacks shard file(s) {missing} listed in its config.json")
@@ -388,7 +393,7 @@ def from_pretrained(path, *, device: str | torch.device = "cpu"):
     # parameters are allocated but never written (no pages touched) before the checkpoint's tensors
     # replace them; buffers computed in __init__ (rotary frequencies) are real
     model = _build(config, dtype, str(device))
-    apply_state(model, state, configs)
+    apply_state(model, state, configs, where=p)
     try:
         model.generation_config = tf.GenerationConfig.from_pretrained(p, local_files_only=True)
     except (OSError, ValueError):
@@ -411,7 +416,7 @@ def checkpoint_info(path) -> dict:
     Raises:
         FileNotFoundError / ValueError: as :func:`from_pretrained`; a file without lowbit metadata.
     """
-    from lowbit.serialization import decode_config, read_header
+    from lowbit.serialization import decode_config, read_headers
 
     p = Path(path)
     if not p.exists():
@@ -429,8 +434,7 @@ def checkpoint_info(path) -> dict:
     quantized_bytes = float_bytes = 0
     quantized_keys: set[str] = set()
     version = None
-    for f in files:
-        header = read_header(f)
+    for f, header in zip(files, read_headers(files)):  # checked as from_pretrained checks them
         version = header["format_version"]
         for fqn, c in header["modules"].items():
             modules[fqn] = repr(decode_config(c))

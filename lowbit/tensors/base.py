@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from lowbit.spec import QuantSpec, spec_key
 
-__all__ = ["QuantizedTensor"]
+__all__ = ["QuantizedTensor", "register_state_upgrader"]
 
 aten = torch.ops.aten
 
@@ -45,6 +45,19 @@ def _code_version() -> str:
             if f.suffix in (".py", ".cpp"):
                 h.update(f.read_bytes())
     return h.hexdigest()
+
+
+# fn(tensor, state) -> state, applied in order when torch.load restores a pickled quantized tensor: a
+# higher layer that knows older lowbit versions (serialization) registers one that fills in new fields
+_STATE_UPGRADERS: list[Callable[["QuantizedTensor", Any], Any]] = []
+
+
+def register_state_upgrader(fn: Callable[["QuantizedTensor", Any], Any]) -> Callable:
+    """Register ``fn(tensor, state) -> state`` to rewrite the pickled state (``__dict__``) of a quantized
+    tensor before ``torch.load`` sets it (``lowbit.serialization`` migrates older lowbit versions)."""
+    if fn not in _STATE_UPGRADERS:
+        _STATE_UPGRADERS.append(fn)
+    return fn
 
 
 class QuantizedTensor(torch.Tensor):
@@ -86,6 +99,11 @@ class QuantizedTensor(torch.Tensor):
             value = fields.get(name)
             if isinstance(value, QuantSpec):
                 spec_key(value)
+
+    def __setstate__(self, state):
+        for fn in _STATE_UPGRADERS:
+            state = fn(self, state)
+        torch._utils._set_obj_state(self, state)
 
     # --- fields ------------------------------------------------------------------------------
 

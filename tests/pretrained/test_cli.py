@@ -15,6 +15,7 @@ import torch
 from lowbit.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, build_config, config_names, main
 from lowbit.eval.models import load_text
 from lowbit.pretrained import from_pretrained
+from lowbit.serialization import FORMAT_VERSION
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("glassllm")
@@ -51,7 +52,7 @@ def test_quantize_info_eval_reload_end_to_end(tmp_path, capsys, glassllm_dir):
     assert f"lowbit: quantizing {glassllm_dir}" in err and f"lowbit: wrote {out_dir}" in err  # progress on stderr
 
     info = run_json(capsys, "info", out_dir)
-    assert info["configs"] == {"Int8WeightOnlyConfig()": 29} and info["format_version"] == 1
+    assert info["configs"] == {"Int8WeightOnlyConfig()": 29} and info["format_version"] == FORMAT_VERSION
     code, out, _ = run(capsys, "info", out_dir, "--modules")
     assert "| Int8WeightOnlyConfig() |        29 |" in out and "model.layers.3.mlp.down_proj" in out
 
@@ -169,8 +170,9 @@ def test_config_names_match_the_python_api():
         (["quantize", "{src}", "--config", "int8wo", "--out", "{tmp}"], "is not empty"),
         (["info", "{tmp}/nope"], "does not exist"),
         (["info", "{src}"], "is not a lowbit checkpoint"),
-        (["info", "{newer}"], "format_version=2; this lowbit (0.1.0) reads versions 1..1: upgrade lowbit"),
-        (["eval", "{newer}", "--text", "builtin:pydoc"], "format_version=2"),
+        (["info", "{newer}"], f"format_version={FORMAT_VERSION + 1}; this lowbit (0.1.0) reads versions "
+                              f"1..{FORMAT_VERSION}: upgrade lowbit"),
+        (["eval", "{newer}", "--text", "builtin:pydoc"], f"format_version={FORMAT_VERSION + 1}"),
         (["eval", "{src}", "--text", "{tmp}/missing.txt"], "--text {tmp}/missing.txt: no such file"),
         (["eval", "{src}", "--text", "builtin:nope"], "--text builtin:nope"),
         (["eval", "{src}", "--text", "{tmp}/file.txt", "--seq-len", "64"], "needs at least 65"),
@@ -192,7 +194,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, glassllm_dir, argv, message):
         assert main(["quantize", str(glassllm_dir), "--config", "int8wo", "--out", str(tmp / "q"), "-q"]) == 0
         shutil.copytree(tmp / "q", tmp / "newer")
         cfg = json.loads((tmp / "newer" / "config.json").read_text())
-        cfg["lowbit"]["format_version"] = 2
+        cfg["lowbit"]["format_version"] = FORMAT_VERSION + 1
         (tmp / "newer" / "config.json").write_text(json.dumps(cfg))
         capsys.readouterr()
     code, _, err = run(capsys, *[a.format(**paths) for a in argv], "--quiet")
