@@ -22,6 +22,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -250,15 +251,20 @@ def cmd_quantize(args) -> dict:
     (config,) = _configs_from(args)
     skip = args.skip or []
     _say(args, f"lowbit: quantizing {src} with {config!r}" + (f", skipping {skip}" if skip else ""))
-    summary = quantize_pretrained(src, args.out, config, skip=skip, dtype=args.dtype, overwrite=args.overwrite,
-                                  max_shard_bytes=int(args.max_shard_mb * 2**20), progress=not args.quiet)
+    with warnings.catch_warnings():  # its one summary line is printed below, not warned
+        warnings.filterwarnings("ignore", message="quantize_pretrained: ", category=UserWarning)
+        summary = quantize_pretrained(src, args.out, config, skip=skip, dtype=args.dtype, overwrite=args.overwrite,
+                                      max_shard_bytes=int(args.max_shard_mb * 2**20), progress=not args.quiet,
+                                      strict=args.strict)
     result = summary.to_dict()
     result["configs"] = summarize_configs(summary.configs)
     _say(args, f"lowbit: wrote {summary.out_dir} ({len(summary.shards)} shard(s))")
     if not args.json:
-        print(f"quantized {len(summary.configs)} linears ({', '.join(f'{n} x {c}' for c, n in result['configs'].items())})"
-              + (f"; left float: {len(summary.skipped)} ({', '.join(summary.skipped[:4])}"
+        print(f"quantized {len(summary.configs)} modules ({', '.join(f'{n} x {c}' for c, n in result['configs'].items())})"
+              + (f"; skipped: {len(summary.skipped)} ({', '.join(summary.skipped[:4])}"
                  f"{', ...' if len(summary.skipped) > 4 else ''})" if summary.skipped else ""))
+        if summary.fallback or summary.left_float:
+            print(summary.message)
         print(f"{_mb(summary.source_bytes)} read -> {_mb(summary.output_bytes)} written ({summary.dtype}); "
               f"{summary.seconds:.1f} s ({summary.quantize_seconds:.1f} s quantizing)")
         print(f"load it: lowbit.from_pretrained({str(summary.out_dir)!r})")
@@ -426,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float dtype of the result (default: the checkpoint's)")
     q.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT_DIR")
     q.add_argument("--max-shard-mb", type=float, default=512, help="output shard size (default 512)")
+    q.add_argument("--strict", action="store_true",
+                   help="fail (listing them) when a layer's in_features does not fit --group-size, instead of giving "
+                        "it the largest smaller group that fits (or leaving it float when none does)")
     q.set_defaults(fn=cmd_quantize)
 
     i = sub.add_parser("info", parents=[common], help="what a lowbit checkpoint holds")

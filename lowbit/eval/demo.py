@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,11 +43,11 @@ from lowbit.configs.base import QuantConfig
 from lowbit.eval.autoquant import autoquant
 from lowbit.eval.perplexity import perplexity, tokenize_for_perplexity
 from lowbit.granularity import PerGroup, PerRow
-from lowbit.quantize import quantize_
+from lowbit.quantize import plan_quantization, quantize_
 from lowbit.static import SmoothQuantConfig, StaticQuantConfig, convert, prepare
 from lowbit.tensors import QuantizedTensor
 
-__all__ = ["linear_weight_bytes", "demo_configs", "applicable", "main"]
+__all__ = ["linear_weight_bytes", "demo_configs", "main"]
 
 MODELS = ("smollm2", "glassllm")
 AUTOQUANT_BUDGET = 0.01
@@ -88,24 +89,18 @@ def demo_configs() -> list[QuantConfig | StaticQuantConfig | SmoothQuantConfig]:
     ]
 
 
-def _group(config) -> tuple[int, bool] | None:
-    """(group along in_features, needs an even in_features) for configs that split in_features."""
-    if isinstance(config, (Int4WeightOnlyConfig, Int8DynamicActivationInt4WeightConfig,
-                           Float8DynamicActivationInt4WeightConfig)):
-        return config.group_size, True
-    g = getattr(config, "granularity", None)
-    return (g.group_size, False) if isinstance(g, PerGroup) else None
-
-
-def applicable(model: nn.Module, config) -> QuantConfig | dict:
-    """``config``, or a mapping leaving float the linears whose in_features it can't split."""
-    rule = _group(config)
-    if rule is None:
-        return config
-    group, even = rule
-    skip = [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and (m.in_features % group or (even and m.in_features % 2))]
-    return {**dict.fromkeys(skip), "re:.*": config} if skip else config
+def _note(plan) -> str:
+    """What quantize_ did beyond the config (``lowbit.quantize.plan_quantization``): smaller groups, what stayed float."""
+    parts = []
+    counts: dict[str, int] = {}
+    for step in plan.fallbacks:
+        counts[repr(step.config)] = counts.get(repr(step.config), 0) + 1
+    parts += [f"{n} at {c}" for c, n in counts.items()]
+    if plan.unfit:
+        parts.append(f"{len(plan.unfit)} float (no group fits)")
+    if plan.tied:
+        parts.append(f"{', '.join(plan.tied)} float (tied to the embedding)")
+    return "; ".join(parts)
 
 
 def _progress(iterable, total: int, desc: str):
@@ -150,7 +145,8 @@ def _calibration(ids: torch.Tensor, windows: int, seq_len: int, prefix: tuple[in
     return calib
 
 
-def _quantized(base: nn.Module, config, calib: torch.Tensor, wrap) -> nn.Module:
+def _quantized(base: nn.Module, config, calib: torch.Tensor, wrap) -> tuple[nn.Module, str]:
+    """(a quantized copy of ``base``, the row's note)."""
     model = copy.deepcopy(base)
     if isinstance(config, (StaticQuantConfig, SmoothQuantConfig)):
         prepare(model, config)
@@ -158,8 +154,13 @@ def _quantized(base: nn.Module, config, calib: torch.Tensor, wrap) -> nn.Module:
         with torch.no_grad():
             for batch in calib.split(2):
                 runner(batch)
-        return convert(model)
-    return quantize_(model, applicable(model, config))
+        model = convert(model)
+        kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m.weight, QuantizedTensor)]
+        return model, f"{len(kept)} linear(s) left float" if kept else ""
+    plan = plan_quantization(model, config)
+    with warnings.catch_warnings():  # the note says it
+        warnings.filterwarnings("ignore", message="quantize_: ", category=UserWarning)
+        return quantize_(model, config), _note(plan)
 
 
 def _median_s(fn, reps: int) -> float:
@@ -210,10 +211,9 @@ def run_model(name: str, args) -> dict:
     configs = demo_configs() if not args.quick else demo_configs()[:1] + [StaticQuantConfig(), Int4WeightOnlyConfig(group_size=32)]
     for i, config in enumerate(_progress(configs, len(configs), name), 1):
         t0 = time.perf_counter()
-        m32 = _quantized(base, config, calib, wrap)
-        m16 = _quantized(base_bf16, config, calib, wrap)
-        kept = [n for n, m in m32.named_modules() if isinstance(m, nn.Linear) and not isinstance(m.weight, QuantizedTensor)]
-        rows.append(measure(repr(config), m32, m16, f"{len(kept)} linear(s) left float" if kept else ""))
+        m32, note = _quantized(base, config, calib, wrap)
+        m16, _ = _quantized(base_bf16, config, calib, wrap)
+        rows.append(measure(repr(config), m32, m16, note))
         print(f"  [{i}/{len(configs)}] {config!r}: {time.perf_counter() - t0:.1f} s", flush=True)
         del m32, m16
 

@@ -150,7 +150,7 @@ class GlassLLM(nn.Module):
         self.blocks = nn.ModuleList(_Block(cfg, attention) for _ in range(cfg.n_layers))
         self.norm = _RMSNorm(cfg.d_model, cfg.eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.embed.weight  # tied; quantize_ gives lm_head its own weight
+        self.lm_head.weight = self.embed.weight  # tied: quantize_ keeps it float unless a mapping names lm_head
         # Angles in float64, as glassllm computes them: (max_len, head_dim / 2). The buffers take
         # the model's dtype with .to(dtype) (float32 cos/sin would cap a float64 model at ~1e-7).
         theta = cfg.rope_base ** (-2.0 * torch.arange(cfg.head_dim // 2, dtype=torch.float64) / cfg.head_dim)

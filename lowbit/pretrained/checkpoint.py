@@ -24,8 +24,8 @@ from lowbit.serialization import (
     file_header,
     flatten_tensor,
     read_state,
+    tensor_identity,
 )
-from lowbit.tensors.base import QuantizedTensor
 
 __all__ = ["save_pretrained", "from_pretrained", "checkpoint_info", "is_lowbit_checkpoint", "summarize_configs",
            "DEFAULT_MAX_SHARD_BYTES"]
@@ -249,14 +249,15 @@ def _write_config(out: Path, config_dict: dict, dtype: torch.dtype, shards: list
 
 
 def _state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, str | None]]:
-    """``(key, tensor, alias_of)`` for the model's state; a tied float tensor is an alias of its first key."""
+    """``(key, tensor, alias_of)`` for the model's state; a tied tensor (float, or quantized once for
+    several modules) is an alias of its first key."""
     seen: dict[tuple, str] = {}
     for key, t in model.state_dict().items():
-        if not isinstance(t, QuantizedTensor) and t.numel():
-            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-            if ident in seen:
-                yield key, t, seen[ident]
-                continue
+        ident = tensor_identity(t)
+        if ident is not None and ident in seen:
+            yield key, t, seen[ident]
+            continue
+        if ident is not None:
             seen[ident] = key
         yield key, t, None
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import shutil
 import time
+import warnings
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -30,8 +30,8 @@ from lowbit.pretrained.checkpoint import (
     _write_config,
     summarize_configs,
 )
-from lowbit.quantize import ConfigMapping, _resolve, check_config
-from lowbit.serialization import flatten_tensor
+from lowbit.quantize.plan import ConfigMapping, check_config, plan_quantization
+from lowbit.serialization import encode_config, flatten_tensor
 
 __all__ = ["quantize_pretrained", "QuantizeSummary"]
 
@@ -43,14 +43,18 @@ class QuantizeSummary:
     """What :func:`quantize_pretrained` did."""
 
     out_dir: Path
-    configs: dict[str, str]  # module name -> repr of its config
+    configs: dict[str, str]  # module name -> repr of the config it got (a smaller group where it had to)
     skipped: list[str]  # linear modules left float by skip / the mapping
-    source_bytes: int  # float tensors read
-    output_bytes: int  # tensors written
+    source_bytes: int  # float tensors read (a tied tensor once)
+    output_bytes: int  # tensors written (a tied tensor once)
     shards: list[str]
     seconds: float  # the whole call, reading and writing included
     quantize_seconds: float  # inside the config handlers only
     dtype: str
+    fallback: dict[str, str] = dataclasses.field(default_factory=dict)  # module -> "asked -> got" (smaller group)
+    left_float: dict[str, str] = dataclasses.field(default_factory=dict)  # module or parameter -> why it stays float
+    quantized_bytes: int = 0  # of output_bytes, the quantized tensors' (data, scales, zero points)
+    message: str = ""  # the one summary line (also warned when something fell back or stayed float)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -81,32 +85,14 @@ def _read_tensor(path: Path, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
-def _selection(config, skip) -> tuple[Callable[[str], QuantConfig | None], list[str]]:
-    """``(choose, names)``: ``choose(fqn)`` is the config for a module (None: left float; skip wins over
-    ``config``), ``names`` the exact module names given (checked to exist)."""
+def _skip_list(skip) -> list[str]:
     if isinstance(skip, str):
         skip = [skip]
     skip = list(skip or [])
     for s in skip:
         if not isinstance(s, str):
             raise TypeError(f"skip entries must be module names or 're:<regex>' strings, got {s!r}")
-        if s.startswith("re:"):
-            try:
-                re.compile(s[3:])
-            except re.error as e:
-                raise ValueError(f"skip {s!r} is not a valid regex: {e}") from None
-    skip_map = {s: None for s in skip}
-    check_config(config)
-
-    def choose(fqn: str) -> QuantConfig | None:
-        if _resolve(skip_map, fqn)[0]:
-            return None
-        if isinstance(config, Mapping):
-            return _resolve(config, fqn)[1]
-        return config
-
-    names = [k for k in [*skip_map, *(config if isinstance(config, Mapping) else [])] if not k.startswith("re:")]
-    return choose, names
+    return skip
 
 
 def quantize_pretrained(
@@ -120,6 +106,7 @@ def quantize_pretrained(
     overwrite: bool = False,
     progress: bool | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    strict: bool = False,
 ) -> QuantizeSummary:
     """Quantize a transformers safetensors checkpoint on disk into a lowbit checkpoint, streaming.
 
@@ -129,6 +116,13 @@ def quantize_pretrained(
     (norms, embeddings, biases), and appended to the output shard, which is written and freed when
     it reaches ``max_shard_bytes``. Peak memory: about one tensor of float weights, its quantized
     copy and one output shard. The result equals ``quantize_`` on the loaded model (tested).
+
+    The policy is ``quantize_``'s, decided and checked on the skeleton before the first byte is
+    written: a group that does not divide a layer falls back to a smaller one (``strict``
+    raises instead); a tied weight (an output head sharing the embedding's) stays float unless
+    a mapping names the head, and is then quantized once and stored once for both; a tied tensor
+    is read once. What differs from "every linear got its config" is warned in one line
+    (``QuantizeSummary.message``).
 
     Args:
         model_dir: a transformers model directory (config.json + model.safetensors or an index).
@@ -141,6 +135,8 @@ def quantize_pretrained(
         overwrite: replace a checkpoint already in ``out_dir``.
         progress: a tqdm bar on stderr (None: only on a terminal).
         filter_fn: ``fn(module, fqn) -> bool`` selecting modules (default every ``nn.Linear``).
+        strict: raise (listing every such module) instead of falling back to a smaller group or
+            leaving a layer no group fits float.
 
     Returns:
         A :class:`QuantizeSummary`.
@@ -148,14 +144,16 @@ def quantize_pretrained(
     Raises:
         FileNotFoundError: missing directory, config.json or safetensors weights.
         ValueError: already a lowbit checkpoint; no linear selected; checkpoint keys that do not
-            match the model transformers builds from its config; a shape a config can't split.
+            match the model transformers builds from its config; any error ``quantize_`` raises
+            before changing a model (all before anything is written).
     """
     t0 = time.perf_counter()
     src = _model_dir(model_dir)
     config_dict = _read_json(src / "config.json", "model")
     if "lowbit" in config_dict:
         raise ValueError(f"{src} is already a lowbit checkpoint; quantize its float source instead")
-    choose, exact_names = _selection(config, skip)
+    skip = _skip_list(skip)
+    check_config(config)
     _check_shard_bytes(max_shard_bytes)
     dtype = _resolve_dtype(dtype, config_dict)
     files = _source_files(src)
@@ -164,6 +162,20 @@ def quantize_pretrained(
     skeleton = _build(hf_config, dtype, "meta")
     filter_fn = filter_fn or (lambda m, fqn: isinstance(m, nn.Linear))
 
+    if not any(filter_fn(m, fqn) for fqn, m in skeleton.named_modules()):
+        others = sorted({type(m).__name__ for m in skeleton.modules()
+                         if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+                         and not isinstance(m, nn.Embedding)})
+        hint = f"; its 2-D weights are in {', '.join(others)} modules, which lowbit does not quantize" if others else ""
+        raise ValueError(f"{src}: model type {hf_config.model_type!r} ({type(skeleton).__name__}) has no nn.Linear "
+                         f"modules to quantize{hint}")
+    # the same decisions quantize_ makes on the loaded model, all checked before anything is written
+    plan = plan_quantization(skeleton, config, filter_fn, strict=strict, skip=skip)
+    if not plan.steps:
+        if plan.skipped and not plan.unfit and not plan.tied:
+            raise ValueError(f"{src}: every linear is skipped ({len(plan.skipped)} matched skip / None): nothing to quantize")
+        raise ValueError(f"{src}: nothing to quantize: {plan.describe()}")
+
     # which state keys are the same tensor (tied), and which come from which checkpoint key
     params = dict(skeleton.named_parameters(remove_duplicate=False))
     canonical: dict[int, str] = {}
@@ -171,30 +183,6 @@ def quantize_pretrained(
         if key in files:
             canonical.setdefault(id(p), key)
     state_keys = list(skeleton.state_dict().keys())
-    linears: dict[str, tuple[nn.Module, QuantConfig]] = {}
-    skipped: list[str] = []
-    any_linear = False
-    for fqn, module in skeleton.named_modules():
-        if not filter_fn(module, fqn):
-            continue
-        any_linear = True
-        chosen = choose(fqn)
-        if chosen is not None:
-            linears[fqn] = (module, chosen)
-        else:
-            skipped.append(fqn)
-    if not any_linear:
-        others = sorted({type(m).__name__ for m in skeleton.modules()
-                         if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
-                         and not isinstance(m, nn.Embedding)})
-        hint = f"; its 2-D weights are in {', '.join(others)} modules, which lowbit does not quantize" if others else ""
-        raise ValueError(f"{src}: model type {hf_config.model_type!r} ({type(skeleton).__name__}) has no nn.Linear "
-                         f"modules to quantize{hint}")
-    if not linears:
-        raise ValueError(f"{src}: every linear is skipped ({len(skipped)} matched skip / None): nothing to quantize")
-    unknown = [k for k in exact_names if k not in dict(skeleton.named_modules())]
-    if unknown:
-        raise ValueError(f"config mapping / skip names modules that do not exist: {unknown}")
 
     def source_key(key: str) -> str:
         if key in files:
@@ -205,22 +193,22 @@ def quantize_pretrained(
         raise ValueError(f"{src}: the model transformers builds from config.json has tensor {key!r}, which the "
                          f"checkpoint lacks (checkpoint keys look like {sorted(files)[:3]}...)")
 
-    weight_keys = {f"{fqn}.weight": fqn for fqn in linears}
-    plan = [(k, source_key(k)) for k in state_keys]
-    extra = sorted(set(files) - {s for _, s in plan})
+    steps = {id(s.module.weight): s for s in plan.steps}  # a quantized weight's tensor -> its step
+    plan_keys = [(k, source_key(k), steps.get(id(params[k])) if k in params else None) for k in state_keys]
+    extra = sorted(set(files) - {s for _, s, _ in plan_keys})
     if extra:
         raise ValueError(f"{src}: checkpoint tensors {extra[:5]}{'...' if len(extra) > 5 else ''} have no place in "
                          f"the {type(skeleton).__name__} transformers builds from its config.json")
 
     out = _prepare_out_dir(out_dir, src, overwrite)
     writer = _ShardWriter(out, max_shard_bytes)
-    written: dict[str, str] = {}  # source key -> first output key that holds it as a plain tensor
-    source_bytes, quant_s, trimmed_at = 0, 0.0, 0
-    bar = _progress(len(plan), progress, f"quantizing {src.name}")
+    written: dict[str, str] = {}  # source key -> the output key that holds it (tied keys alias it: read once)
+    source_bytes = quant_bytes = trimmed_at = 0
+    quant_s = 0.0
+    bar = _progress(len(plan_keys), progress, f"quantizing {src.name}")
     try:
-        for key, skey in plan:
-            fqn = weight_keys.get(key)
-            if fqn is None and skey in written:  # a tied float tensor: store once
+        for key, skey, step in plan_keys:
+            if skey in written:  # a tied tensor (float, or quantized once for all its users): store once
                 writer.alias(key, written[skey])
                 bar.update(1)
                 continue
@@ -228,19 +216,21 @@ def quantize_pretrained(
             source_bytes += t.numel() * t.element_size()
             if t.is_floating_point():
                 t = t.to(dtype)
-            if fqn is None:
+            if step is None:
                 plain, _ = flatten_tensor(key, t)
                 writer.add(plain)
-                written.setdefault(skey, key)
             else:
-                module, chosen = linears[fqn]
-                tmp = _linear_like(module, t)
+                tmp = _linear_like(step.module, t)
                 tq = time.perf_counter()
-                get_handler(chosen)(tmp, chosen, fqn)
+                get_handler(step.config)(tmp, step.config, step.fqn)
                 quant_s += time.perf_counter() - tq
                 plain, entry = flatten_tensor(key, tmp.weight.data if isinstance(tmp.weight, nn.Parameter) else tmp.weight)
-                writer.add(plain, (key, entry) if entry is not None else None, (fqn, tmp.lowbit_config))
+                writer.add(plain, (key, entry) if entry is not None else None, (step.fqn, tmp.lowbit_config))
+                for fqn, _ in step.shares:  # the modules sharing the weight get it (and its config) too
+                    writer.modules[fqn] = encode_config(tmp.lowbit_config)
+                quant_bytes += sum(x.numel() * x.element_size() for x in plain.values()) if entry is not None else 0
                 del tmp
+            written[skey] = key
             del t
             if source_bytes - trimmed_at > 64 * 2**20:
                 _release_freed_memory()
@@ -251,19 +241,28 @@ def quantize_pretrained(
         bar.close()
         for part in out.glob(".lowbit-part-*.safetensors"):
             part.unlink()
-    configs = {fqn: repr(c) for fqn, (_, c) in linears.items()}
+    configs = {s.fqn: repr(s.config) for s in plan.steps}
+    configs.update({fqn: repr(s.config) for s in plan.steps for fqn, _ in s.shares})
     quantization = {
         "by": "quantize_pretrained",
         "source": str(src),
-        "skip": list(skip) if isinstance(skip, (list, tuple)) else ([skip] if skip else []),
+        "skip": skip,
         "modules": summarize_configs(configs),
     }
     _write_config(out, config_dict, dtype, shards, quantization)
     for f in src.iterdir():
         if f.is_file() and not _NOT_COPIED.fullmatch(f.name):
             shutil.copy2(f, out / f.name)
-    return QuantizeSummary(out, configs, skipped, source_bytes, writer.total_bytes, shards,
-                           time.perf_counter() - t0, quant_s, _dtype_name(dtype))
+    message = "quantize_pretrained: " + plan.describe(
+        before=(source_bytes, 0), after=(writer.total_bytes - quant_bytes, quant_bytes))
+    if plan.notable:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    left_float = {**plan.unfit, **{k: f"tied to {', '.join(v)}" for k, v in plan.tied.items()},
+                  **{k: f"{len(v)}-D parameter outside nn.Linear" for k, v in plan.unhandled.items()}}
+    return QuantizeSummary(out, configs, plan.skipped, source_bytes, writer.total_bytes, shards,
+                           time.perf_counter() - t0, quant_s, _dtype_name(dtype),
+                           fallback={s.fqn: f"{s.asked!r} -> {s.config!r}" for s in plan.fallbacks},
+                           left_float=left_float, quantized_bytes=quant_bytes, message=message)
 
 
 def _linear_like(module: nn.Module, weight: torch.Tensor) -> nn.Module:

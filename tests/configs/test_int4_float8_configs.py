@@ -100,13 +100,22 @@ def test_config_validation(build, match):
         build()
 
 
-def test_in_features_not_divisible_names_the_module():
+def test_in_features_not_divisible_falls_back_or_raises_strict():
     m = nn.Sequential(nn.Linear(256, 96), nn.Linear(96, 8))
-    with pytest.raises(ValueError, match=r"module '1' weight \(8, 96\): the last dim 96 .* group_size=128"):
+    with pytest.raises(ValueError, match=r"strict=True: 1 module\(s\).*'1': Int4WeightOnlyConfig\(\) would fall back to "
+                       r"Int4WeightOnlyConfig\(group_size=32\)"):
+        quantize_(m, Int4WeightOnlyConfig(), strict=True)
+    assert type(m[0].weight) is nn.Parameter  # nothing changed
+    with pytest.warns(UserWarning, match=r"1 got a smaller group size .*Int4WeightOnlyConfig\(group_size=32\) x 1"):
         quantize_(m, Int4WeightOnlyConfig())
+    assert m[0].weight.group_size == 128 and m[1].weight.group_size == 32
+    assert "quant=Int4WeightOnlyConfig(group_size=32)" in repr(m[1])
     m = nn.Sequential(nn.Linear(33, 8))
-    with pytest.raises(ValueError, match="must be even"):
+    with pytest.raises(ValueError, match=r"'0'.*in_features 33 is not divisible by group_size=32"):
+        quantize_(m, Int4WeightOnlyConfig(group_size=32), strict=True)
+    with pytest.warns(UserWarning, match=r"0 module\(s\) quantized.*left float: 1 that no allowed group fits \(0;"):
         quantize_(m, Int4WeightOnlyConfig(group_size=32))
+    assert type(m[0].weight) is nn.Parameter
 
 
 def test_mixed_mapping_of_families():

@@ -127,8 +127,9 @@ def test_static_config_accepts_tensor_scale():
 
 def test_quantize_errors():
     m = _model()
-    with pytest.raises(ValueError, match=r"module '0'.*PerGroup\(group_size=48\)"):
-        quantize_(m, Int8WeightOnlyConfig(PerGroup(48)))
+    with pytest.raises(ValueError, match=r"'0'.*in_features 64 is not divisible by PerGroup group_size=48 nor by a "
+                       r"smaller allowed PerGroup group_size \[24\]"):
+        quantize_(m, Int8WeightOnlyConfig(PerGroup(48)), strict=True)
     with pytest.raises(ValueError, match="do not exist: \\['nope'\\]"):
         quantize_(_model(), {"nope": Int8WeightOnlyConfig()})
     with pytest.raises(TypeError, match="config must be a lowbit config"):

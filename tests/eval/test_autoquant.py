@@ -70,7 +70,8 @@ def test_mapping_measures_within_budget_and_smaller_than_all_int8(glass, int4_in
     q, ppl = _measure(model, result, choose)  # the result is the mapping quantize_ takes
     assert ppl <= float_ppl * (1 + BUDGET)
     assert ppl == pytest.approx(result.metric, rel=1e-12) and result.float_metric == pytest.approx(float_ppl, rel=1e-12)
-    int8_bytes = linear_weight_bytes(quantize_(copy.deepcopy(model), INT8))
+    # every linear named (a bare config would keep the tied head float)
+    int8_bytes = linear_weight_bytes(quantize_(copy.deepcopy(model), dict.fromkeys(result, INT8)))
     assert linear_weight_bytes(q) == result.weight_bytes < int8_bytes == result.int8_bytes
     assert result.within_budget and result.holdout_metric is not None
     assert result.holdout_float_metric == pytest.approx(perplexity(model, holdout, SEQ_LEN), rel=1e-12)

@@ -114,6 +114,8 @@ def test_perplexity_on_real_text(fp32_ppl):
 )
 def test_int8_perplexity_close_to_fp32(model, token_ids, fp32_ppl, config):
     q = quantize_(copy.deepcopy(model), config)
-    assert all(isinstance(m.weight, Int8Tensor) for m in q.modules() if isinstance(m, nn.Linear))
+    # every linear but the head, which is tied to the embedding and stays float (quantize_'s default)
+    assert all(isinstance(m.weight, Int8Tensor) != (m.weight is q.embed.weight)
+               for m in q.modules() if isinstance(m, nn.Linear))
     ppl = perplexity(q, token_ids, SEQ_LEN, WINDOWS)
     assert abs(ppl / fp32_ppl - 1) < INT8_PPL_REL_BOUND, f"int8 {ppl:.3f} vs fp32 {fp32_ppl:.3f}"

@@ -20,12 +20,13 @@ def tiny_llama_config(tie: bool = True, **overrides):
     return transformers.LlamaConfig(**kw)
 
 
-def write_tiny_llama(path: Path, tie: bool = True, seed: int = 0, dtype=torch.float32, max_shard_size=None):
-    """A random-weight LlamaForCausalLM saved with transformers' own save_pretrained (safetensors)."""
+def write_tiny_llama(path: Path, tie: bool = True, seed: int = 0, dtype=torch.float32, max_shard_size=None, **overrides):
+    """A random-weight LlamaForCausalLM saved with transformers' own save_pretrained (safetensors);
+    ``overrides`` change ``tiny_llama_config``'s fields."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(tiny_llama_config(tie)).to(dtype).eval()
+    model = transformers.LlamaForCausalLM(tiny_llama_config(tie, **overrides)).to(dtype).eval()
     with torch.no_grad():  # transformers' init gives tiny weights: make the logits informative
         for p in model.parameters():
             if p.dim() == 2:

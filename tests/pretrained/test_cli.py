@@ -48,13 +48,14 @@ def test_quantize_info_eval_reload_end_to_end(tmp_path, capsys, glassllm_dir):
     out_dir = tmp_path / "g8"
     code, out, err = run(capsys, "quantize", glassllm_dir, "--config", "int8wo", "--out", out_dir)
     assert code == EXIT_OK, err
-    assert "quantized 29 linears (29 x Int8WeightOnlyConfig())" in out
+    assert "quantized 28 modules (28 x Int8WeightOnlyConfig())" in out  # the tied lm_head stays float
+    assert "left float: 1 tied weight(s), kept float and tied (lm_head = model.embed_tokens" in out
     assert f"lowbit: quantizing {glassllm_dir}" in err and f"lowbit: wrote {out_dir}" in err  # progress on stderr
 
     info = run_json(capsys, "info", out_dir)
-    assert info["configs"] == {"Int8WeightOnlyConfig()": 29} and info["format_version"] == FORMAT_VERSION
+    assert info["configs"] == {"Int8WeightOnlyConfig()": 28} and info["format_version"] == FORMAT_VERSION
     code, out, _ = run(capsys, "info", out_dir, "--modules")
-    assert "| Int8WeightOnlyConfig() |        29 |" in out and "model.layers.3.mlp.down_proj" in out
+    assert "| Int8WeightOnlyConfig() |        28 |" in out and "model.layers.3.mlp.down_proj" in out
 
     text = ["--text", "builtin:pydoc", "--seq-len", "64", "--max-windows", "8"]
     ref = run_json(capsys, "eval", glassllm_dir, *text)
@@ -159,8 +160,8 @@ def test_config_names_match_the_python_api():
         (["quantize", "{src}", "--config", "Int8StaticActivationInt8WeightConfig", "--out", "{tmp}/o"],
          "needs activation scales from calibration"),
         (["quantize", "{src}", "--config", "int4", "--group-size", "48", "--out", "{tmp}/o"], "group_size=48"),
-        (["quantize", "{src}", "--config", "int4", "--out", "{tmp}/o"],
-         "module 'model.layers.0.mlp.down_proj' weight (128, 341): Int4Tensor packs two values per byte"),
+        (["quantize", "{src}", "--config", "int4", "--strict", "--out", "{tmp}/o"],
+         "strict=True: 4 module(s) can't take their config as given: 'model.layers.0.mlp.down_proj', "),
         (["quantize", "{src}", "--config", "8da4w", "--granularity", "per-row", "--out", "{tmp}/o"],
          "--granularity does not apply to Int8DynamicActivationInt4WeightConfig"),
         (["quantize", "{src}", "--config", "int8wo", "--skip", "re:(", "--out", "{tmp}/o"], "not a valid regex"),

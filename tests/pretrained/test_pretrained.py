@@ -19,6 +19,7 @@ from lowbit import (
     PerGroup,
     quantize_,
 )
+from lowbit.quantize import state_bytes
 from lowbit.pretrained import checkpoint_info, from_pretrained, is_lowbit_checkpoint, quantize_pretrained, save_pretrained
 from lowbit.serialization import FORMAT_VERSION
 from lowbit.tensors.base import QuantizedTensor
@@ -56,14 +57,89 @@ def test_streaming_equals_quantize_in_memory(tmp_path, hf, tie, config):
     ref = quantize_(_load_float(tmp_path / "src"), config)
     ids = _ids()
     assert torch.equal(_logits(streamed, ids), _logits(ref, ids))
-    assert len(summary.configs) == 2 * 7 + 1 and not summary.skipped
-    for name, m in ref.named_modules():
-        if hasattr(m, "lowbit_config"):
-            got = streamed.get_submodule(name)
-            assert got.lowbit_config == m.lowbit_config
-            assert torch.equal(got.weight.dequantize(), m.weight.dequantize())
-    # the embedding stays float and separate from the quantized head
+    _assert_same_quantized_modules(streamed, ref)
+    # a tied head stays float by default, tied to the float embedding (one tensor, read and written once)
+    assert len(summary.configs) == (2 * 7 if tie else 2 * 7 + 1) and not summary.skipped
+    assert summary.left_float == ({"lm_head": "tied to model.embed_tokens"} if tie else {})
     assert not isinstance(streamed.model.embed_tokens.weight, QuantizedTensor)
+    assert (streamed.lm_head.weight is streamed.model.embed_tokens.weight) == tie
+    if tie:
+        assert "1 tied weight(s), kept float and tied (lm_head = model.embed_tokens" in summary.message
+        assert summary.source_bytes == sum(p.numel() * 4 for p in _load_float(tmp_path / "src").parameters())
+
+
+def _assert_same_quantized_modules(got_model, ref_model):
+    """The same modules carry the same configs and bit-identical quantized weights in both models."""
+    configs = {n: m.lowbit_config for n, m in ref_model.named_modules() if hasattr(m, "lowbit_config")}
+    assert configs == {n: m.lowbit_config for n, m in got_model.named_modules() if hasattr(m, "lowbit_config")}
+    for name in configs:
+        got, ref = got_model.get_submodule(name).weight, ref_model.get_submodule(name).weight
+        assert type(got) is type(ref) and torch.equal(got.dequantize(), ref.dequantize()), name
+        names, _ = ref.__tensor_flatten__()
+        assert all(torch.equal(getattr(got, n), getattr(ref, n)) for n in names), name
+
+
+def test_streaming_tied_head_named_is_quantized_once_for_both(tmp_path, hf):
+    """A mapping naming the tied head: one quantized tensor, read once, written once, shared by the embedding on
+    load; equal to quantize_ in memory bit for bit."""
+    hf.write_tiny_llama(tmp_path / "src", tie=True)
+    config = {"lm_head": Int4WeightOnlyConfig(group_size=32), "re:.*": Int8WeightOnlyConfig()}
+    summary = quantize_pretrained(tmp_path / "src", tmp_path / "q", config, progress=False)
+    ref = quantize_(_load_float(tmp_path / "src"), config)
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight
+    streamed = from_pretrained(tmp_path / "q")
+    assert streamed.lm_head.weight is streamed.model.embed_tokens.weight  # the tie is restored: one tensor
+    assert isinstance(streamed.lm_head.weight, QuantizedTensor)
+    assert repr(streamed.model.embed_tokens.lowbit_config) == "Int4WeightOnlyConfig(group_size=32)"
+    ids = _ids()
+    assert torch.equal(_logits(streamed, ids), _logits(ref, ids))
+    _assert_same_quantized_modules(streamed, ref)
+    float_bytes = sum(p.numel() * 4 for p in _load_float(tmp_path / "src").parameters())
+    assert summary.source_bytes == float_bytes  # the tied tensor was read once
+    info = checkpoint_info(tmp_path / "q")
+    head = ref.lm_head.weight
+    # the quantized bytes on disk are the in-memory model's, where the shared tensor counts once
+    assert summary.quantized_bytes == info["quantized_bytes"] == state_bytes(ref)[1]
+    assert "model.embed_tokens.weight" not in {k for k in _stored_keys(tmp_path / "q") if ":" not in k}
+    assert sum(k.startswith(("lm_head.weight:", "model.embed_tokens.weight:")) for k in _stored_keys(tmp_path / "q")) \
+        == len(head.__tensor_flatten__()[0])  # stored once
+    # save_pretrained of the in-memory model stores it once too, and loads back tied
+    save_pretrained(ref, tmp_path / "saved")
+    again = from_pretrained(tmp_path / "saved")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert torch.equal(_logits(again, ids), _logits(ref, ids))
+
+
+def _stored_keys(out_dir):
+    from safetensors import safe_open
+
+    keys = []
+    for f in sorted(out_dir.glob("lowbit-*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            keys += list(sf.keys())
+    return keys
+
+
+def test_streaming_group_fallback_and_strict(tmp_path, hf):
+    """hidden 96: q/k/v/gate/up/lm_head (96 inputs) can't take groups of 64 and get 32, as in quantize_; strict raises
+    before anything is written."""
+    hf.write_tiny_llama(tmp_path / "src", tie=False, hidden_size=96)
+    config = Int4WeightOnlyConfig(group_size=64)
+    with pytest.raises(ValueError, match=r"strict=True: 11 module\(s\).*'model.layers.0.self_attn.q_proj'.*"
+                       r"Int4WeightOnlyConfig\(group_size=64\) would fall back to Int4WeightOnlyConfig\(group_size=32\)"):
+        quantize_pretrained(tmp_path / "src", tmp_path / "q", config, strict=True, progress=False)
+    assert not (tmp_path / "q").exists()
+    with pytest.warns(UserWarning, match=r"quantize_pretrained: 15 module\(s\) quantized; 11 got a smaller group size"):
+        summary = quantize_pretrained(tmp_path / "src", tmp_path / "q", config, progress=False)
+    assert len(summary.fallback) == 11
+    assert summary.fallback["model.layers.1.mlp.up_proj"] == \
+        "Int4WeightOnlyConfig(group_size=64) -> Int4WeightOnlyConfig(group_size=32)"
+    assert summary.configs["model.layers.1.mlp.down_proj"] == "Int4WeightOnlyConfig(group_size=64)"
+    with pytest.warns(UserWarning, match="11 got a smaller group size"):
+        ref = quantize_(_load_float(tmp_path / "src"), config)
+    streamed = from_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(streamed, _ids()), _logits(ref, _ids()))
+    _assert_same_quantized_modules(streamed, ref)
 
 
 def test_skip_keeps_tied_head_float_and_tied(tmp_path, hf):
