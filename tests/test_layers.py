@@ -21,6 +21,7 @@ LAYERS = [
     "quantize",
     "static",
     "qat",
+    "algorithms",
     "serialization",
     "pretrained",
     "eval",

@@ -1,0 +1,22 @@
+"""Accurate low-bit weights: GPTQ (calibration data, one decoder block at a time) and HQQ
+(calibration-free qparams), both writing the very tensors ``quantize_`` makes for a config."""
+
+from lowbit.algorithms.calibration import calibration_batches
+from lowbit.algorithms.gptq import GPTQResult, Hessian, gptq_quantize, output_sqnr
+from lowbit.algorithms.gptq_model import GPTQLayer, GPTQReport, gptq
+from lowbit.algorithms.hqq import HQQResult, hqq_optimize, hqq_qparams, quantize_hqq_
+
+__all__ = [
+    "calibration_batches",
+    "gptq",
+    "GPTQReport",
+    "GPTQLayer",
+    "gptq_quantize",
+    "GPTQResult",
+    "Hessian",
+    "output_sqnr",
+    "hqq_qparams",
+    "hqq_optimize",
+    "HQQResult",
+    "quantize_hqq_",
+]

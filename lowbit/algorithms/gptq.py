@@ -1,0 +1,263 @@
+"""GPTQ for one weight (Frantar et al. 2022): columns quantized in order, each one's rounding
+error fed back into the columns not yet quantized through the inverse Hessian of the layer's
+inputs, so that ``X W^T`` changes as little as the grid allows.
+
+For a linear ``y = x W^T`` (W: (N, K)) seen on calibration inputs X (n, K), the Hessian of the
+output error is ``H = 2 X^T X / n`` (:class:`Hessian`, accumulated in float32). With
+``U = chol(H_damped^-1)`` (upper), quantizing column j to ``q_j`` sets
+``err = (w_j - q_j) / U[j, j]`` and updates ``W[:, j+1:] -= err U[j, j+1:]``: the optimal brain
+surgeon update with H's inverse restricted to the columns left, all rows at once. Columns go in
+blocks of ``block_size`` ("lazy batch"): updates inside a block are applied column by column,
+those to later columns once per block, which is the same arithmetic regrouped.
+
+Every code is made by the primitives with the config's spec: a group's qparams are
+``choose_qparams_affine`` on the group's columns as updated so far, each column is
+``quantize_affine`` / ``dequantize_affine``'d with its group's qparams. The solver runs in
+float64 (the primitives compute in float32 as always), so blocking changes no code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, quantize_affine
+from lowbit.spec import QuantSpec
+
+__all__ = ["Hessian", "GPTQResult", "gptq_quantize", "check_options", "damped_inverse_cholesky", "output_sqnr"]
+
+_log = logging.getLogger("lowbit")
+
+DAMP_FACTOR = 10.0  # damping is multiplied by this when the factorization fails
+MIN_RETRY_DAMP = 1e-4  # the first retry from damp=0 uses this
+
+
+class Hessian:
+    """``2 X^T X / n`` of a linear's inputs, accumulated in float32 over calibration batches.
+
+    Args:
+        in_features: K, the inputs' last dim.
+        device: where the (K, K) sum lives.
+
+    Example:
+        >>> h = Hessian(64); h.add(x); H = h.value()
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x`` (any leading dims, last dim K): ``sum += X^T X`` in float32."""
+        k = self.sum.shape[0]
+        if x.shape[-1] != k:
+            raise ValueError(f"x has last dim {x.shape[-1]}, the Hessian is over {k} features")
+        x2 = x.reshape(-1, k).to(self.sum.dtype)
+        self.add_product(x2.t() @ x2, x2.shape[0])
+
+    def add_product(self, xtx: torch.Tensor, rows: int) -> None:
+        """Add an already computed ``X^T X`` (float32, (K, K)) of ``rows`` rows (shared inputs)."""
+        self.sum += xtx
+        self.count += rows
+
+    def value(self) -> torch.Tensor:
+        """``2 X^T X / n`` in float32.
+
+        Raises:
+            ValueError: no rows were added, or the sum holds NaN or inf.
+        """
+        if self.count == 0:
+            raise ValueError("the Hessian has seen no inputs: no calibration batch reached this linear")
+        if not bool(torch.isfinite(self.sum).all()):
+            raise ValueError("the Hessian holds NaN or inf: a calibration input was not finite")
+        return self.sum * (2.0 / self.count)
+
+
+@dataclass
+class GPTQResult:
+    """One weight's GPTQ codes, qparams and what they stand for, in the canonical column order.
+
+    Attributes:
+        qdata: (N, K) codes in ``spec.dtype.storage`` (unpacked).
+        scale, zero_point: the qparams, shaped as ``choose_qparams_affine(weight, spec)``'s.
+        dequantized: (N, K) float32, ``dequantize_affine`` of each column as the solver made it.
+        damp: the damping used, relative to the mean of H's diagonal.
+        tries: factorizations tried (1: the first damping worked).
+    """
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    dequantized: torch.Tensor
+    damp: float
+    tries: int
+
+
+def damped_inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of ``(H + d * mean(diag H) * I)^-1``, raising ``d`` on failure.
+
+    ``d`` starts at ``damp`` and is multiplied by ``DAMP_FACTOR`` (from ``MIN_RETRY_DAMP`` when it
+    was 0) each time a factorization fails, at most ``retries`` times.
+
+    Returns:
+        ``(U, d, tries)``.
+
+    Raises:
+        ValueError: every damping failed (the message lists them).
+    """
+    mean_diag = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    d, tried = damp, []
+    for attempt in range(retries + 1):
+        tried.append(d)
+        lower, info = torch.linalg.cholesky_ex(h + (d * mean_diag) * eye)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, d, attempt + 1
+        d = max(d * DAMP_FACTOR, MIN_RETRY_DAMP)
+    raise ValueError(f"the damped Hessian is not positive definite with damp={tried} x mean(diag H) "
+                     f"({mean_diag:.3g}); more calibration data or a larger damp is needed")
+
+
+def check_options(block_size: int, damp: float, act_order: bool, damp_retries: int) -> None:
+    """Raise ValueError naming the first bad GPTQ option."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be a positive int")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < float("inf"):
+        raise ValueError(f"damp={damp!r} must be a finite float >= 0")
+    if not isinstance(act_order, bool):
+        raise ValueError(f"act_order={act_order!r} must be a bool")
+    if isinstance(damp_retries, bool) or not isinstance(damp_retries, int) or damp_retries < 0:
+        raise ValueError(f"damp_retries={damp_retries!r} must be an int >= 0")
+
+
+def _check(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> tuple[int, int]:
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D floating tensor (out, in), got {_describe(weight)}")
+    n, k = weight.shape
+    if not isinstance(hessian, torch.Tensor) or hessian.shape != (k, k) or not hessian.is_floating_point():
+        raise ValueError(f"hessian must be a floating ({k}, {k}) tensor for weight {tuple(weight.shape)}, got "
+                         f"{_describe(hessian)}")
+    if not bool(torch.isfinite(weight).all()) or not bool(torch.isfinite(hessian).all()):
+        raise ValueError("weight or hessian holds NaN or inf")
+    if not isinstance(spec, QuantSpec) or spec.dtype.is_float:
+        raise ValueError(f"spec must be an integer QuantSpec, got {spec!r}")
+    rows, cols = spec.block_size((n, k))
+    if rows not in (1, n):
+        raise NotImplementedError(f"GPTQ quantizes column by column: a spec whose blocks span {rows} of {n} rows "
+                                  f"({spec.granularity!r}) is not supported (rows must be 1 or all)")
+    return rows, cols
+
+
+def _describe(x) -> str:
+    return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def output_sqnr(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``10 log10(|X W^T|^2 / |X (W - Q)^T|^2)`` in dB, computed from ``H = 2 X^T X / n`` as
+    ``tr(W H W^T) / tr(E H E^T)`` with ``E = W - Q``: the layer's output SQNR on the calibration
+    inputs (``inf`` when ``Q == W`` there)."""
+    h = hessian.double()
+    w = weight.double()
+    e = w - approx.double()
+    signal, noise = float(((w @ h) * w).sum()), float(((e @ h) * e).sum())
+    if noise <= 0:
+        return float("inf")
+    return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    damp_retries: int = 4,
+) -> GPTQResult:
+    """Quantize one weight with GPTQ under ``spec``.
+
+    Groups: with ``act_order=False`` a group's qparams are chosen when its first column comes up,
+    from its columns as updated by the error feedback so far (the lazy block is widened to a
+    multiple of the group width so the group's columns are all up to date then). With
+    ``act_order=True`` columns go in decreasing order of ``diag(H)`` and every group's qparams
+    are chosen first, from the original weight's group ("static groups"): the codes land in
+    the canonical layout, no permutation is stored. Per-row and per-tensor qparams are chosen
+    from the original weight in both cases (no column has been updated at that point).
+
+    A column no calibration input reached (``H[j, j] == 0``) gets ``H[j, j] = 1``: it is
+    rounded to nearest and feeds no error forward; its weight is kept.
+
+    Args:
+        weight: (N, K) float weight (any float dtype; the solver runs in float64).
+        hessian: (K, K) ``2 X^T X / n`` (:class:`Hessian`).
+        spec: the config's ``weight_spec()``: int4/uint4/int8, blocks of 1 or N rows.
+        block_size: columns per lazy block.
+        damp: ``H += damp * mean(diag H) * I``; raised when the factorization fails.
+        act_order: quantize the columns with the largest ``diag(H)`` first (static groups).
+        damp_retries: how many times the damping may be raised (x ``DAMP_FACTOR``).
+
+    Returns:
+        :class:`GPTQResult`.
+
+    Raises:
+        ValueError: bad shapes or arguments, NaN/inf, a Hessian no damping makes positive definite.
+        NotImplementedError: a spec whose blocks span some but not all rows.
+    """
+    check_options(block_size, damp, act_order, damp_retries)
+    _, cols = _check(weight, hessian, spec)
+    n, k = weight.shape
+    w0 = weight.detach().to(torch.float64)
+    h = hessian.detach().to(torch.float64, copy=True)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+
+    grouped = cols < k  # qparams chosen along the way (unless act_order); else once, up front
+    if act_order or not grouped:
+        scale, zp = choose_qparams_affine(w0, spec)
+    else:
+        scale = torch.empty(n if spec.block_size((n, k))[0] == 1 else 1, k // cols, dtype=spec.scale_dtype,
+                            device=w0.device)
+        zp = None if not spec.has_zero_point else torch.empty(scale.shape, dtype=spec.zero_point_dtype,
+                                                               device=w0.device)
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
+    w = w0[:, perm] if act_order else w0.clone()
+    hp = h[perm][:, perm] if act_order else h
+    upper, used, tries = damped_inverse_cholesky(hp, float(damp), damp_retries)
+    if tries > 1:
+        _log.info("GPTQ: damping raised from %g to %g (%d factorizations)", damp, used, tries)
+
+    block = block_size if not grouped or act_order else -(-block_size // cols) * cols
+    codes = torch.empty(n, k, dtype=spec.dtype.storage, device=w0.device)
+    deq = torch.empty(n, k, dtype=torch.float64, device=w0.device)
+    order = perm.tolist() if act_order else range(k)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = order[i1 + i]
+            g = col // cols
+            if grouped and not act_order and col % cols == 0:
+                s_g, z_g = choose_qparams_affine(w1[:, i:i + cols], spec)
+                scale[:, g:g + 1] = s_g
+                if zp is not None:
+                    zp[:, g:g + 1] = z_g
+            s_c = scale[:, g:g + 1]
+            z_c = None if zp is None else zp[:, g:g + 1]
+            q = quantize_affine(w1[:, i:i + 1], s_c, z_c, spec)
+            dq = dequantize_affine(q, s_c, z_c, spec, torch.float64)[:, 0]
+            codes[:, col], deq[:, col] = q[:, 0], dq
+            e = (w1[:, i] - dq) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+
+    return GPTQResult(qdata=codes, scale=scale, zero_point=zp, dequantized=deq.float(), damp=used, tries=tries)

@@ -1,0 +1,282 @@
+"""``gptq(model, config, calibration)``: GPTQ over a whole model, one decoder block at a time.
+
+Per block: its inputs (the quantized previous blocks' outputs) run through it once with hooks
+that accumulate each selected linear's Hessian; each linear is solved (:mod:`lowbit.algorithms.gptq`);
+the codes become the config's own tensor; then the quantized block runs again to make the next
+block's inputs. Linears fed the same input tensor (q/k/v, gate/up) share one ``X^T X`` product
+and, with the same per-row spec, are solved as one stacked weight (rows are independent in
+GPTQ, so the codes are those of separate solves). Selected linears outside the blocks (an
+untied ``lm_head``) are solved last, from one more pass of the whole quantized model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lowbit.algorithms._weights import integer_weight_spec, write_weight
+from lowbit.algorithms.blocks import capture_block_inputs, find_blocks, forward_kwargs, make_batches, run_block
+from lowbit.algorithms.gptq import Hessian, check_options, gptq_quantize, output_sqnr
+from lowbit.configs.base import QuantConfig
+from lowbit.primitives.affine import fake_quantize_affine
+from lowbit.quantize.plan import ConfigMapping, Step, plan_quantization
+
+__all__ = ["gptq", "GPTQReport", "GPTQLayer"]
+
+_log = logging.getLogger("lowbit")
+
+
+@dataclass(frozen=True)
+class GPTQLayer:
+    """One linear's outcome: its damping and output SQNR on the calibration inputs (GPTQ and,
+    for comparison, round-to-nearest with the same spec)."""
+
+    fqn: str
+    config: str
+    shape: tuple[int, int]
+    damp: float  # relative to mean(diag H); the damp asked for unless the factorization failed
+    tries: int  # factorizations tried; > 1 means the damping was raised
+    sqnr_db: float
+    rtn_sqnr_db: float
+
+
+@dataclass
+class GPTQReport:
+    """What ``gptq`` did: every linear it quantized, in order, and the calibration it used."""
+
+    blocks: str  # the name of the blocks' nn.ModuleList
+    samples: int  # calibration sequences
+    tokens: int  # calibration tokens
+    seconds: float
+    summary: str  # quantize_'s plan line: what was quantized, what stayed float and why
+    layers: list[GPTQLayer] = field(default_factory=list)
+
+    @property
+    def raised_damping(self) -> list[GPTQLayer]:
+        """The linears whose damping had to be raised."""
+        return [layer for layer in self.layers if layer.tries > 1]
+
+    def to_table(self) -> str:
+        """A markdown table, one row per linear."""
+        rows = ["| linear | shape | damp | GPTQ SQNR dB | RTN SQNR dB |", "|---|---|---|---|---|"]
+        for r in self.layers:
+            damp = f"{r.damp:g}" + (f" (raised, {r.tries} tries)" if r.tries > 1 else "")
+            rows.append(f"| {r.fqn} | {r.shape[0]}x{r.shape[1]} | {damp} | {r.sqnr_db:.2f} | {r.rtn_sqnr_db:.2f} |")
+        return "\n".join(rows)
+
+
+class _Collector:
+    """Forward pre-hooks accumulating each step's Hessian; an input tensor several linears read
+    (q/k/v) is multiplied out once per batch."""
+
+    def __init__(self, steps: list[Step]):
+        self.hessians = {s.fqn: Hessian(s.module.weight.shape[1], s.module.weight.device) for s in steps}
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._handles = [s.module.register_forward_pre_hook(self._hook(s.fqn), with_kwargs=True) for s in steps]
+
+    def _hook(self, fqn: str):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            hit = self._cache.get(id(x))
+            if hit is None or hit[0] is not x:
+                x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                hit = self._cache[id(x)] = (x, x2.t() @ x2, x2.shape[0])
+            self.hessians[fqn].add_product(hit[1], hit[2])
+
+        return hook
+
+    def next_batch(self) -> None:
+        self._cache.clear()
+
+    def remove(self) -> None:
+        self._cache.clear()
+        for h in self._handles:
+            h.remove()
+
+
+def _solve(steps: list[Step], hessians: dict[str, Hessian], opts: dict) -> list[tuple[Step, dict, GPTQLayer]]:
+    """GPTQ for every step (stacking steps with one spec and one Hessian); nothing is written."""
+    missing = [s.fqn for s in steps if hessians[s.fqn].count == 0]
+    if missing:
+        raise ValueError(f"no calibration input reached {missing}: GPTQ needs their inputs (map them to None to "
+                         "leave them float, or quantize them with quantize_)")
+    groups: list[list[Step]] = []
+    for s in steps:
+        spec = s.config.weight_spec()
+        for g in groups:
+            h0, h1 = hessians[g[0].fqn], hessians[s.fqn]
+            if (g[0].config.weight_spec() == spec and spec.block_size(s.module.weight.shape)[0] == 1
+                    and spec.block_size(g[0].module.weight.shape)[0] == 1 and h0.count == h1.count
+                    and torch.equal(h0.sum, h1.sum)):
+                g.append(s)
+                break
+        else:
+            groups.append([s])
+    out = []
+    for g in groups:
+        spec, h = g[0].config.weight_spec(), hessians[g[0].fqn].value()
+        weights = [s.module.weight.detach() for s in g]
+        res = gptq_quantize(torch.cat(weights) if len(g) > 1 else weights[0], h, spec, **opts)
+        row = 0
+        for s, w in zip(g, weights):
+            rows = slice(row, row + w.shape[0])
+            row += w.shape[0]
+            qp_rows = rows if res.scale.shape[0] > 1 else slice(None)
+            values = {"qdata": res.qdata[rows], "scale": res.scale[qp_rows],
+                      "zero_point": None if res.zero_point is None else res.zero_point[qp_rows]}
+            rtn = fake_quantize_affine(w.float(), spec)
+            layer = GPTQLayer(s.fqn, repr(s.config), tuple(w.shape), res.damp, res.tries,
+                              output_sqnr(w, res.dequantized[rows], h), output_sqnr(w, rtn, h))
+            out.append((s, values, layer))
+    return out
+
+
+def _quantize(steps: list[Step], run: Callable[[Callable[[], None]], None], opts: dict, where: str) -> list[GPTQLayer]:
+    """Hessians from ``run(next_batch)``, then solve every step, then write them all."""
+    collector = _Collector(steps)
+    try:
+        run(collector.next_batch)
+    finally:
+        collector.remove()
+    try:
+        solved = _solve(steps, collector.hessians, opts)
+    except ValueError as e:
+        raise ValueError(f"GPTQ failed in {where} (the blocks before it are quantized, the rest is float): {e}") from e
+    for s, values, _ in solved:
+        write_weight(s.module, s.fqn, s.config, s.shares, **values)
+    return [layer for _, _, layer in solved]
+
+
+def _block_of(fqn: str, prefix: str, n: int) -> int | None:
+    if not fqn.startswith(prefix):
+        return None
+    head = fqn[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() and int(head) < n else None
+
+
+def gptq(
+    model: nn.Module,
+    config: QuantConfig | ConfigMapping,
+    calibration,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    damp_retries: int = 4,
+    batch_size: int = 8,
+    blocks: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> GPTQReport:
+    """Quantize ``model``'s linears in place with GPTQ, into the tensors ``quantize_`` makes.
+
+    Which linear gets which config follows ``quantize_`` exactly (mappings, group-size fallbacks,
+    tied weights left float unless named); every chosen config must have an int4 or int8 weight
+    (``Int4WeightOnlyConfig``, ``Int8DynamicActivationInt4WeightConfig``,
+    ``Int8WeightOnlyConfig``, the int8 activation configs). The result is the same
+    ``Int4Tensor``/``Int8Tensor`` with GPTQ's codes and qparams: it runs on the same kernels,
+    saves and loads as any quantized model.
+
+    Calibration text must differ from the evaluation text (see :func:`calibration_batches`).
+    A damping that had to be raised is logged, warned about once and listed in the report; a
+    Hessian that no damping fixes raises (no linear silently gets round-to-nearest).
+
+    Args:
+        model: a causal LM taking token ids ``(batch, seq_len)``; its decoder blocks must take the
+            same extra arguments (masks, rotary tables) as the first one.
+        config: one config, or a mapping as ``quantize_`` takes.
+        calibration: int64 ``(samples, seq_len)`` (see :func:`calibration_batches`) or a list of
+            2-D token tensors.
+        block_size: columns per lazy block of the solver.
+        damp: damping relative to ``mean(diag H)`` (1%).
+        act_order: quantize columns by decreasing ``diag(H)``, with static groups.
+        damp_retries: times the damping may be raised x10 when a factorization fails.
+        batch_size: calibration rows per forward.
+        blocks: name of the decoder blocks' ``nn.ModuleList`` (found when None).
+        progress: ``progress(done, total)`` after each block.
+
+    Returns:
+        :class:`GPTQReport`.
+
+    Raises:
+        TypeError / ValueError: as ``quantize_`` for the config; bad calibration; blocks not found;
+            a linear no calibration input reaches; a Hessian no damping makes positive definite
+            (blocks already done stay quantized; the message says where it stopped).
+        NotImplementedError: a config whose weight is not int4/int8 by its spec's min/max
+            (float8 weights, the fp8-then-int4 rule).
+
+    Example:
+        >>> calib = calibration_batches(calib_text, tokenizer, n_samples=128, seq_len=256)
+        >>> report = gptq(model, Int4WeightOnlyConfig(group_size=64), calib)
+        >>> print(report.to_table())
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    plan = plan_quantization(model, config)
+    for s in plan.steps:
+        integer_weight_spec(s.config, s.fqn, "GPTQ")
+    name, layers = find_blocks(model, blocks)
+    param = next(model.parameters(), None)
+    batches = make_batches(calibration, batch_size, param.device if param is not None else torch.device("cpu"))
+    opts = dict(block_size=block_size, damp=damp, act_order=act_order, damp_retries=damp_retries)
+    check_options(**opts)  # now, not after the first block's forward
+    by_block: dict[int, list[Step]] = {}
+    rest: list[Step] = []
+    for s in plan.steps:
+        i = _block_of(s.fqn, name + "." if name else "", len(layers))
+        (rest if i is None else by_block.setdefault(i, [])).append(s)
+
+    start = time.perf_counter()
+    report = GPTQReport(name, sum(b.shape[0] for b in batches), sum(b.numel() for b in batches), 0.0,
+                        plan.describe())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if by_block:
+                inputs = capture_block_inputs(model, layers[0], batches)
+                last = max(by_block)
+                for i, layer in enumerate(layers[: last + 1]):
+                    t0 = time.perf_counter()
+                    steps = by_block.get(i, [])
+                    if steps:
+                        def run(next_batch, layer=layer, inputs=inputs):
+                            for args, kwargs in inputs:
+                                next_batch()
+                                layer(*args, **kwargs)
+
+                        report.layers += _quantize(steps, run, opts, f"{name}.{i}")
+                    inputs = run_block(layer, inputs) if i < last else None
+                    _log.info("GPTQ: %s.%d done (%d linears, %.1f s)", name, i, len(steps), time.perf_counter() - t0)
+                    if progress is not None:
+                        progress(i + 1, last + 1)
+                del inputs
+            if rest:
+                extra = forward_kwargs(model)
+
+                def run_model(next_batch):
+                    for b in batches:
+                        next_batch()
+                        model(b, **extra)
+
+                report.layers += _quantize(rest, run_model, opts, f"the linears outside {name}")
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    raised = report.raised_damping
+    for r in raised:
+        _log.warning("GPTQ: %s needed damp %g (%d factorizations)", r.fqn, r.damp, r.tries)
+    if raised:
+        warnings.warn(f"GPTQ raised the damping of {len(raised)} linear(s) (damp={damp} failed to factorize): "
+                      + ", ".join(f"{r.fqn} -> {r.damp:g}" for r in raised), UserWarning, stacklevel=2)
+    line = "gptq: " + plan.describe()
+    if plan.notable:
+        warnings.warn(line, UserWarning, stacklevel=2)
+    else:
+        _log.info(line)
+    return report
