@@ -287,3 +287,24 @@ def test_glassllm_tied_head_and_embedding_bytes():
     assert named_bytes[0] == default_bytes[0] - embed  # the float embedding is gone ...
     assert named_bytes[1] == default_bytes[1] + head_q  # ... and one int4 copy came instead, counted once
     assert sum(named_bytes) < sum(default_bytes) < sum(float_bytes)
+
+
+def test_qat_prepare_and_convert_fall_back_alike():
+    """QATConfig asks its base config: a 576-wide layer is prepared and converted at group 64, and the converted
+    model equals the prepared one (reference kernels) bit for bit."""
+    from lowbit.kernels.preference import KernelPreference
+
+    base = Int4WeightOnlyConfig(kernel=KernelPreference.REFERENCE)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(576, 256), nn.Linear(256, 576))
+    line = _summary(lambda: quantize_(model, QATConfig(base)))
+    assert "1 got a smaller group size" in line
+    assert model[0].qat_config == Int4WeightOnlyConfig(group_size=64, kernel=KernelPreference.REFERENCE)
+    assert model[1].qat_config == base
+    x = torch.randn(3, 576)
+    with torch.no_grad():
+        prepared = model(x)
+    _summary(lambda: quantize_(model, QATConfig(base, step="convert")))
+    assert model[0].lowbit_config.group_size == 64 and model[1].lowbit_config == base
+    with torch.no_grad():
+        assert torch.equal(model(x), prepared)

@@ -13,7 +13,7 @@ and dtype).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -44,6 +44,15 @@ class QATConfig(QuantConfig):
         if not isinstance(self.base_config, QuantConfig) or isinstance(self.base_config, QATConfig):
             raise ValueError(f"QATConfig(base_config={self.base_config!r}) must be a PTQ config")
         fake_quant_for(self.base_config)  # raises TypeError naming a config without a mirror
+
+    def for_weight(self, shape):
+        """``base_config.for_weight(shape)`` wrapped (QuantConfig.for_weight): prepare and convert fall back alike."""
+        base = self.base_config.for_weight(shape)
+        return self if base == self.base_config else replace(self, base_config=base)
+
+    def act_spec(self):
+        """The base config's activation spec (a tied embedding can't share a weight that has one)."""
+        return self.base_config.act_spec()
 
 
 @register_handler(QATConfig)

@@ -190,8 +190,8 @@ def test_bad_inputs():
         quantize_(m, QATConfig(Int8WeightOnlyConfig()))
     with pytest.raises(ValueError, match="was prepared for Int8WeightOnlyConfig()"):
         quantize_(m, QATConfig(Int4WeightOnlyConfig(group_size=32), step="convert"))
-    with pytest.raises(ValueError, match="does not divide"):
-        quantize_(nn.Sequential(nn.Linear(96, 8)), QATConfig(Int4WeightOnlyConfig(group_size=64)))
+    with pytest.raises(ValueError, match=r"strict=True.*would fall back to QATConfig\(base_config=Int4WeightOnlyConfig\(group_size=32\)\)"):
+        quantize_(nn.Sequential(nn.Linear(96, 8)), QATConfig(Int4WeightOnlyConfig(group_size=64)), strict=True)
     with pytest.raises(ValueError, match="embedding takes weight-only configs"):
         quantize_(nn.Sequential(nn.Embedding(10, 64)), {"0": QATConfig(Int8DynamicActivationInt4WeightConfig())},
                   filter_fn=lambda mod, fqn: True)
