@@ -234,6 +234,7 @@ def run_model(name: str, args) -> dict:
         rows.append(measure(f"autoquant (1% budget): {result.counts()}", m32, m16,
                             f"chosen on other windows: {result.delta_pct:+.2f}% there; held-out "
                             f"{result.holdout_delta_pct:+.2f}%"))
+        rows[-1]["counts"] = result.counts()  # {config repr: layers}
         aq = {**result.to_dict(), "seconds": seconds, "table": result.to_table()}
         del m32, m16
 
