@@ -227,37 +227,43 @@ def gptq_quantize(
         zp = None if not spec.has_zero_point else torch.empty(scale.shape, dtype=spec.zero_point_dtype,
                                                                device=w0.device)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
-    w = w0[:, perm] if act_order else w0.clone()
+    # transposed working copy: column j of W is row j of wt, contiguous for the per-column ops
+    wt = (w0[:, perm] if act_order else w0).t().clone(memory_format=torch.contiguous_format)  # never the caller's
+    del w0
     hp = h[perm][:, perm] if act_order else h
     upper, used, tries = damped_inverse_cholesky(hp, float(damp), damp_retries)
     if tries > 1:
         _log.info("GPTQ: damping raised from %g to %g (%d factorizations)", damp, used, tries)
 
     block = block_size if not grouped or act_order else -(-block_size // cols) * cols
-    codes = torch.empty(n, k, dtype=spec.dtype.storage, device=w0.device)
-    deq = torch.empty(n, k, dtype=torch.float64, device=w0.device)
+    codes = torch.empty(k, n, dtype=spec.dtype.storage, device=wt.device)
+    deq = torch.empty(k, n, dtype=torch.float32, device=wt.device)  # dequantize_affine's float32 values
     order = perm.tolist() if act_order else range(k)
+    group_qparams: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
+        w1 = wt[i1:i2].clone()
         err1 = torch.empty_like(w1)
         u1 = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = order[i1 + i]
             g = col // cols
             if grouped and not act_order and col % cols == 0:
-                s_g, z_g = choose_qparams_affine(w1[:, i:i + cols], spec)
+                s_g, z_g = choose_qparams_affine(w1[i:i + cols].t(), spec)
                 scale[:, g:g + 1] = s_g
                 if zp is not None:
                     zp[:, g:g + 1] = z_g
-            s_c = scale[:, g:g + 1]
-            z_c = None if zp is None else zp[:, g:g + 1]
-            q = quantize_affine(w1[:, i:i + 1], s_c, z_c, spec)
-            dq = dequantize_affine(q, s_c, z_c, spec, torch.float64)[:, 0]
-            codes[:, col], deq[:, col] = q[:, 0], dq
-            e = (w1[:, i] - dq) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+            if g not in group_qparams:  # contiguous per-group columns: no copy per column
+                group_qparams[g] = (scale[:, g:g + 1].contiguous(),
+                                    None if zp is None else zp[:, g:g + 1].contiguous())
+            s_c, z_c = group_qparams[g]
+            q = quantize_affine(w1[i, :, None], s_c, z_c, spec)
+            dq = dequantize_affine(q, s_c, z_c, spec, torch.float32)[:, 0]
+            codes[col], deq[col] = q[:, 0], dq
+            e = (w1[i] - dq).div_(u1[i, i])
+            w1[i:].addr_(u1[i, i:], e, alpha=-1.0)  # W[:, j:] -= err U[j, j:]
+            err1[i] = e
+        wt[i2:].addmm_(upper[i1:i2, i2:].t(), err1, alpha=-1.0)
 
-    return GPTQResult(qdata=codes, scale=scale, zero_point=zp, dequantized=deq.float(), damp=used, tries=tries)
+    return GPTQResult(qdata=codes.t().contiguous(), scale=scale, zero_point=zp, dequantized=deq.t().contiguous(),
+                      damp=used, tries=tries)

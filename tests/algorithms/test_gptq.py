@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+from lowbit.algorithms._weights import write_weight
 from lowbit.algorithms.gptq import Hessian, damped_inverse_cholesky, gptq_quantize, output_sqnr
 from lowbit.configs import (
     Int4WeightOnlyConfig,
@@ -112,6 +113,21 @@ def test_act_order_static_groups_canonical_layout(name):
     assert got.qdata.shape == w.shape and not torch.equal(got.qdata, plain.qdata)  # the order did change things
 
 
+@pytest.mark.parametrize("name", ["int4-asym-g32", "int4-floatzp-g64", "8da4w-g32", "int8-g32"])
+def test_act_order_record_equals_the_written_tensor(name):
+    """The tensor the config's handler makes, holding the act_order codes: its own dequantize()
+    (packed canonical layout, no index) is the solver's record, bit for bit."""
+    config = CONFIGS[name]
+    w, h, _ = _layer(seed=5)
+    got = gptq_quantize(w, h, config.weight_spec(), act_order=True)
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    write_weight(linear, "linear", config, [], got.qdata, got.scale, got.zero_point)
+    assert linear.lowbit_config == config
+    assert torch.equal(linear.weight.dequantize(), got.dequantized)
+
+
 def test_hessian_equals_direct_formula():
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(2, 5, 6, generator=g), torch.randn(7, 6, generator=g)]
@@ -197,3 +213,13 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="integer QuantSpec"):
         from lowbit.configs import Float8WeightOnlyConfig
         gptq_quantize(w, h, Float8WeightOnlyConfig().weight_spec())
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_callers_weight_and_hessian_are_untouched(rows, act_order):
+    w, h, _ = _layer(n=rows, k=64)
+    w, h = w.double(), h.double()
+    w0, h0 = w.clone(), h.clone()
+    gptq_quantize(w, h, CONFIGS["int4-asym-g32"].weight_spec(), act_order=act_order)
+    assert torch.equal(w, w0) and torch.equal(h, h0)
