@@ -264,7 +264,7 @@ def _check_module(fqn: str, config: QuantConfig, entries, aliases, where: Path) 
     entry = entries[target][1]
     try:
         want = (config.weight_spec(), config.act_spec())
-    except NotImplementedError as e:
+    except (NotImplementedError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: module {fqn!r}: config {config!r} cannot describe a stored weight ({e})") from None
     got = (entry.attributes["spec"], entry.attributes.get("act_spec"))
     if want != got:

@@ -149,7 +149,8 @@ BAD_SHAPES = [[2**40, 2**40], [2**62], [10**30, 64], [-8, 64], [0, 64], [8, 0], 
 BAD_DTYPES = ["complex64", "int4", "int8", "float8_e4m3fn", "uint8", "float64", "bool", "__import__", "Tensor", ""]
 
 
-def _entry_edit(data, entry: dict, key: str) -> None:
+def _entry_edit(data, entry: dict, key: str) -> str:
+    """Edit ``entry`` in place; returns the kind of edit."""
     kind = data.draw(st.sampled_from(["drop_key", "extra_key", "class", "shape", "dtype", "attributes", "tensors"]))
     if kind == "drop_key":
         del entry[data.draw(st.sampled_from(sorted(entry)))]
@@ -182,9 +183,10 @@ def _entry_edit(data, entry: dict, key: str) -> None:
         elif what == "spec_type":
             field = data.draw(st.sampled_from(["dtype", "symmetric", "eps", "scale_dtype", "zero_point_domain",
                                                "zero_point_dtype", "quant_min", "quant_max"]))
-            attrs["spec"][field] = data.draw(
-                st.sampled_from(["8", 8.5, True, {"__dtype__": "complex64"}, {"__qdtype__": "int3"}, -1, 1e300, 1e999,
-                                 {"__tuple__": [1]}, [1]]).filter(lambda v: v != attrs["spec"][field]))
+            attrs["spec"][field] = data.draw(  # 1 and 0 equal True and False but are not bools
+                st.sampled_from(["8", 8.5, True, 1, 0, {"__dtype__": "complex64"}, {"__qdtype__": "int3"}, -1, 1e300,
+                                 1e999, {"__tuple__": [1]}, [1]])
+                .filter(lambda v: v != attrs["spec"][field] or type(v) is not type(attrs["spec"][field])))
         elif what == "granularity":
             attrs["spec"]["granularity"] = data.draw(st.sampled_from(
                 [{"__class__": "PerGroup", "group_size": g} for g in (0, -32, 3, 16, 32, 48, 128, 512)]
@@ -211,6 +213,7 @@ def _entry_edit(data, entry: dict, key: str) -> None:
             tensors.append(data.draw(st.sampled_from(missing)))
         else:
             entry["tensors"] = data.draw(json_values.filter(lambda v: not isinstance(v, list)))
+    return kind
 
 
 @fuzz(500)
@@ -219,7 +222,9 @@ def test_entry_json(ser, base, data):
     f = _file(data, base)
     tensors, header = f.copy()
     key = data.draw(st.sampled_from(f.keys))
-    _entry_edit(data, header["entries"][key], key)
+    kind = _entry_edit(data, header["entries"][key], key)
+    if kind != "attributes" and data.draw(st.booleans()):  # no module config to disagree with: the schema alone
+        del header["modules"]["0"]
     _rejected(ser, _write(ser, base, tensors, header, "entry"), "entry")
 
 
@@ -357,10 +362,12 @@ def test_bad_group_sizes(ser, base, data):
             t = tensors[f"{key}:{p}"]
             tensors[f"{key}:{p}"] = t[:, :1].expand(t.shape[0], n_groups).contiguous()
     entry["attributes"]["spec"]["granularity"] = {"__class__": "PerGroup", "group_size": g}
-    module = header["modules"][key.removesuffix(".weight")]
-    if "group_size" in module:
+    module = header["modules"]["0"]
+    if data.draw(st.booleans()):  # no module config (whose own check would refuse g): the schema alone
+        del header["modules"]["0"]
+    elif "group_size" in module:
         module["group_size"] = g
-    elif "granularity" in module:
+    else:
         module["granularity"] = {"__class__": "PerGroup", "group_size": g}
     err = _rejected(ser, _write(ser, base, tensors, header, "group"), "group size")
     assert str(g) in str(err)
@@ -403,7 +410,7 @@ def test_module_configs(ser, base, data):
     fqn = "0"
     c = mods[fqn]
     kind = data.draw(st.sampled_from(["class", "unknown_field", "kernel", "required", "type", "not_config", "nested",
-                                      "orphan", "mismatch", "granularity"]))
+                                      "orphan", "mismatch", "granularity", "static_value"]))
     if kind == "class":
         c["__class__"] = data.draw(st.sampled_from(["Int3WeightOnlyConfig", "QuantConfig", "StaticQuantConfig",
                                                     "SmoothQuantConfig", "", "object"]) | json_values)
@@ -415,23 +422,33 @@ def test_module_configs(ser, base, data):
         mods[fqn] = {"__class__": "Int8StaticActivationInt8WeightConfig"}
     elif kind == "type":
         field = data.draw(st.sampled_from([f for f in c if f != "__class__"] or ["group_size"]))
-        c[field] = data.draw(st.sampled_from(["32", 32.5, None, [32], {"__dtype__": "float32"}, {"__class__": "PerRow"},
-                                              1e999, -1]).filter(lambda v: v != c.get(field)))
+        c[field] = data.draw(st.sampled_from(["32", 32.5, 32.0, 1, 0, None, [32], {"__dtype__": "float32"},
+                                              {"__class__": "PerRow"}, 1e999, -1])
+                             .filter(lambda v: v != c.get(field) or type(v) is not type(c.get(field))))
     elif kind == "not_config":
         mods[fqn] = data.draw(st.sampled_from([{"__class__": "QuantSpec", "dtype": {"__qdtype__": "int8"}},
                                                {"__class__": "PerRow"}, {"__dtype__": "float32"}, None, 3, "int8wo"])
                               | json_values)
-    elif kind == "nested":
-        depth = data.draw(st.integers(9, 60))
-        inner = {"__class__": "Int8WeightOnlyConfig"}
-        for _ in range(depth):
-            inner = {"__class__": "QATConfig", "base_config": inner, "step": "convert"}
-        mods[fqn] = inner
+    elif kind == "nested":  # hundreds of levels: JSON parses them, a recursive decoder would hit Python's limit
+        depth = data.draw(st.sampled_from([9, 60, 200, 300, 400, 500, 650, 800]))
+        raw = ('{"__class__": "QATConfig", "base_config": ' * depth + '{"__class__": "Int8WeightOnlyConfig"}'
+               + ', "step": "convert"}' * depth)
+        mods[fqn] = "NESTED"
+        text = json.dumps(header).replace('"NESTED"', raw)
+        _rejected(ser, _write(ser, base, tensors, None, "module", text), "module config")
+        return
     elif kind == "orphan":  # a config for a module whose weight is not a quantized tensor of the file
         mods[data.draw(st.sampled_from(["", "99", "0.weight", "0.bias", "x.y"]))] = c
     elif kind == "mismatch":  # decodes, but is not the config the weight was quantized with
         other = _file(data, base, lambda o: o.header["modules"]["0"] != c)
         mods[fqn] = copy.deepcopy(other.header["modules"]["0"])
+    elif kind == "static_value":  # a static config whose act_scale / act_zero_point are not the stored ones
+        f = _file(data, base, lambda f: "act_scale" in f.header["modules"]["0"])
+        tensors, header = f.copy()
+        c = header["modules"]["0"]
+        field = data.draw(st.sampled_from([k for k in ("act_scale", "act_zero_point") if c.get(k) is not None]))
+        c[field] = data.draw(st.sampled_from([0.5, 1.0, 0.0125]) if field == "act_scale" else st.integers(-128, 127)
+                             .filter(lambda v: v != c[field]))
     else:
         c["granularity"] = data.draw(st.sampled_from([{"__class__": "PerGroup", "group_size": 7},
                                                       {"__class__": "PerAxis", "axis": "0"}, {"__class__": "PerBlock"},

@@ -207,14 +207,71 @@ def test_config_json_takes_only_allowed_classes_and_fields(tmp_path):
     """Module configs decode through an allow-list: an unknown field is a clear error, not a constructor's TypeError."""
     m = _quantized(Int4WeightOnlyConfig(group_size=32))
     save(m, tmp_path / "m.safetensors")
-    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
-        header = json.loads(f.metadata()["lowbit"])
+    header = _header(tmp_path / "m.safetensors")
     tensors = load_file(tmp_path / "m.safetensors")
     header["modules"]["0"]["bits"] = 4
     save_file(tensors, tmp_path / "bad.safetensors", metadata={"lowbit": json.dumps(header)})
     with pytest.raises(CheckpointError, match=r"bad.safetensors: module '0': Int4WeightOnlyConfig has no stored "
                                               r"field\(s\) \['bits'\]; fields: \['group_size', 'symmetric', "
                                               r"'zero_point_domain'\]"):
+        read_state([tmp_path / "bad.safetensors"])
+
+
+def _header(path):
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["lowbit"])
+
+
+def test_the_schema_alone_refuses_a_non_finite_eps(tmp_path):
+    """Without a module config to compare with, a spec's eps of 1e999 (inf once parsed) is refused by the schema."""
+    save(_quantized(Int8DynamicActivationInt8WeightConfig()), tmp_path / "m.safetensors")
+    header = _header(tmp_path / "m.safetensors")
+    header["modules"] = {}
+    header["entries"]["0.weight"]["attributes"]["act_spec"]["eps"] = "EPS"
+    raw = json.dumps(header).replace('"EPS"', "1e999")
+    save_file(load_file(tmp_path / "m.safetensors"), tmp_path / "bad.safetensors", metadata={"lowbit": raw})
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: tensor '0.weight': act_spec.eps=inf; allowed: a finite"):
+        read_state([tmp_path / "bad.safetensors"])
+
+
+def _set(obj, path: str, value):
+    *keys, last = path.split("/")
+    for k in keys:
+        obj = obj[k]
+    obj[last] = value
+
+
+@pytest.mark.parametrize("config,path,value", [
+    (Int8WeightOnlyConfig(), "entries/0.weight/attributes/spec/symmetric", 1),  # == True, but not a bool
+    (Int4WeightOnlyConfig(group_size=32), "modules/0/group_size", 32.0),  # == 32, and 32.0 in (32, 64, ...)
+    (Int4WeightOnlyConfig(group_size=32), "modules/0/symmetric", 0),
+    (Int8DynamicActivationInt8WeightConfig(), "modules/0/act_symmetric", 1),
+    (Int8WeightOnlyConfig(PerGroup(16)), "modules/0/granularity/group_size", 16.0),
+    (Int8StaticActivationInt8WeightConfig(act_scale=0.05, act_zero_point=4), "modules/0/act_zero_point", 4.0),
+    (Int8WeightOnlyConfig(), "entries/0.weight/attributes/spec/quant_min", True),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_field_types_are_exact(tmp_path, config, path, value):
+    """A value equal to the right one but of another type (1 for True, 32.0 for 32) is refused by its annotation."""
+    save(_quantized(config), tmp_path / "m.safetensors")
+    header = _header(tmp_path / "m.safetensors")
+    _set(header, path, value)
+    save_file(load_file(tmp_path / "m.safetensors"), tmp_path / "bad.safetensors", metadata={"lowbit": json.dumps(header)})
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: .* has the wrong type; allowed: "):
+        read_state([tmp_path / "bad.safetensors"])
+
+
+def test_a_deeply_nested_config_is_refused_not_a_recursion_error(tmp_path):
+    """600 nested QATConfigs parse as JSON; decoding them is refused before Python's recursion limit (not under
+    hypothesis, which raises that limit)."""
+    save(_quantized(Int8WeightOnlyConfig()), tmp_path / "m.safetensors")
+    header = _header(tmp_path / "m.safetensors")
+    header["modules"]["0"] = "NESTED"
+    depth = 600
+    nested = ('{"__class__": "QATConfig", "base_config": ' * depth + '{"__class__": "Int8WeightOnlyConfig"}'
+              + ', "step": "convert"}' * depth)
+    raw = json.dumps(header).replace('"NESTED"', nested)
+    save_file(load_file(tmp_path / "m.safetensors"), tmp_path / "bad.safetensors", metadata={"lowbit": raw})
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: module '0': .*nested deeper than 8 levels"):
         read_state([tmp_path / "bad.safetensors"])
 
 
