@@ -104,7 +104,9 @@ def prepare(
         model: a float model.
         config: ``StaticQuantConfig(...)`` or ``SmoothQuantConfig(...)``.
         filter_fn: ``fn(module, fqn) -> bool`` choosing the linears; default: every module whose
-            type is exactly ``nn.Linear``.
+            type is exactly ``nn.Linear``. A linear whose weight another module shares (an output
+            head tied to the embedding) is left float and tied, with a warning naming it, as
+            ``quantize_`` does by default.
 
     Returns:
         ``model``; run calibration batches through it, then call ``convert(model)``.
@@ -138,6 +140,13 @@ def prepare(
             if isinstance(module.weight, QuantizedTensor) or not module.weight.is_floating_point():
                 raise TypeError(f"linear {fqn!r} is already quantized ({type(module.weight).__name__})")
             targets.append((fqn, module))
+    tied = _tied_linears(model, targets)
+    if tied:
+        # quantize_'s policy: a weight shared with another module (an output head tied to the
+        # embedding) stays float and tied; converting it would untie it and add a quantized copy
+        warnings.warn(f"prepare: {len(tied)} linear(s) share their weight with another module and stay float "
+                      f"and tied: {', '.join(f'{k} = {v}' for k, v in tied.items())}", UserWarning, stacklevel=2)
+        targets = [(fqn, m) for fqn, m in targets if fqn not in tied]
     if not targets:
         raise ValueError("prepare found no nn.Linear to observe (check filter_fn)")
     device = _model_device(model)
@@ -151,6 +160,15 @@ def prepare(
             if type(module) is nn.Softmax:
                 quantize_softmax_module(module, recipe.dtype, device)
     return model
+
+
+def _tied_linears(model: nn.Module, targets) -> dict[str, str]:
+    """The selected linears whose weight another module shares, with the names of the sharers."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name.rpartition(".")[0])
+    return {fqn: ", ".join(o for o in owners[id(m.weight)] if o != fqn) for fqn, m in targets
+            if len(owners.get(id(m.weight), ())) > 1}
 
 
 def _unobserve(module: ObservedLinear) -> tuple[ObserverBase, StaticQuantConfig | SmoothQuantConfig]:

@@ -21,6 +21,7 @@ from lowbit.quantize import quantize_
 from lowbit.spec import QuantSpec
 from lowbit.static import ObservedLinear, QuantizedSoftmax, SmoothQuantConfig, StaticQuantConfig, convert, prepare
 from lowbit.tensors import Float8Tensor, Int8Tensor
+from lowbit.tensors.base import QuantizedTensor
 
 # Static int8 (per-tensor activation, per-row weight) on glassllm's real activations: the
 # projections fed by an RMSNorm (q, k, gate, up) reach this; v, o and down_proj land lower
@@ -147,6 +148,24 @@ def test_glassllm_perplexity_after_calibration(glass, config, bound):
     assert isinstance(m.blocks[0].mlp.down_proj.weight, (Int8Tensor, Float8Tensor))
     ppl = perplexity(m, held_out, 128, max_windows=16)
     assert abs(ppl / fp32 - 1) < bound, (ppl, fp32)
+
+
+def test_tied_head_stays_float_and_tied(glass):
+    """glassllm's output head shares the embedding: prepare leaves it float and tied, with a warning."""
+    model, calib, _, _ = glass
+    m = copy.deepcopy(model)
+    assert m.lm_head.weight is m.embed.weight
+    tied_before = {id(p) for n, p in m.named_parameters(remove_duplicate=False) if n.startswith("lm_head")}
+    with pytest.warns(UserWarning, match=r"share their weight with another module and stay float and tied: lm_head = "):
+        prepare(m, StaticQuantConfig())
+    assert type(m.lm_head) is nn.Linear and not isinstance(m.lm_head.weight, QuantizedTensor)
+    for batch in calib.split(2):
+        m(batch)
+    convert(m)
+    assert not isinstance(m.lm_head.weight, QuantizedTensor)
+    sharers = [n for n, p in m.named_parameters(remove_duplicate=False) if id(p) in tied_before]
+    assert m.lm_head.weight is m.embed.weight, sharers  # still one Parameter serving the head and the embedding
+    assert isinstance(m.blocks[0].mlp.down_proj.weight, Int8Tensor)
 
 
 def test_glassllm_linears_on_real_activations_sqnr(glass):
