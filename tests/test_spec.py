@@ -48,20 +48,24 @@ def test_granularity_type():
         QuantSpec("int8", granularity="per_row")
 
 
+SYM_NO_STEP = r"\[{}, {}\] of {} \(symmetric=True\) has no room for a step on each side of zero .*infinite.*symmetric=False"
+ASYM_NO_STEP = r"\[{}, {}\] of {} \(symmetric=False\) has no room for two values: the scale would be infinite"
+
+
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs,match",
     [
-        dict(dtype="int1"),  # [-1, 0]: no positive step, amax / min(0, 1) = inf
-        dict(dtype="uint1"),  # [0, 1]: midpoint 1, no step above it
-        dict(dtype="int8", quant_min=0, quant_max=5),
-        dict(dtype="int8", quant_min=-5, quant_max=0),
-        dict(dtype="uint8", quant_min=3, quant_max=4),  # midpoint 4: min(4 - 4, 4 - 3) = 0
-        dict(dtype="uint8", symmetric=False, quant_min=5, quant_max=5),  # range / 0
-        dict(dtype="int4", symmetric=False, quant_min=7, quant_max=7),
+        (dict(dtype="int1"), SYM_NO_STEP.format(-1, 0, "int1")),  # no positive step: amax / min(0, 1) = inf
+        (dict(dtype="uint1"), SYM_NO_STEP.format(0, 1, "uint1")),  # midpoint 1, no step above it
+        (dict(dtype="int8", quant_min=0, quant_max=5), SYM_NO_STEP.format(0, 5, "int8")),
+        (dict(dtype="int8", quant_min=-5, quant_max=0), SYM_NO_STEP.format(-5, 0, "int8")),
+        (dict(dtype="uint8", quant_min=3, quant_max=4), SYM_NO_STEP.format(3, 4, "uint8")),  # midpoint 4: min(0, 1)
+        (dict(dtype="uint8", symmetric=False, quant_min=5, quant_max=5), ASYM_NO_STEP.format(5, 5, "uint8")),
+        (dict(dtype="int4", symmetric=False, quant_min=7, quant_max=7), ASYM_NO_STEP.format(7, 7, "int4")),
     ],
 )
-def test_rejects_a_range_with_no_step(kwargs):
-    with pytest.raises(ValueError, match=r"has no room for .*the scale would be infinite"):
+def test_rejects_a_range_with_no_step(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         QuantSpec(**kwargs)
 
 

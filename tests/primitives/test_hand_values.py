@@ -428,20 +428,21 @@ def test_pack_range_edges_accepted():
 
 
 def test_rules_by_hand():
-    # float8_row_scale = max(amax_row, eps) / fmax: row amax 896 -> 2; zero row -> 1e-12 / 448
+    # float8_row_scale = max(amax_row, eps) / fmax: row amax 896 -> 2; zero row -> eps 1e-12 / 448
     w = _t([[-896.0, 1.0], [0.0, 0.0]])
-    assert torch.equal(float8_row_scale(w), torch.cat([_t([[2.0]]), torch.full((1, 1), FLOAT8_ROW_EPS) / 448]))
+    assert FLOAT8_ROW_EPS == 1e-12 and INT4_MAXABS_EPS == 1e-6
+    assert torch.equal(float8_row_scale(w), torch.cat([_t([[2.0]]), _t([[1e-12]]) / 448]))
     # a custom eps 7: max(0, 7) / 448 = 1/64
     assert torch.equal(float8_row_scale(w, eps=7.0), _t([[2.0], [1 / 64]]))
-    # int4_maxabs_group_scale = max(amax_group, eps) / 8: groups [0, 0] -> 1e-6 / 8, [1e-3, -2] -> 2 / 8
+    # int4_maxabs_group_scale = max(amax_group, eps) / 8: groups [0, 0] -> eps 1e-6 / 8, [1e-3, -2] -> 2 / 8
     w = _t([[0.0, 0.0, 1e-3, -2.0]])
-    assert torch.equal(int4_maxabs_group_scale(w, 2), torch.cat([torch.full((1, 1), INT4_MAXABS_EPS) / 8, _t([[0.25]])], 1))
+    assert torch.equal(int4_maxabs_group_scale(w, 2), torch.cat([_t([[1e-6]]) / 8, _t([[0.25]])], 1))
     assert torch.equal(int4_maxabs_group_scale(w, 2, eps=4.0), _t([[0.5, 0.5]]))
     # the combined scale: group scale x row scale in float32
     assert torch.equal(float8_then_int4_scale(_t([[36.0, 56.0]]), _t([[0.5]])), _t([[18.0, 28.0]]))
     spec = int4_maxabs_spec(32)
     assert spec.granularity == PerGroup(32) and spec.symmetric and (spec.qmin, spec.qmax) == (-8, 7)
-    assert spec.eps == INT4_MAXABS_EPS / 8
+    assert spec.eps == 1e-6 / 8
 
 
 def test_float8_then_int4_negative_max_lands_on_minus_8():
