@@ -18,8 +18,13 @@ $(VENV)/.ready: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 
+# The configs, tensors, QAT, calibration and serialization tests once more without the C++ kernels
+# (LOWBIT_NO_EXT=1): the PyTorch paths that every host without AVX-512 serves, end to end.
+NO_EXT_TESTS ?= tests/configs tests/tensors tests/qat tests/static tests/serialization tests/test_observers.py tests/test_quantize.py
+
 test: $(VENV)/.ready
 	$(PY) -m pytest -q
+	LOWBIT_NO_EXT=1 $(PY) -m pytest -q $(NO_EXT_TESTS)
 
 demo: $(VENV)/.ready
 	$(PY) -m lowbit.eval.demo
