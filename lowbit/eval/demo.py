@@ -103,6 +103,20 @@ def _note(plan) -> str:
     return "; ".join(parts)
 
 
+def _float_note(model: nn.Module) -> str:
+    """The linears a calibrated model kept float, named like ``_note``'s (a tied head: "tied to the embedding")."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    kept = [(n, owners.get(id(m.weight), 1) > 1) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not isinstance(m.weight, QuantizedTensor)]
+    tied = [n for n, t in kept if t]
+    parts = [f"{len(kept) - len(tied)} linear(s) float"] if len(kept) > len(tied) else []
+    parts += [f"{', '.join(tied)} float (tied to the embedding)"] if tied else []
+    return "; ".join(parts)
+
+
 def _progress(iterable, total: int, desc: str):
     try:
         from tqdm.auto import tqdm
@@ -149,14 +163,15 @@ def _quantized(base: nn.Module, config, calib: torch.Tensor, wrap) -> tuple[nn.M
     """(a quantized copy of ``base``, the row's note)."""
     model = copy.deepcopy(base)
     if isinstance(config, (StaticQuantConfig, SmoothQuantConfig)):
-        prepare(model, config)
+        with warnings.catch_warnings():  # the note says which linears stay float
+            warnings.filterwarnings("ignore", message="prepare: ", category=UserWarning)
+            prepare(model, config)
         runner = wrap(model)
         with torch.no_grad():
             for batch in calib.split(2):
                 runner(batch)
         model = convert(model)
-        kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m.weight, QuantizedTensor)]
-        return model, f"{len(kept)} linear(s) left float" if kept else ""
+        return model, _float_note(model)
     plan = plan_quantization(model, config)
     with warnings.catch_warnings():  # the note says it
         warnings.filterwarnings("ignore", message="quantize_: ", category=UserWarning)
