@@ -96,9 +96,9 @@ def test_zero_point_is_read_as_float32():
     q = quantize_affine(_t([2.0]), s, zp, spec)
     assert torch.equal(q, torch.tensor([2], dtype=torch.uint8))
     assert torch.equal(fake_quantize_affine(_t([2.0]).requires_grad_(), spec, s, zp).detach(), _t([1.5 - 2.0**-23]))
-    # dequantize: zp = 2**-23 + 2**-60 reads as 2**-23: 3 - 2**-23 is a tie (ulp 2**-22 at 3) -> even: 3.
-    # In float64, 3 - 2**-23 - 2**-60 rounds down to 3 - 2**-22
-    zp = torch.tensor([2.0**-23 + 2.0**-60], dtype=torch.float64)
+    # dequantize: zp = 2**-23 + 2**-49 reads as 2**-23: 3 - 2**-23 is a tie (ulp 2**-22 at 3) -> even: 3.
+    # In float64, 3 - 2**-23 - 2**-49 rounds down to 3 - 2**-22
+    zp = torch.tensor([2.0**-23 + 2.0**-49], dtype=torch.float64)
     q3 = torch.tensor([3], dtype=torch.uint8)
     assert torch.equal(dequantize_affine(q3, s, zp, spec), _t([3.0]))
     # fake quantize runs the same subtraction out of place: 3 in, round(3 + zp) = 3, (3 - zp) * 1 = 3
@@ -121,6 +121,12 @@ def test_float64_input_is_read_as_float32():
     assert torch.equal(quantize_float8(x8, s, f8).float(), _t([1.25]))
     assert torch.equal(fake_quantize_float8(x8, f8, s), torch.tensor([1.25], dtype=torch.float64))
     assert torch.equal(fake_quantize_float8(x8.clone().requires_grad_(), f8, s).detach(), torch.tensor([1.25], dtype=torch.float64))
+    # x = 0x1.b7bf48484e21bp-3 (0.21472031), s = 0x1.72503ep-3 (0.18081711): float32(x) / s = 1.18749988
+    # -> e4m3 1.125; the float64 quotient 1.18749994 would round to float32 1.1875, the tie -> 1.25
+    x = torch.tensor([float.fromhex("0x1.b7bf48484e21bp-3")], dtype=torch.float64)
+    s8 = torch.tensor([float.fromhex("0x1.72503ep-3")])
+    assert torch.equal(quantize_float8(x, s8, f8).float(), _t([1.125]))
+    assert torch.equal(fake_quantize_float8(x, f8, s8), (_t([1.125]) * s8).double())
 
 
 def test_every_entry_point_checks_its_arguments():
