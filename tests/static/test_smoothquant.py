@@ -73,22 +73,25 @@ def test_a_tied_weight_is_not_modified():
         def __init__(self):
             super().__init__()
             self.embed = nn.Embedding(50, 32)
+            self.proj = nn.Linear(32, 32)
             self.head = nn.Linear(32, 50, bias=False)
             self.head.weight = self.embed.weight
 
         def forward(self, ids):
-            return self.head(self.embed(ids))
+            return self.head(self.proj(self.embed(ids)))
 
     torch.manual_seed(0)
     model = Tied()
     table = model.embed.weight.detach().clone()
     ids = torch.randint(0, 50, (4, 16))
     ref = model(ids)
-    prepare(model, SmoothQuantConfig())
+    with pytest.warns(UserWarning, match="stay float and tied: head = embed"):
+        prepare(model, SmoothQuantConfig())
     model(ids)
     with pytest.warns(UserWarning, match=r"1 of 1 linear\(s\) kept a per-linear pre-scale"):
         convert(model)
-    assert torch.equal(model.embed.weight, table)  # smoothing the head must not scale the embedding
+    assert torch.equal(model.embed.weight, table)  # smoothing must not scale the embedding
+    assert model.head.weight is model.embed.weight  # the head stays float and tied
     assert sqnr(ref, model(ids)) > 30.0
 
 
