@@ -50,3 +50,23 @@ def test_block_size_type_error():
 def test_constructor_validation(ctor, arg):
     with pytest.raises(ValueError):
         ctor(arg)
+
+
+@pytest.mark.parametrize(
+    "axis,shape,expected",
+    [(1, (4, 8), (4, 1)), (-2, (2, 4, 8), (2, 1, 8)), (1, (2, 4, 8), (2, 1, 8)), (-3, (2, 4, 8), (1, 4, 8))],
+)
+def test_per_axis_every_axis(axis, shape, expected):
+    assert block_size(PerAxis(axis), shape) == expected
+
+
+@pytest.mark.parametrize("axis", [1.5, "0", True, None])
+def test_per_axis_needs_an_int(axis):
+    with pytest.raises(TypeError, match=r"PerAxis\(axis=.*\): axis must be an int"):
+        PerAxis(axis)
+
+
+def test_per_block_stores_a_tuple():
+    g = PerBlock([2, 4])
+    assert g.block == (2, 4) and isinstance(g.block, tuple) and g == PerBlock((2, 4))
+    assert block_size(g, (3, 4, 8)) == (1, 2, 4)
