@@ -26,8 +26,11 @@ def _storages(tensors) -> dict[int, int]:
             names, _ = t.__tensor_flatten__()
             stack.extend(getattr(t, n) for n in names)
         elif isinstance(t, torch.Tensor) and t.device.type != "meta":
-            st = t.untyped_storage()
-            out[st.data_ptr()] = st.nbytes()
+            try:
+                st = t.untyped_storage()
+                out[st.data_ptr()] = st.nbytes()
+            except (RuntimeError, NotImplementedError):
+                continue  # a fake/functional tensor left by torch.compile elsewhere in the process: no memory
     return out
 
 
