@@ -5,8 +5,8 @@ Each has one reference implementation (dequantize with the primitives, then ``F.
 fast implementations chosen here by device and shape:
 
 * weight-only, CPU, M <= ``_EXT_MAX_M``: our AVX-512 C++ kernel (``csrc/int8_gemv.cpp``, built
-  on first use; any group size that is a multiple of 16); per-row scale and
-  M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm``; otherwise the weight is converted
+  on first use; any group size that is a multiple of 16); bfloat16, per-row scale and
+  M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm`` (see ``_int8pack_takes``); otherwise the weight is converted
   in row chunks of ``_CHUNK_ROWS`` (each chunk stays in cache) and each chunk is multiplied with
   ``torch.mm`` into its slice of the output; other devices: the reference;
 * W8A8, CPU and CUDA: activations quantized with the primitives (per token, or the static scale
@@ -82,6 +82,16 @@ def _weight_only_chunked(input, qdata, scale, bias, spec):
     return out if bias is None else out.add_(bias)
 
 
+def _int8pack_takes(input, qdata) -> bool:
+    """Whether ``torch._weight_int8pack_mm`` is the path: bfloat16 only (its float32 and float16
+    kernels are scalar loops, 3-35x slower than the chunked path at M = 1-8 here, and a float16
+    scale below 6.1e-5 is subnormal there: 0.3% off at 6e-6), and only shapes its vectorized bf16
+    kernels read correctly: they step K by 8 (AVX2) or 16 (AVX-512) with aligned loads of the
+    input and no tail loop (other K read out of bounds: garbage outputs or a crash, K = 1..7, 9, 17)."""
+    return (input.dtype == torch.bfloat16 and input.shape[1] % 16 == 0 and input.data_ptr() % 64 == 0
+            and input.is_contiguous() and qdata.is_contiguous())
+
+
 def _gemv_fake(x, w, scale):
     return x.new_empty(x.shape[0], w.shape[0])
 
@@ -141,7 +151,7 @@ def int8_weight_only_linear(
         if ext is not None:
             out = ext.int8_weight_only_mm(input, qdata, scale.expand(qdata.shape[0], -1))
             return out if bias is None else out + bias
-    if input.device.type == "cpu" and m <= _INT8PACK_MAX_M and scale.shape[1] == 1:
+    if input.device.type == "cpu" and m <= _INT8PACK_MAX_M and scale.shape[1] == 1 and _int8pack_takes(input, qdata):
         s = scale.expand(qdata.shape[0], 1).reshape(-1).to(input.dtype).contiguous()  # the kernel takes scales in x's dtype
         out = torch._weight_int8pack_mm(input, qdata, s)
         return out if bias is None else out + bias

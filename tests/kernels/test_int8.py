@@ -166,3 +166,30 @@ def test_backward_equals_the_float_reference(name, m, dtype):
     torch.nn.functional.linear(xr, layer.weight.dequantize(dtype), br).backward(grad)
     assert torch.equal(x.grad, xr.grad) and torch.equal(layer.bias.grad, br.grad)
     assert torch.equal(x.grad, grad @ layer.weight.dequantize(dtype))
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 9, 17, 24, 33, 48])
+@pytest.mark.parametrize("m", [1, 2, 5, 8], ids=lambda m: f"M{m}")
+def test_weight_only_small_m_any_k_bf16(k, m):
+    """torch._weight_int8pack_mm's vectorized bf16 kernels step K by 8/16 with no tail: for other K
+    they read past the operands (garbage outputs or a crash). Integer data: exact either way."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(-3, 4, (m, k), generator=g).bfloat16()
+    q = torch.randint(-3, 4, (5, k), generator=g, dtype=torch.int8)
+    key = spec_key(QuantSpec("int8", PerRow()))
+    out = int8_weight_only_linear(x, q, torch.ones(5, 1), None, None, key, "auto")
+    assert torch.equal(out, (x.float() @ q.float().t()).bfloat16())
+
+
+@pytest.mark.parametrize("m", [1, 4, 8], ids=lambda m: f"M{m}")
+def test_weight_only_fp16_with_scales_below_fp16_normal_range(m):
+    """Rows whose scale (amax / 127) is below float16's smallest normal (6.1e-5): a path that casts the
+    scale to float16 (torch._weight_int8pack_mm) loses up to a few tenths of a percent (~50 dB)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * 2e-4  # amax ~ 1e-3: scales ~ 8e-6
+    t = Int8Tensor.from_float(w, QuantSpec("int8", PerRow()))
+    x = torch.randn(m, 256, generator=g).half()
+    key = spec_key(t.spec)
+    ref = int8_weight_only_linear(x, t.qdata, t.scale, None, None, key, "reference")
+    fast = int8_weight_only_linear(x, t.qdata, t.scale, None, None, key, "auto")
+    assert sqnr(ref.float(), fast.float()) >= WEIGHT_ONLY_FAST_VS_REF_DB[torch.float16]
