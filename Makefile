@@ -19,8 +19,10 @@ $(VENV)/.ready: pyproject.toml Makefile
 	touch $@
 
 # The configs, tensors, QAT, calibration and serialization tests once more without the C++ kernels
-# (LOWBIT_NO_EXT=1): the PyTorch paths that every host without AVX-512 serves, end to end.
-NO_EXT_TESTS ?= tests/configs tests/tensors tests/qat tests/static tests/serialization tests/test_observers.py tests/test_quantize.py
+# (LOWBIT_NO_EXT=1): the PyTorch paths that every host without AVX-512 serves, end to end (about 3 min
+# on 2 cores). The malformed-file fuzz is left out: it is rejected before any kernel runs.
+NO_EXT_TESTS ?= tests/configs tests/tensors tests/qat tests/static tests/serialization tests/test_observers.py \
+                tests/test_quantize.py --ignore=tests/serialization/test_fuzz.py
 
 test: $(VENV)/.ready
 	$(PY) -m pytest -q
