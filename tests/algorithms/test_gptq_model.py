@@ -132,6 +132,17 @@ def test_saves_loads_and_runs_on_the_fast_kernels(algorithm, tmp_path):
     assert sqnr(ref, out) >= FAST_VS_REFERENCE_DB
 
 
+def test_bfloat16_model():
+    model = _llama().to(torch.bfloat16)
+    ref = quantize_(copy.deepcopy(model), Int4WeightOnlyConfig(group_size=32))
+    report = gptq(model, Int4WeightOnlyConfig(group_size=32), _calib(4, 32))
+    got, want = _quantized(model), _quantized(ref)
+    for name in got:
+        _same_fields(got[name], want[name], codes_equal=False)
+        assert got[name].dtype == torch.bfloat16
+    assert all(r.sqnr_db > r.rtn_sqnr_db for r in report.layers)
+
+
 def test_damping_raised_on_too_little_calibration_is_reported():
     model = _llama()
     with pytest.warns(UserWarning, match=r"GPTQ raised the damping of \d+ linear"):
