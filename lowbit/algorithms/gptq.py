@@ -18,21 +18,45 @@ float64 (the primitives compute in float32 as always), so blocking changes no co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
-from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, quantize_affine
+from lowbit.primitives.affine import (
+    _dequantize_from_float,
+    _quantize_to_float,
+    choose_qparams_affine,
+)
 from lowbit.spec import QuantSpec
 
-__all__ = ["Hessian", "GPTQResult", "gptq_quantize", "check_options", "damped_inverse_cholesky", "output_sqnr"]
+__all__ = ["gram", "Hessian", "GPTQResult", "gptq_quantize", "check_options", "damped_inverse_cholesky", "output_sqnr"]
 
 _log = logging.getLogger("lowbit")
 
 DAMP_FACTOR = 10.0  # damping is multiplied by this when the factorization fails
 MIN_RETRY_DAMP = 1e-4  # the first retry from damp=0 uses this
+
+
+GRAM_BLOCKS = 4  # X^T X by row blocks of the upper triangle: 10/16 of the full product's flops
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` for a 2-D ``x`` (rows, K), as ``GRAM_BLOCKS`` products of the upper triangle's
+    row blocks, each mirrored below the diagonal (exactly symmetric; same dtype as ``x``)."""
+    k = x.shape[1]
+    blocks = max(1, min(GRAM_BLOCKS, k))
+    out = torch.empty(k, k, dtype=x.dtype, device=x.device)
+    edges = [k * i // blocks for i in range(blocks + 1)]
+    for a, b in zip(edges, edges[1:]):
+        row = x[:, a:b].t() @ x[:, a:]
+        out[a:b, a:] = row
+        out[a:, a:b] = row.t()
+        diag = row[:, : b - a]  # the block on the diagonal: its upper triangle, mirrored
+        out[a:b, a:b] = diag.triu() + diag.triu(1).t()
+    return out
 
 
 class Hessian:
@@ -56,7 +80,7 @@ class Hessian:
         if x.shape[-1] != k:
             raise ValueError(f"x has last dim {x.shape[-1]}, the Hessian is over {k} features")
         x2 = x.reshape(-1, k).to(self.sum.dtype)
-        self.add_product(x2.t() @ x2, x2.shape[0])
+        self.add_product(gram(x2), x2.shape[0])
 
     def add_product(self, xtx: torch.Tensor, rows: int) -> None:
         """Add an already computed ``X^T X`` (float32, (K, K)) of ``rows`` rows (shared inputs)."""
@@ -94,6 +118,17 @@ class GPTQResult:
     dequantized: torch.Tensor
     damp: float
     tries: int
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch ops on one intra-op thread inside the block (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def damped_inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float, int]:
@@ -161,10 +196,11 @@ def output_sqnr(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tenso
     """``10 log10(|X W^T|^2 / |X (W - Q)^T|^2)`` in dB, computed from ``H = 2 X^T X / n`` as
     ``tr(W H W^T) / tr(E H E^T)`` with ``E = W - Q``: the layer's output SQNR on the calibration
     inputs (``inf`` when ``Q == W`` there)."""
-    h = hessian.double()
-    w = weight.double()
-    e = w - approx.double()
-    signal, noise = float(((w @ h) * w).sum()), float(((e @ h) * e).sum())
+    h = hessian.float()  # float32 products, float64 sums: a report, not a code
+    w = weight.float()
+    e = (weight.double() - approx.double()).float()
+    signal = float(((w @ h) * w).sum(dtype=torch.float64))
+    noise = float(((e @ h) * e).sum(dtype=torch.float64))
     if noise <= 0:
         return float("inf")
     return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
@@ -245,24 +281,27 @@ def gptq_quantize(
         w1 = wt[i1:i2].clone()
         err1 = torch.empty_like(w1)
         u1 = upper[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = order[i1 + i]
-            g = col // cols
-            if grouped and not act_order and col % cols == 0:
-                s_g, z_g = choose_qparams_affine(w1[i:i + cols].t(), spec)
-                scale[:, g:g + 1] = s_g
-                if zp is not None:
-                    zp[:, g:g + 1] = z_g
-            if g not in group_qparams:  # contiguous per-group columns: no copy per column
-                group_qparams[g] = (scale[:, g:g + 1].contiguous(),
-                                    None if zp is None else zp[:, g:g + 1].contiguous())
-            s_c, z_c = group_qparams[g]
-            q = quantize_affine(w1[i, :, None], s_c, z_c, spec)
-            dq = dequantize_affine(q, s_c, z_c, spec, torch.float32)[:, 0]
-            codes[col], deq[col] = q[:, 0], dq
-            e = (w1[i] - dq).div_(u1[i, i])
-            w1[i:].addr_(u1[i, i:], e, alpha=-1.0)  # W[:, j:] -= err U[j, j:]
-            err1[i] = e
+        with _one_thread():  # ~10 small ops per column: a second thread only adds synchronization
+            for i in range(i2 - i1):
+                col = order[i1 + i]
+                g = col // cols
+                if grouped and not act_order and col % cols == 0:
+                    s_g, z_g = choose_qparams_affine(w1[i:i + cols].t(), spec)
+                    scale[:, g:g + 1] = s_g
+                    if zp is not None:
+                        zp[:, g:g + 1] = z_g
+                if g not in group_qparams:  # the column's qparams, 1-D: one per row (or one for all)
+                    group_qparams[g] = (scale[:, g].contiguous(), None if zp is None else zp[:, g].contiguous())
+                s_c, z_c = group_qparams[g]
+                # quantize_affine / dequantize_affine of one column, minus their argument checks
+                # (done once above): the primitives' own arithmetic, so the same bits
+                q = _quantize_to_float(w1[i], s_c, z_c, spec, torch.round)[0]
+                codes[col] = q.reshape(n)  # integer-valued float32 in [qmin, qmax]: exact in storage
+                dq = _dequantize_from_float(q, s_c, z_c).reshape(n)
+                deq[col] = dq
+                e = (w1[i] - dq).div_(u1[i, i])
+                w1[i:].addr_(u1[i, i:], e, alpha=-1.0)  # W[:, j:] -= err U[j, j:]
+                err1[i] = e
         wt[i2:].addmm_(upper[i1:i2, i2:].t(), err1, alpha=-1.0)
 
     return GPTQResult(qdata=codes.t().contiguous(), scale=scale, zero_point=zp, dequantized=deq.t().contiguous(),

@@ -22,7 +22,7 @@ from torch import nn
 
 from lowbit.algorithms._weights import integer_weight_spec, write_weight
 from lowbit.algorithms.blocks import capture_block_inputs, find_blocks, forward_kwargs, make_batches, run_block
-from lowbit.algorithms.gptq import Hessian, check_options, gptq_quantize, output_sqnr
+from lowbit.algorithms.gptq import Hessian, check_options, gptq_quantize, gram, output_sqnr
 from lowbit.configs.base import QuantConfig
 from lowbit.primitives.affine import fake_quantize_affine
 from lowbit.quantize.plan import ConfigMapping, Step, plan_quantization
@@ -86,7 +86,7 @@ class _Collector:
             hit = self._cache.get(id(x))
             if hit is None or hit[0] is not x:
                 x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                hit = self._cache[id(x)] = (x, x2.t() @ x2, x2.shape[0])
+                hit = self._cache[id(x)] = (x, gram(x2), x2.shape[0])
             self.hessians[fqn].add_product(hit[1], hit[2])
 
         return hook

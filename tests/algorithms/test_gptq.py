@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.algorithms._weights import write_weight
-from lowbit.algorithms.gptq import Hessian, damped_inverse_cholesky, gptq_quantize, output_sqnr
+from lowbit.algorithms.gptq import Hessian, damped_inverse_cholesky, gptq_quantize, gram, output_sqnr
 from lowbit.configs import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt4WeightConfig,
@@ -138,6 +138,14 @@ def test_hessian_equals_direct_formula():
     assert h.count == 17
     assert torch.allclose(h.value().double(), 2 * x.t() @ x / 17, rtol=1e-6, atol=0)
     assert h.value().dtype == torch.float32
+
+
+@pytest.mark.parametrize("k", [7, 8, 37, 130])
+def test_gram_by_triangle_blocks_equals_the_full_product(k):
+    x = torch.randn(50, k, generator=torch.Generator().manual_seed(k))
+    got = gram(x)
+    assert torch.equal(got, got.t())  # mirrored, not recomputed
+    assert torch.allclose(got.double(), x.double().t() @ x.double(), rtol=1e-5, atol=1e-4)
 
 
 def test_hessian_errors():
