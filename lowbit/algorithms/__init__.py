@@ -4,6 +4,7 @@
 from lowbit.algorithms.calibration import calibration_batches
 from lowbit.algorithms.gptq import GPTQResult, Hessian, gptq_quantize, output_sqnr
 from lowbit.algorithms.gptq_model import GPTQLayer, GPTQReport, gptq
+from lowbit.algorithms.smooth import smooth_
 from lowbit.algorithms.hqq import HQQResult, hqq_optimize, hqq_qparams, quantize_hqq_
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "hqq_optimize",
     "HQQResult",
     "quantize_hqq_",
+    "smooth_",
 ]
