@@ -1,200 +1,59 @@
-"""HQQ (Badri & Shaji 2023): calibration-free qparams that minimize ``sum |W - dequant(quant(W))|^p``
-per group, with ``p < 1`` so that a few large errors (outliers) cost less than many small ones.
+"""HQQ on whole models: ``quantize_hqq_``, ``quantize_`` with every config's ``qparams="hqq"``.
 
-Half-quadratic splitting introduces the error ``W_e`` as its own variable and alternates, for all
-groups at once:
-
-* ``q = clamp(round(W / s + z), qmin, qmax)`` with the current scale ``s`` and zero point ``z``;
-* ``W_e = shrink_p(W - (q - z) s, beta)``: the l_p proximal step, which keeps only errors too
-  large to be worth fitting (``shrink_p(x) = sign(x) relu(|x| - |x|^(p-1) / beta)``);
-* the closed-form least-squares fit of ``W - W_e ~ (q - z) s``: ``z = mean(q - (W - W_e) / s)``
-  for the zero point alone; with the scale too, the line fit of ``W - W_e`` against ``q``;
-  the scale alone (symmetric specs) ``s = <W - W_e, q - z> / |q - z|^2``;
-* ``beta *= kappa``.
-
-Starting point: the spec's own min/max qparams (round-to-nearest's). Each group keeps the best
-qparams seen, judged by the objective of what would be stored (the int zero point rounded and
-clamped to ``[qmin, qmax]``, computed with the primitives), so the objective never increases and
-the result is never worse than round-to-nearest's qparams.
+The solver itself (``hqq_optimize``, ``hqq_qparams``) is a pure tensor function of the primitives
+layer (``lowbit.primitives.hqq``), where the configs' handlers reach it; it is re-exported here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
-import torch
 from torch import nn
 
 from lowbit.algorithms._weights import integer_weight_spec, write_weight
-from lowbit.configs.base import QuantConfig
-from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, quantize_affine
+from lowbit.configs.base import QuantConfig, mark_quantized
+from lowbit.primitives.affine import quantize_affine
+from lowbit.primitives.hqq import HQQResult, hqq_optimize, hqq_qparams
+from lowbit.quantize import quantize_
 from lowbit.quantize.plan import ConfigMapping, plan_quantization
-from lowbit.spec import QuantSpec
 
 __all__ = ["HQQResult", "hqq_optimize", "hqq_qparams", "quantize_hqq_"]
 
 _log = logging.getLogger("lowbit")
+_OPTIONS = ("iters", "p", "beta", "kappa", "optimize_scale")
 
 
-@dataclass
-class HQQResult:
-    """HQQ's qparams for one weight and the objective's history.
-
-    Attributes:
-        scale, zero_point: as ``choose_qparams_affine(w, spec)`` returns them (zero point None
-            for a symmetric signed spec).
-        objective: ``sum |W - dequant(quant(W))|^p`` over the tensor with the best qparams so far,
-            before the first iteration (round-to-nearest's qparams) and after each one.
-    """
-
-    scale: torch.Tensor
-    zero_point: torch.Tensor | None
-    objective: list[float] = field(default_factory=list)
-
-
-def _groups(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """(N, K) -> (groups, elements per group), groups in the order of the qparams' elements."""
-    (n, k), (br, bc) = x.shape, block
-    return x.reshape(n // br, br, k // bc, bc).permute(0, 2, 1, 3).reshape(-1, br * bc)
-
-
-def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
-    """The l_p proximal ("shrinkage") step of half-quadratic splitting."""
-    a = x.abs()
-    return torch.sign(x) * torch.relu(a - a.pow(p - 1.0) / beta)
-
-
-def _check(w, spec, iters, p, beta, kappa, optimize_scale):
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2 or w.numel() == 0:
-        what = f"{w.dtype} tensor of shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
-        raise ValueError(f"w must be a non-empty 2-D floating tensor (out, in), got {what}")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("w holds NaN or inf")
-    if not isinstance(spec, QuantSpec) or spec.dtype.is_float:
-        raise ValueError(f"spec must be an integer QuantSpec, got {spec!r}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters={iters!r} must be an int >= 0")
-    for name, v, ok, allowed in (("p", p, lambda v: 0 < v <= 1, "in (0, 1]"), ("beta", beta, lambda v: v > 0, "> 0"),
-                                 ("kappa", kappa, lambda v: v >= 1, ">= 1")):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-            raise ValueError(f"{name}={v!r} must be a finite float {allowed}")
-    if optimize_scale is not None and not isinstance(optimize_scale, bool):
-        raise ValueError(f"optimize_scale={optimize_scale!r} must be None or a bool")
-
-
-@torch.no_grad()
-def hqq_optimize(
-    w: torch.Tensor,
-    spec: QuantSpec,
-    *,
-    iters: int = 20,
-    p: float = 0.7,
-    beta: float = 10.0,
-    kappa: float = 1.01,
-    optimize_scale: bool | None = None,
-) -> HQQResult:
-    """HQQ's qparams for ``w`` under ``spec`` and the objective after each iteration (module docstring).
-
-    Args:
-        w: (N, K) float weight.
-        spec: an integer spec (a config's ``weight_spec()``); asymmetric: the zero point is
-            optimized (int domain: rounded into ``[qmin, qmax]`` at the end; float domain: kept
-            unrounded); symmetric: the scale.
-        iters: solver iterations (0: round-to-nearest's qparams).
-        p: the error norm's exponent, in (0, 1].
-        beta, kappa: the shrinkage's initial weight and its growth per iteration.
-        optimize_scale: fit the scale as well as the zero point. None: yes, except for a float
-            zero point (HQQ's own setting: min/max scale, free float zero point). An integer zero
-            point alone rarely moves (it stays within 0.5 of round-to-nearest's and rounds back),
-            and a symmetric spec has only its scale.
-
-    Returns:
-        :class:`HQQResult`.
-
-    Raises:
-        ValueError: bad arguments, NaN/inf in ``w``, ``optimize_scale=False`` with a symmetric
-            spec (nothing to optimize), a spec whose blocks do not divide ``w``.
-    """
-    _check(w, spec, iters, p, beta, kappa, optimize_scale)
-    free_zero = not spec.symmetric
-    fit_scale = spec.zero_point_domain != "float" if optimize_scale is None else optimize_scale
-    if not (free_zero or fit_scale):
-        raise ValueError(f"optimize_scale=False with a symmetric spec ({spec.dtype.name}): HQQ would have nothing "
-                         "to optimize (no zero point)")
-    block = spec.block_size(w.shape)
-    scale0, zp0 = choose_qparams_affine(w, spec)
-    shape = scale0.shape
-    wg = _groups(w.detach().float(), block)
-    qmin, qmax = spec.qmin, spec.qmax
-
-    def stored_zero(z):
-        if zp0 is None:
-            return None
-        if spec.zero_point_domain == "int":
-            z = torch.clamp(torch.round(z), qmin, qmax)
-        return z.reshape(shape).to(spec.zero_point_dtype)
-
-    def objective(s, z):  # per group, of what would be stored, through the primitives
-        s2, z2 = s.reshape(shape).to(spec.scale_dtype), stored_zero(z)
-        err = w.float() - dequantize_affine(quantize_affine(w, s2, z2, spec), s2, z2, spec, torch.float32)
-        return _groups(err, block).abs().pow(p).sum(-1)
-
-    s = scale0.float().reshape(-1, 1)
-    z = torch.zeros_like(s) if zp0 is None else zp0.float().reshape(-1, 1)
-    best_s, best_z, best = s.clone(), z.clone(), objective(s, z)
-    history = [float(best.double().sum())]
-    for _ in range(iters):
-        q = torch.clamp(torch.round(wg / s + z), qmin, qmax)
-        target = wg - _shrink(wg - (q - z) * s, beta, p)
-        if free_zero and fit_scale:  # least-squares line target ~ a q + b: s = a, z = -b / a
-            qc = q - q.mean(-1, keepdim=True)
-            a = (qc * target).sum(-1, keepdim=True) / (qc * qc).sum(-1, keepdim=True)
-            ok = torch.isfinite(a) & (a > spec.eps)
-            b = target.mean(-1, keepdim=True) - a * q.mean(-1, keepdim=True)
-            s, z = torch.where(ok, a, s), torch.where(ok, -b / a, z)
-        elif free_zero:
-            z = (q - target / s).mean(-1, keepdim=True)
-        else:
-            qz = q - z
-            a = (qz * target).sum(-1, keepdim=True) / (qz * qz).sum(-1, keepdim=True)
-            s = torch.where(torch.isfinite(a) & (a > spec.eps), a, s)
-        beta *= kappa
-        current = objective(s, z)
-        better = current < best
-        best = torch.where(better, current, best)
-        best_s = torch.where(better[:, None], s, best_s)
-        best_z = torch.where(better[:, None], z, best_z)
-        history.append(float(best.double().sum()))
-    return HQQResult(best_s.reshape(shape).to(spec.scale_dtype), stored_zero(best_z), history)
-
-
-def hqq_qparams(w: torch.Tensor, spec: QuantSpec, *, iters: int = 20, p: float = 0.7, beta: float = 10.0,
-                kappa: float = 1.01, optimize_scale: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(scale, zero_point)`` for ``w`` under ``spec`` by HQQ: see :func:`hqq_optimize` (same arguments).
-
-    The pair goes to ``quantize_affine(w, scale, zero_point, spec)`` like ``choose_qparams_affine``'s.
-
-    Example:
-        >>> spec = Int4WeightOnlyConfig(group_size=64).weight_spec()
-        >>> scale, zp = hqq_qparams(linear.weight, spec)
-    """
-    r = hqq_optimize(w, spec, iters=iters, p=p, beta=beta, kappa=kappa, optimize_scale=optimize_scale)
-    return r.scale, r.zero_point
+def _with_hqq(config):
+    """``config`` with ``qparams="hqq"`` where it has that field (None and other configs as they are)."""
+    if isinstance(config, QuantConfig):
+        if any(f.name == "qparams" for f in dataclasses.fields(config)):
+            return dataclasses.replace(config, qparams="hqq")
+        return config
+    if isinstance(config, Mapping):
+        return {k: _with_hqq(v) for k, v in config.items()}
+    return config  # quantize_'s plan names what is wrong with it
 
 
 def quantize_hqq_(model: nn.Module, config: QuantConfig | ConfigMapping, filter_fn=None, **hqq_options) -> nn.Module:
-    """``quantize_`` with HQQ's qparams: every linear ``quantize_`` would quantize gets the same
-    tensor class and spec, its codes made by ``quantize_affine`` with :func:`hqq_qparams`.
+    """``quantize_`` with HQQ's qparams: every config gets ``qparams="hqq"``, so every linear
+    ``quantize_`` would quantize gets the same tensor class and spec, its codes made by
+    ``quantize_affine`` with :func:`hqq_qparams`, and records that config.
+
+    Without options this is ``quantize_(model, config_with_qparams_hqq, filter_fn)`` (its warning
+    line starts ``quantize_:``). Options
+    other than HQQ's defaults (for experiments) run the solver with them on the same plan; the
+    modules record the same ``qparams="hqq"`` config (the options are not recorded).
 
     All or nothing, as ``quantize_``: on any error the modules already done get their float
     weights back.
 
     Args:
         model: the model, changed in place.
-        config: one config or a mapping, as ``quantize_`` takes; int4/int8 weights only.
+        config: one config or a mapping, as ``quantize_`` takes; int4/int8 weights only (the
+            configs with a ``qparams`` field).
         filter_fn: as ``quantize_``'s.
         **hqq_options: ``iters``, ``p``, ``beta``, ``kappa``, ``optimize_scale`` (:func:`hqq_optimize`).
 
@@ -207,21 +66,31 @@ def quantize_hqq_(model: nn.Module, config: QuantConfig | ConfigMapping, filter_
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    unknown = set(hqq_options) - {"iters", "p", "beta", "kappa", "optimize_scale"}
+    unknown = set(hqq_options) - set(_OPTIONS)
     if unknown:
-        raise TypeError(f"quantize_hqq_ got unknown options {sorted(unknown)}; allowed: iters, p, beta, kappa, "
-                        "optimize_scale")
+        raise TypeError(f"quantize_hqq_ got unknown options {sorted(unknown)}; allowed: {', '.join(_OPTIONS)}")
+    config = _with_hqq(config)
     plan = plan_quantization(model, config, filter_fn)
-    specs = [integer_weight_spec(s.config, s.fqn, "HQQ") for s in plan.steps]
+    for step in plan.steps:
+        if getattr(step.config, "qparams", None) != "hqq":  # float8, fp8-then-int4, QAT: the reason, named
+            integer_weight_spec(step.config, step.fqn, "HQQ")
+            raise NotImplementedError(f"HQQ: module {step.fqn!r} has config {step.config!r}, which has no qparams "
+                                      "field")
+    if not hqq_options:
+        quantize_(model, config, filter_fn)  # its one plan line says 'quantize_: ...'
+        return model
     saved = []
     try:
-        for step, spec in zip(plan.steps, specs):
+        for step in plan.steps:
             w = step.module.weight.detach()
+            spec = step.config.weight_spec()
             scale, zp = hqq_qparams(w, spec, **hqq_options)
             saved += [(m, dict(m.__dict__, _parameters=dict(m._parameters))) for m in
                       (step.module, *(m for _, m in step.shares))]
-            codes = quantize_affine(w, scale, zp, spec)
-            write_weight(step.module, step.fqn, step.config, step.shares, codes, scale, zp)
+            minmax = dataclasses.replace(step.config, qparams="minmax")  # the handler's fields, without its own HQQ run
+            write_weight(step.module, step.fqn, minmax, step.shares, quantize_affine(w, scale, zp, spec), scale, zp)
+            for m in (step.module, *(m for _, m in step.shares)):
+                mark_quantized(m, step.config)
     except BaseException:
         for m, state in reversed(saved):
             m.__dict__.clear()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels.preference import KernelPreference
+from lowbit.primitives.hqq import QPARAMS_RULES
 from lowbit.tensors.base import QuantizedTensor
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "float_weight",
     "fit_group",
     "check_kernel_field",
+    "check_qparams_field",
 ]
 
 _HANDLERS: dict[type, Callable[[nn.Module, "QuantConfig", str], None]] = {}
@@ -104,6 +106,13 @@ def check_kernel_field(config: "QuantConfig") -> None:
     """Raise ValueError unless ``config.kernel`` is a ``KernelPreference``."""
     if not isinstance(config.kernel, KernelPreference):
         raise ValueError(f"{type(config).__name__}(kernel={config.kernel!r}); allowed: {[k for k in KernelPreference]}")
+
+
+def check_qparams_field(config: "QuantConfig") -> None:
+    """Raise ValueError unless ``config.qparams`` is one of ``QPARAMS_RULES`` ("minmax", "hqq")."""
+    if not isinstance(config.qparams, str) or config.qparams not in QPARAMS_RULES:
+        allowed = ", ".join(repr(r) for r in QPARAMS_RULES)
+        raise ValueError(f"{type(config).__name__}(qparams={config.qparams!r}); allowed: {allowed}")
 
 
 def register_handler(config_cls: type):

@@ -8,7 +8,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from lowbit.configs.base import QuantConfig, check_kernel_field, fit_group, float_weight, register_handler, swap_weight
+from lowbit.configs.base import (
+    QuantConfig,
+    check_kernel_field,
+    check_qparams_field,
+    fit_group,
+    float_weight,
+    register_handler,
+    swap_weight,
+)
 from lowbit.granularity import PerGroup, PerToken
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.rules import int4_maxabs_spec
@@ -41,15 +49,23 @@ class Int4WeightOnlyConfig(QuantConfig):
             zero point ``-min / s`` kept unrounded (tinygemm/HQQ style; the group minimum maps
             exactly to 0), asymmetric only.
         kernel: ``KernelPreference``.
+        qparams: how each group's scale and zero point are chosen: "minmax" (default) from the
+            group's min/max (round to nearest); "hqq" by HQQ's half-quadratic solver
+            (``lowbit.primitives.hqq``, no calibration data): int zero point, scale and zero point
+            fitted, then the zero point rounded; float zero point, the zero point alone;
+            symmetric, the scale. Same tensor, spec and kernels; slower to quantize. Any other
+            value: ValueError.
     """
 
     group_size: int = 128
     symmetric: bool = False
     zero_point_domain: str = "int"
     kernel: KernelPreference = KernelPreference.AUTO
+    qparams: str = "minmax"
 
     def __post_init__(self):
         _check_common(self)
+        check_qparams_field(self)
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"Int4WeightOnlyConfig(symmetric={self.symmetric!r}) must be a bool")
         if self.zero_point_domain not in ("int", "float"):
@@ -57,7 +73,10 @@ class Int4WeightOnlyConfig(QuantConfig):
         if self.zero_point_domain == "float" and self.symmetric:
             raise ValueError("Int4WeightOnlyConfig(zero_point_domain='float') needs symmetric=False")
 
-    scale_rule = "minmax"
+    @property
+    def scale_rule(self) -> str:
+        """How ``Int4Tensor.from_float`` chooses the qparams: ``qparams`` ("minmax" or "hqq")."""
+        return self.qparams
 
     def weight_spec(self) -> QuantSpec:
         """Groups of ``group_size`` along in_features: symmetric int4 in [-8, 7] (``amax / 7``), or
@@ -81,15 +100,23 @@ class Int8DynamicActivationInt4WeightConfig(QuantConfig):
     Args:
         group_size: 32 (default), 64, 128 or 256.
         kernel: ``KernelPreference``.
+        qparams: how each group's scale is chosen: "minmax" (default, ``amax / 7``) or "hqq"
+            (HQQ's solver fits the scale, ``lowbit.primitives.hqq``; no calibration data). Any
+            other value: ValueError.
     """
 
     group_size: int = 32
     kernel: KernelPreference = KernelPreference.AUTO
+    qparams: str = "minmax"
 
     def __post_init__(self):
         _check_common(self)
+        check_qparams_field(self)
 
-    scale_rule = "minmax"
+    @property
+    def scale_rule(self) -> str:
+        """How ``Int4Tensor.from_float`` chooses the scales: ``qparams`` ("minmax" or "hqq")."""
+        return self.qparams
 
     def weight_spec(self) -> QuantSpec:
         """Symmetric int4 in [-8, 7] (``amax / 7``) per group."""

@@ -11,6 +11,7 @@ from lowbit.configs.base import (
     QuantConfig,
     check_act_scale_field,
     check_kernel_field,
+    check_qparams_field,
     fit_group,
     float_weight,
     register_handler,
@@ -36,6 +37,11 @@ class _Int8Weights:
         """Symmetric int8 (``scale = amax / 127``, no zero point) per block of ``granularity``."""
         return QuantSpec("int8", self.granularity)
 
+    @property
+    def scale_rule(self) -> str:
+        """How ``Int8Tensor.from_float`` chooses the weight's scales: ``qparams`` ("minmax" or "hqq")."""
+        return self.qparams
+
 
 def int8_static_act_spec(symmetric: bool) -> QuantSpec:
     """Static int8 activations: one fixed scale per tensor (and a zero point when asymmetric); the
@@ -60,14 +66,19 @@ class Int8WeightOnlyConfig(_Int8Weights, QuantConfig):
     Args:
         granularity: ``PerRow()`` (default), ``PerGroup(g)`` or ``PerTensor()``.
         kernel: ``KernelPreference``.
+        qparams: how the weight's scales are chosen: "minmax" (default, ``amax / 127`` per
+            block) or "hqq" (HQQ's solver fits each block's scale, ``lowbit.primitives.hqq``; no
+            calibration data). Any other value: ValueError.
     """
 
     granularity: Granularity = field(default_factory=PerRow)
     kernel: KernelPreference = KernelPreference.AUTO
+    qparams: str = "minmax"
 
     def __post_init__(self):
         _check_granularity(self.granularity, (PerRow, PerGroup, PerTensor), type(self).__name__)
         check_kernel_field(self)
+        check_qparams_field(self)
 
     def for_weight(self, shape):
         """``PerGroup(g)`` where ``g`` does not divide in_features: the largest of g/2, g/4, ... (down
@@ -90,15 +101,20 @@ class Int8DynamicActivationInt8WeightConfig(_Int8Weights, QuantConfig):
             exactly (``zp_x * s_x * s_w * rowsum(W)``).
         granularity: weight granularity, ``PerRow()`` (default) or ``PerTensor()``.
         kernel: ``KernelPreference``.
+        qparams: how the weight's scales are chosen: "minmax" (default, ``amax / 127`` per
+            block) or "hqq" (HQQ's solver fits each block's scale, ``lowbit.primitives.hqq``; no
+            calibration data). Any other value: ValueError.
     """
 
     act_symmetric: bool = True
     granularity: Granularity = field(default_factory=PerRow)
     kernel: KernelPreference = KernelPreference.AUTO
+    qparams: str = "minmax"
 
     def __post_init__(self):
         _check_granularity(self.granularity, (PerRow, PerTensor), type(self).__name__)
         check_kernel_field(self)
+        check_qparams_field(self)
         if not isinstance(self.act_symmetric, bool):
             raise ValueError(f"act_symmetric={self.act_symmetric!r} must be a bool")
 
@@ -116,12 +132,16 @@ class Int8StaticActivationInt8WeightConfig(_Int8Weights, QuantConfig):
         act_zero_point: None (symmetric) or an int in [-128, 127] (asymmetric).
         granularity: weight granularity, ``PerRow()`` (default) or ``PerTensor()``.
         kernel: ``KernelPreference``.
+        qparams: how the weight's scales are chosen: "minmax" (default, ``amax / 127`` per
+            block) or "hqq" (HQQ's solver fits each block's scale, ``lowbit.primitives.hqq``; no
+            calibration data). Any other value: ValueError.
     """
 
     act_scale: float
     act_zero_point: int | None = None
     granularity: Granularity = field(default_factory=PerRow)
     kernel: KernelPreference = KernelPreference.AUTO
+    qparams: str = "minmax"
 
     def __post_init__(self):
         name = type(self).__name__
@@ -133,6 +153,7 @@ class Int8StaticActivationInt8WeightConfig(_Int8Weights, QuantConfig):
             raise ValueError(f"{name}(act_zero_point={zp!r}) must be None or an int in [-128, 127]")
         _check_granularity(self.granularity, (PerRow, PerTensor), name)
         check_kernel_field(self)
+        check_qparams_field(self)
 
     def act_spec(self) -> QuantSpec:
         """Int8 per tensor with the fixed ``act_scale`` (and ``act_zero_point``: asymmetric)."""
@@ -142,13 +163,15 @@ class Int8StaticActivationInt8WeightConfig(_Int8Weights, QuantConfig):
 @register_handler(Int8WeightOnlyConfig)
 def _(module: nn.Module, config: Int8WeightOnlyConfig, fqn: str) -> None:
     w = float_weight(module, fqn)
-    swap_weight(module, Int8Tensor.from_float(w, config.weight_spec(), kernel=config.kernel), config)
+    q = Int8Tensor.from_float(w, config.weight_spec(), scale_rule=config.scale_rule, kernel=config.kernel)
+    swap_weight(module, q, config)
 
 
 @register_handler(Int8DynamicActivationInt8WeightConfig)
 def _(module: nn.Module, config: Int8DynamicActivationInt8WeightConfig, fqn: str) -> None:
     w = float_weight(module, fqn)
-    q = Int8Tensor.from_float(w, config.weight_spec(), act_spec=config.act_spec(), kernel=config.kernel)
+    q = Int8Tensor.from_float(w, config.weight_spec(), scale_rule=config.scale_rule, act_spec=config.act_spec(),
+                              kernel=config.kernel)
     swap_weight(module, q, config)
 
 
@@ -157,7 +180,7 @@ def _(module: nn.Module, config: Int8StaticActivationInt8WeightConfig, fqn: str)
     w = float_weight(module, fqn)
     zp = None if config.act_zero_point is None else torch.tensor(config.act_zero_point)
     q = Int8Tensor.from_float(
-        w, config.weight_spec(), act_spec=config.act_spec(), act_scale=torch.tensor(config.act_scale),
-        act_zero_point=zp, kernel=config.kernel,
+        w, config.weight_spec(), scale_rule=config.scale_rule, act_spec=config.act_spec(),
+        act_scale=torch.tensor(config.act_scale), act_zero_point=zp, kernel=config.kernel,
     )
     swap_weight(module, q, config)

@@ -12,7 +12,8 @@ converted module run with the reference kernels:
 
 Gradients: straight-through for every rounding (the primitives' ``round_ste`` and float8
 round-trip), zero where an affine value was clipped to ``[qmin, qmax]`` (``fake_quantize_affine``).
-Scales are recomputed from the current (detached) weight every step. For the fp8-then-int4 rule
+Scales are recomputed from the current (detached) weight every step, by the config's own rule
+(``qparams="hqq"``: HQQ's solver, every step). For the fp8-then-int4 rule
 the clipped-gradient mask is not applied: with max-abs scales only the positive group maximum
 (8 -> 7) clips, and its gradient passes straight through.
 """
@@ -39,6 +40,7 @@ from lowbit.configs import (
 from lowbit.kernels.int4 import fake_quantize_activation
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine
 from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
+from lowbit.primitives.hqq import weight_qparams
 from lowbit.primitives.rules import float8_then_int4, float8_then_int4_scale
 from lowbit.spec import QuantSpec
 
@@ -87,9 +89,11 @@ def fake_quant_for(config: QuantConfig) -> FakeQuant:
 # --- building blocks (each takes the specs the config states: its weight_spec() / act_spec()) --------
 
 
-def _affine_weight(spec: QuantSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+def _affine_weight(spec: QuantSpec, rule: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Integer weight with qparams chosen by ``rule`` (the config's ``scale_rule``: "minmax" or "hqq")."""
+
     def fq(w):
-        s, zp = choose_qparams_affine(w.detach(), spec)
+        s, zp = weight_qparams(w.detach(), spec, rule)
         return fake_quantize_affine(w, spec, s, zp)
 
     return fq
@@ -154,29 +158,29 @@ def _activation(spec: QuantSpec):
 
 @register_fake_quant(Int8WeightOnlyConfig)
 def _(c):
-    return FakeQuant(_affine_weight(c.weight_spec()))
+    return FakeQuant(_affine_weight(c.weight_spec(), c.scale_rule))
 
 
 @register_fake_quant(Int8DynamicActivationInt8WeightConfig)
 def _(c):
-    weight = _float32_weight(_affine_weight(c.weight_spec()))
+    weight = _float32_weight(_affine_weight(c.weight_spec(), c.scale_rule))
     return FakeQuant(weight, _int8_dynamic_activation(c.act_spec()), float32_linear=True)
 
 
 @register_fake_quant(Int8StaticActivationInt8WeightConfig)
 def _(c):
-    weight = _float32_weight(_affine_weight(c.weight_spec()))
+    weight = _float32_weight(_affine_weight(c.weight_spec(), c.scale_rule))
     return FakeQuant(weight, _int8_static_activation(c.act_spec(), c.act_scale, c.act_zero_point), float32_linear=True)
 
 
 @register_fake_quant(Int4WeightOnlyConfig)
 def _(c):
-    return FakeQuant(_affine_weight(c.weight_spec()))
+    return FakeQuant(_affine_weight(c.weight_spec(), c.scale_rule))
 
 
 @register_fake_quant(Int8DynamicActivationInt4WeightConfig)
 def _(c):
-    return FakeQuant(_affine_weight(c.weight_spec()), _activation(c.act_spec()))
+    return FakeQuant(_affine_weight(c.weight_spec(), c.scale_rule), _activation(c.act_spec()))
 
 
 @register_fake_quant(Float8WeightOnlyConfig)

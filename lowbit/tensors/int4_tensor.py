@@ -26,7 +26,8 @@ import torch
 from lowbit.granularity import PerGroup, PerToken
 from lowbit.kernels.int4 import dequantize_int4, int4_linear
 from lowbit.kernels.preference import KernelPreference
-from lowbit.primitives.affine import choose_qparams_affine, quantize_affine
+from lowbit.primitives.affine import quantize_affine
+from lowbit.primitives.hqq import weight_qparams
 from lowbit.primitives.packing import pack_int4
 from lowbit.primitives.rules import float8_then_int4, float8_then_int4_scale, int4_maxabs_group_scale, int4_maxabs_spec
 from lowbit.spec import QuantSpec
@@ -37,10 +38,11 @@ __all__ = ["Int4Tensor", "INT4_SCALE_RULES"]
 
 GROUP_SIZES = (32, 64, 128, 256)
 # How the int4 scales are chosen: "minmax" (the spec's rule: asymmetric min/max, or symmetric
-# amax / 7), "maxabs" (amax / 8, full [-8, 7] range), "float8_then_int4" (float8 rows first,
-# then max-abs groups of the float8 values; the stored scale is group_scale * row_scale). The two
-# max-abs rules quantize with their spec (``lowbit.primitives.rules.int4_maxabs_spec``).
-INT4_SCALE_RULES = ("minmax", "maxabs", "float8_then_int4")
+# amax / 7), "hqq" (HQQ's solver under the spec, ``lowbit.primitives.hqq``), "maxabs" (amax / 8,
+# full [-8, 7] range), "float8_then_int4" (float8 rows first, then max-abs groups of the float8
+# values; the stored scale is group_scale * row_scale). The two max-abs rules quantize with their
+# spec (``lowbit.primitives.rules.int4_maxabs_spec``).
+INT4_SCALE_RULES = ("minmax", "hqq", "maxabs", "float8_then_int4")
 
 
 class Int4Tensor(QuantizedTensor):
@@ -72,7 +74,7 @@ class Int4Tensor(QuantizedTensor):
                 (``zero_point_domain="int"``) or a float32 one (``"float"``), ``PerGroup(g)`` with g
                 one of 32, 64, 128, 256.
             scale_rule: one of ``INT4_SCALE_RULES``; "maxabs" and "float8_then_int4" need
-                ``spec == int4_maxabs_spec(g)`` and a 2-D input.
+                ``spec == int4_maxabs_spec(g)`` and a 2-D input; "hqq" a 2-D input.
             act_spec: activation spec (int8 ``PerToken`` asymmetric, float8 ``PerToken``) or None.
             kernel: ``KernelPreference``.
 
@@ -89,7 +91,8 @@ class Int4Tensor(QuantizedTensor):
             raise ValueError(f"the last dim {input.shape[-1]} (in_features) is not divisible by group_size={group_size}")
         if scale_rule not in INT4_SCALE_RULES:
             raise ValueError(f"scale_rule={scale_rule!r}; allowed: {INT4_SCALE_RULES}")
-        if scale_rule != "minmax" and (spec != int4_maxabs_spec(group_size) or input.dim() != 2):
+        maxabs = scale_rule in ("maxabs", "float8_then_int4")
+        if maxabs and (spec != int4_maxabs_spec(group_size) or input.dim() != 2):
             raise ValueError(f"scale_rule={scale_rule!r} needs spec=int4_maxabs_spec({group_size}) and a 2-D weight, "
                              f"got spec={spec!r}, shape {tuple(input.shape)}")
         _check_act(act_spec)
@@ -99,8 +102,8 @@ class Int4Tensor(QuantizedTensor):
         elif scale_rule == "maxabs":
             scale, zero_point = int4_maxabs_group_scale(input, group_size), None
             q = quantize_affine(input, scale, None, spec)
-        else:
-            scale, zero_point = choose_qparams_affine(input, spec)
+        else:  # "minmax", "hqq"
+            scale, zero_point = weight_qparams(input, spec, scale_rule)
             q = quantize_affine(input, scale, zero_point, spec)
         return cls(
             qdata=pack_int4(q),

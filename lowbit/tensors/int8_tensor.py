@@ -24,7 +24,8 @@ import torch
 from lowbit.granularity import PerTensor, PerToken
 from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear_any
 from lowbit.kernels.preference import KernelPreference
-from lowbit.primitives.affine import _block_from_scale, choose_qparams_affine, dequantize_affine, quantize_affine
+from lowbit.primitives.affine import _block_from_scale, dequantize_affine, quantize_affine
+from lowbit.primitives.hqq import QPARAMS_RULES, weight_qparams
 from lowbit.spec import QuantSpec
 from lowbit.tensors.base import QuantizedTensor
 from lowbit.tensors.layout_ops import register_layout_ops, register_linear_ops
@@ -50,6 +51,7 @@ class Int8Tensor(QuantizedTensor):
         input: torch.Tensor,
         spec: QuantSpec,
         *,
+        scale_rule: str = "minmax",
         act_spec: QuantSpec | None = None,
         act_scale: torch.Tensor | None = None,
         act_zero_point: torch.Tensor | None = None,
@@ -58,21 +60,25 @@ class Int8Tensor(QuantizedTensor):
         """Quantize ``input`` with ``spec`` (int8); scales chosen by the primitives.
 
         Args:
-            input: floating tensor, rank >= 1.
+            input: floating tensor, rank >= 1 (2-D for "hqq").
             spec: the weight ``QuantSpec``; its dtype must be int8.
+            scale_rule: how the scales are chosen, one of ``QPARAMS_RULES``: "minmax" (the
+                spec's own rule) or "hqq" (``lowbit.primitives.hqq.hqq_qparams``).
             act_spec: activation spec for W8A8 (int8 with ``PerToken()`` for dynamic, or
                 ``PerTensor()`` together with ``act_scale`` for static), or None.
             act_scale, act_zero_point: static activation qparams (one element each).
             kernel: ``KernelPreference`` for the matmul.
 
         Raises:
-            ValueError: a non-int8 spec, an activation spec the kernels don't run, a weight zero
-                point combined with activation quantization.
+            ValueError: a non-int8 spec, an unknown scale rule, an activation spec the kernels
+                don't run, a weight zero point combined with activation quantization.
         """
         if spec.dtype.name != "int8":
             raise ValueError(f"Int8Tensor needs an int8 spec, got spec.dtype={spec.dtype.name}")
+        if scale_rule not in QPARAMS_RULES:
+            raise ValueError(f"scale_rule={scale_rule!r}; allowed: {QPARAMS_RULES}")
         _check_act(act_spec, act_scale, act_zero_point, spec)
-        scale, zero_point = choose_qparams_affine(input, spec)
+        scale, zero_point = weight_qparams(input, spec, scale_rule)
         qdata = quantize_affine(input, scale, zero_point, spec)
         return cls(
             qdata=qdata,

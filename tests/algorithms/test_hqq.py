@@ -1,11 +1,15 @@
-"""HQQ: the objective never increases, never beats the exact optimum of a tiny group, and the
-qparams are the spec's own kind (int zero point in range, float zero point unrounded)."""
+"""HQQ (the solver, ``lowbit.primitives.hqq``, re-exported by ``lowbit.algorithms``): the objective
+never increases, never beats the exact optimum of a tiny group, and the qparams are the spec's own
+kind (int zero point in range, float zero point unrounded). The configs' ``qparams="hqq"`` field:
+tests/configs/test_qparams.py."""
 
 import dataclasses
 
 import pytest
 import torch
 
+import lowbit.algorithms
+import lowbit.primitives.hqq
 from lowbit.algorithms.hqq import hqq_optimize, hqq_qparams
 from lowbit.configs import Int4WeightOnlyConfig, Int8DynamicActivationInt4WeightConfig, Int8WeightOnlyConfig
 from lowbit.granularity import PerGroup
@@ -138,3 +142,16 @@ def test_bad_inputs():
         hqq_qparams(_weight(), SPECS["8da4w"], optimize_scale=False)
     with pytest.raises(ValueError, match="does not divide"):
         hqq_qparams(torch.zeros(4, 48), SPECS["int4-asym"])
+
+
+def test_algorithms_reexport_the_primitive():
+    for name in ("hqq_optimize", "hqq_qparams", "HQQResult"):
+        assert getattr(lowbit.algorithms, name) is getattr(lowbit.primitives.hqq, name)
+
+
+def test_weight_qparams_rule():
+    w, spec, rule = _weight(), SPECS["int4-asym"], lowbit.primitives.hqq.weight_qparams
+    assert all(torch.equal(a, b) for a, b in zip(rule(w, spec), choose_qparams_affine(w, spec)))
+    assert all(torch.equal(a, b) for a, b in zip(rule(w, spec, "hqq"), hqq_qparams(w, spec)))
+    with pytest.raises(ValueError, match=r"rule='HQQ'; allowed: \('minmax', 'hqq'\)"):
+        rule(w, spec, "HQQ")

@@ -213,7 +213,7 @@ def test_config_json_takes_only_allowed_classes_and_fields(tmp_path):
     save_file(tensors, tmp_path / "bad.safetensors", metadata={"lowbit": json.dumps(header)})
     with pytest.raises(CheckpointError, match=r"bad.safetensors: module '0': Int4WeightOnlyConfig has no stored "
                                               r"field\(s\) \['bits'\]; fields: \['group_size', 'symmetric', "
-                                              r"'zero_point_domain'\]"):
+                                              r"'zero_point_domain', 'qparams'\]"):
         read_state([tmp_path / "bad.safetensors"])
 
 
