@@ -96,6 +96,8 @@ class FoldGroup:
         heads: ``(num_kv_heads, repeats, head_dim)`` when the consumer is ``o_proj`` after ``v_proj``:
             ``s`` must be equal across the ``repeats`` query heads of each key/value head; else None.
         reason: None when the group can fold; otherwise why not (the table matched, a check failed).
+        via: fqn of the block holding the consumers (the attention for q/k/v and o_proj, the MLP for
+            gate/up and down_proj), whose output AWQ measures; None where the table names none.
     """
 
     absorber: str
@@ -103,6 +105,7 @@ class FoldGroup:
     kind: str
     heads: tuple[int, int, int] | None = None
     reason: str | None = None
+    via: str | None = None
 
     def tie(self, v: torch.Tensor) -> torch.Tensor:
         """A per-input-channel statistic ``(K,)`` made equal across tied heads (their max); identity
@@ -224,7 +227,8 @@ def find_fold_groups(model: nn.Module) -> list[FoldGroup]:
         full = (lambda p: f"{prefix}.{p}") if prefix else (lambda p: p)
         for edge in edges:
             kind, heads, reason = _check_edge(container, edge, full)
-            groups.append(FoldGroup(full(edge.absorber), tuple(full(c) for c in edge.consumers), kind, heads, reason))
+            groups.append(FoldGroup(full(edge.absorber), tuple(full(c) for c in edge.consumers), kind, heads, reason,
+                                    None if edge.via is None else full(edge.via)))
     return groups
 
 
