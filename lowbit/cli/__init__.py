@@ -1,6 +1,7 @@
 """The ``lowbit`` command: quantize, eval, bench, report and info on transformers checkpoints.
 
     lowbit quantize MODEL_DIR --config int4 --group-size 128 --skip 're:.*lm_head' --out OUT_DIR
+    lowbit quantize MODEL_DIR --config int4 --algorithm gptq --calibration builtin:pydoc-second-half --out OUT_DIR
     lowbit eval MODEL_DIR --text FILE            # perplexity (a float or a lowbit checkpoint)
     lowbit bench MODEL_DIR [--against DIR]       # prefill and decode tokens/s (and the ratio)
     lowbit report MODEL_DIR --config int8wo --config int4 --text FILE    # per-layer sensitivity
@@ -182,10 +183,10 @@ def load_model(path: str, dtype: str = "auto"):
 
 def _read_text(spec: str) -> str:
     if spec.startswith("builtin:"):
-        from lowbit.eval.models import load_text
+        from lowbit.algorithms.calibration import calibration_text
 
         try:
-            return load_text(spec.removeprefix("builtin:"))
+            return calibration_text(spec)
         except ValueError as e:
             raise CLIError(f"--text {spec}: {e}") from e
     p = Path(spec)
@@ -242,33 +243,6 @@ def _mb(n: int) -> str:
 
 
 # --- commands -----------------------------------------------------------------------------------------
-
-
-def cmd_quantize(args) -> dict:
-    from lowbit.pretrained import quantize_pretrained, summarize_configs
-
-    src = _existing_dir(args.model_dir)
-    (config,) = _configs_from(args)
-    skip = args.skip or []
-    _say(args, f"lowbit: quantizing {src} with {config!r}" + (f", skipping {skip}" if skip else ""))
-    with warnings.catch_warnings():  # its one summary line is printed below, not warned
-        warnings.filterwarnings("ignore", message="quantize_pretrained: ", category=UserWarning)
-        summary = quantize_pretrained(src, args.out, config, skip=skip, dtype=args.dtype, overwrite=args.overwrite,
-                                      max_shard_bytes=int(args.max_shard_mb * 2**20), progress=not args.quiet,
-                                      strict=args.strict)
-    result = summary.to_dict()
-    result["configs"] = summarize_configs(summary.configs)
-    _say(args, f"lowbit: wrote {summary.out_dir} ({len(summary.shards)} shard(s))")
-    if not args.json:
-        print(f"quantized {len(summary.configs)} modules ({', '.join(f'{n} x {c}' for c, n in result['configs'].items())})"
-              + (f"; skipped: {len(summary.skipped)} ({', '.join(summary.skipped[:4])}"
-                 f"{', ...' if len(summary.skipped) > 4 else ''})" if summary.skipped else ""))
-        if summary.fallback or summary.left_float:
-            print(summary.message)
-        print(f"{_mb(summary.source_bytes)} read -> {_mb(summary.output_bytes)} written ({summary.dtype}); "
-              f"{summary.seconds:.1f} s ({summary.quantize_seconds:.1f} s quantizing)")
-        print(f"load it: lowbit.from_pretrained({str(summary.out_dir)!r})")
-    return result
 
 
 def cmd_info(args) -> dict:
@@ -422,20 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
 
-    q = sub.add_parser("quantize", parents=[common], help="quantize a transformers checkpoint (streaming, low memory)")
-    q.add_argument("model_dir", metavar="MODEL_DIR", help="transformers model directory (safetensors weights)")
-    _add_config_options(q)
-    q.add_argument("--skip", action="append", metavar="NAME|re:REGEX",
-                   help="leave these linears float (exact module name, or re: + a regex); repeatable")
-    q.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory")
-    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="float dtype of the result (default: the checkpoint's)")
-    q.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT_DIR")
-    q.add_argument("--max-shard-mb", type=float, default=512, help="output shard size (default 512)")
-    q.add_argument("--strict", action="store_true",
-                   help="fail (listing them) when a layer's in_features does not fit --group-size, instead of giving "
-                        "it the largest smaller group that fits (or leaving it float when none does)")
-    q.set_defaults(fn=cmd_quantize)
+    from lowbit.cli.quantize import add_quantize_parser
+
+    add_quantize_parser(sub, common)
 
     i = sub.add_parser("info", parents=[common], help="what a lowbit checkpoint holds")
     i.add_argument("checkpoint", metavar="CHECKPOINT", help="a lowbit checkpoint directory or .safetensors file")
@@ -500,6 +463,8 @@ _USER_ERRORS = (CLIError, FileNotFoundError, NotADirectoryError, FileExistsError
 def main(argv: list[str] | None = None) -> int:
     """Run the ``lowbit`` command; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "usage_check", None) is not None:
+        args.usage_check(args)
     try:
         result = args.fn(args)
         if args.json:
@@ -545,6 +510,3 @@ def console_main() -> None:
     """The console-script entry point."""
     sys.exit(main())
 
-
-if __name__ == "__main__":
-    console_main()
