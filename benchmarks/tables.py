@@ -118,6 +118,7 @@ def table_static() -> str:
 
 
 def _demo_label(row: dict) -> str:
+    """The first column for a demo.json written before rows had short labels (``label`` = the config repr)."""
     if row is None or row["label"].startswith("float32"):
         return "fp32"
     if "counts" in row:  # the autoquant row
@@ -125,13 +126,29 @@ def _demo_label(row: dict) -> str:
     return f"`{row['label']}`"
 
 
+def _demo_config(row: dict) -> str:
+    """The full config of a demo row with a short label (``config``: the repr, `` + GPTQ (...)`` for an algorithm)."""
+    if row["config"] is None:
+        return "-"
+    if "counts" in row:  # the autoquant row
+        return ", ".join(f"{n} x `{c}`" for c, n in row["counts"].items())
+    return f"`{row['config']}`"
+
+
 def table_demo_glassllm() -> str:
-    """``make demo`` on glassllm: every config's linear bytes and perplexity (``results/demo/demo.json``)."""
+    """``make demo`` on glassllm: every row's linear bytes and perplexity (``results/demo/demo.json``)."""
     res = _load(RESULTS / "demo" / "demo.json")["models"]["glassllm"]
     ref = res["rows"][0]
-    body = [[_demo_label(r), f"{r['bytes']:,}", f"{r['bytes'] / ref['bytes']:.2f}x", f"{r['perplexity']:.2f}",
-             "-" if r is ref else _pct(r["delta_pct"]), r["note"] or ""] for r in res["rows"]]
-    return _md(["config", "linear weight bytes", "vs fp32", "perplexity", "delta", "note"], body)
+
+    def numbers(r: dict) -> list[str]:
+        return [f"{r['bytes']:,}", f"{r['bytes'] / ref['bytes']:.2f}x", f"{r['perplexity']:.2f}",
+                "-" if r is ref else _pct(r["delta_pct"]), r["note"] or ""]
+
+    if "config" not in ref:  # written before short labels
+        body = [[_demo_label(r), *numbers(r)] for r in res["rows"]]
+        return _md(["config", "linear weight bytes", "vs fp32", "perplexity", "delta", "note"], body)
+    body = [[r["label"], *numbers(r), _demo_config(r)] for r in res["rows"]]
+    return _md(["row", "linear weight bytes", "vs fp32", "perplexity", "delta", "note", "config"], body)
 
 
 # --- examples/results/qat_finetune.json ------------------------------------------------------------

@@ -3,8 +3,12 @@
 For SmolLM2-135M-Instruct and glassllm-en (both real weights; text: Python's ``pydoc_data.topics``):
 linear weight MB, perplexity change vs float32, prefill and decode tokens/s vs bf16 (eager, 2
 threads, medians), the ``autoquant`` mixed-precision choice within a 1% perplexity budget (glassllm;
-SmolLM2 with ``--autoquant-all``), and a PNG of accuracy vs size and speed per model. Static configs are calibrated with ``lowbit.static``
-on windows from the end of the text, disjoint from the scored ones. Windows start with what the
+SmolLM2 with ``--autoquant-all``), and a PNG of accuracy vs size and speed per model (perplexity
+change on a symmetric log axis; each point numbered, the legend naming it by the row's short label).
+Rows: every config family, int4 with HQQ's qparams (``qparams="hqq"``, no data) and GPTQ's weights
+(``lowbit.algorithms.gptq``). Static configs are calibrated with ``lowbit.static``
+on windows from the end of the text, disjoint from the scored ones; GPTQ on ``--algo-samples`` x
+``--algo-seq-len`` tokens at random starts in the text's second half (``calibration_batches``). Windows start with what the
 tokenizer puts before a text (``lowbit.eval.tokenize_for_perplexity``: neither model's tokenizer
 adds a BOS). Writes ``demo.json`` (settings and ``models``: rows per model), ``demo.md`` and
 ``<model>.png`` under ``--out`` and prints where; ``--out benchmarks/results/demo`` is what
@@ -25,6 +29,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +44,7 @@ from lowbit.configs import (
     Int8DynamicActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
 )
+from lowbit.algorithms import calibration_batches, gptq
 from lowbit.configs.base import QuantConfig
 from lowbit.eval.autoquant import autoquant
 from lowbit.eval.perplexity import perplexity, tokenize_for_perplexity
@@ -47,7 +53,7 @@ from lowbit.quantize import plan_quantization, quantize_
 from lowbit.static import SmoothQuantConfig, StaticQuantConfig, convert, prepare
 from lowbit.tensors import QuantizedTensor
 
-__all__ = ["linear_weight_bytes", "demo_configs", "main"]
+__all__ = ["linear_weight_bytes", "DemoRow", "demo_rows", "quick_rows", "main"]
 
 MODELS = ("smollm2", "glassllm")
 AUTOQUANT_BUDGET = 0.01
@@ -69,24 +75,53 @@ def linear_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def demo_configs() -> list[QuantConfig | StaticQuantConfig | SmoothQuantConfig]:
-    """Every config family the library has, in the demo's row order."""
+@dataclass(frozen=True)
+class DemoRow:
+    """One row of the demo: a short label (the plot's legend and the md table's first column), the
+    config, and the algorithm that makes its weights (None: ``quantize_``/``lowbit.static``'s own)."""
+
+    label: str
+    config: QuantConfig | StaticQuantConfig | SmoothQuantConfig
+    algorithm: str | None = None  # a key of ALGORITHMS: it reads calibration windows
+
+    def describe(self) -> str:
+        """The full config repr, with the algorithm when there is one (the json's ``config``)."""
+        return repr(self.config) + (f" + {ALGORITHMS[self.algorithm]}" if self.algorithm else "")
+
+
+# algorithm -> how it is named in the md and json (HQQ needs no data: it is the configs' qparams="hqq")
+ALGORITHMS = {"gptq": "GPTQ (lowbit.algorithms.gptq)"}
+
+
+def demo_rows() -> list[DemoRow]:
+    """Every config family the library has, and HQQ and each calibrated algorithm at int4, in the demo's row order."""
+    g64, g128 = Int4WeightOnlyConfig(group_size=64), Int4WeightOnlyConfig(group_size=128)
     return [
-        Int8WeightOnlyConfig(),
-        Int8WeightOnlyConfig(PerGroup(32)),
-        Int8DynamicActivationInt8WeightConfig(),
-        StaticQuantConfig(),
-        SmoothQuantConfig(alpha=0.8),
-        SmoothQuantConfig(Int8DynamicActivationInt8WeightConfig()),
-        Int4WeightOnlyConfig(group_size=128),
-        Int4WeightOnlyConfig(group_size=64),
-        Int4WeightOnlyConfig(group_size=32, zero_point_domain="float"),
-        Int8DynamicActivationInt4WeightConfig(),
-        Float8WeightOnlyConfig(),
-        Float8DynamicActivationFloat8WeightConfig(PerRow()),
-        StaticQuantConfig("float8_e4m3fn"),
-        Float8DynamicActivationInt4WeightConfig(group_size=64),
+        DemoRow("int8 wo", Int8WeightOnlyConfig()),
+        DemoRow("int8 wo g32", Int8WeightOnlyConfig(PerGroup(32))),
+        DemoRow("W8A8 dyn", Int8DynamicActivationInt8WeightConfig()),
+        DemoRow("W8A8 static", StaticQuantConfig()),
+        DemoRow("SmoothQuant a=0.8", SmoothQuantConfig(alpha=0.8)),
+        DemoRow("SmoothQuant W8A8 dyn", SmoothQuantConfig(Int8DynamicActivationInt8WeightConfig())),
+        DemoRow("int4 g128", g128),
+        DemoRow("int4 g128 GPTQ", g128, "gptq"),
+        DemoRow("int4 g64", g64),
+        DemoRow("int4 g64 HQQ", Int4WeightOnlyConfig(group_size=64, qparams="hqq")),
+        DemoRow("int4 g64 GPTQ", g64, "gptq"),
+        DemoRow("int4 g32 float zp", Int4WeightOnlyConfig(group_size=32, zero_point_domain="float")),
+        DemoRow("8da4w g32", Int8DynamicActivationInt4WeightConfig()),
+        DemoRow("fp8 wo", Float8WeightOnlyConfig()),
+        DemoRow("fp8 dyn per row", Float8DynamicActivationFloat8WeightConfig(PerRow())),
+        DemoRow("fp8 static", StaticQuantConfig("float8_e4m3fn")),
+        DemoRow("fp8 x int4 g64", Float8DynamicActivationInt4WeightConfig(group_size=64)),
     ]
+
+
+def quick_rows() -> list[DemoRow]:
+    """``--quick``'s rows (CI's reduced mode): int8 weight-only, static int8, int4 g32 and its GPTQ."""
+    g32 = Int4WeightOnlyConfig(group_size=32)
+    return [demo_rows()[0], DemoRow("W8A8 static", StaticQuantConfig()), DemoRow("int4 g32", g32),
+            DemoRow("int4 g32 GPTQ", g32, "gptq")]
 
 
 def _note(plan) -> str:
@@ -159,9 +194,45 @@ def _calibration(ids: torch.Tensor, windows: int, seq_len: int, prefix: tuple[in
     return calib
 
 
-def _quantized(base: nn.Module, config, calib: torch.Tensor, wrap) -> tuple[nn.Module, str]:
-    """(a quantized copy of ``base``, the row's note)."""
+def _algorithm_calibration(ids: torch.Tensor, samples: int, seq_len: int, prefix: tuple[int, ...],
+                           scored_tokens: int) -> torch.Tensor:
+    """GPTQ's and AWQ's calibration: ``samples`` windows of ``seq_len`` tokens at random starts
+    (``calibration_batches``, seed 0) in the second half of ``ids``, each starting with ``prefix`` as
+    in scoring.
+
+    Raises:
+        ValueError: the scored windows (the first ``scored_tokens`` tokens) reach into the second half.
+    """
+    start = ids.numel() // 2
+    if scored_tokens > start:
+        raise ValueError(f"the scored windows ({scored_tokens} tokens) reach into the second half of the text "
+                         f"({ids.numel()} tokens), where GPTQ/AWQ calibrate: use fewer --windows or a shorter --seq-len")
+    body = calibration_batches(ids[start:], n_samples=samples, seq_len=seq_len - len(prefix))
+    if prefix:
+        body = torch.cat([torch.tensor(prefix).expand(samples, -1), body], dim=1)
+    return body
+
+
+def _run_algorithm(model: nn.Module, row: DemoRow, algo_calib: torch.Tensor) -> str:
+    """Quantize ``model`` in place by ``row.algorithm``; returns what its report adds to the note."""
+    if row.algorithm == "gptq":
+        raised = gptq(model, row.config, algo_calib).raised_damping  # warned about by gptq as well
+        return f"GPTQ damping raised on {len(raised)} linear(s)" if raised else ""
+    raise ValueError(f"DemoRow {row.label!r}: algorithm={row.algorithm!r}; allowed: None, {', '.join(ALGORITHMS)}")
+
+
+def _quantized(base: nn.Module, row: DemoRow, calib: torch.Tensor, algo_calib: torch.Tensor | None,
+               wrap) -> tuple[nn.Module, str]:
+    """(a quantized copy of ``base``, the row's note); ``algo_calib`` None: the config's round-to-nearest
+    tensors in place of GPTQ/AWQ's (the bf16 speed copy: same tensors, same kernels)."""
     model = copy.deepcopy(base)
+    config = row.config
+    if row.algorithm is not None and algo_calib is not None:
+        plan = plan_quantization(model, config)
+        with warnings.catch_warnings():  # the note says it
+            warnings.filterwarnings("ignore", message="(quantize_|gptq): ", category=UserWarning)
+            extra = _run_algorithm(model, row, algo_calib)
+        return model, "; ".join(p for p in (_note(plan), extra) if p)
     if isinstance(config, (StaticQuantConfig, SmoothQuantConfig)):
         with warnings.catch_warnings():  # the note says which linears stay float
             warnings.filterwarnings("ignore", message="prepare: ", category=UserWarning)
@@ -210,26 +281,35 @@ def run_model(name: str, args) -> dict:
     seq_len = min(args.seq_len, max_len + 1 - max(len(prefix), 1))  # the model sees len(prefix) + seq_len - 1
     n_calib = args.calib_windows * seq_len
     calib = _calibration(ids, args.calib_windows, seq_len, prefix)
+    rows_todo = demo_rows() if not args.quick else quick_rows()
+    algo_len = min(args.algo_seq_len, max_len)
+    algo_calib = None
+    if any(r.algorithm is not None for r in rows_todo):
+        algo_calib = _algorithm_calibration(ids, args.algo_samples, algo_len, prefix, args.windows * seq_len)
     prompt = torch.cat([torch.tensor(prefix, dtype=torch.long), ids])[: min(args.prefill, max_len)]
     decode = can_decode and args.new_tokens > 0
     print(f"\n== {name} (loaded in {time.perf_counter() - t_start:.1f} s): {sum(p.numel() for p in base.parameters()):,} params; perplexity on {args.windows} x "
-          f"{seq_len} tokens of pydoc_data.topics ({text.note}); calibration {args.calib_windows} x {seq_len} from its end")
+          f"{seq_len} tokens of pydoc_data.topics ({text.note}); calibration {args.calib_windows} x {seq_len} from its end; "
+          f"GPTQ/AWQ calibration {args.algo_samples} x {algo_len} from its second half")
 
-    def measure(label: str, model_f32: nn.Module, model_bf16: nn.Module, note: str = "") -> dict:
+    def measure(label: str, model_f32: nn.Module, model_bf16: nn.Module, note: str = "", *, config: str | None,
+                algorithm: str | None) -> dict:
         ppl = perplexity(wrap(model_f32), ids, seq_len, args.windows, batch_size=4, prefix=prefix)
-        return {"label": label, "bytes": linear_weight_bytes(model_f32), "perplexity": ppl, "note": note,
-                **_speed(model_bf16, wrap, prompt, decode, args.new_tokens, args.reps)}
+        return {"label": label, "config": config, "algorithm": algorithm, "bytes": linear_weight_bytes(model_f32),
+                "perplexity": ppl, "note": note, **_speed(model_bf16, wrap, prompt, decode, args.new_tokens, args.reps)}
 
     base_bf16 = copy.deepcopy(base).to(torch.bfloat16)
-    rows = [measure("float32 (speed: bf16)", base, base_bf16)]
+    rows = [measure("fp32", base, base_bf16, config=None, algorithm=None)]
     ref = rows[0]
-    configs = demo_configs() if not args.quick else demo_configs()[:1] + [StaticQuantConfig(), Int4WeightOnlyConfig(group_size=32)]
-    for i, config in enumerate(_progress(configs, len(configs), name), 1):
+    for i, row in enumerate(_progress(rows_todo, len(rows_todo), name), 1):
         t0 = time.perf_counter()
-        m32, note = _quantized(base, config, calib, wrap)
-        m16, _ = _quantized(base_bf16, config, calib, wrap)
-        rows.append(measure(repr(config), m32, m16, note))
-        print(f"  [{i}/{len(configs)}] {config!r}: {time.perf_counter() - t0:.1f} s", flush=True)
+        m32, note = _quantized(base, row, calib, algo_calib, wrap)
+        quantize_s = time.perf_counter() - t0
+        m16, _ = _quantized(base_bf16, row, calib, None, wrap)
+        rows.append(measure(row.label, m32, m16, note, config=row.describe(), algorithm=row.algorithm))
+        rows[-1]["quantize_s"] = quantize_s
+        print(f"  [{i}/{len(rows_todo)}] {row.label} ({row.describe()}): quantized in {quantize_s:.1f} s, "
+              f"{time.perf_counter() - t0:.1f} s in all", flush=True)
         del m32, m16
 
     aq = None
@@ -246,9 +326,10 @@ def run_model(name: str, args) -> dict:
         seconds = time.perf_counter() - t0
         m32 = quantize_(copy.deepcopy(base), dict(result))
         m16 = quantize_(copy.deepcopy(base_bf16), dict(result))
-        rows.append(measure(f"autoquant (1% budget): {result.counts()}", m32, m16,
+        rows.append(measure("autoquant 1%", m32, m16,
                             f"chosen on other windows: {result.delta_pct:+.2f}% there; held-out "
-                            f"{result.holdout_delta_pct:+.2f}%"))
+                            f"{result.holdout_delta_pct:+.2f}%",
+                            config=f"autoquant (1% budget): {result.counts()}", algorithm=None))
         rows[-1]["counts"] = result.counts()  # {config repr: layers}
         aq = {**result.to_dict(), "seconds": seconds, "table": result.to_table()}
         del m32, m16
@@ -260,22 +341,40 @@ def run_model(name: str, args) -> dict:
         if "decode_tps" in r:
             r["decode_x"] = r["decode_tps"] / ref["decode_tps"]
     return {"model": name, "text": "pydoc", "seq_len": seq_len, "windows": args.windows, "prefix": list(prefix),
-            "special_tokens": text.note, "calibration_windows": args.calib_windows, "rows": rows, "autoquant": aq,
+            "special_tokens": text.note, "calibration_windows": args.calib_windows,
+            "algorithm_calibration": None if algo_calib is None else list(algo_calib.shape), "rows": rows, "autoquant": aq,
             "seconds": time.perf_counter() - t_start}
 
 
 def table(res: dict) -> str:
+    """The md table of one model's rows: the short label first, the full config last."""
     from tabulate import tabulate
 
     body = []
     for r in res["rows"]:
         decode = f"{r['decode_tps']:.1f} ({r['decode_x']:.2f}x)" if "decode_tps" in r else "-"
+        quantize_s = f"{r['quantize_s']:.1f}" if "quantize_s" in r else "-"
         body.append([r["label"], f"{r['mb']:.2f}", f"{r['perplexity']:.3f}",
                      "-" if r is res["rows"][0] else f"{r['delta_pct']:+.2f}%",
-                     f"{r['prefill_tps']:,.0f} ({r['prefill_x']:.2f}x)", decode, r["note"]])
-    headers = ["config", "linear MB", "perplexity", "delta", "prefill tok/s (vs bf16)", "decode tok/s (vs bf16)", "note"]
+                     f"{r['prefill_tps']:,.0f} ({r['prefill_x']:.2f}x)", decode, quantize_s, r["note"],
+                     "-" if r["config"] is None else f"`{r['config']}`"])
+    headers = ["row", "linear MB", "perplexity", "delta", "prefill tok/s (vs bf16)", "decode tok/s (vs bf16)",
+               "quantize s", "note", "config"]
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True,
-                    colalign=("left", "right", "right", "right", "right", "right", "left"))
+                    colalign=("left", "right", "right", "right", "right", "right", "right", "left", "left"))
+
+
+def settings_line(res: dict) -> str:
+    """What one model's table was measured on, for the md."""
+    line = (f"Perplexity on the first {res['windows']} windows x {res['seq_len']} tokens of `pydoc_data.topics` "
+            f"({res['special_tokens']}); static configs calibrated on the last {res['calibration_windows']} x "
+            f"{res['seq_len']} tokens")
+    if res["algorithm_calibration"]:
+        n, length = res["algorithm_calibration"]
+        line += (f"; GPTQ/AWQ calibrated on {n} x {length} tokens at random starts (`calibration_batches`, seed 0) "
+                 "in the text's second half")
+    return line + (". Accuracy in float32; speed in bf16 eager (GPTQ/AWQ rows: the same config's round-to-nearest "
+                   "bf16 tensors, the same layout and kernels). *quantize s*: time to quantize the float32 model.")
 
 
 def _command(argv: list[str] | None) -> str:
@@ -297,10 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autoquant-all", action="store_true",
                         help="autoquant on SmolLM2 too (its sensitivity pass is 422 model evaluations: many minutes "
                              "on 2 cores); by default only on glassllm")
-    parser.add_argument("--quick", action="store_true", help="three configs only (CI's reduced mode)")
+    parser.add_argument("--algo-samples", type=int, default=32,
+                        help="GPTQ/AWQ calibration windows, from the text's second half (default 32)")
+    parser.add_argument("--algo-seq-len", type=int, default=256,
+                        help="tokens per GPTQ/AWQ calibration window, at most the model's context (default 256; "
+                             "glassllm: 128)")
+    parser.add_argument("--quick", action="store_true", help="four rows only (CI's reduced mode)")
     parser.add_argument("--out", type=Path, default=Path("lowbit-demo"), help="output folder (default ./lowbit-demo)")
     args = parser.parse_args(argv)
-    for name in ("windows", "seq_len", "calib_windows", "prefill", "reps", "autoquant_windows"):
+    for name in ("windows", "seq_len", "calib_windows", "prefill", "reps", "autoquant_windows", "algo_samples",
+                 "algo_seq_len"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
     if args.new_tokens < 0:
@@ -320,14 +425,14 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         if res["autoquant"]:
             print(res["autoquant"]["table"])
-        md += [f"## {name} ({res['windows']} x {res['seq_len']} tokens, {res['special_tokens']}; "
-               f"{res['seconds']:.0f} s)", "", text, ""]
+        md += [f"## {name} ({res['seconds']:.0f} s)", "", settings_line(res), "", text, ""]
         try:
             from lowbit.eval.plot import plot_tradeoff
 
             png = plot_tradeoff(res["rows"][1:], args.out / f"{name}.png", speed_key="prefill_x",
                                 speed_label="prefill speed vs bf16 (x)", budget_pct=100 * AUTOQUANT_BUDGET,
-                                title=f"{name}: perplexity change vs weight size and speed")
+                                title=f"{name}: perplexity change vs float32, by linear weight size and prefill speed "
+                                      f"({res['windows']} x {res['seq_len']} tokens)")
             md += [f"![{name}]({png.name})", ""]
         except ImportError as e:
             print(f"(no plot: {e})")
