@@ -182,16 +182,16 @@ def load_model(path: str, dtype: str = "auto"):
 
 
 def _read_text(spec: str) -> str:
-    if spec.startswith("builtin:"):
-        from lowbit.algorithms.calibration import calibration_text
+    from lowbit.algorithms.calibration import BUILTIN_TEXTS, calibration_text
 
+    if spec.startswith("builtin:"):
         try:
             return calibration_text(spec)
         except ValueError as e:
             raise CLIError(f"--text {spec}: {e}") from e
     p = Path(spec)
     if not p.is_file():
-        raise CLIError(f"--text {spec}: no such file (or builtin:pydoc, builtin:britannica, builtin:shakespeare)")
+        raise CLIError(f"--text {spec}: no such file (or builtin:NAME: {', '.join(BUILTIN_TEXTS)})")
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -412,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", parents=[common], help="perplexity on a text")
     model_opts(e)
-    e.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file, or builtin:pydoc|britannica|shakespeare")
+    e.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file, or builtin:pydoc|pydoc-first-half|pydoc-second-half|britannica|"
+                   "shakespeare[:PLAY]; not the text a gptq/awq model was calibrated on (default: pydoc-second-half)")
     e.add_argument("--seq-len", type=_positive, default=256, help="tokens per window (default 256)")
     e.add_argument("--max-windows", type=_positive, default=None, help="score at most this many windows")
     e.add_argument("--batch-size", type=_positive, default=4)
