@@ -17,6 +17,11 @@ Models (both float32 weights and activations in every row):
   ``-min / d`` is fractional, so each group is shifted by up to ``d / 2`` (about 9% relative
   weight error, like quantizing from scratch).
 
+Weight algorithms at int4 g64 and g128 (on SmolLM2, g128's 576-wide layers at g64, as the mapping
+row): HQQ (``qparams="hqq"``, no data) and GPTQ (``lowbit.algorithms.gptq``), calibrated on
+``ALGO_SAMPLES`` windows of up to ``ALGO_SEQ_LEN`` tokens at random starts in the text's second half
+(the scored windows are at its start); ``--only 'hqq|GPTQ'`` runs just those rows.
+
 Every config is applied with ``lowbit.quantize_`` to all ``nn.Linear`` layers (the tied
 ``lm_head`` included: it gets its own quantized weight, the embedding stays float). Layers a
 config can't split (int4: in_features odd or not divisible by the group; int8 PerGroup: not
@@ -189,6 +194,34 @@ def configs():
 
 
 CALIB_WINDOWS = 8
+# GPTQ/AWQ: ALGO_SAMPLES windows of min(ALGO_SEQ_LEN, the model's context) tokens at random starts in the
+# text's second half (lowbit.algorithms.calibration_batches, seed 0); the scored windows are at its start
+ALGO_SAMPLES, ALGO_SEQ_LEN = 32, 256
+ALGO_GROUPS = (64, 128)
+
+
+def _gptq(model, arg, calib):
+    from lowbit.algorithms import gptq
+
+    return gptq(model, arg, calib)
+
+
+ALGORITHMS = {"GPTQ": _gptq}  # label suffix -> fn(model, quantize_ argument, calibration) -> report
+
+
+def algorithm_calibration(ids: torch.Tensor, seq_len: int, prefix, scored_tokens: int) -> torch.Tensor:
+    """GPTQ's/AWQ's calibration windows (``ALGO_SAMPLES`` x ``seq_len``, each starting with ``prefix``
+    as the scored windows do) from the second half of ``ids``; exits if the scored windows reach it."""
+    from lowbit.algorithms import calibration_batches
+
+    start = ids.numel() // 2
+    if scored_tokens > start:
+        sys.exit(f"the scored windows ({scored_tokens} tokens) reach into the text's second half ({ids.numel()} "
+                 "tokens), where GPTQ/AWQ calibrate: use fewer --windows or a shorter --seq-len")
+    body = calibration_batches(ids[start:], n_samples=ALGO_SAMPLES, seq_len=seq_len - len(prefix))
+    if prefix:
+        body = torch.cat([torch.tensor(prefix).expand(ALGO_SAMPLES, -1), body], dim=1)
+    return body
 
 
 def calibrate(model: nn.Module, recipe, ids: torch.Tensor, seq_len: int, run_model, prefix=()) -> nn.Module:
@@ -244,8 +277,25 @@ def plan(model: nn.Module, config):
     return {**dict.fromkeys(skip), "re:.*": config}
 
 
+def int4_argument(model: nn.Module, group: int, **fields):
+    """``Int4WeightOnlyConfig(group_size=group, **fields)`` for every linear: the layers ``group`` can't
+    split at group 64 (SmolLM2's 576-wide at g128) when 64 splits them, else left float (``plan``)."""
+    import lowbit as lb
+
+    config, g64 = lb.Int4WeightOnlyConfig(group_size=group, **fields), lb.Int4WeightOnlyConfig(group_size=64, **fields)
+    skip = unsplittable(model, config)
+    refit = [n for n in skip if n not in unsplittable(model, g64)]
+    label = "Int4WeightOnlyConfig(" + ", ".join([f"group_size={group}"] + [f"{k}={v!r}" for k, v in fields.items()]) + ")"
+    if not refit:
+        return label, plan(model, config)
+    widths = sorted({linears(model)[n].in_features for n in refit})
+    label += f", in_features {'/'.join(map(str, widths))} at group_size=64"
+    return label, {**dict.fromkeys(set(skip) - set(refit)), **dict.fromkeys(refit, g64), "re:.*": config}
+
+
 def rows_for(model: nn.Module, model_key: str):
-    """(label, quantize_ argument, note) for every row of ``model``."""
+    """(label, quantize_ argument, note, algorithm) for every row of ``model`` (algorithm: a key of
+    ``ALGORITHMS`` or None for ``quantize_``/``lowbit.static``)."""
     import lowbit as lb
 
     out = []
@@ -258,18 +308,26 @@ def rows_for(model: nn.Module, model_key: str):
                 note = "g32 = the GGUF's Q4_1 groups; not exact (int zero point vs Q4_1's float offset)"
             else:
                 note = "g32 = the GGUF's Q4_1 groups"
-        out.append((repr(config), plan(model, config), note))  # configs repr only non-default fields
+        out.append((repr(config), plan(model, config), note, None))  # configs repr only non-default fields
     # Int4 g128 with the layers 128 can't split (576-wide on smollm2) at g64: every linear int4.
     g128, g64 = lb.Int4WeightOnlyConfig(group_size=128), lb.Int4WeightOnlyConfig(group_size=64)
     skip128 = unsplittable(model, g128)
     if skip128 and not set(skip128) & set(unsplittable(model, g64)):
         widths = sorted({linears(model)[n].in_features for n in skip128})
         label = f"Int4WeightOnlyConfig(group_size=128), in_features {'/'.join(map(str, widths))} at group_size=64"
-        out.append((label, {**dict.fromkeys(skip128, g64), "re:.*": g128}, "mapping: every linear int4"))
+        out.append((label, {**dict.fromkeys(skip128, g64), "re:.*": g128}, "mapping: every linear int4", None))
         f128 = lb.Int4WeightOnlyConfig(group_size=128, zero_point_domain="float")
         f64 = lb.Int4WeightOnlyConfig(group_size=64, zero_point_domain="float")
         out.append((label.replace("group_size=128", "group_size=128, zero_point_domain='float'"),
-                    {**dict.fromkeys(skip128, f64), "re:.*": f128}, "mapping: every linear int4, float zero points"))
+                    {**dict.fromkeys(skip128, f64), "re:.*": f128}, "mapping: every linear int4, float zero points",
+                    None))
+    for group in ALGO_GROUPS:  # HQQ: the configs' qparams="hqq", no calibration data
+        label, arg = int4_argument(model, group, qparams="hqq")
+        out.append((label, arg, "HQQ qparams (no calibration data)", None))
+    for name in ALGORITHMS:
+        for group in ALGO_GROUPS:
+            label, arg = int4_argument(model, group)
+            out.append((f"{label} + {name}", arg, "", name))
     return out
 
 
@@ -356,12 +414,21 @@ def evaluate_model(key: str, windows: int, seq_len: int, batch_size: int, only: 
     }]
 
     todo = [row for row in rows_for(base, key) if only is None or re.search(only, row[0])]
+    algo_calib = None
+    if any(row[3] is not None for row in todo):
+        algo_calib = algorithm_calibration(ids, min(ALGO_SEQ_LEN, info["max_seq_len"]), prefix, n_windows * seq_len)
     bar, say = _progress(todo, len(todo), info["name"])
-    for i, (label, arg, note) in enumerate(bar, 1):
+    for i, (label, arg, note, algorithm) in enumerate(bar, 1):
         t0 = time.perf_counter()
         if isinstance(arg, (lb.StaticQuantConfig, lb.SmoothQuantConfig)):
             model = calibrate(copy.deepcopy(base), arg, ids, seq_len, run_model, prefix)
             note = (note + "; " if note else "") + f"calibrated on {CALIB_WINDOWS} windows from the end of the text"
+        elif algorithm is not None:
+            model = copy.deepcopy(base)
+            report = ALGORITHMS[algorithm](model, arg, algo_calib)
+            n, length = algo_calib.shape
+            note = (note + "; " if note else "") + (f"{algorithm} on {n} x {length} tokens from the text's second half "
+                                                    f"({report.seconds:.1f} s)")
         else:
             model = quantize_(copy.deepcopy(base), arg)
         stats = linear_stats(model)
@@ -386,6 +453,7 @@ def evaluate_model(key: str, windows: int, seq_len: int, batch_size: int, only: 
             "text": "pydoc_data.topics (Python stdlib; topics sorted by name, joined by blank lines)",
             "text_tokens": ids.numel(), "prefix": list(prefix), "special_tokens": text.note,
             "windows": n_windows, "seq_len": seq_len,
+            "algorithm_calibration": None if algo_calib is None else list(algo_calib.shape),
             "scored_tokens": n_windows * seq_len, "float_perplexity": _jsonable(ref_ppl), "results": results}
 
 
@@ -451,11 +519,18 @@ def render_md(out: dict) -> str:
           "*vs fp32*: ratio to the float32 model's linear bytes; *delta*: perplexity vs float32; "
           "*linears left float*: layers the config can't split (int4: in_features odd or not divisible by "
           "the group; int8 PerGroup: not divisible), left float32 by a `{name: None}` mapping, and their "
-          "share of the linear weight elements.", ""]
+          "share of the linear weight elements.", "",
+          "Weight algorithms: `qparams='hqq'` rows are HQQ's qparams (no calibration data); `+ GPTQ` rows are "
+          "`lowbit.algorithms.gptq` with the same config or mapping, calibrated on windows at random starts "
+          "(`calibration_batches`, seed 0) in the text's second half, disjoint from the scored windows at its "
+          "start (the setting is under each model). Static and SmoothQuant rows: the last "
+          f"{CALIB_WINDOWS} windows of the text.", ""]
     for key, res in out["models"].items():
         md += [f"## {res['model']}: {res['windows']} windows x {res['seq_len']} tokens "
                f"({res['scored_tokens']:,} scored tokens)", "", f"Source: {res['source']}."
-               + (f" Windows: {res['special_tokens']}." if "special_tokens" in res else ""), "", table(res), ""]
+               + (f" Windows: {res['special_tokens']}." if "special_tokens" in res else "")
+               + (" GPTQ calibration: {} x {} tokens.".format(*res["algorithm_calibration"])
+                  if res.get("algorithm_calibration") else ""), "", table(res), ""]
         if key == "glassllm":
             md += ["down_proj has in_features 341 (odd): no int4 config can pack it and PerGroup(32) can't split "
                    "it, so those 4 layers stay float32. q/k/v/gate/up/o_proj and lm_head have in_features 128: "
