@@ -257,3 +257,29 @@ def test_hqq_needs_an_integer_weight(tmp_path, capsys, glassllm_dir):
                        tmp_path / "o", "-q")
     assert code == EXIT_ERROR and err.startswith("lowbit: error: --algorithm hqq with --config fp8wo: HQQ")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_samples_start_with_the_tokenizers_bos(tmp_path, capsys, glassllm_dir):
+    """A tokenizer that puts BOS before a sequence (Llama 3's does) gets it before every calibration sample."""
+    import shutil
+
+    from tokenizers import processors
+
+    bos_dir = tmp_path / "glassllm-bos"
+    shutil.copytree(glassllm_dir, bos_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(bos_dir)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok.save_pretrained(bos_dir)
+    only_q = ["--skip", r"re:model\.layers\.[1-3]\..*", "--skip", "re:.*(mlp|[kvo]_proj).*"]
+    r = run_json(capsys, "quantize", bos_dir, *ARGS, *only_q, "--algorithm", "gptq", *CALIB, "--out", tmp_path / "q")
+    assert r["calibration"]["seq_len"] == 32
+    assert r["calibration"]["special_tokens"] == "each window prefixed with BOS '<bos>' (id 2), as the tokenizer does"
+    tt = tokenize_for_perplexity(tok, calibration_text("builtin:pydoc-second-half"))
+    samples = torch.cat([torch.full((4, 1), 2), calibration_batches(tt.ids, n_samples=4, seq_len=31, seed=0)], dim=1)
+    direct = float_model(bos_dir)
+    gptq(direct, {"model.layers.0.self_attn.q_proj": CONFIG}, samples)
+    assert assert_same_weights(from_pretrained(tmp_path / "q"), direct) == 1
+    plain = float_model(bos_dir)  # the same windows without the BOS give other codes: the test can fail
+    gptq(plain, {"model.layers.0.self_attn.q_proj": CONFIG}, samples[:, 1:])
+    assert not torch.equal(plain.model.layers[0].self_attn.q_proj.weight.qdata,
+                           direct.model.layers[0].self_attn.q_proj.weight.qdata)
