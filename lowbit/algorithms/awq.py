@@ -11,8 +11,9 @@ output and error below is float32, whatever the model's dtype):
    weights ``Q(W * s) / s`` (``Q``: the config's weight spec, fake-quantized by the primitives) give
    the highest output SQNR of the module reading the linears (the attention for q/k/v, the MLP for
    gate/up, the linear itself for ``o_proj`` and ``down_proj``) against the float module on the same
-   inputs. ``alpha = 0`` is ``s = 1``, round-to-nearest: the chosen ``s`` never measures worse on
-   the calibration data. With GQA, ``o_proj``'s statistic is tied across the query heads of a
+   inputs (the first calibration batches holding ``_SEARCH_TOKENS`` = 4096 tokens: a CPU's budget).
+   ``alpha = 0`` is ``s = 1``, round-to-nearest: the chosen ``s`` never measures worse on the
+   searched tokens. With GQA, ``o_proj``'s statistic is tied across the query heads of a
    key/value head (their max) so that ``1 / s`` folds into ``v_proj``'s rows exactly.
 2. ``1 / s`` is folded into the group's norm or producer linear (:func:`lowbit.static.fold.fold_scales`)
    and ``W * s`` becomes the linear's float weight: the float model computes what it did before.
@@ -61,6 +62,10 @@ _log = logging.getLogger("lowbit")
 _CLIP_SHRINK = tuple(1.0 - i / 20 for i in range(10))
 # floor of mean|x|^alpha: a channel no token uses gets a finite s
 _STAT_FLOOR = 1e-4
+# the alpha search measures its modules on the first calibration batches holding at least this many
+# tokens (all of them when fewer): 20 forwards of the attention and MLP per block over every token
+# would dominate the run on a CPU; mean|x| and the clip search use every token
+_SEARCH_TOKENS = 4096
 # where the next block's inputs come from: "quantized" (this block after AWQ) or "float" (before it)
 _NEXT_INPUTS = "quantized"
 
@@ -185,6 +190,11 @@ def _search(work: nn.Module, group: FoldGroup, planned: dict[str, QuantSpec], re
     mean = group.tie((total / count).float())
     measured = (group.via,) if group.kind == "norm" else group.consumers
     modules = {m: work.get_submodule(m) for m in measured}
+    batches, seen = 0, 0
+    for x in xs:  # the first batches up to _SEARCH_TOKENS tokens
+        if seen >= _SEARCH_TOKENS:
+            break
+        batches, seen = batches + 1, seen + x.numel() // x.shape[-1]
     weights = {c: work.get_submodule(c).weight for c in planned}
     originals = {c: w.detach().clone() for c, w in weights.items()}
     best = None
@@ -198,7 +208,7 @@ def _search(work: nn.Module, group: FoldGroup, planned: dict[str, QuantSpec], re
                 weights[c].copy_(fake_quantize_affine(originals[c] * s, spec) / s)
             signal = noise = 0.0
             for m, module in modules.items():
-                sg, ns = _error(module, rec.calls[m], rec.outputs[m])
+                sg, ns = _error(module, rec.calls[m][:batches], rec.outputs[m][:batches])
                 signal, noise = signal + sg, noise + ns
             db = _db(signal, noise)
             if i == 0:

@@ -3,6 +3,7 @@ without clipping, given the folded weights), save/load, errors before any change
 round-to-nearest on a block with outlier input channels and on glassllm."""
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -260,6 +261,8 @@ def test_errors_before_anything_changes():
         awq(model, Float8WeightOnlyConfig(), _calib())
     with pytest.raises(NotImplementedError, match="scale rule 'float8_then_int4'"):
         awq(model, Float8DynamicActivationInt4WeightConfig(group_size=32), _calib())
+    with pytest.raises(NotImplementedError, match="scale rule 'hqq'"):
+        awq(model, Int4WeightOnlyConfig(group_size=32, qparams="hqq"), _calib())
     with pytest.raises(NotImplementedError, match="static act_scale was calibrated for the unscaled input"):
         awq(model, {"re:.*gate_proj": Int8StaticActivationInt8WeightConfig(act_scale=0.05)}, _calib())
     with pytest.raises(ValueError, match="'model.layers.1.mlp.down_proj''s weight holds NaN or inf"):
@@ -302,3 +305,15 @@ def test_glassllm_awq_beats_round_to_nearest():
     print(f"glassllm int4 g32: RTN perplexity {rtn_ppl:.2f}, AWQ {ppl:.2f}")
     assert ppl <= rtn_ppl
     assert len(report.groups) == 12 and all(g.alpha is not None for g in report.groups)  # 4 blocks x (qkv, o, gate/up)
+
+
+def test_alpha_search_measures_the_first_batches_up_to_search_tokens(monkeypatch):
+    """Round-to-nearest's SQNR (alpha = 0) depends only on the measured tokens: with the cap at one
+    batch it is the SQNR of a run calibrated on that batch alone, and differs from the uncapped one."""
+    awq_module = importlib.import_module("lowbit.algorithms.awq")  # lowbit.algorithms.awq is the function
+    config = {"re:.*layers.0.*": Int4WeightOnlyConfig(group_size=32)}
+    full = [g.rtn_sqnr_db for g in _awq(_llama(), config, _calib(), n_grid=1).groups]
+    first = [g.rtn_sqnr_db for g in _awq(_llama(), config, _calib()[:8], n_grid=1).groups]
+    monkeypatch.setattr(awq_module, "_SEARCH_TOKENS", 8 * 32)  # one batch of 8 x 32
+    capped = [g.rtn_sqnr_db for g in _awq(_llama(), config, _calib(), n_grid=1).groups]
+    assert capped == first and capped != full
