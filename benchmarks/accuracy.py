@@ -18,9 +18,9 @@ Models (both float32 weights and activations in every row):
   weight error, like quantizing from scratch).
 
 Weight algorithms at int4 g64 and g128 (on SmolLM2, g128's 576-wide layers at g64, as the mapping
-row): HQQ (``qparams="hqq"``, no data) and GPTQ (``lowbit.algorithms.gptq``), calibrated on
+row): HQQ (``qparams="hqq"``, no data), GPTQ and AWQ (``lowbit.algorithms.gptq``/``awq``), calibrated on
 ``ALGO_SAMPLES`` windows of up to ``ALGO_SEQ_LEN`` tokens at random starts in the text's second half
-(the scored windows are at its start); ``--only 'hqq|GPTQ'`` runs just those rows.
+(the scored windows are at its start); ``--only 'hqq|GPTQ|AWQ'`` runs just those rows.
 
 Every config is applied with ``lowbit.quantize_`` to all ``nn.Linear`` layers (the tied
 ``lm_head`` included: it gets its own quantized weight, the embedding stays float). Layers a
@@ -206,7 +206,13 @@ def _gptq(model, arg, calib):
     return gptq(model, arg, calib)
 
 
-ALGORITHMS = {"GPTQ": _gptq}  # label suffix -> fn(model, quantize_ argument, calibration) -> report
+def _awq(model, arg, calib):
+    from lowbit.algorithms import awq
+
+    return awq(model, arg, calib)
+
+
+ALGORITHMS = {"GPTQ": _gptq, "AWQ": _awq}  # label suffix -> fn(model, quantize_ argument, calibration) -> report
 
 
 def algorithm_calibration(ids: torch.Tensor, seq_len: int, prefix, scored_tokens: int) -> torch.Tensor:
@@ -520,8 +526,8 @@ def render_md(out: dict) -> str:
           "*linears left float*: layers the config can't split (int4: in_features odd or not divisible by "
           "the group; int8 PerGroup: not divisible), left float32 by a `{name: None}` mapping, and their "
           "share of the linear weight elements.", "",
-          "Weight algorithms: `qparams='hqq'` rows are HQQ's qparams (no calibration data); `+ GPTQ` rows are "
-          "`lowbit.algorithms.gptq` with the same config or mapping, calibrated on windows at random starts "
+          "Weight algorithms: `qparams='hqq'` rows are HQQ's qparams (no calibration data); `+ GPTQ` / `+ AWQ` rows are "
+          "`lowbit.algorithms.gptq` / `awq` with the same config or mapping, calibrated on windows at random starts "
           "(`calibration_batches`, seed 0) in the text's second half, disjoint from the scored windows at its "
           "start (the setting is under each model). Static and SmoothQuant rows: the last "
           f"{CALIB_WINDOWS} windows of the text.", ""]
@@ -529,7 +535,7 @@ def render_md(out: dict) -> str:
         md += [f"## {res['model']}: {res['windows']} windows x {res['seq_len']} tokens "
                f"({res['scored_tokens']:,} scored tokens)", "", f"Source: {res['source']}."
                + (f" Windows: {res['special_tokens']}." if "special_tokens" in res else "")
-               + (" GPTQ calibration: {} x {} tokens.".format(*res["algorithm_calibration"])
+               + (" GPTQ/AWQ calibration: {} x {} tokens.".format(*res["algorithm_calibration"])
                   if res.get("algorithm_calibration") else ""), "", table(res), ""]
         if key == "glassllm":
             md += ["down_proj has in_features 341 (odd): no int4 config can pack it and PerGroup(32) can't split "

@@ -5,10 +5,11 @@ linear weight MB, perplexity change vs float32, prefill and decode tokens/s vs b
 threads, medians), the ``autoquant`` mixed-precision choice within a 1% perplexity budget (glassllm;
 SmolLM2 with ``--autoquant-all``), and a PNG of accuracy vs size and speed per model (perplexity
 change on a symmetric log axis; each point numbered, the legend naming it by the row's short label).
-Rows: every config family, int4 with HQQ's qparams (``qparams="hqq"``, no data) and GPTQ's weights
-(``lowbit.algorithms.gptq``). Static configs are calibrated with ``lowbit.static``
+Rows: every config family, int4 with HQQ's qparams (``qparams="hqq"``, no data), GPTQ's and AWQ's
+weights (``lowbit.algorithms.gptq``/``awq``). Static configs are calibrated with ``lowbit.static``
 on windows from the end of the text, disjoint from the scored ones; GPTQ on ``--algo-samples`` x
-``--algo-seq-len`` tokens at random starts in the text's second half (``calibration_batches``). Windows start with what the
+``--algo-seq-len`` tokens at random starts in the text's second half (``calibration_batches``),
+AWQ on the same. Windows start with what the
 tokenizer puts before a text (``lowbit.eval.tokenize_for_perplexity``: neither model's tokenizer
 adds a BOS). Writes ``demo.json`` (settings and ``models``: rows per model), ``demo.md`` and
 ``<model>.png`` under ``--out`` and prints where; ``--out benchmarks/results/demo`` is what
@@ -44,7 +45,7 @@ from lowbit.configs import (
     Int8DynamicActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
 )
-from lowbit.algorithms import calibration_batches, gptq
+from lowbit.algorithms import awq, calibration_batches, gptq
 from lowbit.configs.base import QuantConfig
 from lowbit.eval.autoquant import autoquant
 from lowbit.eval.perplexity import perplexity, tokenize_for_perplexity
@@ -90,7 +91,7 @@ class DemoRow:
 
 
 # algorithm -> how it is named in the md and json (HQQ needs no data: it is the configs' qparams="hqq")
-ALGORITHMS = {"gptq": "GPTQ (lowbit.algorithms.gptq)"}
+ALGORITHMS = {"gptq": "GPTQ (lowbit.algorithms.gptq)", "awq": "AWQ (lowbit.algorithms.awq)"}
 
 
 def demo_rows() -> list[DemoRow]:
@@ -108,6 +109,7 @@ def demo_rows() -> list[DemoRow]:
         DemoRow("int4 g64", g64),
         DemoRow("int4 g64 HQQ", Int4WeightOnlyConfig(group_size=64, qparams="hqq")),
         DemoRow("int4 g64 GPTQ", g64, "gptq"),
+        DemoRow("int4 g64 AWQ", g64, "awq"),
         DemoRow("int4 g32 float zp", Int4WeightOnlyConfig(group_size=32, zero_point_domain="float")),
         DemoRow("8da4w g32", Int8DynamicActivationInt4WeightConfig()),
         DemoRow("fp8 wo", Float8WeightOnlyConfig()),
@@ -218,6 +220,9 @@ def _run_algorithm(model: nn.Module, row: DemoRow, algo_calib: torch.Tensor) -> 
     if row.algorithm == "gptq":
         raised = gptq(model, row.config, algo_calib).raised_damping  # warned about by gptq as well
         return f"GPTQ damping raised on {len(raised)} linear(s)" if raised else ""
+    if row.algorithm == "awq":
+        unscaled = [g for g in awq(model, row.config, algo_calib).groups if g.alpha is None]  # warned about by awq
+        return f"AWQ left {len(unscaled)} group(s) unscaled" if unscaled else ""
     raise ValueError(f"DemoRow {row.label!r}: algorithm={row.algorithm!r}; allowed: None, {', '.join(ALGORITHMS)}")
 
 
@@ -230,7 +235,7 @@ def _quantized(base: nn.Module, row: DemoRow, calib: torch.Tensor, algo_calib: t
     if row.algorithm is not None and algo_calib is not None:
         plan = plan_quantization(model, config)
         with warnings.catch_warnings():  # the note says it
-            warnings.filterwarnings("ignore", message="(quantize_|gptq): ", category=UserWarning)
+            warnings.filterwarnings("ignore", message="(quantize_|gptq|awq): ", category=UserWarning)
             extra = _run_algorithm(model, row, algo_calib)
         return model, "; ".join(p for p in (_note(plan), extra) if p)
     if isinstance(config, (StaticQuantConfig, SmoothQuantConfig)):
