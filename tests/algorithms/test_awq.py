@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lowbit
@@ -296,14 +297,23 @@ def test_glassllm_awq_beats_round_to_nearest():
     calib = calibration_batches(ids[n * 9 // 10:], n_samples=32, seq_len=128, seed=0)
     held_out = ids[: n * 9 // 10]
     config = Int4WeightOnlyConfig(group_size=32)
+    x = held_out[: 16 * 128].view(16, 128)
+    with torch.no_grad():
+        ref = load_glassllm()(x).log_softmax(-1)
+
+    def score(model):
+        with torch.no_grad():
+            kl = F.kl_div(model(x).log_softmax(-1), ref, log_target=True, reduction="none").sum(-1).mean().item()
+        return perplexity(model, held_out, 128, max_windows=32), kl
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tied lm_head and down_proj stay float: said once per call
-        rtn = quantize_(load_glassllm(), config)
+        rtn_ppl, rtn_kl = score(quantize_(load_glassllm(), config))
         model = load_glassllm()
         report = awq(model, config, calib)
-    rtn_ppl, ppl = (perplexity(m, held_out, 128, max_windows=32) for m in (rtn, model))
-    print(f"glassllm int4 g32: RTN perplexity {rtn_ppl:.2f}, AWQ {ppl:.2f}")
-    assert ppl <= rtn_ppl
+    ppl, kl = score(model)
+    print(f"glassllm int4 g32: RTN perplexity {rtn_ppl:.2f} (KL {rtn_kl:.5f}), AWQ {ppl:.2f} (KL {kl:.5f})")
+    assert ppl <= rtn_ppl and kl < rtn_kl
     assert len(report.groups) == 12 and all(g.alpha is not None for g in report.groups)  # 4 blocks x (qkv, o, gate/up)
 
 
