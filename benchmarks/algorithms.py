@@ -235,7 +235,8 @@ def markdown(name: str, ref: float, setup: dict, rows: list[dict]) -> str:
               "int4 asymmetric with an integer zero point (W4A16_ASYM at our group sizes, min/max observer: lowbit's "
               "default spec), lm_head float; GPTQModifier with its defaults (block 128, damping 1%, "
               "actorder static: the peer of GPTQ act_order), AWQModifier with its defaults (duo scaling, 20-point "
-              "grid) then QuantizationModifier; calibration batches of 8 as lowbit's gptq."]
+              "grid; on grouped-query attention it skips the v_proj -> o_proj mapping, shapes differing) then "
+              "QuantizationModifier; calibration batches of 8 as lowbit's gptq."]
     return "\n".join(lines) + "\n"
 
 

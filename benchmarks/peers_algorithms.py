@@ -19,7 +19,8 @@ The peers' specs:
   (the ``W4A16_ASYM`` preset at our group sizes): int4 codes with an integer zero point, min/max
   observer, the same grid as lowbit's uint4 with an int zero point. GPTQModifier's defaults:
   block 128, damping 1%, ``actorder="static"`` (the peer of lowbit's ``act_order=True``).
-  AWQModifier's defaults (``duo_scaling=True``, ``n_grid=20``, Llama mappings) then
+  AWQModifier's defaults (``duo_scaling=True``, ``n_grid=20``, Llama mappings; on SmolLM2's
+  grouped-query attention it skips v_proj -> o_proj itself, the shapes differing) then
   QuantizationModifier. Calibration: the same windows as lowbit's GPTQ, in batches of 8 (as
   lowbit's ``gptq``).
 """
