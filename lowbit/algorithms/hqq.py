@@ -23,7 +23,7 @@ from lowbit.quantize.plan import ConfigMapping, plan_quantization
 __all__ = ["HQQResult", "hqq_optimize", "hqq_qparams", "quantize_hqq_"]
 
 _log = logging.getLogger("lowbit")
-_OPTIONS = ("iters", "p", "beta", "kappa", "optimize_scale")
+_OPTIONS = ("iters", "p", "beta", "kappa", "optimize_scale", "selection")
 
 
 def _with_hqq(config):
@@ -55,7 +55,7 @@ def quantize_hqq_(model: nn.Module, config: QuantConfig | ConfigMapping, filter_
         config: one config or a mapping, as ``quantize_`` takes; int4/int8 weights only (the
             configs with a ``qparams`` field).
         filter_fn: as ``quantize_``'s.
-        **hqq_options: ``iters``, ``p``, ``beta``, ``kappa``, ``optimize_scale`` (:func:`hqq_optimize`).
+        **hqq_options: ``iters``, ``p``, ``beta``, ``kappa``, ``optimize_scale``, ``selection`` (:func:`hqq_optimize`).
 
     Returns:
         ``model``.

@@ -42,7 +42,7 @@ def _objective(w, scale, zp, spec):
 def test_objective_never_increases_and_beats_round_to_nearest(name):
     spec = SPECS[name]
     w = _weight()
-    r = hqq_optimize(w, spec, iters=30, p=P)
+    r = hqq_optimize(w, spec, iters=30, p=P, selection="group-lp")
     hist = torch.tensor(r.objective, dtype=torch.float64)
     assert len(r.objective) == 31
     assert bool((hist[1:] <= hist[:-1]).all()), r.objective
@@ -98,7 +98,8 @@ def test_never_beats_the_exact_optimum_of_a_tiny_group(mode, seed):
             "symmetric-scale": "8da4w"}[mode]
     spec = dataclasses.replace(SPECS[base], granularity=PerGroup(8))
     w = _weight(n=1, k=8, seed=seed)
-    r = hqq_optimize(w, spec, iters=40, p=P, optimize_scale=mode != "int-zero" and mode != "float-zero")
+    r = hqq_optimize(w, spec, iters=40, p=P, optimize_scale=mode != "int-zero" and mode != "float-zero",
+                     selection="group-lp")
     s0, _ = choose_qparams_affine(w, spec)
     if mode == "int-zero":  # the scale is fixed: every integer zero point
         zps = torch.arange(spec.qmin, spec.qmax + 1)
@@ -155,3 +156,31 @@ def test_weight_qparams_rule():
     assert all(torch.equal(a, b) for a, b in zip(rule(w, spec, "hqq"), hqq_qparams(w, spec)))
     with pytest.raises(ValueError, match=r"rule='HQQ'; allowed: \('minmax', 'hqq'\)"):
         rule(w, spec, "HQQ")
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_tensor_l1_selection_stops_when_the_mean_error_stops_falling(name):
+    spec = SPECS[name]
+    w = _weight(seed=3)
+    r = hqq_optimize(w, spec, iters=50, p=P, selection="tensor-l1")
+    hist = r.objective
+    assert 1 <= len(hist) <= 51 and all(b < a for a, b in zip(hist, hist[1:])), hist
+    # the kept qparams give the last (lowest) mean |W - W_r|, through the primitives
+    deq = dequantize_affine(quantize_affine(w, r.scale, r.zero_point, spec), r.scale, r.zero_point, spec)
+    assert float((w - deq).abs().double().mean()) == pytest.approx(hist[-1], rel=1e-5)
+    if spec.zero_point_domain == "float":  # starts from the rounded zero point, stays float after
+        assert r.zero_point.dtype == torch.float32
+    s0, z0 = choose_qparams_affine(w, spec)
+    start = torch.round(z0) if spec.zero_point_domain == "float" else z0
+    deq0 = dequantize_affine(quantize_affine(w, s0, start, spec), s0, start, spec)
+    assert hist[0] == pytest.approx(float((w - deq0).abs().double().mean()), rel=1e-5)
+
+
+def test_auto_selection():
+    w = _weight()
+    for name, want in (("int4-floatzp", "tensor-l1"), ("int4-asym", "group-lp"), ("8da4w", "group-lp")):
+        got = hqq_qparams(w, SPECS[name])
+        ref = hqq_qparams(w, SPECS[name], selection=want)
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, ref)), name
+    with pytest.raises(ValueError, match="selection='best'; allowed"):
+        hqq_qparams(w, SPECS["int4-asym"], selection="best")

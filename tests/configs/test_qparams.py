@@ -109,6 +109,9 @@ def _objective(w, t):
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_hqq_is_never_worse_than_minmax_on_the_objective(kind, seed):
+    if KINDS[kind].weight_spec().zero_point_domain == "float":
+        pytest.skip("a float zero point uses the hqq package's selection (tensor mean |error|, from the rounded "
+                    "zero point), not the l_p objective: tests/algorithms/test_hqq.py::test_tensor_l1_*")
     w = _weight(seed=seed)
     rtn = quantize_(_linear(w), KINDS[kind]).weight
     hqq = quantize_(_linear(w), HQQ[kind]).weight
