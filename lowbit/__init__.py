@@ -22,7 +22,8 @@ from lowbit.quantize import quantize_
 from lowbit.static import SmoothQuantConfig, StaticQuantConfig
 from lowbit.qat import QATConfig
 from lowbit.serialization import load, save
-from lowbit.pretrained import from_pretrained, quantize_pretrained, save_pretrained
+from lowbit.pretrained import quantize_pretrained, save_pretrained
+from lowbit.formats import export, from_pretrained
 from lowbit.eval.autoquant import autoquant
 
 from lowbit.version import __version__
@@ -64,5 +65,6 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
     "quantize_pretrained",
+    "export",
     "autoquant",
 ]

@@ -24,6 +24,7 @@ LAYERS = [
     "algorithms",
     "serialization",
     "pretrained",
+    "formats",
     "eval",
     "cli",
 ]
