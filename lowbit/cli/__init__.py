@@ -5,7 +5,12 @@
     lowbit eval MODEL_DIR --text FILE            # perplexity (a float or a lowbit checkpoint)
     lowbit bench MODEL_DIR [--against DIR]       # prefill and decode tokens/s (and the ratio)
     lowbit report MODEL_DIR --config int8wo --config int4 --text FILE    # per-layer sensitivity
+    lowbit export SRC --format compressed-tensors --out DIR   # for vLLM / SGLang (or --format gguf --out F.gguf)
     lowbit info CHECKPOINT                       # format version, configs per layer, sizes
+    lowbit info --kernels                        # which C++ CPU kernels run on this machine
+
+Every MODEL / SRC may be a transformers directory, a lowbit checkpoint, a compressed-tensors directory
+(llm-compressor, GPTQModel, AutoAWQ) or a GGUF file (llama.cpp); quantized ones load with their own codes.
 
 Exit codes: 0 success; 1 an error in the input (missing path, unknown config, a model with no
 linears, a checkpoint from a newer lowbit...), printed as one line ``lowbit: error: ...``;
@@ -146,36 +151,52 @@ def _configs_from(args) -> list:
 # --- loading ------------------------------------------------------------------------------------------
 
 
-def _existing_dir(path: str) -> Path:
+
+
+def _existing_source(path: str) -> tuple[Path, str]:
+    """``(path, kind)`` for a model source: a transformers or lowbit directory, a compressed-tensors
+    directory or a GGUF file (``kind`` as ``lowbit.formats.detect_format`` says)."""
+    from lowbit.formats import detect_format
+
     p = Path(path)
     if not p.exists():
         raise CLIError(f"{p} does not exist")
-    if not p.is_dir():
-        raise CLIError(f"{p} is not a directory (a transformers model directory with config.json)")
-    if not (p / "config.json").is_file():
-        raise CLIError(f"{p} has no config.json: not a transformers model directory")
-    return p
+    if p.is_dir() and not (p / "config.json").is_file() and not any(p.glob("*.gguf")):
+        raise CLIError(f"{p} has no config.json: not a transformers model directory (nor a folder with a GGUF file)")
+    try:
+        return p, detect_format(p)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
 
 
 def load_model(path: str, dtype: str = "auto"):
-    """``(model, tokenizer or None, kind)`` for a lowbit checkpoint or a float transformers directory."""
-    from lowbit.pretrained.checkpoint import _resolve_dtype, _transformers, from_pretrained, is_lowbit_checkpoint
+    """``(model, tokenizer or None, kind)`` for a float transformers directory (kind ``"float"``), a lowbit
+    checkpoint, a compressed-tensors directory or a GGUF file (kinds ``"lowbit"``, ``"compressed-tensors"``,
+    ``"gguf"``: loaded by ``lowbit.from_pretrained`` with the file's own codes and scales)."""
+    from lowbit.formats import from_pretrained
+    from lowbit.pretrained.checkpoint import _resolve_dtype, _transformers
 
-    p = _existing_dir(path)
+    p, kind = _existing_source(path)
     tf = _transformers()
     tf.logging.set_verbosity_error()  # its info lines and weight-loading bars would drown ours
     tf.utils.logging.disable_progress_bar()
-    if is_lowbit_checkpoint(p):
-        if dtype != "auto":
-            raise CLIError(f"--dtype {dtype}: {p} is a lowbit checkpoint, whose dtype is fixed when quantizing")
-        model, kind = from_pretrained(p), "lowbit"
-    else:
+    if kind == "transformers":
         with open(p / "config.json") as f:
             torch_dtype = _resolve_dtype(dtype, json.load(f))
         model = tf.AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype, local_files_only=True).eval()
         kind = "float"
+    else:
+        if dtype != "auto":
+            raise CLIError(f"--dtype {dtype}: {p} is a quantized {kind} checkpoint, whose dtype is fixed by the file")
+        model = from_pretrained(p)
     try:
-        tok = tf.AutoTokenizer.from_pretrained(p, local_files_only=True)
+        if kind == "gguf":
+            from lowbit.formats import _gguf_file
+            from lowbit.formats.gguf import gguf_tokenizer
+
+            tok = gguf_tokenizer(_gguf_file(p))
+        else:
+            tok = tf.AutoTokenizer.from_pretrained(p, local_files_only=True)
     except (OSError, ValueError):
         tok = None
     return model, tok, kind
@@ -245,13 +266,38 @@ def _mb(n: int) -> str:
 # --- commands -----------------------------------------------------------------------------------------
 
 
+def _kernel_rows() -> list[list[str]]:
+    """One row per compiled CPU kernel: its name and status (``ok``, or why it does not run here)."""
+    from lowbit.kernels._ext import status
+
+    return [[name, why] for name, why in status().items()]
+
+
 def cmd_info(args) -> dict:
     from lowbit.pretrained import checkpoint_info
 
+    if args.kernels:
+        rows = _kernel_rows()
+        if not args.json:
+            from tabulate import tabulate
+
+            print(tabulate(rows, headers=["C++ kernel", "status"], tablefmt="github"))
+        if args.checkpoint is None:
+            return {"kernels": dict(rows)}
+    elif args.checkpoint is None:
+        raise CLIError("info needs a CHECKPOINT (or --kernels)")
     p = Path(args.checkpoint)
     if not p.exists():
         raise CLIError(f"{p} does not exist")
+    if p.is_dir() and not (p / "config.json").is_file() or p.is_file() and p.suffix != ".safetensors":
+        return _info_foreign(args, p)
+    from lowbit.formats import detect_format
+
+    if p.is_dir() and detect_format(p) == "compressed-tensors":
+        return _info_foreign(args, p)
     info = checkpoint_info(p)
+    if args.kernels:
+        info["kernels"] = dict(_kernel_rows())
     if not args.json:
         from tabulate import tabulate
 
@@ -263,6 +309,29 @@ def cmd_info(args) -> dict:
               f"({_mb(info['quantized_bytes'])} quantized, {_mb(info['float_bytes'])} float)")
         rows = [[c, n] for c, n in sorted(info["configs"].items(), key=lambda kv: -kv[1])]
         print(tabulate(rows, headers=["config", "modules"], tablefmt="github"))
+        if args.modules:
+            print(tabulate(list(info["modules"].items()), headers=["module", "config"], tablefmt="github"))
+    return info
+
+
+def _info_foreign(args, p: Path) -> dict:
+    """``info`` on a compressed-tensors directory or a GGUF file: loaded (no re-quantization), then the lowbit
+    config each module maps to, and the bytes held."""
+    from lowbit.formats import describe
+
+    model, _, kind = load_model(str(p))
+    info = {"path": str(p), "format": kind, "model_type": getattr(model.config, "model_type", None),
+            **describe(model)}
+    info["bytes"] = info["quantized_bytes"] + info["float_bytes"]
+    if args.kernels:
+        info["kernels"] = dict(_kernel_rows())
+    if not args.json:
+        from tabulate import tabulate
+
+        print(f"{p}: {kind} checkpoint; {info['model_type']}; in memory {_mb(info['bytes'])} of tensors "
+              f"({_mb(info['quantized_bytes'])} quantized, {_mb(info['float_bytes'])} float)")
+        rows = [[c, n] for c, n in sorted(info["configs"].items(), key=lambda kv: -kv[1])]
+        print(tabulate(rows, headers=["lowbit config", "modules"], tablefmt="github"))
         if args.modules:
             print(tabulate(list(info["modules"].items()), headers=["module", "config"], tablefmt="github"))
     return info
@@ -396,17 +465,23 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
 
+    from lowbit.cli.export import add_export_parser
     from lowbit.cli.quantize import add_quantize_parser
 
     add_quantize_parser(sub, common)
+    add_export_parser(sub, common)
 
-    i = sub.add_parser("info", parents=[common], help="what a lowbit checkpoint holds")
-    i.add_argument("checkpoint", metavar="CHECKPOINT", help="a lowbit checkpoint directory or .safetensors file")
+    i = sub.add_parser("info", parents=[common], help="what a checkpoint holds (lowbit, compressed-tensors, GGUF); "
+                       "--kernels: which C++ kernels run here")
+    i.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?",
+                   help="a lowbit checkpoint directory or .safetensors file, a compressed-tensors directory or a GGUF file")
     i.add_argument("--modules", action="store_true", help="also list every module's config")
+    i.add_argument("--kernels", action="store_true", help="list lowbit's C++ CPU kernels and whether each runs here")
     i.set_defaults(fn=cmd_info)
 
     def model_opts(sp):
-        sp.add_argument("model_dir", metavar="MODEL_DIR", help="a transformers model directory or a lowbit checkpoint")
+        sp.add_argument("model_dir", metavar="MODEL", help="a transformers model directory, a lowbit or compressed-tensors "
+                        "checkpoint directory, or a GGUF file")
         sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="dtype of a float model (default: its config's)")
 

@@ -19,7 +19,7 @@ from lowbit.cli import (
     _add_config_options,
     _bar,
     _configs_from,
-    _existing_dir,
+    _existing_source,
     _mb,
     _positive,
     _say,
@@ -29,6 +29,7 @@ from lowbit.cli import (
 ALGORITHMS = ("rtn", "hqq", "gptq", "awq")
 _DATA_ALGORITHMS = ("gptq", "awq")  # need calibration data and the whole model in memory
 DEFAULT_SAMPLES, DEFAULT_CALIB_SEQ_LEN = 128, 256
+_QUANTIZED_SOURCES = ("compressed-tensors", "gguf")  # re-quantized from their dequantized weights
 _PLAN_LINES = ("gptq: ", "awq: ", "quantize_hqq_: ", "quantize_: ")  # the algorithms' warned plan lines
 
 
@@ -41,7 +42,8 @@ def add_quantize_parser(sub, common: argparse.ArgumentParser) -> None:
                        "hqq does too for configs without a qparams field. Calibration and evaluation text must "
                        "differ: the default calibration, builtin:pydoc-second-half, is disjoint from "
                        "builtin:pydoc-first-half and from the first half of builtin:pydoc.")
-    q.add_argument("model_dir", metavar="MODEL_DIR", help="transformers model directory (safetensors weights)")
+    q.add_argument("model_dir", metavar="MODEL", help="transformers model directory (safetensors weights); a "
+                   "compressed-tensors directory or a GGUF file is dequantized and quantized again (in memory)")
     _add_config_options(q)
     q.add_argument("--skip", action="append", metavar="NAME|re:REGEX",
                    help="leave these linears float (exact module name, or re: + a regex); repeatable")
@@ -79,10 +81,12 @@ def _check_quantize_usage(parser: argparse.ArgumentParser, args) -> None:
 
 
 def cmd_quantize(args) -> dict:
-    src = _existing_dir(args.model_dir)
+    src, kind = _existing_source(args.model_dir)
     (config,) = _configs_from(args)
     skip = args.skip or []
     algorithm = args.algorithm
+    if kind in _QUANTIZED_SOURCES:  # dequantized in memory first: never streamed
+        return _quantize_in_memory(args, src, config, skip, kind)
     if algorithm == "hqq" and "qparams" in {f.name for f in dataclasses.fields(config)}:
         config = dataclasses.replace(config, qparams="hqq")  # HQQ's qparams need no data: it streams
         algorithm = "rtn"
@@ -188,8 +192,25 @@ def _algorithm(name: str):
     return fn
 
 
-def _quantize_in_memory(args, src: Path, config, skip: list[str]) -> dict:
-    """hqq (configs without a qparams field), gptq, awq: the whole model loaded, quantized in place, saved."""
+def _dequantize_model_(model) -> int:
+    """Replace every lowbit tensor weight by the float tensor it stands for (its ``dequantize()``); returns how many."""
+    from torch import nn
+
+    n = 0
+    for m in model.modules():
+        if getattr(m, "lowbit_config", None) is None:
+            continue
+        w = m.weight
+        m.weight = nn.Parameter(w.dequantize(), requires_grad=False)
+        del m.lowbit_config
+        m.__dict__.pop("extra_repr", None)
+        n += 1
+    return n
+
+
+def _quantize_in_memory(args, src: Path, config, skip: list[str], kind: str = "transformers") -> dict:
+    """hqq (configs without a qparams field), gptq, awq, and any algorithm on a compressed-tensors or GGUF source
+    (dequantized first): the whole model loaded, quantized in place, saved."""
     from lowbit.pretrained.checkpoint import _NOT_COPIED, is_lowbit_checkpoint, save_pretrained
     from lowbit.pretrained.streaming import _source_files
     from lowbit.quantize.plan import plan_quantization, state_bytes
@@ -197,13 +218,23 @@ def _quantize_in_memory(args, src: Path, config, skip: list[str]) -> dict:
     t0 = time.perf_counter()
     if is_lowbit_checkpoint(src):
         raise CLIError(f"{src} is already a lowbit checkpoint; quantize its float source instead")
-    files = _source_files(src)  # safetensors only, as the streaming path
+    foreign = kind in _QUANTIZED_SOURCES
+    if foreign:
+        files = {f.name: f for f in ([src] if src.is_file() else src.glob("*.safetensors"))}
+        if args.dtype != "auto":
+            raise CLIError(f"--dtype {args.dtype}: {src} is a quantized {kind} checkpoint, whose dtype is fixed by the file")
+    else:
+        files = _source_files(src)  # safetensors only, as the streaming path
     out = Path(args.out)
     _check_out_dir(out, src, args.overwrite)
     mapping = _skip_mapping(config, skip)
     fn = _algorithm(args.algorithm) if args.algorithm in _DATA_ALGORITHMS else None
     _say(args, f"lowbit: loading {src} (--algorithm {args.algorithm} needs the whole model in memory)")
     model, tok, _ = load_model(str(src), args.dtype)
+    if foreign:
+        n = _dequantize_model_(model)
+        _say(args, f"lowbit: {src} is a quantized {kind} checkpoint: its {n} quantized weight(s) are dequantized and "
+                   "quantized again (lowbit.from_pretrained loads it without re-quantizing)")
     plan = plan_quantization(model, mapping, strict=args.strict)  # --strict and --skip errors before any work
     if not plan.steps:
         if plan.skipped and not plan.unfit and not plan.tied:
@@ -245,9 +276,12 @@ def _quantize_in_memory(args, src: Path, config, skip: list[str]) -> dict:
     after = state_bytes(model)
     _say(args, f"lowbit: writing {out}")
     save_pretrained(model, out, max_shard_bytes=int(args.max_shard_mb * 2**20), overwrite=args.overwrite)
-    for f in src.iterdir():  # tokenizer and generation files, as the streaming path copies them
-        if f.is_file() and not _NOT_COPIED.fullmatch(f.name):
-            shutil.copy2(f, out / f.name)
+    if src.is_dir():
+        for f in src.iterdir():  # tokenizer and generation files, as the streaming path copies them
+            if f.is_file() and not _NOT_COPIED.fullmatch(f.name) and f.name != "recipe.yaml":
+                shutil.copy2(f, out / f.name)
+    elif tok is not None:  # a GGUF file: its tokenizer, as transformers reads it
+        tok.save_pretrained(out)
     shards = json.loads((out / "config.json").read_text())["lowbit"]["shards"]
     configs = {s.fqn: repr(s.config) for s in plan.steps}
     configs.update({fqn: repr(s.config) for s in plan.steps for fqn, _ in s.shares})

@@ -1,13 +1,23 @@
-"""Lazily built C++ kernels (torch.utils.cpp_extension), cached per source, torch and CPU.
+"""Lazily built C++ kernels (torch.utils.cpp_extension), one build per kernel chosen at run time
+from the CPU's features, cached per source, torch and CPU.
 
-Each ``csrc/<name>.cpp`` is its own extension module (``lowbit_<name>``). ``load(name)`` returns
-it, or None when it can't run here; callers then use the pure-PyTorch path. ``status()`` says
-why for each one: ``"ok"``, ``"disabled (LOWBIT_NO_EXT=1)"``, ``"not x86-64 (<machine>)"``,
-``"cpu lacks <features>"`` or ``"build failed: <error>"``. The first time a kernel can't run in a
-process, a warning names it and the reason (a build failure also as a ``RuntimeWarning``: the
-CPU could run it, so this is a broken install, not a missing feature). Each build happens once
-per machine (about 20 s) into ``$LOWBIT_CACHE`` or ``~/.cache/lowbit``; set ``LOWBIT_NO_EXT=1``
-to skip them all.
+Each kernel has an ordered list of builds (``BUILDS``): an AVX-512 source first, then an
+AVX2 + FMA + F16C one (``csrc/<name>.cpp`` and ``csrc/<name>_avx2.cpp``, each its own extension
+module ``lowbit_<source>``). ``load(name)`` builds the first one whose features the CPU has and
+returns it, or None when none can run here; callers then use the pure-PyTorch path. Both builds of
+a kernel define the same Python functions (and the same ``lowbit_cpu::`` dispatcher ops), so only
+one build of a kernel is ever loaded in a process.
+
+``LOWBIT_ISA`` forces a build: ``auto`` (default), ``avx512`` or ``avx2`` (e.g. ``LOWBIT_ISA=avx2``
+runs and tests the AVX2 kernels on an AVX-512 machine); it is read at a kernel's first load.
+
+``status()`` says, for each kernel, ``"ok (<isa>)"``, ``"disabled (LOWBIT_NO_EXT=1)"``,
+``"not x86-64 (<machine>)"``, ``"cpu lacks <features> (<isa>); ..."`` (one entry per build it
+could not use) or ``"build failed (<isa>): <error>"``. The first time a kernel can't run in a
+process, a warning names it and the reason (a build failure also as a ``RuntimeWarning``: the CPU
+could run it, so this is a broken install, not a missing feature). Each build happens once per
+machine (about 20 s) into ``$LOWBIT_CACHE`` or ``~/.cache/lowbit``; set ``LOWBIT_NO_EXT=1`` to
+skip them all.
 """
 
 from __future__ import annotations
@@ -18,32 +28,56 @@ import os
 import platform
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["load", "status", "needed_features", "OK", "DISABLED"]
+__all__ = ["load", "status", "active_isa", "kernel_report", "needed_features", "forced_isa", "BUILDS", "ISAS", "OK",
+           "DISABLED"]
 
 _log = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
-# CPU features each source is compiled for (gcc -m<flag>, /proc/cpuinfo names).
-_FEATURES = {
-    "int8_gemv": ("avx512f", "avx512bw"),
-    "int4_cpu": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi", "avx512_vnni"),
-    "fp8_cpu": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi"),
-    "int8_act": ("avx512f", "avx512bw", "avx512vl", "f16c"),
+
+
+@dataclass(frozen=True)
+class Build:
+    """One way to compile a kernel: its instruction set, its source ``csrc/<source>.cpp``, the CPU
+    features it is compiled for (``/proc/cpuinfo`` names, passed as ``-m<flag>``) and extra flags."""
+
+    isa: str
+    source: str
+    features: tuple[str, ...]
+    cflags: tuple[str, ...] = ()
+
+
+ISAS = ("avx512", "avx2")
+_AVX2 = ("avx2", "fma", "f16c")
+# int8_act must repeat the primitives' float32 ops exactly, so gcc may not fuse a multiply and an
+# add into an FMA (its default -ffp-contract=fast would): both of its builds say so.
+_EXACT = ("-ffp-contract=off",)
+# Per kernel, its builds in order of preference: the first whose features the CPU has is used.
+BUILDS: dict[str, tuple[Build, ...]] = {
+    "int8_gemv": (Build("avx512", "int8_gemv", ("avx512f", "avx512bw")), Build("avx2", "int8_gemv_avx2", _AVX2)),
+    "int4_cpu": (Build("avx512", "int4_cpu", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi", "avx512_vnni")),
+                 Build("avx2", "int4_cpu_avx2", _AVX2)),
+    "fp8_cpu": (Build("avx512", "fp8_cpu", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi")),
+                Build("avx2", "fp8_cpu_avx2", _AVX2)),
+    "int8_act": (Build("avx512", "int8_act", ("avx512f", "avx512bw", "avx512vl", "f16c"), _EXACT),
+                 Build("avx2", "int8_act_avx2", _AVX2, _EXACT)),
 }
-# Extra compiler flags per source: int8_act must repeat the primitives' float32 ops exactly, so
-# gcc may not fuse a multiply and an add into an FMA (its default -ffp-contract=fast would).
-_CFLAGS = {"int8_act": ("-ffp-contract=off",)}
 _GCC_FLAG = {"avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni"}
 
 OK = "ok"
 DISABLED = "disabled (LOWBIT_NO_EXT=1)"
+ISA_ENV = "LOWBIT_ISA"
 
-# name -> (module or None, status). One lock: a build runs once even when threads race to it.
-_LOADED: dict[str, tuple[object | None, str]] = {}
+# name -> (module or None, status, isa or None). One lock: a build runs once even when threads race.
+_LOADED: dict[str, tuple[object | None, str, str | None]] = {}
 _LOCK = threading.RLock()
+# name -> isa of the build imported into this process (never reset: a second build of the same
+# kernel would register the same dispatcher ops again, which torch refuses).
+_IMPORTED: dict[str, str] = {}
 
 
 def _cpu_flags() -> str:
@@ -57,77 +91,119 @@ def _cpu_flags() -> str:
 
 
 def _check_name(name: str) -> None:
-    if name not in _FEATURES:
-        raise ValueError(f"unknown C++ kernel source {name!r}; known: {sorted(_FEATURES)}")
+    if name not in BUILDS:
+        raise ValueError(f"unknown C++ kernel source {name!r}; known: {sorted(BUILDS)}")
 
 
-def needed_features(name: str) -> tuple[str, ...]:
-    """The CPU features (``/proc/cpuinfo`` names) the kernel ``name`` is compiled for."""
+def forced_isa() -> str | None:
+    """The build ``LOWBIT_ISA`` forces (``"avx512"`` or ``"avx2"``), or None for ``auto``/unset.
+
+    Raises:
+        ValueError: ``LOWBIT_ISA`` is set to anything else.
+    """
+    value = os.environ.get(ISA_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in ISAS:
+        raise ValueError(f"{ISA_ENV}={os.environ[ISA_ENV]!r} is not a known instruction set; use one of "
+                         f"{', '.join(('auto',) + ISAS)} (or leave it unset)")
+    return value
+
+
+def needed_features(name: str, isa: str | None = None) -> tuple[str, ...]:
+    """The CPU features (``/proc/cpuinfo`` names) the ``isa`` build of kernel ``name`` is compiled
+    for; ``isa=None``: those of its last (most widely runnable) build.
+
+    Raises:
+        ValueError: unknown ``name`` or ``isa``.
+    """
     _check_name(name)
-    return _FEATURES[name]
+    if isa is None:
+        return BUILDS[name][-1].features
+    for b in BUILDS[name]:
+        if b.isa == isa:
+            return b.features
+    raise ValueError(f"kernel {name!r} has no {isa!r} build; it has {[b.isa for b in BUILDS[name]]}")
 
 
-def _unavailable_reason(name: str, flags: str) -> str | None:
-    """Why ``name`` can't be built on this machine before trying, or None when it should build."""
+def _missing(build: Build, flags: str) -> list[str]:
+    return [f for f in build.features if f" {f} " not in f"{flags} "]
+
+
+def _choose(name: str, flags: str) -> tuple[Build | None, str | None]:
+    """The build to compile for ``name`` on this machine, or (None, why none can run)."""
     if os.environ.get("LOWBIT_NO_EXT") == "1":
-        return DISABLED
+        return None, DISABLED
     if platform.machine() != "x86_64":
-        return f"not x86-64 ({platform.machine() or 'unknown machine'})"
-    missing = [f for f in _FEATURES[name] if f" {f} " not in f"{flags} "]
-    if missing:
-        return f"cpu lacks {', '.join(missing)}"
-    return None
+        return None, f"not x86-64 ({platform.machine() or 'unknown machine'})"
+    forced = forced_isa()
+    candidates = [b for b in BUILDS[name] if forced is None or b.isa == forced]
+    lacks = []
+    for b in candidates:
+        missing = _missing(b, flags)
+        if not missing:
+            return b, None
+        lacks.append(f"{', '.join(missing)} ({b.isa})")
+    why = f"cpu lacks {'; '.join(lacks)}"
+    return None, why + (f" [forced by {ISA_ENV}={forced}]" if forced else "")
 
 
-def _build(name: str, flags: str):
-    src = _CSRC / f"{name}.cpp"
+def _build(build: Build, flags: str):
+    src = _CSRC / f"{build.source}.cpp"
     headers = b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))
-    extra = repr(_CFLAGS.get(name, ())).encode()
+    extra = repr(build.cflags).encode()
     key = hashlib.sha256(src.read_bytes() + headers + extra + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
     root = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
-    build = root / f"{name}-{key}"
+    out = root / f"{build.source}-{key}"
     from torch.utils.cpp_extension import load as cpp_load
 
-    build.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     return cpp_load(
-        name=f"lowbit_{name}",
+        name=f"lowbit_{build.source}",
         sources=[str(src)],
-        build_directory=str(build),
+        build_directory=str(out),
         extra_include_paths=[str(_CSRC)],
-        extra_cflags=["-O3", *_CFLAGS.get(name, ())] + [f"-m{_GCC_FLAG.get(f, f)}" for f in _FEATURES[name]],
+        extra_cflags=["-O3", *build.cflags] + [f"-m{_GCC_FLAG.get(f, f)}" for f in build.features],
         verbose=False,
     )
 
 
-def _load_once(name: str) -> tuple[object | None, str]:
+def _load_once(name: str) -> tuple[object | None, str, str | None]:
     flags = _cpu_flags()
-    reason = _unavailable_reason(name, flags)
-    if reason is None:
-        try:
-            return _build(name, flags), OK
-        except Exception as e:  # noqa: BLE001 - any build error becomes a recorded, warned status
-            text = " ".join(str(e).split())
-            reason = f"build failed: {type(e).__name__}: {text[:2000]}"
+    build, reason = _choose(name, flags)
+    if build is not None:
+        other = _IMPORTED.get(name)
+        if other is not None and other != build.isa:
+            reason = f"the {other} build of {name} is already loaded in this process ({build.isa} asked for)"
+        else:
+            try:
+                module = _build(build, flags)
+                _IMPORTED[name] = build.isa
+                return module, f"{OK} ({build.isa})", build.isa
+            except Exception as e:  # noqa: BLE001 - any build error becomes a recorded, warned status
+                text = " ".join(str(e).split())
+                reason = f"build failed ({build.isa}): {type(e).__name__}: {text[:2000]}"
     if reason == DISABLED:
         _log.info("lowbit C++ kernel %s disabled (LOWBIT_NO_EXT=1); using the PyTorch paths", name)
     elif reason.startswith("build failed"):
-        msg = (f"lowbit C++ kernel {name} could not be built although this CPU has {', '.join(_FEATURES[name])} "
+        msg = (f"lowbit C++ kernel {name} could not be built although this CPU has {', '.join(build.features)} "
                f"({reason}); its ops run the slower PyTorch paths")
         _log.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
     else:
         _log.warning("lowbit C++ kernel %s can't run here (%s); its ops run the PyTorch paths", name, reason)
-    return None, reason
+    return None, reason, None
 
 
 def load(name: str = "int8_gemv"):
-    """The compiled extension ``csrc/<name>.cpp``, or None when it can't run here (see ``status``).
+    """The compiled extension for kernel ``name`` (its first build this CPU can run), or None when
+    none can run here (see ``status``).
 
     Built (or loaded from the cache) on the first call in a process; later calls return the same
     result. Thread-safe.
 
     Raises:
-        ValueError: ``name`` is not one of lowbit's C++ kernels.
+        ValueError: ``name`` is not one of lowbit's C++ kernels, or ``LOWBIT_ISA`` is invalid.
     """
     hit = _LOADED.get(name)
     if hit is None:
@@ -140,9 +216,36 @@ def load(name: str = "int8_gemv"):
 
 
 def status() -> dict[str, str]:
-    """``{name: reason}`` for every C++ kernel (loading each one first): ``"ok"``,
-    ``"disabled (LOWBIT_NO_EXT=1)"``, ``"not x86-64 (...)"``, ``"cpu lacks <features>"`` or
-    ``"build failed: <error>"``."""
-    for name in _FEATURES:
+    """``{name: reason}`` for every C++ kernel (loading each one first): ``"ok (avx512)"``,
+    ``"ok (avx2)"``, ``"disabled (LOWBIT_NO_EXT=1)"``, ``"not x86-64 (...)"``,
+    ``"cpu lacks <features> (<isa>); ..."`` or ``"build failed (<isa>): <error>"``."""
+    for name in BUILDS:
         load(name)
-    return {name: _LOADED[name][1] for name in _FEATURES}
+    return {name: _LOADED[name][1] for name in BUILDS}
+
+
+def active_isa(name: str) -> str | None:
+    """The instruction set of the loaded build of kernel ``name`` (``"avx512"``, ``"avx2"``), or None
+    when none runs here (loading it first).
+
+    Raises:
+        ValueError: unknown ``name``.
+    """
+    load(name)
+    return _LOADED[name][2]
+
+
+def kernel_report() -> list[str]:
+    """One line per C++ kernel for ``lowbit info --kernels``: its name, its status, and the builds it
+    has with the CPU features each needs, e.g.
+    ``int4_cpu: ok (avx2) [builds: avx512 (avx512f, ...), avx2 (avx2, fma, f16c)]``; a last line
+    names ``LOWBIT_ISA`` when it forces a build. Loads every kernel first."""
+    st = status()
+    lines = []
+    for name in BUILDS:
+        builds = ", ".join(f"{b.isa} ({', '.join(b.features)})" for b in BUILDS[name])
+        lines.append(f"{name}: {st[name]} [builds: {builds}]")
+    forced = forced_isa()
+    if forced:
+        lines.append(f"{ISA_ENV}={forced} forces the {forced} builds")
+    return lines

@@ -154,7 +154,7 @@ def test_config_names_match_the_python_api():
     "argv, message",
     [
         (["quantize", "{tmp}/nope", "--config", "int8wo", "--out", "{tmp}/o"], "lowbit: error: {tmp}/nope does not exist"),
-        (["quantize", "{tmp}/file.txt", "--config", "int8wo", "--out", "{tmp}/o"], "is not a directory"),
+        (["quantize", "{tmp}/file.txt", "--config", "int8wo", "--out", "{tmp}/o"], "is a file but not a GGUF file"),
         (["quantize", "{tmp}", "--config", "int8wo", "--out", "{tmp}/o"], "has no config.json"),
         (["quantize", "{src}", "--config", "int5", "--out", "{tmp}/o"], "--config 'int5' is unknown; allowed: 8da4w"),
         (["quantize", "{src}", "--config", "Int8StaticActivationInt8WeightConfig", "--out", "{tmp}/o"],

@@ -1,0 +1,428 @@
+// Int4 weight-only linear for CPU, AVX2 + FMA + F16C build (no AVX-512): the same entry points,
+// arguments, checks and error messages as int4_cpu.cpp, chosen at run time by lowbit/kernels/_ext.py.
+//
+// Weight: qdata uint8 (N, K/2), byte j of a row = element 2j (low nibble) | element 2j+1 (high
+// nibble); asymmetric nibbles are uint4 q with an int8 zero point per group, symmetric nibbles are
+// int4 two's complement. scale float32 (N, G), group size gs = K / G a power of two >= 32.
+// W[n, k] = (q - zp) * s.
+//
+// AVX2 has no bf16 dot product: bf16 x is widened to float32 (exact: a 16-bit shift) and every
+// product is a float32 FMA against the exact integer (q - zp) as float32.
+//  * gemv_bf16 / gemv_f32 (M <= 4 / M = 1): the packed weight is streamed once. 8 bytes become 8
+//    dwords (vpmovzxbd), whose low nibbles are the even elements and high nibbles the odd ones;
+//    (q - zp) in int32, converted to float32 exactly, FMA against a copy of x permuted once per call
+//    to that order (per 16 elements: the 8 even, then the 8 odd). Per group the float32 sum is
+//    scaled by s with one FMA. Unlike the AVX-512 build (vdpbf16ps on 128 + q, the offset removed
+//    once per row) nothing cancels: the result is the reference's sum in another order.
+//  * gemm_small_bf16 (M <= 64): rows of W dequantized exactly (bit-equal to the reference's float32
+//    dequantize) into an L1/L2 buffer, 2 rows x 4 rows of x per register tile, float32 FMA.
+//  * linear_chunked (large M): as int4_cpu.cpp, with this file's exact dequantization.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+
+namespace {
+
+using lowbit::par_for;
+
+constexpr int64_t kPrefetch = 32768;  // non-temporal prefetch distance in the weight stream
+constexpr int64_t kMinGroup = 32;
+constexpr int64_t kScaleAheadRows = 16;
+
+struct W4 {
+  const uint8_t* q;
+  const float* s;
+  const int8_t* zp;  // nullptr: symmetric
+  int64_t N, K, G, gs, rb;
+  int lg;  // log2(gs)
+};
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined() && t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+W4 make_w4(const torch::Tensor& q, const torch::Tensor& s, const c10::optional<torch::Tensor>& zp) {
+  check_cpu(q, "qdata");
+  check_cpu(s, "scale");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kUInt8 && q.is_contiguous(), "qdata must be contiguous uint8 (N, K/2), got ",
+              q.scalar_type(), " ", q.sizes());
+  TORCH_CHECK(s.dim() == 2 && s.scalar_type() == torch::kFloat && s.is_contiguous() && s.size(0) == q.size(0),
+              "scale must be contiguous float32 (N, G) with N = ", q.size(0), ", got ", s.scalar_type(), " ", s.sizes());
+  W4 w;
+  w.q = q.data_ptr<uint8_t>();
+  w.s = s.data_ptr<float>();
+  w.N = q.size(0);
+  w.rb = q.size(1);
+  w.K = 2 * w.rb;
+  w.G = s.size(1);
+  TORCH_CHECK(w.G > 0 && w.K % w.G == 0, "scale groups (", w.G, ") must divide K (", w.K, ")");
+  w.gs = w.K / w.G;
+  TORCH_CHECK(w.gs >= kMinGroup && (w.gs & (w.gs - 1)) == 0, "group size must be a power of two >= ", kMinGroup,
+              ", got ", w.gs);
+  w.lg = 0;
+  while ((int64_t(1) << w.lg) < w.gs) ++w.lg;
+  w.zp = nullptr;
+  if (zp.has_value() && zp->defined()) {
+    check_cpu(*zp, "zero_point");
+    TORCH_CHECK(zp->scalar_type() == torch::kChar && zp->is_contiguous() && zp->sizes() == s.sizes(),
+                "zero_point must be contiguous int8 shaped like scale ", s.sizes(), ", got ", zp->scalar_type(), " ", zp->sizes());
+    w.zp = zp->data_ptr<int8_t>();
+  }
+  return w;
+}
+
+inline void store_out(void* out, at::ScalarType t, int64_t i, float v) {
+  if (t == at::kBFloat16) static_cast<c10::BFloat16*>(out)[i] = c10::BFloat16(v);
+  else if (t == at::kHalf) static_cast<c10::Half*>(out)[i] = c10::Half(v);
+  else static_cast<float*>(out)[i] = v;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 16 elements from 8 packed bytes as exact float32 (q - zp): ev = elements 0, 2, .., 14,
+// od = elements 1, 3, .., 15. SYM: int4 two's complement nibbles (sign-extended), no zero point.
+template <bool SYM>
+inline void nib16(const uint8_t* p, __m256i zpv, __m256& ev, __m256& od) {
+  const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  __m256i e, o;
+  if constexpr (SYM) {
+    e = _mm256_srai_epi32(_mm256_slli_epi32(d, 28), 28);
+    o = _mm256_srai_epi32(_mm256_slli_epi32(d, 24), 28);
+  } else {
+    e = _mm256_sub_epi32(_mm256_and_si256(d, _mm256_set1_epi32(0xF)), zpv);
+    o = _mm256_sub_epi32(_mm256_srli_epi32(d, 4), zpv);
+  }
+  ev = _mm256_cvtepi32_ps(e);
+  od = _mm256_cvtepi32_ps(o);
+}
+
+// ---- exact dequantization ----------------------------------------------------------------------
+
+// float32 -> bf16 bits with round-to-nearest-even, NaN -> 0x7FC0 (as c10::BFloat16).
+inline __m256i bf16_bits(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+}
+
+// 16 consecutive float32 values (a: 0..7, b: 8..15) stored as T.
+template <typename T>
+inline void store16(T* o, __m256 a, __m256 b) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(o, a);
+    _mm256_storeu_ps(o + 8, b);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i p = _mm256_packus_epi32(bf16_bits(a), bf16_bits(b));  // a0-3 b0-3 | a4-7 b4-7
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permute4x64_epi64(p, 0xD8));
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 8), _mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// Row n, all K elements: (q - zp) * s in float32 (bit-equal to the reference), one rounding to T.
+template <typename T, bool SYM>
+void dequant_row(const W4& w, int64_t n, T* out) {
+  const uint8_t* qr = w.q + n * w.rb;
+  for (int64_t g = 0; g < w.G; ++g) {
+    const __m256i zpv = _mm256_set1_epi32(SYM ? 0 : int(w.zp[n * w.G + g]));
+    const __m256 sv = _mm256_set1_ps(w.s[n * w.G + g]);
+    for (int64_t k = g * w.gs; k < (g + 1) * w.gs; k += 16) {
+      __m256 ev, od;
+      nib16<SYM>(qr + k / 2, zpv, ev, od);
+      const __m256 a = _mm256_unpacklo_ps(ev, od), b = _mm256_unpackhi_ps(ev, od);  // 0-3 8-11 | 4-7 12-15
+      store16(out + k, _mm256_mul_ps(_mm256_permute2f128_ps(a, b, 0x20), sv),
+              _mm256_mul_ps(_mm256_permute2f128_ps(a, b, 0x31), sv));
+    }
+  }
+}
+
+template <typename T>
+void dequant_rows_t(const W4& w, int64_t r0, int64_t r1, T* out, bool parallel) {
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      if (w.zp) dequant_row<T, false>(w, n, out + (n - r0) * w.K);
+      else dequant_row<T, true>(w, n, out + (n - r0) * w.K);
+    }
+  };
+  if (parallel) par_for(r0, r1, 8, body);
+  else body(r0, r1);
+}
+
+void dequant_rows_any(const W4& w, int64_t r0, int64_t r1, torch::Tensor& out, bool parallel) {
+  switch (out.scalar_type()) {
+    case at::kBFloat16: dequant_rows_t(w, r0, r1, out.data_ptr<c10::BFloat16>(), parallel); break;
+    case at::kHalf: dequant_rows_t(w, r0, r1, out.data_ptr<c10::Half>(), parallel); break;
+    case at::kFloat: dequant_rows_t(w, r0, r1, out.data_ptr<float>(), parallel); break;
+    default: TORCH_CHECK(false, "dequant output must be bfloat16, float16 or float32");
+  }
+}
+
+// ---- fused GEMV (M <= 4) -------------------------------------------------------------------------
+
+// x (M, K) of T as float32, permuted per 16 elements: the 8 even elements, then the 8 odd ones.
+template <typename T>
+std::vector<float> permute_x(const T* x, int64_t M, int64_t K, int64_t ldx) {
+  std::vector<float> p(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) p[m * K + (k & ~int64_t(15)) + ((k & 1) << 3) + ((k & 15) >> 1)] = float(x[m * ldx + k]);
+  return p;
+}
+
+// R rows of W (n0 ..) x MM rows of x: two accumulators per pair (even, odd elements) so that the
+// FMA chains are independent; per group the sum is scaled into tot.
+template <bool SYM, int R, int MM>
+inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bias, void* out, at::ScalarType ot) {
+  const int64_t K = w.K, G = w.G, gs = w.gs;
+  alignas(32) float tot[R][MM][8] = {};
+  const uint8_t* qr[R];
+  for (int r = 0; r < R; ++r) qr[r] = w.q + (n0 + r) * w.rb;
+  // The scales and zero points are separate streams the weight prefetch does not cover.
+  if (n0 + kScaleAheadRows + R <= w.N) {
+    const char* sa = reinterpret_cast<const char*>(w.s + (n0 + kScaleAheadRows) * G);
+    for (int64_t b = 0; b < R * G * 4; b += 64) _mm_prefetch(sa + b, _MM_HINT_T0);
+    if (!SYM) {
+      const char* za = reinterpret_cast<const char*>(w.zp + (n0 + kScaleAheadRows) * G);
+      for (int64_t b = 0; b < R * G; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 ae[R][MM], ao[R][MM];
+    __m256i zpv[R];
+    for (int r = 0; r < R; ++r) {
+      zpv[r] = _mm256_set1_epi32(SYM ? 0 : int(w.zp[(n0 + r) * G + g]));
+      for (int m = 0; m < MM; ++m) ae[r][m] = ao[r][m] = _mm256_setzero_ps();
+    }
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+      if ((k & 127) == 0)
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(qr[r] + k / 2 + kPrefetch), _MM_HINT_NTA);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        __m256 ev, od;
+        nib16<SYM>(qr[r] + k / 2, zpv[r], ev, od);
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; ++m) {
+          ae[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k), ev, ae[r][m]);
+          ao[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k + 8), od, ao[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 sv = _mm256_set1_ps(w.s[(n0 + r) * G + g]);
+      for (int m = 0; m < MM; ++m)
+        _mm256_store_ps(tot[r][m], _mm256_fmadd_ps(_mm256_add_ps(ae[r][m], ao[r][m]), sv, _mm256_load_ps(tot[r][m])));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MM; ++m) {
+      float v = hsum(_mm256_load_ps(tot[r][m]));
+      if (bias) v += bias[n0 + r];
+      store_out(out, ot, m * w.N + n0 + r, v);
+    }
+}
+
+template <bool SYM, int MM>
+void gemv_impl(const W4& w, const float* xp, const float* bias, void* out, at::ScalarType ot) {
+  constexpr int R = MM == 1 ? 4 : MM == 2 ? 2 : 1;
+  const int64_t nb = (w.N + R - 1) / R;
+  par_for(0, nb, 4, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n0 = i * R;
+      if (n0 + R <= w.N) gemv_rows<SYM, R, MM>(w, xp, n0, bias, out, ot);
+      else
+        for (int64_t n = n0; n < w.N; ++n) gemv_rows<SYM, 1, MM>(w, xp, n, bias, out, ot);
+    }
+  });
+}
+
+template <int MM>
+void gemv_any(const W4& w, const float* xp, const float* bias, void* out, at::ScalarType ot) {
+  if (w.zp) gemv_impl<false, MM>(w, xp, bias, out, ot);
+  else gemv_impl<true, MM>(w, xp, bias, out, ot);
+}
+
+// ---- small-M GEMM --------------------------------------------------------------------------------
+
+// RM rows of x (float32, row stride K) against 2 dequantized float32 rows of W: res[m][r].
+template <int RM>
+inline void tile_2xm(const float* w0, const float* w1, const float* x, int64_t K, float* res) {
+  __m256 a[RM][2];
+  for (int m = 0; m < RM; ++m) a[m][0] = a[m][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
+#pragma GCC unroll 4
+    for (int m = 0; m < RM; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      a[m][0] = _mm256_fmadd_ps(xv, v0, a[m][0]);
+      a[m][1] = _mm256_fmadd_ps(xv, v1, a[m][1]);
+    }
+  }
+  for (int m = 0; m < RM; ++m) {
+    res[2 * m] = hsum(a[m][0]);
+    res[2 * m + 1] = hsum(a[m][1]);
+  }
+}
+
+void gemm_small_impl(const W4& w, const float* x, int64_t M, const float* bias, void* out, at::ScalarType ot) {
+  const int64_t N = w.N, K = w.K;
+  par_for(0, (N + 1) / 2, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(2 * K);
+    float res[8];
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n0 = 2 * i, nr = std::min<int64_t>(2, N - n0);
+      dequant_rows_t(w, n0, n0 + nr, buf.data(), false);
+      const float* w1 = buf.data() + (nr == 2 ? K : 0);  // a tail row repeats the last
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t rm = std::min<int64_t>(4, M - m0);
+        const float* xm = x + m0 * K;
+        switch (rm) {
+          case 1: tile_2xm<1>(buf.data(), w1, xm, K, res); break;
+          case 2: tile_2xm<2>(buf.data(), w1, xm, K, res); break;
+          case 3: tile_2xm<3>(buf.data(), w1, xm, K, res); break;
+          default: tile_2xm<4>(buf.data(), w1, xm, K, res); break;
+        }
+        for (int64_t m = 0; m < rm; ++m)
+          for (int64_t r = 0; r < nr; ++r) store_out(out, ot, (m0 + m) * N + n0 + r, res[2 * m + r] + (bias ? bias[n0 + r] : 0.f));
+      }
+    }
+  });
+}
+
+const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N, torch::Tensor& keep) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  check_cpu(*bias, "bias");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_floating_point(), "bias must be floating (N,) with N = ", N,
+              ", got ", bias->scalar_type(), " ", bias->sizes());
+  keep = bias->to(torch::kFloat).contiguous();
+  return keep.data_ptr<float>();
+}
+
+}  // namespace
+
+// out = x @ W.T + bias for bf16 x (2-D, row stride any, unit column stride), 1 <= M <= 4.
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                        c10::optional<torch::Tensor> bias) {
+  W4 w = make_w4(qdata, scale, zp);
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.K && x.stride(1) == 1,
+              "x must be bf16 (M, K) with K = ", w.K, " and unit column stride, got ", x.scalar_type(), " ", x.sizes());
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M >= 1 && M <= 4, "gemv_bf16 takes 1 <= M <= 4, got M = ", M);
+  torch::Tensor bkeep;
+  const float* bp = bias_ptr(bias, w.N, bkeep);
+  const std::vector<float> xp = permute_x(x.data_ptr<c10::BFloat16>(), M, w.K, x.stride(0));
+  auto out = torch::empty({M, w.N}, x.options());
+  void* op = out.data_ptr();
+  switch (M) {
+    case 1: gemv_any<1>(w, xp.data(), bp, op, at::kBFloat16); break;
+    case 2: gemv_any<2>(w, xp.data(), bp, op, at::kBFloat16); break;
+    case 3: gemv_any<3>(w, xp.data(), bp, op, at::kBFloat16); break;
+    default: gemv_any<4>(w, xp.data(), bp, op, at::kBFloat16); break;
+  }
+  return out;
+}
+
+// out = x @ W.T + bias for float32 / float16 x of shape (1, K), float32 math.
+torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                       c10::optional<torch::Tensor> bias) {
+  W4 w = make_w4(qdata, scale, zp);
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == w.K, "x must be (1, K) with K = ", w.K, ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kHalf, "x must be float32 or float16, got ",
+              x.scalar_type());
+  torch::Tensor bkeep;
+  const float* bp = bias_ptr(bias, w.N, bkeep);
+  auto xf = x.to(torch::kFloat).contiguous();
+  const std::vector<float> xp = permute_x(xf.data_ptr<float>(), 1, w.K, w.K);
+  auto out = torch::empty({1, w.N}, x.options());
+  gemv_any<1>(w, xp.data(), bp, out.data_ptr(), x.scalar_type());
+  return out;
+}
+
+// out = x @ W.T + bias for bf16 x, 1 <= M <= 64 (see gemm_small_impl).
+torch::Tensor gemm_small_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                              c10::optional<torch::Tensor> bias) {
+  W4 w = make_w4(qdata, scale, zp);
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.K && x.stride(1) == 1,
+              "x must be bf16 (M, K) with K = ", w.K, " and unit column stride, got ", x.scalar_type(), " ", x.sizes());
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M >= 1 && M <= 64, "gemm_small_bf16 takes 1 <= M <= 64, got M = ", M);
+  torch::Tensor bkeep;
+  const float* bp = bias_ptr(bias, w.N, bkeep);
+  auto xf = x.to(torch::kFloat).contiguous();
+  auto out = torch::empty({M, w.N}, x.options());
+  gemm_small_impl(w, xf.data_ptr<float>(), M, bp, out.data_ptr(), at::kBFloat16);
+  return out;
+}
+
+// Rows [row0, row1) of W, dequantized exactly into out[: row1 - row0] (dtype of out).
+void dequant_rows(torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp, int64_t row0, int64_t row1,
+                  torch::Tensor out) {
+  W4 w = make_w4(qdata, scale, zp);
+  check_cpu(out, "out");
+  TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= w.N, "bad row range [", row0, ", ", row1, ") for N = ", w.N);
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(1) == w.K && out.size(0) >= row1 - row0,
+              "out must be contiguous (>= ", row1 - row0, ", ", w.K, "), got ", out.sizes());
+  dequant_rows_any(w, row0, row1, out, true);
+}
+
+// x @ W.T + bias for any M: W dequantized in chunks of `chunk` rows into a buffer of x's dtype,
+// each chunk multiplied with at::mm / at::addmm into its column slice of the output.
+torch::Tensor linear_chunked(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                             c10::optional<torch::Tensor> bias, int64_t chunk) {
+  W4 w = make_w4(qdata, scale, zp);
+  check_cpu(x, "x");
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.K, "x must be (M, K) with K = ", w.K, ", got ", x.sizes());
+  TORCH_CHECK(xt == torch::kBFloat16 || xt == torch::kFloat || xt == torch::kHalf, "x must be bfloat16, float32 or float16, got ", xt);
+  if (bias.has_value() && bias->defined()) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.N && bias->scalar_type() == xt, "bias must be (N,) with N = ", w.N,
+                " in x's dtype ", xt, ", got ", bias->scalar_type(), " ", bias->sizes());
+  }
+  const int64_t M = x.size(0), N = w.N;
+  auto out = torch::empty({M, N}, x.options());
+  chunk = std::max<int64_t>(1, std::min(chunk, N));
+  auto buf = torch::empty({chunk, w.K}, x.options());
+  const bool has_bias = bias.has_value() && bias->defined();
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t rows = std::min(chunk, N - r0);
+    dequant_rows_any(w, r0, r0 + rows, buf, true);
+    auto wt = buf.narrow(0, 0, rows).t();
+    auto o = out.narrow(1, r0, rows);
+    if (has_bias) at::addmm_out(o, bias->narrow(0, r0, rows), x, wt);
+    else at::mm_out(o, x, wt);
+  }
+  return out;
+}
+
+// The same dispatcher op as int4_cpu.cpp (only one build of a kernel loads in a process).
+TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
+  m.def("int4_gemv_bf16(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int4_gemv_bf16", TORCH_FN(gemv_bf16)); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_bf16", &gemv_bf16, "int4 weight-only GEMV, bf16 x, M <= 4");
+  m.def("gemv_f32", &gemv_f32, "int4 weight-only GEMV, float32/float16 x, M = 1");
+  m.def("gemm_small_bf16", &gemm_small_bf16, "int4 weight-only small-M GEMM, bf16 x, M <= 64");
+  m.def("dequant_rows", &dequant_rows, "exact dequantization of a row range into a buffer");
+  m.def("linear_chunked", &linear_chunked, "chunked dequantize + mm");
+}
