@@ -37,6 +37,9 @@ def cmd_export(args) -> dict:
     out = Path(args.out)
     if args.format == "gguf" and out.suffix != ".gguf":
         raise CLIError(f"--out {out}: --format gguf writes one file; name it *.gguf")
+    if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
+        raise CLIError(f"--out {out} already exists{'' if out.is_file() else ' and is not empty'}; pass --overwrite to "
+                       "replace it")
     _say(args, f"lowbit: exporting {src} ({kind}) as {args.format} to {out}")
     t0 = time.perf_counter()
     written = Path(export(src, out, args.format, overwrite=args.overwrite))

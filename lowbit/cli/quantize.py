@@ -248,8 +248,12 @@ def _quantize_in_memory(args, src: Path, config, skip: list[str], kind: str = "t
                    f"{calibration['source']} with {config!r}" + (f", skipping {skip}" if skip else ""))
     else:
         from lowbit.algorithms import quantize_hqq_
+        from lowbit.quantize import quantize_
 
-        _say(args, f"lowbit: hqq with {config!r}" + (f", skipping {skip}" if skip else ""))
+        # rtn reaches this path only from a compressed-tensors / GGUF source: round to nearest in memory
+        apply_ = quantize_ if args.algorithm == "rtn" else quantize_hqq_
+
+        _say(args, f"lowbit: {args.algorithm} with {config!r}" + (f", skipping {skip}" if skip else ""))
     bar = _bar(None, args.algorithm, not args.quiet, "block")  # the total comes with the first block
 
     def progress(done: int, total: int) -> None:
@@ -263,7 +267,7 @@ def _quantize_in_memory(args, src: Path, config, skip: list[str], kind: str = "t
             if fn is not None:
                 report = fn(model, mapping, samples, progress=progress)
             else:
-                quantize_hqq_(model, mapping)
+                apply_(model, mapping)
         except NotImplementedError as e:
             raise CLIError(f"--algorithm {args.algorithm} with --config {args.config}: {e}") from e
         finally:
