@@ -1,4 +1,5 @@
-"""Float8 weight-only linear on CPU with our AVX-512 kernel (``csrc/fp8_cpu.cpp``).
+"""Float8 weight-only linear on CPU with our C++ kernel (``csrc/fp8_cpu.cpp``, AVX-512, or
+``csrc/fp8_cpu_avx2.cpp`` on CPUs without it, float32 FMA instead of vdpbf16ps: ``_ext`` picks one).
 
 ``float8_weight_only_linear_cpu(x, qdata, scale, bias)`` computes
 ``F.linear(x, dequantize_float8(qdata, scale, spec, x.dtype), bias)`` without materializing the

@@ -1,4 +1,5 @@
-"""Int4 weight-only linear on CPU with our AVX-512 kernels (``csrc/int4_cpu.cpp``).
+"""Int4 weight-only linear on CPU with our C++ kernels (``csrc/int4_cpu.cpp``, AVX-512, or
+``csrc/int4_cpu_avx2.cpp`` on CPUs without it: ``_ext`` picks one per process).
 
 ``int4_linear_cpu(x, qdata, scale, zero_point, bias)`` computes
 ``F.linear(x, dequantize(qdata, scale, zero_point), bias)`` in ``x.dtype``, or returns None when
@@ -17,9 +18,11 @@ Supported (anything else returns None):
 * x dtype bfloat16, float32 or float16; output in x's dtype; bias (N,) or None;
 * group size a power of two >= ``MIN_GROUP`` (32, 64, 128, 256, ...; the C++ entry points check
   the same), K even, K % G == 0; any N; qdata contiguous; ``zero_point`` int8 or None; the
-  extension built (AVX-512 F/BW/VL/BF16/VBMI/VNNI, see ``_ext``).
+  extension built (AVX-512 F/BW/VL/BF16/VBMI/VNNI, or AVX2 + FMA + F16C: see ``_ext``).
 
-Paths, by M = number of rows of x (thresholds measured on Zen 5, 2 threads, 8 x 4096^2 layers):
+Paths, by M = number of rows of x (thresholds measured on Zen 5, 2 threads, 8 x 4096^2 layers; the
+AVX2 build has the same paths and entry points, with float32 FMA where AVX-512 uses vdpbf16ps: bf16
+x is widened to float32 and multiplied by the exact ``q - zp``, see ``csrc/int4_cpu_avx2.cpp``):
 
 * bfloat16, M <= ``GEMV_MAX_M``: ``gemv_bf16``, streams the packed weight once; nibbles become
   bf16 ``128 + q`` in one op, vdpbf16ps against x (bf16, permuted once per call), per-group scale

@@ -4,8 +4,9 @@
 Each has one reference implementation (dequantize with the primitives, then ``F.linear``) and
 fast implementations chosen here by device and shape:
 
-* weight-only, CPU, M <= ``_EXT_MAX_M``: our AVX-512 C++ kernel (``csrc/int8_gemv.cpp``, built
-  on first use; any group size that is a multiple of 16); bfloat16, per-row scale and
+* weight-only, CPU, M <= ``_EXT_MAX_M``: our C++ kernel (``csrc/int8_gemv.cpp``, AVX-512, or
+  ``csrc/int8_gemv_avx2.cpp`` on CPUs without it, built on first use; any group size that is a
+  multiple of 16); bfloat16, per-row scale and
   M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm`` (see ``_int8pack_takes``); otherwise the weight is converted
   in row chunks of ``_CHUNK_ROWS`` (each chunk stays in cache) and each chunk is multiplied with
   ``torch.mm`` into its slice of the output; other devices: the reference;

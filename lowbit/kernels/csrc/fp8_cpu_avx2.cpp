@@ -1,0 +1,354 @@
+// Float8 (e4m3fn / e5m2) weight-only linear on CPU, AVX2 + FMA + F16C build (no AVX-512): the same
+// entry points, checks and error messages as fp8_cpu.cpp, chosen at run time by _ext.py.
+//   out[m, n] = (sum_k x[m, k] * q[n, k]) * s[n] + bias[n]
+//
+// Conversion to float32, exact for every byte, 8 at a time:
+//  * e5m2 is the high byte of a float16: bytes interleaved with zero bytes, then vcvtph2ps
+//    (infinities, NaNs and subnormals come out right);
+//  * e4m3fn: the 7-bit magnitude shifted into a float32's exponent/mantissa position is the value
+//    times 2^-120 (for subnormals too: they become float32 subnormals, so the kernel relies on the
+//    default MXCSR, no denormals-are-zero), one multiply by 2^120, the sign OR-ed in; magnitude
+//    0x7F (NaN) is forced to NaN.
+// AVX2 has no bf16 dot product: x is widened to float32 and every product is a float32 FMA (the
+// AVX-512 build multiplies the same exact values with vdpbf16ps; only the summation order differs).
+//
+// Paths (the caller picks the thresholds):
+//  * M <= gemv_max_m (<= 4), any x dtype: fused GEMV, each weight row streamed once and converted
+//    in registers, non-temporal software prefetch ahead in the weight stream;
+//  * M <= tiled_max_m: 4 rows converted into a float32 scratch (L1/L2), then float32 FMA per row
+//    of x against the 4 rows;
+//  * otherwise: one parallel region; each thread converts its own contiguous range of weight rows,
+//    chunk by chunk, into a reused buffer in x's compute dtype (bf16 for bf16 x, else float32) and
+//    multiplies each chunk with a serial at::mm into the output slice.
+// The scale (and bias) is applied to the float32 result (GEMV/scratch) or to the output (chunks).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+#include "parallel.h"
+
+namespace {
+
+using lowbit::par_for;
+
+constexpr int64_t kPrefetch = 32768;  // NTA prefetch distance in the weight stream (bytes)
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 float8 bytes (the low 8 bytes of b) -> 8 float32, exact.
+template <bool E5M2>
+inline __m256 cvt8(__m128i b) {
+  if constexpr (E5M2) {
+    return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), b));
+  } else {
+    const __m256i d = _mm256_cvtepu8_epi32(b);
+    const __m256i mag = _mm256_and_si256(d, _mm256_set1_epi32(0x7F));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(d, _mm256_set1_epi32(0x80)), 24);
+    __m256 f = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(mag, 20)), _mm256_set1_ps(0x1p120f));
+    const __m256i nan = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F));
+    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_or_si256(_mm256_castps_si256(f), sign), nan));
+  }
+}
+
+inline __m128i load8(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+
+inline __m128i load_tail8(const uint8_t* p, int64_t n) {  // n < 8 bytes, zero-filled
+  alignas(16) uint8_t buf[16] = {0};
+  std::memcpy(buf, p, n);
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+}
+
+// Row of K bytes -> float32 dst (zero padded to Kr, a multiple of 8).
+template <bool E5M2>
+inline void convert_row_f32(const uint8_t* src, float* dst, int64_t K, int64_t Kr, bool prefetch) {
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    if (prefetch && (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k + kPrefetch), _MM_HINT_NTA);
+    _mm256_storeu_ps(dst + k, cvt8<E5M2>(load8(src + k)));
+  }
+  if (k < K) {
+    _mm256_storeu_ps(dst + k, cvt8<E5M2>(load_tail8(src + k, K - k)));
+    k += 8;
+  }
+  for (; k < Kr; ++k) dst[k] = 0.f;
+}
+
+// Row of K bytes -> bf16 dst (exact: every float8 value is a bf16, the low 16 bits are zero).
+template <bool E5M2>
+inline void convert_row_bf16(const uint8_t* src, uint16_t* dst, int64_t K, bool prefetch) {
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (prefetch && (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k + kPrefetch), _MM_HINT_NTA);
+    const __m256i a = _mm256_srli_epi32(_mm256_castps_si256(cvt8<E5M2>(load8(src + k))), 16);
+    const __m256i b = _mm256_srli_epi32(_mm256_castps_si256(cvt8<E5M2>(load8(src + k + 8))), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8));
+  }
+  for (; k < K; k += 8) {
+    alignas(32) float f[8];
+    _mm256_store_ps(f, cvt8<E5M2>(K - k >= 8 ? load8(src + k) : load_tail8(src + k, K - k)));
+    for (int64_t i = 0; i < std::min<int64_t>(8, K - k); ++i) {
+      uint32_t u;
+      std::memcpy(&u, f + i, 4);
+      dst[k + i] = static_cast<uint16_t>(u >> 16);
+    }
+  }
+}
+
+// ---- fused GEMV: MT (1..4) rows of x (float32, row stride Kp, zero padded) against R rows ------
+template <bool E5M2, int MT, int R>
+inline void gemv_rows(const uint8_t* const* rows, const float* xf, int64_t K, int64_t Kp, float* res /* [MT][R] */) {
+  __m256 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  auto step = [&](int64_t k, const __m128i* b) {
+    __m256 w[R];
+    for (int r = 0; r < R; ++r) w[r] = cvt8<E5M2>(b[r]);
+    for (int m = 0; m < MT; ++m) {
+      const __m256 xv = _mm256_loadu_ps(xf + m * Kp + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, w[r], acc[m][r]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m128i b[R];
+    for (int r = 0; r < R; ++r) {
+      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k + kPrefetch), _MM_HINT_NTA);
+      b[r] = load8(rows[r] + k);
+    }
+    step(k, b);
+  }
+  if (k < K) {
+    __m128i b[R];
+    for (int r = 0; r < R; ++r) b[r] = load_tail8(rows[r] + k, K - k);
+    step(k, b);
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) res[m * R + r] = hsum(acc[m][r]);
+}
+
+template <typename out_t>
+inline void store_rows(out_t* op, int64_t N, int64_t m0, int MT, int64_t n, int R, int nrows, const float* res,
+                       const float* sp, bool per_row, const float* bp) {
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < nrows; ++r) {
+      float v = res[m * R + r] * sp[per_row ? n + r : 0];
+      if (bp) v += bp[n + r];
+      op[(m0 + m) * N + n + r] = static_cast<out_t>(v);
+    }
+}
+
+template <bool E5M2, int MT, typename out_t>
+void gemv(const float* xf, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, const float* sp, bool per_row,
+          const float* bp, out_t* op, const uint8_t* zero) {
+  constexpr int R = MT == 1 ? 4 : MT == 2 ? 2 : 1;
+  par_for(0, (N + R - 1) / R, 4, [&](int64_t gb, int64_t ge) {
+    float res[4 * R];
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t n = R * g;
+      const int nrows = static_cast<int>(std::min<int64_t>(R, N - n));
+      const uint8_t* rows[R];
+      for (int r = 0; r < R; ++r) rows[r] = r < nrows ? q + (n + r) * K : zero;
+      gemv_rows<E5M2, MT, R>(rows, xf, K, Kp, res);
+      store_rows(op, N, 0, MT, n, R, nrows, res, sp, per_row, bp);
+    }
+  });
+}
+
+// ---- M <= tiled_max_m: 4 rows converted to a float32 scratch, float32 FMA per row of x ----------
+inline void dot4(const float* w, const float* x, int64_t Kr, int64_t Kp, float* res) {
+  __m256 acc[4][2];
+  for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= Kr; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    for (int r = 0; r < 4; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + r * Kp + k), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w + r * Kp + k + 8), acc[r][1]);
+    }
+  }
+  for (; k < Kr; k += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + k);
+    for (int r = 0; r < 4; ++r) acc[r][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + r * Kp + k), acc[r][0]);
+  }
+  for (int r = 0; r < 4; ++r) res[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+template <bool E5M2, typename out_t>
+void tiled(const float* xf, int64_t M, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, const float* sp, bool per_row,
+           const float* bp, out_t* op, const uint8_t* zero) {
+  const int64_t Kr = (K + 7) / 8 * 8;
+  par_for(0, (N + 3) / 4, 1, [&](int64_t gb, int64_t ge) {
+    std::vector<float> sf(4 * Kp);
+    float res[4];
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t n = 4 * g;
+      const int nrows = static_cast<int>(std::min<int64_t>(4, N - n));
+      for (int r = 0; r < 4; ++r) convert_row_f32<E5M2>(r < nrows ? q + (n + r) * K : zero, sf.data() + r * Kp, K, Kr, true);
+      for (int64_t m = 0; m < M; ++m) {
+        dot4(sf.data(), xf + m * Kp, Kr, Kp, res);
+        store_rows(op, N, m, 1, n, 4, nrows, res, sp, per_row, bp);
+      }
+    }
+  });
+}
+
+template <bool E5M2, typename out_t>
+void small_m(const float* xf, int64_t M, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, const float* sp,
+             bool per_row, const float* bp, out_t* op, int64_t gemv_max_m) {
+  std::vector<uint8_t> zero(K + 8, 0);
+  if (M > gemv_max_m) return tiled<E5M2>(xf, M, q, N, K, Kp, sp, per_row, bp, op, zero.data());
+  switch (M) {
+    case 1: gemv<E5M2, 1>(xf, q, N, K, Kp, sp, per_row, bp, op, zero.data()); break;
+    case 2: gemv<E5M2, 2>(xf, q, N, K, Kp, sp, per_row, bp, op, zero.data()); break;
+    case 3: gemv<E5M2, 3>(xf, q, N, K, Kp, sp, per_row, bp, op, zero.data()); break;
+    default: gemv<E5M2, 4>(xf, q, N, K, Kp, sp, per_row, bp, op, zero.data()); break;
+  }
+}
+
+// Rows [n0, n1) into buf (row stride ld >= K), bf16 or float32; serial (called inside a region or
+// from par_for).
+template <bool E5M2>
+void convert_rows(const uint8_t* q, int64_t K, int64_t n0, int64_t n1, void* buf, int64_t ld, bool f32) {
+  for (int64_t n = n0; n < n1; ++n) {
+    if (f32) convert_row_f32<E5M2>(q + n * K, static_cast<float*>(buf) + (n - n0) * ld, K, ld, true);
+    else convert_row_bf16<E5M2>(q + n * K, static_cast<uint16_t*>(buf) + (n - n0) * ld, K, true);
+  }
+}
+
+}  // namespace
+
+// x: (M, K) float32 / bfloat16 / float16 (any strides); qdata: (N, K) float8 contiguous;
+// scale: float32 with N or 1 elements; bias: (N,) or None.
+torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                         int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows) {
+  // every argument checked before any memory is touched: nothing is read out of bounds
+  TORCH_CHECK(x.device().is_cpu() && qdata.device().is_cpu() && scale.device().is_cpu(), "x, qdata and scale must be CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && qdata.dim() == 2 && x.size(1) == qdata.size(1), "x (M, K) and qdata (N, K) expected, got ",
+              x.sizes(), " and ", qdata.sizes());
+  const auto qt = qdata.scalar_type();
+  TORCH_CHECK(qt == at::kFloat8_e4m3fn || qt == at::kFloat8_e5m2, "qdata must be float8_e4m3fn or float8_e5m2");
+  TORCH_CHECK(qdata.is_contiguous(), "qdata must be contiguous");
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == torch::kBFloat16 || xt == torch::kFloat || xt == torch::kHalf, "x must be bf16, fp16 or fp32");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat, "scale must be float32");
+  const int64_t M = x.size(0), K = x.size(1), N = qdata.size(0);
+  TORCH_CHECK(scale.numel() == N || scale.numel() == 1, "scale must have N or 1 elements");
+  TORCH_CHECK(gemv_max_m <= 4, "gemv_max_m must be <= 4");
+  const bool per_row = scale.numel() == N && N != 1;
+  auto sc = scale.reshape(-1).contiguous();
+  torch::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu(), "bias must be a CPU tensor");
+    TORCH_CHECK(bias->numel() == N && bias->is_floating_point(), "bias must have N = ", N, " floating elements, got ",
+                bias->scalar_type(), " ", bias->sizes());
+    bf = bias->reshape(-1).to(torch::kFloat).contiguous();
+  }
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  if (K == 0) {
+    out.zero_();
+    if (bf.defined()) out.add_(bf.to(xt));
+    return out;
+  }
+  const bool e5m2 = qt == at::kFloat8_e5m2;
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(qdata.data_ptr());
+  const float* sp = sc.data_ptr<float>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+
+  if (M <= tiled_max_m) {
+    // x as float32, rows zero padded to Kp (a multiple of 8, plus 8 so rows do not share L1 sets)
+    const int64_t Kp = (K + 7) / 8 * 8 + 8;
+    auto xf = torch::zeros({M, Kp}, x.options().dtype(torch::kFloat));
+    xf.narrow(1, 0, K).copy_(x);
+    const float* xp = xf.data_ptr<float>();
+#define LOWBIT_SMALL(T)                                                                                      \
+  (e5m2 ? small_m<true>(xp, M, q, N, K, Kp, sp, per_row, bp, out.data_ptr<T>(), gemv_max_m)                 \
+        : small_m<false>(xp, M, q, N, K, Kp, sp, per_row, bp, out.data_ptr<T>(), gemv_max_m))
+    if (xt == torch::kBFloat16) LOWBIT_SMALL(at::BFloat16);
+    else if (xt == torch::kHalf) LOWBIT_SMALL(at::Half);
+    else LOWBIT_SMALL(float);
+#undef LOWBIT_SMALL
+    return out;
+  }
+
+  // Chunks, in one parallel region (see fp8_cpu.cpp for why one region rather than one per chunk).
+  const bool f32 = xt != torch::kBFloat16;
+  const auto ct = f32 ? torch::kFloat : torch::kBFloat16;
+  const int64_t Kr = (K + 15) / 16 * 16;
+  auto xs = x.detach().to(ct);  // detached: the worker threads call at::mm_out outside autograd
+  auto res = f32 ? torch::empty({M, N}, x.options().dtype(torch::kFloat)) : out;
+  const int64_t rows = std::max<int64_t>(1, std::min(chunk_rows, N));
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 7) / 8));
+  const int64_t span = (N + nt - 1) / nt;  // weight rows per thread
+  auto work = [&](int64_t tb, int64_t te) {
+    at::NoGradGuard no_grad;
+    auto buf = torch::empty({std::min(rows, span), Kr}, xs.options());
+    for (int64_t th = tb; th < te; ++th) {
+      const int64_t n0 = th * span, n1 = std::min(N, n0 + span);
+      for (int64_t i = n0; i < n1; i += rows) {
+        const int64_t j = std::min(n1, i + rows);
+        if (e5m2) convert_rows<true>(q, K, i, j, buf.data_ptr(), Kr, f32);
+        else convert_rows<false>(q, K, i, j, buf.data_ptr(), Kr, f32);
+        auto w = buf.narrow(0, 0, j - i).narrow(1, 0, K);
+        auto o = res.narrow(1, i, j - i);
+        at::mm_out(o, xs, w.t());  // serial inside a region (ATen / BLAS do not nest)
+      }
+      for (int64_t m = 0; m < M && n0 < n1; ++m) {
+        if (f32) {
+          float* r = res.data_ptr<float>() + m * N;
+          for (int64_t n = n0; n < n1; ++n) r[n] = r[n] * sp[per_row ? n : 0] + (bp ? bp[n] : 0.f);
+        } else {
+          at::BFloat16* r = out.data_ptr<at::BFloat16>() + m * N;
+          for (int64_t n = n0; n < n1; ++n)
+            r[n] = static_cast<at::BFloat16>(static_cast<float>(r[n]) * sp[per_row ? n : 0] + (bp ? bp[n] : 0.f));
+        }
+      }
+    }
+  };
+  std::exception_ptr error;  // an exception must not leave an OpenMP region: kept, rethrown after
+  std::atomic<bool> failed{false};
+  par_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+    try {
+      work(tb, te);
+    } catch (...) {
+      if (!failed.exchange(true)) error = std::current_exception();
+    }
+  });
+  if (error) std::rethrow_exception(error);
+  if (f32 && xt != torch::kFloat) out.copy_(res);
+  return f32 && xt == torch::kFloat ? res : out;
+}
+
+// The float8 -> bf16 conversion alone (tests): (N, K) float8 -> (N, K) bf16.
+torch::Tensor fp8_to_bf16(torch::Tensor qdata) {
+  TORCH_CHECK(qdata.device().is_cpu(), "qdata must be a CPU tensor");
+  TORCH_CHECK(qdata.dim() == 2 && qdata.is_contiguous(), "qdata must be 2-D contiguous");
+  const auto qt = qdata.scalar_type();
+  TORCH_CHECK(qt == at::kFloat8_e4m3fn || qt == at::kFloat8_e5m2, "qdata must be float8_e4m3fn or float8_e5m2");
+  const int64_t N = qdata.size(0), K = qdata.size(1);
+  auto buf = torch::empty({N, K}, qdata.options().dtype(torch::kBFloat16));
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(qdata.data_ptr());
+  if (N > 0 && K > 0)
+    par_for(0, N, 8, [&](int64_t b, int64_t e) {
+      if (qt == at::kFloat8_e5m2) convert_rows<true>(q, K, b, e, buf.data_ptr<at::BFloat16>() + b * K, K, false);
+      else convert_rows<false>(q, K, b, e, buf.data_ptr<at::BFloat16>() + b * K, K, false);
+    });
+  return buf;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fp8_linear", &fp8_linear, "float8 weight-only linear (x @ (q * s).T + bias)", py::arg("x"), py::arg("qdata"),
+        py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"), py::arg("chunk_rows"));
+  m.def("fp8_to_bf16", &fp8_to_bf16, "float8 (N, K) -> bf16 (N, K), exact");
+}

@@ -1,0 +1,202 @@
+// Int8 activation quantization and the W8A8 epilogue, each one pass over memory: the AVX2 + F16C
+// build (no AVX-512) of int8_act.cpp, with the same entry points, checks and error messages.
+//
+// Same float32 operations as lowbit.primitives, in the same order, so results are bit-identical
+// to the PyTorch path (built with -ffp-contract=off: no fused multiply-adds):
+//   quantize:  q = clamp(round_half_even(x / s) + zp, -128, 127)
+//              per token (dynamic, symmetric): s = max(max|x_m| / 127, eps)
+//   epilogue:  out = cast(((float(acc - zp_x * rowsum) * s_x) * s_w[n]) + bias[n])
+#include <torch/extension.h>
+#include "parallel.h"
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace {
+
+// 8 values of x (float32, bf16 or fp16) as float32.
+template <typename T> inline __m256 load8(const T* p);
+template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <> inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+template <> inline __m256 load8<at::Half>(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <typename T> inline __m256 load_tail(const T* p, int64_t n) {  // n < 8, zero-filled
+  alignas(32) T buf[8] = {};
+  for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
+  return load8<T>(buf);
+}
+
+// float32 -> T with round-to-nearest-even (bf16: as c10::BFloat16's conversion; NaN stays NaN),
+// the first n (<= 8) values.
+template <typename T> inline void store8(T* p, __m256 v, int64_t n);
+template <> inline void store8<float>(float* p, __m256 v, int64_t n) {
+  if (n == 8) return _mm256_storeu_ps(p, v);
+  alignas(32) float buf[8];
+  _mm256_store_ps(buf, v);
+  std::memcpy(p, buf, n * sizeof(float));
+}
+template <> inline void store8<at::BFloat16>(at::BFloat16* p, __m256 v, int64_t n) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  if (n == 8) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  alignas(16) uint16_t buf[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(buf), h);
+  std::memcpy(p, buf, n * 2);
+}
+template <> inline void store8<at::Half>(at::Half* p, __m256 v, int64_t n) {
+  const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  if (n == 8) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  alignas(16) uint16_t buf[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(buf), h);
+  std::memcpy(p, buf, n * 2);
+}
+
+// 8 values -> 8 int8 in the low 8 bytes.
+inline __m128i quant8(__m256 x, __m256 s, __m256 zp) {
+  __m256 q = _mm256_round_ps(_mm256_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, zp), _mm256_set1_ps(-128.f)), _mm256_set1_ps(127.f));
+  const __m256i i = _mm256_cvtps_epi32(q);
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+  return _mm_packs_epi16(w, w);
+}
+
+inline __m256 abs8(__m256 v) { return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+template <typename T>
+void quantize_rows(const T* x, int8_t* q, float* scales, int64_t M, int64_t K, float s_static, float zp, float eps) {
+  lowbit::par_for(0, M, 8, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const T* xr = x + m * K;
+      float s = s_static;
+      if (scales) {  // dynamic symmetric: s = max(amax / 127, eps)
+        __m256 a = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) a = _mm256_max_ps(a, abs8(load8<T>(xr + k)));
+        if (k < K) a = _mm256_max_ps(a, abs8(load_tail<T>(xr + k, K - k)));
+        s = std::max(hmax(a) / 127.f, eps);
+        scales[m] = s;
+      }
+      const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(zp);
+      int8_t* qr = q + m * K;
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + k), quant8(load8<T>(xr + k), vs, vz));
+      if (k < K) {
+        alignas(16) int8_t buf[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(buf), quant8(load_tail<T>(xr + k, K - k), vs, vz));
+        std::memcpy(qr + k, buf, K - k);
+      }
+    }
+  });
+}
+
+inline __m256i load_i32(const int32_t* p, int64_t n) {
+  if (n == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  alignas(32) int32_t buf[8] = {};
+  std::memcpy(buf, p, n * 4);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+}
+
+inline __m256 load_f32(const float* p, int64_t n) {
+  if (n == 8) return _mm256_loadu_ps(p);
+  alignas(32) float buf[8] = {};
+  std::memcpy(buf, p, n * 4);
+  return _mm256_load_ps(buf);
+}
+
+template <typename T>
+void epilogue_rows(const int32_t* acc, const float* sx, bool sx_per_row, const float* sw, const T* bias,
+                   const int32_t* zcorr, T* out, int64_t M, int64_t N) {
+  lowbit::par_for(0, M, 4, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const __m256 vsx = _mm256_set1_ps(sx_per_row ? sx[m] : sx[0]);
+      const int32_t* a = acc + m * N;
+      T* o = out + m * N;
+      for (int64_t n = 0; n < N; n += 8) {
+        const int64_t len = std::min<int64_t>(8, N - n);
+        __m256i ai = load_i32(a + n, len);
+        if (zcorr) ai = _mm256_sub_epi32(ai, load_i32(zcorr + n, len));
+        __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ai), vsx), load_f32(sw + n, len));
+        if (bias) v = _mm256_add_ps(v, len == 8 ? load8<T>(bias + n) : load_tail<T>(bias + n, len));
+        store8<T>(o + n, v, len);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// Quantize x (M, K) to int8: static (scale given, zp) or dynamic per-token symmetric (scale < 0).
+// Returns (q, scales) where scales is (M, 1) float32 for the dynamic case, else empty.
+// Every entry point checks its arguments (devices, dtypes, ranks, shapes, contiguity) before
+// touching memory: whatever a caller passes, nothing is read or written out of bounds.
+std::vector<torch::Tensor> quantize_i8(torch::Tensor x, double scale, int64_t zero_point, double eps) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) tensor, got ", x.sizes());
+  TORCH_CHECK(zero_point >= -128 && zero_point <= 127, "zero_point must be in [-128, 127], got ", zero_point);
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  const bool dynamic = scale < 0;
+  auto s = dynamic ? torch::empty({M, 1}, x.options().dtype(torch::kFloat)) : torch::empty({0}, x.options().dtype(torch::kFloat));
+  float* sp = dynamic ? s.data_ptr<float>() : nullptr;
+  const float fs = float(scale), fz = float(zero_point), fe = float(eps);
+  switch (x.scalar_type()) {
+    case torch::kFloat: quantize_rows(x.data_ptr<float>(), q.data_ptr<int8_t>(), sp, M, K, fs, fz, fe); break;
+    case torch::kBFloat16: quantize_rows(x.data_ptr<at::BFloat16>(), q.data_ptr<int8_t>(), sp, M, K, fs, fz, fe); break;
+    case torch::kHalf: quantize_rows(x.data_ptr<at::Half>(), q.data_ptr<int8_t>(), sp, M, K, fs, fz, fe); break;
+    default: TORCH_CHECK(false, "quantize_i8: x must be float32, bfloat16 or float16");
+  }
+  return {q, s};
+}
+
+// out (M, N) in dtype of `like` = ((acc - zcorr) * s_x) * s_w + bias.
+torch::Tensor w8a8_epilogue(torch::Tensor acc, torch::Tensor s_x, torch::Tensor s_w, c10::optional<torch::Tensor> bias,
+                            c10::optional<torch::Tensor> zcorr, torch::Tensor like) {
+  TORCH_CHECK(acc.device().is_cpu() && s_x.device().is_cpu() && s_w.device().is_cpu(), "acc, s_x and s_w must be CPU tensors");
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kInt && acc.is_contiguous(), "acc must be contiguous int32 (M, N)");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(s_x.scalar_type() == torch::kFloat && s_x.is_contiguous() && (s_x.numel() == 1 || s_x.numel() == M), "s_x: float32, 1 or M values");
+  TORCH_CHECK(s_w.scalar_type() == torch::kFloat && s_w.is_contiguous() && s_w.numel() == N, "s_w: float32, N values");
+  auto out = torch::empty({M, N}, acc.options().dtype(like.scalar_type()));
+  const int32_t* zc = nullptr;
+  if (zcorr) {
+    TORCH_CHECK(zcorr->device().is_cpu(), "zcorr must be a CPU tensor");
+    TORCH_CHECK(zcorr->scalar_type() == torch::kInt && zcorr->is_contiguous() && zcorr->numel() == N, "zcorr: int32, N values");
+    zc = zcorr->data_ptr<int32_t>();
+  }
+  const bool per_row = s_x.numel() == M && M > 1;
+  if (bias) TORCH_CHECK(bias->device().is_cpu(), "bias must be a CPU tensor");
+  if (bias) TORCH_CHECK(bias->scalar_type() == like.scalar_type() && bias->is_contiguous() && bias->numel() == N, "bias: N values in x's dtype");
+  switch (like.scalar_type()) {
+#define LOWBIT_EPI(T, ST)                                                                                         \
+  case ST:                                                                                                        \
+    epilogue_rows<T>(acc.data_ptr<int32_t>(), s_x.data_ptr<float>(), per_row, s_w.data_ptr<float>(),             \
+                     bias ? bias->data_ptr<T>() : nullptr, zc, out.data_ptr<T>(), M, N);                          \
+    break;
+    LOWBIT_EPI(float, torch::kFloat)
+    LOWBIT_EPI(at::BFloat16, torch::kBFloat16)
+    LOWBIT_EPI(at::Half, torch::kHalf)
+#undef LOWBIT_EPI
+    default: TORCH_CHECK(false, "w8a8_epilogue: output must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize_i8", &quantize_i8, "int8 activation quantization (static, or dynamic per-token symmetric)");
+  m.def("w8a8_epilogue", &w8a8_epilogue, "int32 accumulator -> scaled float output");
+}
