@@ -7,6 +7,8 @@ block's inputs. Linears fed the same input tensor (q/k/v, gate/up) share one ``X
 and, with the same per-row spec, are solved as one stacked weight (rows are independent in
 GPTQ, so the codes are those of separate solves). Selected linears outside the blocks (an
 untied ``lm_head``) are solved last, from one more pass of the whole quantized model.
+With ``process_group=`` the ranks each calibrate on their own slice, sum the Hessians and
+share the solves (:mod:`lowbit.algorithms.distributed`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 from lowbit.algorithms._weights import integer_weight_spec, write_weight
 from lowbit.algorithms.blocks import capture_block_inputs, find_blocks, forward_kwargs, make_batches, run_block
+from lowbit.algorithms.distributed import all_reduce_ints, all_reduce_sums, solve_shared
 from lowbit.algorithms.gptq import Hessian, check_options, gptq_quantize, gram, output_sqnr
 from lowbit.configs.base import QuantConfig
 from lowbit.primitives.affine import fake_quantize_affine
@@ -100,8 +103,8 @@ class _Collector:
             h.remove()
 
 
-def _solve(steps: list[Step], hessians: dict[str, Hessian], opts: dict) -> list[tuple[Step, dict, GPTQLayer]]:
-    """GPTQ for every step (stacking steps with one spec and one Hessian); nothing is written."""
+def _groups(steps: list[Step], hessians: dict[str, Hessian]) -> list[list[Step]]:
+    """Steps with one per-row spec and one Hessian stacked into one solve."""
     missing = [s.fqn for s in steps if hessians[s.fqn].count == 0]
     if missing:
         raise ValueError(f"no calibration input reached {missing}: GPTQ needs their inputs (map them to None to "
@@ -118,34 +121,59 @@ def _solve(steps: list[Step], hessians: dict[str, Hessian], opts: dict) -> list[
                 break
         else:
             groups.append([s])
-    out = []
-    for g in groups:
-        spec, h = g[0].config.weight_spec(), hessians[g[0].fqn].value()
-        weights = [s.module.weight.detach() for s in g]
-        res = gptq_quantize(torch.cat(weights) if len(g) > 1 else weights[0], h, spec, **opts)
-        row = 0
-        for s, w in zip(g, weights):
-            rows = slice(row, row + w.shape[0])
-            row += w.shape[0]
-            qp_rows = rows if res.scale.shape[0] > 1 else slice(None)
-            values = {"qdata": res.qdata[rows], "scale": res.scale[qp_rows],
-                      "zero_point": None if res.zero_point is None else res.zero_point[qp_rows]}
-            rtn = fake_quantize_affine(w.float(), spec)
-            layer = GPTQLayer(s.fqn, repr(s.config), tuple(w.shape), res.damp, res.tries,
-                              output_sqnr(w, res.dequantized[rows], h), output_sqnr(w, rtn, h))
-            out.append((s, values, layer))
+    return groups
+
+
+def _solve_group(g: list[Step], hessians: dict[str, Hessian], opts: dict) -> list[tuple[dict, GPTQLayer]]:
+    """GPTQ for one group of steps (stacked when more than one); nothing is written."""
+    spec, h = g[0].config.weight_spec(), hessians[g[0].fqn].value()
+    weights = [s.module.weight.detach() for s in g]
+    res = gptq_quantize(torch.cat(weights) if len(g) > 1 else weights[0], h, spec, **opts)
+    out, row = [], 0
+    for s, w in zip(g, weights):
+        rows = slice(row, row + w.shape[0])
+        row += w.shape[0]
+        qp_rows = rows if res.scale.shape[0] > 1 else slice(None)
+        values = {"qdata": res.qdata[rows], "scale": res.scale[qp_rows],
+                  "zero_point": None if res.zero_point is None else res.zero_point[qp_rows]}
+        rtn = fake_quantize_affine(w.float(), spec)
+        layer = GPTQLayer(s.fqn, repr(s.config), tuple(w.shape), res.damp, res.tries,
+                          output_sqnr(w, res.dequantized[rows], h), output_sqnr(w, rtn, h))
+        out.append((values, layer))
     return out
 
 
-def _quantize(steps: list[Step], run: Callable[[Callable[[], None]], None], opts: dict, where: str) -> list[GPTQLayer]:
-    """Hessians from ``run(next_batch)``, then solve every step, then write them all."""
+def _solve(steps: list[Step], hessians: dict[str, Hessian], opts: dict,
+           process_group=None) -> list[tuple[Step, dict, GPTQLayer]]:
+    """GPTQ for every step (stacking steps with one spec and one Hessian); nothing is written.
+    With a process group each rank solves a share of the groups and gets the others' results."""
+    groups = _groups(steps, hessians)
+    if process_group is None:
+        solved = [_solve_group(g, hessians, opts) for g in groups]
+    else:
+        # a solve costs about N K^2 (the column updates) + K^3 (the factorization)
+        costs = [float(sum(s.module.weight.shape[0] for s in g)) * g[0].module.weight.shape[1] ** 2
+                 + float(g[0].module.weight.shape[1]) ** 3 for g in groups]
+        solved = solve_shared(groups, costs, lambda g: _solve_group(g, hessians, opts), process_group,
+                              steps[0].module.weight.device)
+    return [(s, values, layer) for g, res in zip(groups, solved) for s, (values, layer) in zip(g, res)]
+
+
+def _quantize(steps: list[Step], run: Callable[[Callable[[], None]], None], opts: dict, where: str,
+              process_group=None) -> list[GPTQLayer]:
+    """Hessians from ``run(next_batch)`` (summed over the ranks of ``process_group``), then solve
+    every step, then write them all."""
     collector = _Collector(steps)
     try:
         run(collector.next_batch)
     finally:
         collector.remove()
+    if process_group is not None:
+        hs = list(collector.hessians.values())
+        for h, n in zip(hs, all_reduce_sums([h.sum for h in hs], [h.count for h in hs], process_group)):
+            h.count = n
     try:
-        solved = _solve(steps, collector.hessians, opts)
+        solved = _solve(steps, collector.hessians, opts, process_group)
     except ValueError as e:
         raise ValueError(f"GPTQ failed in {where} (the blocks before it are quantized, the rest is float): {e}") from e
     for s, values, _ in solved:
@@ -172,6 +200,7 @@ def gptq(
     batch_size: int = 8,
     blocks: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    process_group=None,
 ) -> GPTQReport:
     """Quantize ``model``'s linears in place with GPTQ, into the tensors ``quantize_`` makes.
 
@@ -199,6 +228,11 @@ def gptq(
         batch_size: calibration rows per forward.
         blocks: name of the decoder blocks' ``nn.ModuleList`` (found when None).
         progress: ``progress(done, total)`` after each block.
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
+            for all ranks) whose ranks each pass their own slice of the calibration data: the
+            Hessians are summed over the ranks (the union's, up to float32 summation order),
+            each rank solves a share of each block's linears and broadcasts them, and every
+            rank ends with the same quantized model. None: this process alone (unchanged).
 
     Returns:
         :class:`GPTQReport`.
@@ -232,8 +266,10 @@ def gptq(
         (rest if i is None else by_block.setdefault(i, [])).append(s)
 
     start = time.perf_counter()
-    report = GPTQReport(name, sum(b.shape[0] for b in batches), sum(b.numel() for b in batches), 0.0,
-                        plan.describe())
+    samples, tokens = sum(b.shape[0] for b in batches), sum(b.numel() for b in batches)
+    if process_group is not None:  # the report counts the union
+        samples, tokens = all_reduce_ints([samples, tokens], process_group, batches[0].device)
+    report = GPTQReport(name, samples, tokens, 0.0, plan.describe())
     was_training = model.training
     model.eval()
     try:
@@ -250,7 +286,7 @@ def gptq(
                                 next_batch()
                                 layer(*args, **kwargs)
 
-                        report.layers += _quantize(steps, run, opts, f"{name}.{i}")
+                        report.layers += _quantize(steps, run, opts, f"{name}.{i}", process_group)
                     inputs = run_block(layer, inputs) if i < last else None
                     _log.info("GPTQ: %s.%d done (%d linears, %.1f s)", name, i, len(steps), time.perf_counter() - t0)
                     if progress is not None:
@@ -264,7 +300,7 @@ def gptq(
                         next_batch()
                         model(b, **extra)
 
-                report.layers += _quantize(rest, run_model, opts, f"the linears outside {name}")
+                report.layers += _quantize(rest, run_model, opts, f"the linears outside {name}", process_group)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start
