@@ -23,7 +23,7 @@ lowbit config                                  compressed-tensors scheme (format
 =============================================  ===================================================
 Int4WeightOnlyConfig(symmetric=True)           W4A16: int4 sym group g (pack-quantized)
 Int4WeightOnlyConfig() (int zero point)        W4A16_ASYM: int4 asym group g, zp = zp_lowbit - 8
-Int8WeightOnlyConfig(PerRow/PerGroup/PerTensor) W8A16: int8 sym channel/group/tensor (pack-quantized)
+Int8WeightOnlyConfig (row / group / tensor)    W8A16: int8 sym channel/group/tensor (pack-quantized)
 Int8DynamicActivationInt8WeightConfig          W8A8: int8 sym channel/tensor + int8 token dynamic
 Int8StaticActivationInt8WeightConfig           W8A8: int8 sym channel/tensor + int8 tensor static
 Int8DynamicActivationInt4WeightConfig (8da4w)  W4A8: int4 sym group + int8 token dynamic asymmetric
@@ -33,11 +33,16 @@ Float8DynamicActivationFloat8WeightConfig      FP8_DYNAMIC: channel + token / te
 Float8StaticActivationFloat8WeightConfig       FP8: channel/tensor + float8 tensor static
 =============================================  ===================================================
 
+The format of each scheme is the one compressed-tensors itself infers (int-quantized when int weights
+meet int activations, so 8da4w's int4 values are stored unpacked in int8, as llm-compressor writes W4A8).
+
 Exact: every stored number (values, scales, zero points, static activation scales) is lowbit's, so
 weights and static activations dequantize bit for bit both ways (lowbit -> CT -> lowbit gives the
 same tensors). Dynamic activation scales are computed at run time by the consumer under the scheme's
 definition; compressed-tensors' own reference divides a symmetric int8 amax by 127.5 where lowbit
-(and vLLM's kernels) divide by 127, so there the consumer's activations may differ in rounding.
+(and vLLM's kernels) divide by 127, so there the consumer's activations may differ in rounding. A
+runtime that fuses q/k/v (or gate/up) into one matmul takes one static input scale for the fused
+shards (vLLM: their maximum): calibrate them with a shared scale where that matters.
 Refused on export, in one error listing every such layer: an int4 float-domain zero point (CT zero
 points are integers), SmoothQuant's ``act_pre_scale``, float8 e5m2 (CT's float8 is e4m3), a quantized
 weight shared by several modules, any other tensor or module lowbit can't state in the schema.
@@ -484,7 +489,7 @@ def _read_tensors(p: Path, device) -> dict[str, torch.Tensor]:
     return out
 
 
-def _lowbit_config(scheme, fqn: str, tensors: dict, n: int, k: int):
+def _lowbit_config(scheme, fqn: str, tensors: dict):
     """The lowbit config of the same numerics as ``scheme`` (and the module's static tensors)."""
     w, a = scheme.weights, scheme.input_activations
 
@@ -557,7 +562,7 @@ def _need(tensors: dict, fqn: str, name: str) -> torch.Tensor:
 def _import_weight(fqn: str, module: nn.Linear, scheme, fmt: str, tensors: dict, dtype: torch.dtype):
     """``(lowbit tensor, config, keys used)`` for one compressed linear."""
     n, k = module.out_features, module.in_features
-    config = _lowbit_config(scheme, fqn, tensors, n, k)
+    config = _lowbit_config(scheme, fqn, tensors)
     w = scheme.weights
     used = {f"{fqn}.{x}" for x in ("weight_scale", "weight_zero_point", "weight_shape", "weight_packed", "weight",
                                     "input_scale", "input_zero_point", "weight_g_idx") if f"{fqn}.{x}" in tensors}

@@ -60,7 +60,6 @@ NEW_TOKENS = 5
 CONFIGS = {
     "int4_sym_g32": Int4WeightOnlyConfig(group_size=32, symmetric=True),
     "int4_asym_g64": Int4WeightOnlyConfig(group_size=64),
-    "int4_asym_hqq_g32": Int4WeightOnlyConfig(group_size=32, qparams="hqq"),
     "int8wo_row": Int8WeightOnlyConfig(),
     "int8wo_g64": Int8WeightOnlyConfig(granularity=PerGroup(64)),
     "int8wo_tensor": Int8WeightOnlyConfig(granularity=PerTensor()),
@@ -83,7 +82,7 @@ DYNAMIC_INT8 = {"w8a8_dynamic", "w8a8_dynamic_asym_tensor"}
 # zero point unpacked ((N, G)) and refuses the packed one the format defines ((ceil(N / 8), G)); llm-compressor's
 # own W4A16_ASYM checkpoint (tests/data/llmc_glassllm_w4a16_asym) fails the same way (test below). Exactness of
 # these exports is shown by compressed-tensors' own decompress instead.
-TRANSFORMERS_CANT_LOAD = {"int4_asym_g64", "int4_asym_hqq_g32"}
+TRANSFORMERS_CANT_LOAD = {"int4_asym_g64"}
 LLMC = ("w4a16", "w4a16_asym", "w8a8")
 
 # run by the venv's python without lowbit: what a user of transformers + compressed-tensors gets
