@@ -267,10 +267,16 @@ def _mb(n: int) -> str:
 
 
 def _kernel_rows() -> list[list[str]]:
-    """One row per compiled CPU kernel: its name and status (``ok``, or why it does not run here)."""
-    from lowbit.kernels._ext import status
+    """One row per compiled CPU kernel: its name, its status (``ok (<isa>)``, or why it does not run here) and
+    the builds it has with the CPU features each needs."""
+    from lowbit.kernels._ext import BUILDS, ISA_ENV, forced_isa, status
 
-    return [[name, why] for name, why in status().items()]
+    st = status()
+    rows = [[name, st[name], "; ".join(f"{b.isa}: {', '.join(b.features)}" for b in builds)]
+            for name, builds in BUILDS.items()]
+    if forced_isa():
+        rows.append([ISA_ENV, f"{forced_isa()} forced", ""])
+    return rows
 
 
 def cmd_info(args) -> dict:
@@ -281,9 +287,9 @@ def cmd_info(args) -> dict:
         if not args.json:
             from tabulate import tabulate
 
-            print(tabulate(rows, headers=["C++ kernel", "status"], tablefmt="github"))
+            print(tabulate(rows, headers=["C++ kernel", "status", "builds (CPU features)"], tablefmt="github"))
         if args.checkpoint is None:
-            return {"kernels": dict(rows)}
+            return {"kernels": {r[0]: r[1] for r in rows}}
     elif args.checkpoint is None:
         raise CLIError("info needs a CHECKPOINT (or --kernels)")
     p = Path(args.checkpoint)
@@ -297,7 +303,7 @@ def cmd_info(args) -> dict:
         return _info_foreign(args, p)
     info = checkpoint_info(p)
     if args.kernels:
-        info["kernels"] = dict(_kernel_rows())
+        info["kernels"] = {r[0]: r[1] for r in _kernel_rows()}
     if not args.json:
         from tabulate import tabulate
 
@@ -324,7 +330,7 @@ def _info_foreign(args, p: Path) -> dict:
             **describe(model)}
     info["bytes"] = info["quantized_bytes"] + info["float_bytes"]
     if args.kernels:
-        info["kernels"] = dict(_kernel_rows())
+        info["kernels"] = {r[0]: r[1] for r in _kernel_rows()}
     if not args.json:
         from tabulate import tabulate
 
