@@ -419,3 +419,69 @@ def test_is_compressed_tensors_checkpoint(exported, glassllm_src, tmp_path):
     assert not is_compressed_tensors_checkpoint(tmp_path / "nothing")
     with pytest.raises(ValueError, match="not a compressed-tensors checkpoint"):
         load_compressed_tensors(glassllm_src)
+
+
+# --- dtypes and shards -------------------------------------------------------------------------------------------
+
+
+def test_bfloat16_model_round_trips_and_decompresses_exactly(glassllm_src, tmp_path):
+    """A bf16 model's scales stay lowbit's float32 on disk: CT's decompress gives the float32 dequantized weight."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    model = _float_model(glassllm_src).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(model, Int4WeightOnlyConfig(group_size=32))
+    d = export_compressed_tensors(model, tmp_path / "bf16")
+    config = json.loads((d / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    scheme = QuantizationScheme.model_validate(config["quantization_config"]["config_groups"]["group_0"])
+    local = _module_tensors(d)[Q]
+    assert local["weight_scale"].dtype == torch.float32
+    dense = BaseCompressor.get_value_from_registry("pack-quantized").decompress(local, scheme)["weight"]
+    w = dict(model.named_modules())[Q].weight
+    assert torch.equal(dense, w.dequantize(torch.float32))
+    back = load_compressed_tensors(d)
+    assert next(back.model.norm.parameters()).dtype == torch.bfloat16
+    _same_tensor(w, dict(back.named_modules())[Q].weight)
+
+
+def test_bfloat16_scales_import_exactly(exported, tmp_path):
+    """llm-compressor writes a bf16 model's scales in bf16: lowbit widens them to float32 (exact), and its
+    dequantize(bfloat16) equals compressed-tensors' bf16 decompress bit for bit (one rounding of an exact
+    product in both)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    _, d, _, _ = exported["int4_asym_g64"]
+
+    def to_bf16(t):
+        for k in [k for k in t if k.endswith("weight_scale")]:
+            t[k] = t[k].to(torch.bfloat16)
+
+    src = _edited(d, tmp_path / "bf16_scales", tensors=to_bf16)
+    config = json.loads((src / "config.json").read_text())
+    scheme = QuantizationScheme.model_validate(config["quantization_config"]["config_groups"]["group_0"])
+    model = load_compressed_tensors(src)
+    for fqn, local in _module_tensors(src).items():
+        if "weight_packed" not in local:
+            continue
+        mine = dict(model.named_modules())[fqn].weight
+        assert torch.equal(mine.scale, local["weight_scale"].float())
+        dense = BaseCompressor.get_value_from_registry("pack-quantized").decompress(local, scheme)["weight"]
+        assert dense.dtype == torch.bfloat16 and torch.equal(dense, mine.dequantize(torch.bfloat16)), fqn
+
+
+def test_sharded_export_loads(exported, tmp_path, monkeypatch):
+    import lowbit.formats.compressed_tensors as ct
+
+    model, d, logits, _ = exported["w8a8_static_asym"]
+    monkeypatch.setattr(ct, "_MAX_SHARD_BYTES", 2**19)
+    out = export_compressed_tensors(model, tmp_path / "sharded")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (out / "model.safetensors").exists()
+    whole = load_file(str(d / "model.safetensors"))
+    assert set(index["weight_map"]) == set(whole)
+    back = load_compressed_tensors(out)
+    assert torch.equal(_run(back)[0], logits)
