@@ -19,6 +19,7 @@ from torch import nn
 
 from lowbit.configs import QuantConfig
 from lowbit.configs.base import get_handler, register_handler
+from lowbit.qat.distributed import is_sharded, quantize_sharded_weight
 from lowbit.qat.fake_quant import fake_quant_for
 from lowbit.qat.modules import prepare_module, unprepare_module
 
@@ -67,4 +68,7 @@ def _(module: nn.Module, config: QATConfig, fqn: str) -> None:
         raise ValueError(f"module {fqn or '<root>'!r} was prepared for {module.qat_config!r}, "
                          f"not {config.base_config!r}")
     unprepare_module(module)
+    if is_sharded(module.weight):  # FSDP2: this rank's rows of the quantized weight, as a DTensor
+        quantize_sharded_weight(module, config.base_config, fqn)
+        return
     get_handler(config.base_config)(module, config.base_config, fqn)

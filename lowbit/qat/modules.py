@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.configs import QuantConfig
+from lowbit.qat.distributed import is_sharded
 from lowbit.qat.fake_quant import FakeQuant, fake_quant_for
 
 __all__ = ["FakeQuantizedLinear", "FakeQuantizedEmbedding", "prepare_module", "unprepare_module"]
@@ -82,9 +83,13 @@ def prepare_module(module: nn.Module, config: QuantConfig) -> nn.Module:
     if target is FakeQuantizedEmbedding and fq.activation is not None:
         raise ValueError(f"{type(config).__name__} quantizes activations; an embedding takes weight-only configs")
     w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or type(w) not in (torch.Tensor, nn.Parameter):
+    sharded = is_sharded(w)  # FSDP2 already sharded it: the forward sees the gathered weight
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or (
+            type(w) not in (torch.Tensor, nn.Parameter) and not sharded):
         raise TypeError(f"QAT needs a float weight, got {type(w).__name__}")
-    fq.weight(w.detach())  # fail now (e.g. a group size that does not divide the weight), not mid-training
+    check = w.detach().to_local() if sharded else w.detach()  # a shard keeps every column: groups fit alike
+    if check.numel():
+        fq.weight(check)  # fail now (e.g. a group size that does not divide the weight), not mid-training
     module._lowbit_float_class = type(module)
     module.__class__ = target
     module.qat_config = config

@@ -1,0 +1,151 @@
+"""QAT under FSDP2 on 2 gloo ranks against 1 process: fake-quantized weights and loss after each of
+5 AdamW steps, per-rank parameter memory, and the sharded convert."""
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.configs import Float8WeightOnlyConfig, Int4WeightOnlyConfig
+from lowbit.eval import load_glassllm
+from lowbit.granularity import PerTensor
+from lowbit.qat import FakeQuantizedLinear, QATConfig
+from lowbit.qat.distributed import convert_sharded
+from lowbit.quantize import quantize_
+from lowbit.tensors.base import QuantizedTensor
+
+sys.path.insert(0, str(Path(__file__).parent))
+import lowbit_dist_harness as harness  # noqa: E402
+
+# int4 g32 on every linear but down_proj (in_features 341), which takes per-tensor float8: the
+# first shards by rows alone (gate/up_proj's 341 rows split 171 + 170), the second needs the
+# whole layer's amax (gathered).
+BASE = {"re:.*down_proj": Float8WeightOnlyConfig(granularity=PerTensor()), "re:.*": Int4WeightOnlyConfig(group_size=32)}
+STEPS, BATCH, SEQ = 5, 2, 32
+# per-rank parameter bytes over one process's: half, plus the rows of uneven splits (341 = 171 + 170)
+MAX_PARAM_FRACTION = 0.51
+
+
+def _prepare():
+    model = load_glassllm().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied lm_head stays float
+        quantize_(model, {k: QATConfig(v) for k, v in BASE.items()})
+    return model
+
+
+def _fake_quantized(model) -> dict:
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FakeQuantizedLinear):
+            w = m.weight.full_tensor() if hasattr(m.weight, "full_tensor") else m.weight
+            out[name] = m.fake_quant.weight(w.detach())
+    return out
+
+
+def _train(model) -> list:
+    """5 AdamW steps on the same batches on every rank; per step the loss and fake-quantized weights."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    history = []
+    for _ in range(STEPS):
+        x = torch.randint(0, 1024, (BATCH, SEQ), generator=g)
+        loss = -model(x).float().log_softmax(-1)[:, :-1].gather(-1, x[:, 1:, None]).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        history.append((loss.detach(), _fake_quantized(model)))
+    return history
+
+
+def _param_bytes(model) -> int:
+    """Bytes of the storages behind this rank's parameters (FSDP2's padding included), each once."""
+    storages = {}
+    for p in model.parameters():
+        s = (p.to_local() if hasattr(p, "to_local") else p).untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def _quantized_fields(t) -> dict:
+    return {f: getattr(t, f) for f in ("qdata", "scale", "zero_point") if getattr(t, f, None) is not None}
+
+
+def _worker(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _prepare()
+    full_bytes = _param_bytes(model)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    local_bytes = _param_bytes(model)
+    history = _train(model)
+    convert_sharded(model)
+    shards = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if hasattr(w, "to_local") and isinstance(w.to_local(), QuantizedTensor):
+            shards[name] = (type(w.to_local()).__name__, tuple(w.shape), _quantized_fields(w.to_local()))
+    return history, local_bytes / full_bytes, shards
+
+
+@pytest.fixture(scope="module")
+def results():
+    return harness.run(_worker)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same matmul reductions
+    try:
+        model = _prepare()
+        history = _train(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(model, {k: QATConfig(v, step="convert") for k, v in BASE.items()})
+        return history, model
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fake_quantized_weights_and_loss_equal_one_process_every_step(results, reference):
+    ref_history, _ = reference
+    for history, _, _ in results:
+        assert len(history) == STEPS
+        for (loss, weights), (ref_loss, ref_weights) in zip(history, ref_history):
+            # the same batch on every rank: gathered weights are exact, (g + g) / 2 == g, so even the
+            # loss is bit-identical (split batches would differ by float summation order)
+            assert torch.equal(loss, ref_loss)
+            assert weights.keys() == ref_weights.keys() and len(weights) == 28
+            for k in weights:
+                assert torch.equal(weights[k], ref_weights[k]), k
+    # training moved the weights: step 5's fake-quantized weights differ from step 1's
+    assert any(not torch.equal(ref_history[0][1][k], ref_history[-1][1][k]) for k in ref_history[0][1])
+
+
+def test_per_rank_parameter_memory_is_about_half(results):
+    fractions = [fraction for _, fraction, _ in results]
+    print(f"per-rank parameter bytes / 1 process: {fractions}")
+    assert all(f <= MAX_PARAM_FRACTION for f in fractions) and sum(fractions) >= 1.0
+
+
+def test_sharded_convert_equals_the_rows_of_one_process(results, reference):
+    _, ref_model = reference
+    modules = dict(ref_model.named_modules())
+    start = {}
+    for rank, (_, _, shards) in enumerate(results):
+        assert len(shards) == 28
+        for name, (cls, shape, fields) in shards.items():
+            ref = modules[name].weight
+            assert type(ref).__name__ == cls and tuple(ref.shape) == shape
+            rows = fields["qdata"].shape[0]
+            lo = start.get(name, 0)
+            start[name] = lo + rows
+            ref_rows = ref[lo:lo + rows]
+            for f, t in fields.items():
+                assert torch.equal(t, getattr(ref_rows, f)), (rank, name, f)
+    assert all(start[name] == modules[name].weight.shape[0] for name in start)  # the shards tile the rows
