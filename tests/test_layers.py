@@ -23,6 +23,7 @@ LAYERS = [
     "qat",
     "algorithms",
     "serialization",
+    "distributed",
     "pretrained",
     "formats",
     "eval",

@@ -73,8 +73,10 @@ def _quantized_fields(t) -> dict:
     return {f: getattr(t, f) for f in ("qdata", "scale", "zero_point") if getattr(t, f, None) is not None}
 
 
-def _worker(rank, world):
+def _worker(rank, world, directory):
     from torch.distributed.fsdp import fully_shard
+
+    from lowbit.distributed import save_sharded
 
     model = _prepare()
     full_bytes = _param_bytes(model)
@@ -89,12 +91,18 @@ def _worker(rank, world):
         w = getattr(m, "weight", None)
         if hasattr(w, "to_local") and isinstance(w.to_local(), QuantizedTensor):
             shards[name] = (type(w.to_local()).__name__, tuple(w.shape), _quantized_fields(w.to_local()))
+    save_sharded(model, directory)
     return history, local_bytes / full_bytes, shards
 
 
 @pytest.fixture(scope="module")
-def results():
-    return harness.run(_worker)
+def checkpoint(tmp_path_factory):
+    return tmp_path_factory.mktemp("sharded")
+
+
+@pytest.fixture(scope="module")
+def results(checkpoint):
+    return harness.run(_worker, str(checkpoint))
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +157,30 @@ def test_sharded_convert_equals_the_rows_of_one_process(results, reference):
             for f, t in fields.items():
                 assert torch.equal(t, getattr(ref_rows, f)), (rank, name, f)
     assert all(start[name] == modules[name].weight.shape[0] for name in start)  # the shards tile the rows
+
+
+def test_checkpoint_written_rank_by_rank_loads_as_the_one_process_model(results, reference, checkpoint):
+    from safetensors import safe_open
+
+    from lowbit.distributed import load_sharded, shard_file_names
+
+    _, ref_model = reference
+    assert sorted(p.name for p in checkpoint.iterdir()) == shard_file_names(2)
+    # each rank wrote a share, no file holds the whole model
+    held = []
+    for n in shard_file_names(2):
+        with safe_open(str(checkpoint / n), "pt") as f:
+            held.append(set(f.keys()))
+    assert all(held) and not held[0] & held[1]
+    model = load_sharded(load_glassllm(), checkpoint)
+    ref_state, state = ref_model.state_dict(), model.state_dict()
+    assert state.keys() == ref_state.keys()
+    for k, ref in ref_state.items():
+        t = state[k]
+        assert type(t) is type(ref), k
+        if isinstance(ref, QuantizedTensor):
+            assert all(torch.equal(v, getattr(t, f)) for f, v in _quantized_fields(ref).items()), k
+        else:
+            assert torch.equal(t, ref), k
+    x = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(model(x), ref_model(x))
