@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lowbit.formats.gguf_blocks import QUANT_TYPES, decode_weight, encode_weight, type_config
-from lowbit.formats.gguf_vocab import tokenizer_metadata
+from lowbit.formats.gguf_vocab import copy_tokenizer_metadata, tokenizer_metadata
 from lowbit.tensors.base import QuantizedTensor
 
 __all__ = ["is_gguf_file", "export_gguf", "load_gguf", "gguf_tokenizer", "gguf_config", "GGUF_TYPES"]
@@ -214,18 +214,21 @@ def _file_type(gguf, tensors) -> int:
     return int({"Q8_0": ft.MOSTLY_Q8_0, "Q4_0": ft.MOSTLY_Q4_0, "Q4_1": ft.MOSTLY_Q4_1}[max(counts, key=counts.get)])
 
 
-def _resolve_tokenizer(tokenizer, source_dir):
+def _token_metadata(tokenizer, source_dir, vocab_size: int):
+    """What the file says about the tokenizer: from ``tokenizer``, else copied from a GGUF ``source_dir``,
+    else from the tokenizer of a transformers ``source_dir``."""
     if tokenizer is not None:
-        return tokenizer
+        return tokenizer_metadata(tokenizer, vocab_size)
     if source_dir is None:
         raise ValueError("a GGUF file carries its tokenizer: pass tokenizer= (a transformers tokenizer) or "
                          "source_dir= (a transformers model directory or a .gguf file)")
     if is_gguf_file(source_dir):
-        return gguf_tokenizer(source_dir)
+        _, reader = _reader(Path(source_dir))
+        return copy_tokenizer_metadata(reader, vocab_size, source_dir)
     p = Path(source_dir)
     if not p.is_dir():
         raise FileNotFoundError(f"source_dir {p} is neither a directory nor a GGUF file")
-    return _transformers().AutoTokenizer.from_pretrained(p, local_files_only=True)
+    return tokenizer_metadata(_transformers().AutoTokenizer.from_pretrained(p, local_files_only=True), vocab_size)
 
 
 def export_gguf(model: nn.Module, out_file, *, source_dir=None, tokenizer=None, overwrite: bool = False) -> Path:
@@ -242,7 +245,8 @@ def export_gguf(model: nn.Module, out_file, *, source_dir=None, tokenizer=None, 
             int8/int4 configs, e.g. :func:`gguf_config`).
         out_file: the ``.gguf`` file to write (written to a temporary name, then renamed).
         source_dir: where the tokenizer comes from when ``tokenizer`` is None: a transformers model
-            directory or a GGUF file.
+            directory (its tokenizer), or a GGUF file (its ``tokenizer.*`` entries, copied unchanged:
+            re-exporting an imported GGUF keeps llama.cpp's pre-tokenizer name and chat template).
         tokenizer: a transformers tokenizer (BPE: byte-level or sentencepiece-style).
         overwrite: replace an existing ``out_file``.
 
@@ -270,9 +274,8 @@ def export_gguf(model: nn.Module, out_file, *, source_dir=None, tokenizer=None, 
     if out.is_dir():
         raise IsADirectoryError(f"out_file {out} is a directory; give a .gguf file name")
     gguf = _gguf()
-    tok = _resolve_tokenizer(tokenizer, source_dir)
     tensors = _model_tensors(model, config)
-    token_meta = tokenizer_metadata(tok, config.vocab_size)
+    token_meta = _token_metadata(tokenizer, source_dir, config.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:

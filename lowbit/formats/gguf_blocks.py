@@ -101,9 +101,12 @@ def _fp16_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    noise = float((ref - approx).double().pow(2).sum())
-    signal = float(ref.double().pow(2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    """SQNR in dB of ``approx`` against ``ref`` (float32 sums: a report, not a bound)."""
+    r, e = ref.reshape(-1), (ref - approx).reshape(-1)
+    noise, signal = float(torch.dot(e, e)), float(torch.dot(r, r))
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def encode_weight(w: torch.Tensor, name: str) -> tuple[str, torch.Tensor, float]:

