@@ -206,3 +206,24 @@ def test_concurrent_first_loads_build_once(fresh):
     for t in threads:
         t.join()
     assert calls == ["int8_act"] and results == [sentinel] * 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [b for bs in _ext.BUILDS.values() for b in bs], ids=lambda b: b.source)
+def test_builds_this_cpu_does_not_run_still_compile(build):
+    """A build whose features this CPU lacks is never built by the suite here (CI has no AVX-512):
+    it must still compile (with its own -m flags; syntax and types only, ~15 s each)."""
+    import subprocess
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    name = next(n for n, bs in _ext.BUILDS.items() if build in bs)
+    if _ext.active_isa(name) == build.isa:
+        pytest.skip(f"{build.source} is the build this process runs: built and tested by the other tests")
+    flags = [f"-m{_ext._GCC_FLAG.get(f, f)}" for f in build.features]
+    cmd = [os.environ.get("CXX", "c++"), "-fsyntax-only", "-std=c++20", f"-DTORCH_EXTENSION_NAME=lowbit_{build.source}",
+           "-DTORCH_API_INCLUDE_EXTENSION_H", f"-I{_ext._CSRC}", *(f"-isystem{p}" for p in include_paths()),
+           f"-isystem{sysconfig.get_paths()['include']}", *build.cflags, *flags, str(_ext._CSRC / f"{build.source}.cpp")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
