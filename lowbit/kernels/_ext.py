@@ -67,6 +67,8 @@ BUILDS: dict[str, tuple[Build, ...]] = {
                  Build("avx2", "int8_act_avx2", _AVX2, _EXACT)),
 }
 _GCC_FLAG = {"avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni"}
+# Kernel names (older callers list them from here, e.g. benchmarks/accuracy.py): use BUILDS.
+_FEATURES = {name: builds[-1].features for name, builds in BUILDS.items()}
 
 OK = "ok"
 DISABLED = "disabled (LOWBIT_NO_EXT=1)"

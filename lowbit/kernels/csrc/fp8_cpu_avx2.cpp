@@ -7,7 +7,7 @@
 //    (infinities, NaNs and subnormals come out right);
 //  * e4m3fn: the 7-bit magnitude shifted into a float16's exponent/mantissa position is the value
 //    times 2^-8 (subnormals too, and float16 subnormals are normal float32, so no denormal
-//    arithmetic, which cost microcode assists: 6x slower), the sign moved to bit 15, magnitude
+//    arithmetic: with it the GEMV ran ~5x slower here), the sign moved to bit 15, magnitude
 //    0x7F (NaN) forced to NaN, vcvtph2ps, one multiply by 256.
 // AVX2 has no bf16 dot product: x is widened to float32 and every product is a float32 FMA (the
 // AVX-512 build multiplies the same exact values with vdpbf16ps; only the summation order differs).
