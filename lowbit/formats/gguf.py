@@ -11,10 +11,12 @@ rounds the scales: ``lowbit.formats.gguf_blocks``. Everything else:
   transformers tie when ``output.weight`` is absent;
 * q_proj/k_proj rows are reordered into llama.cpp's layout (each head's rotate-half pairs
   interleaved), moving whole rows, so quantized rows keep their scales;
-* import: tensors of other GGUF types (k-quants, Q5_x, F16, BF16, ...) and a quantized embedding
-  are dequantized to float32 by the gguf package, with one ``UserWarning`` naming the types and
-  tensors; lowbit keeps such weights float. Nothing is refused for its type: the file's own
-  values are reproduced (exactly for F16/F32, as the gguf package computes them otherwise).
+* import: F16/F32 tensors are plain float32; tensors of other GGUF types (k-quants, Q5_x, BF16,
+  ...) and a quantized embedding are dequantized to float32 by the gguf package (llama.cpp's
+  reference arithmetic), with one ``UserWarning`` naming the types and tensors. They are not
+  refused: lowbit has no tensor for k-quant super-blocks, and llama.cpp's usual files mix types
+  (Q4_K_M holds Q4_K and Q6_K), so refusing would refuse them; float keeps the file's values. A
+  type the installed gguf package cannot dequantize is refused (``ValueError`` naming it).
 
 Only ``general.architecture == "llama"`` is read or written (transformers' ``LlamaForCausalLM``);
 ``gguf`` and ``transformers`` are imported inside the functions.
@@ -196,7 +198,8 @@ def _model_tensors(model: nn.Module, config):
             out.append((name, data.cpu().contiguous().numpy(), type_name, sqnr, key))
         else:
             if not t.is_floating_point():
-                raise ValueError(f"model tensor {key!r} has dtype {t.dtype}; GGUF export writes float and lowbit tensors")
+                raise ValueError(f"model tensor {key!r} has dtype {t.dtype}; GGUF export writes float and lowbit "
+                                 "tensors")
             if heads is not None:
                 t = t[_rope_rows(t.shape[0], heads)]
             out.append((name, _float_array(t), None, None, key))
@@ -385,7 +388,8 @@ def _llama_config(tf, reader, p: Path):
         num_key_value_heads=int(_field(reader, f"{_ARCH}.attention.head_count_kv", heads)),
         head_dim=int(_field(reader, f"{_ARCH}.rope.dimension_count", hidden // heads)),
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        rope_parameters={"rope_type": "default", "rope_theta": float(_field(reader, f"{_ARCH}.rope.freq_base", 10000.0))},
+        rope_parameters={"rope_type": "default",
+                         "rope_theta": float(_field(reader, f"{_ARCH}.rope.freq_base", 10000.0))},
         tie_word_embeddings="output.weight" not in names,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
@@ -435,8 +439,8 @@ def load_gguf(path, *, device="cpu"):
     """Load a llama GGUF file as a transformers ``LlamaForCausalLM`` holding lowbit tensors (eval mode).
 
     The config is the file's llama metadata under transformers' names (as ``AutoConfig`` with
-    ``gguf_file=`` reads it, without parsing the file twice); the model is built without initialising weights and the tensors are read
-    with ``gguf.GGUFReader``: Q8_0/Q4_0/Q4_1 linears become ``Int8Tensor``/``Int4Tensor`` at group
+    ``gguf_file=`` reads it, without parsing the file twice); the model is built without
+    initialising weights and the tensors are read with ``gguf.GGUFReader``: Q8_0/Q4_0/Q4_1 linears become ``Int8Tensor``/``Int4Tensor`` at group
     32 with their config (``print(model)`` shows it; ``lowbit.save_pretrained`` saves it); other
     types and quantized embeddings are dequantized to float32 (one ``UserWarning`` names them);
     norms and F16/F32 tensors are float32. No ``output.weight`` means the head is tied to the

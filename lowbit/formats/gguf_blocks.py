@@ -63,7 +63,7 @@ def type_config(type_name: str, *, mirrored: bool = False):
     if type_name == "Q8_0":
         return Int8WeightOnlyConfig(granularity=PerGroup(BLOCK))
     if type_name == "Q4_0":
-        return Int4WeightOnlyConfig(group_size=BLOCK) if mirrored else Int4WeightOnlyConfig(group_size=BLOCK, symmetric=True)
+        return Int4WeightOnlyConfig(group_size=BLOCK, symmetric=not mirrored)
     if type_name == "Q4_1":
         return Int4WeightOnlyConfig(group_size=BLOCK, zero_point_domain="float")
     raise ValueError(f"type_name={type_name!r}; allowed: {', '.join(QUANT_TYPES)}")
@@ -134,7 +134,8 @@ def encode_weight(w: torch.Tensor, name: str) -> tuple[str, torch.Tensor, float]
                          f"in_features is a multiple of {BLOCK}")
     if w.act_spec is not None:
         raise ValueError(f"weight {name!r} quantizes its activations ({w.act_spec.dtype.name}); GGUF files hold "
-                         "weight-only quantization: quantize with a weight-only config (lowbit.formats.gguf.gguf_config)")
+                         "weight-only quantization: quantize with a weight-only config "
+                         "(lowbit.formats.gguf.gguf_config)")
     shape = (int(w.shape[0]), int(w.shape[1]))
     if isinstance(w, Int8Tensor):
         return _encode_int8(w, shape, name)

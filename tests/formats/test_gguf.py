@@ -335,6 +335,23 @@ def test_import_refusals(tmp_path, exported):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(ValueError, match="architecture='gpt2'; lowbit imports GGUF files of architecture 'llama'"):
         G.load_gguf(tmp_path / "gpt2.gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
+    w.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(ValueError, match="the metadata lacks llama.attention.head_count"):
+        G.load_gguf(tmp_path / "bare.gguf")
+
+
+def test_import_refuses_tensors_a_llama_model_lacks(tmp_path):
+    from lowbit.eval.models import glassllm_hf_tokenizer
+    from lowbit.formats.gguf_vocab import tokenizer_metadata
+
+    model = _tiny_llama()
+    tensors = G._model_tensors(model, model.config)
+    tensors.append(("rope_freqs.weight", torch.ones(32).numpy(), None, None, "-"))  # llama 3's scaled RoPE
+    G._write(gguf, tmp_path / "x.gguf", model.config, tensors, tokenizer_metadata(glassllm_hf_tokenizer(), 1024), "x")
+    with pytest.raises(ValueError, match="tensor 'rope_freqs.weight' is not part of a transformers LlamaForCausalLM"):
+        G.load_gguf(tmp_path / "x.gguf")
 
 
 # --- SmolLM2's bundled Q4_1 file --------------------------------------------------------------------
