@@ -24,6 +24,11 @@ import lowbit_dist_harness as harness  # noqa: E402
 # whole layer's amax (gathered).
 BASE = {"re:.*down_proj": Float8WeightOnlyConfig(granularity=PerTensor()), "re:.*": Int4WeightOnlyConfig(group_size=32)}
 STEPS, BATCH, SEQ = 5, 2, 32
+# Split batches (each rank half the rows, losses averaged over the ranks) are the usual data
+# parallelism: the token sums run in another float32 order, so the loss moves by a few ulp per
+# step (measured <= 2e-7 relative over 5 steps); AdamW divides by sqrt(v), which can turn the
+# rounding of a near-zero gradient into a larger step, so the bound leaves 50x room.
+MAX_SPLIT_LOSS_REL = 1e-5
 # per-rank parameter bytes over one process's: half, plus the rows of uneven splits (341 = 171 + 170)
 MAX_PARAM_FRACTION = 0.51
 
@@ -45,18 +50,27 @@ def _fake_quantized(model) -> dict:
     return out
 
 
-def _train(model) -> list:
-    """5 AdamW steps on the same batches on every rank; per step the loss and fake-quantized weights."""
+def _train(model, split=None, weights=True) -> list:
+    """5 AdamW steps; per step the loss and fake-quantized weights. ``split=(rank, world)``: each rank
+    takes its rows of the batch and the loss is averaged over the ranks; else every rank the same batch."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     history = []
     for _ in range(STEPS):
         x = torch.randint(0, 1024, (BATCH, SEQ), generator=g)
+        if split is not None:
+            x = x[split[0]::split[1]]
         loss = -model(x).float().log_softmax(-1)[:, :-1].gather(-1, x[:, 1:, None]).mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
-        history.append((loss.detach(), _fake_quantized(model)))
+        loss = loss.detach()
+        if split is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(loss)
+            loss /= split[1]
+        history.append((loss, _fake_quantized(model) if weights else None))
     return history
 
 
@@ -92,7 +106,14 @@ def _worker(rank, world, directory):
         if hasattr(w, "to_local") and isinstance(w.to_local(), QuantizedTensor):
             shards[name] = (type(w.to_local()).__name__, tuple(w.shape), _quantized_fields(w.to_local()))
     save_sharded(model, directory)
-    return history, local_bytes / full_bytes, shards
+
+    split = _prepare()  # data parallel proper: each rank half the batch
+    for block in split.blocks:
+        fully_shard(block)
+    fully_shard(split)
+    split_losses = [loss for loss, _ in _train(split, (rank, world), weights=False)]
+
+    return history, local_bytes / full_bytes, shards, split_losses
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +143,7 @@ def reference():
 
 def test_fake_quantized_weights_and_loss_equal_one_process_every_step(results, reference):
     ref_history, _ = reference
-    for history, _, _ in results:
+    for history, *_ in results:
         assert len(history) == STEPS
         for (loss, weights), (ref_loss, ref_weights) in zip(history, ref_history):
             # the same batch on every rank: gathered weights are exact, (g + g) / 2 == g, so even the
@@ -136,7 +157,7 @@ def test_fake_quantized_weights_and_loss_equal_one_process_every_step(results, r
 
 
 def test_per_rank_parameter_memory_is_about_half(results):
-    fractions = [fraction for _, fraction, _ in results]
+    fractions = [fraction for _, fraction, *_ in results]
     print(f"per-rank parameter bytes / 1 process: {fractions}")
     assert all(f <= MAX_PARAM_FRACTION for f in fractions) and sum(fractions) >= 1.0
 
@@ -145,7 +166,7 @@ def test_sharded_convert_equals_the_rows_of_one_process(results, reference):
     _, ref_model = reference
     modules = dict(ref_model.named_modules())
     start = {}
-    for rank, (_, _, shards) in enumerate(results):
+    for rank, (_, _, shards, *_) in enumerate(results):
         assert len(shards) == 28
         for name, (cls, shape, fields) in shards.items():
             ref = modules[name].weight
@@ -184,3 +205,11 @@ def test_checkpoint_written_rank_by_rank_loads_as_the_one_process_model(results,
             assert torch.equal(t, ref), k
     x = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(3))
     assert torch.equal(model(x), ref_model(x))
+
+
+def test_split_batches_match_within_reduction_order_noise(results, reference):
+    ref_history, _ = reference
+    for *_, split_losses in results:
+        for loss, (ref_loss, _) in zip(split_losses, ref_history, strict=True):
+            assert abs(float(loss) / float(ref_loss) - 1) <= MAX_SPLIT_LOSS_REL
+
