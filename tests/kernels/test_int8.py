@@ -47,6 +47,26 @@ def test_weight_only_fast_matches_reference(dtype, m, granularity):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+@pytest.mark.parametrize("m", [1, 3], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("n, k, group", [(37, 48, 16), (29, 240, 48), (101, 1040, 1040), (7, 4112, 16)], ids=str)
+def test_cpp_gemv_on_odd_shapes_and_group_sizes(n, k, group, m, dtype):
+    """The C++ GEMV itself (whichever build runs here) at any M it takes: odd N, K not a multiple of
+    32 or 64 (the vector loops' tails), groups of 16 to a whole row."""
+    from lowbit.kernels import _ext
+
+    ext = _ext.load("int8_gemv")
+    if ext is None:
+        pytest.skip(f"C++ kernel int8_gemv not available here ({_ext.status()['int8_gemv']})")
+    g = torch.Generator().manual_seed(n)
+    t = Int8Tensor.from_float(torch.randn(n, k, generator=g), QuantSpec("int8", PerGroup(group)))
+    x = torch.randn(m, k, generator=g).to(dtype)
+    ref = int8_weight_only_linear(x, t.qdata, t.scale, None, None, spec_key(t.spec), "reference")
+    out = ext.int8_weight_only_mm(x, t.qdata, t.scale)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert sqnr(ref.float(), out.float()) >= WEIGHT_ONLY_FAST_VS_REF_DB[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 @pytest.mark.parametrize("m", [1, 64], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("mode", ["dynamic-sym", "dynamic-asym", "static-sym", "static-asym"])
 def test_activation_fast_matches_reference(dtype, m, mode):
