@@ -248,8 +248,9 @@ def export_gguf(model: nn.Module, out_file, *, source_dir=None, tokenizer=None, 
             int8/int4 configs, e.g. :func:`gguf_config`).
         out_file: the ``.gguf`` file to write (written to a temporary name, then renamed).
         source_dir: where the tokenizer comes from when ``tokenizer`` is None: a transformers model
-            directory (its tokenizer), or a GGUF file (its ``tokenizer.*`` entries, copied unchanged:
-            re-exporting an imported GGUF keeps llama.cpp's pre-tokenizer name and chat template).
+            directory (its tokenizer), or a GGUF file (its ``tokenizer.*`` and descriptive
+            ``general.*`` entries, copied unchanged: re-exporting an imported GGUF keeps llama.cpp's
+            pre-tokenizer name, the chat template, the model's name and license).
         tokenizer: a transformers tokenizer (BPE: byte-level or sentencepiece-style).
         overwrite: replace an existing ``out_file``.
 
@@ -300,8 +301,10 @@ def export_gguf(model: nn.Module, out_file, *, source_dir=None, tokenizer=None, 
 
 def _write(gguf, path: Path, config, tensors, token_meta, name: str) -> None:
     w = gguf.GGUFWriter(str(path), _ARCH)
-    w.add_name(str(name)[:200])
-    w.add_type("model")
+    if "general.name" not in token_meta.keys:  # copied from a source GGUF otherwise
+        w.add_name(str(name)[:200])
+    if "general.type" not in token_meta.keys:
+        w.add_type("model")
     w.add_context_length(int(config.max_position_embeddings))
     w.add_embedding_length(int(config.hidden_size))
     w.add_block_count(int(config.num_hidden_layers))

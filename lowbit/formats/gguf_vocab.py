@@ -40,6 +40,8 @@ class TokenizerMetadata:
     add_space_prefix: bool
     chat_template: str | None
 
+    keys = frozenset()  # no general.* entries of its own
+
     def write(self, w) -> None:
         """Add the entries to a ``gguf.GGUFWriter``."""
         w.add_tokenizer_model(self.model)
@@ -141,11 +143,20 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> TokenizerMetadata:
                              chat_template=template if isinstance(template, str) else None)
 
 
+# general.* entries that describe the file being written, not the model: never copied
+_OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+
+
 @dataclass
 class CopiedTokenizerMetadata:
-    """Another GGUF file's ``tokenizer.*`` entries, written back unchanged (keys, values and types)."""
+    """Another GGUF file's ``tokenizer.*`` (and descriptive ``general.*``) entries, written back
+    unchanged (keys, values and types)."""
 
     entries: list[tuple[str, object, object, object]]  # (key, value, value type, array item type)
+
+    @property
+    def keys(self) -> set[str]:
+        return {e[0] for e in self.entries}
 
     def write(self, w) -> None:
         """Add the entries to a ``gguf.GGUFWriter``."""
@@ -154,8 +165,9 @@ class CopiedTokenizerMetadata:
 
 
 def copy_tokenizer_metadata(reader, vocab_size: int, where) -> CopiedTokenizerMetadata:
-    """The ``tokenizer.*`` entries of a parsed GGUF file (``gguf.GGUFReader``), to write into another:
-    what llama.cpp reads (its pre-tokenizer name, scores, chat template) survives as the file has it.
+    """The ``tokenizer.*`` entries of a parsed GGUF file (``gguf.GGUFReader``), with its descriptive
+    ``general.*`` ones (name, license, ...), to write into another: what llama.cpp reads (its
+    pre-tokenizer name, scores, chat template) survives as the file has it.
 
     Raises:
         ValueError: the file has no token list, or one whose length is not ``vocab_size``.
@@ -169,7 +181,7 @@ def copy_tokenizer_metadata(reader, vocab_size: int, where) -> CopiedTokenizerMe
         raise ValueError(f"{where} lists {len(tokens.data)} tokens but the model's vocab_size is {vocab_size}")
     entries = []
     for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
+        if key.startswith(("tokenizer.", "general.")) and key not in _OWN_KEYS:
             array = field.types[0] == GGUFValueType.ARRAY
             entries.append((key, field.contents(), field.types[0], field.types[-1] if array else None))
     return CopiedTokenizerMetadata(entries)

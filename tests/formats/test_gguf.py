@@ -442,8 +442,10 @@ def test_smollm2_reexport_writes_the_files_q4_1_blocks_and_tokenizer(smollm2_ggu
             values = gguf.quants.dequantize(blocks[t.name].data, blocks[t.name].tensor_type)
             assert (gguf.quants.dequantize(t.data, t.tensor_type) == values).all(), t.name
     assert q4_1 == 210
-    fields = {k: f.contents() for k, f in original.fields.items() if k.startswith("tokenizer.")}
-    assert {k: f.contents() for k, f in again.fields.items() if k.startswith("tokenizer.")} == fields
+    # every metadata entry (llama.* from the config, tokenizer.* and general.* copied) as llama.cpp wrote it
+    fields = {k: (f.types, f.contents()) for k, f in original.fields.items()}
+    assert {k: (f.types, f.contents()) for k, f in again.fields.items()} == fields
+    fields = {k: v for k, (_, v) in fields.items()}
     # from the transformers tokenizer instead: a byte-level BPE, the same tokens, types, merges and ids;
     # the pre-tokenizer name is "default" (transformers' tokenizer drops SmolLM's digit split)
     meta = tokenizer_metadata(G.gguf_tokenizer(path), model.config.vocab_size)
