@@ -4,6 +4,7 @@ bench / quantize reading them (glassllm, a real model, in a temp dir), with thei
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ pytest.importorskip("gguf")
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 EVAL = ["--text", "builtin:pydoc-first-half", "--seq-len", "64", "--max-windows", "4"]
-# GGUF stores each group's scale in float16: the exported model's perplexity moves this little at most
-GGUF_FP16_SCALE_PPL_REL_TOL = 0.002
+# GGUF stores each group's scale in float16: the exported model's logits stay this close to lowbit's (measured 75 dB)
+GGUF_FP16_SCALE_LOGITS_SQNR_DB = 60.0
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -80,9 +81,14 @@ def test_export_gguf_then_eval_info_and_reexport(tmp_path, capsys, q4_dir):
     assert result["files"] == ["q4.gguf"] and f.read_bytes()[:4] == b"GGUF"
     info = run_json(capsys, "info", f)
     assert info["format"] == "gguf" and sum(info["configs"].values()) == 24
-    ppl_lowbit = run_json(capsys, "eval", q4_dir, *EVAL)["perplexity"]
-    ppl_gguf = run_json(capsys, "eval", f, *EVAL)["perplexity"]
-    assert abs(ppl_gguf / ppl_lowbit - 1) <= GGUF_FP16_SCALE_PPL_REL_TOL
+    import lowbit
+
+    ids = torch.arange(3, 67).reshape(1, -1)  # glassllm's own BPE has no GGUF equivalent: compare on the same ids
+    with torch.no_grad():
+        ref, got = lowbit.from_pretrained(q4_dir)(ids).logits, lowbit.from_pretrained(f)(ids).logits
+    assert lowbit.sqnr(ref, got) >= GGUF_FP16_SCALE_LOGITS_SQNR_DB
+    ppl_gguf = run_json(capsys, "eval", f, *EVAL)["perplexity"]  # with the file's tokenizer
+    assert math.isfinite(ppl_gguf)
     # GGUF -> compressed-tensors: the formats convert into each other through lowbit's tensors
     ct = tmp_path / "from-gguf"
     assert run_json(capsys, "export", f, "--format", "compressed-tensors", "--out", ct)["source_format"] == "gguf"
