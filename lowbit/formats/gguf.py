@@ -6,7 +6,9 @@ Which weights map exactly (Q8_0, Q4_0, Q4_1 <-> Int8Tensor, Int4Tensor at group 
 rounds the scales: ``lowbit.formats.gguf_blocks``. Everything else:
 
 * float weights (norms, embeddings, linears left float, e.g. glassllm's 341-wide down_proj) are
-  written as F32, or F16 where every value is exactly a float16; 1-D tensors always F32;
+  written as Q8_0 where every value is exactly on llama.cpp's Q8_0 grid (an embedding imported
+  from Q8_0 goes back as the same blocks), else F16 where every value is exactly a float16, else
+  F32; 1-D tensors always F32;
 * a tied output head (``lm_head`` sharing the embedding) is not written: llama.cpp and
   transformers tie when ``output.weight`` is absent;
 * q_proj/k_proj rows are reordered into llama.cpp's layout (each head's rotate-half pairs
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.formats.gguf_blocks import QUANT_TYPES, decode_weight, encode_weight, type_config
+from lowbit.formats.gguf_blocks import QUANT_TYPES, decode_weight, encode_weight, q8_0_if_exact, type_config
 from lowbit.formats.gguf_vocab import copy_tokenizer_metadata, tokenizer_metadata
 from lowbit.tensors.base import QuantizedTensor
 
@@ -202,7 +204,11 @@ def _model_tensors(model: nn.Module, config):
                                  "tensors")
             if heads is not None:
                 t = t[_rope_rows(t.shape[0], heads)]
-            out.append((name, _float_array(t), None, None, key))
+            blocks = q8_0_if_exact(t.cpu())
+            if blocks is not None:  # lossless: e.g. an embedding imported from Q8_0
+                out.append((name, blocks.numpy(), "Q8_0", None, key))
+            else:
+                out.append((name, _float_array(t), None, None, key))
     return out
 
 

@@ -49,7 +49,8 @@ from lowbit.tensors.base import QuantizedTensor
 from lowbit.tensors.int4_tensor import Int4Tensor
 from lowbit.tensors.int8_tensor import Int8Tensor
 
-__all__ = ["BLOCK", "BLOCK_BYTES", "QUANT_TYPES", "type_config", "encode_weight", "decode_weight", "dequantize_blocks"]
+__all__ = ["BLOCK", "BLOCK_BYTES", "QUANT_TYPES", "type_config", "encode_weight", "decode_weight", "dequantize_blocks",
+           "q8_0_if_exact"]
 
 BLOCK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
@@ -179,6 +180,25 @@ def _encode_int4(w: Int4Tensor, shape, name):
     parts.append(_nibbles(u.reshape(n, k)))
     data = torch.cat(parts, -1).reshape(n, -1)
     return type_name, data, _sqnr(w.dequantize(torch.float32), approx.reshape(n, k))
+
+
+def q8_0_if_exact(t: torch.Tensor) -> torch.Tensor | None:
+    """Q8_0 blocks holding exactly the float 2-D tensor ``t`` (llama.cpp's rule: ``d = fp16(amax / 127)``,
+    ``q = round(x / d)``), or None when some value is not ``d * q``. A Q8_0 tensor imported as float
+    (an embedding) is written back as the same blocks."""
+    if t.dim() != 2 or t.shape[-1] % BLOCK or not t.is_floating_point():
+        return None
+    n, k = t.shape
+    x = t.detach().float().reshape(n, k // BLOCK, BLOCK)
+    amax = x.abs().amax(-1)
+    if not bool(torch.isfinite(amax).all()) or float(amax.max()) / 127 > _FP16_MAX:
+        return None
+    d = (amax / 127).to(torch.float16)
+    df = d.float().unsqueeze(-1)
+    q = torch.where(df > 0, torch.round(x / torch.where(df > 0, df, 1.0)), 0.0)
+    if bool((q.abs() > 127).any()) or not torch.equal(q * df, x):
+        return None
+    return torch.cat([_fp16_bytes(d), q.to(torch.int8).view(torch.uint8)], -1).reshape(n, -1)
 
 
 # --- import -------------------------------------------------------------------------------------------

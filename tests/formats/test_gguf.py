@@ -209,6 +209,18 @@ def test_llama_cpp_blocks_import_exactly(type_name):
     assert torch.equal(dequantize_blocks(again, type_name, (48, 256)), ref)
 
 
+def test_float_tensors_on_the_q8_0_grid_are_written_as_q8_0():
+    from lowbit.formats.gguf_blocks import q8_0_if_exact
+
+    torch.manual_seed(2)
+    data = gguf.quants.quantize(torch.randn(16, 128).numpy(), gguf.GGMLQuantizationType.Q8_0)
+    x = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q8_0).copy())
+    assert torch.equal(q8_0_if_exact(x), torch.from_numpy(data))
+    x[3, 5] = torch.nextafter(x[3, 5], torch.tensor(1e9))  # one value off the grid
+    assert q8_0_if_exact(x) is None
+    assert q8_0_if_exact(torch.zeros(2, 64)) is not None and q8_0_if_exact(torch.zeros(2, 48)) is None
+
+
 def test_group_64_and_int_zero_points_map_onto_blocks_of_32():
     torch.manual_seed(1)
     model, tok = _glassllm()
@@ -426,22 +438,18 @@ def test_smollm2_q4_1_file_imports_as_int4_g32(smollm2_gguf):
 
 
 @pytest.mark.slow
-def test_smollm2_reexport_writes_the_files_q4_1_blocks_and_tokenizer(smollm2_gguf, tmp_path):
+def test_smollm2_reexport_writes_llama_cpps_file_again(smollm2_gguf, tmp_path):
     from lowbit.formats.gguf_vocab import tokenizer_metadata
 
     path, model, _ = smollm2_gguf
     out = G.export_gguf(model, tmp_path / "smollm2.gguf", source_dir=path)  # tokenizer entries copied
     original, again = gguf.GGUFReader(path), gguf.GGUFReader(out)
+    # every tensor as llama.cpp wrote it: the Q4_1 linears from lowbit's int4, the Q8_0 embedding
+    # (held as float by lowbit) from its values, which lie on the Q8_0 grid; the F32 norms
     blocks = {t.name: t for t in original.tensors}
-    q4_1 = 0
+    assert sorted(t.name for t in again.tensors) == sorted(blocks)
     for t in again.tensors:
-        if blocks[t.name].tensor_type.name == "Q4_1":
-            assert t.tensor_type.name == "Q4_1" and (t.data == blocks[t.name].data).all(), t.name
-            q4_1 += 1
-        else:  # the Q8_0 embedding comes back as F32 (lowbit held it as float): same values
-            values = gguf.quants.dequantize(blocks[t.name].data, blocks[t.name].tensor_type)
-            assert (gguf.quants.dequantize(t.data, t.tensor_type) == values).all(), t.name
-    assert q4_1 == 210
+        assert t.tensor_type == blocks[t.name].tensor_type and (t.data == blocks[t.name].data).all(), t.name
     # every metadata entry (llama.* from the config, tokenizer.* and general.* copied) as llama.cpp wrote it
     fields = {k: (f.types, f.contents()) for k, f in original.fields.items()}
     assert {k: (f.types, f.contents()) for k, f in again.fields.items()} == fields
