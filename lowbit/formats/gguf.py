@@ -237,7 +237,12 @@ def _token_metadata(tokenizer, source_dir, vocab_size: int):
     p = Path(source_dir)
     if not p.is_dir():
         raise FileNotFoundError(f"source_dir {p} is neither a directory nor a GGUF file")
-    return tokenizer_metadata(_transformers().AutoTokenizer.from_pretrained(p, local_files_only=True), vocab_size)
+    try:
+        tok = _transformers().AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"source_dir {p} holds no tokenizer transformers can load ({type(e).__name__}: "
+                         f"{str(e)[:200]}); pass tokenizer=") from None
+    return tokenizer_metadata(tok, vocab_size)
 
 
 def export_gguf(model: nn.Module, out_file, *, source_dir=None, tokenizer=None, overwrite: bool = False) -> Path:

@@ -315,6 +315,13 @@ def test_export_refusals(tmp_path):
     model, tok = _glassllm()
     with pytest.raises(ValueError, match="pass tokenizer= .* or source_dir="):
         G.export_gguf(model, tmp_path / "a.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no tokenizer transformers can load"):
+        G.export_gguf(model, tmp_path / "a.gguf", source_dir=tmp_path / "empty")
+    # a transformers directory gives its tokenizer
+    tok.save_pretrained(tmp_path / "tok")
+    assert G.export_gguf(model, tmp_path / "c.gguf", source_dir=tmp_path / "tok").is_file()
+    assert G.gguf_tokenizer(tmp_path / "c.gguf")("It is", add_special_tokens=False)["input_ids"] == tok(" It is")["input_ids"]
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="model_type 'llama'.*'gpt2'"):
         G.export_gguf(gpt2, tmp_path / "a.gguf", tokenizer=tok)
