@@ -151,7 +151,9 @@ def export(model_or_path, out, format: str = "compressed-tensors", *, tokenizer=
         kind = detect_format(src)
         model = from_pretrained(src)
         if kind == "gguf":
-            if tokenizer is None:
+            if tokenizer is None and format == "gguf":
+                source_dir = _gguf_file(src)  # its tokenizer.* / general.* entries copied as llama.cpp wrote them
+            elif tokenizer is None:
                 from lowbit.formats.gguf import gguf_tokenizer
 
                 tokenizer = gguf_tokenizer(_gguf_file(src))
