@@ -1,9 +1,13 @@
 """Weight algorithms across ranks: Hessians summed over a process group, solves shared out.
 
 GPTQ's Hessian ``2 X^T X / n`` is a sum over calibration rows, so N ranks that each see a slice
-of the data and all-reduce ``X^T X`` and ``n`` hold the Hessian of the union (equal to one
-process's up to the order of the float32 additions: the ranks' partial sums are added, not the
-batches one by one). Each rank then solves a share of the layers (:func:`solve_shared`, largest
+of the data can hold the Hessian of the union. An all-reduce of partial sums
+(:func:`all_reduce_sums`) equals one process's sum only up to the order of the float32
+additions, and GPTQ amplifies that: on SmolLM2 (4 blocks, int4 g64) merely reversing the
+calibration order in one process leaves 83% of the codes unchanged and moves perplexity by
+0.4%. So :func:`ordered_sums` adds each batch's ``X^T X`` in the union's order instead: rank r
+receives the sum of ranks < r, adds its own batches' products one by one and passes it on; the
+last rank's sum, broadcast, is one process's bit for bit. Each rank then solves a share of the layers (:func:`solve_shared`, largest
 first onto the least loaded rank) and broadcasts the results, so every rank ends with every
 layer's codes and the next block's inputs are made from the same quantized weights everywhere.
 """
@@ -14,7 +18,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-__all__ = ["all_reduce_sums", "all_reduce_ints", "assign", "solve_shared"]
+__all__ = ["all_reduce_sums", "all_reduce_ints", "ordered_sums", "assign", "solve_shared"]
 
 J = TypeVar("J")
 
@@ -37,6 +41,30 @@ def all_reduce_sums(sums: Sequence[torch.Tensor], counts: Sequence[int], group) 
     total = torch.tensor(list(counts), dtype=torch.int64, device=device)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return [int(c) for c in total.tolist()]
+
+
+def ordered_sums(sums: Sequence[torch.Tensor], products: Sequence[Sequence[torch.Tensor]], group) -> None:
+    """``sums[i] += sum(products[i])`` over every rank of ``group``, in rank order and, within a rank,
+    in list order: the additions one process makes on the concatenated lists, so the result is
+    bitwise that process's. ``sums`` must start at zero; every rank ends with the total.
+
+    The forwards that made the products ran in parallel; only the additions and one (K, K)
+    transfer per rank and sum are sequential.
+    """
+    dist = _dist()
+    me, world = dist.get_rank(group), dist.get_world_size(group)
+
+    def global_rank(r):
+        return dist.get_global_rank(group, r) if group is not None else r
+
+    for s, prods in zip(sums, products):
+        if me > 0:
+            dist.recv(s, src=global_rank(me - 1), group=group)
+        for p in prods:
+            s += p
+        if me < world - 1:
+            dist.send(s, dst=global_rank(me + 1), group=group)
+        dist.broadcast(s, src=global_rank(world - 1), group=group)
 
 
 def all_reduce_ints(values: Sequence[int], group, device=None) -> list[int]:

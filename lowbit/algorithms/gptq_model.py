@@ -7,8 +7,8 @@ block's inputs. Linears fed the same input tensor (q/k/v, gate/up) share one ``X
 and, with the same per-row spec, are solved as one stacked weight (rows are independent in
 GPTQ, so the codes are those of separate solves). Selected linears outside the blocks (an
 untied ``lm_head``) are solved last, from one more pass of the whole quantized model.
-With ``process_group=`` the ranks each calibrate on their own slice, sum the Hessians and
-share the solves (:mod:`lowbit.algorithms.distributed`).
+With ``process_group=`` the ranks each calibrate on their own slice, sum the Hessians in the
+union's order and share the solves (:mod:`lowbit.algorithms.distributed`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 from lowbit.algorithms._weights import integer_weight_spec, write_weight
 from lowbit.algorithms.blocks import capture_block_inputs, find_blocks, forward_kwargs, make_batches, run_block
-from lowbit.algorithms.distributed import all_reduce_ints, all_reduce_sums, solve_shared
+from lowbit.algorithms.distributed import all_reduce_ints, ordered_sums, solve_shared
 from lowbit.algorithms.gptq import Hessian, check_options, gptq_quantize, gram, output_sqnr
 from lowbit.configs.base import QuantConfig
 from lowbit.primitives.affine import fake_quantize_affine
@@ -78,8 +78,10 @@ class _Collector:
     """Forward pre-hooks accumulating each step's Hessian; an input tensor several linears read
     (q/k/v) is multiplied out once per batch."""
 
-    def __init__(self, steps: list[Step]):
+    def __init__(self, steps: list[Step], keep: bool = False):
         self.hessians = {s.fqn: Hessian(s.module.weight.shape[1], s.module.weight.device) for s in steps}
+        # keep: each batch's product is kept, not added (the ranks add them in the union's order)
+        self.kept: dict[str, list[torch.Tensor]] | None = {s.fqn: [] for s in steps} if keep else None
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._handles = [s.module.register_forward_pre_hook(self._hook(s.fqn), with_kwargs=True) for s in steps]
 
@@ -90,7 +92,11 @@ class _Collector:
             if hit is None or hit[0] is not x:
                 x2 = x.detach().reshape(-1, x.shape[-1]).float()
                 hit = self._cache[id(x)] = (x, gram(x2), x2.shape[0])
-            self.hessians[fqn].add_product(hit[1], hit[2])
+            if self.kept is None:
+                self.hessians[fqn].add_product(hit[1], hit[2])
+            else:
+                self.kept[fqn].append(hit[1])
+                self.hessians[fqn].count += hit[2]
 
         return hook
 
@@ -163,14 +169,16 @@ def _quantize(steps: list[Step], run: Callable[[Callable[[], None]], None], opts
               process_group=None) -> list[GPTQLayer]:
     """Hessians from ``run(next_batch)`` (summed over the ranks of ``process_group``), then solve
     every step, then write them all."""
-    collector = _Collector(steps)
+    collector = _Collector(steps, keep=process_group is not None)
     try:
         run(collector.next_batch)
     finally:
         collector.remove()
     if process_group is not None:
         hs = list(collector.hessians.values())
-        for h, n in zip(hs, all_reduce_sums([h.sum for h in hs], [h.count for h in hs], process_group)):
+        ordered_sums([h.sum for h in hs], list(collector.kept.values()), process_group)
+        collector.kept = None
+        for h, n in zip(hs, all_reduce_ints([h.count for h in hs], process_group, hs[0].sum.device)):
             h.count = n
     try:
         solved = _solve(steps, collector.hessians, opts, process_group)
@@ -230,9 +238,14 @@ def gptq(
         progress: ``progress(done, total)`` after each block.
         process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
             for all ranks) whose ranks each pass their own slice of the calibration data: the
-            Hessians are summed over the ranks (the union's, up to float32 summation order),
-            each rank solves a share of each block's linears and broadcasts them, and every
-            rank ends with the same quantized model. None: this process alone (unchanged).
+            Hessians are summed over the ranks, each rank solves a share of each block's
+            linears and broadcasts them, and every rank ends with the same quantized model.
+            When rank r holds the r-th contiguous slice of the union and every slice but the
+            last is a multiple of ``batch_size``, the batches' ``X^T X`` are added in the
+            single process's order and the result equals ``gptq`` on the union bit for bit
+            (each rank keeps its batches' products for a block until the sum passes it);
+            other slicings give the union's Hessians up to float32 summation order.
+            None: this process alone (unchanged).
 
     Returns:
         :class:`GPTQReport`.
