@@ -16,9 +16,11 @@ rows of the quantized weight, equal bit for bit to the same rows of the single-p
 * anything else (per-tensor scales, HQQ's tensor-wide stopping rule): the layer's weight is
   gathered, quantized whole and sliced to the local rows (one layer at a time, freed at once).
 
-``QATConfig(step="convert")``'s handler calls it for a sharded weight, so
-``quantize_(model, QATConfig(base, step="convert"))`` on an FSDP2 model produces sharded
-quantized tensors (see the package README for the one change ``quantize_``'s size report needs).
+``QATConfig(step="convert")``'s handler calls it for a sharded weight, and :func:`convert_sharded`
+runs that handler on every prepared module. (``quantize_`` itself reaches the handler once its
+size report, ``lowbit.quantize.plan.state_bytes``, counts a DTensor by its local shard; until
+then it raises on an FSDP2 model before changing anything, and ``convert_sharded`` is the way.)
+A whole-model checkpoint is written rank by rank with ``lowbit.distributed.save_sharded``.
 """
 
 from __future__ import annotations
