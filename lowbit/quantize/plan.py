@@ -120,11 +120,14 @@ def _mb(n: int) -> str:
 
 def state_bytes(model: nn.Module) -> tuple[int, int]:
     """``(float bytes, quantized bytes)`` of ``model``'s parameters and buffers, each storage counted once
-    (tied weights, views); a quantized tensor counts its inner tensors (data, scales, zero points)."""
+    (tied weights, views); a quantized tensor counts its inner tensors (data, scales, zero points); a
+    DTensor counts this rank's local part."""
     seen: set = set()
     totals = [0, 0]
     tensors = [*model.parameters(), *model.buffers()]
     for t in tensors:
+        if hasattr(t, "device_mesh") and hasattr(t, "to_local"):  # a DTensor (FSDP2, tensor parallel): this rank's part
+            t = t.to_local()
         quantized = isinstance(t, QuantizedTensor)
         inner = [getattr(t, n) for n in t.__tensor_flatten__()[0]] if quantized else [t]
         for x in inner:
