@@ -24,6 +24,7 @@ LAYERS = [
     "algorithms",
     "serialization",
     "distributed",
+    "tensor_parallel",
     "pretrained",
     "formats",
     "eval",

@@ -1,0 +1,214 @@
+"""Tensor parallelism for quantized linears: torch's ``parallelize_module`` plans on lowbit weights.
+
+``torch.distributed.tensor.parallel`` shards a linear's weight with ``distribute_tensor``, which
+splits and scatters plain tensors; a quantized weight is a packed tensor plus qparams that must be
+split together. :func:`parallelize_quantized` therefore shards every quantized weight a plan names
+itself (:func:`shard_quantized`: this rank's rows for ``ColwiseParallel``, its group-aligned
+columns for ``RowwiseParallel``, each qparam sliced with its block; per-tensor scales and static
+activation scales replicated), wraps the local part as a ``DTensor`` with the plan's placement and
+then calls ``parallelize_module`` with the plan unchanged (an already distributed weight passes
+through it). No weight bytes travel between ranks.
+
+The matmul runs on the local quantized tensor: each such linear's ``forward`` takes the input the
+plan's hooks made (replicated for colwise, sharded on the last dim for rowwise), runs the lowbit
+``F.linear`` on the local parts and returns a ``DTensor``: ``Shard(-1)`` for colwise, the
+all-reduced sum of the partial products (then the bias) for rowwise. The plan's output hooks
+then do what they do for a float model.
+
+Numerics: colwise and rowwise weight-only linears equal one process up to the order of the final
+sum. A rowwise linear that quantizes its activations dynamically (W8A8, 8da4w, float8 dynamic)
+computes each token's activation scale over its own shard of in_features, not the whole row, so
+it differs from one process by activation-quantization noise (measured in
+tests/distributed/test_tensor_parallel.py); colwise ones see the whole input and equal one
+process.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.tensors.base import QuantizedTensor
+
+__all__ = ["shard_bounds", "allowed_shard_counts", "shard_quantized", "parallelize_quantized"]
+
+
+def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
+    """``Shard``'s range ``[start, stop)`` of ``size`` for ``rank`` of ``world`` (torch.chunk's split:
+    ``ceil(size / world)`` each, the last ones short or empty)."""
+    chunk = -(-size // world)
+    start = min(rank * chunk, size)
+    return start, min(start + chunk, size)
+
+
+def _block(weight: QuantizedTensor, dim: int) -> int:
+    """Elements along ``dim`` that must stay on one rank: the qparams' blocks and the packing."""
+    block = weight.pack if dim == weight.dim() - 1 else 1
+    for n in weight.qparam_names:
+        t = getattr(weight, n)
+        if t is not None and t.shape[dim] != 1:
+            b = weight.shape[dim] // t.shape[dim]
+            block = block * b // _gcd(block, b)
+    return block
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def _aligned(size: int, world: int, block: int) -> bool:
+    bounds = [shard_bounds(size, r, world) for r in range(world)]
+    return all(stop > start and start % block == 0 and (stop % block == 0 or stop == size) for start, stop in bounds)
+
+
+def allowed_shard_counts(weight: QuantizedTensor, dim: int) -> list[int]:
+    """The world sizes (1 .. number of blocks) whose ``Shard(dim)`` split of ``weight`` gives every
+    rank a non-empty range starting and ending on block boundaries."""
+    size, block = weight.shape[dim], _block(weight, dim)
+    return [w for w in range(1, size // block + 1) if _aligned(size, w, block)]
+
+
+def shard_quantized(weight: QuantizedTensor, mesh, dim: int, *, name: str = "weight"):
+    """This rank's part of ``weight`` on ``dim`` (0: output rows, 1: input columns) as a ``DTensor``.
+
+    Every qparam is sliced with its block (``lowbit.tensors.layout_ops``); one that spans the dim
+    (a per-tensor scale, a per-row scale under a column split, static activation scales) is kept
+    whole on every rank. Nothing is communicated.
+
+    Args:
+        weight: a 2-D quantized weight, the same on every rank (or a ``DTensor`` already placed
+            ``[Shard(dim)]`` on ``mesh``, returned as it is).
+        mesh: a 1-D ``DeviceMesh``.
+        dim: 0 (colwise) or 1 (rowwise).
+        name: the layer, for messages.
+
+    Returns:
+        A ``DTensor`` of ``weight``'s global shape whose local tensor is a quantized tensor.
+
+    Raises:
+        ValueError: ``dim`` not 0 or 1, a mesh that is not 1-D, or a split that would cut a
+            quantization group or packed byte (the message names the layer and the shard counts
+            that divide it).
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if isinstance(weight, DTensor):
+        if tuple(weight.placements) != (Shard(dim),):
+            raise ValueError(f"{name}: already distributed as {list(weight.placements)}, the plan wants [Shard({dim})]")
+        return weight
+    if dim not in (0, 1) or weight.dim() != 2:
+        raise ValueError(f"{name}: shard_quantized splits a 2-D weight on dim 0 or 1, got dim={dim}, shape "
+                         f"{tuple(weight.shape)}")
+    if mesh.ndim != 1:
+        raise ValueError(f"{name}: tensor parallel needs a 1-D mesh, got {mesh.ndim}-D")
+    world, rank = mesh.size(), mesh.get_local_rank()
+    size, block = weight.shape[dim], _block(weight, dim)
+    if not _aligned(size, world, block):
+        kind = "rowwise (Shard(1), in_features)" if dim == 1 else "colwise (Shard(0), out_features)"
+        raise ValueError(
+            f"{name}: {kind} split of {size} over {world} ranks cuts a quantization block of {block} "
+            f"({type(weight).__name__}, block_size={tuple(getattr(weight, 'block_size', ()))}); allowed shard "
+            f"counts for this layer: {allowed_shard_counts(weight, dim)}. Keep the layer out of the plan "
+            f"(replicated) or quantize it with a block that divides the split"
+        )
+    start, stop = shard_bounds(size, rank, world)
+    local = weight.narrow(dim, start, stop - start)
+    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=weight.shape, stride=weight.stride())
+
+
+def _as(x, mesh, placement):
+    """``x`` (a DTensor, or a plain tensor holding the whole value) as this rank's local part of ``placement``."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(x, DTensor):
+        return x.redistribute(mesh, [placement]).to_local()
+    if placement == Replicate():
+        return x
+    start, stop = shard_bounds(x.shape[-1], mesh.get_local_rank(), mesh.size())
+    return x[..., start:stop]
+
+
+class _TensorParallelQuantizedLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is a ``DTensor`` of a quantized tensor (made by
+    :func:`parallelize_quantized` by switching the class; parameters and hooks stay)."""
+
+    def forward(self, input):
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+        w = self.weight
+        mesh, placement = w.device_mesh, w.placements[0]
+        bias = self.bias.to_local() if isinstance(self.bias, DTensor) else self.bias
+        if placement == Shard(0):  # colwise: whole input, this rank's output features
+            y = F.linear(_as(input, mesh, Replicate()), w.to_local(), bias)
+            return DTensor.from_local(y, mesh, [Shard(y.dim() - 1)], run_check=False)
+        # rowwise: this rank's input features, a partial product summed over the ranks, then the bias
+        y = F.linear(_as(input, mesh, Shard(input.dim() - 1)), w.to_local(), None)
+        y = DTensor.from_local(y, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
+        if bias is not None:
+            y = DTensor.from_local(y.to_local() + bias, mesh, [Replicate()], run_check=False)
+        return y
+
+
+def _matches(fqn: str, pattern: str) -> bool:
+    """``parallelize_module``'s rule: as many dotted atoms, each matched by ``fnmatch``."""
+    atoms, keys = fqn.split("."), pattern.split(".")
+    return len(atoms) == len(keys) and all(fnmatch.fnmatch(a, k) for a, k in zip(atoms, keys))
+
+
+def parallelize_quantized(module: nn.Module, mesh, plan: dict) -> nn.Module:
+    """``torch.distributed.tensor.parallel.parallelize_module(module, mesh, plan)`` for a model with
+    lowbit quantized linears; every rank calls it with the same model and plan.
+
+    Each ``nn.Linear`` with a quantized weight that ``plan`` puts under ``ColwiseParallel`` (or a
+    subclass) is sharded on dim 0, under ``RowwiseParallel`` on dim 1 (:func:`shard_quantized`),
+    and runs its matmul on its local part (see the module docstring); then ``parallelize_module``
+    applies the plan unchanged (float weights, biases, embeddings, input/output hooks).
+
+    Args:
+        module: the model (quantized the same way on every rank).
+        mesh: a 1-D ``DeviceMesh``.
+        plan: ``{fqn pattern: ParallelStyle}`` as for ``parallelize_module``.
+
+    Returns:
+        ``module``, in place.
+
+    Raises:
+        ValueError: a quantized layer whose split would cut a quantization block (names the layer
+            and the allowed shard counts); a quantized weight under another style.
+
+    Example:
+        >>> quantize_(model, Int4WeightOnlyConfig(group_size=32))
+        >>> mesh = init_device_mesh("cpu", (2,))
+        >>> parallelize_quantized(model, mesh, {"layers.*.mlp.up_proj": ColwiseParallel(), ...})
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    for fqn, m in module.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        weight = m.weight
+        local = weight.to_local() if hasattr(weight, "to_local") else weight
+        if not isinstance(local, QuantizedTensor):
+            continue
+        styles = [style for pattern, style in plan.items() if _matches(fqn, pattern)]
+        if not styles:
+            continue
+        style = styles[0]
+        if isinstance(style, ColwiseParallel):
+            dim = 0
+        elif isinstance(style, RowwiseParallel):
+            dim = 1
+        else:
+            raise ValueError(f"{fqn}: a quantized weight takes ColwiseParallel or RowwiseParallel, got "
+                             f"{type(style).__name__}")
+        m.weight = nn.Parameter(shard_quantized(weight, mesh, dim, name=fqn), requires_grad=False)
+        if type(m) is nn.Linear:
+            m.__class__ = _TensorParallelQuantizedLinear
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    return parallelize_module(module, mesh, plan)
