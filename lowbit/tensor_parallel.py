@@ -15,12 +15,12 @@ plan's hooks made (replicated for colwise, sharded on the last dim for rowwise),
 all-reduced sum of the partial products (then the bias) for rowwise. The plan's output hooks
 then do what they do for a float model.
 
-Numerics: colwise and rowwise weight-only linears equal one process up to the order of the final
-sum. A rowwise linear that quantizes its activations dynamically (W8A8, 8da4w, float8 dynamic)
-computes each token's activation scale over its own shard of in_features, not the whole row, so
-it differs from one process by activation-quantization noise (measured in
-tests/distributed/test_tensor_parallel.py); colwise ones see the whole input and equal one
-process.
+Numerics: every linear equals one process up to the order of the final sum. A colwise linear
+sees the whole input. A rowwise linear that quantizes its activations dynamically (W8A8, 8da4w,
+float8 dynamic) would scale each token over its own shard of in_features; instead each token's
+min and max are all-reduced (two floats per token), its slice is fake-quantized with the
+qparams of the whole row by the same primitive and the weight-only op runs, as the kernels'
+reference does (measured against one process in tests/distributed/test_tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -147,11 +147,50 @@ class _TensorParallelQuantizedLinear(nn.Linear):
             y = F.linear(_as(input, mesh, Replicate()), w.to_local(), bias)
             return DTensor.from_local(y, mesh, [Shard(y.dim() - 1)], run_check=False)
         # rowwise: this rank's input features, a partial product summed over the ranks, then the bias
-        y = F.linear(_as(input, mesh, Shard(input.dim() - 1)), w.to_local(), None)
+        x, local = _as(input, mesh, Shard(input.dim() - 1)), w.to_local()
+        dtype = x.dtype
+        if _dynamic_act(local):
+            x, local = _fake_quantize_shard(x, local, mesh)
+        y = F.linear(x, local, None).to(dtype)
         y = DTensor.from_local(y, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
         if bias is not None:
             y = DTensor.from_local(y.to_local() + bias, mesh, [Replicate()], run_check=False)
         return y
+
+
+def _dynamic_act(weight: QuantizedTensor) -> bool:
+    return getattr(weight, "act_spec", None) is not None and getattr(weight, "act_scale", None) is None
+
+
+def _fake_quantize_shard(x: torch.Tensor, weight: QuantizedTensor, mesh):
+    """``x`` (this rank's columns of the input) fake-quantized with the activation qparams of the
+    whole input, and ``weight`` without its activation spec: the qparams come from each token's
+    (or the tensor's) min and max all-reduced over the ranks, handed to the same primitive as a
+    two-column tensor (a min/max rule sees only those), so every rank's slice equals the same slice
+    of one process's fake-quantized input; the weight-only op then runs (as the reference does)."""
+    import torch.distributed as dist
+
+    from lowbit.primitives.affine import choose_qparams_affine, fake_quantize_affine
+    from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
+
+    spec = weight.act_spec
+    shape = x.shape
+    if getattr(weight, "act_pre_scale", None) is not None:  # SmoothQuant's 1 / s before quantizing
+        x = x.float() * weight.act_pre_scale  # in float32, as one process does; the caller casts back
+        weight = weight._replace(act_pre_scale=None, dtype=torch.float32)
+    x2 = x.reshape(-1, shape[-1])
+    mn, mx = x2.detach().amin(-1, keepdim=True), x2.detach().amax(-1, keepdim=True)
+    group = mesh.get_group()
+    dist.all_reduce(mn, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    pair = torch.cat([mn, mx], dim=-1)
+    if spec.dtype.is_float:
+        xq = fake_quantize_float8(x2, spec, choose_qparams_float8(pair, spec, check_finite=False))
+    else:
+        s, zp = choose_qparams_affine(pair, spec, check_finite=False)
+        xq = fake_quantize_affine(x2, spec, s, zp)
+    xq = xq.reshape(shape).to(weight.dtype)
+    return xq, weight._replace(act_spec=None)
 
 
 def _matches(fqn: str, pattern: str) -> bool:
