@@ -33,7 +33,7 @@ from torch import nn
 
 from lowbit.tensors.base import QuantizedTensor
 
-__all__ = ["shard_bounds", "allowed_shard_counts", "shard_quantized", "parallelize_quantized"]
+__all__ = ["shard_bounds", "allowed_shard_counts", "shard_quantized", "parallelize_quantized", "load_tensor_parallel"]
 
 
 def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -46,11 +46,16 @@ def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
 
 def _block(weight: QuantizedTensor, dim: int) -> int:
     """Elements along ``dim`` that must stay on one rank: the qparams' blocks and the packing."""
-    block = weight.pack if dim == weight.dim() - 1 else 1
-    for n in weight.qparam_names:
-        t = getattr(weight, n)
-        if t is not None and t.shape[dim] != 1:
-            b = weight.shape[dim] // t.shape[dim]
+    shapes = {n: tuple(getattr(weight, n).shape) for n in weight.qparam_names if getattr(weight, n) is not None}
+    return _block_of(type(weight), tuple(weight.shape), shapes, dim)
+
+
+def _block_of(cls, shape: tuple, part_shapes: dict, dim: int) -> int:
+    """``_block`` from a class, its logical shape and its blocked qparams' shapes."""
+    block = cls.pack if dim == len(shape) - 1 else 1
+    for n, s in part_shapes.items():
+        if n in cls.qparam_names and len(s) == len(shape) and s[dim] != 1:
+            b = shape[dim] // s[dim]
             block = block * b // _gcd(block, b)
     return block
 
@@ -107,18 +112,21 @@ def shard_quantized(weight: QuantizedTensor, mesh, dim: int, *, name: str = "wei
     if mesh.ndim != 1:
         raise ValueError(f"{name}: tensor parallel needs a 1-D mesh, got {mesh.ndim}-D")
     world, rank = mesh.size(), mesh.get_local_rank()
-    size, block = weight.shape[dim], _block(weight, dim)
-    if not _aligned(size, world, block):
-        kind = "rowwise (Shard(1), in_features)" if dim == 1 else "colwise (Shard(0), out_features)"
-        raise ValueError(
-            f"{name}: {kind} split of {size} over {world} ranks cuts a quantization block of {block} "
-            f"({type(weight).__name__}, block_size={tuple(getattr(weight, 'block_size', ()))}); allowed shard "
-            f"counts for this layer: {allowed_shard_counts(weight, dim)}. Keep the layer out of the plan "
-            f"(replicated) or quantize it with a block that divides the split"
-        )
-    start, stop = shard_bounds(size, rank, world)
+    _check_split(name, type(weight).__name__, weight.shape[dim], world, _block(weight, dim), dim)
+    start, stop = shard_bounds(weight.shape[dim], rank, world)
     local = weight.narrow(dim, start, stop - start)
     return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=weight.shape, stride=weight.stride())
+
+
+def _check_split(name: str, cls: str, size: int, world: int, block: int, dim: int) -> None:
+    if not _aligned(size, world, block):
+        kind = "rowwise (Shard(1), in_features)" if dim == 1 else "colwise (Shard(0), out_features)"
+        allowed = [w for w in range(1, size // block + 1) if _aligned(size, w, block)]
+        raise ValueError(
+            f"{name}: {kind} split of {size} over {world} ranks cuts a quantization block of {block} "
+            f"({cls}); allowed shard counts for this layer: {allowed}. Keep the layer out of the plan "
+            f"(replicated) or quantize it with a block that divides the split"
+        )
 
 
 def _as(x, mesh, placement):
@@ -251,3 +259,101 @@ def parallelize_quantized(module: nn.Module, mesh, plan: dict) -> nn.Module:
     from torch.distributed.tensor.parallel import parallelize_module
 
     return parallelize_module(module, mesh, plan)
+
+
+def _plan_dims(model: nn.Module, plan: dict) -> dict[str, int]:
+    """``{weight key: shard dim}`` for each linear the plan puts under Colwise (0) / Rowwise (1)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    dims = {}
+    for fqn, m in model.named_modules():
+        styles = [st for pattern, st in plan.items() if _matches(fqn, pattern)]
+        if isinstance(m, nn.Linear) and styles and isinstance(styles[0], (ColwiseParallel, RowwiseParallel)):
+            dims[f"{fqn}.weight"] = 0 if isinstance(styles[0], ColwiseParallel) else 1
+    return dims
+
+
+@torch.no_grad()
+def load_tensor_parallel(model: nn.Module, paths, mesh, plan: dict, *, device="cpu") -> nn.Module:
+    """Load a whole lowbit checkpoint into ``model`` and parallelize it with ``plan``; every rank calls it.
+
+    Each quantized weight that ``plan`` shards is read by slices (safetensors' ``get_slice``): a
+    rank reads only its rows (colwise) or its group-aligned columns (rowwise) of the codes and of
+    every blocked qparam, and whole the qparams that span the dim (per-tensor and static
+    activation scales). Other tensors (float weights, biases, embeddings, norms) are read whole,
+    and ``parallelize_module`` shards the float ones as it does for any model. The checkpoint is
+    checked as ``lowbit.load`` checks it; the values of each slice are checked once read.
+
+    Args:
+        model: the float (or ``meta``) model the checkpoint was saved from, unparallelized.
+        paths: a file written by ``lowbit.save``, or a list of the files of one checkpoint.
+        mesh: a 1-D ``DeviceMesh``.
+        plan: ``{fqn pattern: ParallelStyle}`` as for :func:`parallelize_quantized`.
+        device: where the tensors are read to.
+
+    Returns:
+        ``model``, loaded and parallelized in place.
+
+    Raises:
+        FileNotFoundError: a file does not exist.
+        ValueError: a checkpoint ``lowbit.load`` refuses (``CheckpointError``), or a split through
+            a quantization block (names the layer and the allowed shard counts).
+    """
+    import dataclasses
+    from pathlib import Path
+
+    from torch.distributed.tensor import DTensor, Shard
+
+    from lowbit.serialization.files import _check_files, _check_static_qparams, _open, apply_state
+    from lowbit.serialization.schema import build_tensor, check_values
+
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    checked = _check_files(paths)
+    dims = _plan_dims(model, plan)
+    world, rank = mesh.size(), mesh.get_local_rank()
+    plain, parts, shapes = {}, {}, {}
+    for i, f in enumerate(checked.files):
+        with _open(f.path, str(device)) as sf:
+            for k, fi in checked.plain.items():
+                if fi == i:
+                    plain[k] = sf.get_tensor(k)
+            for k, (fi, entry) in checked.entries.items():
+                if fi != i:
+                    continue
+                if k not in dims:
+                    parts[k] = {p: sf.get_tensor(f"{k}:{p}") for p in entry.parts}
+                    continue
+                d, shape = dims[k], tuple(entry.shape)
+                stored = {p: f.stored[f"{k}:{p}"][1] for p in entry.parts}
+                _check_split(k.removesuffix(".weight"), entry.cls.__name__, shape[d], world,
+                             _block_of(entry.cls, shape, stored, d), d)
+                start, stop = shard_bounds(shape[d], rank, world)
+                parts[k] = {}
+                for p, s in stored.items():
+                    sl = sf.get_slice(f"{k}:{p}")
+                    if len(s) != len(shape) or (s[d] == 1 and shape[d] != 1):  # spans the dim: whole
+                        parts[k][p] = sl[:]
+                        continue
+                    f_ = shape[d] // s[d]  # logical elements per stored element on d (packing, blocks)
+                    index = [slice(None)] * len(s)
+                    index[d] = slice(start // f_, -(-stop // f_))
+                    parts[k][p] = sl[tuple(index)]
+                local = list(shape)
+                local[d] = stop - start
+                shapes[k] = (local, d)
+    state = dict(plain)
+    for k, (fi, entry) in checked.entries.items():
+        check_values(entry, parts[k], checked.files[fi].path)
+    _check_static_qparams(checked, parts)
+    for k, (_, entry) in checked.entries.items():
+        if k in shapes:
+            local, d = shapes[k]
+            t = build_tensor(dataclasses.replace(entry, shape=tuple(local)), parts.pop(k))
+            full = torch.empty(entry.shape, device="meta")
+            state[k] = DTensor.from_local(t, mesh, [Shard(d)], run_check=False, shape=full.shape, stride=full.stride())
+        else:
+            state[k] = build_tensor(entry, parts.pop(k))
+    for k, target in checked.aliases.items():
+        state[k] = state[target]
+    apply_state(model, state, checked.configs, where=paths[0] if len(paths) == 1 else paths[0].parent)
+    return parallelize_quantized(model, mesh, plan)

@@ -148,24 +148,41 @@ def _glass_model():
     return model, torch.tensor([tok.encode("It is a truth universally")])
 
 
-def _glass_worker(rank, world):
+def _glass_worker(rank, world, path):
+    """glassllm loaded from a whole lowbit checkpoint into a float model by slices, parallelized."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lowbit.tensor_parallel import parallelize_quantized
+    from lowbit.eval import load_glassllm_hf
+    from lowbit.tensor_parallel import load_tensor_parallel
 
-    model, ids = _glass_model()
-    parallelize_quantized(model, init_device_mesh("cpu", (world,)), _llama_plan(model))
-    local = type(model.model.layers[0].mlp.down_proj.weight.to_local()).__name__
-    return _greedy(model, ids, STEPS) + (local,)
+    model, tok = load_glassllm_hf()
+    ids = torch.tensor([tok.encode("It is a truth universally")])
+    load_tensor_parallel(model, path, init_device_mesh("cpu", (world,)), _llama_plan(model))
+    layer = model.model.layers[0]
+    locals_ = {n: getattr(layer, a).__getattr__(n).weight.to_local()
+               for a, n in [("self_attn", "o_proj"), ("self_attn", "q_proj"), ("mlp", "down_proj")]}
+    return _greedy(model, ids, STEPS) + (locals_,)
 
 
-def test_glassllm_tensor_parallel_greedy_tokens_match_one_process():
+def test_glassllm_tensor_parallel_greedy_tokens_match_one_process(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("glassllm")
-    results = harness.run(_glass_worker)
+    from lowbit.serialization import save
+
     model, ids = _glass_model()
+    save(model, tmp_path / "glass.safetensors")
+    results = harness.run(_glass_worker, str(tmp_path / "glass.safetensors"))
     ref_ids, ref_logits = _greedy(model, ids, STEPS)
-    for tp_ids, tp_logits, local in results:
-        assert local == "Int8Tensor"  # W8A8 rows, sharded by columns
+    layer = model.model.layers[0]
+    full = {"o_proj": (layer.self_attn.o_proj.weight, 1), "q_proj": (layer.self_attn.q_proj.weight, 0),
+            "down_proj": (layer.mlp.down_proj.weight, 1)}
+    for rank, (tp_ids, tp_logits, locals_) in enumerate(results):
         assert torch.equal(tp_ids, ref_ids)
         assert sqnr(ref_logits, tp_logits) >= MIN_TP_SQNR_DB
+        for name, (w, d) in full.items():  # each rank's slice of the checkpoint is that of the whole weight
+            start, stop = shard_bounds(w.shape[d], rank, 2)
+            part = w.narrow(d, start, stop - start)
+            assert type(locals_[name]) is type(w) and locals_[name].shape == part.shape, name
+            for n in ("qdata", "scale", "zero_point"):
+                if getattr(w, n, None) is not None:
+                    assert torch.equal(getattr(locals_[name], n), getattr(part, n)), (name, n)
