@@ -9,12 +9,13 @@
 // AVX2 has no bf16 dot product: bf16 x is widened to float32 (exact: a 16-bit shift) and every
 // product is a float32 FMA against the exact integer (q - zp) as float32.
 //  * gemv_bf16 / gemv_f32 (M <= 4 / M = 1): the packed weight is streamed once. 8 bytes become 8
-//    dwords (vpmovzxbd), whose low nibbles are the even elements and high nibbles the odd ones,
-//    converted to float32 exactly, FMA against a copy of x permuted once per call to that order (per
-//    16 elements: the 8 even, then the 8 odd). Per group the float32 sum is scaled by s with one FMA.
-//    gemv_f32 multiplies by the exact (q - zp): nothing cancels, the reference's sum in another
-//    order. gemv_bf16 sums x * u with u = q + zp in [0, 15] and removes sum_g s zp sum_g(x) once per
-//    row, as the AVX-512 build does with its 128 + q (fewer instructions per byte).
+//    dwords (vpmovzxbd), whose low nibbles are the even elements and high nibbles the odd ones;
+//    (q - zp) in int32, converted to float32 exactly, FMA against a copy of x permuted once per call
+//    to that order (per 16 elements: the 8 even, then the 8 odd). Per group the float32 sum is
+//    scaled by s with one FMA. Nothing cancels: the result is the reference's sum in another order.
+//    (Taking the zero point out of the loop, sum x * (q + zp) minus zp * sum(x) once per group as the
+//    AVX-512 build does with its 128 + q, saves 2 of 9 instructions per 16 elements but loses the
+//    small terms next to a huge x whose weight is the zero point: the property tests found one.)
 //  * gemm_small_bf16 (M <= 64): rows of W dequantized exactly (bit-equal to the reference's float32
 //    dequantize) into an L1/L2 buffer, 2 rows x 4 rows of x per register tile, float32 FMA.
 //  * linear_chunked (large M): as int4_cpu.cpp, with this file's exact dequantization.
@@ -37,10 +38,6 @@ using lowbit::par_for;
 constexpr int64_t kPrefetch = 32768;  // non-temporal prefetch distance in the weight stream
 constexpr int64_t kMinGroup = 32;
 constexpr int64_t kScaleAheadRows = 16;
-// rows of W per step of the bf16 GEMV at M = 1 (2 measured ~15% slower than 4, 1 thread, idle-ish)
-#ifndef LOWBIT_FOLD_ROWS
-#define LOWBIT_FOLD_ROWS 4
-#endif
 
 struct W4 {
   const uint8_t* q;
@@ -214,12 +211,13 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
       for (int m = 0; m < MM; ++m) ae[r][m] = ao[r][m] = _mm256_setzero_ps();
     }
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+      const int64_t kb = k >> 1;  // byte offset (k >= 0: a shift, not a signed division)
       if ((k & 127) == 0)
-        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(qr[r] + k / 2 + kPrefetch), _MM_HINT_NTA);
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(qr[r] + kb + kPrefetch), _MM_HINT_NTA);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         __m256 ev, od;
-        nib16<SYM>(qr[r] + k / 2, zpv[r], ev, od);
+        nib16<SYM>(qr[r] + kb, zpv[r], ev, od);
 #pragma GCC unroll 4
         for (int m = 0; m < MM; ++m) {
           ae[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k), ev, ae[r][m]);
@@ -239,98 +237,6 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
       if (bias) v += bias[n0 + r];
       store_out(out, ot, m * w.N + n0 + r, v);
     }
-}
-
-// bf16 x (FOLD): the zero point is taken out of the inner loop. Nibbles become u in [0, 15]
-// (symmetric: u = nibble ^ 8, q = u - 8), the loop sums x * u per group, and per row
-// sum_g s_g * zp_g * sum(x over g) is subtracted once at the end (zp_g = 8 when symmetric): 7 vector
-// ops per 16 elements instead of 9, no zero-point registers. The subtraction cancels part of the
-// sum (u >= 0); in float32 that costs far less than the bf16 rounding of the output.
-template <bool SYM, int R, int MM>
-inline void gemv_fold_rows(const W4& w, const float* xp, const float* sx, int64_t n0, const float* bias, void* out,
-                           at::ScalarType ot) {
-  const int64_t K = w.K, G = w.G, gs = w.gs;
-  alignas(32) float tot[R][MM][8] = {};
-  const uint8_t* qr[R];
-  for (int r = 0; r < R; ++r) qr[r] = w.q + (n0 + r) * w.rb;
-  if (n0 + kScaleAheadRows + R <= w.N) {
-    const char* sa = reinterpret_cast<const char*>(w.s + (n0 + kScaleAheadRows) * G);
-    for (int64_t b = 0; b < R * G * 4; b += 64) _mm_prefetch(sa + b, _MM_HINT_T0);
-    if (!SYM) {
-      const char* za = reinterpret_cast<const char*>(w.zp + (n0 + kScaleAheadRows) * G);
-      for (int64_t b = 0; b < R * G; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
-    }
-  }
-  const __m256i m0f = _mm256_set1_epi32(0xF), flip = _mm256_set1_epi32(0x88);
-  for (int64_t g = 0; g < G; ++g) {
-    __m256 ae[R][MM], ao[R][MM];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MM; ++m) ae[r][m] = ao[r][m] = _mm256_setzero_ps();
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
-      const int64_t kb = k >> 1;  // byte offset (k >= 0: a shift, not a signed division)
-      if ((k & 127) == 0)
-        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(qr[r] + kb + kPrefetch), _MM_HINT_NTA);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qr[r] + kb)));
-        if constexpr (SYM) d = _mm256_xor_si256(d, flip);
-        const __m256 ev = _mm256_cvtepi32_ps(_mm256_and_si256(d, m0f)), od = _mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4));
-#pragma GCC unroll 4
-        for (int m = 0; m < MM; ++m) {
-          ae[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k), ev, ae[r][m]);
-          ao[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k + 8), od, ao[r][m]);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256 sv = _mm256_set1_ps(w.s[(n0 + r) * G + g]);
-      for (int m = 0; m < MM; ++m)
-        _mm256_store_ps(tot[r][m], _mm256_fmadd_ps(_mm256_add_ps(ae[r][m], ao[r][m]), sv, _mm256_load_ps(tot[r][m])));
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const int64_t n = n0 + r;
-    for (int m = 0; m < MM; ++m) {
-      float corr = 0.f;
-      for (int64_t g = 0; g < G; ++g) corr += w.s[n * G + g] * (SYM ? 8.f : float(w.zp[n * G + g])) * sx[m * G + g];
-      float v = hsum(_mm256_load_ps(tot[r][m])) - corr;
-      if (bias) v += bias[n];
-      store_out(out, ot, m * w.N + n, v);
-    }
-  }
-}
-
-template <bool SYM, int MM>
-void gemv_fold_impl(const W4& w, const float* xp, const float* sx, const float* bias, void* out, at::ScalarType ot) {
-  constexpr int R = MM == 1 ? LOWBIT_FOLD_ROWS : MM == 2 ? 2 : 1;
-  const int64_t nb = (w.N + R - 1) / R;
-  par_for(0, nb, 4, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t n0 = i * R;
-      if (n0 + R <= w.N) gemv_fold_rows<SYM, R, MM>(w, xp, sx, n0, bias, out, ot);
-      else
-        for (int64_t n = n0; n < w.N; ++n) gemv_fold_rows<SYM, 1, MM>(w, xp, sx, n, bias, out, ot);
-    }
-  });
-}
-
-// Per-group sums of the permuted x (M, K): sx (M, G).
-std::vector<float> group_sums(const std::vector<float>& xp, int64_t M, int64_t K, int64_t G, int64_t gs) {
-  std::vector<float> sx(M * G);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(xp.data() + m * K + k));
-      sx[m * G + g] = hsum(a);
-    }
-  return sx;
-}
-
-template <int MM>
-void gemv_fold_any(const W4& w, const std::vector<float>& xp, int64_t M, const float* bias, void* out, at::ScalarType ot) {
-  const std::vector<float> sx = group_sums(xp, M, w.K, w.G, w.gs);
-  if (w.zp) gemv_fold_impl<false, MM>(w, xp.data(), sx.data(), bias, out, ot);
-  else gemv_fold_impl<true, MM>(w, xp.data(), sx.data(), bias, out, ot);
 }
 
 template <bool SYM, int MM>
@@ -426,10 +332,10 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scal
   auto out = torch::empty({M, w.N}, x.options());
   void* op = out.data_ptr();
   switch (M) {
-    case 1: gemv_fold_any<1>(w, xp, M, bp, op, at::kBFloat16); break;
-    case 2: gemv_fold_any<2>(w, xp, M, bp, op, at::kBFloat16); break;
-    case 3: gemv_fold_any<3>(w, xp, M, bp, op, at::kBFloat16); break;
-    default: gemv_fold_any<4>(w, xp, M, bp, op, at::kBFloat16); break;
+    case 1: gemv_any<1>(w, xp.data(), bp, op, at::kBFloat16); break;
+    case 2: gemv_any<2>(w, xp.data(), bp, op, at::kBFloat16); break;
+    case 3: gemv_any<3>(w, xp.data(), bp, op, at::kBFloat16); break;
+    default: gemv_any<4>(w, xp.data(), bp, op, at::kBFloat16); break;
   }
   return out;
 }
