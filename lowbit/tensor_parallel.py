@@ -26,6 +26,7 @@ reference does (measured against one process in tests/distributed/test_tensor_pa
 from __future__ import annotations
 
 import fnmatch
+import math
 
 import torch
 import torch.nn.functional as F
@@ -55,15 +56,8 @@ def _block_of(cls, shape: tuple, part_shapes: dict, dim: int) -> int:
     block = cls.pack if dim == len(shape) - 1 else 1
     for n, s in part_shapes.items():
         if n in cls.qparam_names and len(s) == len(shape) and s[dim] != 1:
-            b = shape[dim] // s[dim]
-            block = block * b // _gcd(block, b)
+            block = math.lcm(block, shape[dim] // s[dim])
     return block
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def _aligned(size: int, world: int, block: int) -> bool:
@@ -227,6 +221,7 @@ def parallelize_quantized(module: nn.Module, mesh, plan: dict) -> nn.Module:
     Raises:
         ValueError: a quantized layer whose split would cut a quantization block (names the layer
             and the allowed shard counts); a quantized weight under another style.
+        NotImplementedError: a quantized weight in a subclass of ``nn.Linear`` (its own forward).
 
     Example:
         >>> quantize_(model, Int4WeightOnlyConfig(group_size=32))
@@ -253,9 +248,11 @@ def parallelize_quantized(module: nn.Module, mesh, plan: dict) -> nn.Module:
         else:
             raise ValueError(f"{fqn}: a quantized weight takes ColwiseParallel or RowwiseParallel, got "
                              f"{type(style).__name__}")
+        if type(m) not in (nn.Linear, _TensorParallelQuantizedLinear):
+            raise NotImplementedError(f"{fqn}: tensor parallel runs quantized weights in a plain nn.Linear, got "
+                                      f"{type(m).__name__} (its own forward would see the sharded weight)")
         m.weight = nn.Parameter(shard_quantized(weight, mesh, dim, name=fqn), requires_grad=False)
-        if type(m) is nn.Linear:
-            m.__class__ = _TensorParallelQuantizedLinear
+        m.__class__ = _TensorParallelQuantizedLinear
     from torch.distributed.tensor.parallel import parallelize_module
 
     return parallelize_module(module, mesh, plan)
