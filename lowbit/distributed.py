@@ -12,6 +12,8 @@ A sharded quantized weight (``lowbit.qat.distributed.quantize_sharded_weight``: 
 sharded on dim 0 whose local tensor is a ``QuantizedTensor``) is gathered part by part: parts
 with one entry per row (codes, per-row or per-group scales) are concatenated in rank order,
 parts that span all rows (a per-tensor scale) are the same on every rank and taken as they are.
+A rowwise tensor-parallel weight (``[Shard(1)]``, ``lowbit.tensor_parallel``) is gathered along
+in_features the same way.
 """
 
 from __future__ import annotations
@@ -74,9 +76,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import Shard
 
     mesh, placements = t.device_mesh, tuple(t.placements)
+    if mesh.ndim == 1 and placements == (Shard(1),) and local.dim() == 2:
+        return _full_columns(t, local, mesh)
     if mesh.ndim != 1 or placements != (Shard(0),):
-        raise NotImplementedError(f"save_sharded gathers quantized weights sharded [Shard(0)] on a 1-D mesh, got "
-                                  f"{list(placements)} on a {mesh.ndim}-D mesh")
+        raise NotImplementedError(f"save_sharded gathers quantized weights sharded [Shard(0)] or [Shard(1)] (2-D) "
+                                  f"on a 1-D mesh, got {list(placements)} on a {mesh.ndim}-D mesh")
     names, meta = local.__tensor_flatten__()
     # a part with one entry per local row (codes, per-row or per-group scales) is told from a part
     # spanning all rows (a per-tensor scale: one entry) by its length on the ranks holding != 1 row
@@ -92,12 +96,30 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return type(local).__tensor_unflatten__(inner, meta, t.shape, t.stride())
 
 
+def _full_columns(t, local: QuantizedTensor, mesh) -> torch.Tensor:
+    """A 2-D quantized weight sharded ``[Shard(1)]`` (tensor parallel, ``lowbit.tensor_parallel``)
+    gathered: the codes and every qparam with more than one block along in_features (read from
+    its spec on the global shape; ``act_pre_scale`` is per column) are concatenated along dim 1 in
+    rank order; the rest (per-row or per-tensor scales, static activation qparams) were kept whole
+    on every rank and are taken as they are."""
+    names, meta = local.__tensor_flatten__()
+    group = mesh.get_group()
+    blocks = local.spec.block_size(tuple(t.shape))
+    inner = {}
+    for n in names:
+        part = getattr(local, n)
+        if n == "qdata" or n == "act_pre_scale" or (n in local.qparam_names and t.shape[1] // blocks[1] > 1):
+            inner[n] = _gather_rows(part.t().contiguous(), group).t().contiguous()
+        else:
+            inner[n] = part
+    return type(local).__tensor_unflatten__(inner, meta, t.shape, t.stride())
+
+
 def _nbytes(t: torch.Tensor) -> float:
     local = t.to_local() if _is_dtensor(t) else t
     if isinstance(local, QuantizedTensor):
-        names, _ = local.__tensor_flatten__()
-        per_row = sum(getattr(local, n).nbytes for n in names) / max(local.shape[0], 1)
-        return per_row * t.shape[0]
+        names, _ = local.__tensor_flatten__()  # scaled by the share of elements held (rows or columns)
+        return sum(getattr(local, n).nbytes for n in names) * t.numel() / max(local.numel(), 1)
     return float(t.numel() * t.element_size())
 
 
@@ -115,7 +137,8 @@ def save_sharded(model: nn.Module, directory: str | Path, group=None) -> Path:
 
     Raises:
         RuntimeError: torch.distributed is not initialized.
-        NotImplementedError: a quantized weight sharded other than FSDP2's ``[Shard(0)]`` on a 1-D mesh.
+        NotImplementedError: a quantized weight sharded other than ``[Shard(0)]`` (FSDP2, colwise) or
+            ``[Shard(1)]`` (rowwise tensor parallel) on a 1-D mesh.
         ValueError: a quantized tensor the loader would refuse (``lowbit.serialization.flatten_tensor``).
 
     Example:

@@ -152,10 +152,12 @@ def _glass_model():
     return model, torch.tensor([tok.encode("It is a truth universally")])
 
 
-def _glass_worker(rank, world, path):
-    """glassllm loaded from a whole lowbit checkpoint into a float model by slices, parallelized."""
+def _glass_worker(rank, world, path, out):
+    """glassllm loaded from a whole lowbit checkpoint into a float model by slices, parallelized,
+    8 greedy steps, then saved rank by rank (``save_sharded``) to ``out``."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    from lowbit.distributed import save_sharded
     from lowbit.eval import load_glassllm_hf
     from lowbit.tensor_parallel import load_tensor_parallel
 
@@ -165,7 +167,9 @@ def _glass_worker(rank, world, path):
     layer = model.model.layers[0]
     locals_ = {n: getattr(layer, a).__getattr__(n).weight.to_local()
                for a, n in [("self_attn", "o_proj"), ("self_attn", "q_proj"), ("mlp", "down_proj")]}
-    return _greedy(model, ids, STEPS) + (locals_,)
+    result = _greedy(model, ids, STEPS) + (locals_,)
+    save_sharded(model, out)
+    return result
 
 
 def test_glassllm_tensor_parallel_greedy_tokens_match_one_process(tmp_path):
@@ -175,7 +179,7 @@ def test_glassllm_tensor_parallel_greedy_tokens_match_one_process(tmp_path):
 
     model, ids = _glass_model()
     save(model, tmp_path / "glass.safetensors")
-    results = harness.run(_glass_worker, str(tmp_path / "glass.safetensors"))
+    results = harness.run(_glass_worker, str(tmp_path / "glass.safetensors"), str(tmp_path / "tp"))
     ref_ids, ref_logits = _greedy(model, ids, STEPS)
     layer = model.model.layers[0]
     full = {"o_proj": (layer.self_attn.o_proj.weight, 1), "q_proj": (layer.self_attn.q_proj.weight, 0),
@@ -190,3 +194,17 @@ def test_glassllm_tensor_parallel_greedy_tokens_match_one_process(tmp_path):
             for n in ("qdata", "scale", "zero_point"):
                 if getattr(w, n, None) is not None:
                     assert torch.equal(getattr(locals_[name], n), getattr(part, n)), (name, n)
+    # the tensor-parallel model saved rank by rank loads back (one process) as the whole weights
+    from lowbit.distributed import load_sharded
+    from lowbit.eval import load_glassllm_hf
+
+    back = load_sharded(load_glassllm_hf()[0], tmp_path / "tp")
+    want = model.state_dict()
+    for key, t in back.state_dict().items():
+        w = want[key]
+        assert type(t) is type(w), key
+        names = w.__tensor_flatten__()[0] if hasattr(w, "__tensor_flatten__") else None
+        for n in names or []:
+            assert torch.equal(getattr(t, n), getattr(w, n)), (key, n)
+        if names is None:
+            assert torch.equal(t, w), key
