@@ -55,7 +55,7 @@ def _mlp(config):
     return model
 
 
-def _linears_worker(rank, world):
+def _linears_worker(rank, world, path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
@@ -69,12 +69,16 @@ def _linears_worker(rank, world):
         ref = model(x)
         parallelize_quantized(model, mesh, {"0": ColwiseParallel(), "1": RowwiseParallel()})
         out[name] = (ref, model(x), type(model[0].weight.to_local()).__name__)
-    return out, _straddle(mesh)
+    return out, _straddle(mesh, path)
 
 
-def test_linear_colwise_rowwise_match_one_process():
-    results, messages = zip(*harness.run(_linears_worker))
-    for message in messages:  # a rowwise split through an int4 group: the layer and the counts that work
+def test_linear_colwise_rowwise_match_one_process(tmp_path):
+    from lowbit.serialization import save
+
+    save(_straddle_model(), tmp_path / "straddle.safetensors")
+    results, messages = zip(*harness.run(_linears_worker, str(tmp_path / "straddle.safetensors")))
+    # a rowwise split through an int4 group, in the model or in a checkpoint: the layer and the counts that work
+    for message in [m for pair in messages for m in pair]:
         assert message is not None and message.startswith("1: rowwise"), message
         assert "allowed shard counts for this layer: [1, 3]" in message, message
     for name in CONFIGS:
@@ -96,20 +100,29 @@ def test_allowed_shard_counts_follow_groups():
     assert shard_bounds(341, 0, 2) == (0, 171) and shard_bounds(341, 1, 2) == (171, 341)
 
 
-def _straddle(mesh):
-    """The error of a rowwise plan whose split of in_features=96 (3 int4 groups of 32) over 2 ranks
-    would cut the middle group, or None."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    from lowbit.tensor_parallel import parallelize_quantized
-
+def _straddle_model():
     model = nn.Sequential(nn.Linear(32, 96), nn.Linear(96, 32))
     quantize_(model, Int4WeightOnlyConfig(group_size=32))
-    try:
-        parallelize_quantized(model, mesh, {"0": ColwiseParallel(), "1": RowwiseParallel()})
-    except ValueError as e:
-        return str(e)
-    return None
+    return model
+
+
+def _straddle(mesh, path):
+    """The errors of a rowwise plan whose split of in_features=96 (3 int4 groups of 32) over 2 ranks
+    would cut the middle group: parallelizing the quantized model, loading its checkpoint by slices."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from lowbit.tensor_parallel import load_tensor_parallel, parallelize_quantized
+
+    plan = {"0": ColwiseParallel(), "1": RowwiseParallel()}
+    messages = []
+    for run in (lambda: parallelize_quantized(_straddle_model(), mesh, plan),
+                lambda: load_tensor_parallel(nn.Sequential(nn.Linear(32, 96), nn.Linear(96, 32)), path, mesh, plan)):
+        try:
+            run()
+            messages.append(None)
+        except ValueError as e:
+            messages.append(str(e))
+    return messages
 
 
 # glassllm: 8da4w g32 on attention (in_features 128), int4 g32 weight-only on gate/up, W8A8 per-row
