@@ -21,6 +21,11 @@ float8 dynamic) would scale each token over its own shard of in_features; instea
 min and max are all-reduced (two floats per token), its slice is fake-quantized with the
 qparams of the whole row by the same primitive and the weight-only op runs, as the kernels'
 reference does (measured against one process in tests/distributed/test_tensor_parallel.py).
+The integer W8A8 GEMM is then replaced, on rowwise layers only, by that float reference.
+
+:func:`load_tensor_parallel` loads a whole lowbit checkpoint into a float model with each rank
+reading only its slices of the plan's quantized weights, then parallelizes it;
+``lowbit.distributed.save_sharded`` writes a tensor-parallel model back as a whole checkpoint.
 """
 
 from __future__ import annotations
