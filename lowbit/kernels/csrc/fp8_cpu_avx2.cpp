@@ -288,11 +288,15 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   const auto ct = f32 ? torch::kFloat : torch::kBFloat16;
   const int64_t Kr = (K + 15) / 16 * 16;
   auto xs = x.detach().to(ct);  // detached: the worker threads call at::mm_out outside autograd
+  // worker threads start outside the caller's InferenceMode (thread-local): without it, mm_out into an
+  // inference tensor (out made under torch.inference_mode) raises "Inplace update to inference tensor"
+  const bool inference = c10::InferenceMode::is_enabled();
   auto res = f32 ? torch::empty({M, N}, x.options().dtype(torch::kFloat)) : out;
   const int64_t rows = std::max<int64_t>(1, std::min(chunk_rows, N));
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 7) / 8));
   const int64_t span = (N + nt - 1) / nt;  // weight rows per thread
   auto work = [&](int64_t tb, int64_t te) {
+    c10::InferenceMode inference_guard(inference);
     at::NoGradGuard no_grad;
     auto buf = torch::empty({std::min(rows, span), Kr}, xs.options());
     for (int64_t th = tb; th < te; ++th) {
