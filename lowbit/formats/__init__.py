@@ -16,7 +16,6 @@ inside functions: lowbit imports without them.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -38,15 +37,6 @@ def _is_gguf(path: Path) -> bool:
         return False
 
 
-def _is_compressed_tensors(p: Path) -> bool:
-    try:
-        with open(p / "config.json") as f:
-            qc = json.load(f).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
-
-
 def detect_format(path) -> str:
     """Which kind of checkpoint ``path`` is: one of :data:`SOURCE_KINDS`.
 
@@ -60,6 +50,7 @@ def detect_format(path) -> str:
         FileNotFoundError: ``path`` does not exist.
         ValueError: a file that is not GGUF, or a directory that is none of the above.
     """
+    from lowbit.formats.compressed_tensors_load import is_compressed_tensors_checkpoint
     from lowbit.pretrained import is_lowbit_checkpoint
 
     p = Path(path)
@@ -72,7 +63,7 @@ def detect_format(path) -> str:
                          "directory (lowbit, compressed-tensors or transformers checkpoint)")
     if is_lowbit_checkpoint(p):
         return "lowbit"
-    if _is_compressed_tensors(p):
+    if is_compressed_tensors_checkpoint(p):
         return "compressed-tensors"
     if (p / "config.json").is_file():
         return "transformers"
@@ -109,7 +100,7 @@ def from_pretrained(path, *, device="cpu"):
 
         return load_lowbit(p, device=device)
     if kind == "compressed-tensors":
-        from lowbit.formats.compressed_tensors import load_compressed_tensors
+        from lowbit.formats.compressed_tensors_load import load_compressed_tensors
 
         return load_compressed_tensors(p, device=device)
     if kind == "gguf":

@@ -35,9 +35,8 @@ from lowbit.configs import (  # noqa: E402
     Int8WeightOnlyConfig,
 )
 from lowbit.eval import sqnr  # noqa: E402
-from lowbit.formats.compressed_tensors import (  # noqa: E402
-    UnsupportedLayersError,
-    export_compressed_tensors,
+from lowbit.formats.compressed_tensors import UnsupportedLayersError, export_compressed_tensors  # noqa: E402
+from lowbit.formats.compressed_tensors_load import (  # noqa: E402
     is_compressed_tensors_checkpoint,
     load_compressed_tensors,
 )
