@@ -288,8 +288,14 @@ def cmd_info(args) -> dict:
             from tabulate import tabulate
 
             print(tabulate(rows, headers=["C++ kernel", "status", "builds (CPU features)"], tablefmt="github"))
+        from lowbit.kernels.host import host_report
+
+        paths = host_report()
+        if not args.json:
+            print()
+            print(tabulate(paths, headers=["CPU path", "choice"], tablefmt="github"))
         if args.checkpoint is None:
-            return {"kernels": {r[0]: r[1] for r in rows}}
+            return {"kernels": {r[0]: r[1] for r in rows}, "cpu_paths": dict(paths)}
     elif args.checkpoint is None:
         raise CLIError("info needs a CHECKPOINT (or --kernels)")
     p = Path(args.checkpoint)

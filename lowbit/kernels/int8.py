@@ -9,9 +9,11 @@ fast implementations chosen here by device and shape:
   multiple of 16); bfloat16, per-row scale and
   M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm`` (see ``_int8pack_takes``); otherwise the weight is converted
   in row chunks of ``_CHUNK_ROWS`` (each chunk stays in cache) and each chunk is multiplied with
-  ``torch.mm`` into its slice of the output; other devices: the reference;
+  ``torch.mm`` into its slice of the output, in float32 for bf16/fp16 input where the CPU has no
+  native half matmul (``host.matmul_dtype``); other devices: the reference;
 * W8A8, CPU and CUDA: activations quantized with the primitives (per token, or the static scale
-  given), ``lowbit::int8_mm`` (``torch._int_mm``, exact int32), an exact integer zero-point
+  given), ``lowbit::int8_mm`` (exact int32: ``torch._int_mm``, or on CPUs without int8 dot products
+  exact float32 GEMMs over K chunks, ``_int8_mm_float32``), an exact integer zero-point
   correction for asymmetric activations (``zp_x * rowsum(W)``), one float32 rescale, one cast.
 
 Inputs are 2-D (the tensor layer folds leading dims). Weights are symmetric int8 with a float32
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import _ext
+from lowbit.kernels import _ext, host
 from lowbit.kernels._cache import direct_op
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, quantize_affine
@@ -39,6 +41,8 @@ __all__ = [
 _EXT_MAX_M = 1  # our GEMV streams the weight once; for M > 1 _weight_int8pack_mm is faster
 _INT8PACK_MAX_M = 8  # _weight_int8pack_mm beats bf16 up to M=8 (1.2x), loses from M=16 (0.7x)
 _CHUNK_ROWS = 256  # 256 x 4096 bf16 = 2 MiB: the converted chunk stays in cache (measured best)
+_EXACT_K = 1024  # int8 x int8 sums of up to 1024 products stay <= 2^24: exact in float32
+_FLOAT_MM_ROWS = 512  # weight rows converted to float32 at a time by _int8_mm_float32 (8 MiB at K=4096)
 
 
 def _grad_input(grad, qdata, scale, zero_point, spec: QuantSpec):
@@ -62,25 +66,34 @@ def _weight_only_reference(input, qdata, scale, zero_point, bias, spec):
 
 
 def _weight_only_chunked(input, qdata, scale, bias, spec):
+    """CPU, M above the GEMV: the weight converted a chunk of rows at a time, each chunk multiplied
+    into its slice of the output. Computes in ``host.matmul_dtype(input.dtype)``: float32 for bf16 /
+    fp16 input on CPUs without native half matmul (several times faster there), one rounding of
+    the result to the input dtype at the end."""
     m, k = input.shape
     n = qdata.shape[0]
-    out = torch.empty(m, n, dtype=input.dtype, device=input.device)
-    # Per-row scale: W = diag(s) Q, so x @ W.T = (x @ Q.T) * s. Q converts to x's dtype exactly
-    # (|q| <= 128) into one reused chunk buffer that stays in cache; the scale is applied to
-    # the (M, N) output once. fp16 is excluded: x @ Q.T can overflow it before scaling.
-    per_row = scale.shape[1] == 1 and input.dtype in (torch.bfloat16, torch.float32)
-    buf = torch.empty(min(_CHUNK_ROWS, n), k, dtype=input.dtype, device=input.device) if per_row else None
+    dtype = host.matmul_dtype(input.dtype)
+    x = input.to(dtype)
+    out = torch.empty(m, n, dtype=dtype, device=input.device)
+    # Per-row scale: W = diag(s) Q, so x @ W.T = (x @ Q.T) * s. Q converts to the compute dtype
+    # exactly (|q| <= 128) into one reused chunk buffer that stays in cache; the scale is applied
+    # to the (M, N) output once. fp16 is excluded: x @ Q.T can overflow it before scaling.
+    per_row = scale.shape[1] == 1 and dtype in (torch.bfloat16, torch.float32)
+    buf = torch.empty(min(_CHUNK_ROWS, n), k, dtype=dtype, device=input.device) if per_row or dtype != input.dtype else None
     for i in range(0, n, _CHUNK_ROWS):
         j = min(i + _CHUNK_ROWS, n)
         if per_row:
-            w = buf[: j - i]
-            w.copy_(qdata[i:j])
-        else:
+            w = buf[: j - i].copy_(qdata[i:j])
+        else:  # the reference's dequantized values (in the input dtype), widened exactly if need be
             w = dequantize_affine(qdata[i:j], scale[i:j], None, spec, input.dtype)
-        torch.mm(input, w.t(), out=out[:, i:j])
+            if buf is not None:
+                w = buf[: j - i].copy_(w)
+        torch.mm(x, w.t(), out=out[:, i:j])
     if per_row:
         out.mul_(scale.reshape(1, -1))
-    return out if bias is None else out.add_(bias)
+    if bias is not None:
+        out.add_(bias)
+    return out if dtype == input.dtype else out.to(input.dtype)
 
 
 def _int8pack_takes(input, qdata) -> bool:
@@ -189,7 +202,8 @@ def _quantize_activation(input, act_scale, act_zero_point, spec):
 
 @torch.library.custom_op("lowbit::int8_mm", mutates_args=())
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` for int8 ``a`` (M, K) and ``b`` (N, K), exact in int32 (``torch._int_mm``).
+    """``a @ b.T`` for int8 ``a`` (M, K) and ``b`` (N, K), exact in int32: ``torch._int_mm``, or on a
+    CPU without int8 dot products ``_int8_mm_float32`` (same bits).
 
     The weight stays (N, K) row-major: a (K, N)-contiguous copy measured ~6% faster at M=256
     but 2.6x slower at M=1 here. An opaque op on purpose: with inductor freezing, a bare ``_int_mm`` followed by a scale is
@@ -200,7 +214,45 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     m = a.shape[0]
     if a.device.type == "cuda" and m <= 16:  # cuBLAS int8 GEMM needs M > 16
         return torch._int_mm(F.pad(a, (0, 0, 0, 17 - m)), b.t())[:m]
+    if a.device.type == "cpu" and not host.has_int8_dot() and host.float32_matmul_exact():
+        return _int8_mm_float32(a, b)
     return torch._int_mm(a, b.t())
+
+
+def _int8_mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` in int32 by float32 GEMMs, bit-identical to ``torch._int_mm``: for CPUs without
+    int8 dot products (no VNNI / AMX), where ``_int_mm`` runs at a few GOP/s and float32 FMAs are the
+    fastest unit (~25x ``_int_mm`` at M=256 on this project's AVX2 host).
+
+    Exact because every value stays an integer float32 represents: |a|, |b| <= 128, so a product is
+    at most 2^14 and any partial sum over a K chunk of ``_EXACT_K`` = 1024 columns is at most 2^24,
+    whatever order or blocking the GEMM sums in (no rounding happens below 2^24). Chunk results are
+    added in int32. Needs float32 matmuls to stay float32 (``host.float32_matmul_exact``). Rows of
+    ``b`` are converted a chunk at a time (exactly: int8 -> float32), so no float copy of the weight
+    outlives the call."""
+    m, k = a.shape
+    n = b.shape[0]
+    out = torch.empty(m, n, dtype=torch.int32)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    af = a.to(torch.float32)
+    rows = min(n, _FLOAT_MM_ROWS)
+    buf = torch.empty(rows, k)
+    part = torch.empty(m, rows)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        w = buf[: j - i].copy_(b[i:j])
+        for c in range(0, k, _EXACT_K):
+            d = min(c + _EXACT_K, k)
+            p = part[:, : j - i]
+            torch.mm(af[:, c:d], w[:, c:d].t(), out=p)
+            if c == 0:
+                out[:, i:j].copy_(p)
+            else:
+                out[:, i:j].add_(p.to(torch.int32))
+    return out
 
 
 @int8_mm.register_fake

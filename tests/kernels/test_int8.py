@@ -5,6 +5,7 @@ import torch
 
 from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerGroup, PerRow, PerTensor
+from lowbit.kernels import host
 from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear
 from lowbit.configs import Int8DynamicActivationInt8WeightConfig, Int8StaticActivationInt8WeightConfig, Int8WeightOnlyConfig
 from lowbit.spec import QuantSpec, spec_key
@@ -131,9 +132,11 @@ def _w8a8_model(device):
 
 
 @pytest.mark.parametrize("freezing", [False, True], ids=["plain", "freezing"])
-def test_compiled_w8a8_calls_int_mm_once_per_linear_cpu(freezing):
+def test_compiled_w8a8_calls_int_mm_once_per_linear_cpu(freezing, monkeypatch):
     # with freezing, inductor would rewrite a bare _int_mm into a oneDNN qlinear holding a
-    # prepacked second copy of the weight; lowbit::int8_mm keeps _int_mm (and the memory) as is
+    # prepacked second copy of the weight; lowbit::int8_mm keeps _int_mm (and the memory) as is.
+    # _int_mm forced: without VNNI the op computes by float32 GEMMs (tests/kernels/test_host_paths.py)
+    monkeypatch.setenv(host.INT8_ENV, "native")
     m = _w8a8_model("cpu")
     x = torch.randn(32, 64)
     torch._dynamo.reset()

@@ -1,0 +1,114 @@
+"""What this CPU computes fast, for the kernels' choice of path (read once from ``/proc/cpuinfo``).
+
+Two facts move the large-M paths more than any kernel tuning does:
+
+* **native half-precision matmul.** With ``avx512_bf16`` or ``amx_bf16`` (``avx512_fp16`` or
+  ``amx_fp16`` for float16) oneDNN multiplies bf16 matrices in hardware. Without them (most AVX2
+  laptops and cloud hosts, Zen 2/3, Skylake) a bf16 GEMM converts in software: on this project's
+  AVX2 EPYC, ``F.linear`` at M=256, 4096 x 4096 ran at ~20 GFLOP/s in bf16 and ~170 in float32. So
+  there the weight-only and fake-quantized paths above the small-M kernels compute in float32 on
+  the exactly dequantized weight and round the result to the input dtype once (``matmul_dtype``).
+* **int8 dot products** (``avx512_vnni``, ``avx_vnni``, ``amx_int8``). Without them
+  ``torch._int_mm`` runs at ~2-5 GOP/s; ``lowbit.kernels.int8`` then computes the same exact int32
+  products with float32 GEMMs (exact: see ``int8._int8_mm_float32``).
+
+``LOWBIT_HALF_MATMUL=auto|native|float32`` overrides the first choice (tests force each path on any
+host); ``LOWBIT_INT8_DOT=auto|native|float32`` the second.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = [
+    "cpu_flags",
+    "half_matmul_native",
+    "matmul_dtype",
+    "has_int8_dot",
+    "float32_matmul_exact",
+    "host_report",
+    "HALF_ENV",
+    "INT8_ENV",
+]
+
+HALF_ENV = "LOWBIT_HALF_MATMUL"
+INT8_ENV = "LOWBIT_INT8_DOT"
+_CHOICES = ("auto", "native", "float32")
+_HALF = (torch.bfloat16, torch.float16)
+_NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it can't be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _env(name: str) -> str:
+    value = os.environ.get(name, "auto").strip().lower() or "auto"
+    if value not in _CHOICES:
+        raise ValueError(f"{name}={value!r}; allowed: {list(_CHOICES)}")
+    return value
+
+
+def half_matmul_native(dtype: torch.dtype) -> bool:
+    """Whether a ``dtype`` (bf16 / fp16) GEMM runs in hardware here; True for other dtypes."""
+    if dtype not in _HALF:
+        return True
+    choice = _env(HALF_ENV)
+    if choice != "auto":
+        return choice == "native"
+    return any(f in cpu_flags() for f in _NATIVE_FLAGS[dtype])
+
+
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a large CPU GEMM on ``dtype`` activations should compute in: float32 for bf16 / fp16
+    where the CPU has no native half matmul, else ``dtype``."""
+    return dtype if half_matmul_native(dtype) else torch.float32
+
+
+def has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (VNNI / AMX) for ``torch._int_mm``."""
+    choice = _env(INT8_ENV)
+    if choice != "auto":
+        return choice == "native"
+    return any(f in cpu_flags() for f in _INT8_DOT_FLAGS)
+
+
+def float32_matmul_exact() -> bool:
+    """Whether float32 matmuls on CPU run in float32 (no bf16 / tf32 down-conversion allowed by
+    ``torch.set_float32_matmul_precision`` or ``torch.backends.mkldnn.matmul.fp32_precision``)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    matmul = getattr(mkldnn, "matmul", None)
+    precision = getattr(matmul, "fp32_precision", "none")
+    return precision in ("none", "ieee", None)
+
+
+def host_report() -> list[tuple[str, str]]:
+    """(fact, value) rows for ``lowbit info --kernels``."""
+    flags = cpu_flags()
+    rows = []
+    for dtype in _HALF:
+        have = [f for f in _NATIVE_FLAGS[dtype] if f in flags]
+        name = str(dtype).removeprefix("torch.")
+        how = "native" if half_matmul_native(dtype) else "float32 compute"
+        why = f"has {', '.join(have)}" if have else f"no {' / '.join(_NATIVE_FLAGS[dtype])}"
+        rows.append((f"{name} large-M matmul", f"{how} ({why}; {HALF_ENV} overrides)"))
+    have = [f for f in _INT8_DOT_FLAGS if f in flags]
+    how = "torch._int_mm" if has_int8_dot() else "exact float32 GEMMs over K chunks"
+    why = f"has {', '.join(have)}" if have else f"no {' / '.join(_INT8_DOT_FLAGS)}"
+    rows.append(("int8 x int8 matmul", f"{how} ({why}; {INT8_ENV} overrides)"))
+    return rows
