@@ -1,0 +1,116 @@
+"""8da4w on CPU with integer arithmetic for small M: int8 per-token activations (quantized here by
+the primitives) times the canonical symmetric int4 weight, exact int32 group sums, float32 scaling
+(``csrc/int8_int4_avx2.cpp``, AVX2 + FMA + F16C; AVX-512 CPUs run the same build).
+
+``int8_int4_linear`` computes, with ``xq, s_x, zp_x`` the activation's int8 values, scale and zero
+point from ``choose_qparams_affine`` + ``quantize_affine`` under ``act_spec``::
+
+    out[m, n] = s_x[m] * sum_g s_w[n, g] * sum_{k in g} (xq[m, k] - zp_x[m]) * w[n, k]  (+ bias[n])
+
+The inner sums are exact integers; each group's sum is scaled once in float32. The reference (fake
+quantization, then the float linear) computes the same products from the same ``xq``, but rounds the
+dequantized activation and weight to the input dtype first; in float32 the two differ by float32
+rounding only.
+
+It returns None (the caller then runs its other paths) when it does not apply: not CPU, input not
+bfloat16 / float32 or not (M, K), M = 0 or M > ``MAX_M``, a gradient wanted, a weight zero point
+(asymmetric uint4), a group size not a multiple of 32 or above 256, an activation spec that is not
+int8 per token with an integer zero point, the extension not loadable, or under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.granularity import PerToken
+from lowbit.kernels import _ext
+from lowbit.primitives.affine import choose_qparams_affine, quantize_affine
+from lowbit.spec import QuantSpec
+
+__all__ = ["int8_int4_linear", "available", "MAX_M", "MAX_GROUP"]
+
+MAX_M = 16  # largest M this path takes (the task asked for M <= 16; larger M not yet measured on a quiet host)
+MAX_GROUP = 256  # the kernel's int16 partial sums hold 8 blocks of 32 (2 * 15 * 128 * 8 < 2^15)
+
+_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def available() -> bool:
+    """Whether the C++ extension could be built and loaded here."""
+    return _ext.load("int8_int4") is not None
+
+
+def _check(input, qdata, scale, bias) -> None:
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {getattr(input, 'dtype', type(input).__name__)}")
+    if not isinstance(qdata, torch.Tensor) or qdata.dtype != torch.uint8 or qdata.dim() != 2:
+        raise TypeError(f"qdata must be a uint8 (N, K // 2) tensor of packed int4, got "
+                        f"{getattr(qdata, 'dtype', type(qdata).__name__)} {tuple(getattr(qdata, 'shape', ()))}")
+    if input.dim() != 2 or input.shape[1] != 2 * qdata.shape[1]:
+        raise ValueError(f"input {tuple(input.shape)} and qdata {tuple(qdata.shape)} must be (M, K) and (N, K // 2)")
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.dim() != 2:
+        raise TypeError(f"scale must be a float32 (N, K // group_size) tensor, got "
+                        f"{getattr(scale, 'dtype', type(scale).__name__)} {tuple(getattr(scale, 'shape', ()))}")
+    k = input.shape[1]
+    if scale.shape[0] != qdata.shape[0] or scale.shape[1] == 0 or k % scale.shape[1]:
+        raise ValueError(f"scale {tuple(scale.shape)} must be (N, K // group_size) for qdata {tuple(qdata.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (qdata.shape[0],)
+                             or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a floating-point ({qdata.shape[0]},) tensor or None, got "
+                         f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+
+
+def _takes_act_spec(act_spec: QuantSpec) -> bool:
+    return (act_spec.dtype.name == "int8" and isinstance(act_spec.granularity, PerToken)
+            and act_spec.zero_point_domain == "int")
+
+
+def int8_int4_linear(
+    input: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    act_spec: QuantSpec,
+) -> torch.Tensor | None:
+    """8da4w linear with integer arithmetic (see the module docstring), or None when it does not apply.
+
+    Args:
+        input: (M, K) bfloat16 or float32 activations (float, quantized here under ``act_spec``).
+        qdata: (N, K // 2) uint8, canonical packed int4 (two's complement, low nibble = even k).
+        scale: (N, K // g) float32 weight scales.
+        zero_point: the weight's zero point; only None (symmetric int4) is taken.
+        bias: (N,) floating or None.
+        act_spec: the activation ``QuantSpec`` (int8, ``PerToken``, integer zero point).
+
+    Returns:
+        (M, N) in ``input.dtype``, or None.
+
+    Raises:
+        TypeError: ``input``, ``qdata``, ``scale`` or ``act_spec`` of the wrong type or dtype.
+        ValueError: shapes that do not make an (M, K) x (N, K // 2) linear, or a malformed ``bias``.
+    """
+    if not isinstance(act_spec, QuantSpec):
+        raise TypeError(f"act_spec must be a QuantSpec, got {type(act_spec).__name__}")
+    _check(input, qdata, scale, bias)
+    if torch.compiler.is_compiling() or zero_point is not None or not _takes_act_spec(act_spec):
+        return None
+    if input.dtype not in _DTYPES or any(t is not None and t.device.type != "cpu" for t in (input, qdata, scale, bias)):
+        return None
+    m, k = input.shape
+    if m == 0 or m > MAX_M:
+        return None
+    if torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    gs = k // scale.shape[1]
+    if gs % 32 or gs > MAX_GROUP:
+        return None
+    ext = _ext.load("int8_int4")
+    if ext is None:
+        return None
+    s, zp = choose_qparams_affine(input, act_spec, check_finite=False)
+    xq = quantize_affine(input, s, zp, act_spec)
+    zp = torch.zeros(m, dtype=torch.int32) if zp is None else zp.to(torch.int32)
+    out = torch.empty(m, qdata.shape[0], dtype=input.dtype)
+    return ext.int8_int4_linear(xq, s.float().contiguous(), zp.contiguous(), qdata.contiguous(), scale.contiguous(),
+                                None if bias is None else bias.contiguous(), out)
