@@ -65,7 +65,7 @@ def test_conversion_is_exact_for_every_byte(fp8):
 @pytest.mark.parametrize("gran", GRAN)
 @pytest.mark.parametrize("fp8", FP8)
 @pytest.mark.parametrize("m", [1, 2, 7, 16, 33, 256], ids=lambda m: f"M{m}")
-@pytest.mark.parametrize("nk", [(67, 200), (33, 80), (64, 256)], ids=lambda t: f"N{t[0]}K{t[1]}")
+@pytest.mark.parametrize("nk", [(67, 200), (33, 80), (64, 256), (13, 101)], ids=lambda t: f"N{t[0]}K{t[1]}")
 def test_matches_reference(nk, m, fp8, gran, xd, path):
     n, k = nk
     q, s, spec, g = _data(fp8, gran, n, k)
@@ -122,6 +122,27 @@ def test_special_values(fp8, xd, path):
     assert sqnr(ref, out) >= FAST_VS_REF_DB[XD[xd]]
     # the subnormal row alone (tiny values must not be flushed to zero)
     assert sqnr(ref[:, 3], out[:, 3]) >= FAST_VS_REF_DB[XD[xd]] and bool((out[:, 3] != 0).any())
+
+
+@pytest.mark.parametrize("fp8", FP8)
+def test_subnormal_weights_survive_flush_denormal(fp8):
+    """The AVX2 GEMV holds weights as float32 subnormals (value * 2^-120 / 2^-112): a caller's
+    torch.set_flush_denormal(True) (DAZ) must not turn the float8 subnormals into zeros."""
+    g = torch.Generator().manual_seed(4)
+    n, k = 11, 72
+    q, _ = _special_weight(fp8, n, k, g)
+    s = torch.rand(n, 1, generator=g) + 0.5
+    x = torch.randn(2, k, generator=g)
+    ref = _ref(x, q, s, QuantSpec(FP8[fp8], PerRow()), None)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        out = _run("gemv", x, q, s, None)
+    finally:
+        torch.set_flush_denormal(False)
+    assert bool((out[:, 3] != 0).any())
+    assert sqnr(ref[:, 3], out[:, 3]) >= FAST_VS_REF_DB[torch.float32]
+    assert sqnr(ref, out) >= FAST_VS_REF_DB[torch.float32]
 
 
 @pytest.mark.parametrize("path", PATHS)
