@@ -1,5 +1,7 @@
 // Int8 activation quantization and the W8A8 epilogue, each one pass over memory: the AVX2 + F16C
-// build (no AVX-512) of int8_act.cpp, with the same entry points, checks and error messages.
+// build (no AVX-512) of int8_act.cpp, with the same entry points, checks and error messages, plus
+// mm_i8, an exact int8 x int8 -> int32 GEMM for small M on CPUs without VNNI (the AVX-512 build's
+// hosts have VNNI and use torch._int_mm).
 //
 // Same float32 operations as lowbit.primitives, in the same order, so results are bit-identical
 // to the PyTorch path (built with -ffp-contract=off: no fused multiply-adds):
@@ -12,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -138,6 +141,89 @@ void epilogue_rows(const int32_t* acc, const float* sx, bool sx_per_row, const f
   });
 }
 
+
+// --- mm_i8: exact int8 x int8 -> int32 GEMM for small M on CPUs without VNNI ---------------------
+// _mm256_maddubs_epi16(|w|, sign(x, w)): |w| <= 128 as uint8, sign(x, w) = x * sgn(w) as int8, so
+// each product is x * w and each int16 pair sum is at most 2 * 128 * 127 = 32512 in magnitude: no
+// saturation, provided x != -128 (-(-128) does not fit int8). _mm256_madd_epi16 with ones widens the
+// pairs to int32, where they accumulate. A row of a holding -128 is split exactly in two rows,
+// x = max(x, -127) + (x == -128 ? -1 : 0), both free of -128, whose results are added in int32.
+// Measured on the AVX2-only EPYC (1 thread, 8 x 4096 x 4096, CPU time): 1.1-1.5x faster than
+// sign-extending both operands to int16 for _mm256_madd_epi16 (one multiply per 16 products, but
+// twice the activation bytes and a widening load per 16 weights), 1.3-1.5x at M >= 4; software
+// prefetch of the weight rows did not help (the hardware prefetcher follows the 4 row streams).
+constexpr int kNR = 4;                // weight rows (output columns) per pass: 4 row streams at once
+constexpr int kMR = 2;                // activation rows per pass (kMR * kNR int32 accumulators)
+constexpr int64_t kABytes = 1 << 18;  // activation bytes per sweep over the columns (they stay in L2)
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// c[i, j] = sum_k a[i, k] * b[j, k] for i < MR, j < NR. a: int8 rows of lda >= K values, none -128,
+// zero from K to K rounded up to 32; b: int8 rows of K values; c: int32 rows of ldc.
+template <int MR, int NR>
+void mm_i8_block(const int8_t* a, int64_t lda, const int8_t* b, int64_t K, int32_t* c, int64_t ldc) {
+  __m256i acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  auto step = [&](const __m256i (&w)[NR], int64_t k) {
+    __m256i uw[NR];
+    for (int j = 0; j < NR; ++j) uw[j] = _mm256_abs_epi8(w[j]);
+    for (int i = 0; i < MR; ++i) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i * lda + k));
+      for (int j = 0; j < NR; ++j) {
+        const __m256i p = _mm256_maddubs_epi16(uw[j], _mm256_sign_epi8(x, w[j]));
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(p, ones));
+      }
+    }
+  };
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j * K + k));
+    step(w, k);
+  }
+  if (k < K) {  // K % 32 tail: the weight bytes through a zeroed buffer (a is zero there already)
+    __m256i w[NR];
+    for (int j = 0; j < NR; ++j) {
+      alignas(32) int8_t buf[32] = {};
+      std::memcpy(buf, b + j * K + k, K - k);
+      w[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+    }
+    step(w, k);
+  }
+  for (int i = 0; i < MR; ++i) {
+    if constexpr (NR == 4) {  // four 8-lane sums at once: [c0, c1, c2, c3]
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[i][0], acc[i][1]), _mm256_hadd_epi32(acc[i][2], acc[i][3]));
+      const __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(c + i * ldc), sum);
+    } else {
+      for (int j = 0; j < NR; ++j) c[i * ldc + j] = hsum_i32(acc[i][j]);
+    }
+  }
+}
+
+template <int MR>
+void mm_i8_block_nr(int nr, const int8_t* a, int64_t lda, const int8_t* b, int64_t K, int32_t* c, int64_t ldc) {
+  switch (nr) {
+    case 4: return mm_i8_block<MR, 4>(a, lda, b, K, c, ldc);
+    case 3: return mm_i8_block<MR, 3>(a, lda, b, K, c, ldc);
+    case 2: return mm_i8_block<MR, 2>(a, lda, b, K, c, ldc);
+    default: return mm_i8_block<MR, 1>(a, lda, b, K, c, ldc);
+  }
+}
+
+void mm_i8_block_any(int mr, int nr, const int8_t* a, int64_t lda, const int8_t* b, int64_t K, int32_t* c, int64_t ldc) {
+  static_assert(kMR == 2, "mm_i8_block_any dispatches mr in 1..2");
+  if (mr == 2) return mm_i8_block_nr<2>(nr, a, lda, b, K, c, ldc);
+  return mm_i8_block_nr<1>(nr, a, lda, b, K, c, ldc);
+}
+
 }  // namespace
 
 // Quantize x (M, K) to int8: static (scale given, zp) or dynamic per-token symmetric (scale < 0).
@@ -196,7 +282,77 @@ torch::Tensor w8a8_epilogue(torch::Tensor acc, torch::Tensor s_x, torch::Tensor 
   return out;
 }
 
+// a @ b.T for int8 a (M, K) and b (N, K), exact in int32: equal to torch._int_mm(a, b.t()) bit for
+// bit (int32 sums wrap as any int32 accumulator would, from K > 2^17). Made for small M (decode) on
+// CPUs without int8 dot products: each weight row is read once per sweep of up to kABytes of
+// activation rows (one sweep for M <= 64 at K = 4096), the output columns split across threads.
+torch::Tensor mm_i8(torch::Tensor a, torch::Tensor b) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "mm_i8: a and b must be CPU tensors");
+  TORCH_CHECK(a.scalar_type() == torch::kChar, "mm_i8: a must be int8, got ", a.scalar_type());
+  TORCH_CHECK(b.scalar_type() == torch::kChar, "mm_i8: b must be int8, got ", b.scalar_type());
+  TORCH_CHECK(a.dim() == 2 && a.is_contiguous(), "mm_i8: a must be a contiguous (M, K) tensor, got sizes ", a.sizes(),
+              " strides ", a.strides());
+  TORCH_CHECK(b.dim() == 2 && b.is_contiguous(), "mm_i8: b must be a contiguous (N, K) tensor, got sizes ", b.sizes(),
+              " strides ", b.strides());
+  TORCH_CHECK(a.size(1) == b.size(1), "mm_i8: a (M, K) and b (N, K) must have the same K, got ", a.sizes(), " and ",
+              b.sizes());
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  auto out = torch::empty({M, N}, a.options().dtype(torch::kInt));
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  // a copied into rows of lda (zero-padded to 32 columns); row m holding -128 gets a second row
+  // extra[m] >= M: a = max(a, -127) in row m plus (a == -128 ? -1 : 0) in row extra[m]
+  const int8_t* ap = a.data_ptr<int8_t>();
+  std::vector<int64_t> extra(M, -1);
+  int64_t R = M;
+  for (int64_t m = 0; m < M; ++m)
+    if (std::find(ap + m * K, ap + (m + 1) * K, int8_t(-128)) != ap + (m + 1) * K) extra[m] = R++;
+  const int64_t lda = (K + 31) / 32 * 32;
+  auto ax = torch::zeros({R, lda}, a.options());
+  int8_t* axp = ax.data_ptr<int8_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* src = ap + m * K;
+    int8_t* dst = axp + m * lda;
+    if (extra[m] < 0) {
+      std::memcpy(dst, src, K);
+      continue;
+    }
+    int8_t* low = axp + extra[m] * lda;
+    for (int64_t k = 0; k < K; ++k) {
+      dst[k] = src[k] == -128 ? int8_t(-127) : src[k];
+      low[k] = src[k] == -128 ? int8_t(-1) : int8_t(0);
+    }
+  }
+  auto acc = R == M ? out : torch::empty({R, N}, out.options());
+  const int8_t* bp = b.data_ptr<int8_t>();
+  int32_t* cp = acc.data_ptr<int32_t>();
+  const int64_t mc = std::max<int64_t>(kMR, kABytes / lda / kMR * kMR);  // rows per sweep, a multiple of kMR
+  const int64_t blocks = (N + kNR - 1) / kNR;
+  // at least ~2^18 multiply-adds per thread, so tiny products don't pay for waking threads
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (kNR * K * std::min(R, mc)));
+  lowbit::par_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < R; m0 += mc) {
+      const int64_t m1 = std::min(R, m0 + mc);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t n = blk * kNR;
+        const int nr = int(std::min<int64_t>(kNR, N - n));
+        for (int64_t m = m0; m < m1; m += kMR)
+          mm_i8_block_any(int(std::min<int64_t>(kMR, m1 - m)), nr, axp + m * lda, lda, bp + n * K, K, cp + m * N + n, N);
+      }
+    }
+  });
+  if (R == M) return out;
+  int32_t* op = out.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {  // int32 sum, wrapping like the accumulators (unsigned: no UB)
+      const uint32_t lo = extra[m] < 0 ? 0u : uint32_t(cp[extra[m] * N + n]);
+      op[m * N + n] = int32_t(uint32_t(cp[m * N + n]) + lo);
+    }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_i8", &quantize_i8, "int8 activation quantization (static, or dynamic per-token symmetric)");
   m.def("w8a8_epilogue", &w8a8_epilogue, "int32 accumulator -> scaled float output");
+  m.def("mm_i8", &mm_i8, "a @ b.T for int8 a (M, K), b (N, K), exact int32 (small M, no VNNI)");
 }
