@@ -171,31 +171,32 @@ void mm_i8_block(const int8_t* a, int64_t lda, const int8_t* b, int64_t K, int32
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
-  auto step = [&](const __m256i (&w)[NR], int64_t k) {
-    __m256i uw[NR];
-    for (int j = 0; j < NR; ++j) uw[j] = _mm256_abs_epi8(w[j]);
-    for (int i = 0; i < MR; ++i) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i * lda + k));
-      for (int j = 0; j < NR; ++j) {
-        const __m256i p = _mm256_maddubs_epi16(uw[j], _mm256_sign_epi8(x, w[j]));
-        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(p, ones));
-      }
+  // one weight row at a time against the MR activation rows: 13 of the 16 ymm registers live
+  // (holding all NR rows and their absolute values at once, gcc spilled accumulators)
+  auto step = [&](const int8_t* const (&wrow)[NR], int64_t k) {
+    __m256i x[MR];
+    for (int i = 0; i < MR; ++i) x[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i * lda + k));
+    for (int j = 0; j < NR; ++j) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[j]));
+      const __m256i uw = _mm256_abs_epi8(w);
+      for (int i = 0; i < MR; ++i)
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(uw, _mm256_sign_epi8(x[i], w)), ones));
     }
   };
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    __m256i w[NR];
-    for (int j = 0; j < NR; ++j) w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j * K + k));
-    step(w, k);
+    const int8_t* wrow[NR];
+    for (int j = 0; j < NR; ++j) wrow[j] = b + j * K + k;
+    step(wrow, k);
   }
-  if (k < K) {  // K % 32 tail: the weight bytes through a zeroed buffer (a is zero there already)
-    __m256i w[NR];
+  if (k < K) {  // K % 32 tail: the weight bytes through zeroed buffers (a is zero there already)
+    alignas(32) int8_t buf[NR][32] = {};
+    const int8_t* wrow[NR];
     for (int j = 0; j < NR; ++j) {
-      alignas(32) int8_t buf[32] = {};
-      std::memcpy(buf, b + j * K + k, K - k);
-      w[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+      std::memcpy(buf[j], b + j * K + k, K - k);
+      wrow[j] = buf[j];
     }
-    step(w, k);
+    step(wrow, k);
   }
   for (int i = 0; i < MR; ++i) {
     if constexpr (NR == 4) {  // four 8-lane sums at once: [c0, c1, c2, c3]
