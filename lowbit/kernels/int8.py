@@ -41,6 +41,9 @@ __all__ = [
 _EXT_MAX_M = 1  # our GEMV streams the weight once; for M > 1 _weight_int8pack_mm is faster
 _INT8PACK_MAX_M = 8  # _weight_int8pack_mm beats bf16 up to M=8 (1.2x), loses from M=16 (0.7x)
 _CHUNK_ROWS = 256  # 256 x 4096 bf16 = 2 MiB: the converted chunk stays in cache (measured best)
+# CPUs without int8 dot products (measured on the AVX2 EPYC, 2 threads, 4096^2 and SmolLM2's shapes):
+_MM_I8_MAX_M = 32  # our AVX2 mm_i8 up to here
+_FLOAT_MM_MIN_M = 16  # _int8_mm_float32 from here (below, converting the weight costs more than _int_mm)
 _EXACT_K = 1024  # int8 x int8 sums of up to 1024 products stay <= 2^24: exact in float32
 _FLOAT_MM_ROWS = 512  # weight rows converted to float32 at a time by _int8_mm_float32 (8 MiB at K=4096)
 
@@ -214,8 +217,14 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     m = a.shape[0]
     if a.device.type == "cuda" and m <= 16:  # cuBLAS int8 GEMM needs M > 16
         return torch._int_mm(F.pad(a, (0, 0, 0, 17 - m)), b.t())[:m]
-    if a.device.type == "cpu" and not host.has_int8_dot() and host.float32_matmul_exact():
-        return _int8_mm_float32(a, b)
+    if a.device.type == "cpu" and not host.has_int8_dot():
+        if m <= _MM_I8_MAX_M and a.is_contiguous() and b.is_contiguous():
+            ext = _ext.load("int8_act")
+            mm_i8 = getattr(ext, "mm_i8", None)  # the AVX2 build has it; AVX-512 hosts have VNNI
+            if mm_i8 is not None:
+                return mm_i8(a, b)
+        if m >= _FLOAT_MM_MIN_M and host.float32_matmul_exact():
+            return _int8_mm_float32(a, b)
     return torch._int_mm(a, b.t())
 
 

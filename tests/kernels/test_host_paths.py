@@ -3,6 +3,8 @@ GEMMs where the CPU has no int8 dot products, and float32 compute for bf16/fp16 
 large M where it has no native half matmul. Each is forced on and off through its environment
 variable, so both sides run on any host."""
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,7 +66,7 @@ def _spy(monkeypatch):
 
 def test_int8_mm_dispatch_follows_the_host(monkeypatch):
     calls = _spy(monkeypatch)
-    a = torch.randint(-128, 128, (32, 64), dtype=torch.int8)
+    a = torch.randint(-128, 128, (int8_kernels._MM_I8_MAX_M + 8, 64), dtype=torch.int8)
     b = torch.randint(-128, 128, (16, 64), dtype=torch.int8)
     monkeypatch.setenv(host.INT8_ENV, "float32")
     fast = int8_mm(a, b)
@@ -73,11 +75,25 @@ def test_int8_mm_dispatch_follows_the_host(monkeypatch):
     assert torch.equal(int8_mm(a, b), fast) and len(calls) == 1
 
 
+@pytest.mark.parametrize("has_mm_i8", [True, False], ids=["mm_i8", "no-mm_i8"])
+def test_int8_mm_small_m_without_int8_dot(monkeypatch, has_mm_i8):
+    # small M: the AVX2 build's mm_i8 where it exists; else _int_mm (converting the weight to float32
+    # costs more than _int_mm below _FLOAT_MM_MIN_M), never the float32 path
+    calls, small = _spy(monkeypatch), []
+    fake = types.SimpleNamespace(mm_i8=lambda a, b: small.append(a.shape) or torch._int_mm(a, b.t()))
+    monkeypatch.setattr(int8_kernels._ext, "load", lambda name: fake if has_mm_i8 else None)
+    monkeypatch.setenv(host.INT8_ENV, "float32")
+    a = torch.randint(-128, 128, (min(int8_kernels._MM_I8_MAX_M, int8_kernels._FLOAT_MM_MIN_M - 1), 64), dtype=torch.int8)
+    b = torch.randint(-128, 128, (16, 64), dtype=torch.int8)
+    assert torch.equal(int8_mm(a, b), a.int() @ b.int().t())
+    assert len(small) == int(has_mm_i8) and not calls
+
+
 def test_int8_mm_keeps_int_mm_when_float32_matmul_may_round(monkeypatch):
     # with set_float32_matmul_precision("medium") oneDNN may multiply float32 in bf16: not exact
     calls = _spy(monkeypatch)
     monkeypatch.setenv(host.INT8_ENV, "float32")
-    a = torch.randint(-128, 128, (32, 64), dtype=torch.int8)
+    a = torch.randint(-128, 128, (int8_kernels._MM_I8_MAX_M + 8, 64), dtype=torch.int8)
     b = torch.randint(-128, 128, (16, 64), dtype=torch.int8)
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
