@@ -82,8 +82,7 @@ def _reference_linear(n, k, g, dtype, bias, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("g", [32, 64, 128, 256])
 @pytest.mark.parametrize("m", range(1, 18))
-def test_matches_the_integer_formula(ext, m, g, dtype, bias, monkeypatch):
-    monkeypatch.setattr(k8, "MAX_M", 17)
+def test_matches_the_integer_formula(ext, m, g, dtype, bias):
     n, k = 37, 11 * g  # odd N; 11 groups: a partial block of 8 groups
     q, qdata, s = _weight(n, k, g, seed=m)
     x = (torch.randn(m, k) * torch.rand(m, 1) * 4).to(dtype)
@@ -96,9 +95,8 @@ def test_matches_the_integer_formula(ext, m, g, dtype, bias, monkeypatch):
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("g", [32, 64, 128, 256])
-@pytest.mark.parametrize("m", [1, 2, 5, 16, 17])
-def test_matches_the_reference_8da4w_linear(ext, m, g, dtype, bias, monkeypatch):
-    monkeypatch.setattr(k8, "MAX_M", 17)
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 17, k8.MAX_M])
+def test_matches_the_reference_8da4w_linear(ext, m, g, dtype, bias):
     lin = _reference_linear(75, 4 * g, g, dtype, bias, seed=m)
     x = torch.randn(m, 4 * g).to(dtype)
     w = lin.weight
@@ -199,10 +197,30 @@ def test_cases_it_does_not_take_return_none(ext, monkeypatch):
     s16 = s.repeat_interleave(2, dim=1)  # group size 16
     assert k8.int8_int4_linear(x, qdata, s16, None, None, ACT) is None
     assert k8.int8_int4_linear(x, qdata, s[:, :1], None, None, ACT) is None  # group size 512
-    assert k8.int8_int4_linear(x.requires_grad_(), qdata, s, None, None, ACT) is None
-    assert k8.int8_int4_linear(x.detach(), qdata, s, None, None, QuantSpec("float8_e4m3fn", PerToken())) is None
+    assert k8.int8_int4_linear(x, qdata, s, None, None, QuantSpec("float8_e4m3fn", PerToken())) is None
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert k8.int8_int4_linear(x.detach(), qdata, s, None, None, ACT) is None
+    assert k8.int8_int4_linear(x, qdata, s, None, None, ACT) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_are_the_fake_quantized_paths_and_the_forward_does_not_change(ext, dtype):
+    """With autograd recording, the forward is the same integer result (bit for bit) and the
+    gradients are the reference's: straight-through activation quantization, dequantized weight."""
+    lin = _reference_linear(40, 128, 32, dtype, True)
+    w = lin.weight
+    x = torch.randn(3, 128).to(dtype)
+    with torch.no_grad():
+        plain = k8.int8_int4_linear(x, w.qdata, w.scale, None, lin.bias, w.act_spec)
+    xa = x.clone().requires_grad_()
+    out = k8.int8_int4_linear(xa, w.qdata, w.scale, None, lin.bias, w.act_spec)
+    assert torch.equal(out, plain) and out.requires_grad
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got_bias_grad = lin.bias.grad.clone()
+    lin.bias.grad = None
+    xr = x.clone().requires_grad_()
+    lin(xr).backward(grad)
+    assert torch.equal(xa.grad, xr.grad) and torch.equal(got_bias_grad, lin.bias.grad)
 
 
 def test_bad_python_arguments_name_the_argument(ext):
