@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.granularity import PerGroup, PerToken
+from lowbit.granularity import PerToken
 from lowbit.kernels import _ext
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine, quantize_affine
 from lowbit.primitives.packing import unpack_int4
@@ -82,6 +82,7 @@ def int8_int4_linear(
     zero_point: torch.Tensor | None,
     bias: torch.Tensor | None,
     act_spec: QuantSpec,
+    spec: QuantSpec,
 ) -> torch.Tensor | None:
     """8da4w linear with integer arithmetic (see the module docstring), or None when it does not apply.
 
@@ -92,18 +93,23 @@ def int8_int4_linear(
         zero_point: the weight's zero point; only None (symmetric int4) is taken.
         bias: (N,) floating or None.
         act_spec: the activation ``QuantSpec`` (int8, ``PerToken``, integer zero point).
+        spec: the weight's ``QuantSpec`` (the one the tensor stores); only symmetric int4 is taken.
+          The backward dequantizes the weight with it.
 
     Returns:
         (M, N) in ``input.dtype``, or None.
 
     Raises:
-        TypeError: ``input``, ``qdata``, ``scale`` or ``act_spec`` of the wrong type or dtype.
+        TypeError: ``input``, ``qdata``, ``scale``, ``act_spec`` or ``spec`` of the wrong type or dtype.
         ValueError: shapes that do not make an (M, K) x (N, K // 2) linear, or a malformed ``bias``.
     """
-    if not isinstance(act_spec, QuantSpec):
-        raise TypeError(f"act_spec must be a QuantSpec, got {type(act_spec).__name__}")
+    for name, sp in (("act_spec", act_spec), ("spec", spec)):
+        if not isinstance(sp, QuantSpec):
+            raise TypeError(f"{name} must be a QuantSpec, got {type(sp).__name__}")
     _check(input, qdata, scale, bias)
     if torch.compiler.is_compiling() or zero_point is not None or not _takes_act_spec(act_spec):
+        return None
+    if spec.dtype.name != "int4" or not spec.symmetric or spec.qmin != -8 or spec.qmax != 7:
         return None
     if input.dtype not in _DTYPES or any(t is not None and t.device.type != "cpu" for t in (input, qdata, scale, bias)):
         return None
@@ -117,7 +123,7 @@ def int8_int4_linear(
     if ext is None:
         return None
     if torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad)):
-        return _Int8Int4Linear.apply(input, bias, qdata, scale, act_spec, ext)
+        return _Int8Int4Linear.apply(input, bias, qdata, scale, act_spec, spec, ext)
     return _forward(ext, input, qdata, scale, bias, act_spec)
 
 
@@ -137,9 +143,9 @@ class _Int8Int4Linear(torch.autograd.Function):
     estimator times the dequantized weight, to the bias ``grad.sum(0)``; the int4 weight is frozen."""
 
     @staticmethod
-    def forward(ctx, input, bias, qdata, scale, act_spec, ext):
+    def forward(ctx, input, bias, qdata, scale, act_spec, spec, ext):
         ctx.save_for_backward(input, qdata, scale)
-        ctx.act_spec, ctx.has_bias = act_spec, bias is not None
+        ctx.act_spec, ctx.spec, ctx.has_bias = act_spec, spec, bias is not None
         return _forward(ext, input, qdata, scale, bias, act_spec)
 
     @staticmethod
@@ -147,13 +153,11 @@ class _Int8Int4Linear(torch.autograd.Function):
         input, qdata, scale = ctx.saved_tensors
         grad_input = grad_bias = None
         if ctx.needs_input_grad[0]:
-            g = input.shape[1] // scale.shape[1]
-            w_spec = QuantSpec("int4", PerGroup(g), symmetric=True)
-            w = dequantize_affine(unpack_int4(qdata, signed=True), scale, None, w_spec, grad.dtype)
+            w = dequantize_affine(unpack_int4(qdata, signed=True), scale, None, ctx.spec, grad.dtype)
             with torch.enable_grad():
                 x = input.detach().requires_grad_()
                 s, zp = choose_qparams_affine(x.detach(), ctx.act_spec, check_finite=False)
                 (grad_input,) = torch.autograd.grad(fake_quantize_affine(x, ctx.act_spec, s, zp), x, grad @ w)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad.sum(0)
-        return grad_input, grad_bias, None, None, None, None
+        return grad_input, grad_bias, None, None, None, None, None

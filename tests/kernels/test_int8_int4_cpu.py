@@ -36,6 +36,14 @@ FORMULA_DB = {torch.float32: 120.0, torch.bfloat16: 80.0}
 REFERENCE_DB = {torch.float32: 100.0, torch.bfloat16: 40.0}
 
 ACT = QuantSpec("int8", PerToken(), symmetric=False)
+
+
+def _wspec(g):
+    return QuantSpec("int4", PerGroup(g), symmetric=True)
+
+
+W32 = _wspec(32)
+
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -87,7 +95,7 @@ def test_matches_the_integer_formula(ext, m, g, dtype, bias):
     q, qdata, s = _weight(n, k, g, seed=m)
     x = (torch.randn(m, k) * torch.rand(m, 1) * 4).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
-    out = k8.int8_int4_linear(x, qdata, s, None, b, ACT)
+    out = k8.int8_int4_linear(x, qdata, s, None, b, ACT, _wspec(g))
     assert out is not None and out.dtype == dtype and out.shape == (m, n)
     assert sqnr(_formula(x, q, s, b).double(), out.double()) >= FORMULA_DB[dtype]
 
@@ -101,7 +109,7 @@ def test_matches_the_reference_8da4w_linear(ext, m, g, dtype, bias):
     x = torch.randn(m, 4 * g).to(dtype)
     w = lin.weight
     with torch.no_grad():
-        out = k8.int8_int4_linear(x, w.qdata, w.scale, w.zero_point, lin.bias, w.act_spec)
+        out = k8.int8_int4_linear(x, w.qdata, w.scale, w.zero_point, lin.bias, w.act_spec, w.spec)
         ref = lin(x)
     assert out is not None and out.dtype == ref.dtype
     assert sqnr(ref.float(), out.float()) >= REFERENCE_DB[dtype]
@@ -111,7 +119,7 @@ def test_symmetric_activation_spec_has_zero_as_its_zero_point(ext):
     act = QuantSpec("int8", PerToken(), symmetric=True)
     q, qdata, s = _weight(9, 128, 32)
     x = torch.randn(3, 128)
-    out = k8.int8_int4_linear(x, qdata, s, None, None, act)
+    out = k8.int8_int4_linear(x, qdata, s, None, None, act, W32)
     assert sqnr(_formula(x, q, s, None, act).double(), out.double()) >= FORMULA_DB[torch.float32]
 
 
@@ -135,7 +143,7 @@ def test_extreme_values_are_exact(ext, g):
     x[3, 7] = 1e6
     x[4] = torch.where(torch.arange(k) % 2 == 0, -1.0, 1.0)
     x[5] = -1e-30
-    out = k8.int8_int4_linear(x, pack_int4(q), s, None, None, ACT)
+    out = k8.int8_int4_linear(x, pack_int4(q), s, None, None, ACT, _wspec(g))
     want = _formula(x, q, s, None).double()
     assert sqnr(want, out.double()) >= FORMULA_DB[torch.float32]
     assert torch.equal(out[2], torch.zeros(n))
@@ -151,7 +159,7 @@ def test_a_row_with_nan_or_inf_is_nan_like_the_reference(ext):
     x[2, 9] = float("nan")
     w = lin.weight
     with torch.no_grad():
-        out = k8.int8_int4_linear(x, w.qdata, w.scale, None, lin.bias, w.act_spec)
+        out = k8.int8_int4_linear(x, w.qdata, w.scale, None, lin.bias, w.act_spec, w.spec)
         ref = lin(x)
     assert bool(out[1:3].isnan().all()) and bool(ref[1:3].isnan().all())
     keep = [0, 3]
@@ -166,9 +174,8 @@ def test_end_to_end_through_the_int4_linear_hook(ext, monkeypatch):
     original = int4_tensor.int4_linear
 
     def hooked(input, qdata, scale, zero_point, bias, spec, act_spec, kernel):
-        if act_spec is not None and act_spec.dtype.name == "int8" and kernel == "auto":
-            out = k8.int8_int4_linear(input, qdata, scale, zero_point, bias, act_spec)
-            if out is not None:
+        if act_spec is not None and not act_spec.dtype.is_float and kernel == "auto":
+            if (out := k8.int8_int4_linear(input, qdata, scale, zero_point, bias, act_spec, spec)) is not None:
                 calls.append(input.shape[0])
                 return out
         return original(input, qdata, scale, zero_point, bias, spec, act_spec, kernel)
@@ -189,17 +196,19 @@ def test_end_to_end_through_the_int4_linear_hook(ext, monkeypatch):
 def test_cases_it_does_not_take_return_none(ext, monkeypatch):
     q, qdata, s = _weight(8, 512, 32)
     x = torch.randn(2, 512)
-    assert k8.int8_int4_linear(x, qdata, s, None, None, ACT) is not None
-    assert k8.int8_int4_linear(torch.randn(k8.MAX_M + 1, 512), qdata, s, None, None, ACT) is None
-    assert k8.int8_int4_linear(torch.randn(0, 512), qdata, s, None, None, ACT) is None
-    assert k8.int8_int4_linear(x.half(), qdata, s, None, None, ACT) is None
-    assert k8.int8_int4_linear(x, qdata, s, torch.zeros_like(s, dtype=torch.int8), None, ACT) is None
+    assert k8.int8_int4_linear(x, qdata, s, None, None, ACT, W32) is not None
+    assert k8.int8_int4_linear(torch.randn(k8.MAX_M + 1, 512), qdata, s, None, None, ACT, W32) is None
+    assert k8.int8_int4_linear(torch.randn(0, 512), qdata, s, None, None, ACT, W32) is None
+    assert k8.int8_int4_linear(x.half(), qdata, s, None, None, ACT, W32) is None
+    assert k8.int8_int4_linear(x, qdata, s, torch.zeros_like(s, dtype=torch.int8), None, ACT, W32) is None
     s16 = s.repeat_interleave(2, dim=1)  # group size 16
-    assert k8.int8_int4_linear(x, qdata, s16, None, None, ACT) is None
-    assert k8.int8_int4_linear(x, qdata, s[:, :1], None, None, ACT) is None  # group size 512
-    assert k8.int8_int4_linear(x, qdata, s, None, None, QuantSpec("float8_e4m3fn", PerToken())) is None
+    assert k8.int8_int4_linear(x, qdata, s16, None, None, ACT, _wspec(16)) is None
+    assert k8.int8_int4_linear(x, qdata, s[:, :1], None, None, ACT, _wspec(512)) is None  # group size 512
+    assert k8.int8_int4_linear(x, qdata, s, None, None, QuantSpec("float8_e4m3fn", PerToken()), W32) is None
+    uint4 = QuantSpec("uint4", PerGroup(32), symmetric=False, zero_point_dtype=torch.int8)
+    assert k8.int8_int4_linear(x, qdata, s, None, None, ACT, uint4) is None
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert k8.int8_int4_linear(x, qdata, s, None, None, ACT) is None
+    assert k8.int8_int4_linear(x, qdata, s, None, None, ACT, W32) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -210,9 +219,9 @@ def test_gradients_are_the_fake_quantized_paths_and_the_forward_does_not_change(
     w = lin.weight
     x = torch.randn(3, 128).to(dtype)
     with torch.no_grad():
-        plain = k8.int8_int4_linear(x, w.qdata, w.scale, None, lin.bias, w.act_spec)
+        plain = k8.int8_int4_linear(x, w.qdata, w.scale, None, lin.bias, w.act_spec, w.spec)
     xa = x.clone().requires_grad_()
-    out = k8.int8_int4_linear(xa, w.qdata, w.scale, None, lin.bias, w.act_spec)
+    out = k8.int8_int4_linear(xa, w.qdata, w.scale, None, lin.bias, w.act_spec, w.spec)
     assert torch.equal(out, plain) and out.requires_grad
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -227,19 +236,21 @@ def test_bad_python_arguments_name_the_argument(ext):
     _, qdata, s = _weight(8, 256, 32)
     x = torch.randn(2, 256)
     with pytest.raises(TypeError, match="act_spec must be a QuantSpec"):
-        k8.int8_int4_linear(x, qdata, s, None, None, "int8")
+        k8.int8_int4_linear(x, qdata, s, None, None, "int8", W32)
+    with pytest.raises(TypeError, match="spec must be a QuantSpec, got str"):
+        k8.int8_int4_linear(x, qdata, s, None, None, ACT, "int4")
     with pytest.raises(TypeError, match="input must be a floating-point tensor"):
-        k8.int8_int4_linear(x.to(torch.int8), qdata, s, None, None, ACT)
+        k8.int8_int4_linear(x.to(torch.int8), qdata, s, None, None, ACT, W32)
     with pytest.raises(TypeError, match="qdata must be a uint8"):
-        k8.int8_int4_linear(x, qdata.to(torch.int8), s, None, None, ACT)
+        k8.int8_int4_linear(x, qdata.to(torch.int8), s, None, None, ACT, W32)
     with pytest.raises(ValueError, match=r"input \(2, 254\) and qdata \(8, 128\) must be"):
-        k8.int8_int4_linear(x[:, :254], qdata, s, None, None, ACT)
+        k8.int8_int4_linear(x[:, :254], qdata, s, None, None, ACT, W32)
     with pytest.raises(TypeError, match="scale must be a float32"):
-        k8.int8_int4_linear(x, qdata, s.double(), None, None, ACT)
+        k8.int8_int4_linear(x, qdata, s.double(), None, None, ACT, W32)
     with pytest.raises(ValueError, match=r"scale \(8, 3\) must be \(N, K // group_size\)"):
-        k8.int8_int4_linear(x, qdata, s[:, :3], None, None, ACT)
+        k8.int8_int4_linear(x, qdata, s[:, :3], None, None, ACT, W32)
     with pytest.raises(ValueError, match=r"bias must be a floating-point \(8,\) tensor"):
-        k8.int8_int4_linear(x, qdata, s, None, torch.zeros(7), ACT)
+        k8.int8_int4_linear(x, qdata, s, None, torch.zeros(7), ACT, W32)
 
 
 def _args(m=2, n=8, k=256, groups=8):
@@ -287,5 +298,5 @@ def test_kernel_refuses_groups_its_int16_sums_cannot_hold(ext):
 def test_any_group_that_is_a_multiple_of_32_up_to_256_is_taken(ext):
     q, qdata, s = _weight(9, 96 * 5, 96)
     x = torch.randn(3, 96 * 5)
-    out = k8.int8_int4_linear(x, qdata, s, None, None, ACT)
+    out = k8.int8_int4_linear(x, qdata, s, None, None, ACT, _wspec(96))
     assert sqnr(_formula(x, q, s, None).double(), out.double()) >= FORMULA_DB[torch.float32]
