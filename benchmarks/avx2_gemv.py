@@ -4,7 +4,8 @@
 row: 128 MiB, bf16 for ``F.linear``: 256 MiB; each well over the 32 MiB L3), x of one bf16 token.
 The probe is ``torch.sum`` over a 1 GiB float32 tensor. Every variant runs once per round, rounds
 interleaved, and the median round time is reported with the bytes it reads per second and that as a
-fraction of the probe's. Which build ran (``avx512`` or ``avx2``, ``LOWBIT_ISA`` forces one) is
+fraction of the probe's, and the median process CPU time beside the wall time (CPU time well
+below threads x wall time means the process waited: another process held a core). Which build ran (``avx512`` or ``avx2``, ``LOWBIT_ISA`` forces one) is
 written beside; so is the load average (other processes share the CPU).
 
 Run: ``python benchmarks/avx2_gemv.py [--threads 2,1] [--rounds 15]``; writes
@@ -90,16 +91,19 @@ def main() -> None:
         for fn, _ in variants.values():  # warm up (first touch, builds, thread pools)
             fn()
         times = {name: [] for name in variants}
+        cpu = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, (fn, _) in variants.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
         probe_gbs = variants["dram_probe_sum_1GiB"][1] / statistics.median(times["dram_probe_sum_1GiB"]) / 1e9
         for name, (_, nbytes) in variants.items():
             med = statistics.median(times[name])
             gbs = nbytes / med / 1e9
             rows[f"{threads}t/{name}"] = {"threads": threads, "median_ms": round(med * 1e3, 3),
+                                          "cpu_median_ms": round(statistics.median(cpu[name]) * 1e3, 3),
                                           "min_ms": round(min(times[name]) * 1e3, 3), "bytes": nbytes,
                                           "GB_per_s": round(gbs, 2), "fraction_of_probe": round(gbs / probe_gbs, 3)}
     result = {
@@ -118,9 +122,9 @@ def main() -> None:
         "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "results": rows,
     }
-    print(f"{'variant':28s} {'median ms':>10s} {'GB/s':>7s} {'of probe':>8s}")
+    print(f"{'variant':28s} {'median ms':>10s} {'cpu ms':>8s} {'GB/s':>7s} {'of probe':>8s}")
     for name, r in rows.items():
-        print(f"{name:28s} {r['median_ms']:10.2f} {r['GB_per_s']:7.2f} {r['fraction_of_probe']:8.2f}")
+        print(f"{name:28s} {r['median_ms']:10.2f} {r['cpu_median_ms']:8.2f} {r['GB_per_s']:7.2f} {r['fraction_of_probe']:8.2f}")
     print("kernels:", result["kernels"], "| load", load_start, "->", result["loadavg_end"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
