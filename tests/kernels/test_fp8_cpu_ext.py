@@ -124,6 +124,19 @@ def test_special_values(fp8, xd, path):
     assert sqnr(ref[:, 3], out[:, 3]) >= FAST_VS_REF_DB[XD[xd]] and bool((out[:, 3] != 0).any())
 
 
+@pytest.mark.parametrize("xd", ["bf16", "fp32"])
+@pytest.mark.parametrize("big", [1e3, 1e30], ids=lambda v: f"x{v:g}")
+@pytest.mark.parametrize("fp8", FP8)
+def test_gemv_large_activations(fp8, big, xd):
+    """The AVX2 GEMV multiplies x by 2^j (j <= 120) before the FMAs: large |x| must lower j, not
+    overflow to inf."""
+    q, s, spec, g = _data(fp8, "row", 37, 136)
+    x = (torch.randn(2, 136, generator=g) * big).to(XD[xd])
+    out, ref = _run("gemv", x, q, s, None).float(), _ref(x, q, s, spec, None).float()
+    assert bool(out.isfinite().all()) and bool(ref.isfinite().all())
+    assert sqnr(ref, out) >= FAST_VS_REF_DB[XD[xd]]
+
+
 @pytest.mark.parametrize("fp8", FP8)
 def test_subnormal_weights_survive_flush_denormal(fp8):
     """The AVX2 GEMV holds weights as float32 subnormals (value * 2^-120 / 2^-112): a caller's
