@@ -34,11 +34,11 @@ from lowbit.spec import QuantSpec
 
 __all__ = ["int8_int4_linear", "available", "MAX_M", "MAX_GROUP"]
 
-# Largest M taken. Measured (8 x 4096^2, bf16, this AVX2 EPYC under load 4-5, one thread, medians;
-# the path includes the primitives' activation quantization) against today's int4_linear (fake
-# quantization + the int4 float kernels): g32 1.2x / 1.6x / 1.3x at M = 1 / 16 / 64, g128 1.4x /
-# 2.3x / 2.2x; at M = 128 / 256 still 1.2-1.4x / 1.1-1.2x but narrowing (the rows of x one block of
-# groups reads no longer fit L1). 64 keeps a clear margin; a quiet rerun may move it.
+# Largest M taken. Measured (8 x 4096^2, bf16, this AVX2 EPYC, 2 threads, load ~1, medians of 7; the
+# path includes the primitives' activation quantization) against today's int4_linear (fake
+# quantization + the int4 float kernels): g32 1.11x / 1.43x / 1.63x / 1.61x / 2.10x at M = 1 / 4 /
+# 16 / 32 / 64, g128 1.18x / 1.42x / 2.05x / 2.16x / 2.63x; at M = 128 still 1.3x / 1.9x but
+# narrowing (the rows of x one block of groups reads no longer fit L1). 64 keeps a clear margin.
 MAX_M = 64
 MAX_GROUP = 256  # the kernel's int16 partial sums hold 8 blocks of 32 (2 * 15 * 128 * 8 < 2^15)
 
