@@ -141,6 +141,8 @@ def _choose(name: str, flags: str) -> tuple[Build | None, str | None]:
         return None, f"not x86-64 ({platform.machine() or 'unknown machine'})"
     forced = forced_isa()
     candidates = [b for b in BUILDS[name] if forced is None or b.isa == forced]
+    if not candidates:  # e.g. LOWBIT_ISA=avx512 for int8_int4, which has an AVX2 build only
+        return None, f"no {forced} build (has: {', '.join(b.isa for b in BUILDS[name])}) [forced by {ISA_ENV}={forced}]"
     lacks = []
     for b in candidates:
         missing = _missing(b, flags)

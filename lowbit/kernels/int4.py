@@ -23,7 +23,11 @@ zero point changes (``_cache.DerivedCache``).
 
 Activation quantization (8da4w, fp8 x int4) is fake quantization with the primitives followed
 by the weight-only op: the activation values are exactly the reference's, so the only
-difference from the reference is the kernel's.
+difference from the reference is the kernel's. Except 8da4w on CPU at M <= 64 where the AVX2
+``int8_int4`` kernel builds (``_int8_int4_cpu``): the activation is really quantized (the same
+primitives), the group sums are exact int32 and each is scaled once in float32; the reference
+rounds the fake-quantized activation to the input dtype, so the two differ by that rounding
+(>= 40 dB bf16, tests/kernels/test_int8_int4_cpu.py).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from lowbit.kernels._cache import DerivedCache
 from lowbit.kernels._int4_cpu import available as int4_cpu_available
 from lowbit.kernels._int4_cpu import direct_gemv, int4_linear_cpu
+from lowbit.kernels._int8_int4_cpu import int8_int4_linear
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine
 from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
@@ -275,6 +280,9 @@ def int4_linear(
     """Int4 weight (stored under ``spec``) with float activations (``act_spec`` None) or with
     activations fake-quantized by ``act_spec`` first (8da4w: int8 per-token asymmetric; fp8 x int4:
     float8 per token)."""
+    if act_spec is not None and not act_spec.dtype.is_float and kernel == "auto":  # 8da4w: integer kernel, small M
+        if (out := int8_int4_linear(input, qdata, scale, zero_point, bias, act_spec, spec)) is not None:
+            return out
     if act_spec is not None:
         input = fake_quantize_activation(input, act_spec)
     if kernel == "auto":  # decode-sized bf16 on CPU: the same C++ GEMV without the custom op's Python layers

@@ -78,9 +78,10 @@ def test_status_disabled_by_env(fresh):
 
 def test_avx512_cpu_gets_the_avx512_builds(fresh):
     built = _record_builds(fresh, ALL_FLAGS)
-    assert _ext.status() == {n: "ok (avx512)" for n in NAMES}
-    assert sorted(built) == NAMES  # csrc/<name>.cpp
-    assert all(_ext.active_isa(n) == "avx512" for n in NAMES)
+    best = {n: _ext.BUILDS[n][0] for n in NAMES}  # an AVX2-only kernel (int8_int4) runs its one build
+    assert _ext.status() == {n: f"ok ({b.isa})" for n, b in best.items()}
+    assert sorted(built) == sorted(b.source for b in best.values())
+    assert all(_ext.active_isa(n) == b.isa for n, b in best.items())
 
 
 @pytest.mark.parametrize("flags", [AVX2_FLAGS, "flags\t\t: fpu sse2 avx f16c fma avx2 avx512f avx512bw "],
@@ -170,7 +171,7 @@ def test_unknown_name():
 
 def test_every_build_has_its_source_and_the_avx2_builds_need_only_avx2_fma_f16c():
     for name, builds in _ext.BUILDS.items():
-        assert [b.isa for b in builds] == list(_ext.ISAS), name
+        assert [b.isa for b in builds] in (list(_ext.ISAS), ["avx2"]), name
         for b in builds:
             assert (_ext._CSRC / f"{b.source}.cpp").is_file(), b
         assert _ext.needed_features(name) == _ext.needed_features(name, "avx2") == ("avx2", "fma", "f16c")
