@@ -223,7 +223,48 @@ def _table_linear(file: str) -> str:
     return f"{data['family']} family (bf16 ms: {lead})\n\n" + _md(headers, body)
 
 
+# --- roofline.json (benchmarks/roofline.py) ------------------------------------------------------
+
+# each lowbit row's peers in roofline.json (the same weight format); the best of them is shown
+_ROOFLINE_PEERS = {
+    "int8 weight-only": ["torchao int8 weight-only", "quanto qint8 weights", "bnb LLM.int8 (threshold 6)"],
+    "int4 weight-only g128": ["torchao int4 g128 (CPU opaque layout)", "quanto qint4 g128 weights",
+                              "bnb nf4 (blocks of 64)"],
+    "float8 weight-only": ["torchao float8 weight-only"],
+    "W8A8 dynamic": ["torchao W8A8 dynamic", "quanto qint8 weights x qint8 acts"],
+    "8da4w": ["torchao 8da4w g32"],
+}
+_ROOFLINE_LABELS = {"bf16": "bf16 `F.linear`", "float32": "float32 `F.linear` (x widened)", "8da4w": "8da4w (g32)"}
+
+
+def table_roofline_avx2() -> str:
+    data = _load(RESULTS / "roofline.json")
+    by = {(r["config"], r.get("M")): r for r in data["rows"]}
+    errors = {r["config"]: r["error"] for r in data["rows"] if "error" in r}
+
+    def best_peer(name: str) -> str:
+        cells = []
+        for m in (1, 256):
+            ran = [(by[(p, m)]["vs_bf16"], p) for p in _ROOFLINE_PEERS.get(name, []) if (p, m) in by]
+            cells.append(f"{max(ran)[1].split(' ')[0]} {max(ran)[0]:.2f}x" if ran else None)
+        if not any(cells):
+            failed = [p for p in _ROOFLINE_PEERS.get(name, []) if p in errors]
+            return f"{failed[0].split(' ')[0]}: not run" if failed else ""
+        return " / ".join(c or "-" for c in cells)
+
+    rows = []
+    for r in data["rows"]:
+        if r.get("M") != 1 or r["library"] not in ("torch", "lowbit"):
+            continue
+        name, big = r["config"], by[(r["config"], 256)]
+        rows.append([_ROOFLINE_LABELS.get(name, name), f"{r['fraction_of_roofline']:.2f}", f"{r['vs_bf16']:.2f}x",
+                     f"{big['fraction_of_roofline']:.2f}", f"{big['vs_bf16']:.2f}x", best_peer(name)])
+    return _md(["config", "M=1 fraction of DRAM", "M=1 vs bf16", "M=256 fraction of peak", "M=256 vs bf16",
+                "best peer, vs bf16 at M=1 / M=256"], rows)
+
+
 TABLES = {
+    "roofline-avx2": table_roofline_avx2,
     "qat": table_qat,
     "static": table_static,
     "demo-glassllm": table_demo_glassllm,
