@@ -15,6 +15,9 @@ primitives when they are quantized), then ``F.linear``. Fast paths:
   per token x per row); below 8.9 and on CPU, the documented fallback: the activation is
   fake-quantized with the same primitives and the weight-only op runs (same numbers as the
   reference, no float8 tensor cores). Gradients (training through the op) take that route too.
+  On CPU with no gradient wanted, that fake quantization is one C++ pass (``_fake_quantize_cpu``:
+  ``csrc/fp8_act.h`` in the ``int8_act`` kernel, the primitives' float32 ops and torch's own
+  float8 / bf16 conversions, bit for bit) instead of about eight aten ops.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.granularity import PerTensor, PerToken
+from lowbit.kernels import _ext
 from lowbit.kernels._fp8_cpu import float8_weight_only_linear_cpu
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, fake_quantize_float8, quantize_float8
@@ -171,9 +175,37 @@ def float8_activation_linear(
         out = _scaled_mm_path(input, qdata, scale, bias, act_spec, act_scale)
         if out is not None:
             return out
-    if act_scale is not None:
-        s_x = act_scale.reshape(1, 1)
-    else:
-        s_x = choose_qparams_float8(input.detach(), act_spec, check_finite=False)
-    x = fake_quantize_float8(input, act_spec, s_x)
+    x = _fake_quantize_cpu(input, act_spec, act_scale) if kernel == "auto" else None
+    if x is None:
+        if act_scale is not None:
+            s_x = act_scale.reshape(1, 1)
+        else:
+            s_x = choose_qparams_float8(input.detach(), act_spec, check_finite=False)
+        x = fake_quantize_float8(input, act_spec, s_x)
     return float8_weight_only_linear(x, qdata, scale, bias, spec_key(spec), kernel)
+
+
+_F8_NAMES = {"float8_e4m3fn": False, "float8_e5m2": True}  # name -> e5m2
+
+
+def _fake_quantize_cpu(input, act_spec: QuantSpec, act_scale) -> torch.Tensor | None:
+    """``fake_quantize_float8(input, act_spec, scale)`` (scale chosen per token / per tensor, or the
+    static ``act_scale``) in one C++ pass, bit for bit; None where it does not apply (not CPU, a
+    gradient wanted, under compile, not a contiguous 2-D float32/bf16/fp16 input, a non-float32
+    scale dtype, a static scale that is not a positive finite number, the kernel not built)."""
+    if (input.device.type != "cpu" or torch.compiler.is_compiling() or input.dim() != 2 or input.numel() == 0
+            or not input.is_contiguous() or input.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+            or act_spec.scale_dtype != torch.float32 or act_spec.dtype.name not in _F8_NAMES
+            or (torch.is_grad_enabled() and input.requires_grad)):
+        return None
+    static = -1.0
+    if act_scale is not None:
+        static = float(act_scale.reshape(-1)[0])
+        if not (0.0 < static < float("inf")):
+            return None
+    fn = getattr(_ext.load("int8_act"), "fake_quant_fp8", None)
+    if fn is None:
+        return None
+    out, _ = fn(input, static, isinstance(act_spec.granularity, PerToken), act_spec.eps,
+                _F8_NAMES[act_spec.dtype.name])
+    return out

@@ -10,6 +10,7 @@
 //   epilogue:  out = cast(((float(acc - zp_x * rowsum) * s_x) * s_w[n]) + bias[n])
 #include <torch/extension.h>
 #include "parallel.h"
+#include "fp8_act.h"
 #include <immintrin.h>
 
 #include <algorithm>
@@ -355,5 +356,7 @@ torch::Tensor mm_i8(torch::Tensor a, torch::Tensor b) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_i8", &quantize_i8, "int8 activation quantization (static, or dynamic per-token symmetric)");
   m.def("w8a8_epilogue", &w8a8_epilogue, "int32 accumulator -> scaled float output");
+  m.def("fake_quant_fp8", &fp8_act::fake_quant_fp8, "float8 activation fake quantization (per token, per tensor or static), one pass",
+        py::arg("x"), py::arg("static_scale"), py::arg("per_token"), py::arg("eps"), py::arg("e5m2"));
   m.def("mm_i8", &mm_i8, "a @ b.T for int8 a (M, K), b (N, K), exact int32 (small M, no VNNI)");
 }
