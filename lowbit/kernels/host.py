@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from lowbit.kernels import _ext
+
 __all__ = [
     "cpu_flags",
     "half_matmul_native",
@@ -44,15 +46,9 @@ _INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it can't be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it can't be read), as ``_ext`` reads them."""
+    line = _ext._cpu_flags()
+    return frozenset(line.split(":", 1)[1].split()) if ":" in line else frozenset()
 
 
 def _env(name: str) -> str:

@@ -109,7 +109,7 @@ def test_linear_uses_it_and_keeps_the_bits(monkeypatch, granularity, dtype, m):
     monkeypatch.setattr(f8, "_fake_quantize_cpu", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         fused = f8.float8_activation_linear(*args)
-        assert calls and f8._fake_quantize_cpu is not real
+        assert calls  # the one-pass kernel ran
         monkeypatch.setattr(f8, "_fake_quantize_cpu", lambda *a: None)  # the aten ops instead
         assert torch.equal(fused, f8.float8_activation_linear(*args))
 
