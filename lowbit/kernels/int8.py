@@ -41,11 +41,12 @@ __all__ = [
 _EXT_MAX_M = 1  # our GEMV streams the weight once; for M > 1 _weight_int8pack_mm is faster
 _INT8PACK_MAX_M = 8  # _weight_int8pack_mm beats bf16 up to M=8 (1.2x), loses from M=16 (0.7x)
 _CHUNK_ROWS = 256  # 256 x 4096 bf16 = 2 MiB: the converted chunk stays in cache (measured best)
-# CPUs without int8 dot products. Quiet AVX2 EPYC, 2 threads, ms for 4096^2 (SmolLM2's 1536 x 576 alike):
-#   M      1     16     64    128    256
-#   mm_i8  0.94  8.1   22.4   55.8  109
-#   f32    7.3  18.8   27.8   48.5   95
-#   _int_mm 8.6 138    489    947  1952
+# CPUs without int8 dot products (benchmarks/cpu_paths.py -> results/cpu_paths.json; quiet AVX2 EPYC, 2
+# threads, ms for 4096^2; SmolLM2's 1536 x 576 and 576 x 1536 alike):
+#   M          1     16     64    128    256
+#   mm_i8      0.99   6.3   25.4   51.4   88.5
+#   float32    7.5   18.0   32.8   53.9   74.9
+#   _int_mm    8.5  128    497   1063   1653
 _MM_I8_MAX_M = 64  # our AVX2 mm_i8 up to here, _int8_mm_float32 above
 _FLOAT_MM_MIN_M = 2  # without mm_i8: _int8_mm_float32 from here (at M=1 it and _int_mm are level)
 _EXACT_K = 1024  # int8 x int8 sums of up to 1024 products stay <= 2^24: exact in float32
