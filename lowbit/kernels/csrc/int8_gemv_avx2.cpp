@@ -1,19 +1,54 @@
-// Int8 weight-only matmul for small M (decode), AVX2 + FMA build (no AVX-512): the same entry
+// Int8 weight-only matmul for small M (decode), AVX2 + FMA + F16C build (no AVX-512): the same entry
 // point, checks and error messages as int8_gemv.cpp, chosen at run time by lowbit/kernels/_ext.py.
 //   out[m, n] = sum_g s[n, g] * sum_{k in group g} x[m, k] * w[n, k]
-// Streams the int8 weight once; x is converted to float32 once per call. M = 1 takes kRows rows per
-// pass (x loaded once for all of them, two accumulators per row: 8 independent FMA chains), 8
-// weights per vpmovsxbd + vcvtdq2ps + FMA; M > 1 converts a row to float32 once and reuses it for
-// every row of x. Float32 accumulation per group, scales applied per group, one cast to x's dtype at
-// the end. Same products as the AVX-512 build, summed in another order.
+//
+// One register tile for every M: R weight rows x MM rows of x (MM <= 4), one 8-lane float32
+// accumulator per (row, x row); R = 4 at M <= 3 (LOWBIT_INT8_M1_ROWS at M = 1: 4 measured ahead of
+// 8), 3 at M >= 4, so that R x MM accumulators and the converted weights fit the 16 registers. Per 8 columns each weight row is loaded once and converted exactly
+// (int8 -> int32 -> float32: vpmovsxbd + vcvtdq2ps), then FMA'd against each of the MM rows of x
+// (float32, in L1). M > 4 runs the tile once per 4 rows of x while the R weight rows stay in L1: the
+// weight is read from memory once per call whatever M is.
+//
+// Summation order (the same for every tile shape, every M and every thread count, so a row of a
+// result at M > 1 equals, bit for bit, the result for that row of x alone at M = 1):
+//   1. lane j of the accumulator sums the products x[m, k] * float(w[n, k]) for k = j, j + 8, ...
+//      of one group, in order of k, by FMA (each product exact in float32 before its one rounding
+//      in the FMA);
+//   2. at the end of group g the 8 lanes are scaled and added to a running 8-lane total:
+//      tot = fma(acc, s[n, g], tot), groups in order;
+//   3. the 8 lanes of tot are summed by a fixed tree ((0+4, 1+5, 2+6, 3+7), then pairs), and the sum
+//      is rounded once to x's dtype.
+// The AVX-512 build sums the same products in another order.
+//
+// Fixed costs per call, measured on SmolLM2-135M's small layers (576 x 576 ... 1536 x 576): x is
+// widened to float32 into a reused thread-local buffer (no tensor), the result is written in x's
+// dtype directly (no float32 tensor and no second pass), a broadcast scale is read through its
+// strides (no copy), and a weight under kSerialBytes runs on the calling thread (a fork/join of the
+// OpenMP team costs more than it saves there).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include "parallel.h"
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <vector>
 
+#include "parallel.h"
+
+#ifndef LOWBIT_INT8_SERIAL_BYTES
+#define LOWBIT_INT8_SERIAL_BYTES (512 * 1024)
+#endif
+#ifndef LOWBIT_INT8_M1_ROWS
+#define LOWBIT_INT8_M1_ROWS 4
+#endif
+
 namespace {
+
+constexpr int64_t kPrefetch = 32768;  // non-temporal software prefetch distance in the weight stream
+// Weights of fewer bytes than this run on one thread (see the header).
+constexpr int64_t kSerialBytes = LOWBIT_INT8_SERIAL_BYTES;
+constexpr int kMaxMM = 4;  // rows of x per tile
 
 inline __m256 load_i8_as_f32(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -26,58 +61,121 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-constexpr int64_t kPrefetch = 32768;  // non-temporal software prefetch distance in the weight stream
+struct Args {
+  const float* x;   // (M, K) float32, row-major
+  const int8_t* w;  // (N, K) int8, row-major
+  const float* s;   // scale (N, G) with strides ss0, ss1 (a broadcast scale has stride 0)
+  int64_t ss0, ss1;
+  int64_t M, N, K, G, gs;
+  void* out;  // (M, N) in dtype ot
+  at::ScalarType ot;
+};
 
-// dot(x, w) over n elements (n % 16 == 0), w int8.
-inline float dot_i8(const float* x, const int8_t* w, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32) {
-    if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_NTA);
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_i8_as_f32(w + k), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load_i8_as_f32(w + k + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load_i8_as_f32(w + k + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load_i8_as_f32(w + k + 24), a3);
-  }
-  for (; k < n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_i8_as_f32(w + k), a0);
-  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+inline void store_out(const Args& a, int64_t i, float v) {
+  if (a.ot == at::kBFloat16) static_cast<c10::BFloat16*>(a.out)[i] = c10::BFloat16(v);
+  else if (a.ot == at::kHalf) static_cast<c10::Half*>(a.out)[i] = c10::Half(v);
+  else static_cast<float*>(a.out)[i] = v;
 }
 
-constexpr int kRows = 4;  // weight rows per pass at M = 1 (measured: 4 >= 2 > 1 rows)
-
-// kRows dots (x, w[r]) over n elements (n % 16 == 0), w int8, into d[r].
-inline void dot_rows_i8(const float* x, const int8_t* const* w, int64_t n, float* d) {
-  __m256 a[kRows][2];
-  for (int r = 0; r < kRows; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < n; k += 16) {
-    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-    for (int r = 0; r < kRows; ++r) {
-      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kPrefetch), _MM_HINT_NTA);
-      a[r][0] = _mm256_fmadd_ps(x0, load_i8_as_f32(w[r] + k), a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(x1, load_i8_as_f32(w[r] + k + 8), a[r][1]);
+// Rows n0 .. n0 + R of the weight x rows m0 .. m0 + MM of x, into out. PF: issue the weight
+// prefetch (the first pass over these rows; later passes find them in L1).
+template <int R, int MM, bool PF>
+inline void tile(const Args& a, int64_t n0, int64_t m0) {
+  const int64_t K = a.K, gs = a.gs;
+  const int8_t* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * K;
+  const float* xr = a.x + m0 * K;
+  alignas(32) float tot[R][MM][8] = {};
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m256 acc[R][MM];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();
+    const int64_t kend = (g + 1) * gs;
+    for (int64_t k = g * gs; k < kend; k += 8) {
+      if (PF && (k & 63) == 0)
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + kPrefetch), _MM_HINT_NTA);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256 wv = load_i8_as_f32(wr[r] + k);
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + m * K + k), wv, acc[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 sv = _mm256_set1_ps(a.s[(n0 + r) * a.ss0 + g * a.ss1]);
+      for (int m = 0; m < MM; ++m) _mm256_store_ps(tot[r][m], _mm256_fmadd_ps(acc[r][m], sv, _mm256_load_ps(tot[r][m])));
     }
   }
-  for (int r = 0; r < kRows; ++r) d[r] = hsum(_mm256_add_ps(a[r][0], a[r][1]));
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MM; ++m) store_out(a, (m0 + m) * a.N + n0 + r, hsum(_mm256_load_ps(tot[r][m])));
 }
 
-// dot(x, w) over n elements (n % 16 == 0), w float32.
-inline float dot_f32(const float* x, const float* w, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(w + k + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(w + k + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(w + k + 24), a3);
+// Rows n0 .. n0 + R of the weight against every row of x, 4 rows of x at a time.
+template <int R>
+inline void rows_all_m(const Args& a, int64_t n0) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxMM) {
+    const int64_t mm = std::min<int64_t>(kMaxMM, a.M - m0);
+    if (m0 == 0) {
+      switch (mm) {
+        case 1: tile<R, 1, true>(a, n0, m0); break;
+        case 2: tile<R, 2, true>(a, n0, m0); break;
+        case 3: tile<R, 3, true>(a, n0, m0); break;
+        default: tile<R, 4, true>(a, n0, m0); break;
+      }
+    } else {
+      switch (mm) {
+        case 1: tile<R, 1, false>(a, n0, m0); break;
+        case 2: tile<R, 2, false>(a, n0, m0); break;
+        case 3: tile<R, 3, false>(a, n0, m0); break;
+        default: tile<R, 4, false>(a, n0, m0); break;
+      }
+    }
   }
-  for (; k < n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
-  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+// Every row, R at a time (the last N % R rows one at a time), over threads unless the weight is small.
+template <int R>
+void run(const Args& a) {
+  const int64_t blocks = a.N / R, tail = a.N % R;
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (i < blocks) rows_all_m<R>(a, i * R);
+      else rows_all_m<1>(a, blocks * R + (i - blocks));
+    }
+  };
+  if (a.N * a.K < kSerialBytes) body(0, blocks + tail);
+  else lowbit::par_for(0, blocks + tail, 4, body);
+}
+
+// x (M, K) as float32 rows: x itself when it is contiguous float32, else widened into buf (exact).
+const float* x_as_f32(const torch::Tensor& x, std::vector<float>& buf) {
+  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
+  if (x.scalar_type() == torch::kFloat && sk == 1 && (sm == K || M == 1)) return x.data_ptr<float>();
+  buf.resize(M * K);
+  float* o = buf.data();
+  if (x.scalar_type() == torch::kBFloat16 && sk == 1) {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; k += 8) {  // K % 16 == 0 (checked)
+        const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + m * sm + k)));
+        _mm256_storeu_ps(o + m * K + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+      }
+  } else if (x.scalar_type() == torch::kHalf && sk == 1) {
+    const c10::Half* p = x.data_ptr<c10::Half>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; k += 8)
+        _mm256_storeu_ps(o + m * K + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + m * sm + k))));
+  } else {
+    auto xf = x.to(torch::kFloat).contiguous();
+    std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + M * K, o);
+  }
+  return o;
 }
 
 }  // namespace
 
-// Every argument is checked here (devices, dtypes, ranks, shapes; strides are made contiguous):
-// whatever a caller passes, nothing is read out of bounds.
+// Every argument is checked here (devices, dtypes, ranks, shapes; x's and scale's strides are
+// honoured): whatever a caller passes, nothing is read out of bounds.
 torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), "x, w and scale must be CPU tensors");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (M, K) and w (N, K) expected, got ", x.sizes(),
@@ -90,59 +188,15 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tenso
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
   TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 16 == 0, "group size must divide K and be a multiple of 16, got K = ", K,
               " with ", G, " groups");
-  const int64_t gs = K / G;
   if (M == 0 || N == 0) return torch::zeros({M, N}, x.options());
-  auto xf = x.to(torch::kFloat).contiguous();
-  auto sc = scale.contiguous();
-  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
-  const float* xp = xf.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = sc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  if (M == 1) {
-    // blocks of kRows rows; the last N % kRows rows one at a time
-    const int64_t blocks = N / kRows;
-    lowbit::par_for(0, blocks + N % kRows, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        if (b < blocks) {
-          const int64_t n = b * kRows;
-          const int8_t* rows[kRows];
-          float total[kRows] = {}, d[kRows];
-          for (int r = 0; r < kRows; ++r) rows[r] = wp + (n + r) * K;
-          for (int64_t g = 0; g < G; ++g) {
-            dot_rows_i8(xp + g * gs, rows, gs, d);
-            for (int r = 0; r < kRows; ++r) {
-              total[r] += sp[(n + r) * G + g] * d[r];
-              rows[r] += gs;
-            }
-          }
-          for (int r = 0; r < kRows; ++r) op[n + r] = total[r];
-        } else {
-          const int64_t n = blocks * kRows + (b - blocks);
-          float total = 0.f;
-          for (int64_t g = 0; g < G; ++g) total += sp[n * G + g] * dot_i8(xp + g * gs, wp + n * K + g * gs, gs);
-          op[n] = total;
-        }
-      }
-    });
-    return out.to(x.scalar_type());
-  }
-  lowbit::par_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(K);  // the row as float32, reused by every m (in L1)
-    for (int64_t n = begin; n < end; ++n) {
-      const int8_t* wr = wp + n * K;
-      const float* sr = sp + n * G;
-      float* wf = row.data();
-      for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(wf + k, load_i8_as_f32(wr + k));
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xr = xp + m * K;
-        float total = 0.f;
-        for (int64_t g = 0; g < G; ++g) total += sr[g] * dot_f32(xr + g * gs, wf + g * gs, gs);
-        op[m * N + n] = total;
-      }
-    }
-  });
-  return out.to(x.scalar_type());
+  auto out = torch::empty({M, N}, x.options());
+  thread_local std::vector<float> xbuf;  // reused across calls: no allocation per decode step
+  Args a{x_as_f32(x, xbuf), w.data_ptr<int8_t>(), scale.data_ptr<float>(), scale.stride(0), scale.stride(1),
+         M, N, K, G, K / G, out.data_ptr(), xt};
+  if (M == 1) run<LOWBIT_INT8_M1_ROWS>(a);
+  else if (M <= 3) run<4>(a);
+  else run<3>(a);
+  return out;
 }
 
 // The same dispatcher op as int8_gemv.cpp (only one build of a kernel loads in a process).

@@ -1,0 +1,108 @@
+"""The AVX2 build of the int8 weight-only GEMV (csrc/int8_gemv_avx2.cpp) at M = 1..17: against the
+reference by SQNR, and against its own M = 1 path row by row (one summation order for every tile
+shape, M and thread count, so those are equal bit for bit)."""
+
+import pytest
+import torch
+
+from lowbit.eval.metrics import sqnr
+from lowbit.granularity import PerGroup, PerRow, PerTensor
+from lowbit.kernels import _ext
+from lowbit.kernels.int8 import int8_weight_only_linear
+from lowbit.spec import QuantSpec, spec_key
+from lowbit.tensors.int8_tensor import Int8Tensor
+
+pytestmark = pytest.mark.skipif(_ext.active_isa("int8_gemv") != "avx2",
+                                reason=f"the AVX2 build of int8_gemv is not the one loaded here ({_ext.status()['int8_gemv']})")
+
+# Fast vs reference, the bounds of tests/kernels/test_int8.py (a float32 sum in another order, one
+# rounding to x's dtype); measured here min 51.0 dB (bf16), 68.8 (fp16), 125.3 (fp32).
+FAST_VS_REF_DB = {torch.bfloat16: 44.0, torch.float16: 60.0, torch.float32: 110.0}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# (N, K, group): N % 4 and N % 3 tails, groups of 16 to a whole row, K not a multiple of 32 or 64
+SHAPES = [(37, 48, 16), (29, 240, 48), (101, 1040, 1040), (7, 4112, 16), (22, 576, 576)]
+M_ALL = 17  # tiles of 4 rows of x: 17 = 4 x 4 + 1, and every M below it
+
+
+def _ext_or_skip():
+    ext = _ext.load("int8_gemv")
+    if ext is None:
+        pytest.skip(f"int8_gemv not available here ({_ext.status()['int8_gemv']})")
+    return ext
+
+
+def _weight(n, k, group, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = Int8Tensor.from_float(torch.randn(n, k, generator=g), QuantSpec("int8", PerGroup(group)))
+    return t, g
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 8, 16], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("n, k, group", SHAPES, ids=str)
+def test_matches_reference(n, k, group, m, dtype):
+    ext = _ext_or_skip()
+    t, g = _weight(n, k, group)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    ref = int8_weight_only_linear(x, t.qdata, t.scale, None, None, spec_key(t.spec), "reference")
+    out = ext.int8_weight_only_mm(x, t.qdata, t.scale)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert sqnr(ref.float(), out.float()) >= FAST_VS_REF_DB[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+@pytest.mark.parametrize("n, k, group", SHAPES, ids=str)
+def test_each_row_equals_the_m1_path(n, k, group, dtype):
+    ext = _ext_or_skip()
+    t, g = _weight(n, k, group)
+    x = torch.randn(M_ALL, k, generator=g).to(dtype)
+    rows = torch.cat([ext.int8_weight_only_mm(x[i : i + 1], t.qdata, t.scale) for i in range(M_ALL)])
+    for m in range(1, M_ALL + 1):
+        assert torch.equal(ext.int8_weight_only_mm(x[:m], t.qdata, t.scale), rows[:m]), f"M={m}"
+
+
+@pytest.mark.parametrize("m", [1, 4, 9])
+def test_thread_count_does_not_change_the_result(m):
+    """Above the kernel's serial threshold (1024 x 576 int8 = 576 KiB) rows are split over threads;
+    each row's sum is the same whoever computes it."""
+    ext = _ext_or_skip()
+    t, g = _weight(1024, 576, 64)
+    x = torch.randn(m, 576, generator=g).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ext.int8_weight_only_mm(x, t.qdata, t.scale)
+        torch.set_num_threads(max(2, threads))
+        many = ext.int8_weight_only_mm(x, t.qdata, t.scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+def test_strided_x_and_broadcast_scale_equal_contiguous_copies(dtype):
+    """x with any strides and a scale expanded from (1, 1) (how int8.py passes a per-tensor scale) are read
+    in place: same bits as contiguous copies."""
+    ext = _ext_or_skip()
+    t, g = _weight(45, 96, 96)
+    xt = torch.randn(96, 6, generator=g).to(dtype).t()  # (6, 96), strides (1, 6)
+    rows = torch.randn(6, 2 * 96, generator=g).to(dtype)[:, ::2]  # (6, 96), strides (192, 2)
+    for x in (xt, rows):
+        assert torch.equal(ext.int8_weight_only_mm(x, t.qdata, t.scale), ext.int8_weight_only_mm(x.contiguous(), t.qdata, t.scale))
+    s = torch.rand(1, 1, generator=g).expand(45, 1)
+    x = torch.randn(5, 96, generator=g).to(dtype)
+    assert torch.equal(ext.int8_weight_only_mm(x, t.qdata, s), ext.int8_weight_only_mm(x, t.qdata, s.contiguous()))
+
+
+@pytest.mark.parametrize("granularity", [PerRow(), PerGroup(32), PerTensor()], ids=repr)
+def test_the_layer_route_at_small_m_matches_reference(granularity):
+    """Whatever int8.py routes to at M = 2..16 (this kernel, _weight_int8pack_mm or the chunked path)
+    stays within the bound."""
+    g = torch.Generator().manual_seed(1)
+    t = Int8Tensor.from_float(torch.randn(96, 256, generator=g), QuantSpec("int8", granularity))
+    for m in (2, 4, 8, 16):
+        x = torch.randn(m, 256, generator=g).bfloat16()
+        ref = int8_weight_only_linear(x, t.qdata, t.scale, None, None, spec_key(t.spec), "reference")
+        out = int8_weight_only_linear(x, t.qdata, t.scale, None, None, spec_key(t.spec), "auto")
+        assert sqnr(ref.float(), out.float()) >= FAST_VS_REF_DB[torch.bfloat16], f"M={m}"
