@@ -106,3 +106,12 @@ def test_the_layer_route_at_small_m_matches_reference(granularity):
         ref = int8_weight_only_linear(x, t.qdata, t.scale, None, None, spec_key(t.spec), "reference")
         out = int8_weight_only_linear(x, t.qdata, t.scale, None, None, spec_key(t.spec), "auto")
         assert sqnr(ref.float(), out.float()) >= FAST_VS_REF_DB[torch.bfloat16], f"M={m}"
+
+
+def test_an_x_above_the_kept_buffer_size_gives_the_same_rows():
+    """x over the thread-local buffer's size (16 x 8192 floats) is widened into a buffer of its own."""
+    ext = _ext_or_skip()
+    t, g = _weight(7, 4112, 16)
+    x = torch.randn(40, 4112, generator=g).bfloat16()  # 164,480 floats
+    rows = torch.cat([ext.int8_weight_only_mm(x[i : i + 1], t.qdata, t.scale) for i in range(40)])
+    assert torch.equal(ext.int8_weight_only_mm(x, t.qdata, t.scale), rows)

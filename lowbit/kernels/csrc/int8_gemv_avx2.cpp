@@ -3,11 +3,12 @@
 //   out[m, n] = sum_g s[n, g] * sum_{k in group g} x[m, k] * w[n, k]
 //
 // One register tile for every M: R weight rows x MM rows of x (MM <= 4), one 8-lane float32
-// accumulator per (row, x row); R = 4 at M <= 3 (LOWBIT_INT8_M1_ROWS at M = 1: 4 measured ahead of
-// 8), 3 at M >= 4, so that R x MM accumulators and the converted weights fit the 16 registers. Per 8 columns each weight row is loaded once and converted exactly
-// (int8 -> int32 -> float32: vpmovsxbd + vcvtdq2ps), then FMA'd against each of the MM rows of x
-// (float32, in L1). M > 4 runs the tile once per 4 rows of x while the R weight rows stay in L1: the
-// weight is read from memory once per call whatever M is.
+// accumulator per (row, x row); R = 4 at M <= 3 (LOWBIT_INT8_M1_ROWS at M = 1: 4 measured ahead of 8,
+// 1 thread on a loaded host), 3 at M >= 4, so that the R x MM accumulators and the converted weights
+// fit the 16 registers. Per 8 columns each weight row is loaded once and converted exactly (int8 ->
+// int32 -> float32: vpmovsxbd + vcvtdq2ps), then FMA'd against each of the MM rows of x (float32, in
+// L1). M > 4 runs the tile once per 4 rows of x while the R weight rows stay in L1: the weight is read
+// from memory once per call whatever M is.
 //
 // Summation order (the same for every tile shape, every M and every thread count, so a row of a
 // result at M > 1 equals, bit for bit, the result for that row of x alone at M = 1):
@@ -20,11 +21,12 @@
 //      is rounded once to x's dtype.
 // The AVX-512 build sums the same products in another order.
 //
-// Fixed costs per call, measured on SmolLM2-135M's small layers (576 x 576 ... 1536 x 576): x is
-// widened to float32 into a reused thread-local buffer (no tensor), the result is written in x's
-// dtype directly (no float32 tensor and no second pass), a broadcast scale is read through its
-// strides (no copy), and a weight under kSerialBytes runs on the calling thread (a fork/join of the
-// OpenMP team costs more than it saves there).
+// Fixed costs per call (SmolLM2-135M's decode layers are 108-864 KiB each): x is widened to float32
+// into a thread-local buffer kept between calls (no tensor; an x over kKeepFloats uses a buffer freed
+// on return), the result is written in x's dtype directly (no float32 tensor, no second pass), a
+// broadcast scale is read through its strides (no copy), and a weight under kSerialBytes runs on the
+// calling thread, skipping the OpenMP team's fork/join. kSerialBytes = 512 KiB is provisional: not
+// yet measured on a quiet host (benchmarks/int8_small_m.py --per-shape gives the data).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -49,6 +51,7 @@ constexpr int64_t kPrefetch = 32768;  // non-temporal software prefetch distance
 // Weights of fewer bytes than this run on one thread (see the header).
 constexpr int64_t kSerialBytes = LOWBIT_INT8_SERIAL_BYTES;
 constexpr int kMaxMM = 4;  // rows of x per tile
+constexpr int64_t kKeepFloats = 16 * 8192;  // x up to this size is widened into a buffer kept per thread (512 KiB)
 
 inline __m256 load_i8_as_f32(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -190,8 +193,9 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tenso
               " with ", G, " groups");
   if (M == 0 || N == 0) return torch::zeros({M, N}, x.options());
   auto out = torch::empty({M, N}, x.options());
-  thread_local std::vector<float> xbuf;  // reused across calls: no allocation per decode step
-  Args a{x_as_f32(x, xbuf), w.data_ptr<int8_t>(), scale.data_ptr<float>(), scale.stride(0), scale.stride(1),
+  thread_local std::vector<float> kept;  // reused across calls: no allocation per decode step
+  std::vector<float> once;                // a larger x: freed on return, not kept
+  Args a{x_as_f32(x, M * K <= kKeepFloats ? kept : once), w.data_ptr<int8_t>(), scale.data_ptr<float>(), scale.stride(0), scale.stride(1),
          M, N, K, G, K / G, out.data_ptr(), xt};
   if (M == 1) run<LOWBIT_INT8_M1_ROWS>(a);
   else if (M <= 3) run<4>(a);
