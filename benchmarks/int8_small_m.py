@@ -168,7 +168,8 @@ def main() -> None:
         "what": "int8 weight-only (per-row scale) linears, bf16 x (M, K); each variant runs the whole set per round, "
                 "rounds interleaved, median round; int8_GB_per_s = int8 weight + scale bytes / median time",
         "kernels": {"int8_gemv": _ext.status()["int8_gemv"]},
-        "routing": {"_EXT_MAX_M": K._EXT_MAX_M, "_INT8PACK_MAX_M": K._INT8PACK_MAX_M},
+        "routing": {"ext_max_m": K._ext_max_m() if hasattr(K, "_ext_max_m") else K._EXT_MAX_M,
+                    "_INT8PACK_MAX_M": K._INT8PACK_MAX_M},
         "LOWBIT_ISA": os.environ.get("LOWBIT_ISA", "auto"),
         "threads": torch.get_num_threads(), "rounds": args.rounds, "torch": torch.__version__,
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
