@@ -300,3 +300,59 @@ def test_any_group_that_is_a_multiple_of_32_up_to_256_is_taken(ext):
     x = torch.randn(3, 96 * 5)
     out = k8.int8_int4_linear(x, qdata, s, None, None, ACT, _wspec(96))
     assert sqnr(_formula(x, q, s, None).double(), out.double()) >= FORMULA_DB[torch.float32]
+
+
+def _activation_cases():
+    """(name, x) inputs for the activation quantizer: scales from 1e-6 to 1e3, one-signed rows, coarse
+    values, all-zero rows with a -0.0 (scale = eps), K not a multiple of 8, three dtypes, exact .5 ties."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for k in (1, 7, 64, 129, 576):
+            for mag in (1e-6, 1e-2, 1.0, 1e3):
+                x = torch.randn(5, k, generator=gen) * mag
+                yield f"{dtype}-k{k}-randn{mag:g}", x.to(dtype)
+            yield f"{dtype}-k{k}-positive", torch.rand(3, k, generator=gen).to(dtype)
+            yield f"{dtype}-k{k}-negative", (-torch.rand(3, k, generator=gen)).to(dtype)
+            yield f"{dtype}-k{k}-halfgrid", (torch.randint(-6, 7, (4, k), generator=gen) * 0.5).to(dtype)
+            z = torch.zeros(2, k, dtype=dtype)
+            z[0, 0] = -0.0
+            yield f"{dtype}-k{k}-zeros", z
+    # scale exactly 1 (max - min = 255): x / s lands on .5 ties, which round half to even must settle
+    ties = torch.tensor([[0.0, 255.0, 0.5, 1.5, 2.5, 100.5, 253.5, 254.5, 3.5],
+                         [-255.0, 0.0, -0.5, -1.5, -2.5, -100.5, -253.5, -254.5, -3.5]])
+    yield "ties", ties
+
+
+def test_activation_quantizer_equals_the_primitives_bit_for_bit(ext):
+    for name, x in _activation_cases():
+        s, zp = choose_qparams_affine(x, ACT, check_finite=False)
+        q = quantize_affine(x, s, zp, ACT)
+        q2, s2, zp2, ok = ext.quantize_act_asym(x, ACT.qmin, ACT.qmax, ACT.eps)
+        assert ok, name
+        assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(zp2, zp.to(torch.int32)), name
+
+
+def test_activation_quantizer_declines_nan_and_inf_and_the_linear_still_matches(ext):
+    x = torch.randn(3, 64)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[1, 5] = bad
+        assert ext.quantize_act_asym(y, ACT.qmin, ACT.qmax, ACT.eps)[3] is False
+    # the Python side then uses the primitives: same xq, s, zp as they give
+    y = x.clone()
+    y[1, 5] = float("inf")
+    xq, s, zp = k8._quantize_input(ext, y, ACT)
+    s_ref, zp_ref = choose_qparams_affine(y, ACT, check_finite=False)
+    assert torch.equal(xq, quantize_affine(y, s_ref, zp_ref, ACT)) and torch.equal(s, s_ref) and torch.equal(zp, zp_ref)
+
+
+@pytest.mark.parametrize("args, why", [
+    ((torch.zeros(2, 3, dtype=torch.int32), -128, 127, 1e-7), r"x must be contiguous float32, bfloat16 or float16"),
+    ((torch.zeros(2, 3, 4), -128, 127, 1e-7), r"x must be contiguous float32, bfloat16 or float16 \(M, K\)"),
+    ((torch.zeros(2, 3), -129, 127, 1e-7), r"qmin, qmax must satisfy -128 <= qmin < qmax <= 127"),
+    ((torch.zeros(2, 3), 5, 5, 1e-7), r"qmin, qmax must satisfy"),
+    ((torch.zeros(2, 3), -128, 127, 0.0), r"eps must be positive"),
+])
+def test_activation_quantizer_bad_arguments_name_the_argument(ext, args, why):
+    with pytest.raises(RuntimeError, match=why):
+        ext.quantize_act_asym(*args)

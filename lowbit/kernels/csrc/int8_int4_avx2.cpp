@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "parallel.h"
@@ -270,7 +271,87 @@ torch::Tensor int8_int4_linear(torch::Tensor xq, torch::Tensor x_scale, torch::T
   return out;
 }
 
+namespace {
+
+// Row r of x (K values of T) quantized as the primitives do for an asymmetric int8 per-token spec with
+// an integer zero point (choose_qparams_affine + quantize_affine), same float32 operations in the same
+// order: mn = min(min x, 0), mx = max(max x, 0); s = max((mx - mn) / (qmax - qmin), eps);
+// zp = clamp(qmin - round(mn / s), qmin, qmax); q = clamp(round(x / s) + zp, qmin, qmax); round half to
+// even (the default rounding mode), IEEE division. Returns false when the row holds NaN or inf (the
+// caller then runs the primitives, whose NaN propagation it does not imitate).
+template <typename T>
+bool quantize_row_asym(const T* x, int64_t K, float qmin, float qmax, float eps, int8_t* q, float* s_out, int32_t* zp_out) {
+  float mn = 0.0f, mx = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = float(x[k]);
+    finite &= std::isfinite(v);
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  if (!finite) return false;
+  float s = (mx - mn) / (qmax - qmin);
+  s = s < eps ? eps : s;
+  float zp = qmin - std::nearbyint(mn / s);
+  zp = zp < qmin ? qmin : (zp > qmax ? qmax : zp);
+  *s_out = s;
+  *zp_out = int32_t(zp);
+  const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(zp), lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    alignas(32) float f[8];
+    for (int i = 0; i < 8; ++i) f[i] = float(x[k + i]);
+    __m256 v = _mm256_div_ps(_mm256_load_ps(f), sv);
+    v = _mm256_add_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zv);
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    alignas(32) int32_t o[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(o), _mm256_cvtps_epi32(v));  // exact: integer values
+    for (int i = 0; i < 8; ++i) q[k + i] = int8_t(o[i]);
+  }
+  for (; k < K; ++k) {
+    float v = std::nearbyint(float(x[k]) / s) + zp;
+    v = v < qmin ? qmin : (v > qmax ? qmax : v);
+    q[k] = int8_t(v);
+  }
+  return true;
+}
+
+}  // namespace
+
+// x (M, K) float32 / bfloat16 / float16 -> (xq int8 (M, K), scale float32 (M, 1), zero point int32
+// (M, 1), ok): the primitives' asymmetric int8 per-token quantization, bit for bit (tests compare with
+// torch.equal). ok is false when some row holds NaN or inf; the other outputs are then unspecified.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool> quantize_act_asym(torch::Tensor x, int64_t qmin, int64_t qmax,
+                                                                                double eps) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && is_float_type(x.scalar_type()),
+              "x must be contiguous float32, bfloat16 or float16 (M, K), got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(qmin >= -128 && qmin < qmax && qmax <= 127, "qmin, qmax must satisfy -128 <= qmin < qmax <= 127, got ", qmin,
+              ", ", qmax);
+  TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
+  auto s = torch::empty({M, 1}, x.options().dtype(torch::kFloat));
+  auto zp = torch::empty({M, 1}, x.options().dtype(torch::kInt));
+  bool ok = true;
+  for (int64_t m = 0; m < M && ok; ++m) {
+    int8_t* qr = q.data_ptr<int8_t>() + m * K;
+    float* sr = s.data_ptr<float>() + m;
+    int32_t* zr = zp.data_ptr<int32_t>() + m;
+    switch (x.scalar_type()) {
+      case at::kFloat: ok = quantize_row_asym(x.data_ptr<float>() + m * K, K, float(qmin), float(qmax), float(eps), qr, sr, zr); break;
+      case at::kBFloat16:
+        ok = quantize_row_asym(x.data_ptr<c10::BFloat16>() + m * K, K, float(qmin), float(qmax), float(eps), qr, sr, zr);
+        break;
+      default: ok = quantize_row_asym(x.data_ptr<c10::Half>() + m * K, K, float(qmin), float(qmax), float(eps), qr, sr, zr);
+    }
+  }
+  return {q, s, zp, ok};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize_act_asym", &quantize_act_asym,
+        "asymmetric int8 per-token activation quantization, bit for bit the primitives': (xq, scale, zero_point, ok)");
   m.def("int8_int4_linear", &int8_int4_linear,
         "int8 activations (per-row scale, zero point) x packed int4 weight: exact int32 group sums, float32 scaling");
 }
