@@ -4,7 +4,7 @@
 Each has one reference implementation (dequantize with the primitives, then ``F.linear``) and
 fast implementations chosen here by device and shape:
 
-* weight-only, CPU, M <= ``_EXT_MAX_M``: our C++ kernel (``csrc/int8_gemv.cpp``, AVX-512, or
+* weight-only, CPU, M <= ``_ext_max_m()`` (by the build that runs): our C++ kernel (``csrc/int8_gemv.cpp``, AVX-512, or
   ``csrc/int8_gemv_avx2.cpp`` on CPUs without it, built on first use; any group size that is a
   multiple of 16); bfloat16, per-row scale and
   M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm`` (see ``_int8pack_takes``); otherwise the weight is converted
@@ -38,7 +38,15 @@ __all__ = [
     "int8_mm",
 ]
 
-_EXT_MAX_M = 1  # our GEMV streams the weight once; for M > 1 _weight_int8pack_mm is faster
+_EXT_MAX_M = 1  # AVX-512 build: a pass over the weight per row of x; for M > 1 _weight_int8pack_mm is faster
+# AVX2 build: register tiles of up to 4 rows of x, the weight read once per call. Ahead of
+# _weight_int8pack_mm (optimum-quanto's path), of the chunked path and of bf16 at every M = 1..16 on
+# 8 x 4096^2 and on SmolLM2's 211 decode linears (benchmarks/results/int8_small_m_1t.json: 1 thread,
+# loaded host; ms for 8 x 4096^2 bf16 x, ours as routed here / _weight_int8pack_mm):
+#   M        1      2      4      8     16
+#   ours    12.0   12.0   17.2   41.0   73.9
+#   int8pk  20.5   19.0   31.1   71.4  140.7
+_EXT_MAX_M_AVX2 = 16
 _INT8PACK_MAX_M = 8  # _weight_int8pack_mm beats bf16 up to M=8 (1.2x), loses from M=16 (0.7x)
 _CHUNK_ROWS = 256  # 256 x 4096 bf16 = 2 MiB: the converted chunk stays in cache (measured best)
 # CPUs without int8 dot products (benchmarks/cpu_paths.py -> results/cpu_paths.json; quiet AVX2 EPYC, 2
@@ -51,6 +59,11 @@ _MM_I8_MAX_M = 64  # our AVX2 mm_i8 up to here, _int8_mm_float32 above
 _FLOAT_MM_MIN_M = 2  # without mm_i8: _int8_mm_float32 from here (at M=1 it and _int_mm are level)
 _EXACT_K = 1024  # int8 x int8 sums of up to 1024 products stay <= 2^24: exact in float32
 _FLOAT_MM_ROWS = 512  # weight rows converted to float32 at a time by _int8_mm_float32 (8 MiB at K=4096)
+
+
+def _ext_max_m() -> int:
+    """The largest M our C++ GEMV takes: it depends on the build that runs (``_ext.active_isa``)."""
+    return _EXT_MAX_M_AVX2 if _ext.active_isa("int8_gemv") == "avx2" else _EXT_MAX_M
 
 
 def _grad_input(grad, qdata, scale, zero_point, spec: QuantSpec):
@@ -127,11 +140,11 @@ def _direct_gemv_op():
 
 
 def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, spec: QuantSpec, kernel: str) -> torch.Tensor:
-    """``int8_weight_only_linear``, except that a decode-sized CPU call wanting no gradient (M = 1, a
+    """``int8_weight_only_linear``, except that a decode-sized CPU call wanting no gradient (M <= ``_ext_max_m()``, a
     symmetric weight, groups of a multiple of 16) calls the same C++ GEMV as a dispatcher op directly,
     skipping the custom op's Python layers (~15 us a call). Same values bit for bit."""
-    if (kernel == "auto" and zero_point is None and input.dim() == 2 and input.shape[0] <= _EXT_MAX_M
-            and input.device.type == "cpu" and qdata.dim() == 2 and qdata.dtype == torch.int8 and qdata.is_contiguous()
+    if (kernel == "auto" and zero_point is None and input.dim() == 2 and input.device.type == "cpu"
+            and input.shape[0] <= _ext_max_m() and qdata.dim() == 2 and qdata.dtype == torch.int8 and qdata.is_contiguous()
             and scale.dtype == torch.float32 and scale.dim() == 2 and input.shape[1] == qdata.shape[1]
             and scale.shape[1] > 0 and input.shape[1] % scale.shape[1] == 0 and (input.shape[1] // scale.shape[1]) % 16 == 0
             and not (torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad)))):
@@ -168,7 +181,7 @@ def int8_weight_only_linear(
     if check_kernel(kernel) == "reference" or zero_point is not None:
         return _weight_only_reference(input, qdata, scale, zero_point, bias, spec)
     m, k = input.shape
-    if input.device.type == "cpu" and m <= _EXT_MAX_M and (k // scale.shape[1]) % 16 == 0 and qdata.is_contiguous():
+    if input.device.type == "cpu" and m <= _ext_max_m() and (k // scale.shape[1]) % 16 == 0 and qdata.is_contiguous():
         ext = _ext.load("int8_gemv")
         if ext is not None:
             out = ext.int8_weight_only_mm(input, qdata, scale.expand(qdata.shape[0], -1))

@@ -35,7 +35,7 @@ def _weights(granularity, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
-@pytest.mark.parametrize("m", [1, 4, 16, 64], ids=lambda m: f"M{m}")  # C++ (<=4), int8pack (<=16), chunked
+@pytest.mark.parametrize("m", [1, 4, 16, 64], ids=lambda m: f"M{m}")  # C++ (<=1 AVX-512, <=16 AVX2), int8pack (<=8), chunked
 @pytest.mark.parametrize("granularity", [PerRow(), PerGroup(64), PerGroup(16), PerGroup(8), PerTensor()], ids=repr)
 def test_weight_only_fast_matches_reference(dtype, m, granularity):
     t, g = _weights(granularity)
