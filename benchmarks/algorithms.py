@@ -53,7 +53,8 @@ from peers_algorithms import Measured, peer_methods  # noqa: E402
 
 # (lowbit row, peer row): the "ahead of the peers" pairs, reported under the table
 PAIRS = [("HQQ", "hqq (pkg)"), ("HQQ float-zp", "hqq (pkg)"), ("GPTQ act_order", "llm-compressor GPTQ"),
-         ("GPTQ", "llm-compressor GPTQ no-actorder"), ("AWQ", "llm-compressor AWQ")]
+         ("GPTQ act_order search", "llm-compressor GPTQ"), ("GPTQ", "llm-compressor GPTQ no-actorder"),
+         ("AWQ", "llm-compressor AWQ")]
 
 
 class LogitsOnly(nn.Module):
@@ -103,6 +104,7 @@ def methods(calib):
         "HQQ float-zp": lambda m, c: quantize_hqq_(m, replace(c, zero_point_domain="float")),
         "GPTQ": lambda m, c: gptq(m, c, calib, progress=progress),
         "GPTQ act_order": lambda m, c: gptq(m, c, calib, act_order=True, progress=progress),
+        "GPTQ act_order search": lambda m, c: gptq(m, c, calib, act_order=True, qparams="search", progress=progress),
         "AWQ": lambda m, c: awq(m, c, calib, progress=progress),
     }
 

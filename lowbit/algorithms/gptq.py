@@ -11,7 +11,8 @@ blocks of ``block_size`` ("lazy batch"): updates inside a block are applied colu
 those to later columns once per block, which is the same arithmetic regrouped.
 
 Every code is made by the primitives with the config's spec: a group's qparams are
-``choose_qparams_affine`` on the group's columns as updated so far, each column is
+``choose_qparams_affine`` on the group's columns as updated so far (or the clip of its min/max
+with the least ``diag(H)``-weighted rounding error, ``qparams="search"``), each column is
 ``quantize_affine`` / ``dequantize_affine``'d with its group's qparams. The solver runs in
 float64 (the primitives compute in float32 as always), so blocking changes no code.
 """
@@ -27,17 +28,28 @@ import torch
 
 from lowbit.primitives.affine import (
     _dequantize_from_float,
+    _min_max,
     _quantize_to_float,
     choose_qparams_affine,
+    choose_qparams_affine_from_min_max,
+    fake_quantize_affine,
 )
 from lowbit.spec import QuantSpec
 
-__all__ = ["gram", "Hessian", "GPTQResult", "gptq_quantize", "check_options", "damped_inverse_cholesky", "output_sqnr"]
+__all__ = ["gram", "Hessian", "GPTQResult", "gptq_quantize", "check_options", "damped_inverse_cholesky", "output_sqnr",
+           "searched_qparams"]
 
 _log = logging.getLogger("lowbit")
 
 DAMP_FACTOR = 10.0  # damping is multiplied by this when the factorization fails
 MIN_RETRY_DAMP = 1e-4  # the first retry from damp=0 uses this
+
+
+# clip search (qparams="search"): each block's min and max shrunk toward 0 by these factors. Down to
+# 0.90: on 12 SmolLM2 linears (layers 0/10/20, int4 g64, act_order) output SQNR +0.19 dB over min/max;
+# down to 0.70 it was 0.10 dB below min/max (the clipped range cannot hold the error feedback's updates)
+SEARCH_SHRINKS = tuple(1.0 - i / 100 for i in range(11))  # 1.00, 0.99, ..., 0.90
+QPARAMS = ("minmax", "search")
 
 
 GRAM_BLOCKS = 4  # X^T X by row blocks of the upper triangle: 10/16 of the full product's flops
@@ -163,8 +175,39 @@ def damped_inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple
                      f"({mean_diag:.3g}); more calibration data or a larger damp is needed")
 
 
-def check_options(block_size: int, damp: float, act_order: bool, damp_retries: int) -> None:
+def _block_sums(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    r, c = x.shape
+    return x.reshape(r // block[0], block[0], c // block[1], block[1]).sum(dim=(1, 3))
+
+
+def searched_qparams(w: torch.Tensor, col_weight: torch.Tensor, spec: QuantSpec,
+                     shrinks: tuple[float, ...] = SEARCH_SHRINKS) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per block of ``spec`` over ``w`` (R, C): the qparams of the block's min and max shrunk by the
+    factor in ``shrinks`` that gives the least ``sum_j col_weight[j] (w_ij - fq(w_ij))^2`` (``fq``:
+    ``fake_quantize_affine`` with those qparams). With ``col_weight = diag(H)`` this is the output
+    error of rounding to nearest, H's off-diagonal terms dropped. Ties keep the earlier factor, so
+    with ``shrinks[0] == 1`` the result is never worse than ``choose_qparams_affine``'s by this
+    measure. Qparams come from ``choose_qparams_affine_from_min_max`` (the one rule of numerics)."""
+    block = spec.block_size(tuple(w.shape))
+    mn, mx = _min_max(w, block)
+    best = scale = zp = None
+    for p in shrinks:
+        s, z = choose_qparams_affine_from_min_max(mn * p, mx * p, spec)
+        err = _block_sums((w - fake_quantize_affine(w, spec, s, z)).square_().mul_(col_weight), block)
+        if best is None:
+            best, scale, zp = err, s, z
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zp = None if zp is None else torch.where(better, z, zp)
+    return scale, zp
+
+
+def check_options(block_size: int, damp: float, act_order: bool, damp_retries: int, qparams: str = "minmax") -> None:
     """Raise ValueError naming the first bad GPTQ option."""
+    if qparams not in QPARAMS:
+        raise ValueError(f"qparams={qparams!r}; allowed: {', '.join(map(repr, QPARAMS))}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size={block_size!r} must be a positive int")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < float("inf"):
@@ -221,6 +264,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     damp_retries: int = 4,
+    qparams: str = "minmax",
 ) -> GPTQResult:
     """Quantize one weight with GPTQ under ``spec``.
 
@@ -231,6 +275,7 @@ def gptq_quantize(
     are chosen first, from the original weight's group ("static groups"): the codes land in
     the canonical layout, no permutation is stored. Per-row and per-tensor qparams are chosen
     from the original weight in both cases (no column has been updated at that point).
+    ``qparams="search"`` replaces min/max by :func:`searched_qparams` wherever qparams are chosen.
 
     A column no calibration input reached (``H[j, j] == 0``) gets ``H[j, j] = 1``: it is
     rounded to nearest and feeds no error forward; its weight is kept.
@@ -243,6 +288,9 @@ def gptq_quantize(
         damp: ``H += damp * mean(diag H) * I``; raised when the factorization fails.
         act_order: quantize the columns with the largest ``diag(H)`` first (static groups).
         damp_retries: how many times the damping may be raised (x ``DAMP_FACTOR``).
+        qparams: ``"minmax"``: each block's min/max (``choose_qparams_affine``); ``"search"``:
+            :func:`searched_qparams`, the clip (``SEARCH_SHRINKS``) with the least
+            ``diag(H)``-weighted rounding error.
 
     Returns:
         :class:`GPTQResult`.
@@ -251,7 +299,7 @@ def gptq_quantize(
         ValueError: bad shapes or arguments, NaN/inf, a Hessian no damping makes positive definite.
         NotImplementedError: a spec whose blocks span some but not all rows.
     """
-    check_options(block_size, damp, act_order, damp_retries)
+    check_options(block_size, damp, act_order, damp_retries, qparams)
     _, cols = _check(weight, hessian, spec)
     n, k = weight.shape
     w0 = weight.detach().to(torch.float64)
@@ -259,9 +307,14 @@ def gptq_quantize(
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
 
+    diag = torch.diagonal(h).clone()
+
+    def choose(w: torch.Tensor, d: torch.Tensor):  # w: (rows, columns), d: the columns' diag(H)
+        return choose_qparams_affine(w, spec) if qparams == "minmax" else searched_qparams(w, d, spec)
+
     grouped = cols < k  # qparams chosen along the way (unless act_order); else once, up front
     if act_order or not grouped:
-        scale, zp = choose_qparams_affine(w0, spec)
+        scale, zp = choose(w0, diag)
     else:
         scale = torch.empty(n if spec.block_size((n, k))[0] == 1 else 1, k // cols, dtype=spec.scale_dtype,
                             device=w0.device)
@@ -291,7 +344,7 @@ def gptq_quantize(
                 col = order[i1 + i]
                 g = col // cols
                 if grouped and not act_order and col % cols == 0:
-                    s_g, z_g = choose_qparams_affine(w1[i:i + cols].t(), spec)
+                    s_g, z_g = choose(w1[i:i + cols].t(), diag[col:col + cols])
                     scale[:, g:g + 1] = s_g
                     if zp is not None:
                         zp[:, g:g + 1] = z_g

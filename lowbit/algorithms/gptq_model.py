@@ -205,6 +205,7 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = False,
     damp_retries: int = 4,
+    qparams: str = "minmax",
     batch_size: int = 8,
     blocks: str | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -233,6 +234,8 @@ def gptq(
         damp: damping relative to ``mean(diag H)`` (1%).
         act_order: quantize columns by decreasing ``diag(H)``, with static groups.
         damp_retries: times the damping may be raised x10 when a factorization fails.
+        qparams: ``"minmax"`` or ``"search"`` (clip-searched qparams, see
+            :func:`lowbit.algorithms.gptq.gptq_quantize`).
         batch_size: calibration rows per forward.
         blocks: name of the decoder blocks' ``nn.ModuleList`` (found when None).
         progress: ``progress(done, total)`` after each block.
@@ -270,7 +273,7 @@ def gptq(
     name, layers = find_blocks(model, blocks)
     param = next(model.parameters(), None)
     batches = make_batches(calibration, batch_size, param.device if param is not None else torch.device("cpu"))
-    opts = dict(block_size=block_size, damp=damp, act_order=act_order, damp_retries=damp_retries)
+    opts = dict(block_size=block_size, damp=damp, act_order=act_order, damp_retries=damp_retries, qparams=qparams)
     check_options(**opts)  # now, not after the first block's forward
     by_block: dict[int, list[Step]] = {}
     rest: list[Step] = []

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from lowbit.algorithms._weights import write_weight
-from lowbit.algorithms.gptq import Hessian, damped_inverse_cholesky, gptq_quantize, gram, output_sqnr
+from lowbit.algorithms.gptq import (
+    SEARCH_SHRINKS,
+    Hessian,
+    damped_inverse_cholesky,
+    gptq_quantize,
+    gram,
+    output_sqnr,
+    searched_qparams,
+)
 from lowbit.configs import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt4WeightConfig,
@@ -15,7 +23,13 @@ from lowbit.configs import (
     Int8WeightOnlyConfig,
 )
 from lowbit.granularity import PerGroup, PerTensor
-from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, quantize_affine
+from lowbit.primitives.affine import (
+    choose_qparams_affine,
+    choose_qparams_affine_from_min_max,
+    dequantize_affine,
+    fake_quantize_affine,
+    quantize_affine,
+)
 
 CONFIGS = {
     "int4-asym-g32": Int4WeightOnlyConfig(group_size=32),
@@ -202,6 +216,7 @@ def test_dead_input_column_is_rounded_to_nearest():
     ({"damp": float("nan")}, "damp=nan"),
     ({"act_order": 1}, "act_order=1"),
     ({"damp_retries": -1}, "damp_retries=-1"),
+    ({"qparams": "mse"}, "qparams='mse'"),
 ])
 def test_bad_options(kwargs, match):
     w, h, _ = _layer(k=32)
@@ -231,3 +246,48 @@ def test_the_callers_weight_and_hessian_are_untouched(rows, act_order):
     w0, h0 = w.clone(), h.clone()
     gptq_quantize(w, h, CONFIGS["int4-asym-g32"].weight_spec(), act_order=act_order)
     assert torch.equal(w, w0) and torch.equal(h, h0)
+
+
+def _weighted_error(w, d, spec, s, z):
+    return float(((w - fake_quantize_affine(w, spec, s, z)).square() * d).sum())
+
+
+@pytest.mark.parametrize("name", ["int4-asym-g32", "int4-sym-g32", "int4-floatzp-g64", "int8-row"])
+def test_searched_qparams_lower_the_weighted_rounding_error(name):
+    spec = CONFIGS[name].weight_spec()
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 128, generator=g, dtype=torch.float64)
+    w[torch.rand(16, 128, generator=g) < 0.02] *= 6  # a few outliers: clipping them pays
+    d = torch.rand(128, generator=g, dtype=torch.float64) + 0.1
+    s, z = searched_qparams(w, d, spec)
+    s0, z0 = choose_qparams_affine(w, spec)
+    assert _weighted_error(w, d, spec, s, z) < _weighted_error(w, d, spec, s0, z0)
+    # per block, never worse than min/max, and each block's qparams are one shrink factor's
+    rows, cols = spec.block_size(w.shape)
+    for i in range(0, 16, rows):
+        for j in range(0, 128, cols):
+            blk, dd, bi, bj = w[i:i + rows, j:j + cols], d[j:j + cols], i // rows, j // cols
+            pick = (s[bi:bi + 1, bj:bj + 1], None if z is None else z[bi:bi + 1, bj:bj + 1])
+            base = (s0[bi:bi + 1, bj:bj + 1], None if z0 is None else z0[bi:bi + 1, bj:bj + 1])
+            assert _weighted_error(blk, dd, spec, *pick) <= _weighted_error(blk, dd, spec, *base)
+            mn, mx = blk.min().float().reshape(1, 1), blk.max().float().reshape(1, 1)  # as _min_max: float32
+            assert any(torch.equal(pick[0], choose_qparams_affine_from_min_max(mn * p, mx * p, spec)[0])
+                       for p in SEARCH_SHRINKS)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_search_beats_round_to_nearest_and_writes_its_record(act_order):
+    config = CONFIGS["int4-asym-g32"]
+    w, h, _ = _layer(seed=6)
+    got = gptq_quantize(w, h, config.weight_spec(), act_order=act_order, qparams="search")
+    rtn = fake_quantize_affine(w, config.weight_spec())
+    assert output_sqnr(w, got.dequantized, h) >= output_sqnr(w, rtn, h) + GPTQ_GAIN_OVER_RTN_DB
+    if act_order:  # static groups: the search's qparams on the original weight, weighted by diag(H)
+        s, z = searched_qparams(w.double(), torch.diagonal(h).double(), config.weight_spec())
+        assert torch.equal(got.scale, s) and torch.equal(got.zero_point, z)
+        assert not torch.equal(s, choose_qparams_affine(w, config.weight_spec())[0])
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    write_weight(linear, "linear", config, [], got.qdata, got.scale, got.zero_point)
+    assert torch.equal(linear.weight.dequantize(), got.dequantized)

@@ -88,11 +88,12 @@ def _same_fields(a, b, *, codes_equal):
                 assert torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
-def test_gptq_writes_the_tensors_quantize_makes(act_order):
+@pytest.mark.parametrize("opts", [{}, {"act_order": True}, {"qparams": "search"}, {"act_order": True, "qparams": "search"}],
+                         ids=["plain", "act_order", "search", "act_order_search"])
+def test_gptq_writes_the_tensors_quantize_makes(opts):
     model = _llama()
     rtn = quantize_(copy.deepcopy(model), MIXED)
-    report = gptq(model, MIXED, _calib(), act_order=act_order, block_size=32)
+    report = gptq(model, MIXED, _calib(), block_size=32, **opts)
     got, want = _quantized(model), _quantized(rtn)
     assert set(got) == set(want) and len(got) == 15
     for name in got:
@@ -173,6 +174,8 @@ def test_errors_before_anything_changes():
         gptq(model, Int8WeightOnlyConfig(), "some text")
     with pytest.raises(ValueError, match="damp=-1"):
         gptq(model, Int8WeightOnlyConfig(), _calib(), damp=-1)
+    with pytest.raises(ValueError, match="qparams='mse'; allowed: 'minmax', 'search'"):
+        gptq(model, Int8WeightOnlyConfig(), _calib(), qparams="mse")
     with pytest.raises(NotImplementedError, match="HQQ makes int4/int8 weights"):
         quantize_hqq_(model, Float8WeightOnlyConfig())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
