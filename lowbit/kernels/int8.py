@@ -221,8 +221,7 @@ def _quantize_activation(input, act_scale, act_zero_point, spec):
     return quantize_affine(input, s, zp, spec), s, zp, spec
 
 
-@torch.library.custom_op("lowbit::int8_mm", mutates_args=())
-def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _int8_mm_impl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` for int8 ``a`` (M, K) and ``b`` (N, K), exact in int32: ``torch._int_mm``, or on a
     CPU without int8 dot products ``_int8_mm_float32`` (same bits).
 
@@ -244,6 +243,11 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if m >= _FLOAT_MM_MIN_M and host.float32_matmul_exact():
             return _int8_mm_float32(a, b)
     return torch._int_mm(a, b.t())
+
+
+# the op compile sees; eager decode (_fused_cpu) calls _int8_mm_impl itself: the custom op's Python
+# layers cost more than the kernel on a small layer (SmolLM2: ~45 us of mm_i8 per call)
+int8_mm = torch.library.custom_op("lowbit::int8_mm", mutates_args=())(_int8_mm_impl)
 
 
 def _int8_mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -310,7 +314,7 @@ def _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_spec):
     xq, s_dyn = ext.quantize_i8(input, float(act_scale) if static else -1.0, zp, act_spec.eps)
     s_x = act_scale.reshape(1).float() if static else s_dyn
     if zp == 0:
-        acc, zcorr = int8_mm(xq, qdata), None
+        acc, zcorr = _int8_mm_impl(xq, qdata), None
     else:
         acc, rs = _mm_and_rowsum(xq, qdata)
         zcorr = (zp * rs).to(torch.int32)
@@ -397,6 +401,9 @@ def int8_activation_linear(
     if scale.shape[1] != 1:
         raise ValueError(f"int8 activations need a per-row or per-tensor weight scale, got scale {tuple(scale.shape)}")
     check_kernel(kernel)
+    if not torch.is_grad_enabled() or not (input.requires_grad or (bias is not None and bias.requires_grad)):
+        # no gradient to record: the same forward without the autograd.Function's per-call layers
+        return _activation_forward(input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel)
     return _Int8ActivationLinear.apply(input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel)
 
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 
 from lowbit.granularity import PerRow, PerTensor, PerToken
-from lowbit.kernels.float8 import float8_activation_linear, float8_weight_only_linear
+from lowbit.kernels.float8 import float8_activation_linear, float8_weight_only_linear_any
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, quantize_float8
-from lowbit.spec import QuantSpec, spec_key
+from lowbit.spec import QuantSpec
 from lowbit.tensors.base import QuantizedTensor
 from lowbit.tensors.layout_ops import register_layout_ops, register_linear_ops
 
@@ -120,7 +120,7 @@ def _run_linear(x: torch.Tensor, weight: Float8Tensor, bias: torch.Tensor | None
 def _run_unscaled(x: torch.Tensor, weight: Float8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     kernel = weight.kernel.value
     if weight.act_spec is None:
-        return float8_weight_only_linear(x, weight.qdata, weight.scale, bias, spec_key(weight.spec), kernel)
+        return float8_weight_only_linear_any(x, weight.qdata, weight.scale, bias, weight.spec, kernel)
     return float8_activation_linear(
         x, weight.qdata, weight.scale, bias, weight.spec, weight.act_spec, kernel, weight.act_scale
     )
