@@ -143,13 +143,18 @@ class Variant:
 
 def _lowbit(make: Callable[[int | None], object], group: int | None = None):
     """Every linear with ``make(group)``; int4 layers whose in_features the group doesn't divide
-    take the largest of 64 / 32 that does (SmolLM2's 576-wide layers at g128: g64), else stay bf16."""
+    take the largest of 64 / 32 that does (SmolLM2's 576-wide layers at g128: g64), else stay bf16;
+    a head tied to the embedding stays bf16 under a config that quantizes activations."""
 
     def build(m):
         mapping, groups = {}, collections.Counter()
+        embedding = m.get_input_embeddings().weight if hasattr(m, "get_input_embeddings") else None
         for n, lin in linears(m):
             g = group if group is None else next((g for g in (group, 64, 32) if g <= group and lin.in_features % g == 0), 0)
-            mapping[n] = None if g == 0 else make(g)
+            config = None if g == 0 else make(g)
+            if config is not None and lin.weight is embedding and config.act_spec() is not None:
+                config, g = None, 0  # a tied head (SmolLM2) is also an embedding: activation configs leave it bf16
+            mapping[n] = config
             groups["bf16" if g == 0 else f"g{g}" if g else "all"] += 1
         quantize_(m, mapping)
         return {"layers": dict(groups)}

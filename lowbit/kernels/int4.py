@@ -41,6 +41,7 @@ from lowbit.kernels._cache import DerivedCache
 from lowbit.kernels._int4_cpu import available as int4_cpu_available
 from lowbit.kernels._int4_cpu import direct_gemv, int4_linear_cpu
 from lowbit.kernels._int8_int4_cpu import int8_int4_linear
+from lowbit.kernels.float8 import _fake_quantize_cpu as _fake_quantize_fp8_cpu
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine
 from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
@@ -284,7 +285,8 @@ def int4_linear(
         if (out := int8_int4_linear(input, qdata, scale, zero_point, bias, act_spec, spec)) is not None:
             return out
     if act_spec is not None:
-        input = fake_quantize_activation(input, act_spec)
+        x = _fake_quantize_fp8_cpu(input, act_spec, None) if act_spec.dtype.is_float and kernel == "auto" else None
+        input = fake_quantize_activation(input, act_spec) if x is None else x  # x: one C++ pass, same bits
     if kernel == "auto":  # decode-sized bf16 on CPU: the same C++ GEMV without the custom op's Python layers
         out = direct_gemv(input, qdata, scale, zero_point, bias)
         if out is not None:
