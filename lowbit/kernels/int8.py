@@ -40,12 +40,10 @@ __all__ = [
 
 _EXT_MAX_M = 1  # AVX-512 build: a pass over the weight per row of x; for M > 1 _weight_int8pack_mm is faster
 # AVX2 build: register tiles of up to 4 rows of x, the weight read once per call. Ahead of
-# _weight_int8pack_mm (optimum-quanto's path), of the chunked path and of bf16 at every M = 1..16 on
-# 8 x 4096^2 and on SmolLM2's 211 decode linears (benchmarks/results/int8_small_m_1t.json: 1 thread,
-# loaded host; ms for 8 x 4096^2 bf16 x, ours as routed here / _weight_int8pack_mm):
-#   M        1      2      4      8     16
-#   ours    12.0   12.0   17.2   41.0   73.9
-#   int8pk  20.5   19.0   31.1   71.4  140.7
+# _weight_int8pack_mm (optimum-quanto's path) and of bf16 at every M = 1..16 on 8 x 4096^2 and on
+# SmolLM2's 211 decode linears (benchmarks/results/int8_small_m_2t.json: 2 threads, quiet; ms for
+# 8 x 4096^2 bf16 x, ours as routed here / _weight_int8pack_mm; int8_small_m_1t.json: 1 thread, loaded,
+# same order): M = 1: 8.5 / 13.4, M = 4: 16.2 / 24.9, M = 16: 32.2 / 65.1
 _EXT_MAX_M_AVX2 = 16
 _INT8PACK_MAX_M = 8  # _weight_int8pack_mm beats bf16 up to M=8 (1.2x), loses from M=16 (0.7x)
 _CHUNK_ROWS = 256  # 256 x 4096 bf16 = 2 MiB: the converted chunk stays in cache (measured best)
