@@ -17,12 +17,15 @@ exact products (q - zp) * x in float32, summed per group and scaled once:
 Static estimates (llvm-mca 14, ``-mcpu=znver3``, each compiled inner loop at M = 1, cycles per 64
 weights): production 15.5 (vpmovzxbd ymm is modelled at 3 cycles on FP1/FP2, which the shift,
 the conversions and half the FMAs also need), magic16 15.0, lut_bf16 11.1, dword 8.9 (FMA-bound in
-the model). Measured on a shared 2-core Zen 3 at load ~5 (the results file), 1 thread, CPU time
-relative to production moved between runs by as much as between variants (dword 0.90-1.10,
-lut_bf16 1.00-1.26, magic16 0.89-0.94 over the dram and l2 rows of three runs); the model's 1.7x
-for dword did not appear. 2-thread rows at that load are scheduler noise. A no-conversion floor of
-the dword loop (FMA and loads only, 4 accumulators, L1-resident, min of 2000 calls) took ~0.6x
-production's time: even a free conversion leaves 1 thread near 0.6 of the probe in this shape.
+the model). Measured on a quiet 2-core Zen 3 (2.45 GHz, load 0.1-1.0, 7 interleaved rounds; the results file):
+at M = 1 against 8 x 4096^2 the production loop moves 6.88 GB/s on 1 thread and 9.77 on 2, 0.37 of
+the DRAM probe (18.6 / 26.1 GB/s); the best candidates, dword_r2 and lut_bf16, 1.08-1.17x that
+(0.40-0.44 of the probe), but 0.95-1.02x on the L2-resident rows and 0.86-0.94x at M = 4. So fewer
+instructions per byte did not buy throughput where the weight sits in L2: the model's 1.7x for
+dword did not appear, and the DRAM-row gain looks like the access pattern (2 row streams) rather
+than the loop. The production kernel is unchanged. Lower bound for this design: 2 float32 FMAs
+per 8 packed bytes; at 2 FMAs a cycle and 2.45 GHz that alone caps one core at 19.6 GB/s, before
+any nibble decoding; a second thread gave 1.42x (the probe 1.40x).
 
 Optionally (``--baseline REV``) an earlier revision of the production source is built from git
 beside it (dispatcher registration stripped). Workloads, bf16 x of M rows, group 128 asymmetric
