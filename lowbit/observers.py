@@ -21,6 +21,10 @@ Three ways to combine batches:
   percentiles of each block instead of max and min, averaged over batches weighted by their
   element counts; clips outliers (PerTensor and PerAxis on the 2-D view only).
 
+Every observer also keeps, outside its state dict, the sum of ``|x|`` and the element count over
+all batches (``mean_abs``): ``lowbit.static.convert`` compares that typical magnitude with the
+chosen scale to name the linears whose static int8 inputs would mostly round to 0.
+
 Edge cases (documented, never NaN): an observer that saw only zeros gives the smallest scale
 (``spec.eps``) and zero point 0 (``qmin`` for an asymmetric int range, where 0 maps to ``qmin``);
 a batch with NaN or inf raises ``ValueError`` naming the observer (``name``); asking for qparams
@@ -52,6 +56,8 @@ class ObserverBase(nn.Module):
     Buffers:
         min_val, max_val: float32 range per block (empty until the first batch).
         num_batches: int64 count of batches seen.
+        abs_sum, abs_count: float64 sum of ``|x|`` and int64 element count over every batch (not
+            saved in the state dict: an observer loaded from one has ``mean_abs`` None).
     """
 
     def __init__(self, spec: QuantSpec, *, name: str = ""):
@@ -63,6 +69,8 @@ class ObserverBase(nn.Module):
         self.register_buffer("min_val", torch.empty(0))
         self.register_buffer("max_val", torch.empty(0))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("abs_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("abs_count", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for n in ("min_val", "max_val"):  # the range's shape is only known once data was seen
@@ -77,6 +85,12 @@ class ObserverBase(nn.Module):
     def has_data(self) -> bool:
         """Whether at least one batch has been observed."""
         return int(self.num_batches) > 0
+
+    @property
+    def mean_abs(self) -> float | None:
+        """Mean ``|x|`` over every element observed, or None before any batch (or after a state-dict load)."""
+        n = int(self.abs_count)
+        return float(self.abs_sum) / n if n else None
 
     def _label(self) -> str:
         return f"observer {self.name!r}" if self.name else type(self).__name__
@@ -114,6 +128,8 @@ class ObserverBase(nn.Module):
                     f"{tuple(self.min_val.shape)}; granularity {self.spec.granularity!r} must give one shape per batch"
                 )
             self._combine(mn, mx, v.numel())
+        self.abs_sum += v.abs().sum(dtype=torch.float64)
+        self.abs_count += v.numel()
         self.num_batches += 1
         return x
 

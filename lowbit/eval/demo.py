@@ -26,6 +26,7 @@ import argparse
 import copy
 import datetime
 import json
+import re
 import statistics
 import sys
 import time
@@ -246,8 +247,17 @@ def _quantized(base: nn.Module, row: DemoRow, calib: torch.Tensor, algo_calib: t
         with torch.no_grad():
             for batch in calib.split(2):
                 runner(batch)
-        model = convert(model)
-        return model, _float_note(model)
+        with warnings.catch_warnings(record=True) as caught:  # convert's underflow warning goes in the note
+            warnings.simplefilter("always")
+            model = convert(model)
+        notes = [_float_note(model)]
+        for w in caught:
+            m = re.match(r"convert: (\d+) linear\(s\) got a static int8 input scale", str(w.message))
+            if m:
+                notes.append(f"{m.group(1)} linear(s): most static int8 inputs round to 0 (outliers set the range)")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return model, "; ".join(n for n in notes if n)
     plan = plan_quantization(model, config)
     with warnings.catch_warnings():  # the note says it
         warnings.filterwarnings("ignore", message="quantize_: ", category=UserWarning)

@@ -4,7 +4,7 @@ merged across ranks (``sync_observers``)."""
 
 from lowbit.static.config import SmoothQuantConfig, StaticQuantConfig
 from lowbit.static.distributed import sync_observers
-from lowbit.static.flow import ObservedLinear, convert, prepare, smoothing_factors
+from lowbit.static.flow import UNDERFLOW_STEPS, ObservedLinear, convert, prepare, smoothing_factors
 from lowbit.static.fold import FoldGroup, FoldReport, find_fold_groups, fold_scales
 from lowbit.static.softmax import QuantizedSoftmax, quantize_softmax_module, softmax_spec
 
@@ -15,6 +15,7 @@ __all__ = [
     "prepare",
     "convert",
     "smoothing_factors",
+    "UNDERFLOW_STEPS",
     "sync_observers",
     "FoldGroup",
     "FoldReport",

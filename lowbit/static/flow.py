@@ -15,6 +15,12 @@ quantized tensor with the observed static activation scale, by the ordinary conf
 Scales come from the observers' ``calculate_qparams`` (the primitives), so a static linear whose
 observer saw exactly the input it is run on gives the per-tensor dynamic result bit for bit.
 
+Inputs dominated by outliers: for each static integer scale, ``convert`` compares the calibration
+inputs' mean ``|x|`` with the scale and warns once, naming every linear whose typical input is
+under ``UNDERFLOW_STEPS`` quantization steps (most of its inputs round to 0: a per-tensor range
+set by rare huge activations, as SmolLM2's ``mlp.down_proj`` inputs have). The quantization
+itself is unchanged; the warning names the remedies.
+
 Missing data: ``convert`` raises when no observed linear saw a batch (calibration never ran),
 and for a linear no batch reached (an unused MoE expert) it warns, names it, and applies
 ``config.missing``. No scale is ever NaN: an all-zero input gives the smallest scale.
@@ -49,7 +55,11 @@ from lowbit.static.fold import FoldGroup, FoldReport, find_fold_groups, fold_sca
 from lowbit.static.softmax import quantize_softmax_module
 from lowbit.tensors.base import QuantizedTensor
 
-__all__ = ["ObservedLinear", "prepare", "convert", "smoothing_factors", "SMOOTH_MIN", "SMOOTH_MAX"]
+__all__ = ["ObservedLinear", "prepare", "convert", "smoothing_factors", "SMOOTH_MIN", "SMOOTH_MAX", "UNDERFLOW_STEPS"]
+
+# convert() warns when a static integer input scale exceeds 1 / UNDERFLOW_STEPS times the mean |x| its
+# observer saw: for a Laplace-like input that rounds 1 - exp(-2) ~ 86% of the values to 0.
+UNDERFLOW_STEPS = 0.25
 
 # SmoothQuant factors are clamped to this range: a channel that is all zero in the activations
 # or in the weight gets s = 1 (no change) instead of 0 or inf.
@@ -202,10 +212,29 @@ def _dynamic_config(recipe: StaticQuantConfig) -> QuantConfig:
     )
 
 
-def _convert_static(module: nn.Linear, fqn: str, observer: ObserverBase, recipe: StaticQuantConfig) -> None:
+def _convert_static(module: nn.Linear, fqn: str, observer: ObserverBase, recipe: StaticQuantConfig) -> float | None:
+    """Quantize ``module`` with the observed static scale; returns the observed mean ``|x|`` in
+    quantization steps when it is under ``UNDERFLOW_STEPS`` (integer recipes only), else None."""
     scale, zero_point = observer.calculate_qparams()
     config = _static_config(recipe, scale, zero_point)
     get_handler(config)(module, config, fqn)
+    mean = observer.mean_abs
+    if recipe.is_float8 or not mean:  # no statistics, or all-zero inputs (exact at any scale)
+        return None
+    steps = mean / float(scale.float().mean())
+    return steps if steps < UNDERFLOW_STEPS else None
+
+
+def _warn_underflow(low: dict[str, float]) -> None:
+    worst = sorted(low.items(), key=lambda kv: kv[1])
+    shown = ", ".join(f"{n!r} {v:.2g}" for n, v in worst[:5]) + (f" and {len(worst) - 5} more" if len(worst) > 5 else "")
+    warnings.warn(
+        f"convert: {len(low)} linear(s) got a static int8 input scale over {1 / UNDERFLOW_STEPS:g}x the mean |x| of "
+        f"their calibration inputs, so most of their inputs round to 0 (mean |x| in quantization steps: {shown}); "
+        "rare large activations set their ranges. Remedies: SmoothQuantConfig, dynamic per-token activations "
+        "(Int8DynamicActivationInt8WeightConfig), or leaving them float (prepare's filter_fn)",
+        stacklevel=3,
+    )
 
 
 def smoothing_factors(
@@ -322,7 +351,9 @@ def convert(model: nn.Module) -> nn.Module:
 
     Warns:
         UserWarning naming each linear no batch reached (handled per ``config.missing``), and,
-        for SmoothQuant with ``fold=True``, one naming the count of linears that kept a pre-scale.
+        for SmoothQuant with ``fold=True``, one naming the count of linears that kept a pre-scale;
+        one naming the linears whose static int8 scale is over ``1 / UNDERFLOW_STEPS`` times their
+        inputs' mean ``|x|`` (most of their inputs round to 0).
     """
     observed = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, ObservedLinear)]
     if not observed:
@@ -347,6 +378,7 @@ def convert(model: nn.Module) -> nn.Module:
         # all scales first, then the folds (they rewrite norms and producer linears, e.g. v_proj's
         # rows for o_proj, before any of them is quantized), then the quantization
         model.lowbit_fold_report = _convert_smooth(model, smooth)
+    low = {}
     for fqn, module, observer, config in unobserved:
         recipe = _observer_recipe(config)
         if not observer.has_data:
@@ -354,5 +386,9 @@ def convert(model: nn.Module) -> nn.Module:
                 dyn = _dynamic_config(recipe)
                 get_handler(dyn)(module, dyn, fqn)
         elif not isinstance(config, SmoothQuantConfig):
-            _convert_static(module, fqn, observer, recipe)
+            steps = _convert_static(module, fqn, observer, recipe)
+            if steps is not None:
+                low[fqn] = steps
+    if low:
+        _warn_underflow(low)
     return model

@@ -136,3 +136,15 @@ def test_demo_rejects_bad_arguments():
         demo.main(["--new-tokens", "-1"])
     with pytest.raises(SystemExit):
         demo.main(["--algo-samples", "0"])
+
+
+def test_static_row_note_names_linears_whose_int8_inputs_round_to_zero():
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    calib = torch.randn(4, 16, 32, generator=g)
+    calib[0, 0, 5] = 5000.0  # one huge input: the first linear's per-tensor scale is set by it
+    _, note = demo._quantized(base, demo.DemoRow("W8A8 static", StaticQuantConfig()), calib, None, lambda m: m)
+    assert "1 linear(s): most static int8 inputs round to 0" in note
+    _, note = demo._quantized(base, demo.DemoRow("W8A8 static", StaticQuantConfig()), calib.clamp(-4, 4), None,
+                              lambda m: m)
+    assert "round to 0" not in note

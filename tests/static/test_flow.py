@@ -2,6 +2,7 @@
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from lowbit.configs import (
 )
 from lowbit.eval import glassllm_tokenizer, eval_text, load_glassllm, perplexity, sqnr
 from lowbit.granularity import PerRow, PerTensor
+from lowbit.observers import make_observer
 from lowbit.primitives.affine import choose_qparams_affine
 from lowbit.quantize import quantize_
 from lowbit.spec import QuantSpec
@@ -272,6 +274,61 @@ def test_missing_error_mode():
     model = prepare(_TwoExperts(), StaticQuantConfig(missing="error"))
     model(torch.randn(4, 16))
     with pytest.raises(RuntimeError, match="experts.1"):
+        convert(model)
+
+
+def test_observer_mean_abs_is_the_mean_of_every_element():
+    obs = make_observer("minmax", QuantSpec("int8", PerTensor()))
+    assert obs.mean_abs is None
+    a, b = torch.randn(3, 8), torch.randn(5, 2, 8).bfloat16()
+    obs(a)
+    obs(b)
+    want = torch.cat([a.double().abs().flatten(), b.double().abs().flatten()]).mean().item()
+    assert obs.mean_abs == pytest.approx(want, rel=1e-12)
+    assert "abs_sum" not in obs.state_dict()  # a calibration statistic, not part of a checkpoint
+
+
+class _TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+
+    def forward(self, x, y):
+        return self.a(x), self.b(y)
+
+
+def _outlier_inputs(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 64, generator=g), torch.randn(n, 64, generator=g)
+    y[0, 3] = 3000.0  # one huge activation (SmolLM2's down_proj inputs reach 2949 at mean |x| 0.11)
+    return x, y
+
+
+def test_convert_names_linears_whose_static_int8_inputs_mostly_round_to_zero():
+    model = prepare(_TwoLinears(), StaticQuantConfig())
+    x, y = _outlier_inputs()
+    model(x, y)
+    with pytest.warns(UserWarning, match=r"convert: 1 linear\(s\) .*most of their inputs round to 0 .*'b' 0\.0") as rec:
+        convert(model)
+    assert not any("'a'" in str(w.message) for w in rec)
+    # the warning describes what happened: most of b's inputs do quantize to zero, few of a's
+    for name, inp, most in (("a", x, False), ("b", y, True)):
+        zeros = (torch.round(inp / getattr(model, name).weight.act_scale) == 0).float().mean().item()
+        assert (zeros > 0.9) if most else (zeros < 0.5), (name, zeros)
+
+
+def test_convert_is_quiet_for_float8_and_for_ordinary_ranges():
+    x, y = _outlier_inputs()
+    model = prepare(_TwoLinears(), StaticQuantConfig("float8_e4m3fn"))
+    model(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(model)  # float8 keeps small values: no underflow warning
+    model = prepare(_TwoLinears(), StaticQuantConfig())
+    model(x, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         convert(model)
 
 
