@@ -9,7 +9,11 @@ included (the embedding stays bf16; SmolLM2's tied head gets its own quantized c
 Workloads, run as one loop over ``model.forward`` with a transformers ``StaticCache``: prefill =
 one forward over ``--prompt-len`` tokens (default 256) that fills the cache and returns the last
 token's logits; decode = ``--new-tokens`` greedy steps (default 32) after that prompt, i.e. with a
-256-288-token KV cache. Eager and compiled run the same loop; compiled is
+256-288-token KV cache. Accuracy columns: decode, the share of greedy tokens equal to bf16 eager's;
+prefill, the SQNR of the last token's logits against bf16 eager's: ONE position, and a quantized
+model's logits SQNR moves by over 20 dB from one position to the next (SmolLM2 int4 g128), so a low
+value here is not a finding. It flags a broken build; the perplexity tables
+(benchmarks/accuracy.py) measure accuracy. Eager and compiled run the same loop; compiled is
 ``torch.compile(step, dynamic=False)`` with freezing, one graph per workload, compared with bf16
 compiled the same way. Ratios come from interleaved rounds in one process (see _common.py).
 
@@ -776,7 +780,7 @@ def _table(rows: list[dict], info: dict, workload: str) -> str:
     return tabulate(out, tablefmt="github", headers=[
         "variant", "library", "eager tok/s", "eager vs bf16", "compiled tok/s", "compiled vs bf16",
         "eager vs bf16 compiled", "weight MB", "w/bf16", "compiled MB", "compiled weights",
-        "greedy match" if workload == "decode" else "logits SQNR dB", "clean e/c"])
+        "greedy match" if workload == "decode" else "last-token logits SQNR dB", "clean e/c"])
 
 
 def _quality(r) -> str:
