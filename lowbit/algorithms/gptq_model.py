@@ -1,7 +1,8 @@
 """``gptq(model, config, calibration)``: GPTQ over a whole model, one decoder block at a time.
 
 Per block: its inputs (the quantized previous blocks' outputs) run through it once with hooks
-that accumulate each selected linear's Hessian; each linear is solved (:mod:`lowbit.algorithms.gptq`);
+that accumulate each selected linear's Hessian (each forward ends as soon as every hooked linear
+has its inputs: a block's ``down_proj`` matmul and what follows are skipped); each linear is solved (:mod:`lowbit.algorithms.gptq`);
 the codes become the config's own tensor; then the quantized block runs again to make the next
 block's inputs. Linears fed the same input tensor (q/k/v, gate/up) share one ``X^T X`` product
 and, with the same per-row spec, are solved as one stacked weight (rows are independent in
@@ -74,15 +75,34 @@ class GPTQReport:
         return "\n".join(rows)
 
 
+class _HessiansDone(Exception):
+    """Raised by the last pre-hook a forward needs: every hooked linear has its inputs."""
+
+
 class _Collector:
     """Forward pre-hooks accumulating each step's Hessian; an input tensor several linears read
-    (q/k/v) is multiplied out once per batch."""
+    (q/k/v) is multiplied out once per batch.
+
+    A forward run through :meth:`forward` ends once every hooked linear has been called in it as
+    often as in the first forward that ran to the end and called them all: the hook that completes
+    that count adds its input and raises :class:`_HessiansDone` instead of letting its linear run,
+    so what follows (a block's ``down_proj`` matmul, the residual) is skipped; the Hessians are
+    those of the whole forward. A forward that calls some linear less often (MoE experts the data
+    do not route to) or more often runs to the end. It assumes a forward that has called each
+    linear as often as a complete one did calls none of them again (true of a block of fixed
+    structure).
+    """
+
+    stop_early = True  # False: every forward runs to the end (the tests compare the two)
 
     def __init__(self, steps: list[Step], keep: bool = False):
         self.hessians = {s.fqn: Hessian(s.module.weight.shape[1], s.module.weight.device) for s in steps}
         # keep: each batch's product is kept, not added (the ranks add them in the union's order)
         self.kept: dict[str, list[torch.Tensor]] | None = {s.fqn: [] for s in steps} if keep else None
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._calls = dict.fromkeys(self.hessians, 0)  # this forward's calls per linear
+        self._full: dict[str, int] | None = None  # the calls of a complete forward that called every linear
+        self._left = -1  # calls left until this forward has them all (< 0: not known yet, or too many)
         self._handles = [s.module.register_forward_pre_hook(self._hook(s.fqn), with_kwargs=True) for s in steps]
 
     def _hook(self, fqn: str):
@@ -97,11 +117,31 @@ class _Collector:
             else:
                 self.kept[fqn].append(hit[1])
                 self.hessians[fqn].count += hit[2]
+            calls = self._calls[fqn] = self._calls[fqn] + 1
+            if self._full is not None and self._left >= 0:
+                if calls > self._full[fqn]:
+                    self._left = -1  # more calls than a complete forward made: run this one to the end
+                else:
+                    self._left -= 1
+                    if self._left == 0:
+                        raise _HessiansDone
 
         return hook
 
-    def next_batch(self) -> None:
+    def forward(self, fn: Callable, *args, **kwargs) -> None:
+        """``fn(*args, **kwargs)`` (one batch's forward) with the hooks on, ended early once the
+        hooked linears have their inputs (class docstring); the output is not kept."""
         self._cache.clear()
+        self._calls = dict.fromkeys(self._calls, 0)
+        self._left = -1 if self._full is None else sum(self._full.values())
+        try:
+            fn(*args, **kwargs)
+        except _HessiansDone:
+            return
+        finally:
+            self._cache.clear()
+        if self._full is None and self.stop_early and all(self._calls.values()):
+            self._full = dict(self._calls)
 
     def remove(self) -> None:
         self._cache.clear()
@@ -165,13 +205,14 @@ def _solve(steps: list[Step], hessians: dict[str, Hessian], opts: dict,
     return [(s, values, layer) for g, res in zip(groups, solved) for s, (values, layer) in zip(g, res)]
 
 
-def _quantize(steps: list[Step], run: Callable[[Callable[[], None]], None], opts: dict, where: str,
+def _quantize(steps: list[Step], run: Callable[[Callable], None], opts: dict, where: str,
               process_group=None) -> list[GPTQLayer]:
-    """Hessians from ``run(next_batch)`` (summed over the ranks of ``process_group``), then solve
-    every step, then write them all."""
+    """Hessians from ``run(forward)``, which calls ``forward(fn, *args, **kwargs)`` once per batch
+    (:meth:`_Collector.forward`), summed over the ranks of ``process_group``; then solve every step,
+    then write them all."""
     collector = _Collector(steps, keep=process_group is not None)
     try:
-        run(collector.next_batch)
+        run(collector.forward)
     finally:
         collector.remove()
     if process_group is not None:
@@ -297,10 +338,9 @@ def gptq(
                     t0 = time.perf_counter()
                     steps = by_block.get(i, [])
                     if steps:
-                        def run(next_batch, layer=layer, inputs=inputs):
+                        def run(forward, layer=layer, inputs=inputs):
                             for args, kwargs in inputs:
-                                next_batch()
-                                layer(*args, **kwargs)
+                                forward(layer, *args, **kwargs)
 
                         report.layers += _quantize(steps, run, opts, f"{name}.{i}", process_group)
                     inputs = run_block(layer, inputs) if i < last else None
@@ -311,10 +351,9 @@ def gptq(
             if rest:
                 extra = forward_kwargs(model)
 
-                def run_model(next_batch):
+                def run_model(forward):
                     for b in batches:
-                        next_batch()
-                        model(b, **extra)
+                        forward(model, b, **extra)
 
                 report.layers += _quantize(rest, run_model, opts, f"the linears outside {name}", process_group)
     finally:

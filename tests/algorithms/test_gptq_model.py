@@ -11,6 +11,8 @@ from torch import nn
 
 import lowbit
 from lowbit.algorithms import calibration_batches, gptq, quantize_hqq_
+from lowbit.algorithms.gptq import Hessian
+from lowbit.algorithms.gptq_model import _Collector
 from lowbit.configs import (
     Float8DynamicActivationInt4WeightConfig,
     Float8WeightOnlyConfig,
@@ -24,6 +26,7 @@ from lowbit.eval import eval_text, glassllm_tokenizer, load_glassllm, perplexity
 from lowbit.granularity import PerGroup
 from lowbit.kernels.preference import KernelPreference
 from lowbit.quantize import quantize_
+from lowbit.quantize.plan import Step
 from lowbit.tensors.base import QuantizedTensor
 
 transformers = pytest.importorskip("transformers")
@@ -244,3 +247,109 @@ def test_glassllm_gptq_beats_round_to_nearest():
     print(f"glassllm int4 sym g32: RTN perplexity {rtn_ppl:.2f} (KL {rtn_kl:.5f}), GPTQ {ppl:.2f} (KL {kl:.5f})")
     assert ppl < rtn_ppl and kl < rtn_kl
     assert len(report.layers) == 24 and all(r.sqnr_db > r.rtn_sqnr_db for r in report.layers)
+
+
+# --- the Hessian pass ends each forward once every hooked linear has its inputs -----------------------------
+
+
+class _Twice(nn.Module):
+    """a -> b -> a again -> tail: ``a`` reads two different inputs in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.tail = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.tail_calls = 0
+
+    def forward(self, x):
+        y = self.a(self.b(self.a(x)).relu())
+        self.tail_calls += 1
+        return self.tail(y)
+
+
+class _Routed(nn.Module):
+    """Two experts; a batch whose mean is <= 0 never reaches expert 1 (an MoE's routing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.experts, self.down = nn.Linear(8, 8), nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)]), \
+            nn.Linear(8, 8)
+        self.down_calls = 0
+
+    def forward(self, x):
+        h = self.up(x)
+        y = self.experts[0](h)
+        if x.mean() > 0:
+            y = y + self.experts[1](h)
+        self.down_calls += 1
+        return self.down(y)
+
+
+def _hooked(block: nn.Module, names: list[str]):
+    steps = [Step(n, block.get_submodule(n), Int8WeightOnlyConfig(), Int8WeightOnlyConfig(), []) for n in names]
+    return steps
+
+
+def _full_forward_hessians(block: nn.Module, names: list[str], batches) -> dict:
+    """Each named linear's Hessian from plain hooks over complete forwards."""
+    hs = {n: Hessian(8) for n in names}
+    handles = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hs[n].add(a[0])) for n in names]
+    with torch.no_grad():
+        for x in batches:
+            block(x)
+    for h in handles:
+        h.remove()
+    return hs
+
+
+@pytest.mark.parametrize("case", ["called_twice", "never_called"])
+def test_hessian_pass_stops_early_with_the_full_forwards_hessians(case):
+    torch.manual_seed(0)
+    if case == "called_twice":
+        block, names = _Twice(), ["a", "b"]
+        batches = [torch.randn(3, 5, 8) for _ in range(4)]
+    else:
+        block, names = _Routed(), ["up", "experts.0", "experts.1"]
+        signs = [1.0, -1.0, 1.0, 1.0, -1.0]  # batches 1 and 4 skip expert 1: they must run to the end
+        batches = [torch.randn(3, 5, 8).abs() * s for s in signs]
+    want = _full_forward_hessians(block, names, batches)
+    for counter in ("tail_calls", "down_calls"):
+        if hasattr(block, counter):
+            setattr(block, counter, 0)
+    collector = _Collector(_hooked(block, names))
+    with torch.no_grad():
+        for x in batches:
+            collector.forward(block, x)
+    collector.remove()
+    for n in names:
+        assert collector.hessians[n].count == want[n].count, n
+        assert torch.equal(collector.hessians[n].sum, want[n].sum), n
+    if case == "called_twice":
+        assert block.tail_calls == 1  # only the first forward (which learns the calls) reached the tail
+    else:
+        assert block.down_calls == 1 + 2  # the first, and the two that never called expert 1
+
+
+def test_hessian_pass_never_stops_if_no_forward_calls_every_linear():
+    torch.manual_seed(0)
+    block, names = _Routed(), ["up", "experts.0", "experts.1"]
+    batches = [-torch.randn(3, 5, 8).abs() for _ in range(3)]  # expert 1 is never called
+    collector = _Collector(_hooked(block, names))
+    with torch.no_grad():
+        for x in batches:
+            collector.forward(block, x)
+    collector.remove()
+    assert block.down_calls == 3 and collector.hessians["experts.1"].count == 0
+
+
+@pytest.mark.parametrize("opts", [{}, {"act_order": True}], ids=["plain", "act_order"])
+def test_gptq_early_stop_gives_the_same_codes(opts, monkeypatch):
+    """Every code, scale and zero point bit for bit as with every Hessian forward run to the end."""
+    early = _llama()
+    gptq(early, MIXED, _calib(), block_size=32, **opts)
+    monkeypatch.setattr(_Collector, "stop_early", False)
+    full = _llama()
+    gptq(full, MIXED, _calib(), block_size=32, **opts)
+    got, want = _quantized(early), _quantized(full)
+    assert set(got) == set(want) and len(got) == 15
+    for name in got:
+        _same_fields(got[name], want[name], codes_equal=True)
