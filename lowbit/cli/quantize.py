@@ -67,6 +67,10 @@ def add_quantize_parser(sub, common: argparse.ArgumentParser) -> None:
     q.add_argument("--seq-len", type=_positive, metavar="L",
                    help=f"gptq/awq: tokens per calibration window (default {DEFAULT_CALIB_SEQ_LEN}, or the model's "
                         "max_position_embeddings when smaller)")
+    q.add_argument("--gptq-qparams", choices=("minmax", "search"), default=None,
+                   help="gptq: each group's scale and zero point from its min/max (default, as llm-compressor's "
+                        "default observer), or from a search over shrunk ranges weighted by the Hessian's diagonal "
+                        "(about 8%% slower; lower perplexity on SmolLM2, see benchmarks/results/algorithms_gptq_2t.md)")
     q.set_defaults(fn=cmd_quantize, usage_check=functools.partial(_check_quantize_usage, q))
 
 
@@ -78,6 +82,8 @@ def _check_quantize_usage(parser: argparse.ArgumentParser, args) -> None:
             if value is not None:
                 parser.error(f"argument {flag}: only --algorithm gptq or awq take calibration data; "
                              f"--algorithm {args.algorithm} uses none")
+    if args.gptq_qparams is not None and args.algorithm != "gptq":
+        parser.error(f"argument --gptq-qparams: only --algorithm gptq takes it; --algorithm {args.algorithm} was given")
 
 
 def cmd_quantize(args) -> dict:
@@ -265,7 +271,8 @@ def _quantize_in_memory(args, src: Path, config, skip: list[str], kind: str = "t
         warnings.simplefilter("always")
         try:
             if fn is not None:
-                report = fn(model, mapping, samples, progress=progress)
+                extra = {"qparams": args.gptq_qparams} if args.gptq_qparams is not None else {}
+                report = fn(model, mapping, samples, progress=progress, **extra)
             else:
                 apply_(model, mapping)
         except NotImplementedError as e:
@@ -298,6 +305,8 @@ def _quantize_in_memory(args, src: Path, config, skip: list[str], kind: str = "t
               "dtype": str(_float_param_dtype(model)).removeprefix("torch."),
               "fallback": {s.fqn: f"{s.asked!r} -> {s.config!r}" for s in plan.fallbacks}, "left_float": left_float,
               "message": f"{args.algorithm}: " + plan.describe(before=before, after=after), "calibration": calibration}
+    if args.algorithm == "gptq":
+        result["gptq_qparams"] = args.gptq_qparams or "minmax"
     raised = getattr(report, "raised_damping", None)  # GPTQ's
     for key in ("layers", "groups"):  # GPTQ: one row per linear; AWQ: one per scaling group
         if hasattr(report, key):

@@ -136,6 +136,30 @@ SKIP = ["--skip", r"re:model\.layers\.[1-3]\..*", "--skip", "re:.*mlp.*"]
 ONLY = {r"re:model\.layers\.0\.self_attn\..*": CONFIG}
 
 
+def test_gptq_qparams_search_writes_the_codes_gptq_search_makes(tmp_path, capsys, glassllm_dir):
+    r = run_json(capsys, "quantize", glassllm_dir, *ARGS, *SKIP, "--algorithm", "gptq", *CALIB,
+                 "--gptq-qparams", "search", "--out", tmp_path / "s")
+    assert r["gptq_qparams"] == "search" and r["configs"] == {"Int4WeightOnlyConfig(group_size=32)": 4}
+    direct, minmax = float_model(glassllm_dir), float_model(glassllm_dir)
+    gptq(direct, ONLY, calibration(glassllm_dir), qparams="search")
+    gptq(minmax, ONLY, calibration(glassllm_dir))
+    assert assert_same_weights(from_pretrained(tmp_path / "s"), direct, same_config=False) == 4
+    q = "model.layers.0.self_attn.q_proj"  # and the search changed something: not the min/max qparams
+    assert not torch.equal(direct.get_submodule(q).weight.scale, minmax.get_submodule(q).weight.scale)
+
+
+def test_gptq_qparams_needs_gptq(capsys):
+    for argv in (["--algorithm", "awq"], [], ["--algorithm", "hqq"]):
+        with pytest.raises(SystemExit) as e:
+            main(["quantize", "x", "--config", "int4", "--out", "o", *argv, "--gptq-qparams", "search"])
+        assert e.value.code == EXIT_USAGE
+        assert "argument --gptq-qparams: only --algorithm gptq takes it" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "x", "--config", "int4", "--out", "o", "--algorithm", "gptq", "--gptq-qparams", "mse"])
+    assert e.value.code == EXIT_USAGE
+    assert "argument --gptq-qparams: invalid choice: 'mse'" in capsys.readouterr().err
+
+
 def test_hqq_writes_the_codes_quantize_hqq_makes(tmp_path, capsys, glassllm_dir):
     r = run_json(capsys, "quantize", glassllm_dir, *ARGS, *SKIP, "--algorithm", "hqq", "--out", tmp_path / "h")
     assert r["algorithm"] == "hqq" and list(r["configs"].values()) == [4]
