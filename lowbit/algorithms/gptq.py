@@ -37,7 +37,7 @@ from lowbit.primitives.affine import (
 from lowbit.spec import QuantSpec
 
 __all__ = ["gram", "Hessian", "GPTQResult", "gptq_quantize", "check_options", "damped_inverse_cholesky", "output_sqnr",
-           "searched_qparams"]
+           "output_sqnrs", "searched_qparams"]
 
 _log = logging.getLogger("lowbit")
 
@@ -244,14 +244,27 @@ def output_sqnr(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tenso
     """``10 log10(|X W^T|^2 / |X (W - Q)^T|^2)`` in dB, computed from ``H = 2 X^T X / n`` as
     ``tr(W H W^T) / tr(E H E^T)`` with ``E = W - Q``: the layer's output SQNR on the calibration
     inputs (``inf`` when ``Q == W`` there)."""
-    h = hessian.float()  # float32 products, float64 sums: a report, not a code
+    return output_sqnrs(weight, [approx], hessian)[0]
+
+
+def output_sqnrs(weight: torch.Tensor, approxs: list[torch.Tensor], hessian: torch.Tensor) -> list[float]:
+    """:func:`output_sqnr` of each approximation in ``approxs`` of one ``weight``, ``tr(W H W^T)``
+    computed once. Float32 products and float64 sums: a report, not a code."""
+    h = hessian.float()
     w = weight.float()
-    e = (weight.double() - approx.double()).float()
-    signal = float(((w @ h) * w).sum(dtype=torch.float64))
-    noise = float(((e @ h) * e).sum(dtype=torch.float64))
-    if noise <= 0:
-        return float("inf")
-    return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
+
+    def energy(x: torch.Tensor) -> float:  # tr(x H x^T)
+        return float(torch.mm(x, h).mul_(x).sum(dtype=torch.float64))
+
+    signal = energy(w)
+    out = []
+    for a in approxs:
+        noise = energy(w - a.float())
+        if noise <= 0:
+            out.append(float("inf"))
+        else:
+            out.append(10.0 * math.log10(signal / noise) if signal > 0 else float("-inf"))
+    return out
 
 
 @torch.no_grad()

@@ -353,3 +353,18 @@ def test_gptq_early_stop_gives_the_same_codes(opts, monkeypatch):
     assert set(got) == set(want) and len(got) == 15
     for name in got:
         _same_fields(got[name], want[name], codes_equal=True)
+
+
+def test_without_the_rtn_comparison_same_codes_and_no_rtn_column():
+    config = {"re:.*mlp.*": Int4WeightOnlyConfig(group_size=32)}
+    plain, with_rtn = _llama(), _llama()
+    report = gptq(plain, config, _calib(4, 16), compare_rtn=False)
+    full = gptq(with_rtn, config, _calib(4, 16))
+    assert [r.rtn_sqnr_db for r in report.layers] == [None] * 6
+    assert [r.sqnr_db for r in report.layers] == [r.sqnr_db for r in full.layers]
+    assert "RTN" not in report.to_table() and "RTN SQNR dB" in full.to_table()
+    got, want = _quantized(plain), _quantized(with_rtn)
+    for name in got:
+        _same_fields(got[name], want[name], codes_equal=True)
+    with pytest.raises(ValueError, match="compare_rtn='no' must be a bool"):
+        gptq(_llama(), config, _calib(4, 16), compare_rtn="no")
