@@ -24,9 +24,10 @@ $(VENV)/.ready: pyproject.toml Makefile
 NO_EXT_TESTS ?= tests/configs tests/tensors tests/qat tests/static tests/serialization tests/test_observers.py \
                 tests/test_quantize.py --ignore=tests/serialization/test_fuzz.py
 
-# Its own inductor cache: a compiled graph's kernel choices are made while AOTAutograd runs the
-# quantized tensors' dispatch, after inductor's FX-graph cache key is taken, so a graph cached by a
-# process with the C++ ops (the first pass) would be reused here without them.
+# Its own inductor cache, so this pass compiles (and tests) the PyTorch paths: a compiled graph's kernel
+# choices are made while AOTAutograd runs the quantized tensors' dispatch, after inductor's FX-graph cache
+# key is taken, so with a shared cache it would reuse the first pass's graphs, which call our C++ ops
+# (they would still run, through the lowbit_cpu:: ops' PyTorch bodies, but test nothing of these paths).
 test: $(VENV)/.ready
 	$(PY) -m pytest -q
 	LOWBIT_NO_EXT=1 TORCHINDUCTOR_CACHE_DIR=$(abspath $(VENV))/inductor-no-ext $(PY) -m pytest -q $(NO_EXT_TESTS)

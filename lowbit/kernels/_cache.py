@@ -1,5 +1,7 @@
-"""What the kernels keep between calls: values derived from a weight's tensors, and the C++
-dispatcher ops registered (with their fake kernels) on first use. Both are thread-safe.
+"""What the kernels keep between calls: values derived from a weight's tensors, and dispatcher ops
+that an extension alone defines, with their fake kernels registered on first use (``direct_op``;
+lowbit's own ``lowbit_cpu::`` ops are defined in ``_cpu_ops`` in every process instead, so a cached
+compiled graph finds them without the extension). Both are thread-safe.
 
 ``DerivedCache`` serves a derived value only while every tensor it was derived from is the same
 object, at the same address, with the same version counter: an in-place edit of any source
@@ -85,7 +87,9 @@ _OPS_LOCK = threading.Lock()
 def direct_op(qualname: str, fake: Callable):
     """The C++ dispatcher op ``qualname`` ("namespace::name"), with ``fake`` registered as its fake
     kernel (for torch.compile) exactly once, however many threads make the first call; None when
-    no loaded extension defines the op. Callers check first that their extension is loaded."""
+    no loaded extension defines the op. Callers check first that their extension is loaded. Only for
+    an op whose schema lives in the extension: a compiled graph calling it fails in a process without
+    that extension (see ``_cpu_ops``)."""
     op = _OPS.get(qualname)
     if op is not None:
         return op

@@ -46,8 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import _ext, host
-from lowbit.kernels._cache import direct_op
+from lowbit.kernels import _cpu_ops, _ext, host
 
 __all__ = ["int4_linear_cpu", "available", "GEMV_MAX_M", "SMALL_MAX_M", "CHUNK_ROWS", "MIN_GROUP"]
 
@@ -85,16 +84,10 @@ def _supported(x, qdata, scale, zero_point, bias) -> bool:
     return True
 
 
-def _gemv_fake(x, qdata, scale, zero_point, bias):
-    return x.new_empty(x.shape[0], qdata.shape[0])
-
-
 def direct_gemv_op():
-    """``torch.ops.lowbit_cpu.int4_gemv_bf16`` (the bf16 M <= 4 GEMV as a C++ dispatcher op, with a fake
-    kernel for torch.compile), or None when the extension is not available."""
-    if _ext.load("int4_cpu") is None:
-        return None
-    return direct_op("lowbit_cpu::int4_gemv_bf16", _gemv_fake)
+    """``lowbit_cpu::int4_gemv_bf16`` (the bf16 M <= 4 GEMV as a dispatcher op, defined in ``_cpu_ops``),
+    or None when the extension is not available."""
+    return None if _ext.load("int4_cpu") is None else _cpu_ops.int4_gemv_bf16
 
 
 def direct_gemv(x, qdata, scale, zero_point, bias) -> torch.Tensor | None:

@@ -25,8 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import _ext, host
-from lowbit.kernels._cache import direct_op
+from lowbit.kernels import _cpu_ops, _ext, host
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, quantize_affine
 from lowbit.spec import QuantSpec, spec_from_key, spec_key
@@ -125,16 +124,11 @@ def _int8pack_takes(input, qdata) -> bool:
             and input.is_contiguous() and qdata.is_contiguous())
 
 
-def _gemv_fake(x, w, scale):
-    return x.new_empty(x.shape[0], w.shape[0])
-
-
 def _direct_gemv_op():
-    """``torch.ops.lowbit_cpu.int8_weight_only_mm`` (the C++ GEMV as a dispatcher op, with a fake kernel
-    for torch.compile), or None when the extension is not available."""
-    if _ext.load("int8_gemv") is None:
-        return None
-    return direct_op("lowbit_cpu::int8_weight_only_mm", _gemv_fake)
+    """``lowbit_cpu::int8_weight_only_mm`` (the C++ GEMV as a dispatcher op, defined in ``_cpu_ops``),
+    or None when the extension is not available (then the custom op's PyTorch paths are faster than
+    the op's reference body)."""
+    return None if _ext.load("int8_gemv") is None else _cpu_ops.int8_weight_only_mm
 
 
 def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, spec: QuantSpec, kernel: str) -> torch.Tensor:

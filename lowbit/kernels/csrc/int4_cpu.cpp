@@ -599,11 +599,9 @@ torch::Tensor linear_chunked(torch::Tensor x, torch::Tensor qdata, torch::Tensor
 // The M <= 4 bf16 GEMV also as a dispatcher op, lowbit_cpu::int4_gemv_bf16: called from Python or from
 // a compiled graph it skips the Python layers of the custom op lowbit::int4_weight_only_linear (about
 // 15-20 us a call, ~10% of a compiled int4 decode step of a 1B model). No autograd kernel: callers
-// route here only when no gradient is needed (lowbit/kernels/int4.py).
-TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
-  m.def("int4_gemv_bf16(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias) -> Tensor");
-}
-
+// route here only when no gradient is needed (lowbit/kernels/int4.py). The schema, fake kernel and a PyTorch
+// body are defined in Python (lowbit/kernels/_cpu_ops.py, so a cached compiled graph runs without this
+// extension): only the CPU kernel here.
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int4_gemv_bf16", TORCH_FN(gemv_bf16)); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -415,11 +415,8 @@ torch::Tensor linear_chunked(torch::Tensor x, torch::Tensor qdata, torch::Tensor
   return out;
 }
 
-// The same dispatcher op as int4_cpu.cpp (only one build of a kernel loads in a process).
-TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
-  m.def("int4_gemv_bf16(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias) -> Tensor");
-}
-
+// The same dispatcher op as int4_cpu.cpp (only one build of a kernel loads in a process): its CPU kernel only,
+// the schema is defined in Python (lowbit/kernels/_cpu_ops.py).
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int4_gemv_bf16", TORCH_FN(gemv_bf16)); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

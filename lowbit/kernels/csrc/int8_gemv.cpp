@@ -101,9 +101,9 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tenso
 
 // Also as the dispatcher op lowbit_cpu::int8_weight_only_mm, called from Python or a compiled graph without
 // the Python layers of the custom op lowbit::int8_weight_only_linear. No autograd kernel: callers route
-// here only when no gradient is wanted (lowbit/kernels/int8.py).
-TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) { m.def("int8_weight_only_mm(Tensor x, Tensor w, Tensor scale) -> Tensor"); }
-
+// here only when no gradient is wanted (lowbit/kernels/int8.py). The schema, fake kernel and a PyTorch body are
+// defined in Python (lowbit/kernels/_cpu_ops.py, so a cached compiled graph runs without this extension): only the
+// CPU kernel here.
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_weight_only_mm", TORCH_FN(int8_weight_only_mm)); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

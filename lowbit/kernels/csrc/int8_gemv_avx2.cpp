@@ -203,9 +203,8 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tenso
   return out;
 }
 
-// The same dispatcher op as int8_gemv.cpp (only one build of a kernel loads in a process).
-TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) { m.def("int8_weight_only_mm(Tensor x, Tensor w, Tensor scale) -> Tensor"); }
-
+// The same dispatcher op as int8_gemv.cpp (only one build of a kernel loads in a process): its CPU kernel only,
+// the schema is defined in Python (lowbit/kernels/_cpu_ops.py).
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_weight_only_mm", TORCH_FN(int8_weight_only_mm)); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,0 +1,86 @@
+"""The C++ decode GEMVs as dispatcher ops, ``lowbit_cpu::int8_weight_only_mm`` and
+``lowbit_cpu::int4_gemv_bf16``: defined here, in every process that imports ``lowbit.kernels``,
+whether or not the C++ extension can be built.
+
+Why not in the extension: torch.compile chooses these ops while AOTAutograd runs a quantized
+tensor's dispatch, after inductor's FX-graph and AOTAutograd cache keys are taken. A graph cached
+by a process with the extension is then reused by one without it (``LOWBIT_NO_EXT=1``, a failed
+build, a non-x86 host sharing the cache), which must still find the ops. So each op's schema, fake
+kernel (for torch.compile) and a PyTorch body (``CompositeExplicitAutograd``) live here, and the
+extension adds only its CPU kernel (``TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m)`` in ``csrc/``), which
+the dispatcher takes over the body for CPU tensors once the extension is loaded.
+
+The body runs where no CPU kernel is registered yet: it loads the extension and, when that
+succeeds, calls the same C++ function (same values bit for bit; later calls dispatch to the C++
+kernel directly); otherwise, and for tensors on other devices, it computes the reference: the
+weight dequantized by the primitives to ``x.dtype``, then ``F.linear`` (bit-equal to the
+reference paths of ``int8.py`` and ``int4.py``).
+
+Neither op has an autograd kernel: callers route here only when no gradient is wanted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.granularity import PerGroup
+from lowbit.kernels import _ext
+from lowbit.primitives.affine import dequantize_affine
+from lowbit.primitives.packing import unpack_int4
+from lowbit.spec import QuantSpec
+
+__all__ = ["int8_weight_only_mm", "int4_gemv_bf16"]
+
+_LIB = torch.library.Library("lowbit_cpu", "FRAGMENT")
+
+
+def _group_size(k: int, scale: torch.Tensor, what: str) -> int:
+    if scale.dim() != 2 or scale.shape[1] == 0 or k % scale.shape[1]:
+        raise ValueError(f"{what}: scale {tuple(scale.shape)} must be (N, groups) with groups dividing K = {k}")
+    return k // scale.shape[1]
+
+
+def _int8_weight_only_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ dequantize(w, scale).T`` in ``x.dtype`` for int8 ``w`` (N, K) with float32 ``scale``
+    (N, K // group), symmetric. Raises ValueError on a scale whose groups don't divide K."""
+    if x.device.type == "cpu":
+        ext = _ext.load("int8_gemv")
+        if ext is not None:
+            return ext.int8_weight_only_mm(x, w, scale)
+    spec = QuantSpec("int8", PerGroup(_group_size(w.shape[-1], scale, "int8_weight_only_mm")))
+    return F.linear(x, dequantize_affine(w, scale, None, spec, x.dtype))
+
+
+def _int4_gemv_bf16(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ dequantize(W).T + bias`` in ``x.dtype`` for the canonical packed int4 ``qdata``
+    (N, K // 2), float32 ``scale`` (N, K // group), an int8 ``zero_point`` in [0, 15] (uint4) or
+    None (two's complement int4). Raises ValueError on a scale whose groups don't divide K."""
+    if x.device.type == "cpu":
+        ext = _ext.load("int4_cpu")
+        if ext is not None:
+            return ext.gemv_bf16(x, qdata, scale, zero_point, bias)
+    signed = zero_point is None
+    group = _group_size(2 * qdata.shape[-1], scale, "int4_gemv_bf16")
+    spec = QuantSpec("int4" if signed else "uint4", PerGroup(group), symmetric=signed)
+    return F.linear(x, dequantize_affine(unpack_int4(qdata, signed), scale, zero_point, spec, x.dtype), bias)
+
+
+def _int8_fake(x, w, scale):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _int4_fake(x, qdata, scale, zero_point, bias):
+    return x.new_empty(x.shape[0], qdata.shape[0])
+
+
+_LIB.define("int8_weight_only_mm(Tensor x, Tensor w, Tensor scale) -> Tensor")
+_LIB.define("int4_gemv_bf16(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias) -> Tensor")
+for _name, _body, _fake in (("int8_weight_only_mm", _int8_weight_only_mm, _int8_fake),
+                            ("int4_gemv_bf16", _int4_gemv_bf16, _int4_fake)):
+    _LIB.impl(_name, _body, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"lowbit_cpu::{_name}", _fake, lib=_LIB)
+
+int8_weight_only_mm = torch.ops.lowbit_cpu.int8_weight_only_mm.default
+int4_gemv_bf16 = torch.ops.lowbit_cpu.int4_gemv_bf16.default

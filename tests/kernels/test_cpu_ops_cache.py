@@ -1,0 +1,158 @@
+"""The lowbit_cpu:: dispatcher ops (lowbit/kernels/_cpu_ops.py) exist in every process: their PyTorch body
+equals the reference, the C++ kernel takes over once the extension loads, and a compiled graph cached by
+a process with the extension runs in one without it (LOWBIT_NO_EXT=1)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit import Int4WeightOnlyConfig, Int8WeightOnlyConfig, PerGroup, PerTensor, quantize_
+from lowbit.kernels import _cpu_ops, _ext
+from lowbit.kernels.int4 import int4_weight_only_linear
+from lowbit.kernels.int8 import int8_weight_only_linear
+from lowbit.spec import spec_key
+
+# bf16 kernel vs reference bounds, the same as tests/kernels/test_int8.py (WEIGHT_ONLY_FAST_VS_REF_DB) and
+# tests/kernels/test_int4.py (AUTO_VS_REF_DB): the C++ GEMVs accumulate in float32 on the unrounded weight
+INT8_VS_REF_DB = 44.0
+INT4_VS_REF_DB = 40.0
+
+OPS = ("lowbit_cpu::int8_weight_only_mm", "lowbit_cpu::int4_gemv_bf16")
+
+
+def _int8_layer(granularity, dtype=torch.bfloat16, n=96, k=256):
+    torch.manual_seed(0)
+    m = nn.Linear(k, n).to(dtype)
+    return quantize_(m, Int8WeightOnlyConfig(granularity) if granularity else Int8WeightOnlyConfig())
+
+
+def _int4_layer(symmetric, n=96, k=256, g=64):
+    torch.manual_seed(0)
+    return quantize_(nn.Linear(k, n).to(torch.bfloat16), Int4WeightOnlyConfig(group_size=g, symmetric=symmetric))
+
+
+def test_ops_have_a_pytorch_body_and_a_fake_kernel():
+    for name in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd"), name
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w = _int8_layer(None).weight
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = _cpu_ops.int8_weight_only_mm(torch.empty(3, 256, dtype=torch.bfloat16), w.qdata, w.scale.expand(96, -1))
+    assert out.shape == (3, 96) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("granularity", [None, PerGroup(32), PerTensor()], ids=["row", "g32", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_int8_body_without_the_extension_is_the_reference(monkeypatch, granularity, dtype, m):
+    monkeypatch.setattr(_ext, "load", lambda name="int8_gemv": None)
+    w = _int8_layer(granularity, dtype).weight
+    x = torch.randn(m, 256, dtype=dtype)
+    ref = int8_weight_only_linear(x, w.qdata, w.scale, None, None, spec_key(w.spec), "reference")
+    assert torch.equal(_cpu_ops._int8_weight_only_mm(x, w.qdata, w.scale.expand(96, -1)), ref)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("m", [1, 4])
+def test_int4_body_without_the_extension_is_the_reference(monkeypatch, symmetric, bias, m):
+    monkeypatch.setattr(_ext, "load", lambda name="int4_cpu": None)
+    layer = _int4_layer(symmetric)
+    w, b = layer.weight, layer.bias if bias else None
+    x = torch.randn(m, 256, dtype=torch.bfloat16)
+    ref = int4_weight_only_linear(x, w.qdata, w.scale, w.zero_point, b, spec_key(w.spec), "reference")
+    assert torch.equal(_cpu_ops._int4_gemv_bf16(x, w.qdata, w.scale, w.zero_point, b), ref)
+
+
+def test_body_rejects_a_scale_that_does_not_divide_k(monkeypatch):
+    monkeypatch.setattr(_ext, "load", lambda name="int8_gemv": None)
+    w = _int8_layer(None).weight
+    with pytest.raises(ValueError, match=r"int8_weight_only_mm: scale \(96, 3\) must be \(N, groups\)"):
+        _cpu_ops._int8_weight_only_mm(torch.randn(1, 256), w.qdata, torch.ones(96, 3))
+
+
+def test_loaded_extension_serves_the_ops_bit_for_bit(monkeypatch):
+    e8, e4 = _ext.load("int8_gemv"), _ext.load("int4_cpu")
+    if e8 is None or e4 is None:
+        pytest.skip(f"C++ kernels not available here ({_ext.status()})")
+    w8, l4 = _int8_layer(PerGroup(32)).weight, _int4_layer(False)
+    w4 = l4.weight
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    s8 = w8.scale.expand(96, -1)
+    want8, want4 = e8.int8_weight_only_mm(x, w8.qdata, s8), e4.gemv_bf16(x, w4.qdata, w4.scale, w4.zero_point, l4.bias)
+    # the body, reached before the extension's CPU kernel is registered, calls the same C++ function
+    assert torch.equal(_cpu_ops._int8_weight_only_mm(x, w8.qdata, s8), want8)
+    assert torch.equal(_cpu_ops._int4_gemv_bf16(x, w4.qdata, w4.scale, w4.zero_point, l4.bias), want4)
+
+    def no_body(name="int8_gemv"):
+        raise AssertionError("the PyTorch body ran although the extension's CPU kernel is registered")
+
+    monkeypatch.setattr(_ext, "load", no_body)  # the dispatcher must go straight to the C++ kernel
+    assert torch.equal(_cpu_ops.int8_weight_only_mm(x, w8.qdata, s8), want8)
+    assert torch.equal(_cpu_ops.int4_gemv_bf16(x, w4.qdata, w4.scale, w4.zero_point, l4.bias), want4)
+
+
+# --- a graph compiled (and cached) with the extension, run by a process without it ----------------
+
+_CHILD = r"""
+import json, torch
+from torch import nn
+from torch._dynamo.utils import counters
+from lowbit import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+from lowbit.eval.metrics import sqnr
+from lowbit.kernels import _ext
+from lowbit.kernels.int4 import int4_weight_only_linear
+from lowbit.kernels.int8 import int8_weight_only_linear
+from lowbit.spec import spec_key
+
+out = {"status": {k: _ext.status()[k] for k in ("int8_gemv", "int4_cpu")}, "sqnr": {}, "ops": []}
+layers = {}
+for name, cfg, ref_op in [("int8", Int8WeightOnlyConfig(), int8_weight_only_linear),
+                          ("int4", Int4WeightOnlyConfig(group_size=64), int4_weight_only_linear)]:
+    torch.manual_seed(0)
+    layer = quantize_(nn.Linear(256, 96).to(torch.bfloat16), cfg)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    w = layer.weight
+    with torch.no_grad():
+        ref = ref_op(x, w.qdata, w.scale, w.zero_point, layer.bias, spec_key(w.spec), "reference")
+        compiled = torch.compile(layer, fullgraph=True)
+        compiled(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = compiled(x)
+    out["sqnr"][name] = sqnr(ref.float(), y.float())
+    out["ops"] += sorted({e.name for e in prof.events() if e.name.startswith("lowbit_cpu::")})
+out["fxgraph_cache_hit"] = counters["inductor"]["fxgraph_cache_hit"]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run_child(env: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
+    assert line, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def test_graph_cached_with_the_extension_runs_without_it(tmp_path):
+    if _ext.load("int8_gemv") is None or _ext.load("int4_cpu") is None:
+        pytest.skip(f"C++ kernels not available here ({_ext.status()})")
+    env = {k: v for k, v in os.environ.items() if k != "LOWBIT_NO_EXT"}
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), TORCHINDUCTOR_FX_GRAPH_CACHE="1",
+               TORCHINDUCTOR_AUTOGRAD_CACHE="1")
+    with_ext = _run_child(env)
+    without = _run_child({**env, "LOWBIT_NO_EXT": "1"})
+    assert all(s.startswith("ok") for s in with_ext["status"].values()), with_ext["status"]
+    assert all(s == _ext.DISABLED for s in without["status"].values()), without["status"]
+    # the first process's graphs call the C++ ops (int8 at M = 2 only where its GEMV takes M = 2: AVX2)
+    assert "lowbit_cpu::int4_gemv_bf16" in with_ext["ops"], with_ext["ops"]
+    assert without["fxgraph_cache_hit"] >= 2, without  # the second reused both graphs: the ops, no extension
+    assert without["ops"] == with_ext["ops"]
+    for run in (with_ext, without):
+        assert run["sqnr"]["int8"] >= INT8_VS_REF_DB and run["sqnr"]["int4"] >= INT4_VS_REF_DB, run["sqnr"]
