@@ -132,8 +132,8 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _run_child(env: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=600)
+def _run_child(env: dict, code: str | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code or _CHILD], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
     assert line, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -156,3 +156,26 @@ def test_graph_cached_with_the_extension_runs_without_it(tmp_path):
     assert without["ops"] == with_ext["ops"]
     for run in (with_ext, without):
         assert run["sqnr"]["int8"] >= INT8_VS_REF_DB and run["sqnr"]["int4"] >= INT4_VS_REF_DB, run["sqnr"]
+
+
+_FIRST_CALL = r"""
+import torch
+from lowbit.kernels import _cpu_ops, _ext
+assert not {"int8_gemv", "int4_cpu"} & set(_ext._LOADED)
+torch.manual_seed(0)
+x, w, s = torch.randn(2, 256, dtype=torch.bfloat16), torch.randint(-127, 128, (96, 256), dtype=torch.int8), torch.rand(96, 4)
+q, zp = torch.randint(0, 256, (96, 128), dtype=torch.uint8), torch.randint(0, 16, (96, 4), dtype=torch.int8)
+first8, first4 = _cpu_ops.int8_weight_only_mm(x, w, s), _cpu_ops.int4_gemv_bf16(x, q, s, zp, None)  # bodies: load
+want8, want4 = _ext.load("int8_gemv").int8_weight_only_mm(x, w, s), _ext.load("int4_cpu").gemv_bf16(x, q, s, zp, None)
+assert torch.equal(first8, want8) and torch.equal(first4, want4)
+assert torch.equal(_cpu_ops.int8_weight_only_mm(x, w, s), want8) and torch.equal(_cpu_ops.int4_gemv_bf16(x, q, s, zp, None), want4)
+print("RESULT {}")
+"""
+
+
+def test_first_call_in_a_fresh_process_loads_the_extension():
+    """What a process that finds a cached graph does first: the op's body loads the extension (which
+    registers the CPU kernel while the op is being dispatched) and answers with the C++ kernel's values."""
+    if _ext.load("int8_gemv") is None or _ext.load("int4_cpu") is None:
+        pytest.skip(f"C++ kernels not available here ({_ext.status()})")
+    _run_child({k: v for k, v in os.environ.items() if k != "LOWBIT_NO_EXT"}, _FIRST_CALL)
