@@ -19,6 +19,8 @@ Rules (``--rules``; each a function ``(w, spec) -> (scale, zero_point)``, no dat
   ``w^2`` (sq); lloyd: then 10 rounds of re-rounding and refitting;
 * ``noclip-l2``, ``noclip-p07``: ranges that cover ``[min, max]`` (scale x 1..1.2, the slack
   split 9 ways), the best by l2 / l_0.7 error;
+* ``unbiased-normw*``: ``unbiased-round`` with the error sum weighted per input column by the
+  feeding RMSNorm's gain (signed, or |g|^p for p = 0.5, 1, 2, 3, 4);
 * ``unbiased``, ``unbiased-round``, ``unbiased-expand``: float zero point moved until each
   group's error sum is zero (unrounded start, rounded start, scale x 1..1.1 chosen by l2);
 * ``int-sum1``, ``int-l2``: int zero point; scales ``r/15 * f`` (f 0.90..1.10) with
@@ -151,6 +153,38 @@ def unbiased(expand=(1.0,), round_start=False, iters=10):
     return rule
 
 
+COLW = {"w": None}
+
+
+def unbiased_w(signed=True, iters=10, power=1.0):
+    """unbiased-round with column weights c = |g|^power, g the gain of the RMSNorm feeding the linear (q/k/v,
+    gate/up; others c = 1, as ``unbiased-round``): sum_j c_j e_j -> 0 per group. Data-free: the gain
+    stands in for the input channel's magnitude. A group whose weights nearly cancel keeps c = 1."""
+    def rule(w, spec):
+        x, (s0, z0) = _groups(w, spec), choose_qparams_affine(w, spec)
+        qmax = spec.qmax
+        n, k = w.shape
+        bc = spec.block_size(w.shape)[1]
+        c = COLW["w"]
+        if c is None:
+            c = torch.ones(k)
+        c = c.float() if signed else c.float().abs().pow(power)
+        cw = c.reshape(1, k // bc, bc).expand(n, -1, -1).reshape(-1, bc)
+        den = cw.sum(-1, keepdim=True)
+        ok = den.abs() > 0.05 * cw.abs().sum(-1, keepdim=True)
+        cw = torch.where(ok, cw, torch.ones_like(cw)); den = cw.sum(-1, keepdim=True)
+        mn, mx = x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values
+        s = (mx - mn).clamp_min(1e-12) / qmax
+        z = torch.round(-mn / s)
+        kept = None
+        for _ in range(iters + 1):
+            q = torch.clamp(torch.round(x / s + z), 0, qmax)
+            kept = _keep(kept, ((cw * (x - (q - z) * s)).sum(-1, keepdim=True).abs(), s, z))
+            z = (cw * (q - x / s)).sum(-1, keepdim=True) / den
+        return kept[1].reshape(s0.shape).float(), kept[2].reshape(z0.shape).float()
+    return rule
+
+
 def int_search(lam):
     def rule(w, spec):
         x, (s0, z0) = _groups(w, spec), choose_qparams_affine(w, spec)
@@ -180,6 +214,9 @@ RULES = {
     "noclip-l2": noclip(2.0), "noclip-p07": noclip(0.7),
     "unbiased": unbiased(), "unbiased-round": unbiased(round_start=True),
     "unbiased-expand": unbiased(expand=(1.0, 1.02, 1.05, 1.1)),
+    "unbiased-normw": unbiased_w(True), "unbiased-normw-abs": unbiased_w(False),
+    "unbiased-normw-sqrt": unbiased_w(False, power=0.5), "unbiased-normw-sq": unbiased_w(False, power=2.0),
+    "unbiased-normw-p3": unbiased_w(False, power=3.0), "unbiased-normw-p4": unbiased_w(False, power=4.0),
     "int-sum1": int_search(1.0), "int-l2": int_search(0.0),
 }
 
@@ -227,6 +264,11 @@ def main(argv=None) -> int:
                     w = orig[n]
                     spec = Int4WeightOnlyConfig(group_size=g if w.shape[1] % g == 0 else 64,
                                                 zero_point_domain=args.domain).weight_spec()
+                    parent, _, leaf = n.rpartition(".")
+                    layer = model.get_submodule(parent.rpartition(".")[0])
+                    norm = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
+                            "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm"}.get(leaf)
+                    COLW["w"] = None if norm is None else getattr(layer, norm).weight.detach()
                     s, z = RULES[rule](w, spec)
                     m.weight.copy_(dequantize_affine(quantize_affine(w, s, z, spec), s, z, spec, torch.float32))
             value = ppl()
