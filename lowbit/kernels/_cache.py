@@ -1,7 +1,5 @@
-"""What the kernels keep between calls: values derived from a weight's tensors, and dispatcher ops
-that an extension alone defines, with their fake kernels registered on first use (``direct_op``;
-lowbit's own ``lowbit_cpu::`` ops are defined in ``_cpu_ops`` in every process instead, so a cached
-compiled graph finds them without the extension). Both are thread-safe.
+"""What the kernels keep between calls: values derived from a weight's tensors (thread-safe).
+(lowbit's dispatcher ops, ``lowbit_cpu::``, are defined in ``_cpu_ops`` in every process.)
 
 ``DerivedCache`` serves a derived value only while every tensor it was derived from is the same
 object, at the same address, with the same version counter: an in-place edit of any source
@@ -19,7 +17,7 @@ from typing import Callable
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["DerivedCache", "direct_op", "cached_bytes"]
+__all__ = ["DerivedCache", "cached_bytes"]
 
 _CACHES: "weakref.WeakSet[DerivedCache]" = weakref.WeakSet()
 
@@ -78,26 +76,3 @@ def cached_bytes() -> int:
                     seen.add(t.untyped_storage().data_ptr())
                     total += t.untyped_storage().nbytes()
     return total
-
-
-_OPS: dict[str, object] = {}
-_OPS_LOCK = threading.Lock()
-
-
-def direct_op(qualname: str, fake: Callable):
-    """The C++ dispatcher op ``qualname`` ("namespace::name"), with ``fake`` registered as its fake
-    kernel (for torch.compile) exactly once, however many threads make the first call; None when
-    no loaded extension defines the op. Callers check first that their extension is loaded. Only for
-    an op whose schema lives in the extension: a compiled graph calling it fails in a process without
-    that extension (see ``_cpu_ops``)."""
-    op = _OPS.get(qualname)
-    if op is not None:
-        return op
-    with _OPS_LOCK:
-        if qualname not in _OPS:
-            ns, name = qualname.split("::")
-            if not hasattr(getattr(torch.ops, ns), name):
-                return None
-            torch.library.register_fake(qualname)(fake)
-            _OPS[qualname] = getattr(getattr(torch.ops, ns), name)
-        return _OPS[qualname]

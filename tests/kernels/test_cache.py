@@ -1,14 +1,10 @@
 """lowbit/kernels/_cache.py: derived values follow in-place edits of every source and are never kept
-for inference tensors; dispatcher ops get their fake kernel once, whatever the threads."""
+for inference tensors."""
 
-import threading
-import time
-
-import pytest
 import torch
 
 from lowbit.kernels import _cache
-from lowbit.kernels._cache import DerivedCache, direct_op
+from lowbit.kernels._cache import DerivedCache
 
 
 def _counting(fn):
@@ -74,54 +70,3 @@ def test_entries_die_with_their_key_and_are_counted():
     assert _cache.cached_bytes() >= 1000
     del a
     assert cache.values() == []
-
-
-# --- direct_op: the fake kernel registered once across threads -----------------------------------
-
-_LIB = torch.library.Library("lowbit_test_cache", "DEF")
-_LIB.define("twice(Tensor x) -> Tensor")
-_LIB.impl("twice", lambda x: x * 2, "CPU")
-
-
-def test_direct_op_registers_its_fake_once_across_threads(monkeypatch):
-    registered = []
-    real = torch.library.register_fake
-
-    def slow_register(qualname, *args, **kwargs):
-        registered.append(qualname)
-        time.sleep(0.05)  # widen the window two unlocked first calls would both pass through
-        return real(qualname, *args, **kwargs)
-
-    monkeypatch.setattr(torch.library, "register_fake", slow_register)
-    fake_calls = []
-
-    def fake(x):
-        fake_calls.append(1)
-        return torch.empty_like(x)
-
-    barrier, results, errors = threading.Barrier(8), [], []
-
-    def first_call():
-        barrier.wait()
-        try:
-            results.append(direct_op("lowbit_test_cache::twice", fake))
-        except Exception as e:  # noqa: BLE001 - the test reports any thread's failure
-            errors.append(e)
-
-    threads = [threading.Thread(target=first_call) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == [] and registered == ["lowbit_test_cache::twice"]
-    assert len(results) == 8 and all(op is results[0] for op in results)
-    assert torch.equal(results[0](torch.ones(3)), torch.full((3,), 2.0))
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        assert results[0](torch.empty(5)).shape == (5,)
-    assert fake_calls
-
-
-def test_direct_op_missing_is_none():
-    assert direct_op("lowbit_test_cache::not_defined", lambda x: x) is None
