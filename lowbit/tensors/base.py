@@ -14,7 +14,10 @@ A subclass declares its fields by name and gets the rest:
 * the base registers detach, clone, alias, contiguous, ``_to_copy`` (device moves; a float dtype
   changes only the dequantized dtype) and ``copy_`` between tensors of the same layout;
 * any other op raises ``NotImplementedError`` naming the class and the op: there is no silent
-  dequantize fallback.
+  dequantize fallback;
+* handlers are found along the MRO once per (class, op) and remembered, and a subclass's linear
+  may keep a decode plan from the kernels (``_linear_plan``): the per-weight checks of its small-M
+  route, made once (decode calls a small layer's kernel for ~10 us; the checks cost as much).
 """
 
 from __future__ import annotations
@@ -46,6 +49,14 @@ def _code_version() -> str:
                 h.update(f.read_bytes())
     return h.hexdigest()
 
+
+# (class, table name, func) -> the handler found along the class's MRO (None: none registered), so a
+# call costs one dict lookup instead of an MRO walk; emptied whenever a handler is registered
+_RESOLVED: dict[tuple, Callable | None] = {}
+
+# where a tensor keeps its decode plan (``_linear_plan``) in its ``__dict__``; never saved or copied
+_PLAN = "_lowbit_linear_plan"
+_NO_PLAN_YET = object()
 
 # fn(tensor, state) -> state, applied in order when torch.load restores a pickled quantized tensor: a
 # higher layer that knows older lowbit versions (serialization) registers one that fills in new fields
@@ -99,6 +110,30 @@ class QuantizedTensor(torch.Tensor):
             value = fields.get(name)
             if isinstance(value, QuantSpec):
                 spec_key(value)
+
+    def __setattr__(self, name, value):
+        # any field (re)assigned: the cached decode plan was made from the old fields
+        self.__dict__.pop(_PLAN, None)
+        super().__setattr__(name, value)
+
+    def _clear_non_serializable_cached_data(self):
+        # called by torch before pickling and deep-copying a tensor's __dict__: the plan is not state
+        self.__dict__.pop(_PLAN, None)
+        super()._clear_non_serializable_cached_data()
+
+    def _linear_plan(self, make: Callable[["QuantizedTensor"], Callable | None]) -> Callable | None:
+        """``make(self)``, made on the first eager call and kept on the tensor (None under torch.compile).
+
+        ``make`` returns the kernels' decode plan for this tensor's fields (``lowbit.kernels.decode``)
+        or None. Assigning any attribute drops the kept plan; in-place edits of the field tensors need
+        nothing (the plan holds the tensors or views of them). Pickling and deep copies leave it out.
+        """
+        if torch.compiler.is_compiling():
+            return None
+        plan = self.__dict__.get(_PLAN, _NO_PLAN_YET)
+        if plan is _NO_PLAN_YET:
+            plan = self.__dict__[_PLAN] = make(self)
+        return plan
 
     def __setstate__(self, state):
         for fn in _STATE_UPGRADERS:
@@ -166,6 +201,7 @@ class QuantizedTensor(torch.Tensor):
         def decorator(fn):
             for op in ops:
                 cls._dispatch_table[op] = fn
+            _RESOLVED.clear()
             return fn
 
         return decorator
@@ -178,26 +214,38 @@ class QuantizedTensor(torch.Tensor):
         def decorator(fn):
             for f in funcs:
                 cls._function_table[f] = fn
+            _RESOLVED.clear()
             return fn
 
         return decorator
 
     @classmethod
     def _lookup(cls, table_name: str, func):
+        """The handler for ``func`` in ``table_name`` of the nearest class along the MRO, or None."""
+        key = (cls, table_name, func)
+        try:
+            return _RESOLVED[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable func: walk the MRO without caching
+            key = None
+        handler = None
         for klass in cls.__mro__:
             table = klass.__dict__.get(table_name)
             if table is not None and func in table:
-                return table[func]
-        return None
+                handler = table[func]
+                break
+        if key is not None:
+            _RESOLVED[key] = handler
+        return handler
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         handler = cls._lookup("_function_table", func)
         if handler is not None:
-            return handler(func, types, args, kwargs)
+            return handler(func, types, args, kwargs or {})
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            return func(*args, **(kwargs or {}))
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.granularity import PerRow, PerTensor, PerToken
+from lowbit.kernels.decode import make_float8_plan
 from lowbit.kernels.float8 import float8_activation_linear, float8_weight_only_linear_any
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, quantize_float8
@@ -107,7 +108,14 @@ class Float8Tensor(QuantizedTensor):
         return w.to(output_dtype or self.dtype)
 
 
+def _decode_plan(w: Float8Tensor):
+    return make_float8_plan(w.qdata, w.scale, w.act_scale, w.act_pre_scale, w.act_spec, w.kernel.value, w.dtype)
+
+
 def _run_linear(x: torch.Tensor, weight: Float8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    plan = weight._linear_plan(_decode_plan)  # small-M eager CPU calls: the route below, checked once
+    if plan is not None and (out := plan(x, bias)) is not None:
+        return out
     if weight.act_pre_scale is not None:
         # SmoothQuant's 1 / s where nothing absorbed it (lowbit.static.fold): multiplied in float32,
         # never rounded to x.dtype, so it cancels the float32 s in the stored W * s as a folded norm

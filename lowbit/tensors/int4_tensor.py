@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.granularity import PerGroup, PerToken
+from lowbit.kernels.decode import make_int4_plan
 from lowbit.kernels.int4 import dequantize_int4, int4_linear
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.affine import quantize_affine
@@ -159,7 +160,14 @@ def _check_act(act_spec):
         raise ValueError(f"act_spec.dtype={act_spec.dtype.name}; allowed: int8, float8_e4m3fn, float8_e5m2")
 
 
+def _decode_plan(w: Int4Tensor):
+    return make_int4_plan(w.qdata, w.scale, w.zero_point, w.spec, w.act_spec, w.kernel.value, w.dtype)
+
+
 def _run_linear(x: torch.Tensor, weight: Int4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    plan = weight._linear_plan(_decode_plan)  # small-M eager CPU calls: int4_linear's route, checked once
+    if plan is not None and (out := plan(x, bias)) is not None:
+        return out
     return int4_linear(x, weight.qdata, weight.scale, weight.zero_point, bias, weight.spec, weight.act_spec,
                        weight.kernel.value)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.granularity import PerTensor, PerToken
+from lowbit.kernels.decode import make_int8_plan
 from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear_any
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.affine import _block_from_scale, dequantize_affine, quantize_affine
@@ -131,7 +132,15 @@ def _check_act(act_spec, act_scale, act_zero_point, spec):
 # --- ops -----------------------------------------------------------------------------------------
 
 
+def _decode_plan(w: Int8Tensor):
+    return make_int8_plan(w.qdata, w.scale, w.zero_point, w.act_scale, w.act_zero_point, w.act_pre_scale, w.act_spec,
+                          w.kernel.value, w.dtype)
+
+
 def _run_linear(x: torch.Tensor, weight: Int8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    plan = weight._linear_plan(_decode_plan)  # small-M eager CPU calls: the route below, checked once
+    if plan is not None and (out := plan(x, bias)) is not None:
+        return out
     if weight.act_pre_scale is not None:
         # SmoothQuant's 1 / s where nothing absorbed it (lowbit.static.fold): multiplied in float32,
         # never rounded to x.dtype, so it cancels the float32 s in the stored W * s as a folded norm

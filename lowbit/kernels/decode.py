@@ -1,0 +1,238 @@
+"""Decode plans: a weight's eager CPU route for small M, with its per-weight checks done once.
+
+At decode (M = 1) a small layer's C++ kernel takes ~10-40 us, and the routing in front of it
+(``int8_weight_only_linear_any``, ``int8_activation_linear``, ``int4_linear``,
+``float8_weight_only_linear_any``, ``float8_activation_linear``) re-checked on every call what
+never changes for a weight: its dtypes, layout, group size, kernel preference, and which
+extension runs. A plan is made once per weight (the tensor layer caches it, see
+``QuantizedTensor._linear_plan``) from those checks, and holds the weight-side arguments the kernel
+takes (views of the weight's own tensors: in-place edits such as ``copy_`` are seen). Calling it
+checks only what depends on the call (M, the input's device, layout and dtype, the bias, whether
+a gradient is wanted) and runs the same functions the routing would have chosen, so the values are
+the routing's bit for bit; it returns None for any call it does not take, and the caller then runs
+the routing as before.
+
+A plan is made only in eager mode with kernel "auto" and a CPU weight; ``make_*_plan`` return None
+when no fast path applies to the weight (then the routing runs every call).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from lowbit.granularity import PerTensor, PerToken
+from lowbit.kernels import _ext, _fp8_cpu, _int4_cpu, _int8_int4_cpu
+from lowbit.kernels import int8 as _int8
+from lowbit.spec import QuantSpec
+
+__all__ = ["make_int8_plan", "make_int4_plan", "make_float8_plan"]
+
+Plan = Callable[[torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
+
+
+def _plain_cpu(x: torch.Tensor) -> bool:
+    """An eager, plain CPU tensor (not a FakeTensor, functional tensor or other subclass)."""
+    return type(x) is torch.Tensor and x.is_cpu
+
+
+def _wants_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def _weight_ok(*tensors) -> bool:
+    return all(t is None or (type(t) is torch.Tensor and t.is_cpu) for t in tensors)
+
+
+# --- int8 ------------------------------------------------------------------------------------------
+
+
+def _int8_weight_only(qdata, scale) -> Plan | None:
+    """``int8_weight_only_linear_any``'s direct GEMV (M <= ``_ext_max_m()``, groups of a multiple of 16)."""
+    n, k = qdata.shape
+    if scale.dim() != 2 or scale.shape[1] == 0 or k % scale.shape[1] or (k // scale.shape[1]) % 16:
+        return None
+    if not qdata.is_contiguous():
+        return None
+    op = _int8._direct_gemv_op()
+    if op is None:
+        return None
+    max_m = _int8._ext_max_m()
+    s = scale.expand(n, -1)  # a view: in-place edits of the scale are seen
+
+    def run(x, bias):
+        if x.shape[0] > max_m or not _plain_cpu(x) or _wants_grad(x, bias):
+            return None
+        out = op(x, qdata, s)
+        return out if bias is None else out + bias
+
+    return run
+
+
+def _int8_dynamic(qdata, scale, act_spec: QuantSpec, dtype) -> Plan | None:
+    """``int8_activation_linear``'s eager CPU route (``_fused_cpu``) for dynamic symmetric per-token
+    activations and a per-row weight scale: one C++ pass to quantize, ``_int8_mm_impl``, one epilogue."""
+    n = qdata.shape[0]
+    if (not isinstance(act_spec.granularity, PerToken) or not act_spec.symmetric or dtype not in _int8._FUSED_DTYPES
+            or tuple(scale.shape) != (n, 1) or not scale.is_contiguous()):
+        return None
+    ext = _ext.load("int8_act")
+    if ext is None:
+        return None
+    s_w = scale.reshape(-1)  # what _fused_cpu passes (expand + reshape + contiguous), as a view
+    eps = act_spec.eps
+    quantize, epilogue, mm = ext.quantize_i8, ext.w8a8_epilogue, _int8._int8_mm_impl
+
+    def run(x, bias):
+        if (not _plain_cpu(x) or not x.is_contiguous() or _wants_grad(x, bias)
+                or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()))):
+            return None
+        xq, s_x = quantize(x, -1.0, 0, eps)
+        return epilogue(mm(xq, qdata), s_x.contiguous(), s_w, bias, None, x)
+
+    return run
+
+
+def make_int8_plan(qdata, scale, zero_point, act_scale, act_zero_point, act_pre_scale, act_spec, kernel: str,
+                   dtype: torch.dtype) -> Plan | None:
+    """The decode plan of an ``Int8Tensor``'s fields, or None (see the module docstring): weight-only
+    (the direct GEMV) or dynamic symmetric per-token W8A8 (the fused CPU route)."""
+    if (kernel != "auto" or zero_point is not None or act_scale is not None or act_pre_scale is not None
+            or not _weight_ok(qdata, scale) or qdata.dtype != torch.int8 or qdata.dim() != 2
+            or scale.dtype != torch.float32):
+        return None
+    if act_spec is None:
+        return _int8_weight_only(qdata, scale)
+    return _int8_dynamic(qdata, scale, act_spec, dtype)
+
+
+# --- int4 ------------------------------------------------------------------------------------------
+
+
+def _int4_gemv(qdata, scale, zero_point, dtype) -> Callable | None:
+    """``direct_gemv``'s op and M bound for this weight (bf16 only), or None."""
+    if dtype != torch.bfloat16 or (zero_point is not None and (zero_point.dtype != torch.int8
+                                                               or not zero_point.is_contiguous())):
+        return None
+    if not scale.is_contiguous():
+        return None
+    probe = torch.empty(1, 2 * qdata.shape[1], dtype=dtype)
+    if not _int4_cpu._supported(probe, qdata, scale, zero_point, None):
+        return None
+    return _int4_cpu.direct_gemv_op()
+
+
+def make_int4_plan(qdata, scale, zero_point, spec: QuantSpec, act_spec, kernel: str, dtype: torch.dtype) -> Plan | None:
+    """The decode plan of an ``Int4Tensor``'s fields, or None: weight-only bf16 (``direct_gemv``),
+    8da4w (``int8_int4_linear``'s forward) or float8 per-token activations (the one-pass fake
+    quantization, then ``direct_gemv``), each as ``int4_linear`` routes it."""
+    if kernel != "auto" or not _weight_ok(qdata, scale, zero_point) or qdata.dtype != torch.uint8 or qdata.dim() != 2:
+        return None
+    n = qdata.shape[0]
+    if act_spec is not None and not act_spec.dtype.is_float:  # 8da4w: int8_int4_linear takes symmetric int4 only
+        if spec.dtype.name != "int4" or not spec.symmetric or spec.qmin != -8 or spec.qmax != 7:
+            return None
+        return _int8_int4(qdata, scale, zero_point, act_spec, dtype)
+    op = _int4_gemv(qdata, scale, zero_point, dtype)
+    if op is None:
+        return None
+    max_m = _int4_cpu.GEMV_MAX_M
+
+    def bias_ok(bias):
+        return bias is None or (bias.dim() == 1 and bias.shape[0] == n and bias.is_floating_point()
+                                and bias.device.type == "cpu")
+
+    if act_spec is None:
+        def run(x, bias):
+            if (x.shape[0] > max_m or x.shape[0] == 0 or not _plain_cpu(x) or x.stride(-1) != 1
+                    or _wants_grad(x, bias) or not bias_ok(bias)):
+                return None
+            return op(x, qdata, scale, zero_point, bias)
+        return run
+
+    fq = _fp8_fake_quant(act_spec, dtype)
+    if fq is None:
+        return None
+
+    def run_fp8(x, bias):
+        if (x.shape[0] > max_m or x.shape[0] == 0 or not _plain_cpu(x) or not x.is_contiguous()
+                or _wants_grad(x, bias) or not bias_ok(bias)):
+            return None
+        return op(fq(x), qdata, scale, zero_point, bias)
+
+    return run_fp8
+
+
+def _int8_int4(qdata, scale, zero_point, act_spec, dtype) -> Plan | None:
+    """``int8_int4_linear``'s no-gradient forward, with its weight and spec checks done once."""
+    if (zero_point is not None or not _int8_int4_cpu._takes_act_spec(act_spec) or dtype not in _int8_int4_cpu._DTYPES
+            or scale.dim() != 2 or scale.shape[0] != qdata.shape[0] or scale.shape[1] == 0):
+        return None
+    k = 2 * qdata.shape[1]
+    if k % scale.shape[1] or (k // scale.shape[1]) % 32 or k // scale.shape[1] > _int8_int4_cpu.MAX_GROUP:
+        return None
+    ext = _ext.load("int8_int4")
+    if ext is None:
+        return None
+    n, max_m = qdata.shape[0], _int8_int4_cpu.MAX_M
+
+    def run(x, bias):
+        m = x.shape[0]
+        if (m == 0 or m > max_m or not _plain_cpu(x) or _wants_grad(x, bias)
+                or (bias is not None and (bias.shape != (n,) or not bias.is_floating_point() or not bias.is_cpu))):
+            return None
+        return _int8_int4_cpu._forward(ext, x, qdata, scale, bias, act_spec)
+
+    return run
+
+
+# --- float8 ----------------------------------------------------------------------------------------
+
+_F8_E5M2 = {"float8_e4m3fn": False, "float8_e5m2": True}
+
+
+def _fp8_fake_quant(act_spec: QuantSpec, dtype) -> Callable | None:
+    """``float8._fake_quantize_cpu`` for dynamic activations (per token or per tensor) as one call on
+    a contiguous 2-D ``x``, or None where it never applies."""
+    if (act_spec.scale_dtype != torch.float32 or act_spec.dtype.name not in _F8_E5M2
+            or not isinstance(act_spec.granularity, (PerToken, PerTensor))
+            or dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+        return None
+    fn = getattr(_ext.load("int8_act"), "fake_quant_fp8", None)
+    if fn is None:
+        return None
+    per_token, eps, e5m2 = isinstance(act_spec.granularity, PerToken), act_spec.eps, _F8_E5M2[act_spec.dtype.name]
+    return lambda x: fn(x, -1.0, per_token, eps, e5m2)[0]
+
+
+def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: str, dtype: torch.dtype) -> Plan | None:
+    """The decode plan of a ``Float8Tensor``'s fields, or None: weight-only (the op's CPU body at
+    M <= ``TILED_MAX_M``) or dynamic float8 activations (the one-pass fake quantization first)."""
+    if kernel != "auto" or act_scale is not None or act_pre_scale is not None or not _weight_ok(qdata, scale):
+        return None
+    probe = torch.empty(1, qdata.shape[-1] if qdata.dim() == 2 else 0, dtype=dtype)
+    if qdata.dim() != 2 or not _fp8_cpu._supported(probe, qdata, scale, None):
+        return None
+    ext = _ext.load("fp8_cpu")
+    if ext is None:
+        return None
+    n = qdata.shape[0]
+    gemv, tiled, chunk = _fp8_cpu.GEMV_MAX_M, _fp8_cpu.TILED_MAX_M, _fp8_cpu.CHUNK_ROWS
+    fq = None
+    if act_spec is not None:
+        fq = _fp8_fake_quant(act_spec, dtype)
+        if fq is None:
+            return None
+
+    def run(x, bias):
+        if (x.shape[0] > tiled or x.shape[0] == 0 or not _plain_cpu(x) or _wants_grad(x, bias)
+                or (bias is not None and (bias.dtype != x.dtype or bias.shape != (n,) or not bias.is_cpu))):
+            return None
+        if fq is not None:
+            if not x.is_contiguous():
+                return None
+            x = fq(x)
+        return ext.fp8_linear(x, qdata, scale, bias, gemv, tiled, chunk)
+
+    return run
