@@ -2,11 +2,12 @@
 
 Per block: its inputs (the quantized previous blocks' outputs) run through it once with hooks
 that accumulate each selected linear's Hessian (each forward ends as soon as every hooked linear
-has its inputs: a block's ``down_proj`` matmul and what follows are skipped); each linear is solved (:mod:`lowbit.algorithms.gptq`);
-the codes become the config's own tensor; then the quantized block runs again to make the next
-block's inputs. Linears fed the same input tensor (q/k/v, gate/up) share one ``X^T X`` product
-and, with the same per-row spec, are solved as one stacked weight (rows are independent in
-GPTQ, so the codes are those of separate solves). Selected linears outside the blocks (an
+has its inputs: a block's ``down_proj`` matmul and what follows are skipped); each linear is
+solved (:mod:`lowbit.algorithms.gptq`; with 2 threads up to one per solve, the block's solves run
+side by side, one intra-op thread each); the codes become the config's own tensor; then the
+quantized block runs again to make the next block's inputs. Linears fed the same input tensor
+(q/k/v, gate/up) share one ``X^T X`` product and, with the same per-row spec, are solved as one
+stacked weight (rows are independent in GPTQ, so the codes are those of separate solves). Selected linears outside the blocks (an
 untied ``lm_head``) are solved last, from one more pass of the whole quantized model.
 With ``process_group=`` the ranks each calibrate on their own slice, sum the Hessians in the
 union's order and share the solves (:mod:`lowbit.algorithms.distributed`).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -201,15 +203,40 @@ def _solve(steps: list[Step], hessians: dict[str, Hessian], opts: dict, process_
     """GPTQ for every step (stacking steps with one spec and one Hessian); nothing is written.
     With a process group each rank solves a share of the groups and gets the others' results."""
     groups = _groups(steps, hessians)
+    # a solve costs about N K^2 (the column updates) + K^3 (the factorization)
+    costs = [float(sum(s.module.weight.shape[0] for s in g)) * g[0].module.weight.shape[1] ** 2
+             + float(g[0].module.weight.shape[1]) ** 3 for g in groups]
     if process_group is None:
-        solved = [_solve_group(g, hessians, opts, compare_rtn) for g in groups]
+        solved = _solve_local(groups, costs, lambda g: _solve_group(g, hessians, opts, compare_rtn))
     else:
-        # a solve costs about N K^2 (the column updates) + K^3 (the factorization)
-        costs = [float(sum(s.module.weight.shape[0] for s in g)) * g[0].module.weight.shape[1] ** 2
-                 + float(g[0].module.weight.shape[1]) ** 3 for g in groups]
         solved = solve_shared(groups, costs, lambda g: _solve_group(g, hessians, opts, compare_rtn), process_group,
                               steps[0].module.weight.device)
     return [(s, values, layer) for g, res in zip(groups, solved) for s, (values, layer) in zip(g, res)]
+
+
+def _solve_local(groups: list, costs: list[float], solve: Callable) -> list:
+    """``[solve(g) for g in groups]``; with 2 to ``len(groups)`` intra-op threads, as many Python
+    threads each solving whole groups (largest cost first) on one intra-op thread: the solver's
+    per-column loop runs on one thread anyway (:func:`lowbit.algorithms.gptq.gptq_quantize`), so
+    the other cores would idle. Each solve is the same computation on one thread (the damped
+    factorization's last bits may differ from a multi-threaded one; the codes did not on 12 SmolLM2
+    linears). More threads than groups: one group at a time, every thread on it."""
+    threads = torch.get_num_threads()
+    if not 2 <= threads <= len(groups):
+        return [solve(g) for g in groups]
+
+    def one(g):
+        torch.set_num_threads(1)  # this thread's OpenMP team; the process-wide count is 1 already
+        return solve(g)
+
+    order = sorted(range(len(groups)), key=lambda i: -costs[i])
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = {i: pool.submit(one, groups[i]) for i in order}
+            return [futures[i].result() for i in range(len(groups))]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _quantize(steps: list[Step], run: Callable[[Callable], None], opts: dict, where: str,

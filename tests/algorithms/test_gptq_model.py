@@ -368,3 +368,23 @@ def test_without_the_rtn_comparison_same_codes_and_no_rtn_column():
         _same_fields(got[name], want[name], codes_equal=True)
     with pytest.raises(ValueError, match="compare_rtn='no' must be a bool"):
         gptq(_llama(), config, _calib(4, 16), compare_rtn="no")
+
+
+def test_parallel_solves_equal_one_thread_solves():
+    """With 2 intra-op threads a block's groups are solved by 2 Python threads, each on one intra-op
+    thread: the codes of solving them one after the other on one thread, bit for bit."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = _llama()
+        gptq(serial, MIXED, _calib(), act_order=True)
+        torch.set_num_threads(2)
+        parallel = _llama()
+        gptq(parallel, MIXED, _calib(), act_order=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    got, want = _quantized(parallel), _quantized(serial)
+    assert set(got) == set(want) and len(got) == 15
+    for name in got:
+        _same_fields(got[name], want[name], codes_equal=True)
