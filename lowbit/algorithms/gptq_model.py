@@ -7,8 +7,9 @@ solved (:mod:`lowbit.algorithms.gptq`; with 2 threads up to one per solve, the b
 side by side, one intra-op thread each); the codes become the config's own tensor; then the
 quantized block runs again to make the next block's inputs. Linears fed the same input tensor
 (q/k/v, gate/up) share one ``X^T X`` product and, with the same per-row spec, are solved as one
-stacked weight (rows are independent in GPTQ, so the codes are those of separate solves). Selected linears outside the blocks (an
-untied ``lm_head``) are solved last, from one more pass of the whole quantized model.
+stacked weight (rows are independent in GPTQ, so the codes are those of separate solves).
+Selected linears outside the blocks (an untied ``lm_head``) are solved last, from one more pass
+of the whole quantized model.
 With ``process_group=`` the ranks each calibrate on their own slice, sum the Hessians in the
 union's order and share the solves (:mod:`lowbit.algorithms.distributed`).
 """
