@@ -13,8 +13,9 @@ the dispatcher takes over the body for CPU tensors once the extension is loaded.
 The body runs where no CPU kernel is registered yet: it loads the extension and, when that
 succeeds, calls the same C++ function (same values bit for bit; later calls dispatch to the C++
 kernel directly); otherwise, and for tensors on other devices, it computes the reference: the
-weight dequantized by the primitives to ``x.dtype``, then ``F.linear`` (bit-equal to the
-reference paths of ``int8.py`` and ``int4.py``).
+weight dequantized to ``x.dtype`` by ``dequantize_blocks`` (``dequantize_affine``'s arithmetic with
+the blocks read from the scale's shape: the op carries no spec, and kernels state none), then
+``F.linear`` (bit-equal to the reference paths of ``int8.py`` and ``int4.py``).
 
 Neither op has an autograd kernel: callers route here only when no gradient is wanted.
 """
@@ -24,11 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.granularity import PerGroup
 from lowbit.kernels import _ext
-from lowbit.primitives.affine import dequantize_affine
+from lowbit.primitives.affine import dequantize_blocks
 from lowbit.primitives.packing import unpack_int4
-from lowbit.spec import QuantSpec
 
 __all__ = ["int8_weight_only_mm", "int4_gemv_bf16"]
 
@@ -48,8 +47,8 @@ def _int8_weight_only_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) 
         ext = _ext.load("int8_gemv")
         if ext is not None:
             return ext.int8_weight_only_mm(x, w, scale)
-    spec = QuantSpec("int8", PerGroup(_group_size(w.shape[-1], scale, "int8_weight_only_mm")))
-    return F.linear(x, dequantize_affine(w, scale, None, spec, x.dtype))
+    _group_size(w.shape[-1], scale, "int8_weight_only_mm")
+    return F.linear(x, dequantize_blocks(w, scale, None, x.dtype))
 
 
 def _int4_gemv_bf16(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -61,10 +60,8 @@ def _int4_gemv_bf16(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, z
         ext = _ext.load("int4_cpu")
         if ext is not None:
             return ext.gemv_bf16(x, qdata, scale, zero_point, bias)
-    signed = zero_point is None
-    group = _group_size(2 * qdata.shape[-1], scale, "int4_gemv_bf16")
-    spec = QuantSpec("int4" if signed else "uint4", PerGroup(group), symmetric=signed)
-    return F.linear(x, dequantize_affine(unpack_int4(qdata, signed), scale, zero_point, spec, x.dtype), bias)
+    _group_size(2 * qdata.shape[-1], scale, "int4_gemv_bf16")
+    return F.linear(x, dequantize_blocks(unpack_int4(qdata, zero_point is None), scale, zero_point, x.dtype), bias)
 
 
 def _int8_fake(x, w, scale):

@@ -36,6 +36,7 @@ __all__ = [
     "choose_qparams_affine_from_min_max",
     "quantize_affine",
     "dequantize_affine",
+    "dequantize_blocks",
     "fake_quantize_affine",
     "round_ste",
 ]
@@ -321,6 +322,23 @@ def dequantize_affine(
         raise TypeError(f"output_dtype={output_dtype} must be a floating dtype")
     if qdata.dim() == 0:
         raise ValueError("qdata must have rank >= 1, got a 0-d tensor")
+    return dequantize_blocks(qdata, scale, zero_point, output_dtype)
+
+
+def dequantize_blocks(
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    output_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``dequantize_affine``'s arithmetic without a spec: ``(qdata - zero_point) * scale`` in float32,
+    the blocks read from ``scale``'s shape, cast once to ``output_dtype``. For callers that hold the
+    stored tensors but not their spec (the ``lowbit_cpu::`` ops' reference bodies); the values are
+    ``dequantize_affine``'s bit for bit, without its checks of ``qdata`` against a spec.
+
+    Raises:
+        ValueError: ``scale``'s shape does not tile ``qdata``'s.
+    """
     block = _block_from_scale(qdata.shape, scale)
     qb = qdata.reshape(_blocked_shape(qdata.shape, block)).to(torch.float32)  # a new buffer: int -> float
     return _dequantize_from_float(qb, scale, zero_point, inplace=True).reshape(qdata.shape).to(output_dtype)
