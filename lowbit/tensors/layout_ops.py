@@ -206,18 +206,20 @@ def register_linear_ops(cls: type[QuantizedTensor], run: Callable) -> None:
             )
         # the weight's own metadata (dim, shape, dtype) without a __torch_function__ round trip each
         # (~2.5 us apiece at decode, where a small layer's kernel takes ~10 us)
+        # (only the checks: the kernels below run with torch functions enabled, as before)
         with torch._C.DisableTorchFunctionSubclass():
-            if weight.dim() != 2:
-                raise ValueError(f"linear needs a 2-D weight, got shape {tuple(weight.shape)}")
-            n, k = weight.shape
-            if input.dim() == 0 or input.shape[-1] != k:
-                raise ValueError(f"input shape {tuple(input.shape)} does not end in in_features={k}")
-            if input.dtype != weight.dtype:
-                raise TypeError(f"input dtype {input.dtype} != weight dtype {weight.dtype}; cast one (model.to(dtype))")
-            if input.dim() == 2:  # already (M, K): no reshapes to and from it
-                return run(input, weight, bias)
-            out = run(input.reshape(-1, k), weight, bias)
-            return out.reshape(*input.shape[:-1], n)
+            w_dim, w_shape, w_dtype = weight.dim(), tuple(weight.shape), weight.dtype
+        if w_dim != 2:
+            raise ValueError(f"linear needs a 2-D weight, got shape {w_shape}")
+        n, k = w_shape
+        if input.dim() == 0 or input.shape[-1] != k:
+            raise ValueError(f"input shape {tuple(input.shape)} does not end in in_features={k}")
+        if input.dtype != w_dtype:
+            raise TypeError(f"input dtype {input.dtype} != weight dtype {w_dtype}; cast one (model.to(dtype))")
+        if input.dim() == 2:  # already (M, K): no reshapes to and from it
+            return run(input, weight, bias)
+        out = run(input.reshape(-1, k), weight, bias)
+        return out.reshape(*input.shape[:-1], n)
 
     @cls.implements_torch_function(F.linear)
     def _(func, types, args, kwargs):
