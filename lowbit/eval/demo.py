@@ -17,7 +17,9 @@ README's demo table quotes (``benchmarks/tables.py``).
 
 Speed: prefill = one forward pass over ``--prefill`` tokens (batch 1); decode = greedy
 ``generate`` of ``--new-tokens`` tokens after a short prompt with the KV cache (SmolLM2; glassllm's
-module has no KV cache, so its decode column is empty). Both on a bf16 copy of the model.
+module has no KV cache, so its decode column is empty). Both on a bf16 copy of the model, each row
+timed interleaved with the bf16 reference (``--reps`` rounds, medians), so "vs bf16" compares runs
+made under the same load rather than minutes apart.
 """
 
 from __future__ import annotations
@@ -264,27 +266,41 @@ def _quantized(base: nn.Module, row: DemoRow, calib: torch.Tensor, algo_calib: t
         return quantize_(model, config), _note(plan)
 
 
-def _median_s(fn, reps: int) -> float:
-    fn()  # warm-up: kernels chosen, caches filled
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _paired_medians(fns: dict, reps: int) -> dict:
+    """Median seconds per call of each of ``fns``: one warm-up call each (kernels chosen, caches filled),
+    then ``reps`` rounds calling each once, the order reversed every other round, so that a row and its
+    bf16 reference share the host's state (load, clock) instead of being timed minutes apart."""
+    names = list(fns)
+    for n in names:
+        fns[n]()
+    times = {n: [] for n in names}
+    for r in range(reps):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 @torch.no_grad()
-def _speed(model: nn.Module, wrap, prompt: torch.Tensor, decode: bool, new_tokens: int, reps: int) -> dict:
-    runner = wrap(model)
+def _speed(model: nn.Module, ref: nn.Module | None, wrap, prompt: torch.Tensor, decode: bool, new_tokens: int,
+           reps: int) -> dict:
+    """Prefill and decode tokens/s of ``model`` and, timed interleaved with it, of the bf16 ``ref``
+    (None: ``model`` is the reference): ``*_x`` = the reference's median time / the model's."""
+    pair = {"model": model} if ref is None else {"model": model, "ref": ref}
+    runners = {k: wrap(m) for k, m in pair.items()}
     x = prompt.unsqueeze(0)
-    out = {"prefill_tps": x.shape[1] / _median_s(lambda: runner(x), reps)}
+    pre = _paired_medians({k: (lambda r=r: r(x)) for k, r in runners.items()}, reps)
+    out = {"prefill_tps": x.shape[1] / pre["model"], "prefill_x": pre.get("ref", pre["model"]) / pre["model"]}
     if decode:
         short = x[:, :16]
         gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
-        t = _median_s(lambda: model.generate(short, attention_mask=torch.ones_like(short), **gen), max(1, reps // 2))
-        t_prefill = _median_s(lambda: runner(short), reps)
-        out["decode_tps"] = new_tokens / max(t - t_prefill, 1e-9)
+        mask = torch.ones_like(short)
+        g = _paired_medians({k: (lambda m=m: m.generate(short, attention_mask=mask, **gen)) for k, m in pair.items()}, reps)
+        p = _paired_medians({k: (lambda r=r: r(short)) for k, r in runners.items()}, reps)
+        s = {k: max(g[k] - p[k], 1e-9) for k in pair}  # the new tokens only: generate minus its prompt's prefill
+        out["decode_tps"] = new_tokens / s["model"]
+        out["decode_x"] = s.get("ref", s["model"]) / s["model"]
     return out
 
 
@@ -311,7 +327,9 @@ def run_model(name: str, args) -> dict:
                 algorithm: str | None) -> dict:
         ppl = perplexity(wrap(model_f32), ids, seq_len, args.windows, batch_size=4, prefix=prefix)
         return {"label": label, "config": config, "algorithm": algorithm, "bytes": linear_weight_bytes(model_f32),
-                "perplexity": ppl, "note": note, **_speed(model_bf16, wrap, prompt, decode, args.new_tokens, args.reps)}
+                "perplexity": ppl, "note": note,
+                **_speed(model_bf16, None if model_bf16 is base_bf16 else base_bf16, wrap, prompt, decode,
+                         args.new_tokens, args.reps)}
 
     base_bf16 = copy.deepcopy(base).to(torch.bfloat16)
     rows = [measure("fp32", base, base_bf16, config=None, algorithm=None)]
@@ -352,9 +370,6 @@ def run_model(name: str, args) -> dict:
     for r in rows:
         r["mb"] = r["bytes"] / 1e6
         r["delta_pct"] = 100 * (r["perplexity"] / ref["perplexity"] - 1)
-        r["prefill_x"] = r["prefill_tps"] / ref["prefill_tps"]
-        if "decode_tps" in r:
-            r["decode_x"] = r["decode_tps"] / ref["decode_tps"]
     return {"model": name, "text": "pydoc", "seq_len": seq_len, "windows": args.windows, "prefix": list(prefix),
             "special_tokens": text.note, "calibration_windows": args.calib_windows,
             "algorithm_calibration": None if algo_calib is None else list(algo_calib.shape), "rows": rows, "autoquant": aq,
