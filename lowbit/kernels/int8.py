@@ -286,6 +286,18 @@ def _(a, b):
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _dynamic_linear_op(ext):
+    """``ext.w8a8_dynamic_linear(x, w, s_w, bias, eps)``: ``quantize_i8`` (dynamic, symmetric per token),
+    ``mm_i8`` and ``w8a8_epilogue`` as one C++ call with its temporaries in thread-local buffers, equal
+    bit for bit to the three calls (tests/kernels/test_int8_act.py). For the M <= ``_MM_I8_MAX_M``
+    calls ``_int8_mm_impl`` sends to ``mm_i8``; None where it would not (a CPU with int8 dot products,
+    whose ``torch._int_mm`` is fast) or where the build has no such entry (the AVX-512 one, for those
+    CPUs). At decode on SmolLM2's shapes the three calls cost ~20 us more than their kernels."""
+    if ext is None or host.has_int8_dot():
+        return None
+    return getattr(ext, "w8a8_dynamic_linear", None)
+
+
 def _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_spec):
     """Eager CPU: activation quantization and the rescale each in one C++ pass (``csrc/int8_act.cpp``,
     the same float32 ops as the primitives, bit-identical), around ``int8_mm``. None when not applicable."""
@@ -302,6 +314,10 @@ def _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_spec):
     ext = _ext.load("int8_act")
     if ext is None:
         return None
+    if not static and input.shape[0] <= _MM_I8_MAX_M and qdata.is_contiguous():
+        fused = _dynamic_linear_op(ext)
+        if fused is not None:  # the three calls below in one, the same values
+            return fused(input, qdata, scale.expand(qdata.shape[0], 1).reshape(-1).contiguous(), bias, act_spec.eps)
     zp = 0 if act_zero_point is None else int(act_zero_point)
     xq, s_dyn = ext.quantize_i8(input, float(act_scale) if static else -1.0, zp, act_spec.eps)
     s_x = act_scale.reshape(1).float() if static else s_dyn

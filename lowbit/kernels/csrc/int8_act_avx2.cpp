@@ -1,7 +1,9 @@
 // Int8 activation quantization and the W8A8 epilogue, each one pass over memory: the AVX2 + F16C
 // build (no AVX-512) of int8_act.cpp, with the same entry points, checks and error messages, plus
 // mm_i8, an exact int8 x int8 -> int32 GEMM for small M on CPUs without VNNI (the AVX-512 build's
-// hosts have VNNI and use torch._int_mm).
+// hosts have VNNI and use torch._int_mm), and w8a8_dynamic_linear, quantize_i8 (dynamic) + mm_i8 +
+// w8a8_epilogue as one call with thread-local temporaries (the AVX-512 build has no mm_i8, so no
+// such entry: its callers check with getattr).
 //
 // Same float32 operations as lowbit.primitives, in the same order, so results are bit-identical
 // to the PyTorch path (built with -ffp-contract=off: no fused multiply-adds):
@@ -284,6 +286,83 @@ torch::Tensor w8a8_epilogue(torch::Tensor acc, torch::Tensor s_x, torch::Tensor 
   return out;
 }
 
+namespace {
+
+// What mm_i8_into needs besides its operands, kept between calls (thread-local in the fused entry).
+struct MmScratch {
+  std::vector<int8_t> ax;     // a copied into rows of lda, zero-padded (plus the split rows)
+  std::vector<int32_t> acc;   // (R, N) results when some row was split (R > M)
+  std::vector<int64_t> extra;
+};
+
+// out (M, N) int32 = a @ b.T for int8 a (M, K) and b (N, K), both row-major and contiguous, exact:
+// mm_i8's body on raw pointers (see mm_i8 below).
+void mm_i8_into(const int8_t* ap, int64_t M, int64_t K, const int8_t* bp, int64_t N, int32_t* op, MmScratch& ws) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    std::fill(op, op + M * N, 0);
+    return;
+  }
+  // a copied into rows of lda (zero-padded to 32 columns); row m holding -128 gets a second row
+  // extra[m] >= M: a = max(a, -127) in row m plus (a == -128 ? -1 : 0) in row extra[m]
+  ws.extra.assign(M, -1);
+  std::vector<int64_t>& extra = ws.extra;
+  int64_t R = M;
+  for (int64_t m = 0; m < M; ++m)
+    if (std::find(ap + m * K, ap + (m + 1) * K, int8_t(-128)) != ap + (m + 1) * K) extra[m] = R++;
+  const int64_t lda = (K + 31) / 32 * 32;
+  ws.ax.assign(R * lda, 0);
+  int8_t* axp = ws.ax.data();
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* src = ap + m * K;
+    int8_t* dst = axp + m * lda;
+    if (extra[m] < 0) {
+      std::memcpy(dst, src, K);
+      continue;
+    }
+    int8_t* low = axp + extra[m] * lda;
+    for (int64_t k = 0; k < K; ++k) {
+      dst[k] = src[k] == -128 ? int8_t(-127) : src[k];
+      low[k] = src[k] == -128 ? int8_t(-1) : int8_t(0);
+    }
+  }
+  if (R > M) ws.acc.resize(R * N);
+  int32_t* cp = R == M ? op : ws.acc.data();
+  const int64_t mc = std::max<int64_t>(kMR, kABytes / lda / kMR * kMR);  // rows per sweep, a multiple of kMR
+  const int64_t blocks = (N + kNR - 1) / kNR;
+  // at least ~2^18 multiply-adds per thread, so tiny products don't pay for waking threads
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (kNR * K * std::min(R, mc)));
+  lowbit::par_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < R; m0 += mc) {
+      const int64_t m1 = std::min(R, m0 + mc);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t n = blk * kNR;
+        const int nr = int(std::min<int64_t>(kNR, N - n));
+        for (int64_t m = m0; m < m1; m += kMR)
+          mm_i8_block_any(int(std::min<int64_t>(kMR, m1 - m)), nr, axp + m * lda, lda, bp + n * K, K, cp + m * N + n, N);
+      }
+    }
+  });
+  if (R == M) return;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {  // int32 sum, wrapping like the accumulators (unsigned: no UB)
+      const uint32_t lo = extra[m] < 0 ? 0u : uint32_t(cp[extra[m] * N + n]);
+      op[m * N + n] = int32_t(uint32_t(cp[m * N + n]) + lo);
+    }
+}
+
+// The fused entry's temporaries, reused by the next call on the same thread (nothing in them
+// outlives a call's meaning; they only keep their capacity).
+constexpr size_t kKeepScratch = size_t(1) << 22;  // accumulator bytes a thread keeps between calls (4 MiB)
+struct DynScratch {
+  std::vector<int8_t> xq;
+  std::vector<float> sx;
+  std::vector<int32_t> acc;
+  MmScratch mm;
+};
+
+}  // namespace
+
 // a @ b.T for int8 a (M, K) and b (N, K), exact in int32: equal to torch._int_mm(a, b.t()) bit for
 // bit (int32 sums wrap as any int32 accumulator would, from K > 2^17). Made for small M (decode) on
 // CPUs without int8 dot products: each weight row is read once per sweep of up to kABytes of
@@ -300,56 +379,66 @@ torch::Tensor mm_i8(torch::Tensor a, torch::Tensor b) {
               b.sizes());
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
   auto out = torch::empty({M, N}, a.options().dtype(torch::kInt));
-  if (M == 0 || N == 0) return out;
-  if (K == 0) return out.zero_();
-  // a copied into rows of lda (zero-padded to 32 columns); row m holding -128 gets a second row
-  // extra[m] >= M: a = max(a, -127) in row m plus (a == -128 ? -1 : 0) in row extra[m]
-  const int8_t* ap = a.data_ptr<int8_t>();
-  std::vector<int64_t> extra(M, -1);
-  int64_t R = M;
-  for (int64_t m = 0; m < M; ++m)
-    if (std::find(ap + m * K, ap + (m + 1) * K, int8_t(-128)) != ap + (m + 1) * K) extra[m] = R++;
-  const int64_t lda = (K + 31) / 32 * 32;
-  auto ax = torch::zeros({R, lda}, a.options());
-  int8_t* axp = ax.data_ptr<int8_t>();
-  for (int64_t m = 0; m < M; ++m) {
-    const int8_t* src = ap + m * K;
-    int8_t* dst = axp + m * lda;
-    if (extra[m] < 0) {
-      std::memcpy(dst, src, K);
-      continue;
-    }
-    int8_t* low = axp + extra[m] * lda;
-    for (int64_t k = 0; k < K; ++k) {
-      dst[k] = src[k] == -128 ? int8_t(-127) : src[k];
-      low[k] = src[k] == -128 ? int8_t(-1) : int8_t(0);
-    }
+  MmScratch ws;
+  mm_i8_into(a.data_ptr<int8_t>(), M, K, b.data_ptr<int8_t>(), N, out.data_ptr<int32_t>(), ws);
+  return out;
+}
+
+// W8A8 with dynamic symmetric per-token activations in one call, for small M on CPUs without
+// VNNI: quantize_i8(x, -1, 0, eps), then mm_i8(xq, w), then w8a8_epilogue(acc, s_x, s_w, bias,
+// None, x), the same functions on the same values (so equal bit for bit), with xq, s_x and the
+// int32 accumulator in thread-local buffers; only the (M, N) output (in x's dtype) is allocated.
+// x: contiguous (M, K) float32 / bfloat16 / float16; w: contiguous int8 (N, K); s_w: contiguous
+// float32 (N,); bias: contiguous (N,) in x's dtype or None; eps > 0.
+torch::Tensor w8a8_dynamic_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s_w, c10::optional<torch::Tensor> bias,
+                                  double eps) {
+  TORCH_CHECK(x.defined() && x.device().is_cpu(), "w8a8_dynamic_linear: x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "w8a8_dynamic_linear: x must be a contiguous (M, K) tensor, got sizes ",
+              x.sizes(), " strides ", x.strides());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat || dt == torch::kBFloat16 || dt == torch::kHalf,
+              "w8a8_dynamic_linear: x must be float32, bfloat16 or float16, got ", dt);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(w.defined() && w.device().is_cpu(), "w8a8_dynamic_linear: w must be a CPU tensor");
+  TORCH_CHECK(w.scalar_type() == torch::kChar, "w8a8_dynamic_linear: w must be int8, got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == K,
+              "w8a8_dynamic_linear: w must be a contiguous (N, K) tensor with K = ", K, ", got sizes ", w.sizes(),
+              " strides ", w.strides());
+  const int64_t N = w.size(0);
+  TORCH_CHECK(s_w.defined() && s_w.device().is_cpu(), "w8a8_dynamic_linear: s_w must be a CPU tensor");
+  TORCH_CHECK(s_w.scalar_type() == torch::kFloat && s_w.dim() == 1 && s_w.size(0) == N && s_w.is_contiguous(),
+              "w8a8_dynamic_linear: s_w must be a contiguous float32 (N,) tensor with N = ", N, ", got ", s_w.scalar_type(),
+              " ", s_w.sizes());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->device().is_cpu(), "w8a8_dynamic_linear: bias must be a CPU tensor");
+    TORCH_CHECK(bias->scalar_type() == dt && bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
+                "w8a8_dynamic_linear: bias must be a contiguous (N,) tensor in x's dtype (", dt, ") with N = ", N,
+                ", got ", bias->scalar_type(), " ", bias->sizes());
   }
-  auto acc = R == M ? out : torch::empty({R, N}, out.options());
-  const int8_t* bp = b.data_ptr<int8_t>();
-  int32_t* cp = acc.data_ptr<int32_t>();
-  const int64_t mc = std::max<int64_t>(kMR, kABytes / lda / kMR * kMR);  // rows per sweep, a multiple of kMR
-  const int64_t blocks = (N + kNR - 1) / kNR;
-  // at least ~2^18 multiply-adds per thread, so tiny products don't pay for waking threads
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (kNR * K * std::min(R, mc)));
-  lowbit::par_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < R; m0 += mc) {
-      const int64_t m1 = std::min(R, m0 + mc);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t n = blk * kNR;
-        const int nr = int(std::min<int64_t>(kNR, N - n));
-        for (int64_t m = m0; m < m1; m += kMR)
-          mm_i8_block_any(int(std::min<int64_t>(kMR, m1 - m)), nr, axp + m * lda, lda, bp + n * K, K, cp + m * N + n, N);
-      }
-    }
-  });
-  if (R == M) return out;
-  int32_t* op = out.data_ptr<int32_t>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {  // int32 sum, wrapping like the accumulators (unsigned: no UB)
-      const uint32_t lo = extra[m] < 0 ? 0u : uint32_t(cp[extra[m] * N + n]);
-      op[m * N + n] = int32_t(uint32_t(cp[m * N + n]) + lo);
-    }
+  TORCH_CHECK(eps > 0, "w8a8_dynamic_linear: eps must be positive, got ", eps);
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  static thread_local DynScratch ws;
+  ws.xq.resize(M * K);
+  ws.sx.resize(M);
+  ws.acc.resize(M * N);
+  const float fe = float(eps);
+  switch (dt) {
+#define LOWBIT_DYN(T, ST)                                                                                          \
+  case ST:                                                                                                         \
+    quantize_rows(x.data_ptr<T>(), ws.xq.data(), ws.sx.data(), M, K, -1.0f, 0.0f, fe);                             \
+    mm_i8_into(ws.xq.data(), M, K, w.data_ptr<int8_t>(), N, ws.acc.data(), ws.mm);                                 \
+    epilogue_rows<T>(ws.acc.data(), ws.sx.data(), M > 1, s_w.data_ptr<float>(), has_bias ? bias->data_ptr<T>() : nullptr, \
+                     nullptr, out.data_ptr<T>(), M, N);                                                            \
+    break;
+    LOWBIT_DYN(float, torch::kFloat)
+    LOWBIT_DYN(at::BFloat16, torch::kBFloat16)
+    LOWBIT_DYN(at::Half, torch::kHalf)
+#undef LOWBIT_DYN
+    default: break;  // checked above
+  }
+  if (ws.acc.size() + ws.mm.acc.size() > kKeepScratch / 4) ws = DynScratch();  // a large call: don't hold its memory
   return out;
 }
 
@@ -359,4 +448,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quant_fp8", &fp8_act::fake_quant_fp8, "float8 activation fake quantization (per token, per tensor or static), one pass",
         py::arg("x"), py::arg("static_scale"), py::arg("per_token"), py::arg("eps"), py::arg("e5m2"));
   m.def("mm_i8", &mm_i8, "a @ b.T for int8 a (M, K), b (N, K), exact int32 (small M, no VNNI)");
+  m.def("w8a8_dynamic_linear", &w8a8_dynamic_linear,
+        "quantize_i8 (dynamic per token) + mm_i8 + w8a8_epilogue in one call, the same values bit for bit",
+        py::arg("x"), py::arg("w"), py::arg("s_w"), py::arg("bias"), py::arg("eps"));
 }
