@@ -140,7 +140,32 @@ def _quantize_input(ext, x: torch.Tensor, act_spec: QuantSpec):
     return quantize_affine(x, s, zp, act_spec), s, zp
 
 
+def _dynamic_linear_op(ext, act_spec: QuantSpec):
+    """``(x, qdata, scale, bias) -> out or None``: the extension's ``int8_int4_dynamic_linear`` under
+    ``act_spec``'s qmin, qmax and eps, i.e. ``quantize_act_asym`` and ``int8_int4_linear`` in one C++
+    call (the activation's int8 values in thread-local buffers, the output allocated once), equal bit
+    for bit to ``_forward_unfused``; None from a call whose input holds NaN or inf (the primitives
+    then quantize it). None where ``_quantize_input`` would not use ``quantize_act_asym`` (a symmetric
+    spec, non-float32 scales) or the build lacks the entry. Takes contiguous tensors only."""
+    fn = getattr(ext, "int8_int4_dynamic_linear", None)
+    if fn is None or act_spec.symmetric or act_spec.scale_dtype != torch.float32:
+        return None
+    qmin, qmax, eps = act_spec.qmin, act_spec.qmax, act_spec.eps
+    return lambda x, qdata, scale, bias: fn(x, qdata, scale, bias, qmin, qmax, eps)
+
+
 def _forward(ext, input, qdata, scale, bias, act_spec):
+    fused = _dynamic_linear_op(ext, act_spec)
+    if fused is not None and input.is_contiguous():
+        out = fused(input.detach(), qdata.contiguous(), scale.contiguous(),
+                    None if bias is None else bias.detach().contiguous())
+        if out is not None:
+            return out
+    return _forward_unfused(ext, input, qdata, scale, bias, act_spec)
+
+
+def _forward_unfused(ext, input, qdata, scale, bias, act_spec):
+    """The activation quantized (``_quantize_input``), then the extension's ``int8_int4_linear``."""
     xq, s, zp = _quantize_input(ext, input.detach(), act_spec)
     m = input.shape[0]
     zp = torch.zeros(m, dtype=torch.int32) if zp is None else zp.to(torch.int32)

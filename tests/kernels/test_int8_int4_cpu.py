@@ -169,8 +169,14 @@ def test_end_to_end_takes_the_integer_path(ext, monkeypatch):
     """A quantized model's forward (eager, no gradient) runs the integer forward for every layer and
     stays within the reference bound."""
     calls = []
-    real = k8._forward
-    monkeypatch.setattr(k8, "_forward", lambda ext_, x, *a: calls.append(x.shape[0]) or real(ext_, x, *a))
+    real_forward, real_op = k8._forward_unfused, k8._dynamic_linear_op
+
+    def op(ext_, act):  # the one-call entry, counted
+        fn = real_op(ext_, act)
+        return None if fn is None else (lambda x, *a: calls.append(x.shape[0]) or fn(x, *a))
+
+    monkeypatch.setattr(k8, "_dynamic_linear_op", op)
+    monkeypatch.setattr(k8, "_forward_unfused", lambda ext_, x, *a: calls.append(-1) or real_forward(ext_, x, *a))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 96), nn.ReLU(), nn.Linear(96, 64)).to(torch.bfloat16)  # K = 96: 3 groups
     ref_model = copy.deepcopy(model)
@@ -346,3 +352,101 @@ def test_activation_quantizer_declines_nan_and_inf_and_the_linear_still_matches(
 def test_activation_quantizer_bad_arguments_name_the_argument(ext, args, why):
     with pytest.raises(RuntimeError, match=why):
         ext.quantize_act_asym(*args)
+
+
+# --- int8_int4_dynamic_linear: quantize_act_asym + int8_int4_linear as one call --------------------
+
+
+def _bits(t):
+    """The tensor's bits (NaN payloads included), for exact comparisons."""
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
+
+
+def _one_call(ext, x, qdata, s, b, act=ACT):
+    return ext.int8_int4_dynamic_linear(x, qdata, s, b, act.qmin, act.qmax, act.eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("g, groups", [(32, 1), (32, 18), (64, 9), (96, 5), (256, 3)], ids=lambda v: str(v))
+@pytest.mark.parametrize("n", [1, 37])
+@pytest.mark.parametrize("bias", [None, "same", "float32"])
+def test_one_call_equals_the_two_calls(ext, dtype, g, groups, n, bias):
+    """Bit for bit against quantize_act_asym + int8_int4_linear (``_forward_unfused``) for M = 1 .. MAX_M,
+    odd N, group counts that fill a block of 8 groups or not, bias in x's dtype or another, a zero
+    row, a huge row, a row with one outlier, and finite rows whose scale overflows to inf (NaN out)."""
+    k = g * groups
+    q, qdata, s = _weight(n, k, g, seed=groups)
+    gen = torch.Generator().manual_seed(n + groups)
+    b = None if bias is None else torch.randn(n, generator=gen).to(dtype if bias == "same" else torch.float32)
+    big = 6e4 if dtype == torch.float16 else 1e30
+    for m in [1, 2, 3, 4, 7, 16, 17, 33, k8.MAX_M]:
+        x = (torch.randn(m, k, generator=gen) * 2).to(dtype)
+        x[0] = 0
+        if m > 1:
+            x[1] = ((torch.rand(k, generator=gen) * 2 - 1) * big).to(dtype)
+        if m > 2:
+            x[2, -1] = big
+        if m > 3 and dtype != torch.float16:
+            x[3, 0], x[3, -1] = 3e38, -3e38  # max - min overflows float32: an infinite scale
+        out = _one_call(ext, x, qdata, s, b)
+        want = k8._forward_unfused(ext, x, qdata, s, b, ACT)
+        assert out.dtype == dtype and out.shape == (m, n)
+        assert torch.equal(_bits(out), _bits(want)), f"M={m}"
+        if m > 3 and dtype != torch.float16:
+            assert bool(out[3].isnan().all())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_call_reuses_its_buffers_across_shapes(ext, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m, groups, n in [(64, 24, 300), (1, 3, 5), (5, 18, 192), (2, 1, 77), (1, 18, 576)]:
+            _, qdata, s = _weight(n, 32 * groups, 32, seed=m)
+            x = torch.randn(m, 32 * groups).bfloat16()
+            assert torch.equal(_one_call(ext, x, qdata, s, None), k8._forward_unfused(ext, x, qdata, s, None, ACT))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_one_call_declines_nan_and_inf_and_forward_falls_back(ext):
+    _, qdata, s = _weight(9, 128, 32)
+    x = torch.randn(3, 128)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[1, 5] = bad
+        assert _one_call(ext, y, qdata, s, None) is None
+        out, want = k8._forward(ext, y, qdata, s, None, ACT), k8._forward_unfused(ext, y, qdata, s, None, ACT)
+        assert torch.equal(_bits(out), _bits(want)) and bool(out[1].isnan().all())
+
+
+def test_one_call_is_not_offered_where_quantize_act_asym_is_not_used(ext):
+    assert k8._dynamic_linear_op(ext, ACT) is not None
+    assert k8._dynamic_linear_op(ext, QuantSpec("int8", PerToken(), symmetric=True)) is None
+    assert k8._dynamic_linear_op(ext, QuantSpec("int8", PerToken(), symmetric=False, scale_dtype=torch.bfloat16)) is None
+
+
+@pytest.mark.parametrize("arg, value, why", [
+    ("x", lambda a: torch.empty(2, 256, device="meta"), r"x must be a defined CPU tensor"),
+    ("x", lambda a: a["x"].int(), r"x must be contiguous float32, bfloat16 or float16 \(M, K\), got Int"),
+    ("x", lambda a: a["x"].t().contiguous().t(), r"x must be contiguous"),
+    ("x", lambda a: a["x"].reshape(1, 2, 256), r"x must be contiguous float32, bfloat16 or float16 \(M, K\)"),
+    ("qdata", lambda a: a["qdata"][:, :64], r"qdata must be contiguous uint8 \(N, K/2\) with K = 256"),
+    ("qdata", lambda a: a["qdata"].to(torch.int8), r"qdata must be contiguous uint8"),
+    ("scale", lambda a: a["scale"][:4], r"scale must be contiguous float32 \(N, G\) with N = 8"),
+    ("scale", lambda a: a["scale"].double(), r"scale must be contiguous float32"),
+    ("scale", lambda a: a["scale"][:, :3].contiguous(), r"scale groups \(3\) must divide K \(256\)"),
+    ("scale", lambda a: a["scale"].repeat_interleave(2, 1), r"group size must be a multiple of 32 and at most 256, got 16"),
+    ("bias", lambda a: torch.zeros(7), r"bias must be contiguous float32, bfloat16 or float16 \(N,\) with N = 8"),
+    ("bias", lambda a: torch.zeros(8, dtype=torch.int32), r"bias must be contiguous float32"),
+    ("bias", lambda a: torch.zeros(16)[::2], r"bias must be contiguous"),
+    ("qmin", lambda a: -129, r"qmin, qmax must satisfy -128 <= qmin < qmax <= 127, got -129, 127"),
+    ("qmax", lambda a: -128, r"qmin, qmax must satisfy"),
+    ("eps", lambda a: 0.0, r"eps must be positive, got 0"),
+])
+def test_one_call_bad_arguments_raise_naming_them(ext, arg, value, why):
+    _, qdata, s = _weight(8, 256, 32)
+    a = dict(x=torch.randn(2, 256), qdata=qdata, scale=s, bias=None, qmin=ACT.qmin, qmax=ACT.qmax, eps=ACT.eps)
+    a[arg] = value(a)
+    with pytest.raises(RuntimeError, match=why):
+        ext.int8_int4_dynamic_linear(**a)
