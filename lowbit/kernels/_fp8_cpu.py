@@ -45,7 +45,8 @@ import torch
 
 from lowbit.kernels import _ext, host
 
-__all__ = ["float8_weight_only_linear_cpu", "GEMV_MAX_M", "TILED_MAX_M", "CHUNK_ROWS"]
+__all__ = ["float8_weight_only_linear_cpu", "float8_act_linear_cpu", "act_linear_fn", "GEMV_MAX_M", "TILED_MAX_M",
+           "CHUNK_ROWS"]
 
 # Measured on the 8 x Linear(4096, 4096) bf16 stack (2 threads, medians of interleaved runs):
 # M=1 GEMV 3.38 ms vs tiled 5.59 vs chunks 9.5-10.3; M=16 tiled 12.16 vs chunks(512) 12.19;
@@ -104,3 +105,41 @@ def float8_weight_only_linear_cpu(
     else:
         out = ext.fp8_linear(x2, qdata, scale, bias, GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS)
     return out.reshape(*x.shape[:-1], n)
+
+
+def act_linear_fn():
+    """The extension's ``fp8_linear_act(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows,
+    act_per_token, act_eps, act_e5m2)``, or None when the extension is unavailable. It returns what
+    ``fp8_linear`` returns for x fake-quantized first by ``int8_act``'s ``fake_quant_fp8`` (dynamic
+    scale per token or per tensor, float8_e5m2 if ``act_e5m2`` else float8_e4m3fn, floor ``act_eps``),
+    bit for bit, in one call: at M <= tiled_max_m the fake-quantized values go straight into the
+    kernel's own widened copy of x (``csrc/fp8_act.h``), no tensor in between. Raises RuntimeError
+    naming ``act_eps`` unless it is > 0, and ``fp8_linear``'s errors for the other arguments."""
+    return getattr(_ext.load("fp8_cpu"), "fp8_linear_act", None)
+
+
+def float8_act_linear_cpu(
+    x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool, eps: float,
+    e5m2: bool,
+) -> torch.Tensor | None:
+    """``float8_weight_only_linear_cpu(fake_quantize_float8(x), qdata, scale, bias)`` for dynamic float8
+    activations in one C++ call (:func:`act_linear_fn`), bit for bit; None where it does not apply:
+    x not a contiguous 2-D CPU tensor with 1 <= M <= ``TILED_MAX_M`` (above, the weight-only path may
+    widen x first), a gradient wanted, a case ``float8_weight_only_linear_cpu`` does not take, or no
+    extension.
+
+    Args:
+        x: (M, K) bfloat16, float32 or float16 activations (not yet quantized).
+        qdata, scale, bias: as for :func:`float8_weight_only_linear_cpu`.
+        per_token: one scale per row of x (True) or one for all of x (False).
+        eps: the scale's floor (the activation spec's ``eps``), > 0.
+        e5m2: activations as float8_e5m2 (True) or float8_e4m3fn (False).
+    """
+    if (x.dim() != 2 or not 1 <= x.shape[0] <= TILED_MAX_M or not x.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+            or not _supported(x, qdata, scale, bias)):
+        return None
+    fn = act_linear_fn()
+    if fn is None:
+        return None
+    return fn(x, qdata, scale, bias, GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS, per_token, eps, e5m2)

@@ -48,7 +48,7 @@ import torch
 
 from lowbit.kernels import _cpu_ops, _ext, host
 
-__all__ = ["int4_linear_cpu", "available", "GEMV_MAX_M", "SMALL_MAX_M", "CHUNK_ROWS", "MIN_GROUP"]
+__all__ = ["int4_linear_cpu", "available", "direct_gemv_fp8_act", "direct_gemv_fp8_act_fn", "GEMV_MAX_M", "SMALL_MAX_M", "CHUNK_ROWS", "MIN_GROUP"]
 
 GEMV_MAX_M = 4  # bf16: gemv_bf16 up to here (2.7x bf16 at M=4, 1 thread)
 SMALL_MAX_M = 32  # bf16: gemm_small_bf16 up to here, then the chunked dequantize + mm
@@ -106,6 +106,35 @@ def direct_gemv(x, qdata, scale, zero_point, bias) -> torch.Tensor | None:
         return None
     op = direct_gemv_op()
     return None if op is None else op(x, qdata, scale, zero_point, bias)
+
+
+def direct_gemv_fp8_act_fn():
+    """The extension's ``gemv_bf16_act(x, qdata, scale, zero_point, bias, act_per_token, act_eps,
+    act_e5m2)`` (a plain extension function, not a dispatcher op), or None when the extension is not
+    available. It returns what the GEMV returns for x fake-quantized first by ``int8_act``'s
+    ``fake_quant_fp8`` (dynamic scale per token or per tensor, float8_e5m2 if ``act_e5m2`` else
+    float8_e4m3fn, floor ``act_eps``), bit for bit, in one call (``csrc/fp8_act.h``). Raises
+    RuntimeError naming ``act_eps`` unless it is > 0, and the GEMV's errors for the other arguments."""
+    return getattr(_ext.load("int4_cpu"), "gemv_bf16_act", None)
+
+
+def direct_gemv_fp8_act(x, qdata, scale, zero_point, bias, per_token: bool, eps: float, e5m2: bool) -> torch.Tensor | None:
+    """:func:`direct_gemv` of ``x`` fake-quantized to float8 (dynamic scale per token or per tensor,
+    floor ``eps``, e5m2 or e4m3fn) in one C++ call (:func:`direct_gemv_fp8_act_fn`), the same values
+    bit for bit as that fake quantization followed by :func:`direct_gemv`; None where
+    :func:`direct_gemv` would return None or ``x`` is not contiguous."""
+    if not isinstance(x, torch.Tensor) or not x.is_contiguous():
+        return None
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if zero_point is not None and (zero_point.dtype != torch.int8 or not zero_point.is_contiguous()):
+        return None
+    if not scale.is_contiguous() or x.shape[0] == 0 or not _supported(x, qdata, scale, zero_point, bias):
+        return None
+    fn = direct_gemv_fp8_act_fn()
+    return None if fn is None else fn(x, qdata, scale, zero_point, bias, per_token, eps, e5m2)
 
 
 def _chunked_float32(ext, x: torch.Tensor, qdata, scale, zero_point, bias) -> torch.Tensor:

@@ -17,7 +17,9 @@ primitives when they are quantized), then ``F.linear``. Fast paths:
   reference, no float8 tensor cores). Gradients (training through the op) take that route too.
   On CPU with no gradient wanted, that fake quantization is one C++ pass (``_fake_quantize_cpu``:
   ``csrc/fp8_act.h`` in the ``int8_act`` kernel, the primitives' float32 ops and torch's own
-  float8 / bf16 conversions, bit for bit) instead of about eight aten ops.
+  float8 / bf16 conversions, bit for bit) instead of about eight aten ops; for dynamic scales at
+  M <= ``_fp8_cpu.TILED_MAX_M`` it runs inside the weight-only kernel's own widening of x
+  (``_fp8_cpu.float8_act_linear_cpu``: one call, the same values bit for bit).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 from lowbit.granularity import PerTensor, PerToken
 from lowbit.kernels import _ext
-from lowbit.kernels._fp8_cpu import float8_weight_only_linear_cpu
+from lowbit.kernels._fp8_cpu import float8_act_linear_cpu, float8_weight_only_linear_cpu
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, fake_quantize_float8, quantize_float8
 from lowbit.spec import QuantSpec, spec_from_key, spec_key
@@ -188,6 +190,11 @@ def float8_activation_linear(
         out = _scaled_mm_path(input, qdata, scale, bias, act_spec, act_scale)
         if out is not None:
             return out
+    rule = _act_rule(act_spec) if kernel == "auto" and act_scale is None and input.device.type == "cpu" else None
+    if rule is not None and not torch.compiler.is_compiling():  # small M: the fake quantization inside the GEMV
+        out = float8_act_linear_cpu(input, qdata, scale, bias, *rule)
+        if out is not None:
+            return out
     x = _fake_quantize_cpu(input, act_spec, act_scale) if kernel == "auto" else None
     if x is None:
         if act_scale is not None:
@@ -199,6 +206,15 @@ def float8_activation_linear(
 
 
 _F8_NAMES = {"float8_e4m3fn": False, "float8_e5m2": True}  # name -> e5m2
+
+
+def _act_rule(act_spec: QuantSpec) -> tuple[bool, float, bool] | None:
+    """``(per_token, eps, e5m2)`` of a dynamic float8 activation spec the C++ fake quantization takes
+    (float8_e4m3fn / float8_e5m2, per token or per tensor, float32 scales), or None."""
+    if (act_spec.scale_dtype != torch.float32 or act_spec.dtype.name not in _F8_NAMES
+            or not isinstance(act_spec.granularity, (PerToken, PerTensor))):
+        return None
+    return isinstance(act_spec.granularity, PerToken), act_spec.eps, _F8_NAMES[act_spec.dtype.name]
 
 
 def _fake_quantize_cpu(input, act_spec: QuantSpec, act_scale) -> torch.Tensor | None:

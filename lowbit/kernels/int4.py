@@ -27,7 +27,9 @@ difference from the reference is the kernel's. Except 8da4w on CPU at M <= 64 wh
 ``int8_int4`` kernel builds (``_int8_int4_cpu``): the activation is really quantized (the same
 primitives), the group sums are exact int32 and each is scaled once in float32; the reference
 rounds the fake-quantized activation to the input dtype, so the two differ by that rounding
-(>= 40 dB bf16, tests/kernels/test_int8_int4_cpu.py).
+(>= 40 dB bf16, tests/kernels/test_int8_int4_cpu.py). fp8 x int4 with bf16 x at M <= 4 on CPU:
+the fake quantization runs inside the GEMV's own copy of x (``_int4_cpu.direct_gemv_fp8_act``, one
+C++ call, the same values bit for bit).
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ import torch.nn.functional as F
 
 from lowbit.kernels._cache import DerivedCache
 from lowbit.kernels._int4_cpu import available as int4_cpu_available
-from lowbit.kernels._int4_cpu import direct_gemv, int4_linear_cpu
+from lowbit.kernels._int4_cpu import direct_gemv, direct_gemv_fp8_act, int4_linear_cpu
 from lowbit.kernels._int8_int4_cpu import int8_int4_linear
+from lowbit.kernels.float8 import _act_rule as _fp8_act_rule
 from lowbit.kernels.float8 import _fake_quantize_cpu as _fake_quantize_fp8_cpu
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine
@@ -283,6 +286,10 @@ def int4_linear(
     float8 per token)."""
     if act_spec is not None and not act_spec.dtype.is_float and kernel == "auto":  # 8da4w: integer kernel, small M
         if (out := int8_int4_linear(input, qdata, scale, zero_point, bias, act_spec, spec)) is not None:
+            return out
+    rule = _fp8_act_rule(act_spec) if act_spec is not None and kernel == "auto" else None
+    if rule is not None and not torch.compiler.is_compiling():  # fp8 x int4 at decode: quantized inside the GEMV
+        if (out := direct_gemv_fp8_act(input, qdata, scale, zero_point, bias, *rule)) is not None:
             return out
     if act_spec is not None:
         x = _fake_quantize_fp8_cpu(input, act_spec, None) if act_spec.dtype.is_float and kernel == "auto" else None

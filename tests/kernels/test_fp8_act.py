@@ -9,6 +9,7 @@ from lowbit.configs import Float8DynamicActivationFloat8WeightConfig
 from lowbit.granularity import PerRow, PerTensor, PerToken
 from lowbit.kernels import _ext
 from lowbit.kernels import float8 as f8
+from lowbit.kernels._fp8_cpu import TILED_MAX_M
 from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
 from lowbit.spec import QuantSpec
 
@@ -95,23 +96,39 @@ def _weight(n, k):
     return (w / s).to(torch.float8_e4m3fn), s
 
 
+def _spy(ran, name, fn):
+    """fn, appending name to ran whenever it returns a tensor (it ran rather than declined)."""
+    def wrapped(*args):
+        out = fn(*args)
+        if out is not None:
+            ran.append(name)
+        return out
+    return wrapped
+
+
 @pytest.mark.parametrize("granularity", [PerRow(), PerTensor()], ids=["per-row", "per-tensor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_linear_uses_it_and_keeps_the_bits(monkeypatch, granularity, dtype, m):
+    """M <= TILED_MAX_M: the fake quantization inside the GEMV (one call); above: the one-pass kernel,
+    then the weight-only kernel. Each equals the aten ops' route bit for bit."""
     config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
     q, s = _weight(48, 200)
     x = _x(m, 200, dtype, seed=m)
     b = torch.randn(48).to(dtype)
     args = (x, q, s, b, config.weight_spec(), config.act_spec(), "auto")
-    calls = []
-    real = f8._fake_quantize_cpu
-    monkeypatch.setattr(f8, "_fake_quantize_cpu", lambda *a: calls.append(1) or real(*a))
+    ran = []
+    one_pass, in_gemv = f8._fake_quantize_cpu, f8.float8_act_linear_cpu
+
+    monkeypatch.setattr(f8, "_fake_quantize_cpu", _spy(ran, "one-pass", one_pass))
+    monkeypatch.setattr(f8, "float8_act_linear_cpu", _spy(ran, "in-gemv", in_gemv))
     with torch.no_grad():
-        fused = f8.float8_activation_linear(*args)
-        assert calls  # the one-pass kernel ran
-        monkeypatch.setattr(f8, "_fake_quantize_cpu", lambda *a: None)  # the aten ops instead
-        assert torch.equal(fused, f8.float8_activation_linear(*args))
+        out = f8.float8_activation_linear(*args)
+        assert ran == (["in-gemv"] if m <= TILED_MAX_M else ["one-pass"])
+        monkeypatch.setattr(f8, "float8_act_linear_cpu", lambda *a: None)  # two calls: one pass, then the GEMV
+        assert torch.equal(out, f8.float8_activation_linear(*args))
+        monkeypatch.setattr(f8, "_fake_quantize_cpu", lambda *a: None)  # the aten ops, then the GEMV
+        assert torch.equal(out, f8.float8_activation_linear(*args))
 
 
 def test_static_scale_and_the_cases_it_leaves_to_aten():

@@ -259,3 +259,107 @@ def test_chunks_with_an_input_that_requires_grad(xd, num_threads):
     w = dequantize_float8(q, s, spec, output_dtype=XD[xd])
     assert torch.allclose(x.grad.float(), w.float().sum(0).expand_as(x), rtol=1e-2, atol=1e-2)
     assert torch.equal(b.grad, torch.full_like(b, x.shape[0]))
+
+
+# --- float8 dynamic activations inside the kernel (fp8_linear_act) ------------------------------------
+
+ACT = _ext.load("int8_act")
+needs_two_call = pytest.mark.skipif(getattr(ACT, "fake_quant_fp8", None) is None,
+                                    reason="int8_act's fake_quant_fp8 (the two-call path) not available here")
+EPS = 1e-12
+
+
+def _act_x(m, k, dtype, gen):
+    """Rows of very different magnitudes (1e-6 .. 1e3), an all-zero row (the eps floor)."""
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-6, 3, m).unsqueeze(1)
+    x[min(1, m - 1)] = 0
+    return x.to(dtype)
+
+
+def _two_calls(x, q, s, b, args, per_token, e5m2, eps=EPS):
+    xq, _ = ACT.fake_quant_fp8(x.contiguous(), -1.0, per_token, eps, e5m2)
+    return ext.fp8_linear(xq, q, s, b, *args)
+
+
+def _same(a, b):
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+@needs_two_call
+@pytest.mark.parametrize("xd", XD)
+@pytest.mark.parametrize("act", FP8)
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "per-tensor"])
+@pytest.mark.parametrize("nk", [(67, 200), (13, 101), (5, 1)], ids=lambda t: f"N{t[0]}K{t[1]}")
+def test_act_entry_equals_the_two_calls(nk, per_token, fp8, act, xd):
+    """fp8_linear_act == fake_quant_fp8, then fp8_linear, bit for bit, for every M from 1 past the
+    tiled bound (GEMV, scratch and chunked paths), with and without bias, per-row and per-tensor weight."""
+    n, k = nk
+    for gran in GRAN:
+        q, s, spec, g = _data(fp8, gran, n, k, seed=k)
+        b = torch.randn(n, generator=g).to(XD[xd])
+        for m in range(1, TILED_MAX_M + 3):
+            x = _act_x(m, k, XD[xd], g)
+            args = (GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS)
+            for bias in (None, b) if m % 3 else (b,):
+                want = _two_calls(x, q, s, bias, args, per_token, act == "e5m2")
+                got = ext.fp8_linear_act(x, q, s, bias, *args, per_token, EPS, act == "e5m2")
+                assert got.dtype == XD[xd] and torch.equal(got, want), (gran, m, bias is None)
+
+
+@needs_two_call
+@pytest.mark.parametrize("path", ["gemv", "tiled", "chunks"])
+@pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "per-tensor"])
+def test_act_entry_on_each_path_and_odd_layouts(path, per_token):
+    """Each path forced; a non-contiguous x (quantized as its contiguous copy); NaN and inf in x
+    (per token: that row's outputs NaN; per tensor: all of them), as the two calls give them."""
+    q, s, spec, g = _data("e4m3fn", "row", 37, 96)
+    x = _act_x(4, 192, torch.bfloat16, g)[:, ::2]  # (4, 96), column stride 2
+    assert not x.is_contiguous()
+    for xi in (x, x.contiguous()):
+        want = _two_calls(xi, q, s, None, PATHS[path], per_token, False)
+        assert torch.equal(ext.fp8_linear_act(xi, q, s, None, *PATHS[path], per_token, EPS, False), want)
+    xn = x.contiguous()
+    xn[2, 5], xn[3, 1] = float("nan"), float("inf")
+    want = _two_calls(xn, q, s, None, PATHS[path], per_token, False)
+    got = ext.fp8_linear_act(xn, q, s, None, *PATHS[path], per_token, EPS, False)
+    assert _same(got, want) and bool(got[2:].isnan().all()) and (per_token != bool(got[:2].isnan().all()))
+
+
+def test_act_entry_empty_shapes_and_bad_arguments():
+    q, s, spec, g = _data("e5m2", "row", 8, 64)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    args = (GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS)
+    assert ext.fp8_linear_act(x[:0], q, s, None, *args, True, EPS, False).shape == (0, 8)
+    b = torch.randn(8, generator=g).to(torch.bfloat16)
+    q0 = torch.empty(8, 0, dtype=torch.float8_e5m2)  # K = 0: the bias alone, as fp8_linear gives it
+    assert torch.equal(ext.fp8_linear_act(x[:, :0], q0, s, b, *args, True, EPS, False), b.expand(3, 8))
+    for eps in (0.0, -1.0, float("nan")):
+        with pytest.raises(RuntimeError, match="act_eps must be > 0"):
+            ext.fp8_linear_act(x, q, s, None, *args, True, eps, False)
+    with pytest.raises(RuntimeError, match="x must be bf16, fp16 or fp32"):
+        ext.fp8_linear_act(x.double(), q, s, None, *args, True, EPS, False)
+    with pytest.raises(RuntimeError, match=r"x \(M, K\) and qdata \(N, K\) expected"):
+        ext.fp8_linear_act(x[:, :63], q, s, None, *args, True, EPS, False)
+    with pytest.raises(RuntimeError, match="bias must have N = 8 floating elements"):
+        ext.fp8_linear_act(x, q, s, b[:7], *args, True, EPS, False)
+    with pytest.raises(TypeError):  # a missing activation argument
+        ext.fp8_linear_act(x, q, s, None, *args, True, EPS)
+
+
+@needs_two_call
+def test_float8_act_linear_cpu_wrapper():
+    """The Python wrapper: the kernel's one call where it applies (equal to the two calls), None
+    where the weight-only wrapper would widen x first (M > TILED_MAX_M) or a gradient is wanted."""
+    from lowbit.kernels._fp8_cpu import float8_act_linear_cpu
+
+    q, s, spec, g = _data("e4m3fn", "row", 24, 80)
+    x = torch.randn(3, 80, generator=g).to(torch.bfloat16)
+    want = _two_calls(x, q, s, None, (GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS), True, False)
+    assert torch.equal(float8_act_linear_cpu(x, q, s, None, True, EPS, False), want)
+    assert float8_act_linear_cpu(torch.randn(TILED_MAX_M + 1, 80).bfloat16(), q, s, None, True, EPS, False) is None
+    assert float8_act_linear_cpu(x.t().contiguous().t(), q, s, None, True, EPS, False) is None
+    assert float8_act_linear_cpu(x[:0], q, s, None, True, EPS, False) is None
+    assert float8_act_linear_cpu(x, q, s, torch.zeros(24), True, EPS, False) is None  # bias dtype != x dtype
+    xr = x.float().requires_grad_()
+    assert float8_act_linear_cpu(xr, q, s, None, True, EPS, False) is None

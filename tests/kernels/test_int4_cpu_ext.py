@@ -157,3 +157,101 @@ def test_empty_batch():
     qdata, s, zp, _ = _weight(n, k, g, False)
     out = int4_linear_cpu(torch.empty(0, k, dtype=torch.bfloat16), qdata, s, zp)
     assert out.shape == (0, n) and out.dtype == torch.bfloat16
+
+
+# --- float8 dynamic activations inside the bf16 GEMV (gemv_bf16_act, fp8 x int4) ---------------------
+
+ACT = _ext.load("int8_act")
+needs_two_call = pytest.mark.skipif(getattr(ACT, "fake_quant_fp8", None) is None,
+                                    reason="int8_act's fake_quant_fp8 (the two-call path) not available here")
+EPS = 1e-12
+
+
+def _act_x(m, k, gen):
+    """bf16 rows of very different magnitudes (1e-6 .. 1e3), an all-zero row (the eps floor)."""
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-6, 3, m).unsqueeze(1)
+    x[min(1, m - 1)] = 0
+    return x.bfloat16()
+
+
+def _gemv_two_calls(x, qdata, s, zp, b, per_token, e5m2):
+    xq, _ = ACT.fake_quant_fp8(x.contiguous(), -1.0, per_token, EPS, e5m2)
+    return _ext.load("int4_cpu").gemv_bf16(xq, qdata, s, zp, b)
+
+
+@needs_two_call
+@pytest.mark.parametrize("e5m2", [False, True], ids=["e4m3fn", "e5m2"])
+@pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "per-tensor"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("shape", [(37, 96, 32), (13, 320, 64), (64, 512, 128)], ids=lambda s: f"N{s[0]}K{s[1]}g{s[2]}")
+def test_gemv_act_equals_the_two_calls(shape, symmetric, per_token, e5m2):
+    """gemv_bf16_act == fake_quant_fp8, then gemv_bf16, bit for bit, M = 1..4, with and without bias."""
+    ext = _ext.load("int4_cpu")
+    n, k, g = shape
+    qdata, s, zp, gen = _weight(n, k, g, symmetric, seed=k)
+    b = torch.randn(n, generator=gen).bfloat16()
+    for m in range(1, _int4_cpu.GEMV_MAX_M + 1):
+        x = _act_x(m, k, gen)
+        for bias in (None, b):
+            want = _gemv_two_calls(x, qdata, s, zp, bias, per_token, e5m2)
+            got = ext.gemv_bf16_act(x, qdata, s, zp, bias, per_token, EPS, e5m2)
+            assert torch.equal(got, want), (m, bias is None)
+
+
+@needs_two_call
+def test_gemv_act_layouts_nan_and_bad_arguments():
+    ext = _ext.load("int4_cpu")
+    qdata, s, zp, gen = _weight(24, 128, 32, False, seed=1)
+    x = _act_x(3, 256, gen)[:, ::2]  # column stride 2: quantized as its contiguous copy
+    want = _gemv_two_calls(x, qdata, s, zp, None, True, False)
+    assert torch.equal(ext.gemv_bf16_act(x, qdata, s, zp, None, True, EPS, False), want)
+    xn = x.contiguous()
+    xn[0, 3] = float("nan")
+    got = ext.gemv_bf16_act(xn, qdata, s, zp, None, True, EPS, False)  # per token: row 0 only
+    assert bool(got[0].isnan().all()) and not bool(got[1:].isnan().any())
+    assert torch.equal(got[1:], _gemv_two_calls(xn, qdata, s, zp, None, True, False)[1:])
+    for eps in (0.0, -1.0, float("nan")):
+        with pytest.raises(RuntimeError, match="act_eps must be > 0"):
+            ext.gemv_bf16_act(x, qdata, s, zp, None, True, eps, False)
+    with pytest.raises(RuntimeError, match="x must be bf16"):
+        ext.gemv_bf16_act(x.float(), qdata, s, zp, None, True, EPS, False)
+    with pytest.raises(RuntimeError, match="1 <= M <= 4"):
+        ext.gemv_bf16_act(_act_x(5, 128, gen), qdata, s, zp, None, True, EPS, False)
+    with pytest.raises(RuntimeError, match="bias must be floating"):
+        ext.gemv_bf16_act(x, qdata, s, zp, torch.zeros(23), True, EPS, False)
+    with pytest.raises(RuntimeError, match="zero_point must be contiguous int8"):
+        ext.gemv_bf16_act(x, qdata, s, zp.int(), None, True, EPS, False)
+
+
+@needs_two_call
+@pytest.mark.parametrize("m", [1, 4, 5], ids=lambda m: f"M{m}")
+def test_fp8_int4_linear_fuses_at_decode(monkeypatch, m):
+    """int4_linear with float8 activations: the fused GEMV at bf16 M <= 4 (none above), equal to the
+    two-call route (one-pass fake quantization, then the GEMV) and the aten route bit for bit."""
+    from lowbit.configs.int4 import Float8DynamicActivationInt4WeightConfig
+    from lowbit.kernels import int4 as int4_mod
+
+    config = Float8DynamicActivationInt4WeightConfig(group_size=64)
+    spec, act_spec = config.weight_spec(), config.act_spec()
+    qdata, s, zp, gen = _weight(40, 192, 64, spec.symmetric, seed=m)
+    if spec.symmetric:
+        zp = None
+    x = _act_x(m, 192, gen)
+    b = torch.randn(40, generator=gen).bfloat16()
+    ran = []
+    real = int4_mod.direct_gemv_fp8_act
+
+    def spy(*args):
+        out = real(*args)
+        if out is not None:
+            ran.append(1)
+        return out
+
+    monkeypatch.setattr(int4_mod, "direct_gemv_fp8_act", spy)
+    with torch.no_grad():
+        out = int4_mod.int4_linear(x, qdata, s, zp, b, spec, act_spec, "auto")
+        assert len(ran) == (m <= _int4_cpu.GEMV_MAX_M)
+        monkeypatch.setattr(int4_mod, "direct_gemv_fp8_act", lambda *a: None)
+        assert torch.equal(out, int4_mod.int4_linear(x, qdata, s, zp, b, spec, act_spec, "auto"))
+        monkeypatch.setattr(int4_mod, "_fake_quantize_fp8_cpu", lambda *a: None)
+        assert torch.equal(out, int4_mod.int4_linear(x, qdata, s, zp, b, spec, act_spec, "auto"))

@@ -1,6 +1,9 @@
-// Float8 activation fake quantization in one pass, shared by both builds of int8_act (scalar C++:
-// no instruction-set specific code; the build is compiled with -ffp-contract=off, so every float32
-// operation below is the single IEEE operation lowbit.primitives.float8 does):
+// Float8 activation fake quantization in one pass, shared by both builds of int8_act (fake_quant_fp8)
+// and, fused into the widening of x, by the fp8_cpu and int4_cpu GEMVs (fake_quant_into). Scalar C++,
+// no instruction-set specific code; every float32 operation below is the single IEEE operation
+// lowbit.primitives.float8 does. int8_act is compiled with -ffp-contract=off; the GEMV builds are not,
+// and need not be: nothing here adds to a product (c10's software float16 rounding, used where F16C is
+// not enabled, does, but its product is an exact power-of-two scaling, so an FMA gives the same bits).
 //   s   = clamp(amax / fmax, min=eps)                per row (per token), per tensor, or the static s
 //   q   = float8(clamp(x / s, -fmax, fmax))          c10's float32 -> float8 conversion, as torch's .to()
 //   out = cast_T(float(q) * s)                       c10's round-to-nearest-even cast, as torch's .to()
@@ -13,6 +16,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace fp8_act {
 
@@ -33,13 +37,14 @@ inline float scale_from_amax(float amax, float fmax, float eps) {
   return s < eps ? eps : s;
 }
 
-template <typename T, typename F8>
-inline void fake_quant_block(const T* x, T* out, int64_t n, float s, float fmax) {
+// out[i] = the fake-quantized x[i] in T, stored as D (D = T, or float: T's value widened exactly).
+template <typename T, typename F8, typename D = T>
+inline void fake_quant_block(const T* x, D* out, int64_t n, float s, float fmax) {
   for (int64_t i = 0; i < n; ++i) {
     float y = static_cast<float>(x[i]) / s;
     y = y < -fmax ? -fmax : (y > fmax ? fmax : y);  // NaN passes through, as torch.clamp
     const float q = static_cast<float>(F8(y));
-    out[i] = static_cast<T>(q * s);
+    out[i] = static_cast<D>(static_cast<T>(q * s));
   }
 }
 
@@ -90,6 +95,68 @@ inline std::tuple<torch::Tensor, torch::Tensor> fake_quant_fp8(torch::Tensor x, 
   else { LOWBIT_FP8_ACT(c10::Half) }
 #undef LOWBIT_FP8_ACT
   return {out, scale};
+}
+
+// ---- fused into a GEMV's widening of x (fp8_cpu, int4_cpu) ------------------------------------------
+// A GEMV that widens x to its compute type anyway can write the fake-quantized values there instead:
+// the same values fake_quant_fp8 returns (dynamic scales), with no tensor in between.
+
+// The dynamic activation rule: per token or per tensor, e4m3fn or e5m2, eps.
+struct Rule {
+  bool per_token;
+  float eps;
+  bool e5m2;
+};
+
+// The rule from a kernel entry's arguments (act_per_token, act_eps, act_e5m2), checked as
+// fake_quant_fp8 checks its own; `who` names the entry in the error.
+inline Rule make_rule(bool per_token, double eps, bool e5m2, const char* who) {
+  TORCH_CHECK(eps > 0, who, ": act_eps must be > 0, got ", eps);
+  return {per_token, static_cast<float>(eps), e5m2};
+}
+
+// Rows of x (M, K, row stride ldx) -> dst (row stride ldd): fake_quant_fp8's values as D. Per tensor,
+// the amax is the rows' maximum, first NaN first: the same value block_amax gives over all of x.
+template <typename T, typename F8, typename D>
+void fake_quant_rows_f8(const T* x, int64_t M, int64_t K, int64_t ldx, D* dst, int64_t ldd, bool per_token, float eps,
+                        float fmax) {
+  if (!per_token) {
+    float amax = 0.f;
+    for (int64_t m = 0; m < M; ++m) {
+      const float a = block_amax(x + m * ldx, K);
+      if (std::isnan(a)) {
+        amax = a;
+        break;
+      }
+      amax = a > amax ? a : amax;
+    }
+    const float s = scale_from_amax(amax, fmax, eps);
+    for (int64_t m = 0; m < M; ++m) fake_quant_block<T, F8, D>(x + m * ldx, dst + m * ldd, K, s, fmax);
+    return;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float s = scale_from_amax(block_amax(x + m * ldx, K), fmax, eps);
+    fake_quant_block<T, F8, D>(x + m * ldx, dst + m * ldd, K, s, fmax);
+  }
+}
+
+// x: contiguous (M, K) float32 / bfloat16 / float16 (the caller checked) -> dst (M rows of K values,
+// row stride ldd) of D: float (any x), or x's own element type.
+template <typename D>
+void fake_quant_into(const torch::Tensor& x, D* dst, int64_t ldd, const Rule& r) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const auto dt = x.scalar_type();
+  if constexpr (!std::is_same_v<D, float>)
+    TORCH_CHECK(dt == c10::CppTypeToScalarType<D>::value, "fake_quant_into: x is ", dt, ", the destination ",
+                c10::CppTypeToScalarType<D>::value);
+#define LOWBIT_FP8_ROWS(T)                                                                                           \
+  if (r.e5m2) fake_quant_rows_f8<T, c10::Float8_e5m2, D>(x.data_ptr<T>(), M, K, K, dst, ldd, r.per_token, r.eps, 57344.f); \
+  else fake_quant_rows_f8<T, c10::Float8_e4m3fn, D>(x.data_ptr<T>(), M, K, K, dst, ldd, r.per_token, r.eps, 448.f);
+  if (dt == at::kFloat) { LOWBIT_FP8_ROWS(float) }
+  else if (dt == at::kBFloat16) { LOWBIT_FP8_ROWS(c10::BFloat16) }
+  else if (dt == at::kHalf) { LOWBIT_FP8_ROWS(c10::Half) }
+  else TORCH_CHECK(false, "fake_quant_into: x must be float32, bfloat16 or float16, got ", dt);
+#undef LOWBIT_FP8_ROWS
 }
 
 }  // namespace fp8_act

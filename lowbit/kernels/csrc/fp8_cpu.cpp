@@ -21,6 +21,9 @@
 //  * float32 / float16 x: the weight is converted to float32 (small M: per 4 rows, float32 FMA;
 //    large M: chunks + at::mm in float32); float16 x is computed in float32, cast at the end.
 // The scale (and bias) is applied to the float32 result (GEMV/tiled) or to the output (chunks).
+// fp8_linear_act: float8 dynamic activations (fp8_act.h's fake quantization) fused into the padded copy
+// of x on the GEMV/tiled paths (the values fake_quant_fp8 returns, in x's dtype; float16 widened to
+// float32); above tiled_max_m x is fake-quantized first, then the chunks run as usual.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -33,6 +36,7 @@
 #include <exception>
 #include <vector>
 
+#include "fp8_act.h"
 #include "parallel.h"
 
 namespace {
@@ -355,12 +359,18 @@ inline void copy_pad_rows(const torch::Tensor& x, T* dst, int64_t Kp) {  // x (M
   }
 }
 
+template <typename T>
+inline void zero_pad_rows(T* dst, int64_t M, int64_t K, int64_t Kp) {  // columns K .. Kp of each row
+  for (int64_t m = 0; m < M; ++m) std::memset(dst + m * Kp + K, 0, (Kp - K) * sizeof(T));
+}
+
 }  // namespace
 
 // x: (M, K) float32 / bfloat16 / float16 (any strides); qdata: (N, K) float8 contiguous;
-// scale: float32 with N or 1 elements; bias: (N,) or None.
-torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
-                         int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows) {
+// scale: float32 with N or 1 elements; bias: (N,) or None. act: x is first fake-quantized by that rule
+// (fp8_linear_act), written straight into the padded copy of x at M <= tiled_max_m.
+static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                                 int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, const fp8_act::Rule* act) {
   // every argument checked before any memory is touched: nothing is read out of bounds
   TORCH_CHECK(x.device().is_cpu() && qdata.device().is_cpu() && scale.device().is_cpu(), "x, qdata and scale must be CPU tensors");
   TORCH_CHECK(x.dim() == 2 && qdata.dim() == 2 && x.size(1) == qdata.size(1), "x (M, K) and qdata (N, K) expected, got ",
@@ -382,6 +392,10 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
     TORCH_CHECK(bias->numel() == N && bias->is_floating_point(), "bias must have N = ", N, " floating elements, got ",
                 bias->scalar_type(), " ", bias->sizes());
     bf = bias->reshape(-1).to(torch::kFloat).contiguous();
+  }
+  if (act && M > tiled_max_m && K > 0) {  // the chunked path converts x itself: quantize it first
+    x = std::get<0>(fp8_act::fake_quant_fp8(x.contiguous(), -1.0, act->per_token, act->eps, act->e5m2));
+    act = nullptr;
   }
   auto out = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
@@ -405,9 +419,16 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
 
   if (M <= tiled_max_m) {
     auto xc = torch::empty({M, Kp}, x.options().dtype(ct));
-    auto xs = x.to(ct).contiguous();
-    if (f32) copy_pad_rows<float>(xs, xc.data_ptr<float>(), Kp);
-    else copy_pad_rows<at::BFloat16>(xs, xc.data_ptr<at::BFloat16>(), Kp);
+    if (act) {  // the fake-quantized values in x's dtype, widened to float32 for float16 x
+      if (f32) fp8_act::fake_quant_into(x.contiguous(), xc.data_ptr<float>(), Kp, *act);
+      else fp8_act::fake_quant_into(x.contiguous(), xc.data_ptr<at::BFloat16>(), Kp, *act);
+      if (f32) zero_pad_rows<float>(xc.data_ptr<float>(), M, K, Kp);
+      else zero_pad_rows<at::BFloat16>(xc.data_ptr<at::BFloat16>(), M, K, Kp);
+    } else {
+      auto xs = x.to(ct).contiguous();
+      if (f32) copy_pad_rows<float>(xs, xc.data_ptr<float>(), Kp);
+      else copy_pad_rows<at::BFloat16>(xs, xc.data_ptr<at::BFloat16>(), Kp);
+    }
     if (xt == torch::kBFloat16)
       small_m(xc, q, N, K, Kp, sp, per_row, bp, out.data_ptr<at::BFloat16>(), gemv_max_m, t);
     else if (xt == torch::kHalf)
@@ -471,6 +492,19 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   return f32 && xt == torch::kFloat ? res : out;
 }
 
+torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                         int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows) {
+  return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, nullptr);
+}
+
+// fp8_linear(fake_quant_fp8(x, dynamic, act_per_token, act_eps, act_e5m2), ...) in one call, bit for bit.
+torch::Tensor fp8_linear_act(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                             int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, bool act_per_token,
+                             double act_eps, bool act_e5m2) {
+  const fp8_act::Rule rule = fp8_act::make_rule(act_per_token, act_eps, act_e5m2, "fp8_linear_act");
+  return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, &rule);
+}
+
 // The float8 -> bf16 conversion alone (tests): (N, K) float8 -> (N, K) bf16.
 torch::Tensor fp8_to_bf16(torch::Tensor qdata) {
   TORCH_CHECK(qdata.device().is_cpu(), "qdata must be a CPU tensor");
@@ -490,5 +524,9 @@ torch::Tensor fp8_to_bf16(torch::Tensor qdata) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_linear", &fp8_linear, "float8 weight-only linear (x @ (q * s).T + bias)", py::arg("x"), py::arg("qdata"),
         py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"), py::arg("chunk_rows"));
+  m.def("fp8_linear_act", &fp8_linear_act,
+        "fp8_linear of x fake-quantized to float8 (dynamic scale per token or per tensor), in one call",
+        py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"),
+        py::arg("chunk_rows"), py::arg("act_per_token"), py::arg("act_eps"), py::arg("act_e5m2"));
   m.def("fp8_to_bf16", &fp8_to_bf16, "float8 (N, K) -> bf16 (N, K), exact");
 }

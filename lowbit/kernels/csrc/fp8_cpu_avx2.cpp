@@ -22,6 +22,9 @@
 //    chunk by chunk, into a reused buffer in x's compute dtype (bf16 for bf16 x, else float32) and
 //    multiplies each chunk with a serial at::mm into the output slice.
 // The scale (and bias) is applied to the float32 result (GEMV/scratch) or to the output (chunks).
+// fp8_linear_act: float8 dynamic activations (fp8_act.h's fake quantization) fused into the widening of
+// x to float32 on the GEMV/scratch paths (the values fake_quant_fp8 returns, widened); above
+// tiled_max_m x is fake-quantized first, then the chunks run as usual.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -33,6 +36,7 @@
 #include <exception>
 #include <vector>
 
+#include "fp8_act.h"
 #include "parallel.h"
 
 namespace {
@@ -340,9 +344,10 @@ void convert_rows(const uint8_t* q, int64_t K, int64_t n0, int64_t n1, void* buf
 }  // namespace
 
 // x: (M, K) float32 / bfloat16 / float16 (any strides); qdata: (N, K) float8 contiguous;
-// scale: float32 with N or 1 elements; bias: (N,) or None.
-torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
-                         int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows) {
+// scale: float32 with N or 1 elements; bias: (N,) or None. act: x is first fake-quantized by that rule
+// (fp8_linear_act), written straight into the float32 copy of x at M <= tiled_max_m.
+static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                                 int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, const fp8_act::Rule* act) {
   // every argument checked before any memory is touched: nothing is read out of bounds
   TORCH_CHECK(x.device().is_cpu() && qdata.device().is_cpu() && scale.device().is_cpu(), "x, qdata and scale must be CPU tensors");
   TORCH_CHECK(x.dim() == 2 && qdata.dim() == 2 && x.size(1) == qdata.size(1), "x (M, K) and qdata (N, K) expected, got ",
@@ -365,6 +370,10 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
                 bias->scalar_type(), " ", bias->sizes());
     bf = bias->reshape(-1).to(torch::kFloat).contiguous();
   }
+  if (act && M > tiled_max_m && K > 0) {  // the chunked path converts x itself: quantize it first
+    x = std::get<0>(fp8_act::fake_quant_fp8(x.contiguous(), -1.0, act->per_token, act->eps, act->e5m2));
+    act = nullptr;
+  }
   auto out = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   if (K == 0) {
@@ -381,7 +390,8 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
     // x as float32, rows zero padded to Kp (a multiple of 8, plus 8 so rows do not share L1 sets)
     const int64_t Kp = (K + 7) / 8 * 8 + 8;
     auto xf = torch::zeros({M, Kp}, x.options().dtype(torch::kFloat));
-    xf.narrow(1, 0, K).copy_(x);
+    if (act) fp8_act::fake_quant_into(x.contiguous(), xf.data_ptr<float>(), Kp, *act);
+    else xf.narrow(1, 0, K).copy_(x);
     const float* xp = xf.data_ptr<float>();
 #define LOWBIT_SMALL(T)                                                                                      \
   (e5m2 ? small_m<true>(xp, M, q, N, K, Kp, sp, per_row, bp, out.data_ptr<T>(), gemv_max_m)                 \
@@ -445,6 +455,19 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   return f32 && xt == torch::kFloat ? res : out;
 }
 
+torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                         int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows) {
+  return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, nullptr);
+}
+
+// fp8_linear(fake_quant_fp8(x, dynamic, act_per_token, act_eps, act_e5m2), ...) in one call, bit for bit.
+torch::Tensor fp8_linear_act(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                             int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, bool act_per_token,
+                             double act_eps, bool act_e5m2) {
+  const fp8_act::Rule rule = fp8_act::make_rule(act_per_token, act_eps, act_e5m2, "fp8_linear_act");
+  return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, &rule);
+}
+
 // The float8 -> bf16 conversion alone (tests): (N, K) float8 -> (N, K) bf16.
 torch::Tensor fp8_to_bf16(torch::Tensor qdata) {
   TORCH_CHECK(qdata.device().is_cpu(), "qdata must be a CPU tensor");
@@ -465,5 +488,9 @@ torch::Tensor fp8_to_bf16(torch::Tensor qdata) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_linear", &fp8_linear, "float8 weight-only linear (x @ (q * s).T + bias)", py::arg("x"), py::arg("qdata"),
         py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"), py::arg("chunk_rows"));
+  m.def("fp8_linear_act", &fp8_linear_act,
+        "fp8_linear of x fake-quantized to float8 (dynamic scale per token or per tensor), in one call",
+        py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"),
+        py::arg("chunk_rows"), py::arg("act_per_token"), py::arg("act_eps"), py::arg("act_e5m2"));
   m.def("fp8_to_bf16", &fp8_to_bf16, "float8 (N, K) -> bf16 (N, K), exact");
 }

@@ -21,6 +21,8 @@
 //    16 rows of x at a time (x repacked once per call as k-pairs x 16 rows).
 //  * linear_chunked (any float dtype, large M): rows of W dequantized exactly into a reused
 //    buffer in x's dtype, at::addmm / at::mm per chunk into the output's column slice.
+// gemv_bf16_act: gemv_bf16 with float8 dynamic activations (fp8_act.h's fake quantization) done in
+// the same call, into the bf16 copy of x the permutation reads (fp8 x int4's eager decode entry).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -31,6 +33,7 @@
 #include <cstring>
 #include <vector>
 
+#include "fp8_act.h"
 #include "parallel.h"
 
 namespace {
@@ -472,18 +475,25 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N, torch
 
 }  // namespace
 
-// out = x @ W.T + bias for bf16 x (2-D, row stride any, unit column stride), 1 <= M <= 4.
-torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
-                        c10::optional<torch::Tensor> bias) {
+// out = x @ W.T + bias for bf16 x (2-D, row stride any, unit column stride), 1 <= M <= 4. act: x is
+// first fake-quantized by that rule (gemv_bf16_act), into a bf16 copy the permutation then reads.
+static torch::Tensor gemv_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                                     c10::optional<torch::Tensor> bias, const fp8_act::Rule* act) {
   W4 w = make_w4(qdata, scale, zp);
   check_cpu(x, "x");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.K && x.stride(1) == 1,
-              "x must be bf16 (M, K) with K = ", w.K, " and unit column stride, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.K && (act || x.stride(1) == 1),
+              "x must be bf16 (M, K) with K = ", w.K, act ? "" : " and unit column stride", ", got ", x.scalar_type(), " ",
+              x.sizes());
   const int64_t M = x.size(0);
   TORCH_CHECK(M >= 1 && M <= 4, "gemv_bf16 takes 1 <= M <= 4, got M = ", M);
   torch::Tensor bkeep;
   const float* bp = bias_ptr(bias, w.N, bkeep);
-  XPerm p = permute_x(x.data_ptr<c10::BFloat16>(), M, w.K, x.stride(0), w.G, w.gs);
+  std::vector<c10::BFloat16> xq;  // act: fake_quant_fp8's bf16 values, rows of K
+  if (act) {
+    xq.resize(M * w.K);
+    fp8_act::fake_quant_into(x.contiguous(), xq.data(), w.K, *act);
+  }
+  XPerm p = act ? permute_x(xq.data(), M, w.K, w.K, w.G, w.gs) : permute_x(x.data_ptr<c10::BFloat16>(), M, w.K, x.stride(0), w.G, w.gs);
   auto out = torch::empty({M, w.N}, x.options());
   void* op = out.data_ptr();
   switch (M) {
@@ -493,6 +503,20 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scal
     default: gemv_bf16_impl<4>(w, p, M, bp, op, at::kBFloat16); break;
   }
   return out;
+}
+
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                        c10::optional<torch::Tensor> bias) {
+  return gemv_bf16_entry(x, qdata, scale, zp, bias, nullptr);
+}
+
+// gemv_bf16(fake_quant_fp8(x, dynamic, act_per_token, act_eps, act_e5m2), ...) in one call, bit for bit
+// (float8 dynamic activations x int4 weight, the eager decode plan's entry; the dispatcher op keeps
+// gemv_bf16's schema).
+torch::Tensor gemv_bf16_act(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                            c10::optional<torch::Tensor> bias, bool act_per_token, double act_eps, bool act_e5m2) {
+  const fp8_act::Rule rule = fp8_act::make_rule(act_per_token, act_eps, act_e5m2, "gemv_bf16_act");
+  return gemv_bf16_entry(x, qdata, scale, zp, bias, &rule);
 }
 
 // out = x @ W.T + bias for float32 / float16 x of shape (1, K), float32 math.
@@ -606,6 +630,9 @@ TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int4_gemv_bf16", TORCH_FN(gemv_
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "int4 weight-only GEMV, bf16 x, M <= 4");
+  m.def("gemv_bf16_act", &gemv_bf16_act, "int4 GEMV of bf16 x fake-quantized to float8 (dynamic scale), M <= 4",
+        py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("zero_point"), py::arg("bias"), py::arg("act_per_token"),
+        py::arg("act_eps"), py::arg("act_e5m2"));
   m.def("gemv_f32", &gemv_f32, "int4 weight-only GEMV, float32/float16 x, M = 1");
   m.def("gemm_small_bf16", &gemm_small_bf16, "int4 weight-only small-M GEMM, bf16 x, M <= 64");
   m.def("dequant_rows", &dequant_rows, "exact dequantization of a row range into a buffer");
