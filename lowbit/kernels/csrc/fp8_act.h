@@ -38,13 +38,21 @@ inline float scale_from_amax(float amax, float fmax, float eps) {
 }
 
 // out[i] = the fake-quantized x[i] in T, stored as D (D = T, or float: T's value widened exactly).
+// Three loops over a chunk rather than one: the divide/clamp and the multiply/cast then vectorize,
+// and only c10's float8 conversion stays scalar (the same operations per element, so the same bits;
+// 1536 bf16 values: 13.2 -> 6.9 us, g++ -O3 -mavx2 standalone, this Zen 3).
 template <typename T, typename F8, typename D = T>
 inline void fake_quant_block(const T* x, D* out, int64_t n, float s, float fmax) {
-  for (int64_t i = 0; i < n; ++i) {
-    float y = static_cast<float>(x[i]) / s;
-    y = y < -fmax ? -fmax : (y > fmax ? fmax : y);  // NaN passes through, as torch.clamp
-    const float q = static_cast<float>(F8(y));
-    out[i] = static_cast<D>(static_cast<T>(q * s));
+  constexpr int64_t kChunk = 256;
+  alignas(64) float y[kChunk];
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t c = n - i0 < kChunk ? n - i0 : kChunk;
+    for (int64_t i = 0; i < c; ++i) {
+      const float v = static_cast<float>(x[i0 + i]) / s;
+      y[i] = v < -fmax ? -fmax : (v > fmax ? fmax : v);  // NaN passes through, as torch.clamp
+    }
+    for (int64_t i = 0; i < c; ++i) y[i] = static_cast<float>(F8(y[i]));
+    for (int64_t i = 0; i < c; ++i) out[i0 + i] = static_cast<D>(static_cast<T>(y[i] * s));
   }
 }
 
