@@ -7,7 +7,7 @@ one thread, for every lowbit config the decode benchmark runs, three timings per
 * ``<config>``: ``F.linear(x, w_q)`` with the quantized tensor subclass (what a model's layer runs:
   ``__torch_function__``, the tensor's linear, the kernels' routing, the C++ kernel);
 * ``<config>/floor``: the same C++ kernel(s) called directly with arguments prepared once (for
-  activation configs the activation pass, the GEMM/GEMV and the epilogue, each one call).
+  activation configs the one-call entry the decode plan runs, where the build has it).
 
 ``<config> - <config>/floor`` is the Python overhead per call. The weight stays in cache (one small
 layer called in a loop), so this measures the fixed costs, not DRAM streaming. Every variant of a
@@ -69,6 +69,8 @@ def _floor(name: str, w, x: torch.Tensor):
         if ext is None or not hasattr(ext, "mm_i8"):
             return None
         s_w, eps = w.scale.expand(n, 1).reshape(-1).contiguous(), w.act_spec.eps
+        if hasattr(ext, "w8a8_dynamic_linear"):  # the one-call entry the decode plan runs
+            return lambda: ext.w8a8_dynamic_linear(x, w.qdata, s_w, None, eps)
 
         def f():
             xq, s_x = ext.quantize_i8(x, -1.0, 0, eps)
@@ -84,6 +86,8 @@ def _floor(name: str, w, x: torch.Tensor):
         if ext is None:
             return None
         a = w.act_spec
+        if hasattr(ext, "int8_int4_dynamic_linear"):
+            return lambda: ext.int8_int4_dynamic_linear(x, w.qdata, w.scale, None, a.qmin, a.qmax, a.eps)
 
         def f():
             xq, s, zp, _ = ext.quantize_act_asym(x, a.qmin, a.qmax, a.eps)
@@ -100,6 +104,8 @@ def _floor(name: str, w, x: torch.Tensor):
         if fp8 is None or act is None:
             return None
         eps = w.act_spec.eps
+        if hasattr(fp8, "fp8_linear_act"):  # the fake quantization inside the GEMV's call
+            return lambda: fp8.fp8_linear_act(x, w.qdata, w.scale, None, 4, 32, 256, False, eps, False)
 
         def f():
             xf, _ = act.fake_quant_fp8(x, -1.0, False, eps, False)
@@ -109,6 +115,9 @@ def _floor(name: str, w, x: torch.Tensor):
         if act is None or _ext.load("int4_cpu") is None:
             return None
         op, eps = torch.ops.lowbit_cpu.int4_gemv_bf16, w.act_spec.eps
+        i4 = _ext.load("int4_cpu")
+        if hasattr(i4, "gemv_bf16_act"):
+            return lambda: i4.gemv_bf16_act(x, w.qdata, w.scale, None, None, True, eps, False)
 
         def f():
             xf, _ = act.fake_quant_fp8(x, -1.0, True, eps, False)

@@ -22,8 +22,9 @@ from typing import Callable
 
 import torch
 
-from lowbit.granularity import PerTensor, PerToken
+from lowbit.granularity import PerToken
 from lowbit.kernels import _ext, _fp8_cpu, _int4_cpu, _int8_int4_cpu
+from lowbit.kernels import float8 as _float8
 from lowbit.kernels import int8 as _int8
 from lowbit.spec import QuantSpec
 
@@ -83,11 +84,16 @@ def _int8_dynamic(qdata, scale, act_spec: QuantSpec, dtype) -> Plan | None:
     s_w = scale.reshape(-1)  # what _fused_cpu passes (expand + reshape + contiguous), as a view
     eps = act_spec.eps
     quantize, epilogue, mm = ext.quantize_i8, ext.w8a8_epilogue, _int8._int8_mm_impl
+    # the three calls as one (where _int8_mm_impl would run mm_i8): same values, ~20 us less a call
+    fused = _int8._dynamic_linear_op(ext) if qdata.is_contiguous() else None
+    fused_max_m, dtypes = _int8._MM_I8_MAX_M, _int8._FUSED_DTYPES
 
     def run(x, bias):
-        if (not _plain_cpu(x) or not x.is_contiguous() or _wants_grad(x, bias)
+        if (not _plain_cpu(x) or not x.is_contiguous() or x.dtype not in dtypes or _wants_grad(x, bias)
                 or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()))):
             return None
+        if fused is not None and x.shape[0] <= fused_max_m:
+            return fused(x, qdata, s_w, bias, eps)
         xq, s_x = quantize(x, -1.0, 0, eps)
         return epilogue(mm(xq, qdata), s_x.contiguous(), s_w, bias, None, x)
 
@@ -125,8 +131,8 @@ def _int4_gemv(qdata, scale, zero_point, dtype) -> Callable | None:
 
 def make_int4_plan(qdata, scale, zero_point, spec: QuantSpec, act_spec, kernel: str, dtype: torch.dtype) -> Plan | None:
     """The decode plan of an ``Int4Tensor``'s fields, or None: weight-only bf16 (``direct_gemv``),
-    8da4w (``int8_int4_linear``'s forward) or float8 per-token activations (the one-pass fake
-    quantization, then ``direct_gemv``), each as ``int4_linear`` routes it."""
+    8da4w (``int8_int4_linear``'s forward) or float8 per-token activations (the fake quantization
+    inside the GEMV's call: ``direct_gemv_fp8_act``), each as ``int4_linear`` routes it."""
     if kernel != "auto" or not _weight_ok(qdata, scale, zero_point) or qdata.dtype != torch.uint8 or qdata.dim() != 2:
         return None
     n = qdata.shape[0]
@@ -151,15 +157,16 @@ def make_int4_plan(qdata, scale, zero_point, spec: QuantSpec, act_spec, kernel: 
             return op(x, qdata, scale, zero_point, bias)
         return run
 
-    fq = _fp8_fake_quant(act_spec, dtype)
-    if fq is None:
+    rule, fused = _fp8_act_rule(act_spec, dtype), _int4_cpu.direct_gemv_fp8_act_fn()
+    if rule is None or fused is None:
         return None
+    per_token, eps, e5m2 = rule
 
-    def run_fp8(x, bias):
+    def run_fp8(x, bias):  # the fake quantization inside the GEMV: int4_linear's direct_gemv_fp8_act
         if (x.shape[0] > max_m or x.shape[0] == 0 or not _plain_cpu(x) or not x.is_contiguous()
                 or _wants_grad(x, bias) or not bias_ok(bias)):
             return None
-        return op(fq(x), qdata, scale, zero_point, bias)
+        return fused(x, qdata, scale, zero_point, bias, per_token, eps, e5m2)
 
     return run_fp8
 
@@ -176,12 +183,19 @@ def _int8_int4(qdata, scale, zero_point, act_spec, dtype) -> Plan | None:
     if ext is None:
         return None
     n, max_m = qdata.shape[0], _int8_int4_cpu.MAX_M
+    # quantize_act_asym and the kernel as one call (None back from an input with NaN or inf)
+    fused = (_int8_int4_cpu._dynamic_linear_op(ext, act_spec) if qdata.is_contiguous() and scale.is_contiguous()
+             else None)
 
     def run(x, bias):
         m = x.shape[0]
         if (m == 0 or m > max_m or not _plain_cpu(x) or _wants_grad(x, bias)
                 or (bias is not None and (bias.shape != (n,) or not bias.is_floating_point() or not bias.is_cpu))):
             return None
+        if fused is not None and x.is_contiguous() and (bias is None or bias.is_contiguous()):
+            out = fused(x, qdata, scale, bias)
+            if out is not None:
+                return out
         return _int8_int4_cpu._forward(ext, x, qdata, scale, bias, act_spec)
 
     return run
@@ -189,26 +203,18 @@ def _int8_int4(qdata, scale, zero_point, act_spec, dtype) -> Plan | None:
 
 # --- float8 ----------------------------------------------------------------------------------------
 
-_F8_E5M2 = {"float8_e4m3fn": False, "float8_e5m2": True}
-
-
-def _fp8_fake_quant(act_spec: QuantSpec, dtype) -> Callable | None:
-    """``float8._fake_quantize_cpu`` for dynamic activations (per token or per tensor) as one call on
-    a contiguous 2-D ``x``, or None where it never applies."""
-    if (act_spec.scale_dtype != torch.float32 or act_spec.dtype.name not in _F8_E5M2
-            or not isinstance(act_spec.granularity, (PerToken, PerTensor))
-            or dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+def _fp8_act_rule(act_spec: QuantSpec, dtype) -> tuple[bool, float, bool] | None:
+    """``(per_token, eps, e5m2)`` of dynamic float8 activations (per token or per tensor) in x's
+    ``dtype`` that the C++ fake quantization fused into the fp8 / int4 GEMVs takes (``csrc/fp8_act.h``,
+    as ``float8._act_rule`` says for the routing), or None where it never applies."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
-    fn = getattr(_ext.load("int8_act"), "fake_quant_fp8", None)
-    if fn is None:
-        return None
-    per_token, eps, e5m2 = isinstance(act_spec.granularity, PerToken), act_spec.eps, _F8_E5M2[act_spec.dtype.name]
-    return lambda x: fn(x, -1.0, per_token, eps, e5m2)[0]
+    return _float8._act_rule(act_spec)
 
 
 def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: str, dtype: torch.dtype) -> Plan | None:
     """The decode plan of a ``Float8Tensor``'s fields, or None: weight-only (the op's CPU body at
-    M <= ``TILED_MAX_M``) or dynamic float8 activations (the one-pass fake quantization first)."""
+    M <= ``TILED_MAX_M``) or dynamic float8 activations (the fake quantization inside the same call)."""
     if kernel != "auto" or act_scale is not None or act_pre_scale is not None or not _weight_ok(qdata, scale):
         return None
     probe = torch.empty(1, qdata.shape[-1] if qdata.dim() == 2 else 0, dtype=dtype)
@@ -219,20 +225,24 @@ def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: s
         return None
     n = qdata.shape[0]
     gemv, tiled, chunk = _fp8_cpu.GEMV_MAX_M, _fp8_cpu.TILED_MAX_M, _fp8_cpu.CHUNK_ROWS
-    fq = None
-    if act_spec is not None:
-        fq = _fp8_fake_quant(act_spec, dtype)
-        if fq is None:
-            return None
 
-    def run(x, bias):
-        if (x.shape[0] > tiled or x.shape[0] == 0 or not _plain_cpu(x) or _wants_grad(x, bias)
+    if act_spec is None:
+        def run(x, bias):
+            if (x.shape[0] > tiled or x.shape[0] == 0 or not _plain_cpu(x) or _wants_grad(x, bias)
+                    or (bias is not None and (bias.dtype != x.dtype or bias.shape != (n,) or not bias.is_cpu))):
+                return None
+            return ext.fp8_linear(x, qdata, scale, bias, gemv, tiled, chunk)
+        return run
+    rule, fused = _fp8_act_rule(act_spec, dtype), _fp8_cpu.act_linear_fn()
+    if rule is None or fused is None:
+        return None
+    per_token, eps, e5m2 = rule
+
+    def run_act(x, bias):  # the fake quantization inside the GEMV: float8_act_linear_cpu's one call
+        if (x.shape[0] > tiled or x.shape[0] == 0 or not _plain_cpu(x) or not x.is_contiguous()
+                or _wants_grad(x, bias)
                 or (bias is not None and (bias.dtype != x.dtype or bias.shape != (n,) or not bias.is_cpu))):
             return None
-        if fq is not None:
-            if not x.is_contiguous():
-                return None
-            x = fq(x)
-        return ext.fp8_linear(x, qdata, scale, bias, gemv, tiled, chunk)
+        return fused(x, qdata, scale, bias, gemv, tiled, chunk, per_token, eps, e5m2)
 
-    return run
+    return run_act
