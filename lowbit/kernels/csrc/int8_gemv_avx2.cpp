@@ -25,8 +25,10 @@
 // into a thread-local buffer kept between calls (no tensor; an x over kKeepFloats uses a buffer freed
 // on return), the result is written in x's dtype directly (no float32 tensor, no second pass), a
 // broadcast scale is read through its strides (no copy), and a weight under kSerialBytes runs on the
-// calling thread, skipping the OpenMP team's fork/join. kSerialBytes = 512 KiB is provisional: not
-// yet measured on a quiet host (benchmarks/int8_small_m.py --per-shape gives the data).
+// calling thread, skipping the OpenMP team's fork/join. kSerialBytes = 64 KiB, measured: SmolLM2's 420
+// decode linears with cold weights (benchmarks/decode_linears.py shapes, kernel called directly, 2 threads,
+// 21 interleaved rounds, quiet host) took 19.86 ms at 512 KiB, 17.74 at 128 KiB, 17.24 at 64 KiB, 17.20 at
+// 0; 1 thread unchanged (22.3-23.6 ms). Below 64 KiB (no SmolLM2 layer) the fork/join is not amortized.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -39,7 +41,7 @@
 #include "parallel.h"
 
 #ifndef LOWBIT_INT8_SERIAL_BYTES
-#define LOWBIT_INT8_SERIAL_BYTES (512 * 1024)
+#define LOWBIT_INT8_SERIAL_BYTES (64 * 1024)
 #endif
 #ifndef LOWBIT_INT8_M1_ROWS
 #define LOWBIT_INT8_M1_ROWS 4
