@@ -224,8 +224,12 @@ def _int8_mm_impl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for 8 layers of 4096 x 4096 at M=256, against 2.9 s to compile with this op).
     """
     m = a.shape[0]
+    # b.t() of an (N, 1) weight has strides (1, 1), which torch 2.13's CPU _int_mm (VNNI hosts) reads
+    # as the wrong layout: garbage for N > 1 (tests/kernels/test_int8_mm_k1.py); a (1, N) row-major view
+    # is the same matrix without the ambiguity
+    bt = b.reshape(1, -1) if b.shape[1] == 1 else b.t()
     if a.device.type == "cuda" and m <= 16:  # cuBLAS int8 GEMM needs M > 16
-        return torch._int_mm(F.pad(a, (0, 0, 0, 17 - m)), b.t())[:m]
+        return torch._int_mm(F.pad(a, (0, 0, 0, 17 - m)), bt)[:m]
     if a.device.type == "cpu" and not host.has_int8_dot():
         if m <= _MM_I8_MAX_M and a.is_contiguous() and b.is_contiguous():
             ext = _ext.load("int8_act")
@@ -234,7 +238,7 @@ def _int8_mm_impl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
                 return mm_i8(a, b)
         if m >= _FLOAT_MM_MIN_M and host.float32_matmul_exact():
             return _int8_mm_float32(a, b)
-    return torch._int_mm(a, b.t())
+    return torch._int_mm(a, bt)
 
 
 # the op compile sees; eager decode (_fused_cpu) calls _int8_mm_impl itself: the custom op's Python
