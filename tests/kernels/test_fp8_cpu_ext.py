@@ -158,6 +158,41 @@ def test_subnormal_weights_survive_flush_denormal(fp8):
     assert sqnr(ref, out) >= FAST_VS_REF_DB[torch.float32]
 
 
+# bf16 activations whose products x q are float32 subnormals or that are subnormal themselves: the
+# AVX-512 build's GEMV / tiled paths multiply with vdpbf16ps, which reads subnormal inputs as zero and
+# flushes subnormal products and sums whatever MXCSR says (before the fix every output here was 0).
+# Rows: a bf16 subnormal, a subnormal / smallest-normal mix, tiny normals, small normals; each row's
+# values times 1, 2, 3 along K.
+SUBNORMAL_ROWS = (2.0**-128, 0.75 * 2.0**-126, 2.0**-120, 2.0**-100)
+SUBNORMAL_K = 72
+# The property test's failing example (test_kernel_properties, M = N = K = 1): x the bf16 subnormal
+# smallest_normal / 4, the weight's randn value; the reference's output 8.27e-40 (subnormal), kernel 0.
+ONE_X, ONE_W = 2.0**-128, 0.2669
+
+
+@pytest.mark.parametrize("path", ["gemv", "tiled", "chunks", "auto"])
+@pytest.mark.parametrize("fp8", FP8)
+def test_bf16_subnormal_activations(fp8, path):
+    q, s, spec, _ = _data(fp8, "row", 11, SUBNORMAL_K, seed=5)
+    x = (torch.tensor(SUBNORMAL_ROWS).reshape(-1, 1) * (1 + torch.arange(SUBNORMAL_K) % 3)).to(torch.bfloat16)
+    out, ref = _run(path, x, q, s, None), _ref(x, q, s, spec, None)
+    assert bool((ref != 0).all()) and bool((out != 0).all())
+    for row in range(len(SUBNORMAL_ROWS)):
+        assert sqnr(ref[row], out[row]) >= FAST_VS_REF_DB[torch.bfloat16], row
+
+
+@pytest.mark.parametrize("path", ["gemv", "tiled", "chunks", "auto"])
+@pytest.mark.parametrize("fp8", FP8)
+def test_bf16_subnormal_activation_k1(fp8, path):
+    spec = QuantSpec(FP8[fp8], PerRow())
+    w = torch.tensor([[ONE_W]]).to(torch.bfloat16).float()
+    s = choose_qparams_float8(w, spec)
+    q = quantize_float8(w, s, spec)
+    x = torch.tensor([[ONE_X]]).to(torch.bfloat16)
+    out, ref = _run(path, x, q, s, None), _ref(x, q, s, spec, None)
+    assert float(ref) != 0.0 and torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("xd", XD)
 @pytest.mark.parametrize("code", [0x7F, 0xFF], ids=hex)

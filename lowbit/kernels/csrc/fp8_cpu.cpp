@@ -21,6 +21,11 @@
 //  * float32 / float16 x: the weight is converted to float32 (small M: per 4 rows, float32 FMA;
 //    large M: chunks + at::mm in float32); float16 x is computed in float32, cast at the end.
 // The scale (and bias) is applied to the float32 result (GEMV/tiled) or to the output (chunks).
+// vdpbf16ps ignores MXCSR and always reads subnormal inputs as zero and flushes subnormal results
+// (products, partial sums): on the GEMV/tiled paths each row of the bf16 copy of x is first scaled by
+// a power of two 2^j (exact; scale_rows_bf16), as large as the sums allow without overflow, and its
+// results by 2^-j together with the scale, in double (post_scale): the plain float32 result, with no
+// flushing unless an element is below 2^-126 after scaling (negligible next to the row's maximum).
 // fp8_linear_act: float8 dynamic activations (fp8_act.h's fake quantization) fused into the padded copy
 // of x on the GEMV/tiled paths (the values fake_quant_fp8 returns, in x's dtype; float16 widened to
 // float32); above tiled_max_m x is fake-quantized first, then the chunks run as usual.
@@ -204,13 +209,21 @@ inline void tile_4x(const uint16_t* w, const uint16_t* xb, int64_t Kr, int64_t K
   for (int m = 0; m < MT; ++m) reduce4(acc[m], res + m * 4);
 }
 
+// res * s * post in double, rounded once to float32: res * s for post = 1 (the float32 product,
+// exact in double before the rounding), and with post = 2^-j the value the unscaled sum would give,
+// subnormal results included.
+inline float post_scale(float res, float s, double post) {
+  return static_cast<float>(static_cast<double>(res) * s * post);
+}
+
+// post: per row of x (from M0), 2^-j undoing scale_rows_bf16's 2^j; nullptr: 1 (float32 copies).
 template <typename out_t>
 inline void store_group(out_t* op, int64_t N, int64_t M0, int MT, int64_t n, int nrows, const float* res,
-                        const float* sp, bool per_row, const float* bp) {
+                        const float* sp, bool per_row, const float* bp, const double* post) {
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < nrows; ++r) {
       const float s = sp[per_row ? n + r : 0];
-      float v = res[m * 4 + r] * s;
+      float v = post ? post_scale(res[m * 4 + r], s, post[M0 + m]) : res[m * 4 + r] * s;
       if (bp) v += bp[n + r];
       op[(M0 + m) * N + n + r] = static_cast<out_t>(v);
     }
@@ -291,7 +304,7 @@ void convert_chunk(const uint8_t* q, int64_t K, int64_t n0, int64_t n1, void* bu
 template <typename out_t>
 void small_m(const torch::Tensor& xc /* compute copy, (M, Kp) bf16 or f32 */, const uint8_t* q, int64_t N,
              int64_t K, int64_t Kp, const float* sp, bool per_row, const float* bp, out_t* op, int64_t gemv_max_m,
-             const Tables& t) {
+             const Tables& t, const double* post /* per row of x, bf16 copies; nullptr for float32 */) {
   const int64_t M = xc.size(0);
   const bool f32 = xc.scalar_type() == torch::kFloat;
   const int64_t groups = (N + 3) / 4;
@@ -311,7 +324,7 @@ void small_m(const torch::Tensor& xc /* compute copy, (M, Kp) bf16 or f32 */, co
         convert_rows_f32(rows, sf.data(), K, Kp, t);
         for (int64_t m = 0; m < M; ++m) {
           dot4_f32(sf.data(), xp + m * Kp, Kr, Kp, res);
-          store_group(op, N, m, 1, n, nrows, res, sp, per_row, bp);
+          store_group(op, N, m, 1, n, nrows, res, sp, per_row, bp, nullptr);
         }
         continue;
       }
@@ -323,7 +336,7 @@ void small_m(const torch::Tensor& xc /* compute copy, (M, Kp) bf16 or f32 */, co
           case 3: gemv_group<3>(rows, xp, K, Kp, t, res); break;
           default: gemv_group<4>(rows, xp, K, Kp, t, res); break;
         }
-        store_group(op, N, 0, static_cast<int>(M), n, nrows, res, sp, per_row, bp);
+        store_group(op, N, 0, static_cast<int>(M), n, nrows, res, sp, per_row, bp, post);
         continue;
       }
       convert_rows_bf16(rows, sbf.data(), K, Kp, t, false);
@@ -343,7 +356,7 @@ void small_m(const torch::Tensor& xc /* compute copy, (M, Kp) bf16 or f32 */, co
           case 3: tile_4x<3>(sbf.data(), xm, Kr, Kp, res, pf, pf_end, adv); break;
           default: tile_4x<4>(sbf.data(), xm, Kr, Kp, res, pf, pf_end, adv); break;
         }
-        store_group(op, N, m0, MT, n, nrows, res, sp, per_row, bp);
+        store_group(op, N, m0, MT, n, nrows, res, sp, per_row, bp, post);
       }
     }
   });
@@ -356,6 +369,57 @@ inline void copy_pad_rows(const torch::Tensor& x, T* dst, int64_t Kp) {  // x (M
   for (int64_t m = 0; m < M; ++m) {
     std::memcpy(dst + m * Kp, src + m * K, K * sizeof(T));
     std::memset(dst + m * Kp + K, 0, (Kp - K) * sizeof(T));
+  }
+}
+
+// MXCSR's DAZ (bit 6) cleared for the life of the object, restored after (torch.set_flush_denormal(True)
+// sets it): scale_rows_bf16 multiplies subnormal values, which must not be read as zero.
+struct NoDenormalsAreZero {
+  unsigned csr = _mm_getcsr();
+  NoDenormalsAreZero() {
+    if (csr & 0x40) _mm_setcsr(csr & ~0x40u);
+  }
+  ~NoDenormalsAreZero() {
+    if (csr & 0x40) _mm_setcsr(csr);
+  }
+};
+
+// Scales each row of the padded bf16 copy of x (M rows of Kp elements, Kp % 32 == 0) in place by 2^j,
+// j = 109 - ceil(log2 K) - ilogb(max finite |x| of the row), clamped to [0, 127] (0 for a row without a
+// finite nonzero value); post[m] = 2^-j. Every sum of K products x q (|q| < 2^16 for both formats)
+// then stays below 2^126, and a row whose largest value is subnormal becomes normal: vdpbf16ps reads
+// bf16 subnormals as zero and flushes subnormal products and sums. Exact: a bf16 value times 2^j is a
+// bf16 value, except elements still subnormal after scaling (far below the row's maximum), which
+// vcvtne2ps2bf16 flushes as vdpbf16ps would have.
+inline void scale_rows_bf16(at::BFloat16* xc, int64_t M, int64_t K, int64_t Kp, double* post) {
+  NoDenormalsAreZero daz_off;
+  const int log2k = K > 1 ? 64 - __builtin_clzll(static_cast<unsigned long long>(K - 1)) : 0;
+  const __m512i mag = _mm512_set1_epi16(0x7FFF), inf = _mm512_set1_epi16(0x7F80);
+  for (int64_t m = 0; m < M; ++m) {
+    uint16_t* row = reinterpret_cast<uint16_t*>(xc + m * Kp);
+    __m512i vmax = _mm512_setzero_si512();
+    for (int64_t k = 0; k < Kp; k += 32) {
+      const __m512i a = _mm512_and_si512(_mm512_loadu_si512(row + k), mag);
+      vmax = _mm512_mask_max_epu16(vmax, _mm512_cmplt_epu16_mask(a, inf), vmax, a);  // finite only
+    }
+    alignas(64) uint16_t lanes[32];
+    _mm512_store_si512(lanes, vmax);
+    const int amax = *std::max_element(lanes, lanes + 32);  // bits of the largest finite |x|
+    int e = 0;
+    if (amax >> 7) e = (amax >> 7) - 127;                          // normal
+    else if (amax) e = (31 - __builtin_clz(static_cast<unsigned>(amax))) - 133;  // subnormal: m 2^-133
+    const int j = amax ? std::max(0, std::min(127, 109 - log2k - e)) : 0;
+    post[m] = std::ldexp(1.0, -j);
+    if (j == 0) continue;
+    const __m512 p2j = _mm512_set1_ps(std::ldexp(1.f, j));
+    for (int64_t k = 0; k < Kp; k += 32) {
+      const __m512i v = _mm512_loadu_si512(row + k);
+      const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+      const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+      // exact products (or inf / NaN as they were); vcvtne2ps2bf16: b's elements first
+      const __m512bh r = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, p2j), _mm512_mul_ps(lo, p2j));
+      _mm512_storeu_si512(row + k, (__m512i)r);
+    }
   }
 }
 
@@ -429,12 +493,14 @@ static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor qdata, torch::Te
       if (f32) copy_pad_rows<float>(xs, xc.data_ptr<float>(), Kp);
       else copy_pad_rows<at::BFloat16>(xs, xc.data_ptr<at::BFloat16>(), Kp);
     }
-    if (xt == torch::kBFloat16)
-      small_m(xc, q, N, K, Kp, sp, per_row, bp, out.data_ptr<at::BFloat16>(), gemv_max_m, t);
-    else if (xt == torch::kHalf)
-      small_m(xc, q, N, K, Kp, sp, per_row, bp, out.data_ptr<at::Half>(), gemv_max_m, t);
+    if (xt == torch::kBFloat16) {
+      std::vector<double> post(M);
+      scale_rows_bf16(xc.data_ptr<at::BFloat16>(), M, K, Kp, post.data());
+      small_m(xc, q, N, K, Kp, sp, per_row, bp, out.data_ptr<at::BFloat16>(), gemv_max_m, t, post.data());
+    } else if (xt == torch::kHalf)
+      small_m(xc, q, N, K, Kp, sp, per_row, bp, out.data_ptr<at::Half>(), gemv_max_m, t, nullptr);
     else
-      small_m(xc, q, N, K, Kp, sp, per_row, bp, out.data_ptr<float>(), gemv_max_m, t);
+      small_m(xc, q, N, K, Kp, sp, per_row, bp, out.data_ptr<float>(), gemv_max_m, t, nullptr);
     return out;
   }
 
