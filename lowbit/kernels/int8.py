@@ -119,9 +119,11 @@ def _int8pack_takes(input, qdata) -> bool:
     kernels are scalar loops, 3-35x slower than the chunked path at M = 1-8 here, and a float16
     scale below 6.1e-5 is subnormal there: 0.3% off at 6e-6), and only shapes its vectorized bf16
     kernels read correctly: they step K by 8 (AVX2) or 16 (AVX-512) with aligned loads of the
-    input and no tail loop (other K read out of bounds: garbage outputs or a crash, K = 1..7, 9, 17)."""
+    input and no tail loop (other K read out of bounds: garbage outputs or a crash, K = 1..7, 9, 17).
+    The weight too must start on 64 bytes: a tensor read from a safetensors file at offset 8 crashed
+    it (segmentation fault, tests/kernels/test_int8.py::test_weight_only_misaligned_weight)."""
     return (input.dtype == torch.bfloat16 and input.shape[1] % 16 == 0 and input.data_ptr() % 64 == 0
-            and input.is_contiguous() and qdata.is_contiguous())
+            and qdata.data_ptr() % 64 == 0 and input.is_contiguous() and qdata.is_contiguous())
 
 
 def _direct_gemv_op():

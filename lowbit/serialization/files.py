@@ -317,6 +317,15 @@ def read_header(path: str | Path) -> dict:
 # --- reading: data ---------------------------------------------------------------------------------------
 
 
+# safetensors hands out tensors where the file has them, 8-byte aligned; kernels load in vectors (and
+# torch's _weight_int8pack_mm crashed on a weight at offset 8), so a tensor not on 64 bytes is copied
+_ALIGN = 64
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    return t if t.numel() == 0 or t.data_ptr() % _ALIGN == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 def read_state(paths: list[str | Path], *, device: str | torch.device = "cpu") -> tuple[dict, dict]:
     """``(state_dict, module_configs)`` rebuilt from one lowbit file or the shards of one checkpoint.
 
@@ -337,10 +346,10 @@ def read_state(paths: list[str | Path], *, device: str | torch.device = "cpu") -
             try:
                 for k, fi in checked.plain.items():
                     if fi == i:
-                        plain[k] = sf.get_tensor(k)
+                        plain[k] = _aligned(sf.get_tensor(k))
                 for k, (fi, entry) in checked.entries.items():
                     if fi == i:
-                        parts[k] = {p: sf.get_tensor(f"{k}:{p}") for p in entry.parts}
+                        parts[k] = {p: _aligned(sf.get_tensor(f"{k}:{p}")) for p in entry.parts}
             except SafetensorError as e:
                 raise CheckpointError(f"{f.path}: tensor data unreadable ({e})") from None
     for k, (fi, entry) in checked.entries.items():

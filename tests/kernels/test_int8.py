@@ -204,6 +204,22 @@ def test_weight_only_small_m_any_k_bf16(k, m):
     assert torch.equal(out, (x.float() @ q.float().t()).bfloat16())
 
 
+@pytest.mark.parametrize("offset", [8, 40, 1])
+@pytest.mark.parametrize("m", [2, 5, 8], ids=lambda m: f"M{m}")
+def test_weight_only_misaligned_weight(m, offset):
+    """A weight that does not start on 64 bytes (safetensors hands out tensors 8-byte aligned):
+    torch._weight_int8pack_mm's aligned loads crashed on it (segmentation fault). Integer data: exact."""
+    g = torch.Generator().manual_seed(offset)
+    buf = torch.randint(-3, 4, (128 * 64 + 64,), generator=g, dtype=torch.int8)
+    start = (-buf.data_ptr()) % 64 + offset
+    q = buf[start : start + 128 * 64].view(128, 64)
+    assert q.data_ptr() % 64 == offset % 64
+    x = torch.randint(-3, 4, (m, 64), generator=g).bfloat16()
+    key = spec_key(QuantSpec("int8", PerRow()))
+    out = int8_weight_only_linear(x, q, torch.ones(128, 1), None, None, key, "auto")
+    assert torch.equal(out, (x.float() @ q.float().t()).bfloat16())
+
+
 @pytest.mark.parametrize("m", [1, 4, 8], ids=lambda m: f"M{m}")
 def test_weight_only_fp16_with_scales_below_fp16_normal_range(m):
     """Rows whose scale (amax / 127) is below float16's smallest normal (6.1e-5): a path that casts the
