@@ -126,6 +126,14 @@ def _check_finite(*tensors: torch.Tensor) -> None:
         raise ValueError("input contains NaN or inf: its scale would be meaningless; clean the tensor first")
 
 
+def _div(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``t / divisor``, correctly rounded on every device. CUDA divides by a Python (or CPU) scalar as
+    a multiplication by its reciprocal, one bit off for divisors such as 127, 15 or 448: a weight
+    quantized on a GPU then had other scales (and codes) than the same weight quantized on the CPU
+    (tests/test_cuda.py). A divisor on ``t``'s own device is a true division everywhere."""
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
+
+
 # --- qparams ------------------------------------------------------------------------------
 
 
@@ -133,10 +141,10 @@ def _symmetric_qparams(amax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tenso
     """Symmetric scale (and the fixed midpoint zero point of an unsigned dtype) from ``amax >= 0``."""
     qmin, qmax = spec.qmin, spec.qmax
     if spec.dtype.is_signed:
-        scale = torch.clamp(amax / min(qmax, -qmin), min=spec.eps)
+        scale = torch.clamp(_div(amax, min(qmax, -qmin)), min=spec.eps)
         return scale.to(spec.scale_dtype), None
     mid = (qmin + qmax + 1) // 2
-    scale = torch.clamp(amax / min(qmax - mid, mid - qmin), min=spec.eps)
+    scale = torch.clamp(_div(amax, min(qmax - mid, mid - qmin)), min=spec.eps)
     return scale.to(spec.scale_dtype), torch.full_like(scale, mid, dtype=spec.zero_point_dtype)
 
 
@@ -169,7 +177,7 @@ def choose_qparams_affine_from_min_max(
         mx = torch.clamp(max_val.float(), min=0.0)
     if spec.symmetric:
         return _symmetric_qparams(torch.maximum(-mn, mx), spec)
-    scale = torch.clamp((mx - mn) / float(qmax - qmin), min=spec.eps).to(spec.scale_dtype)
+    scale = torch.clamp(_div(mx - mn, qmax - qmin), min=spec.eps).to(spec.scale_dtype)
     s = scale.float()
     if spec.zero_point_domain == "int":
         zp = torch.clamp(qmin - torch.round(mn / s), qmin, qmax)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.primitives.affine import _abs_max, _block_from_scale, _blocked_shape, _check_finite, _check_float, _expand
+from lowbit.primitives.affine import _abs_max, _block_from_scale, _blocked_shape, _check_finite, _check_float, _div, _expand
 from lowbit.spec import QuantSpec
 
 __all__ = [
@@ -30,7 +30,7 @@ def _check_spec(spec: QuantSpec) -> torch.dtype:
 def choose_qparams_float8_from_amax(amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Per-block scale ``clamp(amax / fmax, eps)`` in ``spec.scale_dtype`` (observers use this)."""
     _check_spec(spec)
-    return torch.clamp(amax.float() / spec.dtype.qmax, min=spec.eps).to(spec.scale_dtype)
+    return torch.clamp(_div(amax.float(), spec.dtype.qmax), min=spec.eps).to(spec.scale_dtype)
 
 
 def choose_qparams_float8(input: torch.Tensor, spec: QuantSpec, *, check_finite: bool = True) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.granularity import PerGroup
-from lowbit.primitives.affine import _abs_max, _check_finite, _check_float, quantize_affine
+from lowbit.primitives.affine import _abs_max, _check_finite, _check_float, _div, quantize_affine
 from lowbit.primitives.float8 import quantize_float8
 from lowbit.spec import QuantSpec
 
@@ -55,7 +55,7 @@ def float8_row_scale(
     amax = _abs_max(w.detach(), (1, w.shape[1]))
     if check_finite:
         _check_finite(amax)
-    return amax.clamp(min=eps) / torch.finfo(dtype).max
+    return _div(amax.clamp(min=eps), torch.finfo(dtype).max)
 
 
 def int4_maxabs_spec(group_size: int) -> QuantSpec:
