@@ -255,3 +255,85 @@ def test_fp8_int4_linear_fuses_at_decode(monkeypatch, m):
         assert torch.equal(out, int4_mod.int4_linear(x, qdata, s, zp, b, spec, act_spec, "auto"))
         monkeypatch.setattr(int4_mod, "_fake_quantize_fp8_cpu", lambda *a: None)
         assert torch.equal(out, int4_mod.int4_linear(x, qdata, s, zp, b, spec, act_spec, "auto"))
+
+
+# --- bf16 activations with subnormal rows ------------------------------------------------------------
+# The AVX-512 build's bf16 paths (gemv_bf16, gemm_small_bf16, gemv_bf16_act) multiply with vdpbf16ps,
+# which reads bf16 subnormal inputs as zero and flushes subnormal products and sums whatever MXCSR
+# says, while the per-group sums of x that remove the 128 + zp offset are plain float32 adds that
+# keep them: a row of 2^-128 came out as about -s (128 + zp) sum(x), not 0 or the right value.
+# Rows: a bf16 subnormal, a subnormal / smallest-normal mix, tiny normals, small normals; each row's
+# values times 1, 2, 3 along K.
+SUBNORMAL_ROWS = (2.0**-128, 0.75 * 2.0**-126, 2.0**-120, 2.0**-100)
+SUBNORMAL_K = 256
+# per row, against the reference (the fp8 kernels' bf16 bound for the same rows); measured >= 46.6 dB
+SUBNORMAL_DB = 42.0
+WEIGHTS = ("sym", "asym", "float-zp")
+
+
+def _subnormal_x(m):
+    rows = torch.tensor([SUBNORMAL_ROWS[i % len(SUBNORMAL_ROWS)] for i in range(m)], dtype=torch.float64)
+    return (rows.reshape(-1, 1) * (1 + torch.arange(SUBNORMAL_K) % 3)).to(torch.bfloat16)
+
+
+def _subnormal_weight(kind, g):
+    from lowbit.configs import Int4WeightOnlyConfig
+
+    spec = Int4WeightOnlyConfig(group_size=g, symmetric=kind == "sym",
+                                zero_point_domain="float" if kind == "float-zp" else "int").weight_spec()
+    w = torch.randn(11, SUBNORMAL_K, generator=torch.Generator().manual_seed(g)) + (0.5 if kind == "float-zp" else 0.0)
+    s, zp = choose_qparams_affine(w, spec)
+    return pack_int4(quantize_affine(w, s, zp, spec)), s, (None if kind == "sym" else zp), spec
+
+
+def _row_by_row_reference(x, qdata, s, zp, spec):
+    """kernel="reference", one row at a time: torch's own bf16 F.linear flushes these rows too at M > 1
+    (oneDNN's bf16 GEMM on an AVX-512 BF16 CPU: 2^-128 rows gave exactly 0), its M = 1 GEMV does not."""
+    from lowbit.kernels.int4 import int4_weight_only_linear
+    from lowbit.spec import spec_key
+
+    return torch.cat([int4_weight_only_linear(x[i : i + 1], qdata, s, zp, None, spec_key(spec), "reference")
+                      for i in range(x.shape[0])])
+
+
+def _assert_close_per_row(ref, out):
+    assert bool((ref != 0).all())
+    for row in range(ref.shape[0]):
+        assert bool((out[row][ref[row] != 0] != 0).all()), row
+        assert sqnr(ref[row].float(), out[row].float()) >= SUBNORMAL_DB, row
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 17, 32], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("kind", WEIGHTS)
+def test_bf16_subnormal_activations(kind, g, m):
+    """auto (int4_weight_only_linear, the float zero point's correction included) and every bf16 entry
+    point that takes this M, per row against the reference."""
+    from lowbit.kernels.int4 import int4_weight_only_linear
+    from lowbit.spec import spec_key
+
+    ext = _ext.load("int4_cpu")
+    qdata, s, zp, spec = _subnormal_weight(kind, g)
+    x = _subnormal_x(m)
+    ref = _row_by_row_reference(x, qdata, s, zp, spec)
+    _assert_close_per_row(ref, int4_weight_only_linear(x, qdata, s, zp, None, spec_key(spec), "auto"))
+    if kind != "float-zp":
+        if m <= _int4_cpu.GEMV_MAX_M:
+            _assert_close_per_row(ref, ext.gemv_bf16(x, qdata, s, zp, None))
+        _assert_close_per_row(ref, ext.gemm_small_bf16(x, qdata, s, zp, None))
+
+
+@needs_two_call
+@pytest.mark.parametrize("e5m2", [False, True], ids=["e4m3fn", "e5m2"])
+@pytest.mark.parametrize("kind", ["sym", "asym"])
+def test_gemv_act_subnormal_activations(kind, e5m2):
+    """gemv_bf16_act with a per-token scale floor small enough that the fake-quantized rows stay
+    subnormal: equal to the two calls, and per row against the reference on those values."""
+    ext = _ext.load("int4_cpu")
+    qdata, s, zp, spec = _subnormal_weight(kind, 64)
+    for m in range(1, _int4_cpu.GEMV_MAX_M + 1):
+        x = _subnormal_x(m)
+        xq, _ = ACT.fake_quant_fp8(x, -1.0, True, 1e-45, e5m2)
+        got = ext.gemv_bf16_act(x, qdata, s, zp, None, True, 1e-45, e5m2)
+        assert torch.equal(got, ext.gemv_bf16(xq, qdata, s, zp, None)), m
+        _assert_close_per_row(_row_by_row_reference(xq, qdata, s, zp, spec), got)

@@ -41,6 +41,7 @@
 #include <exception>
 #include <vector>
 
+#include "bf16_scale.h"
 #include "fp8_act.h"
 #include "parallel.h"
 
@@ -372,55 +373,14 @@ inline void copy_pad_rows(const torch::Tensor& x, T* dst, int64_t Kp) {  // x (M
   }
 }
 
-// MXCSR's DAZ (bit 6) cleared for the life of the object, restored after (torch.set_flush_denormal(True)
-// sets it): scale_rows_bf16 multiplies subnormal values, which must not be read as zero.
-struct NoDenormalsAreZero {
-  unsigned csr = _mm_getcsr();
-  NoDenormalsAreZero() {
-    if (csr & 0x40) _mm_setcsr(csr & ~0x40u);
-  }
-  ~NoDenormalsAreZero() {
-    if (csr & 0x40) _mm_setcsr(csr);
-  }
-};
-
 // Scales each row of the padded bf16 copy of x (M rows of Kp elements, Kp % 32 == 0) in place by 2^j,
 // j = 109 - ceil(log2 K) - ilogb(max finite |x| of the row), clamped to [0, 127] (0 for a row without a
-// finite nonzero value); post[m] = 2^-j. Every sum of K products x q (|q| < 2^16 for both formats)
-// then stays below 2^126, and a row whose largest value is subnormal becomes normal: vdpbf16ps reads
-// bf16 subnormals as zero and flushes subnormal products and sums. Exact: a bf16 value times 2^j is a
-// bf16 value, except elements still subnormal after scaling (far below the row's maximum), which
-// vcvtne2ps2bf16 flushes as vdpbf16ps would have.
+// finite nonzero value); post[m] = 2^-j (bf16_scale.h). Every sum of K products x q (|q| < 2^16 for both
+// formats) then stays below 2^126, and a row whose largest value is subnormal becomes normal: vdpbf16ps
+// reads bf16 subnormals as zero and flushes subnormal products and sums.
 inline void scale_rows_bf16(at::BFloat16* xc, int64_t M, int64_t K, int64_t Kp, double* post) {
-  NoDenormalsAreZero daz_off;
   const int log2k = K > 1 ? 64 - __builtin_clzll(static_cast<unsigned long long>(K - 1)) : 0;
-  const __m512i mag = _mm512_set1_epi16(0x7FFF), inf = _mm512_set1_epi16(0x7F80);
-  for (int64_t m = 0; m < M; ++m) {
-    uint16_t* row = reinterpret_cast<uint16_t*>(xc + m * Kp);
-    __m512i vmax = _mm512_setzero_si512();
-    for (int64_t k = 0; k < Kp; k += 32) {
-      const __m512i a = _mm512_and_si512(_mm512_loadu_si512(row + k), mag);
-      vmax = _mm512_mask_max_epu16(vmax, _mm512_cmplt_epu16_mask(a, inf), vmax, a);  // finite only
-    }
-    alignas(64) uint16_t lanes[32];
-    _mm512_store_si512(lanes, vmax);
-    const int amax = *std::max_element(lanes, lanes + 32);  // bits of the largest finite |x|
-    int e = 0;
-    if (amax >> 7) e = (amax >> 7) - 127;                          // normal
-    else if (amax) e = (31 - __builtin_clz(static_cast<unsigned>(amax))) - 133;  // subnormal: m 2^-133
-    const int j = amax ? std::max(0, std::min(127, 109 - log2k - e)) : 0;
-    post[m] = std::ldexp(1.0, -j);
-    if (j == 0) continue;
-    const __m512 p2j = _mm512_set1_ps(std::ldexp(1.f, j));
-    for (int64_t k = 0; k < Kp; k += 32) {
-      const __m512i v = _mm512_loadu_si512(row + k);
-      const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
-      const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
-      // exact products (or inf / NaN as they were); vcvtne2ps2bf16: b's elements first
-      const __m512bh r = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, p2j), _mm512_mul_ps(lo, p2j));
-      _mm512_storeu_si512(row + k, (__m512i)r);
-    }
-  }
+  lowbit::scale_rows_bf16(reinterpret_cast<uint16_t*>(xc), M, Kp, Kp, 109 - log2k, post);
 }
 
 template <typename T>

@@ -23,6 +23,12 @@
 //    buffer in x's dtype, at::addmm / at::mm per chunk into the output's column slice.
 // gemv_bf16_act: gemv_bf16 with float8 dynamic activations (fp8_act.h's fake quantization) done in
 // the same call, into the bf16 copy of x the permutation reads (fp8 x int4's eager decode entry).
+// vdpbf16ps ignores MXCSR: it reads bf16 subnormal inputs as zero and flushes subnormal products and
+// partial sums, while the per-group sums of x (the offset's correction) are float32 adds that keep
+// them. So both bf16 paths first scale each row of a copy of x by 2^j (exact; bf16_scale.h) so that its
+// largest value is 2^kScaleTop .. 2^(kScaleTop + 1), and multiply the row's results by 2^-j in double
+// (one rounding to float32) before the bias: rows whose largest value is >= 2^kScaleTop are untouched,
+// others give the unscaled float32 result exactly unless it was flushed.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -33,6 +39,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16_scale.h"
 #include "fp8_act.h"
 #include "parallel.h"
 
@@ -53,6 +60,22 @@ struct W4 {
 };
 
 constexpr int64_t kMinGroup = 32;
+
+// Rows of bf16 x are scaled so that their largest value is 2^kScaleTop .. 2^(kScaleTop + 1) (j >= 0:
+// only rows below that are scaled): as large as ordinary activations, no larger, since the group scale
+// multiplies the scaled sums in float32 (a larger 2^j could overflow where the unscaled sum would not),
+// and large enough that the products with 128 + q (>= 2^7) and their sums are far from subnormal.
+constexpr int kScaleTop = 0;
+
+// x's rows (M, K), row stride ldx, K % 32 == 0, copied and scaled (lowbit::scale_rows_bf16): the copy,
+// rows of K, and post[m] = 2^-j.
+std::vector<uint16_t> scaled_copy(const c10::BFloat16* x, int64_t M, int64_t K, int64_t ldx, std::vector<double>& post) {
+  std::vector<uint16_t> xs(M * K);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(xs.data() + m * K, x + m * ldx, K * sizeof(uint16_t));
+  post.assign(M, 1.0);
+  lowbit::scale_rows_bf16(xs.data(), M, K, K, kScaleTop, post.data());
+  return xs;
+}
 
 void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined() && t.device().is_cpu(), name, " must be a CPU tensor");
@@ -182,12 +205,13 @@ void dequant_rows_any(const W4& w, int64_t r0, int64_t r1, torch::Tensor& out, b
 
 // ---- GEMV, bf16 x ------------------------------------------------------------------------------
 
-// Per call: x permuted per 128-element chunk so that word i of vector j (j = 0..3) is element
-// 4i + j (the order the 64 packed bytes unpack to with 16-bit shifts), zero padded to whole
-// chunks; per-group sums of x.
+// Per call: x (each row scaled by 2^j, scaled_copy) permuted per 128-element chunk so that word i of
+// vector j (j = 0..3) is element 4i + j (the order the 64 packed bytes unpack to with 16-bit shifts),
+// zero padded to whole chunks; per-group sums of the scaled x; 2^-j per row.
 struct XPerm {
   std::vector<uint16_t> xq;  // (M, C * 128)
   std::vector<float> sx;     // (M, G)
+  std::vector<double> post;  // (M)
   int64_t C;
 };
 
@@ -196,8 +220,9 @@ XPerm permute_x(const c10::BFloat16* x, int64_t M, int64_t K, int64_t ldx, int64
   p.C = (K + 127) / 128;
   p.xq.assign(M * p.C * 128, 0);
   p.sx.assign(M * G, 0.f);
+  const std::vector<uint16_t> xs = scaled_copy(x, M, K, ldx, p.post);
   for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* xr = reinterpret_cast<const uint16_t*>(x + m * ldx);
+    const uint16_t* xr = xs.data() + m * K;
     uint16_t* d = p.xq.data() + m * p.C * 128;
     for (int64_t k = 0; k < K; ++k) {
       const int64_t c = k / 128, e = k % 128;
@@ -294,7 +319,7 @@ inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t M, c
         if (w.zp) z = _mm512_add_ps(z, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(gm, w.zp + n * G + g))));
         corr = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(gm, sr[r] + g), z), _mm512_maskz_loadu_ps(gm, sxm + g), corr);
       }
-      float v = _mm512_reduce_add_ps(tot[r][m]) - _mm512_reduce_add_ps(corr);
+      float v = lowbit::unscale(_mm512_reduce_add_ps(tot[r][m]) - _mm512_reduce_add_ps(corr), p.post[m]);
       if (bias) v += bias[n];
       store_out(out, ot, m * w.N + n, v);
     }
@@ -388,8 +413,8 @@ std::vector<uint32_t> pack_x_pairs(const c10::BFloat16* x, int64_t M, int64_t K,
 }
 
 template <int MB, int NT>
-void gemm_small_impl(const W4& w, const uint32_t* xp, const float* sxp, int64_t M, const float* bias, void* out,
-                     at::ScalarType ot) {
+void gemm_small_impl(const W4& w, const uint32_t* xp, const float* sxp, const double* post, int64_t M, const float* bias,
+                     void* out, at::ScalarType ot) {
   const int64_t N = w.N, K = w.K, G = w.G, C = (K + 127) / 128;
   const int64_t seg = std::min<int64_t>(w.gs, 128);  // elements per segment (one group)
   const int ipg = int(seg / 8);                      // dword lanes i per segment
@@ -457,7 +482,8 @@ void gemm_small_impl(const W4& w, const uint32_t* xp, const float* sxp, int64_t 
           }
           _mm512_store_ps(tmp, _mm512_sub_ps(_mm512_load_ps(tot[n][b]), corr));
           const int64_t mend = std::min<int64_t>(16, M - b * 16);
-          for (int64_t l = 0; l < mend; ++l) store_out(out, ot, (b * 16 + l) * N + row, tmp[l] + bv);
+          for (int64_t l = 0; l < mend; ++l)
+            store_out(out, ot, (b * 16 + l) * N + row, lowbit::unscale(tmp[l], post[b * 16 + l]) + bv);
         }
       }
     }
@@ -558,23 +584,25 @@ torch::Tensor gemm_small_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tenso
   torch::Tensor bkeep;
   const float* bp = bias_ptr(bias, w.N, bkeep);
   const int64_t MB = (M + 15) / 16;
-  const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
-  std::vector<uint32_t> xp = pack_x_pairs(xb, M, K, x.stride(0), C);
-  // per-group sums of x: sx[b][g][l], zero for padding rows
+  std::vector<double> post;  // x's rows scaled by 2^j (scaled_copy), results by post = 2^-j
+  const std::vector<uint16_t> xs = scaled_copy(x.data_ptr<c10::BFloat16>(), M, K, x.stride(0), post);
+  const c10::BFloat16* xb = reinterpret_cast<const c10::BFloat16*>(xs.data());
+  std::vector<uint32_t> xp = pack_x_pairs(xb, M, K, K, C);
+  // per-group sums of the scaled x: sx[b][g][l], zero for padding rows
   std::vector<float> sx(MB * G * 16, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       float acc = 0.f;
-      for (int64_t k = g * w.gs; k < (g + 1) * w.gs; ++k) acc += float(xb[m * x.stride(0) + k]);
+      for (int64_t k = g * w.gs; k < (g + 1) * w.gs; ++k) acc += float(xb[m * K + k]);
       sx[((m / 16) * G + g) * 16 + m % 16] = acc;
     }
   auto out = torch::empty({M, w.N}, x.options());
   void* op = out.data_ptr();
   switch (MB) {
-    case 1: gemm_small_impl<1, 12>(w, xp.data(), sx.data(), M, bp, op, at::kBFloat16); break;
-    case 2: gemm_small_impl<2, 12>(w, xp.data(), sx.data(), M, bp, op, at::kBFloat16); break;
-    case 3: gemm_small_impl<3, 8>(w, xp.data(), sx.data(), M, bp, op, at::kBFloat16); break;
-    default: gemm_small_impl<4, 6>(w, xp.data(), sx.data(), M, bp, op, at::kBFloat16); break;
+    case 1: gemm_small_impl<1, 12>(w, xp.data(), sx.data(), post.data(), M, bp, op, at::kBFloat16); break;
+    case 2: gemm_small_impl<2, 12>(w, xp.data(), sx.data(), post.data(), M, bp, op, at::kBFloat16); break;
+    case 3: gemm_small_impl<3, 8>(w, xp.data(), sx.data(), post.data(), M, bp, op, at::kBFloat16); break;
+    default: gemm_small_impl<4, 6>(w, xp.data(), sx.data(), post.data(), M, bp, op, at::kBFloat16); break;
   }
   return out;
 }
