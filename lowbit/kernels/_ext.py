@@ -78,6 +78,7 @@ ISA_ENV = "LOWBIT_ISA"
 # name -> (module or None, status, isa or None). One lock: a build runs once even when threads race.
 _LOADED: dict[str, tuple[object | None, str, str | None]] = {}
 _LOCK = threading.RLock()
+_PREFETCH_SET: set[str] = set()  # kernels whose weight-stream prefetch was set (csrc/prefetch.h)
 # name -> isa of the build imported into this process (never reset: a second build of the same
 # kernel would register the same dispatcher ops again, which torch refuses).
 _IMPORTED: dict[str, str] = {}
@@ -210,6 +211,23 @@ def load(name: str = "int8_gemv"):
     Raises:
         ValueError: ``name`` is not one of lowbit's C++ kernels, or ``LOWBIT_ISA`` is invalid.
     """
+    module = built(name)
+    if module is not None and name not in _PREFETCH_SET:
+        with _LOCK:
+            if name not in _PREFETCH_SET:
+                setter = getattr(module, "set_prefetch", None)
+                if setter is not None:
+                    from lowbit.kernels import prefetch  # imports this module
+
+                    hint, distance, _ = prefetch.choice()
+                    setter(prefetch.HINTS[hint], distance)
+                _PREFETCH_SET.add(name)
+    return module
+
+
+def built(name: str):
+    """``load`` without applying the weight-stream prefetch setting (``lowbit.kernels.prefetch``
+    measures its candidates on the module this returns)."""
     hit = _LOADED.get(name)
     if hit is None:
         _check_name(name)
@@ -243,13 +261,19 @@ def active_isa(name: str) -> str | None:
 def kernel_report() -> list[str]:
     """One line per C++ kernel for ``lowbit info --kernels``: its name, its status, and the builds it
     has with the CPU features each needs, e.g.
-    ``int4_cpu: ok (avx2) [builds: avx512 (avx512f, ...), avx2 (avx2, fma, f16c)]``; a last line
-    names ``LOWBIT_ISA`` when it forces a build. Loads every kernel first."""
+    ``int4_cpu: ok (avx2) [builds: avx512 (avx512f, ...), avx2 (avx2, fma, f16c)]``; then the
+    weight-stream prefetch setting (``lowbit.kernels.prefetch``) when a GEMV is loaded, and a last
+    line naming ``LOWBIT_ISA`` when it forces a build. Loads every kernel first."""
     st = status()
     lines = []
     for name in BUILDS:
         builds = ", ".join(f"{b.isa} ({', '.join(b.features)})" for b in BUILDS[name])
         lines.append(f"{name}: {st[name]} [builds: {builds}]")
+    if any(hasattr(_LOADED[name][0], "set_prefetch") for name in BUILDS):
+        from lowbit.kernels import prefetch
+
+        hint, distance, source = prefetch.choice()
+        lines.append(f"weight-stream prefetch: {hint} {distance} bytes ahead ({source})")
     forced = forced_isa()
     if forced:
         lines.append(f"{ISA_ENV}={forced} forces the {forced} builds")

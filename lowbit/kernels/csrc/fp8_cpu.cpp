@@ -11,7 +11,7 @@
 // Paths (the caller picks the thresholds):
 //  * bf16 x, M <= gemv_max_m (<= 4): fused GEMV. Each thread streams its rows once, 4 rows at a
 //    time, converting in registers and multiplying with vdpbf16ps (float32 accumulation);
-//    non-temporal software prefetch ahead in the weight stream.
+//    software prefetch (prefetch.h) ahead in the weight stream.
 //  * bf16 x, M <= tiled_max_m: 4 rows are converted into a small bf16 scratch (L1), then
 //    4x4 register tiles (4 rows of x, 4 weight rows) of vdpbf16ps over K; the next 4 weight rows
 //    are prefetched while computing, so the weight read overlaps the arithmetic.
@@ -33,7 +33,6 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -44,12 +43,11 @@
 #include "bf16_scale.h"
 #include "fp8_act.h"
 #include "parallel.h"
+#include "prefetch.h"
 
 namespace {
 
 using lowbit::par_for;
-
-constexpr int64_t kPrefetch = 32768;  // NTA prefetch distance in the weight stream (bytes)
 
 struct Tables {
   __m512i hlo, hhi, llo, lhi, perm, sign;
@@ -147,7 +145,7 @@ inline void gemv_group(const uint8_t* const* rows, const uint16_t* xb, int64_t K
   for (; k + 64 <= K; k += 64) {
     __m512i b[4];
     for (int r = 0; r < 4; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k + kPrefetch), _MM_HINT_NTA);
+      lowbit::prefetch_stream(rows[r] + k);
       b[r] = _mm512_loadu_si512(rows[r] + k);
     }
     step(k, b);
@@ -172,7 +170,7 @@ inline void convert_rows_bf16(const uint8_t* const* rows, uint16_t* dst, int64_t
     uint16_t* d = dst + r * Kp;
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
-      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(src + k + kPrefetch), _MM_HINT_NTA);
+      if (prefetch) lowbit::prefetch_stream(src + k);
       __m512i w0, w1;
       cvt64(_mm512_loadu_si512(src + k), t, w0, w1);
       _mm512_storeu_si512(d + k, w0);
@@ -236,7 +234,7 @@ inline void convert_rows_f32(const uint8_t* const* rows, float* dst, int64_t K, 
     const uint8_t* src = rows[r];
     float* d = dst + r * Kp;
     for (int64_t k = 0; k < K; k += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(src + k + kPrefetch), _MM_HINT_NTA);
+      lowbit::prefetch_stream(src + k);
       __m512i w[2];
       cvt64(k + 64 <= K ? _mm512_loadu_si512(src + k) : load_tail(src + k, K - k), t, w[0], w[1]);
       for (int h = 0; h < 2; ++h) {
@@ -271,7 +269,7 @@ void convert_chunk(const uint8_t* q, int64_t K, int64_t n0, int64_t n1, void* bu
       if (f32) {
         float* d = static_cast<float*>(buf) + (n - n0) * ld;
         for (int64_t k = 0; k < K; k += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(src + k + kPrefetch), _MM_HINT_NTA);
+          lowbit::prefetch_stream(src + k);
           __m512i w[2];
           cvt64(k + 64 <= K ? _mm512_loadu_si512(src + k) : load_tail(src + k, K - k), t, w[0], w[1]);
           for (int h = 0; h < 2; ++h) {
@@ -285,7 +283,7 @@ void convert_chunk(const uint8_t* q, int64_t K, int64_t n0, int64_t n1, void* bu
         uint16_t* d = static_cast<uint16_t*>(buf) + (n - n0) * ld;
         int64_t k = 0;
         for (; k + 64 <= K; k += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(src + k + kPrefetch), _MM_HINT_NTA);
+          lowbit::prefetch_stream(src + k);
           __m512i w0, w1;
           cvt64(_mm512_loadu_si512(src + k), t, w0, w1);
           _mm512_storeu_si512(d + k, w0);
@@ -548,6 +546,8 @@ torch::Tensor fp8_to_bf16(torch::Tensor qdata) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
+  m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("fp8_linear", &fp8_linear, "float8 weight-only linear (x @ (q * s).T + bias)", py::arg("x"), py::arg("qdata"),
         py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"), py::arg("chunk_rows"));
   m.def("fp8_linear_act", &fp8_linear_act,

@@ -14,8 +14,8 @@
 //
 // Paths (the caller picks the thresholds):
 //  * M <= gemv_max_m (<= 4), any x dtype: fused GEMV, each weight row streamed once and converted
-//    in registers by shifts alone (no vcvtph2ps; see "fused GEMV" below), non-temporal software
-//    prefetch ahead in the weight stream;
+//    in registers by shifts alone (no vcvtph2ps; see "fused GEMV" below), software
+//    prefetch (prefetch.h) ahead in the weight stream;
 //  * M <= tiled_max_m: 4 rows converted into a float32 scratch (L1/L2), then float32 FMA per row
 //    of x against the 4 rows;
 //  * otherwise: one parallel region; each thread converts its own contiguous range of weight rows,
@@ -38,12 +38,11 @@
 
 #include "fp8_act.h"
 #include "parallel.h"
+#include "prefetch.h"
 
 namespace {
 
 using lowbit::par_for;
-
-constexpr int64_t kPrefetch = 32768;  // NTA prefetch distance in the weight stream (bytes)
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -81,7 +80,7 @@ template <bool E5M2>
 inline void convert_row_f32(const uint8_t* src, float* dst, int64_t K, int64_t Kr, bool prefetch) {
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    if (prefetch && (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k + kPrefetch), _MM_HINT_NTA);
+    if (prefetch && (k & 63) == 0) lowbit::prefetch_stream(src + k);
     _mm256_storeu_ps(dst + k, cvt8<E5M2>(load8(src + k)));
   }
   if (k < K) {
@@ -96,7 +95,7 @@ template <bool E5M2>
 inline void convert_row_bf16(const uint8_t* src, uint16_t* dst, int64_t K, bool prefetch) {
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    if (prefetch && (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k + kPrefetch), _MM_HINT_NTA);
+    if (prefetch && (k & 63) == 0) lowbit::prefetch_stream(src + k);
     const __m256i a = _mm256_srli_epi32(_mm256_castps_si256(cvt8<E5M2>(load8(src + k))), 16);
     const __m256i b = _mm256_srli_epi32(_mm256_castps_si256(cvt8<E5M2>(load8(src + k + 8))), 16);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8));
@@ -209,7 +208,7 @@ inline void gemv_rows(const uint8_t* const* rows, const float* xq, int64_t K, in
   for (; k + 32 <= K; k += 32) {
     __m256i v[R];
     for (int r = 0; r < R; ++r) {
-      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k + kPrefetch), _MM_HINT_NTA);
+      if ((k & 63) == 0) lowbit::prefetch_stream(rows[r] + k);
       v[r] = load32(rows[r] + k);
     }
     step(k, v);
@@ -486,6 +485,8 @@ torch::Tensor fp8_to_bf16(torch::Tensor qdata) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
+  m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("fp8_linear", &fp8_linear, "float8 weight-only linear (x @ (q * s).T + bias)", py::arg("x"), py::arg("qdata"),
         py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"), py::arg("chunk_rows"));
   m.def("fp8_linear_act", &fp8_linear_act,

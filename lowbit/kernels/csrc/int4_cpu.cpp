@@ -42,13 +42,12 @@
 #include "bf16_scale.h"
 #include "fp8_act.h"
 #include "parallel.h"
+#include "prefetch.h"
 
 namespace {
 
 using lowbit::par_for;
 
-// Non-temporal software prefetch this far ahead in the weight stream (each byte used once).
-constexpr int64_t kPrefetch = 32768;
 constexpr int kAndXor = 0x6A;  // ternary logic: (a & b) ^ c
 
 struct W4 {
@@ -286,7 +285,7 @@ inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t M, c
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(qr[r] + c * 64 + kPrefetch), _MM_HINT_NTA);
+      lowbit::prefetch_stream(qr[r] + c * 64);
       const __m512i v = c + 1 < C ? _mm512_loadu_si512(qr[r] + c * 64) : _mm512_maskz_loadu_epi8(bm, qr[r] + c * 64);
       const __m512bh w0 = (__m512bh)_mm512_ternarylogic_epi32(v, m0f, magic, kAndXor);
       const __m512bh w1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m0f, magic, kAndXor);
@@ -367,7 +366,7 @@ inline void gemv_f32_rows(const W4& w, const float* x, int64_t n0, const float* 
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         const uint8_t* qr = w.q + (n0 + r) * w.rb;
-        if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(qr + k / 2 + kPrefetch), _MM_HINT_NTA);
+        if ((k & 127) == 0) lowbit::prefetch_stream(qr + k / 2);
         a0[r] = _mm512_fmadd_ps(x0, nib16_f32(qr, k, ctrl, m0f, magic, mz[r]), a0[r]);
         a1[r] = _mm512_fmadd_ps(x1, nib16_f32(qr, k + 16, ctrl, m0f, magic, mz[r]), a1[r]);
       }
@@ -439,7 +438,7 @@ void gemm_small_impl(const W4& w, const uint32_t* xp, const float* sxp, const do
         const __mmask64 bm = c + 1 < C ? ~__mmask64(0) : tail_mask;
         for (int n = 0; n < NT; ++n) {
           const uint8_t* src = w.q + nr[n] * w.rb + c * 64;
-          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetch), _MM_HINT_NTA);
+          lowbit::prefetch_stream(src);
           const __m512i v = _mm512_maskz_loadu_epi8(bm, src);
           _mm512_store_si512(wbuf[n], _mm512_ternarylogic_epi32(v, m0f, magic, kAndXor));
           _mm512_store_si512(wbuf[n] + 16, _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 4), m0f, magic, kAndXor));
@@ -657,6 +656,8 @@ torch::Tensor linear_chunked(torch::Tensor x, torch::Tensor qdata, torch::Tensor
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int4_gemv_bf16", TORCH_FN(gemv_bf16)); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
+  m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("gemv_bf16", &gemv_bf16, "int4 weight-only GEMV, bf16 x, M <= 4");
   m.def("gemv_bf16_act", &gemv_bf16_act, "int4 GEMV of bf16 x fake-quantized to float8 (dynamic scale), M <= 4",
         py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("zero_point"), py::arg("bias"), py::arg("act_per_token"),

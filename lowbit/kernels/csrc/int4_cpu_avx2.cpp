@@ -33,12 +33,12 @@
 
 #include "fp8_act.h"
 #include "parallel.h"
+#include "prefetch.h"
 
 namespace {
 
 using lowbit::par_for;
 
-constexpr int64_t kPrefetch = 32768;  // non-temporal prefetch distance in the weight stream
 constexpr int64_t kMinGroup = 32;
 constexpr int64_t kScaleAheadRows = 16;
 
@@ -216,7 +216,7 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
       const int64_t kb = k >> 1;  // byte offset (k >= 0: a shift, not a signed division)
       if ((k & 127) == 0)
-        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(qr[r] + kb + kPrefetch), _MM_HINT_NTA);
+        for (int r = 0; r < R; ++r) lowbit::prefetch_stream(qr[r] + kb);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         __m256 ev, od;
@@ -444,6 +444,8 @@ torch::Tensor linear_chunked(torch::Tensor x, torch::Tensor qdata, torch::Tensor
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int4_gemv_bf16", TORCH_FN(gemv_bf16)); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
+  m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("gemv_bf16", &gemv_bf16, "int4 weight-only GEMV, bf16 x, M <= 4");
   m.def("gemv_bf16_act", &gemv_bf16_act, "int4 GEMV of bf16 x fake-quantized to float8 (dynamic scale), M <= 4",
         py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("zero_point"), py::arg("bias"), py::arg("act_per_token"),

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include "parallel.h"
+#include "prefetch.h"
 #include <immintrin.h>
 
 #include <vector>
@@ -16,17 +17,12 @@ inline __m512 load_i8_as_f32(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-// Software prefetch (non-temporal: each weight byte is used once) 32 KiB ahead in the weight
-// stream: measured 26 -> 33-40 GB/s here
-// (the hardware prefetcher alone does not keep enough loads in flight).
-constexpr int64_t kPrefetch = 32768;
-
 // dot(x, w) over n elements (n % 16 == 0), w int8.
 inline float dot_i8(const float* x, const int8_t* w, int64_t n) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= n; k += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_NTA);
+    lowbit::prefetch_stream(w + k);
     a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), load_i8_as_f32(w + k), a0);
     a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), load_i8_as_f32(w + k + 16), a1);
     a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), load_i8_as_f32(w + k + 32), a2);
@@ -107,5 +103,7 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tenso
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_weight_only_mm", TORCH_FN(int8_weight_only_mm)); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
+  m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("int8_weight_only_mm", &int8_weight_only_mm, "int8 weight-only matmul for small M");
 }

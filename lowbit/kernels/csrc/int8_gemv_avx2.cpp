@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "prefetch.h"
 
 #ifndef LOWBIT_INT8_SERIAL_BYTES
 #define LOWBIT_INT8_SERIAL_BYTES (64 * 1024)
@@ -49,7 +50,6 @@
 
 namespace {
 
-constexpr int64_t kPrefetch = 32768;  // non-temporal software prefetch distance in the weight stream
 // Weights of fewer bytes than this run on one thread (see the header).
 constexpr int64_t kSerialBytes = LOWBIT_INT8_SERIAL_BYTES;
 constexpr int kMaxMM = 4;  // rows of x per tile
@@ -98,7 +98,7 @@ inline void tile(const Args& a, int64_t n0, int64_t m0) {
     const int64_t kend = (g + 1) * gs;
     for (int64_t k = g * gs; k < kend; k += 8) {
       if (PF && (k & 63) == 0)
-        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + kPrefetch), _MM_HINT_NTA);
+        for (int r = 0; r < R; ++r) lowbit::prefetch_stream(wr[r] + k);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256 wv = load_i8_as_f32(wr[r] + k);
@@ -210,5 +210,7 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tenso
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_weight_only_mm", TORCH_FN(int8_weight_only_mm)); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
+  m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("int8_weight_only_mm", &int8_weight_only_mm, "int8 weight-only matmul for small M");
 }

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "prefetch.h"
 
 namespace {
 
@@ -53,9 +54,7 @@ using lowbit::par_for;
 
 constexpr int64_t kBlock = 32;      // weights per 16 packed bytes
 constexpr int64_t kMaxGroup = 256;  // int16 partial sums: 8 blocks x 3840 = 30720 < 32768
-constexpr int64_t kSuper = 8;       // groups reduced together (one int32 lane each)
-constexpr int64_t kPrefetch = 16384;  // weight-stream prefetch distance in bytes
-
+constexpr int64_t kSuper = 8;       
 // 32 weights from 16 packed bytes as unsigned u = w + 8 in [0, 15]: lane 0 = low nibbles (elements
 // 0, 2, .., 30), lane 1 = high nibbles (elements 1, 3, .., 31).
 inline __m256i unpack32(const uint8_t* p) {
@@ -131,8 +130,8 @@ void rows(const Problem& p, int64_t n0, int64_t n1) {
           continue;
         }
         const uint8_t* src = qr + (g0 + gi) * gs / 2;
-        _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetch), _MM_HINT_NTA);
-        if (BPG > 2) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetch + 64), _MM_HINT_NTA);
+        lowbit::prefetch_stream(src);
+        if (BPG > 2) lowbit::prefetch_stream(src + 64);
         __m256i t = zero;
         for (int b = 0; b < BPG; ++b) {
           const __m256i u = unpack32(src + b * 16);
@@ -441,6 +440,8 @@ c10::optional<torch::Tensor> int8_int4_dynamic_linear(torch::Tensor x, torch::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
+  m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("quantize_act_asym", &quantize_act_asym,
         "asymmetric int8 per-token activation quantization, bit for bit the primitives': (xq, scale, zero_point, ok)");
   m.def("int8_int4_linear", &int8_int4_linear,
