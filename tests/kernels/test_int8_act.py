@@ -8,7 +8,7 @@ from torch import nn
 from lowbit import quantize_
 from lowbit.configs import Int8DynamicActivationInt8WeightConfig, Int8StaticActivationInt8WeightConfig
 from lowbit.granularity import PerRow, PerTensor
-from lowbit.kernels import _ext
+from lowbit.kernels import _ext, host
 from lowbit.kernels import int8 as int8_kernels
 from lowbit.kernels.int8 import _activation_forward_aten, _fused_cpu, _int8_mm_impl
 
@@ -152,6 +152,8 @@ def test_dynamic_linear_bad_arguments_name_them():
 
 
 @needs_dyn
+@pytest.mark.skipif(host.has_int8_dot(), reason="routed only where the CPU has no int8 dot products (here: LOWBIT_ISA=avx2 "
+                    "on a VNNI host, where _int_mm / the VNNI mm_i8 run instead)")
 def test_fused_route_and_decode_plan_call_the_one_entry(monkeypatch):
     """``_fused_cpu`` (the routing) and the decode plan run dynamic W8A8 at small M as the one call."""
     calls = []

@@ -7,8 +7,13 @@
 //   epilogue:  out = cast(((float(acc - zp_x * rowsum) * s_x) * s_w[n]) + bias[n])
 #include <torch/extension.h>
 #include "parallel.h"
+#include "mm_i8_check.h"
+#include "prefetch.h"
 #include "fp8_act.h"
 #include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
 
 namespace {
 
@@ -95,7 +100,98 @@ void epilogue_rows(const int32_t* acc, const float* sx, bool sx_per_row, const f
   });
 }
 
+// --- mm_i8: exact int8 x int8 -> int32 for small M, VNNI (vpdpbusd) --------------------------------
+// torch._int_mm (oneDNN) is slow at small M on the AMD Zen 4 these kernels were measured on:
+// 8 x Linear(4096, 4096), 2 threads, W8A8 dynamic 8.2 ms at M = 1 but 29.8 ms at M = 4
+// (benchmarks/results/roofline_avx512.json's first run). vpdpbusd multiplies unsigned by signed
+// bytes, so a's rows are stored as a + 128 (a ^ 0x80, in [0, 255]); each accumulator then holds
+// sum (a + 128) w = a.w + 128 sum w, the weight rows' sums come from one more vpdpbusd per 64
+// weights against a vector of ones, and c = acc - 128 rowsum. Exact: vpdpbusd adds four products of
+// at most 255 * 128 into int32 without saturating; the result wraps mod 2^32 like _int_mm's for K
+// beyond ~2^17. Compiled for VNNI in this function alone (the build needs none): Python calls it
+// only on a CPU with avx512_vnni. The weight stream is prefetched as the GEMVs' (prefetch.h).
+constexpr int kVnniNR = 4;  // weight rows per pass
+constexpr int kVnniMR = 4;  // activation rows per pass: 16 + 4 accumulators, 4 rows of a: 26 of 32 zmm
+
+template <int MR, int NR>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void mm_vnni_block(const uint8_t* a, int64_t lda,
+                                                                         const int8_t* b, int64_t K, int32_t* c,
+                                                                         int64_t ldc) {
+  __m512i acc[MR][NR], rs[NR];
+  for (int j = 0; j < NR; ++j) {
+    rs[j] = _mm512_setzero_si512();
+    for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_setzero_si512();
+  }
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t k = 0; k < K; k += 64) {
+    // a's rows are padded with 128 (a = 0) up to lda; the weight's tail bytes load as zero
+    const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
+    __m512i x[MR];
+    for (int i = 0; i < MR; ++i) x[i] = _mm512_loadu_si512(a + i * lda + k);
+    for (int j = 0; j < NR; ++j) {
+      lowbit::prefetch_stream(b + j * K + k);
+      const __m512i w = _mm512_maskz_loadu_epi8(mask, b + j * K + k);
+      rs[j] = _mm512_dpbusd_epi32(rs[j], ones, w);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], x[i], w);
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    const uint32_t corr = uint32_t(_mm512_reduce_add_epi32(rs[j])) * 128u;
+    for (int i = 0; i < MR; ++i) c[i * ldc + j] = int32_t(uint32_t(_mm512_reduce_add_epi32(acc[i][j])) - corr);
+  }
+}
+
+template <int MR>
+void mm_vnni_block_nr(int nr, const uint8_t* a, int64_t lda, const int8_t* b, int64_t K, int32_t* c, int64_t ldc) {
+  switch (nr) {
+    case 4: return mm_vnni_block<MR, 4>(a, lda, b, K, c, ldc);
+    case 3: return mm_vnni_block<MR, 3>(a, lda, b, K, c, ldc);
+    case 2: return mm_vnni_block<MR, 2>(a, lda, b, K, c, ldc);
+    default: return mm_vnni_block<MR, 1>(a, lda, b, K, c, ldc);
+  }
+}
+
+void mm_vnni_block_any(int mr, int nr, const uint8_t* a, int64_t lda, const int8_t* b, int64_t K, int32_t* c,
+                       int64_t ldc) {
+  static_assert(kVnniMR == 4, "mm_vnni_block_any dispatches mr in 1..4");
+  switch (mr) {
+    case 4: return mm_vnni_block_nr<4>(nr, a, lda, b, K, c, ldc);
+    case 3: return mm_vnni_block_nr<3>(nr, a, lda, b, K, c, ldc);
+    case 2: return mm_vnni_block_nr<2>(nr, a, lda, b, K, c, ldc);
+    default: return mm_vnni_block_nr<1>(nr, a, lda, b, K, c, ldc);
+  }
+}
+
 }  // namespace
+
+// out (M, N) int32 = a @ b.T for int8 a (M, K) and b (N, K), exactly (see mm_vnni_block); call only
+// on a CPU with avx512_vnni. Every argument is checked here: nothing is read or written out of bounds.
+torch::Tensor mm_i8(torch::Tensor a, torch::Tensor b) {
+  lowbit::check_mm_i8(a, b);
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  auto out = torch::zeros({M, N}, a.options().dtype(torch::kInt));
+  if (M == 0 || N == 0 || K == 0) return out;
+  const int64_t lda = (K + 63) / 64 * 64;
+  std::vector<uint8_t> ax(M * lda, uint8_t(128));
+  const int8_t* ap = a.data_ptr<int8_t>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) ax[m * lda + k] = uint8_t(ap[m * K + k]) ^ uint8_t(0x80);
+  const int8_t* bp = b.data_ptr<int8_t>();
+  int32_t* op = out.data_ptr<int32_t>();
+  const int64_t blocks = (N + kVnniNR - 1) / kVnniNR;
+  // at least ~2^18 multiply-adds per thread, so tiny products don't pay for waking threads
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (kVnniNR * K * M));
+  lowbit::par_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n = blk * kVnniNR;
+      const int nr = int(std::min<int64_t>(kVnniNR, N - n));
+      for (int64_t m = 0; m < M; m += kVnniMR)
+        mm_vnni_block_any(int(std::min<int64_t>(kVnniMR, M - m)), nr, ax.data() + m * lda, lda, bp + n * K, K,
+                          op + m * N + n, N);
+    }
+  });
+  return out;
+}
 
 // Quantize x (M, K) to int8: static (scale given, zp) or dynamic per-token symmetric (scale < 0).
 // Returns (q, scales) where scales is (M, 1) float32 for the dynamic case, else empty.
@@ -156,6 +252,9 @@ torch::Tensor w8a8_epilogue(torch::Tensor acc, torch::Tensor s_x, torch::Tensor 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_i8", &quantize_i8, "int8 activation quantization (static, or dynamic per-token symmetric)");
   m.def("w8a8_epilogue", &w8a8_epilogue, "int32 accumulator -> scaled float output");
+  m.def("mm_i8", &mm_i8, "exact int8 x int8 -> int32 GEMM for small M (VNNI: call only on a CPU with avx512_vnni)");
+  m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
+  m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("fake_quant_fp8", &fp8_act::fake_quant_fp8, "float8 activation fake quantization (per token, per tensor or static), one pass",
         py::arg("x"), py::arg("static_scale"), py::arg("per_token"), py::arg("eps"), py::arg("e5m2"));
 }

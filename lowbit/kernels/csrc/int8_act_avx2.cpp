@@ -12,6 +12,7 @@
 //   epilogue:  out = cast(((float(acc - zp_x * rowsum) * s_x) * s_w[n]) + bias[n])
 #include <torch/extension.h>
 #include "parallel.h"
+#include "mm_i8_check.h"
 #include "fp8_act.h"
 #include <immintrin.h>
 
@@ -368,15 +369,7 @@ struct DynScratch {
 // CPUs without int8 dot products: each weight row is read once per sweep of up to kABytes of
 // activation rows (one sweep for M <= 64 at K = 4096), the output columns split across threads.
 torch::Tensor mm_i8(torch::Tensor a, torch::Tensor b) {
-  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "mm_i8: a and b must be CPU tensors");
-  TORCH_CHECK(a.scalar_type() == torch::kChar, "mm_i8: a must be int8, got ", a.scalar_type());
-  TORCH_CHECK(b.scalar_type() == torch::kChar, "mm_i8: b must be int8, got ", b.scalar_type());
-  TORCH_CHECK(a.dim() == 2 && a.is_contiguous(), "mm_i8: a must be a contiguous (M, K) tensor, got sizes ", a.sizes(),
-              " strides ", a.strides());
-  TORCH_CHECK(b.dim() == 2 && b.is_contiguous(), "mm_i8: b must be a contiguous (N, K) tensor, got sizes ", b.sizes(),
-              " strides ", b.strides());
-  TORCH_CHECK(a.size(1) == b.size(1), "mm_i8: a (M, K) and b (N, K) must have the same K, got ", a.sizes(), " and ",
-              b.sizes());
+  lowbit::check_mm_i8(a, b);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
   auto out = torch::empty({M, N}, a.options().dtype(torch::kInt));
   MmScratch ws;
