@@ -237,8 +237,10 @@ _ROOFLINE_PEERS = {
 _ROOFLINE_LABELS = {"bf16": "bf16 `F.linear`", "float32": "float32 `F.linear` (x widened)", "8da4w": "8da4w (g32)"}
 
 
-def table_roofline_avx2() -> str:
-    data = _load(RESULTS / "roofline.json")
+def _table_roofline(path, ms: tuple[int, ...]) -> str:
+    """lowbit's and torch's rows of a roofline.json: per M in ``ms`` the fraction of the limit (DRAM at
+    M <= 4, compute peak at M = 256) and the ratio to bf16, then the best peer at M = 1 / 256."""
+    data = _load(path)
     by = {(r["config"], r.get("M")): r for r in data["rows"]}
     errors = {r["config"]: r["error"] for r in data["rows"] if "error" in r}
 
@@ -256,15 +258,29 @@ def table_roofline_avx2() -> str:
     for r in data["rows"]:
         if r.get("M") != 1 or r["library"] not in ("torch", "lowbit"):
             continue
-        name, big = r["config"], by[(r["config"], 256)]
-        rows.append([_ROOFLINE_LABELS.get(name, name), f"{r['fraction_of_roofline']:.2f}", f"{r['vs_bf16']:.2f}x",
-                     f"{big['fraction_of_roofline']:.2f}", f"{big['vs_bf16']:.2f}x", best_peer(name)])
-    return _md(["config", "M=1 fraction of DRAM", "M=1 vs bf16", "M=256 fraction of peak", "M=256 vs bf16",
-                "best peer, vs bf16 at M=1 / M=256"], rows)
+        name = r["config"]
+        row = [_ROOFLINE_LABELS.get(name, name)]
+        for m in ms:
+            x = by[(name, m)]
+            row += [f"{x['fraction_of_roofline']:.2f}", f"{x['vs_bf16']:.2f}x"]
+        rows.append(row + [best_peer(name)])
+    headers = ["config"]
+    for m in ms:
+        headers += [f"M={m} fraction of {'DRAM' if m <= 4 else 'peak'}", f"M={m} vs bf16"]
+    return _md(headers + ["best peer, vs bf16 at M=1 / M=256"], rows)
+
+
+def table_roofline_avx2() -> str:
+    return _table_roofline(RESULTS / "roofline.json", (1, 256))
+
+
+def table_roofline_avx512() -> str:
+    return _table_roofline(RESULTS / "roofline_avx512.json", (1, 4, 256))
 
 
 TABLES = {
     "roofline-avx2": table_roofline_avx2,
+    "roofline-avx512": table_roofline_avx512,
     "qat": table_qat,
     "static": table_static,
     "demo-glassllm": table_demo_glassllm,
