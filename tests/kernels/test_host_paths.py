@@ -82,6 +82,8 @@ def test_int8_mm_small_m_without_int8_dot(monkeypatch, has_mm_i8):
     calls, small = _spy(monkeypatch), []
     fake = types.SimpleNamespace(mm_i8=lambda a, b: small.append(a.shape) or torch._int_mm(a, b.t()))
     monkeypatch.setattr(int8_kernels._ext, "load", lambda name: fake if has_mm_i8 else None)
+    # the fake stands for the AVX2 build (the AVX-512 build's mm_i8 is VNNI code, never taken here)
+    monkeypatch.setattr(int8_kernels._ext, "active_isa", lambda name: "avx2" if has_mm_i8 else None)
     monkeypatch.setenv(host.INT8_ENV, "float32")
     a = torch.randint(-128, 128, (min(int8_kernels._MM_I8_MAX_M, int8_kernels._FLOAT_MM_MIN_M - 1), 64), dtype=torch.int8)
     b = torch.randint(-128, 128, (16, 64), dtype=torch.int8)
