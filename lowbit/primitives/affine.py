@@ -130,7 +130,10 @@ def _div(t: torch.Tensor, divisor: float) -> torch.Tensor:
     """``t / divisor``, correctly rounded on every device. CUDA divides by a Python (or CPU) scalar as
     a multiplication by its reciprocal, one bit off for divisors such as 127, 15 or 448: a weight
     quantized on a GPU then had other scales (and codes) than the same weight quantized on the CPU
-    (tests/test_cuda.py). A divisor on ``t``'s own device is a true division everywhere."""
+    (tests/test_cuda.py). A divisor on ``t``'s own device is a true division everywhere; the CPU
+    divides by a Python number truly already, so it keeps the plain division (no extra tensor per call)."""
+    if t.device.type == "cpu":
+        return t / divisor
     return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
 
 

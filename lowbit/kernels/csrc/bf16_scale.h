@@ -14,19 +14,9 @@
 #include <cmath>
 #include <cstdint>
 
-namespace lowbit {
+#include "mxcsr.h"
 
-// MXCSR's DAZ (bit 6) cleared for the life of the object, restored after (torch.set_flush_denormal(True)
-// sets it): scale_rows_bf16 multiplies subnormal values, which must not be read as zero.
-struct NoDenormalsAreZero {
-  unsigned csr = _mm_getcsr();
-  NoDenormalsAreZero() {
-    if (csr & 0x40) _mm_setcsr(csr & ~0x40u);
-  }
-  ~NoDenormalsAreZero() {
-    if (csr & 0x40) _mm_setcsr(csr);
-  }
-};
+namespace lowbit {
 
 // Scales rows of bf16 values (M rows of Kp elements, Kp % 32 == 0, row stride ld) in place by 2^j,
 // j = top - ilogb(max finite |x| of the row), clamped to [0, 127] (0 for a row without a finite nonzero

@@ -39,6 +39,7 @@
 #include "fp8_act.h"
 #include "parallel.h"
 #include "prefetch.h"
+#include "mxcsr.h"
 
 namespace {
 
@@ -235,18 +236,6 @@ inline void store_rows(out_t* op, int64_t N, int64_t m0, int MT, int64_t n, int 
     }
 }
 
-// MXCSR's DAZ (bit 6) cleared for the life of the object, restored after: float32 subnormal weights
-// must not be read as zero (torch.set_flush_denormal(True) sets it).
-struct NoDenormalsAreZero {
-  unsigned csr = _mm_getcsr();
-  NoDenormalsAreZero() {
-    if (csr & 0x40) _mm_setcsr(csr & ~0x40u);
-  }
-  ~NoDenormalsAreZero() {
-    if (csr & 0x40) _mm_setcsr(csr);
-  }
-};
-
 // Weight rows per pass at M = 1 (a macro so that benchmarks can build variants; measured at M = 1,
 // 1 thread, same process: 2 and 4 rows within 2%, 1 row 13% slower).
 #ifndef LOWBIT_FP8_GEMV_ROWS
@@ -262,7 +251,7 @@ void gemv(const float* xf, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, c
   const int j = permute_x<E5M2>(xf, MT, K, Kp, xq.data(), Kq);
   const float post = std::ldexp(1.f, Bits<E5M2>::kBias - j);
   par_for(0, (N + R - 1) / R, 4, [&](int64_t gb, int64_t ge) {
-    NoDenormalsAreZero daz_off;
+    lowbit::NoDenormalsAreZero daz_off;  // float32 subnormal weights must not be read as zero
     float res[MT * R];
     bool flagged[R];
     for (int64_t g = gb; g < ge; ++g) {
