@@ -65,7 +65,8 @@ BUILDS: dict[str, tuple[Build, ...]] = {
                 Build("avx2", "fp8_cpu_avx2", _AVX2)),
     "int8_act": (Build("avx512", "int8_act", ("avx512f", "avx512bw", "avx512vl", "f16c"), _EXACT),
                  Build("avx2", "int8_act_avx2", _AVX2, _EXACT)),
-    "int8_int4": (Build("avx2", "int8_int4_avx2", _AVX2),),
+    "int8_int4": (Build("avx512", "int8_int4", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
+                  Build("avx2", "int8_int4_avx2", _AVX2)),
 }
 _GCC_FLAG = {"avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni"}
 # Kernel names (older callers list them from here, e.g. benchmarks/accuracy.py): use BUILDS.

@@ -1,6 +1,6 @@
 """8da4w on CPU with integer arithmetic for small M: int8 per-token activations (quantized here as
 the primitives do: in C++ for an asymmetric spec, equal bit for bit) times the canonical symmetric int4 weight, exact int32 group sums, float32 scaling
-(``csrc/int8_int4_avx2.cpp``, AVX2 + FMA + F16C; AVX-512 CPUs run the same build).
+(``csrc/int8_int4.cpp`` with AVX-512 VNNI, else ``csrc/int8_int4_avx2.cpp``: AVX2 + FMA + F16C).
 
 ``int8_int4_linear`` computes, with ``xq, s_x, zp_x`` the activation's int8 values, scale and zero
 point from ``choose_qparams_affine`` + ``quantize_affine`` under ``act_spec``::
@@ -17,7 +17,7 @@ fake-quantized path's (straight-through activation quantization, dequantized wei
 not depend on whether autograd records.
 
 It returns None (the caller then runs its other paths) when it does not apply: not CPU, input not
-bfloat16 / float32 or not (M, K), M = 0 or M > ``MAX_M``, a weight zero point
+bfloat16 / float32 or not (M, K), M = 0 or M > ``max_m()`` (32 or 64 by build), a weight zero point
 (asymmetric uint4), a group size not a multiple of 32 or above 256, an activation spec that is not
 int8 per token with an integer zero point, the extension not loadable, or under ``torch.compile``.
 """
@@ -32,17 +32,28 @@ from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, f
 from lowbit.primitives.packing import unpack_int4
 from lowbit.spec import QuantSpec
 
-__all__ = ["int8_int4_linear", "available", "MAX_M", "MAX_GROUP"]
+__all__ = ["int8_int4_linear", "available", "max_m", "MAX_M", "MAX_GROUP"]
 
-# Largest M taken. Measured (8 x 4096^2, bf16, this AVX2 EPYC, 2 threads, load ~1, medians of 7; the
-# path includes the primitives' activation quantization) against today's int4_linear (fake
-# quantization + the int4 float kernels): g32 1.11x / 1.43x / 1.63x / 1.61x / 2.10x at M = 1 / 4 /
-# 16 / 32 / 64, g128 1.18x / 1.42x / 2.05x / 2.16x / 2.63x; at M = 128 still 1.3x / 1.9x but
+# Largest M taken, per build (``max_m()``). AVX2 build, measured (8 x 4096^2, bf16, an AVX2 EPYC, 2
+# threads, load ~1, medians of 7; the path includes the primitives' activation quantization) against
+# int4_linear (fake quantization + the int4 float kernels): g32 1.11x / 1.43x / 1.63x / 1.61x / 2.10x at
+# M = 1 / 4 / 16 / 32 / 64, g128 1.18x / 1.42x / 2.05x / 2.16x / 2.63x; at M = 128 still 1.3x / 1.9x but
 # narrowing (the rows of x one block of groups reads no longer fit L1). 64 keeps a clear margin.
-MAX_M = 64
+# AVX-512 VNNI build, the same comparison on an AVX-512 Zen 4 (2 threads, interleaved, medians of 5):
+# g32 1.87x / 1.31x / 1.26x / 0.89x at M = 1 / 16 / 32 / 64, g128 1.78x / 1.04x / 1.12x / 1.00x /
+# 0.98x at M = 1 / 16 / 32 / 48 / 64 (the AVX-512 float kernels are faster there): 32.
+_MAX_M_BY_ISA = {"avx2": 64, "avx512": 32}
+MAX_M = max(_MAX_M_BY_ISA.values())  # the largest M any build takes
 MAX_GROUP = 256  # the kernel's int16 partial sums hold 8 blocks of 32 (2 * 15 * 128 * 8 < 2^15)
 
 _DTYPES = (torch.bfloat16, torch.float32)
+
+
+def max_m() -> int:
+    """The largest M the build loaded here takes (0 when none loads)."""
+    if _ext.load("int8_int4") is None:
+        return 0
+    return _MAX_M_BY_ISA[_ext.active_isa("int8_int4")]
 
 
 def available() -> bool:
@@ -114,7 +125,7 @@ def int8_int4_linear(
     if input.dtype not in _DTYPES or any(t is not None and t.device.type != "cpu" for t in (input, qdata, scale, bias)):
         return None
     m, k = input.shape
-    if m == 0 or m > MAX_M:
+    if m == 0 or m > max_m():
         return None
     gs = k // scale.shape[1]
     if gs % 32 or gs > MAX_GROUP:

@@ -182,7 +182,7 @@ def _int8_int4(qdata, scale, zero_point, act_spec, dtype) -> Plan | None:
     ext = _ext.load("int8_int4")
     if ext is None:
         return None
-    n, max_m = qdata.shape[0], _int8_int4_cpu.MAX_M
+    n, max_m = qdata.shape[0], _int8_int4_cpu.max_m()
     # quantize_act_asym and the kernel as one call (None back from an input with NaN or inf)
     fused = (_int8_int4_cpu._dynamic_linear_op(ext, act_spec) if qdata.is_contiguous() and scale.is_contiguous()
              else None)

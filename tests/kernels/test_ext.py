@@ -78,7 +78,7 @@ def test_status_disabled_by_env(fresh):
 
 def test_avx512_cpu_gets_the_avx512_builds(fresh):
     built = _record_builds(fresh, ALL_FLAGS)
-    best = {n: _ext.BUILDS[n][0] for n in NAMES}  # an AVX2-only kernel (int8_int4) runs its one build
+    best = {n: _ext.BUILDS[n][0] for n in NAMES}
     assert _ext.status() == {n: f"ok ({b.isa})" for n, b in best.items()}
     assert sorted(built) == sorted(b.source for b in best.values())
     assert all(_ext.active_isa(n) == b.isa for n, b in best.items())

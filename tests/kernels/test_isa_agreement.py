@@ -76,6 +76,21 @@ def _outputs() -> dict[str, torch.Tensor]:
         acc = torch.randint(-5000, 5000, (7, 45), dtype=torch.int32, generator=g)
         zc = torch.randint(-100, 100, (45,), dtype=torch.int32, generator=g)
         out[f"int8_act/{dt}/epilogue/exact"] = ea.w8a8_epilogue(acc, sx, torch.rand(45, generator=g), torch.randn(45, generator=g).to(dt), zc, x)
+    e44 = _ext.load("int8_int4")
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(9, 11 * 32, generator=g).to(dt) * 3
+        xq, sx, zp, ok = e44.quantize_act_asym(x, -128, 127, 1e-9)
+        assert ok
+        out[f"int8_int4/{dt}/quantize_act_asym/exact"] = torch.cat([xq.float(), sx, zp.float()], 1)
+    for gs in (32, 64, 96, 128, 256):
+        n, k = 37, 3 * gs
+        q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+        s = torch.rand(n, k // gs, generator=g) + 0.05
+        for m in (1, 4, 9):
+            for dt in (torch.float32, torch.bfloat16):
+                x = torch.randn(m, k, generator=g).to(dt)
+                b = torch.randn(n, generator=g).to(dt)
+                out[f"int8_int4/g{gs}/M{m}/{dt}/dynamic"] = e44.int8_int4_dynamic_linear(x, q, s, b, -128, 127, 1e-9)
     return out
 
 
