@@ -58,7 +58,7 @@ _AVX2 = ("avx2", "fma", "f16c")
 _EXACT = ("-ffp-contract=off",)
 # Per kernel, its builds in order of preference: the first whose features the CPU has is used.
 BUILDS: dict[str, tuple[Build, ...]] = {
-    "int8_gemv": (Build("avx512", "int8_gemv", ("avx512f", "avx512bw")), Build("avx2", "int8_gemv_avx2", _AVX2)),
+    "int8_gemv": (Build("avx512", "int8_gemv", ("avx512f", "avx512bw", "f16c")), Build("avx2", "int8_gemv_avx2", _AVX2)),
     "int4_cpu": (Build("avx512", "int4_cpu", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi", "avx512_vnni")),
                  Build("avx2", "int4_cpu_avx2", _AVX2)),
     "fp8_cpu": (Build("avx512", "fp8_cpu", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi")),

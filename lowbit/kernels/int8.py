@@ -37,7 +37,12 @@ __all__ = [
     "int8_mm",
 ]
 
-_EXT_MAX_M = 1  # AVX-512 build: a pass over the weight per row of x; for M > 1 _weight_int8pack_mm is faster
+# AVX-512 build: the AVX2 build's register tiles at 16 lanes (until 2026-12-04 it made a pass over the
+# weight per row of x and took M = 1 only). 8 x 4096^2, bf16 x, 2 threads, AMD Zen 4, ms ours /
+# _weight_int8pack_mm / bf16: M = 1: 4.68 / 6.59 / 15.22, M = 2: 5.27 / 7.79 / 13.85, M = 4: 8.02 / 9.71 /
+# 14.98, M = 8: 13.99 / 18.19 / 17.92, M = 16: 25.43 / 33.89 / 21.89, where the chunked bf16 path (the
+# route above 8) was level with ours (36.6 / 37.1 in a slower moment) and ahead at M = 32.
+_EXT_MAX_M = 8
 # AVX2 build: register tiles of up to 4 rows of x, the weight read once per call. Ahead of
 # _weight_int8pack_mm (optimum-quanto's path) and of bf16 at every M = 1..16 on 8 x 4096^2 and on
 # SmolLM2's 211 decode linears (benchmarks/results/int8_small_m_2t.json: 2 threads, quiet; ms for

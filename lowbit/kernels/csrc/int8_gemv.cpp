@@ -1,109 +1,108 @@
-// Int8 weight-only matmul for small M (decode):
+// Int8 weight-only matmul for small M (decode), AVX-512 F/BW build (the AVX2 + FMA + F16C one is
+// int8_gemv_avx2.cpp; lowbit/kernels/_ext.py picks one at run time). Entry point, checks and the
+// widening of x: int8_gemv_entry.h, shared by both builds.
 //   out[m, n] = sum_g s[n, g] * sum_{k in group g} x[m, k] * w[n, k]
-// Streams the int8 weight once, row by row; x is converted to float32 once per call.
-// Float32 accumulation per group (AVX-512, four accumulators to hide FMA latency), scales applied
-// per group, one cast to x's dtype at the end. Needs the group size to be a multiple of 16.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include "parallel.h"
-#include "prefetch.h"
-#include <immintrin.h>
-
-#include <vector>
+//
+// The AVX2 build's register tiles at 16 lanes: R weight rows x MM rows of x (MM <= 4), one 16-lane
+// float32 accumulator and one 16-lane running total per (row, x row), both in registers (32 zmm):
+// R = 4 at M <= 3, 3 at M >= 4. Per 16 columns each weight row is loaded once and converted exactly
+// (vpmovsxbd + vcvtdq2ps), then FMA'd against each of the MM rows of x (float32, in L1). M > 4 runs
+// the tile once per 4 rows of x while the R weight rows stay in L1: the weight is read from memory
+// once per call whatever M is (the first version of this build made a pass over the weight per row
+// of x, so M > 1 went to torch's _weight_int8pack_mm: 0.40 of DRAM at M = 4 on an AVX-512 Zen 4).
+//
+// Summation order (the same for every tile shape, every M and every thread count, so a row of a
+// result at M > 1 equals, bit for bit, the result for that row of x alone at M = 1):
+//   1. lane j of the accumulator sums x[m, k] * float(w[n, k]) for k = j, j + 16, ... of one group, in
+//      order of k, by FMA;
+//   2. at the end of group g: tot = fma(acc, s[n, g], tot), groups in order;
+//   3. the 16 lanes of tot are summed by _mm512_reduce_add_ps (a fixed tree), rounded once to x's dtype.
+// The AVX2 build sums the same products in another order (8 lanes).
+#include "int8_gemv_entry.h"
 
 namespace {
+
+constexpr int kMaxMM = 4;  // rows of x per tile
 
 inline __m512 load_i8_as_f32(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-// dot(x, w) over n elements (n % 16 == 0), w int8.
-inline float dot_i8(const float* x, const int8_t* w, int64_t n) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 64 <= n; k += 64) {
-    lowbit::prefetch_stream(w + k);
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), load_i8_as_f32(w + k), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), load_i8_as_f32(w + k + 16), a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), load_i8_as_f32(w + k + 32), a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), load_i8_as_f32(w + k + 48), a3);
+// Rows n0 .. n0 + R of the weight x rows m0 .. m0 + MM of x, into out. PF: issue the weight
+// prefetch (the first pass over these rows; later passes find them in L1).
+template <int R, int MM, bool PF>
+inline void tile(const Args& a, int64_t n0, int64_t m0) {
+  const int64_t K = a.K, gs = a.gs;
+  const int8_t* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * K;
+  const float* xr = a.x + m0 * K;
+  __m512 tot[R][MM];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MM; ++m) tot[r][m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m512 acc[R][MM];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
+    const int64_t kend = (g + 1) * gs;
+    for (int64_t k = g * gs; k < kend; k += 16) {
+      if (PF && (k & 63) == 0)
+        for (int r = 0; r < R; ++r) lowbit::prefetch_stream(wr[r] + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = load_i8_as_f32(wr[r] + k);
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + m * K + k), wv, acc[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 sv = _mm512_set1_ps(a.s[(n0 + r) * a.ss0 + g * a.ss1]);
+      for (int m = 0; m < MM; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv, tot[r][m]);
+    }
   }
-  for (; k < n; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), load_i8_as_f32(w + k), a0);
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MM; ++m) store_out(a, (m0 + m) * a.N + n0 + r, _mm512_reduce_add_ps(tot[r][m]));
 }
 
-// dot(x, w) over n elements (n % 16 == 0), w float32.
-inline float dot_f32(const float* x, const float* w, int64_t n) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 64 <= n; k += 64) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(w + k), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(w + k + 16), a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), _mm512_loadu_ps(w + k + 32), a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), _mm512_loadu_ps(w + k + 48), a3);
+// Rows n0 .. n0 + R of the weight against every row of x, 4 rows of x at a time.
+template <int R>
+inline void rows_all_m(const Args& a, int64_t n0) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxMM) {
+    const int64_t mm = std::min<int64_t>(kMaxMM, a.M - m0);
+    if (m0 == 0) {
+      switch (mm) {
+        case 1: tile<R, 1, true>(a, n0, m0); break;
+        case 2: tile<R, 2, true>(a, n0, m0); break;
+        case 3: tile<R, 3, true>(a, n0, m0); break;
+        default: tile<R, 4, true>(a, n0, m0); break;
+      }
+    } else {
+      switch (mm) {
+        case 1: tile<R, 1, false>(a, n0, m0); break;
+        case 2: tile<R, 2, false>(a, n0, m0); break;
+        case 3: tile<R, 3, false>(a, n0, m0); break;
+        default: tile<R, 4, false>(a, n0, m0); break;
+      }
+    }
   }
-  for (; k < n; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(w + k), a0);
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+// Every row, R at a time (the last N % R rows one at a time), over threads unless the weight is small.
+template <int R>
+void run(const Args& a) {
+  const int64_t blocks = a.N / R, tail = a.N % R;
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (i < blocks) rows_all_m<R>(a, i * R);
+      else rows_all_m<1>(a, blocks * R + (i - blocks));
+    }
+  };
+  if (a.N * a.K < kSerialBytes) body(0, blocks + tail);
+  else lowbit::par_for(0, blocks + tail, 4, body);
+}
+
+void run_all(const Args& a) {
+  if (a.M <= 3) run<4>(a);
+  else run<3>(a);
 }
 
 }  // namespace
-
-// Every argument is checked here (devices, dtypes, ranks, shapes; strides are made contiguous):
-// whatever a caller passes, nothing is read out of bounds.
-torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), "x, w and scale must be CPU tensors");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (M, K) and w (N, K) expected, got ", x.sizes(),
-              " and ", w.sizes());
-  const auto xt = x.scalar_type();
-  TORCH_CHECK(xt == torch::kFloat || xt == torch::kBFloat16 || xt == torch::kHalf, "x must be float32, bfloat16 or float16, got ", xt);
-  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous(), "w must be contiguous int8, got ", w.scalar_type());
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.dim() == 2 && scale.size(0) == w.size(0),
-              "scale must be float32 (N, groups) with N = ", w.size(0), ", got ", scale.scalar_type(), " ", scale.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
-  TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 16 == 0, "group size must divide K and be a multiple of 16, got K = ", K,
-              " with ", G, " groups");
-  const int64_t gs = K / G;
-  if (M == 0 || N == 0) return torch::zeros({M, N}, x.options());  // (M > 1 below sizes the row buffer)
-  auto xf = x.to(torch::kFloat).contiguous();
-  auto sc = scale.contiguous();
-  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
-  const float* xp = xf.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = sc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  lowbit::par_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(M > 1 ? K : 0);  // M > 1: the row as float32, reused by every m (in L1)
-    for (int64_t n = begin; n < end; ++n) {
-      const int8_t* wr = wp + n * K;
-      const float* sr = sp + n * G;
-      if (M == 1) {
-        float total = 0.f;
-        for (int64_t g = 0; g < G; ++g) total += sr[g] * dot_i8(xp + g * gs, wr + g * gs, gs);
-        op[n] = total;
-        continue;
-      }
-      float* wf = row.data();
-      for (int64_t k = 0; k < K; k += 16) _mm512_storeu_ps(wf + k, load_i8_as_f32(wr + k));
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xr = xp + m * K;
-        float total = 0.f;
-        for (int64_t g = 0; g < G; ++g) total += sr[g] * dot_f32(xr + g * gs, wf + g * gs, gs);
-        op[m * N + n] = total;
-      }
-    }
-  });
-  return out.to(x.scalar_type());
-}
-
-// Also as the dispatcher op lowbit_cpu::int8_weight_only_mm, called from Python or a compiled graph without
-// the Python layers of the custom op lowbit::int8_weight_only_linear. No autograd kernel: callers route
-// here only when no gradient is wanted (lowbit/kernels/int8.py). The schema, fake kernel and a PyTorch body are
-// defined in Python (lowbit/kernels/_cpu_ops.py, so a cached compiled graph runs without this extension): only the
-// CPU kernel here.
-TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_weight_only_mm", TORCH_FN(int8_weight_only_mm)); }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
-  m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
-  m.def("int8_weight_only_mm", &int8_weight_only_mm, "int8 weight-only matmul for small M");
-}

@@ -29,31 +29,15 @@
 // decode linears with cold weights (benchmarks/decode_linears.py shapes, kernel called directly, 2 threads,
 // 21 interleaved rounds, quiet host) took 19.86 ms at 512 KiB, 17.74 at 128 KiB, 17.24 at 64 KiB, 17.20 at
 // 0; 1 thread unchanged (22.3-23.6 ms). Below 64 KiB (no SmolLM2 layer) the fork/join is not amortized.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <immintrin.h>
+#include "int8_gemv_entry.h"
 
-#include <algorithm>
-#include <vector>
-
-#include "parallel.h"
-#include "prefetch.h"
-
-#ifndef LOWBIT_INT8_SERIAL_BYTES
-#define LOWBIT_INT8_SERIAL_BYTES (64 * 1024)
-#endif
 #ifndef LOWBIT_INT8_M1_ROWS
 #define LOWBIT_INT8_M1_ROWS 4
 #endif
 
 namespace {
 
-// Weights of fewer bytes than this run on one thread (see the header).
-constexpr int64_t kSerialBytes = LOWBIT_INT8_SERIAL_BYTES;
 constexpr int kMaxMM = 4;  // rows of x per tile
-constexpr int64_t kKeepFloats = 16 * 8192;  // x up to this size is widened into a buffer kept per thread (512 KiB)
 
 inline __m256 load_i8_as_f32(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -64,22 +48,6 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-struct Args {
-  const float* x;   // (M, K) float32, row-major
-  const int8_t* w;  // (N, K) int8, row-major
-  const float* s;   // scale (N, G) with strides ss0, ss1 (a broadcast scale has stride 0)
-  int64_t ss0, ss1;
-  int64_t M, N, K, G, gs;
-  void* out;  // (M, N) in dtype ot
-  at::ScalarType ot;
-};
-
-inline void store_out(const Args& a, int64_t i, float v) {
-  if (a.ot == at::kBFloat16) static_cast<c10::BFloat16*>(a.out)[i] = c10::BFloat16(v);
-  else if (a.ot == at::kHalf) static_cast<c10::Half*>(a.out)[i] = c10::Half(v);
-  else static_cast<float*>(a.out)[i] = v;
 }
 
 // Rows n0 .. n0 + R of the weight x rows m0 .. m0 + MM of x, into out. PF: issue the weight
@@ -152,65 +120,10 @@ void run(const Args& a) {
   else lowbit::par_for(0, blocks + tail, 4, body);
 }
 
-// x (M, K) as float32 rows: x itself when it is contiguous float32, else widened into buf (exact).
-const float* x_as_f32(const torch::Tensor& x, std::vector<float>& buf) {
-  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
-  if (x.scalar_type() == torch::kFloat && sk == 1 && (sm == K || M == 1)) return x.data_ptr<float>();
-  buf.resize(M * K);
-  float* o = buf.data();
-  if (x.scalar_type() == torch::kBFloat16 && sk == 1) {
-    const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; k += 8) {  // K % 16 == 0 (checked)
-        const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + m * sm + k)));
-        _mm256_storeu_ps(o + m * K + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
-      }
-  } else if (x.scalar_type() == torch::kHalf && sk == 1) {
-    const c10::Half* p = x.data_ptr<c10::Half>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; k += 8)
-        _mm256_storeu_ps(o + m * K + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + m * sm + k))));
-  } else {
-    auto xf = x.to(torch::kFloat).contiguous();
-    std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + M * K, o);
-  }
-  return o;
+void run_all(const Args& a) {
+  if (a.M == 1) run<LOWBIT_INT8_M1_ROWS>(a);
+  else if (a.M <= 3) run<4>(a);
+  else run<3>(a);
 }
 
 }  // namespace
-
-// Every argument is checked here (devices, dtypes, ranks, shapes; x's and scale's strides are
-// honoured): whatever a caller passes, nothing is read out of bounds.
-torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), "x, w and scale must be CPU tensors");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (M, K) and w (N, K) expected, got ", x.sizes(),
-              " and ", w.sizes());
-  const auto xt = x.scalar_type();
-  TORCH_CHECK(xt == torch::kFloat || xt == torch::kBFloat16 || xt == torch::kHalf, "x must be float32, bfloat16 or float16, got ", xt);
-  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous(), "w must be contiguous int8, got ", w.scalar_type());
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.dim() == 2 && scale.size(0) == w.size(0),
-              "scale must be float32 (N, groups) with N = ", w.size(0), ", got ", scale.scalar_type(), " ", scale.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
-  TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 16 == 0, "group size must divide K and be a multiple of 16, got K = ", K,
-              " with ", G, " groups");
-  if (M == 0 || N == 0) return torch::zeros({M, N}, x.options());
-  auto out = torch::empty({M, N}, x.options());
-  thread_local std::vector<float> kept;  // reused across calls: no allocation per decode step
-  std::vector<float> once;                // a larger x: freed on return, not kept
-  Args a{x_as_f32(x, M * K <= kKeepFloats ? kept : once), w.data_ptr<int8_t>(), scale.data_ptr<float>(), scale.stride(0), scale.stride(1),
-         M, N, K, G, K / G, out.data_ptr(), xt};
-  if (M == 1) run<LOWBIT_INT8_M1_ROWS>(a);
-  else if (M <= 3) run<4>(a);
-  else run<3>(a);
-  return out;
-}
-
-// The same dispatcher op as int8_gemv.cpp (only one build of a kernel loads in a process): its CPU kernel only,
-// the schema is defined in Python (lowbit/kernels/_cpu_ops.py).
-TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_weight_only_mm", TORCH_FN(int8_weight_only_mm)); }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
-  m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
-  m.def("int8_weight_only_mm", &int8_weight_only_mm, "int8 weight-only matmul for small M");
-}
