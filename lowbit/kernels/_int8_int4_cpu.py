@@ -17,12 +17,14 @@ fake-quantized path's (straight-through activation quantization, dequantized wei
 not depend on whether autograd records.
 
 It returns None (the caller then runs its other paths) when it does not apply: not CPU, input not
-bfloat16 / float32 or not (M, K), M = 0 or M > ``max_m()`` (32 or 64 by build), a weight zero point
+bfloat16 / float32 or not (M, K), M = 0 or M > ``max_m()`` (64 for the AVX2 build, no limit for the AVX-512 one), a weight zero point
 (asymmetric uint4), a group size not a multiple of 32 or above 256, an activation spec that is not
 int8 per token with an integer zero point, the extension not loadable, or under ``torch.compile``.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -39,12 +41,13 @@ __all__ = ["int8_int4_linear", "available", "max_m", "MAX_M", "MAX_GROUP"]
 # int4_linear (fake quantization + the int4 float kernels): g32 1.11x / 1.43x / 1.63x / 1.61x / 2.10x at
 # M = 1 / 4 / 16 / 32 / 64, g128 1.18x / 1.42x / 2.05x / 2.16x / 2.63x; at M = 128 still 1.3x / 1.9x but
 # narrowing (the rows of x one block of groups reads no longer fit L1). 64 keeps a clear margin.
-# AVX-512 VNNI build, the same comparison on an AVX-512 Zen 4 (2 threads, interleaved, medians of 5):
-# g32 1.87x / 1.31x / 1.26x / 0.89x at M = 1 / 16 / 32 / 64, g128 1.78x / 1.04x / 1.12x / 1.00x /
-# 0.98x at M = 1 / 16 / 32 / 48 / 64 (the AVX-512 float kernels are faster there): 32.
-_MAX_M_BY_ISA = {"avx2": 64, "avx512": 32}
-MAX_M = max(_MAX_M_BY_ISA.values())  # the largest M any build takes
-MAX_GROUP = 256  # the kernel's int16 partial sums hold 8 blocks of 32 (2 * 15 * 128 * 8 < 2^15)
+# AVX-512 VNNI build: the same comparison on an AVX-512 Zen 4 (2 threads, interleaved, medians of 5),
+# per-lane path: g32 1.87x / 1.31x / 1.26x / 0.89x at M = 1 / 16 / 32 / 64; from M = 32 its 16-row
+# panel GEMM (csrc/int8_int4.cpp): g32 1.34x / 1.38x / 1.36x / 1.36x at M = 32 / 64 / 128 / 256, g128 1.29x
+# / 1.57x / 1.30x at 32 / 64 / 256: no limit (x is taken 256 rows at a time).
+_MAX_M_BY_ISA = {"avx2": 64, "avx512": sys.maxsize}
+MAX_M = 64  # the largest M every build takes
+MAX_GROUP = 256  # the AVX2 build's int16 partial sums hold 8 blocks of 32 (2 * 15 * 128 * 8 < 2^15)
 
 _DTYPES = (torch.bfloat16, torch.float32)
 

@@ -23,8 +23,8 @@ zero point changes (``_cache.DerivedCache``).
 
 Activation quantization (8da4w, fp8 x int4) is fake quantization with the primitives followed
 by the weight-only op: the activation values are exactly the reference's, so the only
-difference from the reference is the kernel's. Except 8da4w on CPU at M <= 32 (AVX-512 VNNI build)
-or 64 (AVX2 build) where the ``int8_int4`` kernel builds (``_int8_int4_cpu``): the activation is really quantized (the same
+difference from the reference is the kernel's. Except 8da4w on CPU at any M (AVX-512 VNNI build) or
+M <= 64 (AVX2 build) where the ``int8_int4`` kernel builds (``_int8_int4_cpu``): the activation is really quantized (the same
 primitives), the group sums are exact int32 and each is scaled once in float32; the reference
 rounds the fake-quantized activation to the input dtype, so the two differ by that rounding
 (>= 40 dB bf16, tests/kernels/test_int8_int4_cpu.py). fp8 x int4 with bf16 x at M <= 4 on CPU:
