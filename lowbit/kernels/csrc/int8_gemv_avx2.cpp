@@ -37,8 +37,6 @@
 
 namespace {
 
-constexpr int kMaxMM = 4;  // rows of x per tile
-
 inline __m256 load_i8_as_f32(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -50,10 +48,9 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Rows n0 .. n0 + R of the weight x rows m0 .. m0 + MM of x, into out. PF: issue the weight
-// prefetch (the first pass over these rows; later passes find them in L1).
+// int8_gemv_entry.h's tile at this build's vector width.
 template <int R, int MM, bool PF>
-inline void tile(const Args& a, int64_t n0, int64_t m0) {
+void tile(const Args& a, int64_t n0, int64_t m0) {
   const int64_t K = a.K, gs = a.gs;
   const int8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * K;
@@ -81,43 +78,6 @@ inline void tile(const Args& a, int64_t n0, int64_t m0) {
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MM; ++m) store_out(a, (m0 + m) * a.N + n0 + r, hsum(_mm256_load_ps(tot[r][m])));
-}
-
-// Rows n0 .. n0 + R of the weight against every row of x, 4 rows of x at a time.
-template <int R>
-inline void rows_all_m(const Args& a, int64_t n0) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxMM) {
-    const int64_t mm = std::min<int64_t>(kMaxMM, a.M - m0);
-    if (m0 == 0) {
-      switch (mm) {
-        case 1: tile<R, 1, true>(a, n0, m0); break;
-        case 2: tile<R, 2, true>(a, n0, m0); break;
-        case 3: tile<R, 3, true>(a, n0, m0); break;
-        default: tile<R, 4, true>(a, n0, m0); break;
-      }
-    } else {
-      switch (mm) {
-        case 1: tile<R, 1, false>(a, n0, m0); break;
-        case 2: tile<R, 2, false>(a, n0, m0); break;
-        case 3: tile<R, 3, false>(a, n0, m0); break;
-        default: tile<R, 4, false>(a, n0, m0); break;
-      }
-    }
-  }
-}
-
-// Every row, R at a time (the last N % R rows one at a time), over threads unless the weight is small.
-template <int R>
-void run(const Args& a) {
-  const int64_t blocks = a.N / R, tail = a.N % R;
-  auto body = [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      if (i < blocks) rows_all_m<R>(a, i * R);
-      else rows_all_m<1>(a, blocks * R + (i - blocks));
-    }
-  };
-  if (a.N * a.K < kSerialBytes) body(0, blocks + tail);
-  else lowbit::par_for(0, blocks + tail, 4, body);
 }
 
 void run_all(const Args& a) {
