@@ -167,6 +167,23 @@ bool quantize_row_asym(const T* x, int64_t K, float qmin, float qmax, float eps,
   return true;
 }
 
+// Every row of x (M, K) contiguous float32 / bfloat16 / float16 by quantize_row_asym into q (M, K),
+// s (M,), zp (M,); false (the rest unspecified) at the first row holding NaN or inf.
+bool quantize_rows_asym(const torch::Tensor& x, int64_t qmin, int64_t qmax, double eps, int8_t* q, float* s, int32_t* zp) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const float lo = float(qmin), hi = float(qmax), e = float(eps);
+  for (int64_t m = 0; m < M; ++m) {
+    bool ok;
+    switch (x.scalar_type()) {
+      case at::kFloat: ok = quantize_row_asym(x.data_ptr<float>() + m * K, K, lo, hi, e, q + m * K, s + m, zp + m); break;
+      case at::kBFloat16: ok = quantize_row_asym(x.data_ptr<c10::BFloat16>() + m * K, K, lo, hi, e, q + m * K, s + m, zp + m); break;
+      default: ok = quantize_row_asym(x.data_ptr<c10::Half>() + m * K, K, lo, hi, e, q + m * K, s + m, zp + m);
+    }
+    if (!ok) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 // x (M, K) float32 / bfloat16 / float16 -> (xq int8 (M, K), scale float32 (M, 1), zero point int32
@@ -184,19 +201,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool> quantize_act_asym(
   auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
   auto s = torch::empty({M, 1}, x.options().dtype(torch::kFloat));
   auto zp = torch::empty({M, 1}, x.options().dtype(torch::kInt));
-  bool ok = true;
-  for (int64_t m = 0; m < M && ok; ++m) {
-    int8_t* qr = q.data_ptr<int8_t>() + m * K;
-    float* sr = s.data_ptr<float>() + m;
-    int32_t* zr = zp.data_ptr<int32_t>() + m;
-    switch (x.scalar_type()) {
-      case at::kFloat: ok = quantize_row_asym(x.data_ptr<float>() + m * K, K, float(qmin), float(qmax), float(eps), qr, sr, zr); break;
-      case at::kBFloat16:
-        ok = quantize_row_asym(x.data_ptr<c10::BFloat16>() + m * K, K, float(qmin), float(qmax), float(eps), qr, sr, zr);
-        break;
-      default: ok = quantize_row_asym(x.data_ptr<c10::Half>() + m * K, K, float(qmin), float(qmax), float(eps), qr, sr, zr);
-    }
-  }
+  const bool ok = quantize_rows_asym(x, qmin, qmax, eps, q.data_ptr<int8_t>(), s.data_ptr<float>(), zp.data_ptr<int32_t>());
   return {q, s, zp, ok};
 }
 
@@ -221,20 +226,7 @@ c10::optional<torch::Tensor> int8_int4_dynamic_linear(torch::Tensor x, torch::Te
   ws.xq.resize(M * K);
   ws.sx.resize(M);
   ws.zp.resize(M);
-  bool ok = true;
-  for (int64_t m = 0; m < M && ok; ++m) {
-    int8_t* qr = ws.xq.data() + m * K;
-    float* sr = ws.sx.data() + m;
-    int32_t* zr = ws.zp.data() + m;
-    switch (x.scalar_type()) {
-      case at::kFloat: ok = quantize_row_asym(x.data_ptr<float>() + m * K, K, float(qmin), float(qmax), float(eps), qr, sr, zr); break;
-      case at::kBFloat16:
-        ok = quantize_row_asym(x.data_ptr<c10::BFloat16>() + m * K, K, float(qmin), float(qmax), float(eps), qr, sr, zr);
-        break;
-      default: ok = quantize_row_asym(x.data_ptr<c10::Half>() + m * K, K, float(qmin), float(qmax), float(eps), qr, sr, zr);
-    }
-  }
-  if (!ok) return c10::nullopt;
+  if (!quantize_rows_asym(x, qmin, qmax, eps, ws.xq.data(), ws.sx.data(), ws.zp.data())) return c10::nullopt;
   // finite values can still make an infinite scale (max - min overflows float32): int8_int4_linear
   // gives that row NaN and takes its zero point as 0; so here
   for (int64_t m = 0; m < M; ++m)
@@ -244,7 +236,7 @@ c10::optional<torch::Tensor> int8_int4_dynamic_linear(torch::Tensor x, torch::Te
   run_kernel(ws.xq.data(), ws.sx.data(), ws.zp.data(), M, K, qdata.data_ptr<uint8_t>(), N, scale.data_ptr<float>(),
              scale.size(1), has_bias ? bias->data_ptr() : nullptr, has_bias ? bias->scalar_type() : at::kFloat,
              out.data_ptr(), out.scalar_type(), ws);
-  if (ws.xp.size() > (size_t(1) << 22)) ws = Scratch();  // a large call: don't hold its memory
+  if (ws.xp.size() + ws.xq.size() + 4 * ws.sxc.size() > (size_t(1) << 22)) ws = Scratch();  // a large call: don't hold its memory
   return out;
 }
 
