@@ -310,12 +310,18 @@ void run_kernel(const int8_t* x, const float* sxp, const int32_t* zp, int64_t M,
   const int64_t gs = K / G, U = (K + kUnitK - 1) / kUnitK;
   if (M >= kGemmMinM) {
     ws.sxc.resize(M * G);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t gi = 0; gi < G; ++gi) {
-        int32_t sx = 0;
-        for (int64_t k = gi * gs; k < (gi + 1) * gs; ++k) sx += x[m * K + k];
-        ws.sxc[m * G + gi] = 8 * (sx - zp[m] * int32_t(gs));
-      }
+    int32_t* corr = ws.sxc.data();
+    par_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t b, int64_t e) {
+      const __m512i ones = _mm512_set1_epi8(1);
+      for (int64_t m = b; m < e; ++m)
+        for (int64_t gi = 0; gi < G; ++gi) {  // SX by vpdpbusd of 1s with the group's xq (gs % 32 == 0)
+          const int8_t* xg = x + m * K + gi * gs;
+          __m512i acc = _mm512_setzero_si512();
+          for (int64_t k = 0; k < gs; k += 32)
+            acc = _mm512_dpbusd_epi32(acc, ones, _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + k))));
+          corr[m * G + gi] = 8 * (_mm512_reduce_add_epi32(acc) - zp[m] * int32_t(gs));
+        }
+    });
     run_gemm(Gemm{M, N, K, G, gs, x, zp, ws.sxc.data(), sxp, q, s, bias, bias_t, out, out_t});
     return;
   }

@@ -11,12 +11,14 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
 
+#include "parallel.h"
 #include "prefetch.h"
 
 namespace {
@@ -169,19 +171,25 @@ bool quantize_row_asym(const T* x, int64_t K, float qmin, float qmax, float eps,
 
 // Every row of x (M, K) contiguous float32 / bfloat16 / float16 by quantize_row_asym into q (M, K),
 // s (M,), zp (M,); false (the rest unspecified) at the first row holding NaN or inf.
+// Rows run in parallel when there are enough of them (prefill: 256 x 576 took ~0.6 ms on one core, more
+// than the product on SmolLM2's 576 x 192 layers); each row's values do not depend on the split.
 bool quantize_rows_asym(const torch::Tensor& x, int64_t qmin, int64_t qmax, double eps, int8_t* q, float* s, int32_t* zp) {
   const int64_t M = x.size(0), K = x.size(1);
   const float lo = float(qmin), hi = float(qmax), e = float(eps);
-  for (int64_t m = 0; m < M; ++m) {
-    bool ok;
-    switch (x.scalar_type()) {
-      case at::kFloat: ok = quantize_row_asym(x.data_ptr<float>() + m * K, K, lo, hi, e, q + m * K, s + m, zp + m); break;
-      case at::kBFloat16: ok = quantize_row_asym(x.data_ptr<c10::BFloat16>() + m * K, K, lo, hi, e, q + m * K, s + m, zp + m); break;
-      default: ok = quantize_row_asym(x.data_ptr<c10::Half>() + m * K, K, lo, hi, e, q + m * K, s + m, zp + m);
+  std::vector<char> ok(M, 1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  lowbit::par_for(0, M, grain, [&](int64_t b, int64_t end) {
+    for (int64_t m = b; m < end; ++m) {
+      switch (x.scalar_type()) {
+        case at::kFloat: ok[m] = quantize_row_asym(x.data_ptr<float>() + m * K, K, lo, hi, e, q + m * K, s + m, zp + m); break;
+        case at::kBFloat16:
+          ok[m] = quantize_row_asym(x.data_ptr<c10::BFloat16>() + m * K, K, lo, hi, e, q + m * K, s + m, zp + m);
+          break;
+        default: ok[m] = quantize_row_asym(x.data_ptr<c10::Half>() + m * K, K, lo, hi, e, q + m * K, s + m, zp + m);
+      }
     }
-    if (!ok) return false;
-  }
-  return true;
+  });
+  return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
 }
 
 }  // namespace
