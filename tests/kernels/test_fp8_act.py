@@ -73,6 +73,28 @@ def test_nan_and_inf_propagate_as_in_torch(dtype, per_token):
     assert _same(out, fake_quantize_float8(x, spec, s))
 
 
+@pytest.mark.parametrize("name", F8)
+def test_the_rounding_equals_torchs_conversion_at_every_float8_value_midpoint_and_neighbour(name):
+    """The kernel rounds with integer and float32 operations (round_f8), not c10's conversion: every
+    float8 value, every midpoint between neighbours (the ties) and the float32 values 1-2 ulps either
+    side, float32 subnormals, zeros of both signs and random values over every binade, through the
+    static scale 1 (so the kernel rounds x itself), against torch's .to(float8)."""
+    f8t = getattr(torch, name)
+    fmax = torch.finfo(f8t).max
+    vals = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(f8t).float()
+    vals = vals[torch.isfinite(vals)].unique().sort().values
+    cand = torch.cat([vals, (vals[1:] + vals[:-1]) / 2]).view(torch.int32)
+    near = torch.cat([(cand + d).view(torch.float32) for d in (-2, -1, 0, 1, 2)])
+    near = near[~near.isnan()]  # -0.0's bits minus one are a NaN (NaN in, NaN out: tested above)
+    gen = torch.Generator().manual_seed(0)
+    r = torch.rand(100_000, generator=gen) * 2 - 1
+    spread = r * torch.exp2(torch.randint(-30, 10, (100_000,), generator=gen).float())
+    x = torch.cat([near, spread, torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, fmax, -fmax])]).clamp(-fmax, fmax)
+    x = torch.cat([x, torch.zeros(-x.numel() % 64)]).reshape(-1, 64).contiguous()
+    out, _ = EXT.fake_quant_fp8(x, 1.0, False, 1e-12, name == "float8_e5m2")
+    assert torch.equal(out.view(torch.int32), x.to(f8t).float().view(torch.int32))
+
+
 def test_bad_arguments_raise_naming_them():
     x = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="x must be a contiguous"):
