@@ -2,10 +2,10 @@
 // and, fused into the widening of x, by the fp8_cpu and int4_cpu GEMVs (fake_quant_into). Scalar C++,
 // no instruction-set specific code; every float32 operation below is the single IEEE operation
 // lowbit.primitives.float8 does. int8_act is compiled with -ffp-contract=off; the GEMV builds are not,
-// and need not be: nothing here adds to a product (c10's software float16 rounding, used where F16C is
-// not enabled, does, but its product is an exact power-of-two scaling, so an FMA gives the same bits).
+// and need not be: the only products that an add follows are exact power-of-two scalings (round_f8's
+// |v| * 2^q, and c10's software float16 rounding where F16C is not enabled), so an FMA gives the same bits.
 //   s   = clamp(amax / fmax, min=eps)                per row (per token), per tensor, or the static s
-//   q   = float8(clamp(x / s, -fmax, fmax))          c10's float32 -> float8 conversion, as torch's .to()
+//   q   = float8(clamp(x / s, -fmax, fmax))          round_f8: bit for bit torch's .to() (c10's conversion)
 //   out = cast_T(float(q) * s)                       c10's round-to-nearest-even cast, as torch's .to()
 // NaN behaves as in torch: a NaN in a block makes its amax, hence its scale and every output, NaN.
 #pragma once
