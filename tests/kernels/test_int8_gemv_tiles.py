@@ -1,7 +1,9 @@
 """The int8 weight-only GEMV (csrc/int8_gemv.cpp, AVX-512, or csrc/int8_gemv_avx2.cpp, whichever build
 loads here; LOWBIT_ISA=avx2 tests the other on an AVX-512 host) at M = 1..17: against the reference by
-SQNR, and against its own M = 1 path row by row (each build has one summation order for every tile
-shape, M and thread count, so those are equal bit for bit)."""
+SQNR, and row by row against the same row alone through the same kind of tile (each kind has one
+summation order for every tile shape, M and thread count, so those are equal bit for bit). The AVX-512
+build multiplies bf16 x at M >= 2 with vdpbf16ps (its bf16 tiles, on a CPU with AVX-512 BF16 and groups
+of a multiple of 32); everything else, and bf16 x at M = 1, with float32 FMA (its float tiles)."""
 
 import pytest
 import torch
@@ -18,8 +20,9 @@ from lowbit.tensors.int8_tensor import Int8Tensor
 FAST_VS_REF_DB = {torch.bfloat16: 44.0, torch.float16: 60.0, torch.float32: 110.0}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-# (N, K, group): N % 4 and N % 3 tails, groups of 16 to a whole row, K not a multiple of 32 or 64
-SHAPES = [(37, 48, 16), (29, 240, 48), (101, 1040, 1040), (7, 4112, 16), (22, 576, 576)]
+# (N, K, group): N % 4 and N % 3 tails, groups of 16 to a whole row, K not a multiple of 32 or 64; groups
+# of 32, 64 and 576 (whole rows) for the bf16 tiles
+SHAPES = [(37, 48, 16), (29, 240, 48), (101, 1040, 1040), (7, 4112, 16), (22, 576, 576), (13, 96, 32), (45, 1024, 64)]
 M_ALL = 17  # tiles of 4 rows of x: 17 = 4 x 4 + 1, and every M below it
 
 
@@ -49,15 +52,59 @@ def test_matches_reference(n, k, group, m, dtype):
     assert sqnr(ref.float(), out.float()) >= FAST_VS_REF_DB[dtype]
 
 
+def _rows_alone(ext, x, t, m):
+    """Each row of x through the kernel alone: at M = m (the row repeated m times), the first copy's result."""
+    return torch.cat([ext.int8_weight_only_mm(x[i : i + 1].repeat(m, 1), t.qdata, t.scale)[:1] for i in range(x.shape[0])])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 @pytest.mark.parametrize("n, k, group", SHAPES, ids=str)
-def test_each_row_equals_the_m1_path(n, k, group, dtype):
+def test_each_row_equals_the_row_alone(n, k, group, dtype):
+    """Every M gives each row the bits it gets alone through the same kind of tile: alone at M = 1 for
+    M = 1, alone at M = 2 (the bf16 tiles for bf16 x where they apply) for M >= 2. Float32 and float16 x
+    have one kind of tile for every M: there the two are the same bits too."""
     ext = _ext_or_skip()
     t, g = _weight(n, k, group)
     x = torch.randn(M_ALL, k, generator=g).to(dtype)
-    rows = torch.cat([ext.int8_weight_only_mm(x[i : i + 1], t.qdata, t.scale) for i in range(M_ALL)])
-    for m in range(1, M_ALL + 1):
-        assert torch.equal(ext.int8_weight_only_mm(x[:m], t.qdata, t.scale), rows[:m]), f"M={m}"
+    rows1, rows2 = _rows_alone(ext, x, t, 1), _rows_alone(ext, x, t, 2)
+    if dtype != torch.bfloat16:
+        assert torch.equal(rows1, rows2)
+    assert torch.equal(ext.int8_weight_only_mm(x[:1], t.qdata, t.scale), rows1[:1])
+    for m in range(2, M_ALL + 1):
+        assert torch.equal(ext.int8_weight_only_mm(x[:m], t.qdata, t.scale), rows2[:m]), f"M={m}"
+
+
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of b's last place as a bf16 value (both bf16)."""
+    b32 = b.float()
+    exp = torch.frexp(b32.abs().clamp_min(torch.finfo(torch.bfloat16).tiny))[1]
+    return (a.float() - b32).abs() / torch.ldexp(torch.ones_like(b32), exp - 8)
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n, k, group", [s for s in SHAPES if s[2] % 32 == 0], ids=str)
+def test_bf16_x_matches_its_float32_values_to_one_rounding(n, k, group, m):
+    """bf16 x against the same values as float32 x (the float tiles): both are float32 sums of the same
+    exact products in two orders, so the bf16 result is the float32 result rounded, or its neighbour."""
+    ext = _ext_or_skip()
+    t, g = _weight(n, k, group)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    out = ext.int8_weight_only_mm(x, t.qdata, t.scale)
+    f32 = ext.int8_weight_only_mm(x.float(), t.qdata, t.scale).bfloat16()
+    assert _bf16_ulps(out, f32).max().item() <= 1.0
+
+
+def test_bf16_x_with_subnormal_rows():
+    """vdpbf16ps reads bf16 subnormals as zero and flushes subnormal sums: rows of subnormal and tiny x
+    are scaled by a power of two first (bf16_scale.h), so they come out as their float32 values do."""
+    ext = _ext_or_skip()
+    t, g = _weight(16, 64, 32)
+    x = torch.stack([torch.full((64,), 3e-39), torch.randn(64, generator=g) * 1e-36, torch.randn(64, generator=g)]).bfloat16()
+    assert (x[0] != 0).all() and x[0].float().abs().max() < torch.finfo(torch.float32).tiny  # subnormal
+    out = ext.int8_weight_only_mm(x, t.qdata, t.scale)
+    f32 = ext.int8_weight_only_mm(x.float(), t.qdata, t.scale).bfloat16()
+    assert (out[:2] != 0).all()
+    assert _bf16_ulps(out, f32).max().item() <= 1.0
 
 
 @pytest.mark.parametrize("m", [1, 4, 9])
@@ -111,5 +158,4 @@ def test_an_x_above_the_kept_buffer_size_gives_the_same_rows():
     ext = _ext_or_skip()
     t, g = _weight(7, 4112, 16)
     x = torch.randn(40, 4112, generator=g).bfloat16()  # 164,480 floats
-    rows = torch.cat([ext.int8_weight_only_mm(x[i : i + 1], t.qdata, t.scale) for i in range(40)])
-    assert torch.equal(ext.int8_weight_only_mm(x, t.qdata, t.scale), rows)
+    assert torch.equal(ext.int8_weight_only_mm(x, t.qdata, t.scale), _rows_alone(ext, x, t, 2))

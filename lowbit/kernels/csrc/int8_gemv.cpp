@@ -11,14 +11,32 @@
 // once per call whatever M is (the first version of this build made a pass over the weight per row
 // of x, so M > 1 went to torch's _weight_int8pack_mm: 0.40 of DRAM at M = 4 on an AVX-512 Zen 4).
 //
-// Summation order (the same for every tile shape, every M and every thread count, so a row of a
-// result at M > 1 equals, bit for bit, the result for that row of x alone at M = 1):
-//   1. lane j of the accumulator sums x[m, k] * float(w[n, k]) for k = j, j + 16, ... of one group, in
-//      order of k, by FMA;
-//   2. at the end of group g: tot = fma(acc, s[n, g], tot), groups in order;
-//   3. the 16 lanes of tot are summed by _mm512_reduce_add_ps (a fixed tree), rounded once to x's dtype.
-// The AVX2 build sums the same products in another order (8 lanes).
+// Two kinds of tiles, by x's dtype and M (run_all):
+//  * float tiles (every x at M = 1; float32 and float16 x at any M; bf16 x where the bf16 tiles do not
+//    apply): x widened to float32, FMA as above. Summation order:
+//      1. lane j of the accumulator sums x[m, k] * float(w[n, k]) for k = j, j + 16, ... of one group,
+//         in order of k, by FMA;
+//      2. at the end of group g: tot = fma(acc, s[n, g], tot), groups in order;
+//      3. the 16 lanes of tot are summed by _mm512_reduce_add_ps (a fixed tree), rounded once to x's dtype.
+//  * bf16 tiles (bf16 x, M >= kBf16MinM = 2, groups a multiple of 32, a CPU with AVX-512 BF16): see
+//    btile below. One vdpbf16ps per 32 weights and row of x where the float tiles need two FMAs and read
+//    x in float32: measured (1 thread, bf16 x, 2048 x 4096 weight in L3 / 32768 x 4096 from DRAM, GB/s
+//    of weight): M = 2 19.1 -> 24.2 / 19.0 -> 20.7, M = 4 7.7 -> 13.3 / 10.7 -> 15.8, M = 8 5.8 -> 8.8 /
+//    5.6 -> 8.2. Not at M = 1: there it was level in L3 (28.1 against 29.1) and 10-20% slower from
+//    DRAM on this Zen 4 (18-19 against 20-24 GB/s), as an exact-integer variant was (see
+//    benchmarks/results/avx512_zen4/scratch/README.md): the M = 1 GEMV streams, it is not ALU-bound here.
+// Each kind has one summation order for every tile shape, M and thread count, so a row of a result
+// equals, bit for bit, the result for that row of x alone through the same kind of tile (for bf16 x
+// at M >= 2: that row twice, M = 2). The AVX2 build sums the same products in another order (8 lanes).
 #include "int8_gemv_entry.h"
+// bf16_scale.h and the bf16 tiles use AVX-512 BF16, which this build does not require: they run only
+// where the CPU has it (cpu_bf16()).
+#pragma GCC push_options
+#pragma GCC target("avx512vl,avx512bf16")
+#include "bf16_scale.h"
+#pragma GCC pop_options
+
+#include <cstring>
 
 namespace {
 
@@ -60,7 +78,118 @@ void tile(const Args& a, int64_t n0, int64_t m0) {
     for (int m = 0; m < MM; ++m) store_out(a, (m0 + m) * a.N + n0 + r, _mm512_reduce_add_ps(tot[r][m]));
 }
 
+// ---- bf16 x: vdpbf16ps tiles (AVX-512 BF16) -----------------------------------------------------
+// Per 32 columns each weight row is loaded once and converted exactly to bf16: vpmovsxbd + vcvtdq2ps,
+// then the upper halves of the float32 words (vpermt2w; |w| <= 128 has 8 significant bits, so the lower
+// halves are zero: no rounding, and no second float conversion instruction), then one vdpbf16ps per row
+// of x against x's bf16 values. x is a copy scaled per row by 2^j (bf16_scale.h: vdpbf16ps reads
+// subnormal inputs as zero and flushes subnormal results), the row's results multiplied by 2^-j in
+// double. Summation order:
+//   1. lane j of the accumulator adds the products of x[m, k] * w[n, k] for k = 32 i + 2j, 32 i + 2j + 1
+//      of one group, in order of i, by vdpbf16ps (each product exact in float32);
+//   2. at the end of group g: tot = fma(acc, s[n, g], tot), groups in order;
+//   3. the 16 lanes of tot by _mm512_reduce_add_ps, times 2^-j in double (one rounding to float32),
+//      rounded once to x's dtype.
+constexpr int64_t kBf16MinM = 2;
+
+struct Bx {
+  const uint16_t* x;    // (M, K) scaled bf16 rows
+  const double* post;   // (M): 2^-j
+};
+
+template <int R, int MM, bool PF>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void btile(const Args& a, const Bx& bx, int64_t n0, int64_t m0) {
+  const int64_t K = a.K, gs = a.gs;
+  const int8_t* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * K;
+  const uint16_t* xr = bx.x + m0 * K;
+  // word i of the result: the upper half (all of a float32 with |w| <= 128's bits) of lo's float i,
+  // then of hi's float i - 16
+  const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                       31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  __m512 tot[R][MM];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MM; ++m) tot[r][m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m512 acc[R][MM];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
+    const int64_t kend = (g + 1) * gs;
+    for (int64_t k = g * gs; k < kend; k += 32) {
+      if (PF && (k & 63) == 0)
+        for (int r = 0; r < R; ++r) lowbit::prefetch_stream(wr[r] + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + k))));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + k + 16))));
+        const __m512bh wb = (__m512bh)_mm512_permutex2var_epi16(_mm512_castps_si512(lo), odd, _mm512_castps_si512(hi));
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wb, (__m512bh)_mm512_loadu_si512(xr + m * K + k));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 sv = _mm512_set1_ps(a.s[(n0 + r) * a.ss0 + g * a.ss1]);
+      for (int m = 0; m < MM; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv, tot[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MM; ++m)
+      store_out(a, (m0 + m) * a.N + n0 + r, lowbit::unscale(_mm512_reduce_add_ps(tot[r][m]), bx.post[m0 + m]));
+}
+
+template <int R>
+void brows_all_m(const Args& a, const Bx& bx, int64_t n0) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxMM) {
+    const int64_t mm = std::min<int64_t>(kMaxMM, a.M - m0);
+    if (m0 == 0) {
+      switch (mm) {
+        case 1: btile<R, 1, true>(a, bx, n0, m0); break;
+        case 2: btile<R, 2, true>(a, bx, n0, m0); break;
+        case 3: btile<R, 3, true>(a, bx, n0, m0); break;
+        default: btile<R, 4, true>(a, bx, n0, m0); break;
+      }
+    } else {
+      switch (mm) {
+        case 1: btile<R, 1, false>(a, bx, n0, m0); break;
+        case 2: btile<R, 2, false>(a, bx, n0, m0); break;
+        case 3: btile<R, 3, false>(a, bx, n0, m0); break;
+        default: btile<R, 4, false>(a, bx, n0, m0); break;
+      }
+    }
+  }
+}
+
+template <int R>
+void brun(const Args& a, const Bx& bx) {
+  const int64_t blocks = a.N / R, tail = a.N % R;
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (i < blocks) brows_all_m<R>(a, bx, i * R);
+      else brows_all_m<1>(a, bx, blocks * R + (i - blocks));
+    }
+  };
+  if (a.N * a.K < kSerialBytes) body(0, blocks + tail);
+  else lowbit::par_for(0, blocks + tail, 4, body);
+}
+
+bool cpu_bf16() {
+  static const bool v = __builtin_cpu_supports("avx512bf16");
+  return v;
+}
+
 void run_all(const Args& a) {
+  if (a.xb && a.M >= kBf16MinM && a.gs % 32 == 0 && cpu_bf16()) {
+    thread_local std::vector<uint16_t> xs;
+    thread_local std::vector<double> post;
+    xs.resize(a.M * a.K);
+    post.resize(a.M);
+    for (int64_t m = 0; m < a.M; ++m) std::memcpy(xs.data() + m * a.K, a.xb + m * a.ldxb, a.K * sizeof(uint16_t));
+    lowbit::scale_rows_bf16(xs.data(), a.M, a.K, a.K, 0, post.data());
+    const Bx bx{xs.data(), post.data()};
+    if (a.M <= 3) brun<4>(a, bx);
+    else brun<3>(a, bx);
+    return;
+  }
   if (a.M <= 3) run<4>(a);
   else run<3>(a);
 }

@@ -34,6 +34,8 @@ struct Args {
   int64_t M, N, K, G, gs;
   void* out;  // (M, N) in dtype ot
   at::ScalarType ot;
+  const uint16_t* xb = nullptr;  // x's own bf16 rows (row stride ldxb) when x is bfloat16 with unit column stride
+  int64_t ldxb = 0;
 };
 
 inline void store_out(const Args& a, int64_t i, float v) {
@@ -137,6 +139,10 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tenso
   std::vector<float> once;                // a larger x: freed on return, not kept
   Args a{x_as_f32(x, M * K <= kKeepFloats ? kept : once), w.data_ptr<int8_t>(), scale.data_ptr<float>(), scale.stride(0), scale.stride(1),
          M, N, K, G, K / G, out.data_ptr(), xt};
+  if (xt == torch::kBFloat16 && x.stride(1) == 1) {
+    a.xb = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+    a.ldxb = x.stride(0);
+  }
   run_all(a);
   return out;
 }
