@@ -102,8 +102,8 @@ def methods(calib):
         "RTN": lambda m, c: quantize_(m, c),
         "HQQ": lambda m, c: quantize_hqq_(m, c),
         "HQQ float-zp": lambda m, c: quantize_hqq_(m, replace(c, zero_point_domain="float")),
-        "GPTQ": lambda m, c: gptq(m, c, calib, progress=progress),
-        "GPTQ act_order": lambda m, c: gptq(m, c, calib, act_order=True, progress=progress),
+        "GPTQ": lambda m, c: gptq(m, c, calib, qparams="minmax", progress=progress),
+        "GPTQ act_order": lambda m, c: gptq(m, c, calib, act_order=True, qparams="minmax", progress=progress),
         "GPTQ act_order search": lambda m, c: gptq(m, c, calib, act_order=True, qparams="search", progress=progress),
         "AWQ": lambda m, c: awq(m, c, calib, progress=progress),
     }

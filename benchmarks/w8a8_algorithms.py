@@ -38,4 +38,4 @@ for label in ["RTN", "SmoothQuant a=0.5 + RTN", "GPTQ", "SmoothQuant a=0.5 + GPT
     sec = time.perf_counter() - t; v = ppl(m)
     rows.append({"method": label, "perplexity": round(v, 4), "delta_pct": round(100 * (v / ref - 1), 2), "seconds": round(sec, 1)})
     print(rows[-1], flush=True)
-json.dump({"config": repr(cfg), "calibration": "32 x 256 tokens, random windows of the second half (seed 0)", "eval": "16 x 256 tokens from the start", "float32_perplexity": ref, "threads": torch.get_num_threads(), "rows": rows}, open(ROOT / "results" / "w8a8_algorithms.json", "w"), indent=2)
+json.dump({"config": repr(cfg), "gptq": "gptq(model, config, calibration) with its defaults (qparams='search' since 2026-12-04 session 11; 'minmax' before)", "calibration": "32 x 256 tokens, random windows of the second half (seed 0)", "eval": "16 x 256 tokens from the start", "float32_perplexity": ref, "threads": torch.get_num_threads(), "rows": rows}, open(ROOT / "results" / "w8a8_algorithms.json", "w"), indent=2)

@@ -68,9 +68,9 @@ def add_quantize_parser(sub, common: argparse.ArgumentParser) -> None:
                    help=f"gptq/awq: tokens per calibration window (default {DEFAULT_CALIB_SEQ_LEN}, or the model's "
                         "max_position_embeddings when smaller)")
     q.add_argument("--gptq-qparams", choices=("minmax", "search"), default=None,
-                   help="gptq: each group's scale and zero point from its min/max (default, as llm-compressor's "
-                        "default observer), or from a search over shrunk ranges weighted by the Hessian's diagonal "
-                        "(about 8%% slower; lower perplexity on SmolLM2, see benchmarks/results/algorithms_gptq_2t.md)")
+                   help="gptq: each group's scale and zero point from a search over its min/max shrunk by 1.00 .. 0.90, "
+                        "weighted by the Hessian's diagonal (default: lower perplexity on SmolLM2 at g64 and g128, see "
+                        "benchmarks/results/algorithms.md), or from its min/max (llm-compressor's default observer)")
     q.set_defaults(fn=cmd_quantize, usage_check=functools.partial(_check_quantize_usage, q))
 
 
@@ -306,7 +306,7 @@ def _quantize_in_memory(args, src: Path, config, skip: list[str], kind: str = "t
               "fallback": {s.fqn: f"{s.asked!r} -> {s.config!r}" for s in plan.fallbacks}, "left_float": left_float,
               "message": f"{args.algorithm}: " + plan.describe(before=before, after=after), "calibration": calibration}
     if args.algorithm == "gptq":
-        result["gptq_qparams"] = args.gptq_qparams or "minmax"
+        result["gptq_qparams"] = args.gptq_qparams or "search"
     raised = getattr(report, "raised_damping", None)  # GPTQ's
     for key in ("layers", "groups"):  # GPTQ: one row per linear; AWQ: one per scaling group
         if hasattr(report, key):

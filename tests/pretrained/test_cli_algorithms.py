@@ -136,16 +136,17 @@ SKIP = ["--skip", r"re:model\.layers\.[1-3]\..*", "--skip", "re:.*mlp.*"]
 ONLY = {r"re:model\.layers\.0\.self_attn\..*": CONFIG}
 
 
-def test_gptq_qparams_search_writes_the_codes_gptq_search_makes(tmp_path, capsys, glassllm_dir):
+def test_gptq_qparams_minmax_writes_the_codes_gptq_minmax_makes(tmp_path, capsys, glassllm_dir):
+    """--gptq-qparams minmax gives gptq(qparams="minmax")'s codes; gptq's default, the search, others."""
     r = run_json(capsys, "quantize", glassllm_dir, *ARGS, *SKIP, "--algorithm", "gptq", *CALIB,
-                 "--gptq-qparams", "search", "--out", tmp_path / "s")
-    assert r["gptq_qparams"] == "search" and r["configs"] == {"Int4WeightOnlyConfig(group_size=32)": 4}
-    direct, minmax = float_model(glassllm_dir), float_model(glassllm_dir)
-    gptq(direct, ONLY, calibration(glassllm_dir), qparams="search")
-    gptq(minmax, ONLY, calibration(glassllm_dir))
+                 "--gptq-qparams", "minmax", "--out", tmp_path / "s")
+    assert r["gptq_qparams"] == "minmax" and r["configs"] == {"Int4WeightOnlyConfig(group_size=32)": 4}
+    direct, default = float_model(glassllm_dir), float_model(glassllm_dir)
+    gptq(direct, ONLY, calibration(glassllm_dir), qparams="minmax")
+    gptq(default, ONLY, calibration(glassllm_dir))
     assert assert_same_weights(from_pretrained(tmp_path / "s"), direct, same_config=False) == 4
-    q = "model.layers.0.self_attn.q_proj"  # and the search changed something: not the min/max qparams
-    assert not torch.equal(direct.get_submodule(q).weight.scale, minmax.get_submodule(q).weight.scale)
+    q = "model.layers.0.self_attn.q_proj"  # and the default (the search) differs: not the min/max qparams
+    assert not torch.equal(direct.get_submodule(q).weight.scale, default.get_submodule(q).weight.scale)
 
 
 def test_gptq_qparams_needs_gptq(capsys):
