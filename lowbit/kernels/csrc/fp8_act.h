@@ -24,14 +24,28 @@
 
 namespace fp8_act {
 
+// max |x[i]|, or the first NaN's |x[i]| when there is one (then the scale is NaN, as torch's amax).
+// On the float32 bits with the sign cleared: for non-negative floats the unsigned integer order is the
+// float order, and every NaN is above infinity's 0x7F800000, so an integer max (which vectorizes; a
+// float max reduction does not without -ffinite-math-only, and the loop with a return inside held a 256 x
+// 576 prefill activation at ~2.4 cycles per element) finds the largest |x[i]| and whether a NaN is there.
 template <typename T>
 inline float block_amax(const T* x, int64_t n) {
-  float a = 0.f;
+  uint32_t m = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float v = std::fabs(static_cast<float>(x[i]));
-    if (std::isnan(v)) return v;
-    a = v > a ? v : a;
+    const float v = static_cast<float>(x[i]);
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    b &= 0x7FFFFFFFu;
+    m = b > m ? b : m;
   }
+  if (m > 0x7F800000u)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = std::fabs(static_cast<float>(x[i]));
+      if (std::isnan(v)) return v;
+    }
+  float a;
+  std::memcpy(&a, &m, 4);
   return a;
 }
 
