@@ -8,7 +8,7 @@ fast implementations chosen here by device and shape:
   ``csrc/int8_gemv_avx2.cpp`` on CPUs without it, built on first use; any group size that is a
   multiple of 16); bfloat16, per-row scale and
   M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm`` (see ``_int8pack_takes``); otherwise the weight is converted
-  in row chunks of ``_CHUNK_ROWS`` (each chunk stays in cache) and each chunk is multiplied with
+  in row chunks of ``_CHUNK_BYTES`` (each chunk stays in cache) and each chunk is multiplied with
   ``torch.mm`` into its slice of the output, in float32 for bf16/fp16 input where the CPU has no
   native half matmul (``host.matmul_dtype``); other devices: the reference;
 * W8A8, CPU and CUDA: activations quantized with the primitives (per token, or the static scale
@@ -21,6 +21,8 @@ scale of shape ``(N, K // group)``; an asymmetric weight (with a zero point) run
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +52,7 @@ _EXT_MAX_M = 8
 # same order): M = 1: 8.5 / 13.4, M = 4: 16.2 / 24.9, M = 16: 32.2 / 65.1
 _EXT_MAX_M_AVX2 = 16
 _INT8PACK_MAX_M = 8  # _weight_int8pack_mm beats bf16 up to M=8 (1.2x), loses from M=16 (0.7x)
-_CHUNK_ROWS = 256  # 256 x 4096 bf16 = 2 MiB: the converted chunk stays in cache (measured best)
+_CHUNK_BYTES = 2 << 20  # a converted chunk of rows: 256 x 4096 bf16 = 2 MiB stays in cache (measured best at 4096)
 # CPUs without int8 dot products (benchmarks/cpu_paths.py -> results/cpu_paths.json; quiet AVX2 EPYC, 2
 # threads, ms for 4096^2; SmolLM2's 1536 x 576 and 576 x 1536 alike):
 #   M          1     16     64    128    256
@@ -94,6 +96,32 @@ def _weight_only_reference(input, qdata, scale, zero_point, bias, spec):
     return F.linear(input, w, bias)
 
 
+def _chunk_rows(n: int, k: int, dtype: torch.dtype) -> int:
+    """Rows of the weight per converted chunk: as many as fit ``_CHUNK_BYTES`` in ``dtype`` (at least 16),
+    so a small layer's weight is converted and multiplied whole (SmolLM2's 576-wide layers: one chunk; a
+    column slice of the output per chunk made oneDNN's matmul slower there), and 4096-wide rows go 256 at
+    a time."""
+    return min(n, max(16, _CHUNK_BYTES // (k * torch.finfo(dtype).bits // 8)))
+
+
+_BUFFERS = threading.local()
+
+
+def _chunk_buffer(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (rows, k) CPU buffer kept per thread for the chunked path, grown as needed (never shrunk: at most
+    ``_CHUNK_BYTES`` per dtype). A fresh buffer per call cost more than the conversion it
+    holds: glibc hands blocks over ~128 KiB out as new pages, and their page faults took ~130 us a call
+    on a 192 x 576 layer at M = 256 (a 150 us matmul)."""
+    need = rows * k
+    kept = getattr(_BUFFERS, "by_dtype", None)
+    if kept is None:
+        kept = _BUFFERS.by_dtype = {}
+    buf = kept.get(dtype)
+    if buf is None or buf.numel() < need:
+        buf = kept[dtype] = torch.empty(need, dtype=dtype)
+    return buf[:need].view(rows, k)
+
+
 def _weight_only_chunked(input, qdata, scale, bias, spec):
     """CPU, M above the GEMV: the weight converted a chunk of rows at a time, each chunk multiplied
     into its slice of the output. Computes in ``host.matmul_dtype(input.dtype)``: float32 for bf16 /
@@ -108,9 +136,10 @@ def _weight_only_chunked(input, qdata, scale, bias, spec):
     # exactly (|q| <= 128) into one reused chunk buffer that stays in cache; the scale is applied
     # to the (M, N) output once. fp16 is excluded: x @ Q.T can overflow it before scaling.
     per_row = scale.shape[1] == 1 and dtype in (torch.bfloat16, torch.float32)
-    buf = torch.empty(min(_CHUNK_ROWS, n), k, dtype=dtype, device=input.device) if per_row or dtype != input.dtype else None
-    for i in range(0, n, _CHUNK_ROWS):
-        j = min(i + _CHUNK_ROWS, n)
+    rows = _chunk_rows(n, k, dtype)
+    buf = _chunk_buffer(rows, k, dtype) if per_row or dtype != input.dtype else None
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
         if per_row:
             w = buf[: j - i].copy_(qdata[i:j])
         else:  # the reference's dequantized values (in the input dtype), widened exactly if need be
@@ -119,7 +148,11 @@ def _weight_only_chunked(input, qdata, scale, bias, spec):
                 w = buf[: j - i].copy_(w)
         torch.mm(x, w.t(), out=out[:, i:j])
     if per_row:
-        out.mul_(scale.reshape(1, -1))
+        ext = _ext.load("int8_gemv")
+        if ext is not None and out.is_contiguous():
+            ext.scale_columns_(out, scale.expand(n, 1).reshape(-1))  # mul_'s values, without its float32 temporary
+        else:
+            out.mul_(scale.reshape(1, -1))
     if bias is not None:
         out.add_(bias)
     return out if dtype == input.dtype else out.to(input.dtype)

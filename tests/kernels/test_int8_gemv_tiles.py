@@ -159,3 +159,33 @@ def test_an_x_above_the_kept_buffer_size_gives_the_same_rows():
     t, g = _weight(7, 4112, 16)
     x = torch.randn(40, 4112, generator=g).bfloat16()  # 164,480 floats
     assert torch.equal(ext.int8_weight_only_mm(x, t.qdata, t.scale), _rows_alone(ext, x, t, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+@pytest.mark.parametrize("m, n", [(1, 7), (3, 37), (64, 1536), (5, 16)], ids=str)
+def test_scale_columns_equals_mul(m, n, dtype):
+    """scale_columns_ (the chunked path's per-row weight scale on its output) gives out.mul_(s)'s values,
+    bit for bit (NaN as NaN), infinities, -0.0 and the dtype's largest value included."""
+    ext = _ext_or_skip()
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    out = (torch.randn(m, n, generator=g) * 100).to(dtype)
+    s = torch.rand(n, 1, generator=g) * 3
+    out[0, 0] = float("nan")
+    if n > 4:
+        out[0, 1], out[0, 2], out[0, 3] = float("inf"), -0.0, torch.finfo(dtype).max
+    want = out.clone().mul_(s.reshape(1, -1))
+    got = ext.scale_columns_(out, s.reshape(-1))
+    assert got.data_ptr() == out.data_ptr()  # in place
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.where(want.isnan(), 0, want).view(bits), torch.where(got.isnan(), 0, got).view(bits))
+
+
+def test_scale_columns_checks_its_arguments():
+    ext = _ext_or_skip()
+    with pytest.raises(RuntimeError, match="s must be float32 with N = 4"):
+        ext.scale_columns_(torch.zeros(2, 4), torch.ones(3))
+    with pytest.raises(RuntimeError, match="out must be a contiguous"):
+        ext.scale_columns_(torch.zeros(4, 2).t(), torch.ones(4))
+    with pytest.raises(RuntimeError, match="out must be float32, bfloat16 or float16"):
+        ext.scale_columns_(torch.zeros(2, 4, dtype=torch.int32), torch.ones(4))
