@@ -92,17 +92,12 @@ void tile(const Args& a, int64_t n0, int64_t m0) {
 //      rounded once to x's dtype.
 constexpr int64_t kBf16MinM = 2;
 
-struct Bx {
-  const uint16_t* x;    // (M, K) scaled bf16 rows
-  const double* post;   // (M): 2^-j
-};
-
 template <int R, int MM, bool PF>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void btile(const Args& a, const Bx& bx, int64_t n0, int64_t m0) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void btile(const Args& a, int64_t n0, int64_t m0) {
   const int64_t K = a.K, gs = a.gs;
   const int8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * K;
-  const uint16_t* xr = bx.x + m0 * K;
+  const uint16_t* xr = a.xs + m0 * K;
   // word i of the result: the upper half (all of a float32 with |w| <= 128's bits) of lo's float i,
   // then of hi's float i - 16
   const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
@@ -134,43 +129,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void btile(const
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MM; ++m)
-      store_out(a, (m0 + m) * a.N + n0 + r, lowbit::unscale(_mm512_reduce_add_ps(tot[r][m]), bx.post[m0 + m]));
+      store_out(a, (m0 + m) * a.N + n0 + r, lowbit::unscale(_mm512_reduce_add_ps(tot[r][m]), a.post[m0 + m]));
 }
 
-template <int R>
-void brows_all_m(const Args& a, const Bx& bx, int64_t n0) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxMM) {
-    const int64_t mm = std::min<int64_t>(kMaxMM, a.M - m0);
-    if (m0 == 0) {
-      switch (mm) {
-        case 1: btile<R, 1, true>(a, bx, n0, m0); break;
-        case 2: btile<R, 2, true>(a, bx, n0, m0); break;
-        case 3: btile<R, 3, true>(a, bx, n0, m0); break;
-        default: btile<R, 4, true>(a, bx, n0, m0); break;
-      }
-    } else {
-      switch (mm) {
-        case 1: btile<R, 1, false>(a, bx, n0, m0); break;
-        case 2: btile<R, 2, false>(a, bx, n0, m0); break;
-        case 3: btile<R, 3, false>(a, bx, n0, m0); break;
-        default: btile<R, 4, false>(a, bx, n0, m0); break;
-      }
-    }
-  }
-}
-
-template <int R>
-void brun(const Args& a, const Bx& bx) {
-  const int64_t blocks = a.N / R, tail = a.N % R;
-  auto body = [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      if (i < blocks) brows_all_m<R>(a, bx, i * R);
-      else brows_all_m<1>(a, bx, blocks * R + (i - blocks));
-    }
-  };
-  if (a.N * a.K < kSerialBytes) body(0, blocks + tail);
-  else lowbit::par_for(0, blocks + tail, 4, body);
-}
+struct Bf16Tiles {
+  template <int R, int MM, bool PF>
+  static void run_tile(const Args& a, int64_t n0, int64_t m0) { btile<R, MM, PF>(a, n0, m0); }
+};
 
 bool cpu_bf16() {
   static const bool v = __builtin_cpu_supports("avx512bf16");
@@ -185,9 +150,11 @@ void run_all(const Args& a) {
     post.resize(a.M);
     for (int64_t m = 0; m < a.M; ++m) std::memcpy(xs.data() + m * a.K, a.xb + m * a.ldxb, a.K * sizeof(uint16_t));
     lowbit::scale_rows_bf16(xs.data(), a.M, a.K, a.K, 0, post.data());
-    const Bx bx{xs.data(), post.data()};
-    if (a.M <= 3) brun<4>(a, bx);
-    else brun<3>(a, bx);
+    Args b = a;
+    b.xs = xs.data();
+    b.post = post.data();
+    if (a.M <= 3) run<4, Bf16Tiles>(b);
+    else run<3, Bf16Tiles>(b);
     return;
   }
   if (a.M <= 3) run<4>(a);

@@ -37,6 +37,8 @@ struct Args {
   at::ScalarType ot;
   const uint16_t* xb = nullptr;  // x's own bf16 rows (row stride ldxb) when x is bfloat16 with unit column stride
   int64_t ldxb = 0;
+  const uint16_t* xs = nullptr;  // the AVX-512 build's bf16 tiles: x scaled per row (M, K), and 2^-j per row
+  const double* post = nullptr;
 };
 
 inline void store_out(const Args& a, int64_t i, float v) {
@@ -55,37 +57,43 @@ constexpr int kMaxMM = 4;  // rows of x per tile
 template <int R, int MM, bool PF>
 void tile(const Args& a, int64_t n0, int64_t m0);
 
-// Rows n0 .. n0 + R of the weight against every row of x, 4 rows of x at a time.
-template <int R>
+// The tiles run_all uses unless it says otherwise: the build's tile above.
+struct FloatTiles {
+  template <int R, int MM, bool PF>
+  static void run_tile(const Args& a, int64_t n0, int64_t m0) { tile<R, MM, PF>(a, n0, m0); }
+};
+
+// Rows n0 .. n0 + R of the weight against every row of x, 4 rows of x at a time, by Tiles::run_tile.
+template <int R, typename Tiles>
 inline void rows_all_m(const Args& a, int64_t n0) {
   for (int64_t m0 = 0; m0 < a.M; m0 += kMaxMM) {
     const int64_t mm = std::min<int64_t>(kMaxMM, a.M - m0);
     if (m0 == 0) {
       switch (mm) {
-        case 1: tile<R, 1, true>(a, n0, m0); break;
-        case 2: tile<R, 2, true>(a, n0, m0); break;
-        case 3: tile<R, 3, true>(a, n0, m0); break;
-        default: tile<R, 4, true>(a, n0, m0); break;
+        case 1: Tiles::template run_tile<R, 1, true>(a, n0, m0); break;
+        case 2: Tiles::template run_tile<R, 2, true>(a, n0, m0); break;
+        case 3: Tiles::template run_tile<R, 3, true>(a, n0, m0); break;
+        default: Tiles::template run_tile<R, 4, true>(a, n0, m0); break;
       }
     } else {
       switch (mm) {
-        case 1: tile<R, 1, false>(a, n0, m0); break;
-        case 2: tile<R, 2, false>(a, n0, m0); break;
-        case 3: tile<R, 3, false>(a, n0, m0); break;
-        default: tile<R, 4, false>(a, n0, m0); break;
+        case 1: Tiles::template run_tile<R, 1, false>(a, n0, m0); break;
+        case 2: Tiles::template run_tile<R, 2, false>(a, n0, m0); break;
+        case 3: Tiles::template run_tile<R, 3, false>(a, n0, m0); break;
+        default: Tiles::template run_tile<R, 4, false>(a, n0, m0); break;
       }
     }
   }
 }
 
 // Every row, R at a time (the last N % R rows one at a time), over threads unless the weight is small.
-template <int R>
+template <int R, typename Tiles = FloatTiles>
 void run(const Args& a) {
   const int64_t blocks = a.N / R, tail = a.N % R;
   auto body = [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      if (i < blocks) rows_all_m<R>(a, i * R);
-      else rows_all_m<1>(a, blocks * R + (i - blocks));
+      if (i < blocks) rows_all_m<R, Tiles>(a, i * R);
+      else rows_all_m<1, Tiles>(a, blocks * R + (i - blocks));
     }
   };
   if (a.N * a.K < kSerialBytes) body(0, blocks + tail);
