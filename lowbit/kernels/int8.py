@@ -97,28 +97,31 @@ def _weight_only_reference(input, qdata, scale, zero_point, bias, spec):
 
 
 def _chunk_rows(n: int, k: int, dtype: torch.dtype) -> int:
-    """Rows of the weight per converted chunk: as many as fit ``_CHUNK_BYTES`` in ``dtype`` (at least 16),
-    so a small layer's weight is converted and multiplied whole (SmolLM2's 576-wide layers: one chunk; a
-    column slice of the output per chunk made oneDNN's matmul slower there), and 4096-wide rows go 256 at
-    a time."""
-    return min(n, max(16, _CHUNK_BYTES // (k * torch.finfo(dtype).bits // 8)))
+    """Rows of the weight per converted chunk: 256, or as many as fit ``_CHUNK_BYTES`` in ``dtype`` when
+    that is more, so a small layer's weight is converted and multiplied whole (SmolLM2's 576-wide layers:
+    one chunk; a column slice of the output per chunk made oneDNN's matmul slower there)."""
+    return min(n, max(256, _CHUNK_BYTES // (k * torch.finfo(dtype).bits // 8)))
 
 
 _BUFFERS = threading.local()
+_KEEP_BYTES = 8 << 20
 
 
 def _chunk_buffer(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """A (rows, k) CPU buffer kept per thread for the chunked path, grown as needed (never shrunk: at most
-    ``_CHUNK_BYTES`` per dtype). A fresh buffer per call cost more than the conversion it
+    """A (rows, k) CPU buffer kept per thread for the chunked path, grown as needed (never shrunk; at most
+    ``_KEEP_BYTES`` per dtype: a larger chunk gets a fresh buffer). A fresh buffer per call cost more than the conversion it
     holds: glibc hands blocks over ~128 KiB out as new pages, and their page faults took ~130 us a call
     on a 192 x 576 layer at M = 256 (a 150 us matmul)."""
     need = rows * k
+    if need * torch.finfo(dtype).bits // 8 > _KEEP_BYTES:  # a wide weight's chunk: not worth keeping
+        return torch.empty(rows, k, dtype=dtype)
     kept = getattr(_BUFFERS, "by_dtype", None)
     if kept is None:
         kept = _BUFFERS.by_dtype = {}
     buf = kept.get(dtype)
     if buf is None or buf.numel() < need:
-        buf = kept[dtype] = torch.empty(need, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor, writable by later calls in or out of inference mode
+            buf = kept[dtype] = torch.empty(need, dtype=dtype)
     return buf[:need].view(rows, k)
 
 

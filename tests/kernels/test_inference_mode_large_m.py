@@ -35,3 +35,19 @@ def test_inference_mode_equals_no_grad(name, m_rows, dtype):
     with torch.inference_mode():
         got = model(x)
     assert torch.equal(ref, got)
+
+
+def test_a_buffer_kept_from_inference_mode_serves_later_calls():
+    """The int8 chunked path keeps its conversion buffer per thread between calls (int8._chunk_buffer). One
+    first made under inference_mode must still be writable by calls outside it (no_grad, grad enabled):
+    the buffer is made as a normal tensor. K = 8192 so that this call grows the buffer (made here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8192, 300)).bfloat16()
+    lowbit.quantize_(model, lowbit.Int8WeightOnlyConfig())
+    x = torch.randn(256, 8192, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        first = model(x)
+    with torch.no_grad():
+        again = model(x)
+    assert torch.equal(first, again)
+    assert torch.equal(model(x).detach(), first)
