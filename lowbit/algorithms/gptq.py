@@ -303,7 +303,8 @@ def gptq_quantize(
         damp_retries: how many times the damping may be raised (x ``DAMP_FACTOR``).
         qparams: ``"minmax"``: each block's min/max (``choose_qparams_affine``); ``"search"``:
             :func:`searched_qparams`, the clip (``SEARCH_SHRINKS``) with the least
-            ``diag(H)``-weighted rounding error.
+            ``diag(H)``-weighted rounding error. This one-weight solver defaults to the GPTQ paper's
+            min/max; the model-level :func:`lowbit.algorithms.gptq` (and the CLI) default to the search.
 
     Returns:
         :class:`GPTQResult`.

@@ -142,8 +142,10 @@ bool cpu_bf16() {
   return v;
 }
 
+bool takes_bf16(const Args& a) { return a.xb && a.M >= kBf16MinM && a.gs % 32 == 0 && cpu_bf16(); }
+
 void run_all(const Args& a) {
-  if (a.xb && a.M >= kBf16MinM && a.gs % 32 == 0 && cpu_bf16()) {
+  if (takes_bf16(a)) {
     thread_local std::vector<uint16_t> xs;
     thread_local std::vector<double> post;
     xs.resize(a.M * a.K);

@@ -80,6 +80,8 @@ void tile(const Args& a, int64_t n0, int64_t m0) {
     for (int m = 0; m < MM; ++m) store_out(a, (m0 + m) * a.N + n0 + r, hsum(_mm256_load_ps(tot[r][m])));
 }
 
+bool takes_bf16(const Args&) { return false; }  // no bf16 tiles in this build: x is always widened
+
 void run_all(const Args& a) {
   if (a.M == 1) run<LOWBIT_INT8_M1_ROWS>(a);
   else if (a.M <= 3) run<4>(a);

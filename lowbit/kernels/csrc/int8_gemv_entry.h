@@ -50,6 +50,10 @@ inline void store_out(const Args& a, int64_t i, float v) {
 // out = x W^T with the scales, every row of W and of x (run<R> below with the build's R). Defined by each source.
 void run_all(const Args& a);
 
+// Whether run_all takes bf16 x as it is (the AVX-512 build's bf16 tiles: a.xb set, a.x not needed), so the
+// entry widens x to float32 only for the float tiles. Defined by each source.
+bool takes_bf16(const Args& a);
+
 constexpr int kMaxMM = 4;  // rows of x per tile
 
 // Rows n0 .. n0 + R of the weight x rows m0 .. m0 + MM of x, into out. PF: issue the weight prefetch
@@ -146,12 +150,13 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tenso
   auto out = torch::empty({M, N}, x.options());
   thread_local std::vector<float> kept;  // reused across calls: no allocation per decode step
   std::vector<float> once;                // a larger x: freed on return, not kept
-  Args a{x_as_f32(x, M * K <= kKeepFloats ? kept : once), w.data_ptr<int8_t>(), scale.data_ptr<float>(), scale.stride(0), scale.stride(1),
+  Args a{nullptr, w.data_ptr<int8_t>(), scale.data_ptr<float>(), scale.stride(0), scale.stride(1),
          M, N, K, G, K / G, out.data_ptr(), xt};
   if (xt == torch::kBFloat16 && x.stride(1) == 1) {
     a.xb = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
     a.ldxb = x.stride(0);
   }
+  if (!takes_bf16(a)) a.x = x_as_f32(x, M * K <= kKeepFloats ? kept : once);  // the float tiles' x, only for them
   run_all(a);
   return out;
 }
