@@ -3,9 +3,11 @@
 Limits (measured first, then again after the kernels; the larger is kept):
 
 * DRAM read bandwidth with 1 and N threads: ``torch.sum`` over a 1 GiB float32 tensor (no L3 reuse);
-* compute peaks on 1024^3: ``F.linear`` in bf16 and in float32, ``torch._int_mm`` in int8 (VNNI where the CPU
-  has it). These are what torch reaches, not the silicon's datasheet peak. On a CPU without AVX-512 BF16 and
-  VNNI (this project's AVX2 hosts) bf16 and int8 run far below float32: the table says so.
+* compute peaks: ``F.linear`` in bf16 and in float32 on 1024^3 (what torch reaches, not the silicon's datasheet
+  peak); int8: on a CPU with AVX-512 VNNI the unit's own limit, ``vpdpbusd`` on registers alone on every thread
+  (the int8_act build's ``vnni_peak_gops``; ``torch._int_mm`` on 1024^3 is reported beside it), elsewhere
+  ``torch._int_mm``'s rate. On a CPU without AVX-512 BF16 and VNNI (this project's AVX2 hosts) bf16 and int8 run
+  far below float32: the table says so.
 
 Kernels (eager, N threads, interleaved rounds, medians; _common.py drops samples taken while other processes used
 > 10% of the cores). Every lowbit config and, when installed, its peers: torchao (int4 g128 in its CPU layout,
@@ -20,7 +22,7 @@ in the same rounds:
 * prefill, M = 256, on one ``Linear(4096, 4096)``: 2 M N K / time over the peak of the arithmetic the kernel
   runs (int8 peak for W8A8 and 8da4w where ``_int_mm`` beats float32, else the better of the bf16 and float32
   peaks: on a CPU without VNNI lowbit's exact int8 products run on float32 FMAs or its own AVX2 kernel). At M=256
-  8da4w and fp8 x int4 fake-quantize their activations then run the int4 weight-only path (README's design notes).
+  fp8 x int4 fake-quantizes its activations then runs the int4 weight-only path (README's design notes).
   A ``float32`` row (bf16 x widened, float32 ``F.linear``, output rounded back) is the baseline to read beside
   bf16 on a CPU without native bf16 matmul. bitsandbytes' LLM.int8 uses ``torch._int_mm`` only on AVX-512 CPUs and a float32
   matmul of the int8 values elsewhere, so its peak follows the host.
@@ -260,9 +262,22 @@ def dram_bandwidth(threads: int, rounds: int = 5) -> float:
         torch.set_num_threads(old)
 
 
+def _vnni_peak_gops() -> float | None:
+    """GOP/s of ``vpdpbusd`` on registers alone on every thread (the AVX-512 int8_act build), or None where that
+    build or the CPU's avx512_vnni is missing."""
+    from lowbit.kernels import int8 as k8
+
+    ext = k8._vnni_ext()
+    if ext is None or not hasattr(ext, "vnni_peak_gops"):
+        return None
+    return max(ext.vnni_peak_gops(20_000_000) for _ in range(3))
+
+
 def compute_peaks(rounds: int = 3) -> dict:
     """GFLOP/s of ``F.linear`` in bf16 and float32 and GOP/s of ``torch._int_mm`` (int8) on 1024 x 1024 x 1024:
-    what torch reaches on this host (on a CPU without AVX-512 BF16 / VNNI, bf16 and int8 are far below fp32)."""
+    what torch reaches on this host (on a CPU without AVX-512 BF16 / VNNI, bf16 and int8 are far below fp32).
+    ``int8`` is the VNNI register peak where there is one (``_vnni_peak_gops``), else ``_int_mm``'s rate, which
+    is also kept as ``int8_int_mm``."""
     import statistics
     import time
 
@@ -282,6 +297,10 @@ def compute_peaks(rounds: int = 3) -> dict:
             fn()
             times.append(time.perf_counter() - t0)
         out[name] = 2 * n**3 / statistics.median(times) / 1e9
+    out["int8_int_mm"] = out["int8"]
+    vnni = _vnni_peak_gops()
+    if vnni is not None:
+        out["int8"] = vnni
     return out
 
 
@@ -397,11 +416,13 @@ def main(argv=None) -> int:
                                   "SQNR dB"], tablefmt="github")
     facts = {**machine_facts(), "threads": threads, "load_avg": os.getloadavg(),
              "kernels": __import__("lowbit.kernels._ext", fromlist=["status"]).status()}
+    int8_what = ("vpdpbusd on registers" if limits["int8_peak_gops"] != limits["int8_int_mm_peak_gops"]
+                 else "torch._int_mm on 1024^3")
     note = (f"{facts['cpu_model']}, {threads} threads, eager; M<={DECODE_MAX_M}: {DECODE_LAYERS} x Linear(4096, 4096) "
             f"(stored weight bytes / time / DRAM read bandwidth); M=256: one Linear(4096, 4096) (ops / time / peak). "
             f"Limits: DRAM 1 thread {limits['dram_gbs_1_thread']:.1f} GB/s, {threads} threads {bw:.1f} GB/s; F.linear "
-            f"bf16 {limits['bf16_peak_gops']:.0f} GFLOP/s, fp32 {limits['fp32_peak_gops']:.0f}; int8 _int_mm "
-            f"{limits['int8_peak_gops']:.0f} GOP/s. Peers: {facts['versions']}. Kernels: {facts['kernels']}. "
+            f"bf16 {limits['bf16_peak_gops']:.0f} GFLOP/s, fp32 {limits['fp32_peak_gops']:.0f}; int8 "
+            f"{limits['int8_peak_gops']:.0f} GOP/s ({int8_what}; torch._int_mm {limits['int8_int_mm_peak_gops']:.0f}). Peers: {facts['versions']}. Kernels: {facts['kernels']}. "
             f"SQNR: M=256 output against bf16's.")
     print(md)
     print(note)

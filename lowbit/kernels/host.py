@@ -104,7 +104,12 @@ def host_report() -> list[tuple[str, str]]:
         why = f"has {', '.join(have)}" if have else f"no {' / '.join(_NATIVE_FLAGS[dtype])}"
         rows.append((f"{name} large-M matmul", f"{how} ({why}; {HALF_ENV} overrides)"))
     have = [f for f in _INT8_DOT_FLAGS if f in flags]
-    how = "torch._int_mm" if has_int8_dot() else "exact float32 GEMMs over K chunks"
+    if not has_int8_dot():
+        how = "exact float32 GEMMs over K chunks"
+    elif "avx512_vnni" in flags:
+        how = "lowbit's VNNI mm_i8 / gemm_i8 (where the AVX-512 int8_act build runs), else torch._int_mm"
+    else:
+        how = "torch._int_mm"
     why = f"has {', '.join(have)}" if have else f"no {' / '.join(_INT8_DOT_FLAGS)}"
     rows.append(("int8 x int8 matmul", f"{how} ({why}; {INT8_ENV} overrides)"))
     return rows

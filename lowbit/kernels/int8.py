@@ -12,8 +12,9 @@ fast implementations chosen here by device and shape:
   ``torch.mm`` into its slice of the output, in float32 for bf16/fp16 input where the CPU has no
   native half matmul (``host.matmul_dtype``); other devices: the reference;
 * W8A8, CPU and CUDA: activations quantized with the primitives (per token, or the static scale
-  given), ``lowbit::int8_mm`` (exact int32: ``torch._int_mm``, or on CPUs without int8 dot products
-  exact float32 GEMMs over K chunks, ``_int8_mm_float32``), an exact integer zero-point
+  given), ``lowbit::int8_mm`` (exact int32: on CPUs with AVX-512 VNNI our ``mm_i8`` for M <= 7 and
+  ``gemm_i8`` above, ``csrc/int8_act.cpp`` and ``csrc/gemm_i8.h``; elsewhere ``torch._int_mm``, or on CPUs
+  without int8 dot products exact float32 GEMMs over K chunks, ``_int8_mm_float32``), an exact integer zero-point
   correction for asymmetric activations (``zp_x * rowsum(W)``), one float32 rescale, one cast.
 
 Inputs are 2-D (the tensor layer folds leading dims). Weights are symmetric int8 with a float32
@@ -65,7 +66,15 @@ _MM_I8_MAX_M = 64  # our AVX2 mm_i8 up to here, _int8_mm_float32 above
 #   M          1     2     4     8    16    32    64
 #   mm_i8    5.37  5.11  5.71  12.0  19.3  42.8  85.2
 #   _int_mm  6.09  25.5  26.7  27.4  29.3  37.5  45.7
-_VNNI_MM_MAX_M = 16
+_VNNI_MM_MAX_M = 7
+# From M = 8 (CPUs with avx512_vnni): the same build's gemm_i8 (csrc/gemm_i8.h: a 6 x 64 vpdpbusd tile on
+# weight panels packed per call). ms, 2 threads, AMD Zen 4, quiet (scratch/gemm_i8_vs_int_mm.py in
+# benchmarks/results/avx512_zen4, output in its README):
+#   8 x 4096^2, M    1     4     8    16    24    32
+#   gemm_i8        7.11  8.15  9.04  14.0  17.3  16.7
+#   mm_i8          3.95  5.36  9.84  18.4  27.1  36.7
+#   _int_mm           -     -     -     -  29.5  32.2
+#   one 4096^2 at M = 256: gemm_i8 10.0, _int_mm 12.4, bf16 F.linear 19.7 (1.96x bf16 against 1.58x)
 _FLOAT_MM_MIN_M = 2  # without mm_i8: _int8_mm_float32 from here (at M=1 it and _int_mm are level)
 _EXACT_K = 1024  # int8 x int8 sums of up to 1024 products stay <= 2^24: exact in float32
 _FLOAT_MM_ROWS = 512  # weight rows converted to float32 at a time by _int8_mm_float32 (8 MiB at K=4096)
@@ -263,8 +272,9 @@ def _quantize_activation(input, act_scale, act_zero_point, spec):
 
 
 def _int8_mm_impl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` for int8 ``a`` (M, K) and ``b`` (N, K), exact in int32: ``torch._int_mm``, or on a
-    CPU without int8 dot products ``_int8_mm_float32`` (same bits).
+    """``a @ b.T`` for int8 ``a`` (M, K) and ``b`` (N, K), exact in int32 (sums wrap mod 2^32): on CPUs
+    with AVX-512 VNNI the int8_act build's ``mm_i8`` (M <= ``_VNNI_MM_MAX_M``) or ``gemm_i8``, elsewhere
+    ``torch._int_mm``, or on a CPU without int8 dot products ``_int8_mm_float32`` (same bits).
 
     The weight stays (N, K) row-major: a (K, N)-contiguous copy measured ~6% faster at M=256
     but 2.6x slower at M=1 here. An opaque op on purpose: with inductor freezing, a bare ``_int_mm`` followed by a scale is
@@ -280,14 +290,14 @@ def _int8_mm_impl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cuda" and m <= 16:  # cuBLAS int8 GEMM needs M > 16
         return torch._int_mm(F.pad(a, (0, 0, 0, 17 - m)), bt)[:m]
     if a.device.type == "cpu" and host.has_int8_dot():
-        if m <= _VNNI_MM_MAX_M and a.is_contiguous() and b.is_contiguous():
-            mm_vnni = _vnni_mm()
-            if mm_vnni is not None:
-                return mm_vnni(a, b)
+        if a.is_contiguous() and b.is_contiguous():
+            vnni = _vnni_ext()
+            if vnni is not None:
+                return vnni.mm_i8(a, b) if m <= _VNNI_MM_MAX_M else vnni.gemm_i8(a, b)
     elif a.device.type == "cpu":
         if m <= _MM_I8_MAX_M and a.is_contiguous() and b.is_contiguous():
             ext = _ext.load("int8_act")
-            # the AVX2 build's (vpmaddubsw); the AVX-512 build's mm_i8 is VNNI code (_vnni_mm)
+            # the AVX2 build's (vpmaddubsw); the AVX-512 build's mm_i8 and gemm_i8 are VNNI code (_vnni_ext)
             mm_i8 = getattr(ext, "mm_i8", None) if _ext.active_isa("int8_act") == "avx2" else None
             if mm_i8 is not None:
                 return mm_i8(a, b)
@@ -296,14 +306,15 @@ def _int8_mm_impl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, bt)
 
 
-def _vnni_mm():
-    """The AVX-512 int8_act build's ``mm_i8`` (VNNI code: only where the CPU has avx512_vnni), or None."""
+def _vnni_ext():
+    """The AVX-512 int8_act build, whose ``mm_i8`` and ``gemm_i8`` are VNNI code (only where the CPU has
+    avx512_vnni), or None."""
     if "avx512_vnni" not in host.cpu_flags():
         return None
     ext = _ext.load("int8_act")
     if ext is None or _ext.active_isa("int8_act") != "avx512":
         return None
-    return getattr(ext, "mm_i8", None)
+    return ext
 
 
 # the op compile sees; eager decode (_fused_cpu) calls _int8_mm_impl itself: the custom op's Python

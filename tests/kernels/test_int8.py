@@ -6,6 +6,7 @@ import torch
 from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerGroup, PerRow, PerTensor
 from lowbit.kernels import host
+from lowbit.kernels import int8 as k8
 from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear
 from lowbit.configs import Int8DynamicActivationInt8WeightConfig, Int8StaticActivationInt8WeightConfig, Int8WeightOnlyConfig
 from lowbit.spec import QuantSpec, spec_key
@@ -115,10 +116,16 @@ def test_bad_arguments():
         int8_activation_linear(torch.randn(2, 512), g.qdata, g.scale, None, None, None, _act(True), g.spec, "auto")
 
 
-def _count_int_mm(fn):
+def _count_int_mm(fn, key="aten::_int_mm"):
     with torch.profiler.profile() as prof:
         fn()
-    return sum(e.count for e in prof.key_averages() if e.key == "aten::_int_mm")
+    return sum(e.count for e in prof.key_averages() if e.key == key)
+
+
+def _keys(fn):
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
 
 
 def _w8a8_model(device):
@@ -132,10 +139,11 @@ def _w8a8_model(device):
 
 
 @pytest.mark.parametrize("freezing", [False, True], ids=["plain", "freezing"])
-def test_compiled_w8a8_calls_int_mm_once_per_linear_cpu(freezing, monkeypatch):
+def test_compiled_w8a8_calls_int8_mm_once_per_linear_cpu(freezing, monkeypatch):
     # with freezing, inductor would rewrite a bare _int_mm into a oneDNN qlinear holding a
-    # prepacked second copy of the weight; lowbit::int8_mm keeps _int_mm (and the memory) as is.
-    # _int_mm forced: without VNNI the op computes by float32 GEMMs (tests/kernels/test_host_paths.py)
+    # prepacked second copy of the weight; the opaque lowbit::int8_mm runs once per linear instead, and
+    # inside it our own GEMM where the CPU has AVX-512 VNNI (gemm_i8), else _int_mm.
+    # int8 dot products forced: without them the op computes by float32 GEMMs (tests/kernels/test_host_paths.py)
     monkeypatch.setenv(host.INT8_ENV, "native")
     m = _w8a8_model("cpu")
     x = torch.randn(32, 64)
@@ -143,7 +151,9 @@ def test_compiled_w8a8_calls_int_mm_once_per_linear_cpu(freezing, monkeypatch):
     with torch.no_grad(), torch._inductor.config.patch(freezing=freezing):
         c = torch.compile(m, fullgraph=True)
         c(x)
-        assert _count_int_mm(lambda: c(x)) == 3
+        assert _count_int_mm(lambda: c(x), "lowbit::int8_mm") == 3
+        assert not {k for k in _keys(lambda: c(x)) if "qlinear" in k or "mkldnn" in k}
+        assert _count_int_mm(lambda: c(x)) == (0 if k8._vnni_ext() is not None else 3)
 
 
 @pytest.mark.cuda

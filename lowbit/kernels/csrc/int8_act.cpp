@@ -10,9 +10,11 @@
 #include "mm_i8_check.h"
 #include "prefetch.h"
 #include "fp8_act.h"
+#include "gemm_i8.h"
 #include <immintrin.h>
 
 #include <algorithm>
+#include <chrono>
 #include <vector>
 
 namespace {
@@ -193,6 +195,31 @@ torch::Tensor mm_i8(torch::Tensor a, torch::Tensor b) {
   return out;
 }
 
+// out (M, N) int32 = a @ b.T for int8 a (M, K) and b (N, K), exactly (gemm_i8.h: for M above mm_i8's);
+// call only on a CPU with avx512_vnni.
+torch::Tensor gemm_i8_entry(torch::Tensor a, torch::Tensor b) {
+  lowbit::check_mm_i8(a, b, "gemm_i8");
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  if (M == 0 || N == 0 || K == 0) return torch::zeros({M, N}, a.options().dtype(torch::kInt));
+  auto out = torch::empty({M, N}, a.options().dtype(torch::kInt));
+  gemm_i8::gemm(a.data_ptr<int8_t>(), b.data_ptr<int8_t>(), out.data_ptr<int32_t>(), M, N, K);
+  return out;
+}
+
+// GOP/s of vpdpbusd on registers alone on every thread of torch's pool (gemm_i8::vnni_spin): the int8
+// compute peak. Call only on a CPU with avx512_vnni.
+double vnni_peak_gops(int64_t iters) {
+  TORCH_CHECK(iters > 0, "vnni_peak_gops: iters must be positive, got ", iters);
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  gemm_i8::vnni_spin(iters / 8 + 1);  // warm the unit up
+  const auto t0 = std::chrono::steady_clock::now();
+  lowbit::par_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) gemm_i8::vnni_spin(iters);
+  });
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return double(nt) * double(iters) * 24.0 * 128.0 / s / 1e9;
+}
+
 // Quantize x (M, K) to int8: static (scale given, zp) or dynamic per-token symmetric (scale < 0).
 // Returns (q, scales) where scales is (M, 1) float32 for the dynamic case, else empty.
 // Every entry point checks its arguments (devices, dtypes, ranks, shapes, contiguity) before
@@ -253,6 +280,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_i8", &quantize_i8, "int8 activation quantization (static, or dynamic per-token symmetric)");
   m.def("w8a8_epilogue", &w8a8_epilogue, "int32 accumulator -> scaled float output");
   m.def("mm_i8", &mm_i8, "exact int8 x int8 -> int32 GEMM for small M (VNNI: call only on a CPU with avx512_vnni)");
+  m.def("gemm_i8", &gemm_i8_entry, "exact int8 x int8 -> int32 GEMM on panels packed per call (VNNI: call only on a CPU with avx512_vnni)");
+  m.def("vnni_peak_gops", &vnni_peak_gops, "int8 compute peak: GOP/s of vpdpbusd on registers on every thread (VNNI: call only on a CPU with avx512_vnni)");
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("fake_quant_fp8", &fp8_act::fake_quant_fp8, "float8 activation fake quantization (per token, per tensor or static), one pass",

@@ -1,0 +1,279 @@
+// gemm_i8: exact int8 x int8 -> int32 GEMM for M above the small-M mm_i8 (AVX-512 VNNI), included by
+// int8_act.cpp's AVX-512 build. c (M, N) = a (M, K) @ b (N, K).T, the contract of torch._int_mm.
+//
+// The weight stays in its canonical (N, K) row-major layout in memory (nothing is kept between calls):
+// each call packs one panel of 64 weight rows by up to kKC columns at a time into a per-thread
+// buffer, and the panel, which stays in L2, serves every row of a. In the panel, k-quad q of the 64
+// rows is 256 contiguous bytes: zmm v holds rows 16v..16v+15, lane l the four bytes
+// b[16v + l, 4q .. 4q + 3] + 128 (as unsigned: b ^ 0x80). The microkernel keeps a 6 x 64 tile of
+// int32 accumulators in 24 zmm; per k-quad it loads the panel's 4 vectors once and, per row of a,
+// broadcasts that row's 4 bytes (signed) into 4 vpdpbusd (unsigned panel byte x signed a byte).
+// So each accumulator sums (b + 128) a = b a + 128 a over its k: it starts at -128 * sum_k a[m, k],
+// which makes the sum exactly a @ b.T, in int32 arithmetic mod 2^32 like torch._int_mm's (vpdpbusd
+// adds four products of at most 255 * 128 without saturating). Packing is a 16 x 16 transpose of
+// 32-bit words per 16 rows x 64 bytes (64 shuffles per KiB): at M = 256 the panel is read 43 times
+// per packing.
+//
+// A K that is not a multiple of 4 reads a from a copy padded with zero bytes (0 x anything = 0); the
+// panel's bytes past K are packed as b = 0. Columns past N in the last panel are packed as b = 0 and
+// never stored.
+#pragma once
+
+#include <torch/extension.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+
+namespace gemm_i8 {
+
+constexpr int kMR = 6;          // rows of a per microkernel call
+constexpr int64_t kNR = 64;     // weight rows (output columns) per panel: 4 zmm
+constexpr int64_t kKC = 4096;   // columns of k per packed panel (a multiple of 64): 64 x 4096 = 256 KiB
+constexpr int64_t kQuadBytes = kNR * 4;
+
+#define LOWBIT_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+// 16 x 16 transpose of 32-bit words: r[i] lane j -> r[j] lane i.
+LOWBIT_VNNI inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // per group g of 4 rows: u[4g + e], 128-bit lane j = rows 4g..4g+3 of column 4j + e
+  for (int g = 0; g < 4; ++g) {
+    const __m512i* tg = t + 4 * g;
+    u[4 * g + 0] = _mm512_unpacklo_epi64(tg[0], tg[2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(tg[0], tg[2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(tg[1], tg[3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(tg[1], tg[3]);
+  }
+  for (int e = 0; e < 4; ++e) {
+    const __m512i a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88), b = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xDD);
+    const __m512i c = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88), d = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xDD);
+    r[e] = _mm512_shuffle_i32x4(a, c, 0x88);       // column e
+    r[8 + e] = _mm512_shuffle_i32x4(a, c, 0xDD);   // column 8 + e
+    r[4 + e] = _mm512_shuffle_i32x4(b, d, 0x88);   // column 4 + e
+    r[12 + e] = _mm512_shuffle_i32x4(b, d, 0xDD);  // column 12 + e
+  }
+}
+
+// Pack b[n0 : n0 + rows, k0 : k0 + kc] (rows <= 64) into dst: quads = ceil(kc / 4) k-quads of 256 bytes,
+// dst holding at least ceil(kc / 64) * 16 quads (the last 64-byte chunk is stored whole).
+LOWBIT_VNNI inline void pack_panel(const int8_t* b, int64_t K, int64_t n0, int64_t rows, int64_t k0, int64_t kc,
+                                   uint8_t* dst) {
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  for (int64_t k = 0; k < kc; k += 64) {
+    const int64_t left = kc - k;
+    const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+    uint8_t* out = dst + (k / 4) * kQuadBytes;
+    for (int v = 0; v < 4; ++v) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t row = 16 * v + i;
+        r[i] = row < rows ? _mm512_maskz_loadu_epi8(mask, b + (n0 + row) * K + k0 + k) : _mm512_setzero_si512();
+        r[i] = _mm512_xor_si512(r[i], flip);
+      }
+      transpose16(r);
+      for (int q = 0; q < 16; ++q) _mm512_storeu_si512(out + q * kQuadBytes + v * 64, r[q]);
+    }
+  }
+}
+
+// acc + vpdpbusd(a unsigned, b signed), in place. gcc 12 compiles _mm512_dpbusd_epi32 on this many live
+// accumulators into copies and stack spills around every call (3x slower here); the asm's "+v"
+// operand keeps each accumulator in its register.
+LOWBIT_VNNI inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [b] "v"(b));
+}
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// c[0:MR, 0:64] (ldc) = (first ? init[m] : c) + sum over `quads` k-quads of panel x a[0:MR] (lda, from
+// the block's first column). Stores the first `cols` columns.
+#define LB_ACC(i)                                                                                            \
+  __m512i c##i##0, c##i##1, c##i##2, c##i##3;                                                                \
+  if constexpr (MR > i) {                                                                                    \
+    if (first) {                                                                                             \
+      c##i##0 = c##i##1 = c##i##2 = c##i##3 = _mm512_set1_epi32(init[i]);                                    \
+    } else {                                                                                                 \
+      c##i##0 = _mm512_maskz_loadu_epi32(m0, c + i * ldc);                                                   \
+      c##i##1 = _mm512_maskz_loadu_epi32(m1, c + i * ldc + 16);                                              \
+      c##i##2 = _mm512_maskz_loadu_epi32(m2, c + i * ldc + 32);                                              \
+      c##i##3 = _mm512_maskz_loadu_epi32(m3, c + i * ldc + 48);                                              \
+    }                                                                                                        \
+  }
+#define LB_ROW(i)                                                                                            \
+  if constexpr (MR > i) {                                                                                    \
+    const __m512i x = _mm512_set1_epi32(load4(a + i * lda + 4 * q));                                         \
+    dpbusd(c##i##0, w0, x);                                                                                    \
+    dpbusd(c##i##1, w1, x);                                                                                    \
+    dpbusd(c##i##2, w2, x);                                                                                    \
+    dpbusd(c##i##3, w3, x);                                                                                    \
+  }
+#define LB_STORE(i)                                                                                          \
+  if constexpr (MR > i) {                                                                                    \
+    _mm512_mask_storeu_epi32(c + i * ldc, m0, c##i##0);                                                      \
+    _mm512_mask_storeu_epi32(c + i * ldc + 16, m1, c##i##1);                                                 \
+    _mm512_mask_storeu_epi32(c + i * ldc + 32, m2, c##i##2);                                                 \
+    _mm512_mask_storeu_epi32(c + i * ldc + 48, m3, c##i##3);                                                 \
+  }
+
+template <int MR>
+LOWBIT_VNNI void micro(const int8_t* a, int64_t lda, const uint8_t* panel, int64_t quads, int32_t* c, int64_t ldc,
+                       int64_t cols, bool first, const int32_t* init) {
+  static_assert(MR >= 1 && MR <= kMR, "micro: 1 to 6 rows");
+  auto lane_mask = [&](int64_t v) -> __mmask16 {
+    const int64_t n = cols - 16 * v;
+    return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+  };
+  const __mmask16 m0 = lane_mask(0), m1 = lane_mask(1), m2 = lane_mask(2), m3 = lane_mask(3);
+  LB_ACC(0) LB_ACC(1) LB_ACC(2) LB_ACC(3) LB_ACC(4) LB_ACC(5)
+  for (int64_t q = 0; q < quads; ++q) {
+    const uint8_t* p = panel + q * kQuadBytes;
+    const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64);
+    const __m512i w2 = _mm512_loadu_si512(p + 128), w3 = _mm512_loadu_si512(p + 192);
+    LB_ROW(0) LB_ROW(1) LB_ROW(2) LB_ROW(3) LB_ROW(4) LB_ROW(5)
+  }
+  LB_STORE(0) LB_STORE(1) LB_STORE(2) LB_STORE(3) LB_STORE(4) LB_STORE(5)
+}
+#undef LB_ACC
+#undef LB_ROW
+#undef LB_STORE
+
+inline void micro_any(int mr, const int8_t* a, int64_t lda, const uint8_t* panel, int64_t quads, int32_t* c,
+                      int64_t ldc, int64_t cols, bool first, const int32_t* init) {
+  static_assert(kMR == 6, "micro_any dispatches 1..6 rows");
+  switch (mr) {
+    case 6: return micro<6>(a, lda, panel, quads, c, ldc, cols, first, init);
+    case 5: return micro<5>(a, lda, panel, quads, c, ldc, cols, first, init);
+    case 4: return micro<4>(a, lda, panel, quads, c, ldc, cols, first, init);
+    case 3: return micro<3>(a, lda, panel, quads, c, ldc, cols, first, init);
+    case 2: return micro<2>(a, lda, panel, quads, c, ldc, cols, first, init);
+    default: return micro<1>(a, lda, panel, quads, c, ldc, cols, first, init);
+  }
+}
+
+// sum_k r[k] (mod 2^32): vpdpbusd of ones (unsigned) by r (signed).
+LOWBIT_VNNI inline int32_t row_sum(const int8_t* r, int64_t K) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
+    acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(mask, r + k));
+  }
+  alignas(64) uint32_t lanes[16];
+  _mm512_store_si512(lanes, acc);
+  uint32_t s = 0;
+  for (uint32_t v : lanes) s += v;
+  return int32_t(s);
+}
+
+// The per-thread panel buffer, kept between calls (a fresh 256 KiB block per call paid page faults).
+inline uint8_t* panel_buffer() {
+  thread_local std::vector<uint8_t> buf;
+  if (buf.size() < size_t(kKC / 4 * kQuadBytes)) buf.resize(kKC / 4 * kQuadBytes);
+  return buf.data();
+}
+
+// Work is split into items (panel, run of m-tiles), given in equal contiguous shares to torch's threads.
+// A panel split along M into s runs is packed s times, so s is the one of 1..8 with the least work on
+// the busiest thread: ceil(panels * s / threads) items of tiles / s + pack tiles each (`pack`: a
+// packing's cost in tiles). SmolLM2's 576-wide layers: 9 panels, s = 2 on 2 threads, where whole panels
+// left one thread idle for 1/9 of the call.
+inline int64_t m_splits(int64_t panels, int64_t tiles, double pack) {
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  int64_t splits = 1;
+  double best = 0;
+  for (int64_t s = 1; s <= std::min<int64_t>(8, tiles); ++s) {
+    const double busiest = double((panels * s + nt - 1) / nt) * (double(tiles) / double(s) + pack);
+    if (s == 1 || busiest < best * 0.98) best = busiest, splits = s;
+  }
+  return splits;
+}
+
+// c (M, N) = a (M, K) @ b (N, K).T exactly; a and b contiguous int8, c int32 contiguous. Call only on a
+// CPU with avx512_vnni.
+inline void gemm(const int8_t* a_in, const int8_t* b, int32_t* c, int64_t M, int64_t N, int64_t K) {
+  // a, padded to a multiple of 4 columns where needed, and each row's -128 * sum_k a (mod 2^32)
+  const int64_t lda = (K + 3) / 4 * 4;
+  std::vector<int8_t> padded;
+  const int8_t* a = a_in;
+  if (lda != K) {
+    padded.assign(size_t(M * lda), 0);
+    for (int64_t m = 0; m < M; ++m) std::memcpy(padded.data() + m * lda, a_in + m * K, size_t(K));
+    a = padded.data();
+  }
+  std::vector<int32_t> init(static_cast<size_t>(M));
+  for (int64_t m = 0; m < M; ++m) init[size_t(m)] = int32_t(uint32_t(row_sum(a_in + m * K, K)) * uint32_t(-128));
+  const int64_t panels = (N + kNR - 1) / kNR;
+  const int64_t tiles = (M + kMR - 1) / kMR;
+  const int64_t splits = m_splits(panels, tiles, 1.0);
+  const int64_t per_split = (tiles + splits - 1) / splits;
+  lowbit::par_for(0, panels * splits, 1, [&](int64_t begin, int64_t end) {
+    uint8_t* panel = panel_buffer();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / splits, s = item % splits;
+      const int64_t n0 = p * kNR, cols = std::min(kNR, N - n0);
+      const int64_t t0 = s * per_split, t1 = std::min(tiles, t0 + per_split);
+      for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+        const int64_t kc = std::min(kKC, K - k0), quads = (kc + 3) / 4;
+        pack_panel(b, K, n0, cols, k0, kc, panel);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t m = t * kMR;
+          micro_any(int(std::min<int64_t>(kMR, M - m)), a + m * lda + k0, lda, panel, quads, c + m * N + n0, N, cols,
+                    k0 == 0, init.data() + m);
+        }
+      }
+    }
+  });
+}
+
+// The int8 compute peak: vpdpbusd on registers alone, 24 independent accumulators (each instruction
+// 16 lanes x 4 multiply-adds = 128 integer ops), `iters` rounds on each of `threads` threads at once.
+// Returns the seconds the slowest thread took. What benchmarks/roofline.py holds the int8 kernels to.
+LOWBIT_VNNI inline void vnni_spin(int64_t iters) {
+  asm volatile(
+      "1:\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm0\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm1\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm2\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm3\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm4\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm5\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm6\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm7\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm8\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm9\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm10\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm11\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm12\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm13\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm14\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm15\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm16\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm17\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm18\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm19\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm20\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm21\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm22\n"
+      "vpdpbusd %%zmm30, %%zmm31, %%zmm23\n"
+      "dec %0\n"
+      "jnz 1b\n"
+      : "+r"(iters)
+      :
+      : "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8", "zmm9", "zmm10", "zmm11", "zmm12", "zmm13", "zmm14", "zmm15", "zmm16", "zmm17", "zmm18", "zmm19", "zmm20", "zmm21", "zmm22", "zmm23", "cc");
+}
+
+#undef LOWBIT_VNNI
+
+}  // namespace gemm_i8
