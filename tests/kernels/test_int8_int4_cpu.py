@@ -109,6 +109,33 @@ def test_matches_the_integer_formula(ext, m, g, dtype, bias):
     assert sqnr(_formula(x.float(), q, s, None if b is None else b.float()).double(), out32.double()) >= FORMULA_DB[torch.float32]
 
 
+GEMM_MIN_M, PANEL_N, TILE_M, BLOCK_M = 16, 64, 6, 256  # csrc/int8_int4.cpp: kGemmMinM, kPanel, kGemmRows, kGemmBlockM
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("g", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("m, n", [(GEMM_MIN_M, 37), (GEMM_MIN_M + 1, PANEL_N), (GEMM_MIN_M + TILE_M + 2, PANEL_N + 1),
+                                  (BLOCK_M + 1, 2 * PANEL_N + 5)])
+def test_gemm_path_matches_the_integer_formula(ext, m, n, g, dtype, bias):
+    """The large-M path (64-row weight panels packed per call, 6-row x 32-column tiles, 256-row blocks of x): tile,
+    panel and block edges, K with a partial 64-element chunk (7 groups of 32 or 96)."""
+    if m > k8.max_m():
+        pytest.skip(f"the active build takes M <= {k8.max_m()}")
+    k = 7 * g
+    q, qdata, s = _weight(n, k, g, seed=m + g)
+    x = (torch.randn(m, k) * torch.rand(m, 1) * 4).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    out = k8.int8_int4_linear(x, qdata, s, None, b, ACT, _wspec(g))
+    assert out is not None and out.dtype == dtype and out.shape == (m, n)
+    out32 = out if dtype == torch.float32 else k8.int8_int4_linear(x.float(), qdata, s, None, None if b is None else b.float(), ACT, _wspec(g))
+    assert torch.equal(out, out32.to(dtype)), "not the float32 result rounded once"
+    want = _formula(x.float(), q, s, None if b is None else b.float()).double()
+    assert sqnr(want, out32.double()) >= FORMULA_DB[torch.float32]
+    for row in (0, m // 2, m - 1):  # each row on its own, the ragged last tile among them
+        assert sqnr(want[row], out32[row].double()) >= FORMULA_DB[torch.float32], row
+
+
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("g", [32, 64, 128, 256])
@@ -132,8 +159,9 @@ def test_symmetric_activation_spec_has_zero_as_its_zero_point(ext):
     assert sqnr(_formula(x, q, s, None, act).double(), out.double()) >= FORMULA_DB[torch.float32]
 
 
+@pytest.mark.parametrize("copies", [1, -(-GEMM_MIN_M // 6)], ids=["per-lane", "gemm"])
 @pytest.mark.parametrize("g", [32, 256])
-def test_extreme_values_are_exact(ext, g):
+def test_extreme_values_are_exact(ext, g, copies):
     """Rows that saturate the int16 partial sums' bound (every weight 7, i.e. u = 15, against xq =
     -128 or 127 with zp_x = 127 or -128), an all-zero row, a constant row and a row with a huge
     outlier, against every weight -8 / 7 / random: the kernel's sums are exact integers, so only
@@ -152,8 +180,9 @@ def test_extreme_values_are_exact(ext, g):
     x[3, 7] = 1e6
     x[4] = torch.where(torch.arange(k) % 2 == 0, -1.0, 1.0)
     x[5] = -1e-30
-    out = k8.int8_int4_linear(x, pack_int4(q), s, None, None, ACT, _wspec(g))
-    want = _formula(x, q, s, None).double()
+    x = x.repeat(copies, 1)  # copies > 1: the same six rows, at least GEMM_MIN_M in all, through the large-M path
+    out = k8.int8_int4_linear(x, pack_int4(q), s, None, None, ACT, _wspec(g))[:6]
+    want = _formula(x, q, s, None).double()[:6]
     assert sqnr(want, out.double()) >= FORMULA_DB[torch.float32]
     assert torch.equal(out[2], torch.zeros(n))
     for row in range(6):  # each row on its own: an error in a small row can't hide under a large one

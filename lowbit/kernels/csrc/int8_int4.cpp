@@ -26,8 +26,8 @@
 // products are added (16 lanes here, 8 groups there): float32 rounding only.
 //
 // The weight row is unpacked once per pass over up to 8 rows of x, whose accumulators stay in
-// registers; M > 8 takes several passes over the row (L1-resident after the first). From M = 32 a
-// GEMM over 16-row panels takes over (below). Parallel over N;
+// registers; M > 8 takes several passes over the row (L1-resident after the first). From M = 16 a
+// GEMM over 64-row panels packed per call takes over (below). Parallel over N;
 // the weight stream is prefetched as csrc/prefetch.h is set. A K that is not a multiple of 128 ends
 // in a partial unit read with a byte mask (the missing weights are 0, so they add nothing).
 //
@@ -35,6 +35,7 @@
 // reference does.
 #include "int8_int4_entry.h"
 #include "parallel.h"
+#include "gemm_i8.h"
 
 #include <numeric>
 
@@ -157,26 +158,36 @@ void rows(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// ---- larger M: 16-row panels repacked per call, a VNNI GEMM micro-kernel --------------------------
+// ---- larger M: 64-row panels packed per call, a 6 x 32 VNNI tile -----------------------------------
 //
-// From kGemmMinM rows of x, each thread takes panels of 16 weight rows and repacks each panel once per
-// call into an L1/L2 buffer laid out for vpdpbusd across rows: dword t of lane j holds u = w + 8 in
-// [0, 15] of row n0 + j, elements 4t .. 4t + 3 (a gather of 2 packed bytes per lane, split into 4
-// nibbles). The panel's group sums SU of u and its scales (transposed, 16 per group) come with it.
-// Then for every 8 rows of x: per group, P = sum u * xq by one vpdpbusd per 4 elements per row (the
-// row's 4 int8 values broadcast, the signed operand), and the exact group sum
-//   I = P - zp_x * SU - 8 * (SX - zp_x * gs)        (SX: the row's sum of xq over the group)
-// converted to float32 and added as tot = fma(I, s, tot), groups in order (the AVX2 build's formula;
-// the small-M path above forms the same integers per lane instead). A panel past N is padded with
-// u = 8 (w = 0) rows whose outputs are not stored.
-constexpr int64_t kPanel = 16;
-// From this M the panels (measured, 8 x 4096^2 bf16, 2 threads, Zen 4, ms panels / the per-lane path above:
-// g32 M = 16 21.2 / 16.5, M = 32 29.7 / 30.1; against fake quantization + the AVX-512 int4 float kernels,
-// panels g32 1.34x / 1.38x / 1.36x / 1.36x at M = 32 / 64 / 128 / 256, g128 1.29x / 1.57x / 1.30x at 32 /
-// 64 / 256).
-constexpr int64_t kGemmMinM = 32;
+// From kGemmMinM rows of x the weight is read as gemm_i8.h reads W8A8's: per call, each panel of 64 weight
+// rows is packed into a per-thread buffer that stays in L2, in k-quads of 256 bytes (zmm v: rows
+// 16v .. 16v + 15, lane l the 4 values u = w + 8 in [0, 15] of its row's elements 4t .. 4t + 3), with its
+// group sums SU of u and its scales transposed (64 per group). A tile of 6 rows of x x 32 columns keeps 12
+// int32 group sums and 12 float32 totals in registers (the best of 2-6 rows x 16-64 columns measured:
+// scratch/int8_int4_gemm_vs_old.py in benchmarks/results/avx512_zen4). Per group, each int32 sum starts at
+// -(zp_x * SU + 8 * (SX - zp_x * gs)) (SX: the row's sum of xq over the group) and gains one vpdpbusd per 4
+// elements (the row's 4 int8 values broadcast, the signed operand), so it ends at exactly
+//   I = sum (xq - zp_x) * w;
+// it is converted to float32 and added as tot = fma(I, s, tot), groups in order (the AVX2 build's formula;
+// the small-M path above forms the same integers per lane instead). Rows past N in the last panel are
+// packed as w = 0 and their outputs not stored.
+constexpr int64_t kPanel = 64;
+constexpr int64_t kQuad = kPanel * 4;  // bytes per k-quad of a panel
+// From this M the panels (8 x 4096^2, bf16 x, 2 threads, Zen 4, ms panels / the per-lane path above: g32 M = 12
+// 14.2 / 12.9, M = 16 15.8 / 16.5, M = 24 19.2 / 23.2; g128 M = 12 11.6 / 11.9, M = 16 12.2 / 15.3; below M = 12 the
+// per-call packing, a pass over the weight, costs more than the tiles save).
+#ifndef LOWBIT_I4_GEMM_MIN_M
+#define LOWBIT_I4_GEMM_MIN_M 16
+#endif
+constexpr int64_t kGemmMinM = LOWBIT_I4_GEMM_MIN_M;
 constexpr int64_t kGemmBlockM = 256;  // rows of x per pass over the panels (256 x 4096 int8 = 1 MiB)
-constexpr int kGemmRows = 8;
+#ifndef LOWBIT_I4_ROWS  // -D overrides: benchmarks/results/avx512_zen4/scratch/int8_int4_gemm_vs_old.py builds variants
+#define LOWBIT_I4_ROWS 6
+#define LOWBIT_I4_VECS 2
+#endif
+constexpr int kGemmRows = LOWBIT_I4_ROWS;  // rows of x per tile
+constexpr int kGemmVecs = LOWBIT_I4_VECS;  // zmm of 16 columns per tile (a divisor of 4)
 
 struct Gemm {
   int64_t M, N, K, G, gs;
@@ -193,111 +204,160 @@ struct Gemm {
 };
 
 struct PanelBuf {
-  std::vector<int32_t> u;   // (K/4, 16) dwords of 4 u values
-  std::vector<int32_t> su;  // (G, 16)
-  std::vector<float> s;     // (G, 16)
+  std::vector<uint8_t> u;   // (16 * ceil(K / 64) quads, 64 rows, 4)
+  std::vector<int32_t> su;  // (G, 64)
+  std::vector<float> s;     // (G, 64)
 };
 
-void repack_panel(const Gemm& g, int64_t n0, PanelBuf& pb) {
-  const int64_t K = g.K, T = K / 4, rows = std::min(kPanel, g.N - n0), rb = K / 2;
-  pb.u.resize(T * kPanel);
-  pb.su.assign(g.G * kPanel, 0);
+void pack_panel(const Gemm& g, int64_t n0, PanelBuf& pb) {
+  const int64_t rows = std::min(kPanel, g.N - n0), rb = g.K / 2, chunks = (g.K + 63) / 64;
+  pb.u.resize(chunks * 16 * kQuad);
+  pb.su.resize(g.G * kPanel);
   pb.s.assign(g.G * kPanel, 0.f);
-  // lane j reads row min(j, rows - 1) (valid memory); lanes past the panel's rows are then set to u = 8
-  alignas(64) int32_t idx[kPanel];
-  for (int64_t j = 0; j < kPanel; ++j) idx[j] = int32_t(std::min<int64_t>(j, rows - 1) * rb);
-  const __m512i vidx = _mm512_load_si512(idx);
-  const __mmask16 pad = __mmask16(~((1u << rows) - 1));
-  const __m512i eight = _mm512_set1_epi32(0x08080808), lo4 = _mm512_set1_epi8(0x0F);
-  // dword [b0 b1 b2 b3] -> [b_i b_i b_(i+1) b_(i+1)]: the 2 packed bytes of elements 4t .. 4t + 3
-  const __m512i dup0 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13));
-  const __m512i dup2 = _mm512_broadcast_i32x4(_mm_setr_epi8(2, 2, 3, 3, 6, 6, 7, 7, 10, 10, 11, 11, 14, 14, 15, 15));
-  const uint8_t* base = g.q + n0 * rb;
-  for (int64_t t = 0; t < T; ++t) {
-    // read the dword ending at byte 2t + 1 (never past a row's end): at 2t - 2, or at 0 for t = 0
-    const int64_t off = t ? 2 * t - 2 : 0;
-    const __m512i raw = _mm512_i32gather_epi32(vidx, base + off, 1);
-    const __m512i d = _mm512_shuffle_epi8(raw, t ? dup2 : dup0);
-    const __m512i lo = _mm512_and_si512(d, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(d, 4), lo4);
-    __m512i u = _mm512_xor_si512(_mm512_mask_blend_epi8(__mmask64(0xAAAAAAAAAAAAAAAAull), lo, hi), eight);
-    u = _mm512_mask_mov_epi32(u, pad, eight);
-    _mm512_storeu_si512(pb.u.data() + t * kPanel, u);
+  const __m512i lo4 = _mm512_set1_epi16(0x000F), flip = _mm512_set1_epi8(8);
+  for (int64_t c = 0; c < chunks; ++c) {  // 64 elements = 32 packed bytes of each row
+    const int64_t bytes = std::min<int64_t>(32, rb - c * 32);
+    const __mmask32 mask = bytes == 32 ? ~__mmask32(0) : __mmask32((1u << bytes) - 1);
+    for (int v = 0; v < 4; ++v) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t row = 16 * v + i;
+        const __m256i raw = row < rows ? _mm256_maskz_loadu_epi8(mask, g.q + (n0 + row) * rb + c * 32) : _mm256_setzero_si256();
+        const __m512i wd = _mm512_cvtepu8_epi16(raw);  // byte j of the row in 16-bit lane j: elements 2j, 2j + 1
+        const __m512i lo = _mm512_and_si512(wd, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(wd, 4), lo4);
+        r[i] = _mm512_xor_si512(_mm512_or_si512(lo, _mm512_slli_epi16(hi, 8)), flip);  // int4 nibble ^ 8 = w + 8
+      }
+      gemm_i8::transpose16(r);
+      for (int t = 0; t < 16; ++t) _mm512_storeu_si512(pb.u.data() + (c * 16 + t) * kQuad + v * 64, r[t]);
+    }
   }
   const __m512i ones = _mm512_set1_epi8(1);
   const int64_t tg = g.gs / 4;
   for (int64_t gi = 0; gi < g.G; ++gi) {
-    __m512i acc = _mm512_setzero_si512();
-    for (int64_t t = gi * tg; t < (gi + 1) * tg; ++t) acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(pb.u.data() + t * kPanel), ones);
-    _mm512_storeu_si512(pb.su.data() + gi * kPanel, acc);
+    for (int v = 0; v < 4; ++v) {
+      __m512i acc = _mm512_setzero_si512();
+      for (int64_t t = gi * tg; t < (gi + 1) * tg; ++t)
+        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(pb.u.data() + t * kQuad + v * 64), ones);
+      _mm512_storeu_si512(pb.su.data() + gi * kPanel + 16 * v, acc);
+    }
     for (int64_t j = 0; j < rows; ++j) pb.s[gi * kPanel + j] = g.s[(n0 + j) * g.G + gi];
   }
 }
 
-template <int R>
-void panel_rows(const Gemm& g, const PanelBuf& pb, int64_t n0, int64_t m0) {
-  const int64_t K = g.K, tg = g.gs / 4, rows = std::min(kPanel, g.N - n0);
-  __m512 tot[R];
-  for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
-  const int8_t* xr = g.x + m0 * K;
+// Named registers (gemm_i8.h: gcc 12 spills arrays of vpdpbusd accumulators): p<i><j> and t<i><j> are row i of
+// the tile, zmm j of its columns; the ones past the tile's R x NV are never used (if constexpr).
+#define LB_ON(i, j) if constexpr (R > i && NV > j)
+#define LB_DECL(i, j) __m512i p##i##j; __m512 t##i##j;
+#define LB_ZERO(i, j) LB_ON(i, j) t##i##j = _mm512_setzero_ps();
+#define LB_START(i, j) LB_ON(i, j) p##i##j = _mm512_sub_epi32(_mm512_mullo_epi32(nz##i, su##j), cr##i);
+#define LB_ROWQ(i) const __m512i nz##i = _mm512_set1_epi32(R > i ? -g.zp[m0 + (R > i ? i : 0)] : 0), \
+                                 cr##i = _mm512_set1_epi32(R > i ? g.corr[(m0 + (R > i ? i : 0)) * g.G + gi] : 0);
+#define LB_X(i) const __m512i x##i = R > i ? _mm512_set1_epi32(gemm_i8::load4(xr + (R > i ? i : 0) * g.K + 4 * t)) : _mm512_setzero_si512();
+#define LB_DOT(i, j) LB_ON(i, j) gemm_i8::dpbusd(p##i##j, w##j, x##i);
+#define LB_SCALE(i, j) LB_ON(i, j) t##i##j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p##i##j), s##j, t##i##j);
+#define LB_STORE(i, j) LB_ON(i, j) _mm512_store_ps(buf + 16 * j, t##i##j);
+
+// Rows [m0, m0 + R) of x against columns [16 * v0, 16 * (v0 + NV)) of the panel at n0:
+// out = sx * tot + bias (NaN where sx is not finite).
+template <int R, int NV>
+void panel_tile(const Gemm& g, const PanelBuf& pb, int64_t n0, int v0, int64_t m0) {
+  static_assert(R >= 1 && R <= 6 && NV >= 1 && NV <= 4, "panel_tile: up to 6 rows x 4 vectors");
+  const int64_t tg = g.gs / 4, cols = std::min<int64_t>(16 * NV, g.N - n0 - 16 * v0);
+  const int8_t* xr = g.x + m0 * g.K;
+  LB_DECL(0, 0) LB_DECL(0, 1) LB_DECL(0, 2) LB_DECL(0, 3) LB_DECL(1, 0) LB_DECL(1, 1) LB_DECL(1, 2) LB_DECL(1, 3) LB_DECL(2, 0) LB_DECL(2, 1) LB_DECL(2, 2) LB_DECL(2, 3) LB_DECL(3, 0) LB_DECL(3, 1) LB_DECL(3, 2) LB_DECL(3, 3) LB_DECL(4, 0) LB_DECL(4, 1) LB_DECL(4, 2) LB_DECL(4, 3) LB_DECL(5, 0) LB_DECL(5, 1) LB_DECL(5, 2) LB_DECL(5, 3)
+  LB_ZERO(0, 0) LB_ZERO(0, 1) LB_ZERO(0, 2) LB_ZERO(0, 3) LB_ZERO(1, 0) LB_ZERO(1, 1) LB_ZERO(1, 2) LB_ZERO(1, 3) LB_ZERO(2, 0) LB_ZERO(2, 1) LB_ZERO(2, 2) LB_ZERO(2, 3) LB_ZERO(3, 0) LB_ZERO(3, 1) LB_ZERO(3, 2) LB_ZERO(3, 3) LB_ZERO(4, 0) LB_ZERO(4, 1) LB_ZERO(4, 2) LB_ZERO(4, 3) LB_ZERO(5, 0) LB_ZERO(5, 1) LB_ZERO(5, 2) LB_ZERO(5, 3)
   for (int64_t gi = 0; gi < g.G; ++gi) {
-    __m512i P[R];
-    for (int r = 0; r < R; ++r) P[r] = _mm512_setzero_si512();
+    {
+      const int32_t* su = pb.su.data() + gi * kPanel + 16 * v0;
+      const __m512i su0 = _mm512_loadu_si512(su), su1 = NV > 1 ? _mm512_loadu_si512(su + 16) : su0;
+      const __m512i su2 = NV > 2 ? _mm512_loadu_si512(su + 32) : su0, su3 = NV > 3 ? _mm512_loadu_si512(su + 48) : su0;
+      LB_ROWQ(0) LB_ROWQ(1) LB_ROWQ(2) LB_ROWQ(3) LB_ROWQ(4) LB_ROWQ(5)
+      LB_START(0, 0) LB_START(0, 1) LB_START(0, 2) LB_START(0, 3) LB_START(1, 0) LB_START(1, 1) LB_START(1, 2) LB_START(1, 3) LB_START(2, 0) LB_START(2, 1) LB_START(2, 2) LB_START(2, 3) LB_START(3, 0) LB_START(3, 1) LB_START(3, 2) LB_START(3, 3) LB_START(4, 0) LB_START(4, 1) LB_START(4, 2) LB_START(4, 3) LB_START(5, 0) LB_START(5, 1) LB_START(5, 2) LB_START(5, 3)
+    }
     for (int64_t t = gi * tg; t < (gi + 1) * tg; ++t) {
-      const __m512i wv = _mm512_loadu_si512(pb.u.data() + t * kPanel);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        int32_t xv;
-        std::memcpy(&xv, xr + r * K + 4 * t, 4);
-        P[r] = _mm512_dpbusd_epi32(P[r], wv, _mm512_set1_epi32(xv));
-      }
+      const uint8_t* w = pb.u.data() + t * kQuad + 64 * v0;
+      const __m512i w0 = _mm512_loadu_si512(w), w1 = NV > 1 ? _mm512_loadu_si512(w + 64) : w0;
+      const __m512i w2 = NV > 2 ? _mm512_loadu_si512(w + 128) : w0, w3 = NV > 3 ? _mm512_loadu_si512(w + 192) : w0;
+      LB_X(0) LB_X(1) LB_X(2) LB_X(3) LB_X(4) LB_X(5)
+      LB_DOT(0, 0) LB_DOT(0, 1) LB_DOT(0, 2) LB_DOT(0, 3) LB_DOT(1, 0) LB_DOT(1, 1) LB_DOT(1, 2) LB_DOT(1, 3) LB_DOT(2, 0) LB_DOT(2, 1) LB_DOT(2, 2) LB_DOT(2, 3) LB_DOT(3, 0) LB_DOT(3, 1) LB_DOT(3, 2) LB_DOT(3, 3) LB_DOT(4, 0) LB_DOT(4, 1) LB_DOT(4, 2) LB_DOT(4, 3) LB_DOT(5, 0) LB_DOT(5, 1) LB_DOT(5, 2) LB_DOT(5, 3)
     }
-    const __m512i su = _mm512_loadu_si512(pb.su.data() + gi * kPanel);
-    const __m512 sv = _mm512_loadu_ps(pb.s.data() + gi * kPanel);
-    for (int r = 0; r < R; ++r) {
-      const int64_t m = m0 + r;
-      const __m512i I = _mm512_sub_epi32(_mm512_sub_epi32(P[r], _mm512_mullo_epi32(_mm512_set1_epi32(g.zp[m]), su)),
-                                         _mm512_set1_epi32(g.corr[m * g.G + gi]));
-      tot[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I), sv, tot[r]);
-    }
+    const float* sc = pb.s.data() + gi * kPanel + 16 * v0;
+    const __m512 s0 = _mm512_loadu_ps(sc), s1 = NV > 1 ? _mm512_loadu_ps(sc + 16) : s0;
+    const __m512 s2 = NV > 2 ? _mm512_loadu_ps(sc + 32) : s0, s3 = NV > 3 ? _mm512_loadu_ps(sc + 48) : s0;
+    LB_SCALE(0, 0) LB_SCALE(0, 1) LB_SCALE(0, 2) LB_SCALE(0, 3) LB_SCALE(1, 0) LB_SCALE(1, 1) LB_SCALE(1, 2) LB_SCALE(1, 3) LB_SCALE(2, 0) LB_SCALE(2, 1) LB_SCALE(2, 2) LB_SCALE(2, 3) LB_SCALE(3, 0) LB_SCALE(3, 1) LB_SCALE(3, 2) LB_SCALE(3, 3) LB_SCALE(4, 0) LB_SCALE(4, 1) LB_SCALE(4, 2) LB_SCALE(4, 3) LB_SCALE(5, 0) LB_SCALE(5, 1) LB_SCALE(5, 2) LB_SCALE(5, 3)
   }
-  for (int r = 0; r < R; ++r) {
-    const int64_t m = m0 + r;
-    alignas(64) float t16[kPanel];
-    _mm512_store_ps(t16, tot[r]);
-    for (int64_t j = 0; j < rows; ++j) {
-      const float b = g.bias ? load_float(g.bias, g.bias_t, n0 + j) : 0.f;
-      const float v = std::isfinite(g.sx[m]) ? g.sx[m] * t16[j] + b : std::numeric_limits<float>::quiet_NaN();
-      store_float(g.out, g.out_t, m * g.N + n0 + j, v);
+  alignas(64) float buf[kPanel];
+  auto store_row = [&](int64_t m) {
+    const bool finite = std::isfinite(g.sx[m]);
+    for (int64_t j = 0; j < cols; ++j) {
+      const float b = g.bias ? load_float(g.bias, g.bias_t, n0 + 16 * v0 + j) : 0.f;
+      store_float(g.out, g.out_t, m * g.N + n0 + 16 * v0 + j, finite ? g.sx[m] * buf[j] + b : std::numeric_limits<float>::quiet_NaN());
     }
+  };
+  if constexpr (R > 0) {
+    LB_STORE(0, 0) LB_STORE(0, 1) LB_STORE(0, 2) LB_STORE(0, 3)
+    store_row(m0 + 0);
+  }
+  if constexpr (R > 1) {
+    LB_STORE(1, 0) LB_STORE(1, 1) LB_STORE(1, 2) LB_STORE(1, 3)
+    store_row(m0 + 1);
+  }
+  if constexpr (R > 2) {
+    LB_STORE(2, 0) LB_STORE(2, 1) LB_STORE(2, 2) LB_STORE(2, 3)
+    store_row(m0 + 2);
+  }
+  if constexpr (R > 3) {
+    LB_STORE(3, 0) LB_STORE(3, 1) LB_STORE(3, 2) LB_STORE(3, 3)
+    store_row(m0 + 3);
+  }
+  if constexpr (R > 4) {
+    LB_STORE(4, 0) LB_STORE(4, 1) LB_STORE(4, 2) LB_STORE(4, 3)
+    store_row(m0 + 4);
+  }
+  if constexpr (R > 5) {
+    LB_STORE(5, 0) LB_STORE(5, 1) LB_STORE(5, 2) LB_STORE(5, 3)
+    store_row(m0 + 5);
   }
 }
+#undef LB_ON
+#undef LB_DECL
+#undef LB_ZERO
+#undef LB_START
+#undef LB_ROWQ
+#undef LB_X
+#undef LB_DOT
+#undef LB_SCALE
+#undef LB_STORE
 
-// Every panel against rows [mb, me) of x.
+// Every panel against rows [mb, me) of x: items (panel, run of tiles) shared out as gemm_i8's are.
+template <int R>
+void tile_upto(int64_t r, const Gemm& g, const PanelBuf& pb, int64_t n0, int v0, int64_t m0) {
+  if constexpr (R > 1) {
+    if (r < R) return tile_upto<R - 1>(r, g, pb, n0, v0, m0);
+  }
+  panel_tile<R, kGemmVecs>(g, pb, n0, v0, m0);
+}
+
 void run_gemm_block(const Gemm& g, int64_t mb, int64_t me) {
-  const int64_t panels = (g.N + kPanel - 1) / kPanel;
-  par_for(0, panels, 1, [&](int64_t b, int64_t e) {
-    PanelBuf pb;
-    for (int64_t pi = b; pi < e; ++pi) {
-      const int64_t n0 = pi * kPanel;
-      repack_panel(g, n0, pb);
-      for (int64_t m0 = mb; m0 < me; m0 += kGemmRows) {
-        switch (std::min<int64_t>(kGemmRows, me - m0)) {
-          case 1: panel_rows<1>(g, pb, n0, m0); break;
-          case 2: panel_rows<2>(g, pb, n0, m0); break;
-          case 3: panel_rows<3>(g, pb, n0, m0); break;
-          case 4: panel_rows<4>(g, pb, n0, m0); break;
-          case 5: panel_rows<5>(g, pb, n0, m0); break;
-          case 6: panel_rows<6>(g, pb, n0, m0); break;
-          case 7: panel_rows<7>(g, pb, n0, m0); break;
-          default: panel_rows<8>(g, pb, n0, m0); break;
-        }
+  const int64_t panels = (g.N + kPanel - 1) / kPanel, tiles = (me - mb + kGemmRows - 1) / kGemmRows;
+  const int64_t splits = gemm_i8::m_splits(panels, tiles, 2.0), per = (tiles + splits - 1) / splits;
+  par_for(0, panels * splits, 1, [&](int64_t b, int64_t e) {
+    thread_local PanelBuf pb;
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t n0 = item / splits * kPanel, t0 = item % splits * per, t1 = std::min(tiles, t0 + per);
+      if (t0 >= t1) continue;
+      pack_panel(g, n0, pb);
+      const int nv = int(std::min<int64_t>(4, (g.N - n0 + 15) / 16));  // vectors of the panel that hold columns
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t m0 = mb + t * kGemmRows;
+        for (int v0 = 0; v0 < nv; v0 += kGemmVecs) tile_upto<kGemmRows>(std::min<int64_t>(kGemmRows, me - m0), g, pb, n0, v0, m0);
       }
     }
   });
 }
 
-// Blocks of kGemmBlockM rows of x, each over every panel (repacked again per block: a few percent of
-// a block's products), so the rows of x a panel reads stay in L2.
+// Blocks of kGemmBlockM rows of x, each over every panel (packed again per block: a few percent of a
+// block's products), so the rows of x a panel reads stay in L2.
 void run_gemm(const Gemm& g) {
   for (int64_t mb = 0; mb < g.M; mb += kGemmBlockM) run_gemm_block(g, mb, std::min(g.M, mb + kGemmBlockM));
 }
