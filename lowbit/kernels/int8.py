@@ -12,7 +12,7 @@ fast implementations chosen here by device and shape:
   ``torch.mm`` into its slice of the output, in float32 for bf16/fp16 input where the CPU has no
   native half matmul (``host.matmul_dtype``); other devices: the reference;
 * W8A8, CPU and CUDA: activations quantized with the primitives (per token, or the static scale
-  given), ``lowbit::int8_mm`` (exact int32: on CPUs with AVX-512 VNNI our ``mm_i8`` for M <= 7 and
+  given), ``lowbit::int8_mm`` (exact int32: on CPUs with AVX-512 VNNI our ``mm_i8`` for M <= 4 and
   ``gemm_i8`` above, ``csrc/int8_act.cpp`` and ``csrc/gemm_i8.h``; elsewhere ``torch._int_mm``, or on CPUs
   without int8 dot products exact float32 GEMMs over K chunks, ``_int8_mm_float32``), an exact integer zero-point
   correction for asymmetric activations (``zp_x * rowsum(W)``), one float32 rescale, one cast.
@@ -66,14 +66,14 @@ _MM_I8_MAX_M = 64  # our AVX2 mm_i8 up to here, _int8_mm_float32 above
 #   M          1     2     4     8    16    32    64
 #   mm_i8    5.37  5.11  5.71  12.0  19.3  42.8  85.2
 #   _int_mm  6.09  25.5  26.7  27.4  29.3  37.5  45.7
-_VNNI_MM_MAX_M = 7
-# From M = 8 (CPUs with avx512_vnni): the same build's gemm_i8 (csrc/gemm_i8.h: a 6 x 64 vpdpbusd tile on
-# weight panels packed per call). ms, 2 threads, AMD Zen 4, quiet (scratch/gemm_i8_vs_int_mm.py in
-# benchmarks/results/avx512_zen4, output in its README):
-#   8 x 4096^2, M    1     4     8    16    24    32
-#   gemm_i8        7.11  8.15  9.04  14.0  17.3  16.7
-#   mm_i8          3.95  5.36  9.84  18.4  27.1  36.7
-#   _int_mm           -     -     -     -  29.5  32.2
+_VNNI_MM_MAX_M = 4
+# From M = 5 (CPUs with avx512_vnni): the same build's gemm_i8 (csrc/gemm_i8.h: a 6 x 64 vpdpbusd tile on
+# weight panels packed per call). ms, 2 threads, AMD Zen 4, quiet (scripts in benchmarks/results/avx512_zen4/
+# scratch, outputs in its README: w8a8_mm_i8_vs_gemm_i8_small_m.py, ab_head_csrc.py, gemm_i8_vs_int_mm.py):
+#   8 x 4096^2, M    2     4     5     8    16    32
+#   gemm_i8        5.84  6.02  6.27  7.14  9.81  14.1
+#   mm_i8          4.66  5.45  7.08  9.79  18.4  36.7
+#   _int_mm           -     -     -     -     -  32.2
 #   one 4096^2 at M = 256: gemm_i8 10.0, _int_mm 12.4, bf16 F.linear 19.7 (1.96x bf16 against 1.58x)
 _FLOAT_MM_MIN_M = 2  # without mm_i8: _int8_mm_float32 from here (at M=1 it and _int_mm are level)
 _EXACT_K = 1024  # int8 x int8 sums of up to 1024 products stay <= 2^24: exact in float32

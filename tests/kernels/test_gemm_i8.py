@@ -1,5 +1,5 @@
 """The AVX-512 int8_act build's ``gemm_i8`` (csrc/gemm_i8.h: vpdpbusd on weight panels packed per call), the
-W8A8 GEMM from M = 8 on CPUs with AVX-512 VNNI: equal to ``torch._int_mm`` bit for bit (int32 sums are
+W8A8 GEMM from M = 5 on CPUs with AVX-512 VNNI: equal to ``torch._int_mm`` bit for bit (int32 sums are
 exact), over the shapes where its blocking has edges: M not a multiple of the 6-row tile, N not a
 multiple of the 64-column panel, K not a multiple of 4 (a padded copy of a) or of 64 (a partial
 chunk), K over the 4096-column panel block (accumulators reloaded), and the thread splits."""

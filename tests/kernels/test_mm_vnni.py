@@ -47,7 +47,7 @@ def test_checks_its_arguments():
     assert mm(a[:0], b).shape == (0, 3)
 
 
-@pytest.mark.parametrize("m", [1, 4, 7, 8, 16, 17, 64])
+@pytest.mark.parametrize("m", [1, 4, 5, 7, 8, 16, 17, 64])
 def test_int8_mm_routes_small_m_to_mm_i8_and_the_rest_to_gemm_i8(m, monkeypatch):
     calls = []
     ext = k8._vnni_ext()

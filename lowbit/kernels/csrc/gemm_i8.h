@@ -67,11 +67,13 @@ LOWBIT_VNNI inline void transpose16(__m512i r[16]) {
 LOWBIT_VNNI inline void pack_panel(const int8_t* b, int64_t K, int64_t n0, int64_t rows, int64_t k0, int64_t kc,
                                    uint8_t* dst) {
   const __m512i flip = _mm512_set1_epi8(char(0x80));
-  for (int64_t k = 0; k < kc; k += 64) {
-    const int64_t left = kc - k;
-    const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
-    uint8_t* out = dst + (k / 4) * kQuadBytes;
-    for (int v = 0; v < 4; ++v) {
+  // 16 rows at a time along the whole block: 16 read streams instead of 64 (M=16: 13.8 -> 9.8 ms for 8 x
+  // 4096^2, scratch/ab_head_csrc.py)
+  for (int v = 0; v < 4; ++v) {
+    for (int64_t k = 0; k < kc; k += 64) {
+      const int64_t left = kc - k;
+      const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+      uint8_t* out = dst + (k / 4) * kQuadBytes;
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t row = 16 * v + i;

@@ -163,10 +163,11 @@ void rows(const Problem& p, int64_t n0, int64_t n1) {
 // From kGemmMinM rows of x the weight is read as gemm_i8.h reads W8A8's: per call, each panel of 64 weight
 // rows is packed into a per-thread buffer that stays in L2, in k-quads of 256 bytes (zmm v: rows
 // 16v .. 16v + 15, lane l the 4 values u = w + 8 in [0, 15] of its row's elements 4t .. 4t + 3), with its
-// group sums SU of u and its scales transposed (64 per group). A tile of 6 rows of x x 32 columns keeps 12
+// group sums of w and its scales transposed (64 per group). A tile of 6 rows of x x 32 columns keeps 12
 // int32 group sums and 12 float32 totals in registers (the best of 2-6 rows x 16-64 columns measured:
 // scratch/int8_int4_gemm_vs_old.py in benchmarks/results/avx512_zen4). Per group, each int32 sum starts at
-// -(zp_x * SU + 8 * (SX - zp_x * gs)) (SX: the row's sum of xq over the group) and gains one vpdpbusd per 4
+// -zp_x * SW - 8 * SX (SW: the weight row's sum of w over the group, SX: x's row's of xq), one vpmaddwd of the
+// int16 pairs (SW, -8) and (-zp_x, SX) (|SX| <= 128 * 256 fits), and gains one vpdpbusd per 4
 // elements (the row's 4 int8 values broadcast, the signed operand), so it ends at exactly
 //   I = sum (xq - zp_x) * w;
 // it is converted to float32 and added as tot = fma(I, s, tot), groups in order (the AVX2 build's formula;
@@ -193,7 +194,7 @@ struct Gemm {
   int64_t M, N, K, G, gs;
   const int8_t* x;      // (M, K) xq
   const int32_t* zp;    // (M,)
-  const int32_t* corr;  // (M, G): 8 * (SX - zp * gs)
+  const int32_t* corr;  // (M, G): int16 pairs (-zp, SX)
   const float* sx;      // (M,)
   const uint8_t* q;     // (N, K/2)
   const float* s;       // (N, G)
@@ -205,7 +206,7 @@ struct Gemm {
 
 struct PanelBuf {
   std::vector<uint8_t> u;   // (16 * ceil(K / 64) quads, 64 rows, 4)
-  std::vector<int32_t> su;  // (G, 64)
+  std::vector<int32_t> su;  // (G, 64): int16 pairs (SW, -8)
   std::vector<float> s;     // (G, 64)
 };
 
@@ -215,10 +216,10 @@ void pack_panel(const Gemm& g, int64_t n0, PanelBuf& pb) {
   pb.su.resize(g.G * kPanel);
   pb.s.assign(g.G * kPanel, 0.f);
   const __m512i lo4 = _mm512_set1_epi16(0x000F), flip = _mm512_set1_epi8(8);
-  for (int64_t c = 0; c < chunks; ++c) {  // 64 elements = 32 packed bytes of each row
-    const int64_t bytes = std::min<int64_t>(32, rb - c * 32);
-    const __mmask32 mask = bytes == 32 ? ~__mmask32(0) : __mmask32((1u << bytes) - 1);
-    for (int v = 0; v < 4; ++v) {
+  for (int v = 0; v < 4; ++v) {  // 16 rows at a time along their whole length (16 read streams, not 64)
+    for (int64_t c = 0; c < chunks; ++c) {  // 64 elements = 32 packed bytes of each row
+      const int64_t bytes = std::min<int64_t>(32, rb - c * 32);
+      const __mmask32 mask = bytes == 32 ? ~__mmask32(0) : __mmask32((1u << bytes) - 1);
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t row = 16 * v + i;
@@ -238,7 +239,10 @@ void pack_panel(const Gemm& g, int64_t n0, PanelBuf& pb) {
       __m512i acc = _mm512_setzero_si512();
       for (int64_t t = gi * tg; t < (gi + 1) * tg; ++t)
         acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(pb.u.data() + t * kQuad + v * 64), ones);
-      _mm512_storeu_si512(pb.su.data() + gi * kPanel + 16 * v, acc);
+      // SW = SU - 8 gs in the low int16 (|SW| <= 8 * 256), -8 in the high one
+      const __m512i sw = _mm512_sub_epi32(acc, _mm512_set1_epi32(int32_t(8 * g.gs)));
+      _mm512_storeu_si512(pb.su.data() + gi * kPanel + 16 * v,
+                          _mm512_or_si512(_mm512_and_si512(sw, _mm512_set1_epi32(0xFFFF)), _mm512_set1_epi32(int32_t(0xFFF80000u))));
     }
     for (int64_t j = 0; j < rows; ++j) pb.s[gi * kPanel + j] = g.s[(n0 + j) * g.G + gi];
   }
@@ -249,9 +253,8 @@ void pack_panel(const Gemm& g, int64_t n0, PanelBuf& pb) {
 #define LB_ON(i, j) if constexpr (R > i && NV > j)
 #define LB_DECL(i, j) __m512i p##i##j; __m512 t##i##j;
 #define LB_ZERO(i, j) LB_ON(i, j) t##i##j = _mm512_setzero_ps();
-#define LB_START(i, j) LB_ON(i, j) p##i##j = _mm512_sub_epi32(_mm512_mullo_epi32(nz##i, su##j), cr##i);
-#define LB_ROWQ(i) const __m512i nz##i = _mm512_set1_epi32(R > i ? -g.zp[m0 + (R > i ? i : 0)] : 0), \
-                                 cr##i = _mm512_set1_epi32(R > i ? g.corr[(m0 + (R > i ? i : 0)) * g.G + gi] : 0);
+#define LB_START(i, j) LB_ON(i, j) p##i##j = _mm512_madd_epi16(su##j, cr##i);
+#define LB_ROWQ(i) const __m512i cr##i = _mm512_set1_epi32(R > i ? g.corr[(m0 + (R > i ? i : 0)) * g.G + gi] : 0);
 #define LB_X(i) const __m512i x##i = R > i ? _mm512_set1_epi32(gemm_i8::load4(xr + (R > i ? i : 0) * g.K + 4 * t)) : _mm512_setzero_si512();
 #define LB_DOT(i, j) LB_ON(i, j) gemm_i8::dpbusd(p##i##j, w##j, x##i);
 #define LB_SCALE(i, j) LB_ON(i, j) t##i##j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p##i##j), s##j, t##i##j);
@@ -379,7 +382,8 @@ void run_kernel(const int8_t* x, const float* sxp, const int32_t* zp, int64_t M,
           __m512i acc = _mm512_setzero_si512();
           for (int64_t k = 0; k < gs; k += 32)
             acc = _mm512_dpbusd_epi32(acc, ones, _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + k))));
-          corr[m * G + gi] = 8 * (_mm512_reduce_add_epi32(acc) - zp[m] * int32_t(gs));
+          const uint32_t sx = uint32_t(_mm512_reduce_add_epi32(acc)) & 0xFFFFu, nzp = uint32_t(-zp[m]) & 0xFFFFu;
+          corr[m * G + gi] = int32_t(nzp | (sx << 16));  // int16 pairs (-zp, SX): SX in [-128 * 256, 127 * 256]
         }
     });
     run_gemm(Gemm{M, N, K, G, gs, x, zp, ws.sxc.data(), sxp, q, s, bias, bias_t, out, out_t});
