@@ -259,6 +259,11 @@ void pack_panel(const Gemm& g, int64_t n0, PanelBuf& pb) {
 #define LB_DOT(i, j) LB_ON(i, j) gemm_i8::dpbusd(p##i##j, w##j, x##i);
 #define LB_SCALE(i, j) LB_ON(i, j) t##i##j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p##i##j), s##j, t##i##j);
 #define LB_STORE(i, j) LB_ON(i, j) _mm512_store_ps(buf + 16 * j, t##i##j);
+#define LB_STORE_ROW(i)                                          \
+  if constexpr (R > i) {                                         \
+    LB_STORE(i, 0) LB_STORE(i, 1) LB_STORE(i, 2) LB_STORE(i, 3) \
+    store_row(m0 + i);                                           \
+  }
 
 // Rows [m0, m0 + R) of x against columns [16 * v0, 16 * (v0 + NV)) of the panel at n0:
 // out = sx * tot + bias (NaN where sx is not finite).
@@ -297,30 +302,7 @@ void panel_tile(const Gemm& g, const PanelBuf& pb, int64_t n0, int v0, int64_t m
       store_float(g.out, g.out_t, m * g.N + n0 + 16 * v0 + j, finite ? g.sx[m] * buf[j] + b : std::numeric_limits<float>::quiet_NaN());
     }
   };
-  if constexpr (R > 0) {
-    LB_STORE(0, 0) LB_STORE(0, 1) LB_STORE(0, 2) LB_STORE(0, 3)
-    store_row(m0 + 0);
-  }
-  if constexpr (R > 1) {
-    LB_STORE(1, 0) LB_STORE(1, 1) LB_STORE(1, 2) LB_STORE(1, 3)
-    store_row(m0 + 1);
-  }
-  if constexpr (R > 2) {
-    LB_STORE(2, 0) LB_STORE(2, 1) LB_STORE(2, 2) LB_STORE(2, 3)
-    store_row(m0 + 2);
-  }
-  if constexpr (R > 3) {
-    LB_STORE(3, 0) LB_STORE(3, 1) LB_STORE(3, 2) LB_STORE(3, 3)
-    store_row(m0 + 3);
-  }
-  if constexpr (R > 4) {
-    LB_STORE(4, 0) LB_STORE(4, 1) LB_STORE(4, 2) LB_STORE(4, 3)
-    store_row(m0 + 4);
-  }
-  if constexpr (R > 5) {
-    LB_STORE(5, 0) LB_STORE(5, 1) LB_STORE(5, 2) LB_STORE(5, 3)
-    store_row(m0 + 5);
-  }
+  LB_STORE_ROW(0) LB_STORE_ROW(1) LB_STORE_ROW(2) LB_STORE_ROW(3) LB_STORE_ROW(4) LB_STORE_ROW(5)
 }
 #undef LB_ON
 #undef LB_DECL
@@ -331,6 +313,7 @@ void panel_tile(const Gemm& g, const PanelBuf& pb, int64_t n0, int v0, int64_t m
 #undef LB_DOT
 #undef LB_SCALE
 #undef LB_STORE
+#undef LB_STORE_ROW
 
 // Every panel against rows [mb, me) of x: items (panel, run of tiles) shared out as gemm_i8's are.
 template <int R>
