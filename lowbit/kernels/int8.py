@@ -306,6 +306,15 @@ def _int8_mm_impl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, bt)
 
 
+def _w8a8_gemm(m: int, qdata: torch.Tensor):
+    """The VNNI build's ``w8a8_gemm`` (``gemm_i8`` with ``w8a8_epilogue`` applied per tile in L1, the same bits
+    as the two calls) where ``_int8_mm_impl`` would run ``gemm_i8`` for ``m`` rows, else None."""
+    if m <= _VNNI_MM_MAX_M or not host.has_int8_dot() or not qdata.is_contiguous():
+        return None
+    ext = _vnni_ext()
+    return None if ext is None else getattr(ext, "w8a8_gemm", None)
+
+
 def _vnni_ext():
     """The AVX-512 int8_act build, whose ``mm_i8`` and ``gemm_i8`` are VNNI code (only where the CPU has
     avx512_vnni), or None."""
@@ -378,43 +387,85 @@ def _dynamic_linear_op(ext):
     return getattr(ext, "w8a8_dynamic_linear", None)
 
 
+def _fused_cpu_applies(input, bias, static: bool, symmetric: bool) -> bool:
+    """Whether ``_fused_cpu`` takes these arguments (tensor properties only, so also at trace time)."""
+    return (
+        input.device.type == "cpu"
+        and input.dtype in _FUSED_DTYPES
+        and input.is_contiguous()
+        and (bias is None or (bias.dtype == input.dtype and bias.is_contiguous()))
+        and (static or symmetric)
+        and _ext.load("int8_act") is not None
+    )
+
+
 def _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_spec):
     """Eager CPU: activation quantization and the rescale each in one C++ pass (``csrc/int8_act.cpp``,
-    the same float32 ops as the primitives, bit-identical), around ``int8_mm``. None when not applicable."""
-    static = act_scale is not None
-    if (
-        input.device.type != "cpu"
-        or torch.compiler.is_compiling()
-        or input.dtype not in _FUSED_DTYPES
-        or not input.is_contiguous()
-        or (bias is not None and (bias.dtype != input.dtype or not bias.is_contiguous()))
-        or (not static and not act_spec.symmetric)
-    ):
+    the same float32 ops as the primitives, bit-identical), around ``int8_mm``. None when not applicable
+    (and while compiling: ``_activation_forward`` calls ``lowbit::int8_act_linear_cpu`` there)."""
+    if torch.compiler.is_compiling() or not _fused_cpu_applies(input, bias, act_scale is not None, act_spec.symmetric):
         return None
+    return _fused_cpu_run(input, qdata, scale, bias, act_scale, act_zero_point, act_spec.eps)
+
+
+def _fused_cpu_run(input, qdata, scale, bias, act_scale, act_zero_point, eps: float) -> torch.Tensor:
+    """``_fused_cpu``'s work, its conditions already checked."""
     ext = _ext.load("int8_act")
-    if ext is None:
-        return None
+    static = act_scale is not None
     if not static and input.shape[0] <= _MM_I8_MAX_M and qdata.is_contiguous():
         fused = _dynamic_linear_op(ext)
         if fused is not None:  # the three calls below in one, the same values
-            return fused(input, qdata, scale.expand(qdata.shape[0], 1).reshape(-1).contiguous(), bias, act_spec.eps)
+            return fused(input, qdata, scale.expand(qdata.shape[0], 1).reshape(-1).contiguous(), bias, eps)
     zp = 0 if act_zero_point is None else int(act_zero_point)
-    xq, s_dyn = ext.quantize_i8(input, float(act_scale) if static else -1.0, zp, act_spec.eps)
+    xq, s_dyn = ext.quantize_i8(input, float(act_scale) if static else -1.0, zp, eps)
     s_x = act_scale.reshape(1).float() if static else s_dyn
+    s_w = scale.expand(qdata.shape[0], 1).reshape(-1).contiguous()
     if zp == 0:
+        gemm = _w8a8_gemm(input.shape[0], qdata)
+        if gemm is not None:  # the GEMM and the epilogue below in one call, the same values
+            return gemm(xq, qdata, s_x.contiguous(), s_w, bias, None, input)
         acc, zcorr = _int8_mm_impl(xq, qdata), None
     else:
         acc, rs = _mm_and_rowsum(xq, qdata)
         zcorr = (zp * rs).to(torch.int32)
-    s_w = scale.expand(qdata.shape[0], 1).reshape(-1).contiguous()
     return ext.w8a8_epilogue(acc, s_x.contiguous(), s_w, bias, zcorr, input)
+
+
+@torch.library.custom_op("lowbit::int8_act_linear_cpu", mutates_args=())
+def _int8_act_linear_cpu(input: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                         act_scale: torch.Tensor | None, act_zero_point: torch.Tensor | None, act_key: str,
+                         w_key: str) -> torch.Tensor:
+    """What torch.compile sees of CPU W8A8 where ``_fused_cpu`` applies: the eager route as one opaque op, so
+    compiled runs the same C++ passes and gives the same bits as eager. Traced as aten ops instead (the
+    activation quantization and the rescale each fused by inductor around ``lowbit::int8_mm``), one
+    Linear(4096, 4096) at M = 256 took 11.8 ms against 10.7 eager: inductor's two kernels cost ~1.8 ms where
+    ours cost ~0.2 (``benchmarks/results/avx512_zen4/scratch/w8a8_compiled_m256.py``).
+
+    The choice is made while tracing, and a compiled graph can outlive it: torch's caches handed a graph traced
+    with the extension to a process run with ``LOWBIT_NO_EXT=1``. So the op checks again and, where the C++
+    route does not apply, runs the aten path eagerly (``act_key`` / ``w_key``: the specs, ``spec_key``'s form)."""
+    act_spec = spec_from_key(act_key)
+    if _fused_cpu_applies(input, bias, act_scale is not None, act_spec.symmetric):
+        return _fused_cpu_run(input, qdata, scale, bias, act_scale, act_zero_point, act_spec.eps)
+    return _activation_forward_aten(input, qdata, scale, bias, act_scale, act_zero_point, act_spec,
+                                    spec_from_key(w_key), "auto")
+
+
+@_int8_act_linear_cpu.register_fake
+def _(input, qdata, scale, bias, act_scale, act_zero_point, act_key, w_key):
+    return input.new_empty(input.shape[0], qdata.shape[0])
 
 
 def _activation_forward(input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel):
     if kernel != "reference":
-        out = _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_spec)
-        if out is not None:
-            return out
+        if torch.compiler.is_compiling():
+            if _fused_cpu_applies(input, bias, act_scale is not None, act_spec.symmetric):
+                return _int8_act_linear_cpu(input, qdata, scale, bias, act_scale, act_zero_point, spec_key(act_spec),
+                                            spec_key(spec))
+        else:
+            out = _fused_cpu(input, qdata, scale, bias, act_scale, act_zero_point, act_spec)
+            if out is not None:
+                return out
     return _activation_forward_aten(input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel)
 
 
@@ -439,9 +490,8 @@ def _activation_forward_aten(input, qdata, scale, bias, act_scale, act_zero_poin
 
 
 class _Int8ActivationLinear(torch.autograd.Function):
-    """Forward: the W8A8 math above (traceable, so torch.compile fuses the activation quantization
-    and the rescale around ``torch._int_mm``). Backward: straight through the activation rounding
-    to the input, and to the bias; the int8 weight is frozen."""
+    """Forward: the W8A8 math above (``_activation_forward``). Backward: straight through the activation
+    rounding to the input, and to the bias; the int8 weight is frozen."""
 
     @staticmethod
     def forward(ctx, input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel):
@@ -472,8 +522,10 @@ def int8_activation_linear(
     token (``act_scale`` None) or with the static per-tensor ``act_scale`` / ``act_zero_point``;
     the result is ``dequant(x_q) @ dequant(W).T + bias`` in ``input.dtype``.
 
-    Not an opaque custom op on purpose: it is made of aten ops (``torch._int_mm`` among them),
-    so torch.compile fuses the quantization before and the rescale after the integer GEMM.
+    Not one opaque custom op on purpose: it is made of aten ops around ``lowbit::int8_mm``, so on CUDA (and
+    on CPU without the int8_act build) torch.compile fuses the quantization before and the rescale after
+    the integer GEMM. On CPU with the build, compile sees ``lowbit::int8_act_linear_cpu`` (the eager C++
+    route whole, faster than inductor's kernels there).
 
     Args:
         input: (M, K) float activations.

@@ -94,3 +94,33 @@ def test_noncontiguous_operands_still_exact_through_int8_mm():
     """_int8_mm_impl sends only contiguous operands to the C++ GEMMs; the others reach torch._int_mm."""
     a, b = _operands(40, 24, 64, 5)
     assert torch.equal(k8._int8_mm_impl(a[:, ::2], b[:, ::2]), _exact(a[:, ::2], b[:, ::2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m, n, k", [(5, 3, 7), (6, 64, 64), (37, 130, 577), (13, 200, BLOCK_K), (9, 70, BLOCK_K + 4)])
+def test_w8a8_gemm_equals_gemm_then_epilogue(m, n, k, dtype):
+    """w8a8_gemm (the epilogue per tile while in L1; for K over one block, the two calls) gives
+    w8a8_epilogue(gemm_i8(...))'s bits: per-row and per-tensor s_x, bias, zero-point correction."""
+    ext = k8._vnni_ext()
+    a, b = _operands(m, n, k, m + n + k)
+    g = torch.Generator().manual_seed(k)
+    s_x, s_w = torch.rand(m, generator=g) / 1000, torch.rand(n, generator=g) / 1000
+    bias = torch.randn(n, generator=g).to(dtype)
+    zcorr = torch.randint(-1000, 1000, (n,), dtype=torch.int32, generator=g)
+    like = torch.empty(0, dtype=dtype)
+    for sx, bb, zc in ((s_x, None, None), (s_x, bias, None), (s_x[:1].contiguous(), bias, zcorr)):
+        want = ext.w8a8_epilogue(ext.gemm_i8(a, b), sx, s_w, bb, zc, like)
+        got = ext.w8a8_gemm(a, b, sx, s_w, bb, zc, like)
+        assert got.dtype == dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
+
+
+def test_w8a8_gemm_checks_its_arguments():
+    ext = k8._vnni_ext()
+    a, b = _operands(9, 3, 16, 0)
+    like = torch.empty(0)
+    with pytest.raises(RuntimeError, match="w8a8_gemm: a must be int8"):
+        ext.w8a8_gemm(a.float(), b, torch.ones(9), torch.ones(3), None, None, like)
+    with pytest.raises(RuntimeError, match="s_w: float32, N values"):
+        ext.w8a8_gemm(a, b, torch.ones(9), torch.ones(4), None, None, like)
+    with pytest.raises(RuntimeError, match="bias: N values in x's dtype"):
+        ext.w8a8_gemm(a, b, torch.ones(9), torch.ones(3), torch.ones(3, dtype=torch.float64), None, like)

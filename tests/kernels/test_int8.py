@@ -5,7 +5,7 @@ import torch
 
 from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerGroup, PerRow, PerTensor
-from lowbit.kernels import host
+from lowbit.kernels import _ext, host
 from lowbit.kernels import int8 as k8
 from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear
 from lowbit.configs import Int8DynamicActivationInt8WeightConfig, Int8StaticActivationInt8WeightConfig, Int8WeightOnlyConfig
@@ -139,21 +139,38 @@ def _w8a8_model(device):
 
 
 @pytest.mark.parametrize("freezing", [False, True], ids=["plain", "freezing"])
-def test_compiled_w8a8_calls_int8_mm_once_per_linear_cpu(freezing, monkeypatch):
+def test_compiled_w8a8_runs_one_opaque_op_per_linear_cpu(freezing, monkeypatch):
     # with freezing, inductor would rewrite a bare _int_mm into a oneDNN qlinear holding a
-    # prepacked second copy of the weight; the opaque lowbit::int8_mm runs once per linear instead, and
-    # inside it our own GEMM where the CPU has AVX-512 VNNI (gemm_i8), else _int_mm.
+    # prepacked second copy of the weight. Compiled CPU W8A8 is one opaque op per linear instead: where the
+    # int8_act build loads, lowbit::int8_act_linear_cpu (the eager C++ route whole: same bits as eager),
+    # else the traced aten ops around lowbit::int8_mm. Inside either, our GEMM where the CPU has AVX-512 VNNI
+    # (gemm_i8), else _int_mm.
     # int8 dot products forced: without them the op computes by float32 GEMMs (tests/kernels/test_host_paths.py)
     monkeypatch.setenv(host.INT8_ENV, "native")
     m = _w8a8_model("cpu")
     x = torch.randn(32, 64)
     torch._dynamo.reset()
-    with torch.no_grad(), torch._inductor.config.patch(freezing=freezing):
+    # caches off: a graph traced in another process (say with LOWBIT_NO_EXT=1) may be handed back here
+    with torch.no_grad(), torch._inductor.config.patch(freezing=freezing, force_disable_caches=True):
         c = torch.compile(m, fullgraph=True)
-        c(x)
-        assert _count_int_mm(lambda: c(x), "lowbit::int8_mm") == 3
+        assert torch.equal(c(x), m(x))
+        whole = _ext.load("int8_act") is not None
+        assert _count_int_mm(lambda: c(x), "lowbit::int8_act_linear_cpu") == (3 if whole else 0)
+        assert _count_int_mm(lambda: c(x), "lowbit::int8_mm") == (0 if whole else 3)
         assert not {k for k in _keys(lambda: c(x)) if "qlinear" in k or "mkldnn" in k}
         assert _count_int_mm(lambda: c(x)) == (0 if k8._vnni_ext() is not None else 3)
+
+
+def test_the_compiled_cpu_op_falls_back_where_the_cpp_route_does_not_apply(monkeypatch):
+    """lowbit::int8_act_linear_cpu is chosen while tracing; a graph holding it may run where the int8_act build
+    does not load (torch's caches outlive the process that traced it): it then runs the aten path."""
+    w, _ = _weights(PerRow())
+    x = torch.randn(9, w.qdata.shape[1])
+    act = _act(True)
+    want = k8._activation_forward_aten(x, w.qdata, w.scale, None, None, None, act, w.spec, "auto")
+    monkeypatch.setattr(_ext, "load", lambda name="int8_gemv": None)
+    got = torch.ops.lowbit.int8_act_linear_cpu(x, w.qdata, w.scale, None, None, None, spec_key(act), spec_key(w.spec))
+    assert torch.equal(got, want)
 
 
 @pytest.mark.cuda

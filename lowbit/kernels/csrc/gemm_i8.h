@@ -202,9 +202,19 @@ inline int64_t m_splits(int64_t panels, int64_t tiles, double pack) {
   return splits;
 }
 
+// No epilogue: gemm's int32 result is the output.
+struct NoEpilogue {
+  void operator()(const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t) const {}
+};
+
 // c (M, N) = a (M, K) @ b (N, K).T exactly; a and b contiguous int8, c int32 contiguous. Call only on a
-// CPU with avx512_vnni.
-inline void gemm(const int8_t* a_in, const int8_t* b, int32_t* c, int64_t M, int64_t N, int64_t K) {
+// CPU with avx512_vnni. With an epilogue and c == nullptr (only for K <= kKC: one block of K), each
+// tile's int32 sums go to a per-thread 6 x 64 buffer instead and epi(tile, ld, m, rows, n0, cols) turns
+// them into the output while they are in L1: no (M, N) int32 array at all.
+template <typename Epi = NoEpilogue>
+inline void gemm(const int8_t* a_in, const int8_t* b, int32_t* c, int64_t M, int64_t N, int64_t K,
+                 const Epi& epi = Epi()) {
+  TORCH_CHECK(c != nullptr || K <= kKC, "gemm_i8: an output-less call needs K <= ", kKC);
   // a, padded to a multiple of 4 columns where needed, and each row's -128 * sum_k a (mod 2^32)
   const int64_t lda = (K + 3) / 4 * 4;
   std::vector<int8_t> padded;
@@ -230,9 +240,14 @@ inline void gemm(const int8_t* a_in, const int8_t* b, int32_t* c, int64_t M, int
         const int64_t kc = std::min(kKC, K - k0), quads = (kc + 3) / 4;
         pack_panel(b, K, n0, cols, k0, kc, panel);
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t m = t * kMR;
-          micro_any(int(std::min<int64_t>(kMR, M - m)), a + m * lda + k0, lda, panel, quads, c + m * N + n0, N, cols,
-                    k0 == 0, init.data() + m);
+          const int64_t m = t * kMR, mr = std::min<int64_t>(kMR, M - m);
+          if (c == nullptr) {
+            alignas(64) int32_t tile[kMR * kNR];
+            micro_any(int(mr), a + m * lda + k0, lda, panel, quads, tile, kNR, cols, true, init.data() + m);
+            epi(tile, kNR, m, mr, n0, cols);
+          } else {
+            micro_any(int(mr), a + m * lda + k0, lda, panel, quads, c + m * N + n0, N, cols, k0 == 0, init.data() + m);
+          }
         }
       }
     }

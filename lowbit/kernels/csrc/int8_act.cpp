@@ -81,24 +81,27 @@ void quantize_rows(const T* x, int8_t* q, float* scales, int64_t M, int64_t K, f
   });
 }
 
+// One row's N outputs from its int32 sums a (zcorr, sw, bias: the same N columns, bias may be null).
+template <typename T>
+inline void epilogue_row(const int32_t* a, float sx, const float* sw, const T* bias, const int32_t* zcorr, T* o,
+                         int64_t N) {
+  const __m512 vsx = _mm512_set1_ps(sx);
+  for (int64_t n = 0; n < N; n += 16) {
+    const int64_t len = std::min<int64_t>(16, N - n);
+    const __mmask16 mk = __mmask16((1u << len) - 1);
+    __m512i ai = _mm512_maskz_loadu_epi32(mk, a + n);
+    if (zcorr) ai = _mm512_sub_epi32(ai, _mm512_maskz_loadu_epi32(mk, zcorr + n));
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ai), vsx), _mm512_maskz_loadu_ps(mk, sw + n));
+    if (bias) v = _mm512_add_ps(v, len == 16 ? load16<T>(bias + n) : load_tail<T>(bias + n, len));
+    store16<T>(o + n, v, len);
+  }
+}
+
 template <typename T>
 void epilogue_rows(const int32_t* acc, const float* sx, bool sx_per_row, const float* sw, const T* bias,
                    const int32_t* zcorr, T* out, int64_t M, int64_t N) {
   lowbit::par_for(0, M, 4, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      const __m512 vsx = _mm512_set1_ps(sx_per_row ? sx[m] : sx[0]);
-      const int32_t* a = acc + m * N;
-      T* o = out + m * N;
-      for (int64_t n = 0; n < N; n += 16) {
-        const int64_t len = std::min<int64_t>(16, N - n);
-        const __mmask16 mk = __mmask16((1u << len) - 1);
-        __m512i ai = _mm512_maskz_loadu_epi32(mk, a + n);
-        if (zcorr) ai = _mm512_sub_epi32(ai, _mm512_maskz_loadu_epi32(mk, zcorr + n));
-        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ai), vsx), _mm512_maskz_loadu_ps(mk, sw + n));
-        if (bias) v = _mm512_add_ps(v, len == 16 ? load16<T>(bias + n) : load_tail<T>(bias + n, len));
-        store16<T>(o + n, v, len);
-      }
-    }
+    for (int64_t m = b; m < e; ++m) epilogue_row<T>(acc + m * N, sx_per_row ? sx[m] : sx[0], sw, bias, zcorr, out + m * N, N);
   });
 }
 
@@ -220,6 +223,54 @@ double vnni_peak_gops(int64_t iters) {
   return double(nt) * double(iters) * 24.0 * 128.0 / s / 1e9;
 }
 
+torch::Tensor w8a8_epilogue(torch::Tensor acc, torch::Tensor s_x, torch::Tensor s_w, c10::optional<torch::Tensor> bias,
+                            c10::optional<torch::Tensor> zcorr, torch::Tensor like);
+
+// w8a8_epilogue(gemm_i8(a, b), s_x, s_w, bias, zcorr, like), the same values bit for bit: for K <= 4096 each
+// tile of int32 sums is scaled into the output while it is in L1 (gemm_i8::gemm's epilogue), else the two
+// calls. Call only on a CPU with avx512_vnni.
+torch::Tensor w8a8_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor s_x, torch::Tensor s_w,
+                        c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> zcorr, torch::Tensor like) {
+  lowbit::check_mm_i8(a, b, "w8a8_gemm");
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  if (M == 0 || N == 0 || K == 0 || K > gemm_i8::kKC) return w8a8_epilogue(gemm_i8_entry(a, b), s_x, s_w, bias, zcorr, like);
+  TORCH_CHECK(s_x.device().is_cpu() && s_w.device().is_cpu(), "w8a8_gemm: s_x and s_w must be CPU tensors");
+  TORCH_CHECK(s_x.scalar_type() == torch::kFloat && s_x.is_contiguous() && (s_x.numel() == 1 || s_x.numel() == M), "s_x: float32, 1 or M values");
+  TORCH_CHECK(s_w.scalar_type() == torch::kFloat && s_w.is_contiguous() && s_w.numel() == N, "s_w: float32, N values");
+  const int32_t* zc = nullptr;
+  if (zcorr) {
+    TORCH_CHECK(zcorr->device().is_cpu(), "zcorr must be a CPU tensor");
+    TORCH_CHECK(zcorr->scalar_type() == torch::kInt && zcorr->is_contiguous() && zcorr->numel() == N, "zcorr: int32, N values");
+    zc = zcorr->data_ptr<int32_t>();
+  }
+  if (bias) TORCH_CHECK(bias->device().is_cpu(), "bias must be a CPU tensor");
+  if (bias) TORCH_CHECK(bias->scalar_type() == like.scalar_type() && bias->is_contiguous() && bias->numel() == N, "bias: N values in x's dtype");
+  auto out = torch::empty({M, N}, a.options().dtype(like.scalar_type()));
+  const float* sx = s_x.data_ptr<float>();
+  const bool per_row = s_x.numel() == M && M > 1;
+  const float* sw = s_w.data_ptr<float>();
+  switch (like.scalar_type()) {
+#define LOWBIT_FUSED(T, ST)                                                                                       \
+  case ST: {                                                                                                      \
+    const T* bp = bias ? bias->data_ptr<T>() : nullptr;                                                           \
+    T* op = out.data_ptr<T>();                                                                                    \
+    auto epi = [&](const int32_t* tile, int64_t ld, int64_t m, int64_t rows, int64_t n0, int64_t cols) {          \
+      for (int64_t i = 0; i < rows; ++i)                                                                          \
+        epilogue_row<T>(tile + i * ld, per_row ? sx[m + i] : sx[0], sw + n0, bp ? bp + n0 : nullptr,              \
+                        zc ? zc + n0 : nullptr, op + (m + i) * N + n0, cols);                                     \
+    };                                                                                                            \
+    gemm_i8::gemm(a.data_ptr<int8_t>(), b.data_ptr<int8_t>(), nullptr, M, N, K, epi);                             \
+    break;                                                                                                        \
+  }
+    LOWBIT_FUSED(float, torch::kFloat)
+    LOWBIT_FUSED(at::BFloat16, torch::kBFloat16)
+    LOWBIT_FUSED(at::Half, torch::kHalf)
+#undef LOWBIT_FUSED
+    default: TORCH_CHECK(false, "w8a8_gemm: output must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
 // Quantize x (M, K) to int8: static (scale given, zp) or dynamic per-token symmetric (scale < 0).
 // Returns (q, scales) where scales is (M, 1) float32 for the dynamic case, else empty.
 // Every entry point checks its arguments (devices, dtypes, ranks, shapes, contiguity) before
@@ -281,6 +332,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_epilogue", &w8a8_epilogue, "int32 accumulator -> scaled float output");
   m.def("mm_i8", &mm_i8, "exact int8 x int8 -> int32 GEMM for small M (VNNI: call only on a CPU with avx512_vnni)");
   m.def("gemm_i8", &gemm_i8_entry, "exact int8 x int8 -> int32 GEMM on panels packed per call (VNNI: call only on a CPU with avx512_vnni)");
+  m.def("w8a8_gemm", &w8a8_gemm, "w8a8_epilogue(gemm_i8(a, b), ...) with the epilogue on each tile in L1 (VNNI: call only on a CPU with avx512_vnni)");
   m.def("vnni_peak_gops", &vnni_peak_gops, "int8 compute peak: GOP/s of vpdpbusd on registers on every thread (VNNI: call only on a CPU with avx512_vnni)");
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
