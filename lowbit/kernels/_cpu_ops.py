@@ -54,8 +54,8 @@ def _int8_weight_only_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) 
 def _int4_gemv_bf16(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                     bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ dequantize(W).T + bias`` in ``x.dtype`` for the canonical packed int4 ``qdata``
-    (N, K // 2), float32 ``scale`` (N, K // group), an int8 ``zero_point`` in [0, 15] (uint4) or
-    None (two's complement int4). Raises ValueError on a scale whose groups don't divide K."""
+    (N, K // 2), float32 ``scale`` (N, K // group), an int8 ``zero_point`` in [0, 15] or a float32
+    one (uint4, integer or float zero-point domain) or None (two's complement int4). Raises ValueError on a scale whose groups don't divide K."""
     if x.device.type == "cpu":
         ext = _ext.load("int4_cpu")
         if ext is not None:

@@ -7,8 +7,9 @@ it can't (then the caller uses another path, e.g. the reference).
 
 Weight layout (the library's canonical int4 data, used as is, nothing cached or repacked):
 ``qdata`` uint8 (N, K // 2) from ``pack_int4`` (element 2j in the low nibble of byte j);
-``scale`` float32 (N, G); ``zero_point`` int8 (N, G) in [0, 15] (asymmetric uint4 nibbles) or
-None (symmetric: nibbles are int4 two's complement). Group size K // G.
+``scale`` float32 (N, G); ``zero_point`` (N, G) int8 in [0, 15] or float32 (asymmetric uint4
+nibbles, integer or float zero-point domain) or None (symmetric: nibbles are int4 two's
+complement). Group size K // G.
 
 Supported (anything else returns None):
 
@@ -17,7 +18,7 @@ Supported (anything else returns None):
   op ``lowbit::int4_weight_only_linear``, owns the autograd formula);
 * x dtype bfloat16, float32 or float16; output in x's dtype; bias (N,) or None;
 * group size a power of two >= ``MIN_GROUP`` (32, 64, 128, 256, ...; the C++ entry points check
-  the same), K even, K % G == 0; any N; qdata contiguous; ``zero_point`` int8 or None; the
+  the same), K even, K % G == 0; any N; qdata contiguous; ``zero_point`` int8, float32 or None; the
   extension built (AVX-512 F/BW/VL/BF16/VBMI/VNNI, or AVX2 + FMA + F16C: see ``_ext``).
 
 Paths, by M = number of rows of x (thresholds measured on Zen 5, 2 threads, 8 x 4096^2 layers; the
@@ -26,14 +27,15 @@ x is widened to float32 and multiplied by the exact ``q - zp``, see ``csrc/int4_
 
 * bfloat16, M <= ``GEMV_MAX_M``: ``gemv_bf16``, streams the packed weight once; nibbles become
   bf16 ``128 + q`` in one op, vdpbf16ps against x (bf16, permuted once per call), per-group scale
-  by FMA, the ``128 + zp`` offset removed once per row from per-group sums of x. Float32
+  by FMA, the ``128 + zp`` offset (an int8 or a float32 zp alike) removed once per row from
+  per-group sums of x. Float32
   accumulation; the weight is used unrounded (the reference rounds it to bf16 first), so results
   differ from the reference by about the reference's own rounding (~50 dB SQNR).
 * bfloat16, M <= ``SMALL_MAX_M``: ``gemm_small_bf16``, same math, each unpacked weight pair
   applied to 16 rows of x per instruction (register tile of W rows x 16-row blocks of x).
 * otherwise (and float32/float16 with M > 1): ``linear_chunked``: ``CHUNK_ROWS`` rows of W at a
   time are dequantized exactly (bit-equal to ``dequantize_affine``: ``(q - zp) * s`` in float32,
-  one rounding to x's dtype) into a reused buffer, then ``addmm``/``mm`` (oneDNN/BLAS) into
+  q exact, one rounding for a float zp's subtraction, one for the product, one to x's dtype) into a reused buffer, then ``addmm``/``mm`` (oneDNN/BLAS) into
   the output's column slice. Equal to the reference up to matmul accumulation order. bf16/fp16 x
   on a CPU without native half matmul (``host.matmul_dtype``): ``_chunked_float32``, the same
   dequantized values widened to float32, a float32 matmul, one rounding of the output (5-6x faster
@@ -56,6 +58,7 @@ CHUNK_ROWS = 1024  # rows of W per mm (256-row slices measured 15% slower than o
 MIN_GROUP = 32  # smallest group size (a power of two) the kernels take: gemv_f32 steps 32 elements
 
 _DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+_ZP_DTYPES = (torch.int8, torch.float32)  # integer / float zero-point domain
 
 
 def available() -> bool:
@@ -77,7 +80,7 @@ def _supported(x, qdata, scale, zero_point, bias) -> bool:
     gs = k // g
     if gs < MIN_GROUP or gs & (gs - 1):
         return False
-    if zero_point is not None and (zero_point.shape != scale.shape or zero_point.dtype != torch.int8):
+    if zero_point is not None and (zero_point.shape != scale.shape or zero_point.dtype not in _ZP_DTYPES):
         return False
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or not bias.dtype.is_floating_point):
         return False
@@ -92,13 +95,11 @@ def direct_gemv_op():
 
 def direct_gemv(x, qdata, scale, zero_point, bias) -> torch.Tensor | None:
     """The GEMV through :func:`direct_gemv_op` when it applies: CPU bf16 ``x`` (M, K) with M <= 4, no
-    gradient wanted (the op has no autograd kernel), an int8 or no zero point and a shape
-    ``int4_linear_cpu`` takes; else None. Same kernel, same values as ``int4_linear_cpu``."""
+    gradient wanted (the op has no autograd kernel) and a shape ``int4_linear_cpu`` takes (an int8,
+    float32 or no zero point); else None. Same kernel, same values as ``int4_linear_cpu``."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.device.type != "cpu":
         return None
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return None
-    if zero_point is not None and zero_point.dtype != torch.int8:
         return None
     if x.stride(-1) != 1 or not scale.is_contiguous() or (zero_point is not None and not zero_point.is_contiguous()):
         return None
@@ -129,7 +130,7 @@ def direct_gemv_fp8_act(x, qdata, scale, zero_point, bias, per_token: bool, eps:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return None
-    if zero_point is not None and (zero_point.dtype != torch.int8 or not zero_point.is_contiguous()):
+    if zero_point is not None and not zero_point.is_contiguous():
         return None
     if not scale.is_contiguous() or x.shape[0] == 0 or not _supported(x, qdata, scale, zero_point, bias):
         return None
@@ -174,7 +175,7 @@ def int4_linear_cpu(
         x: (..., K) bfloat16, float32 or float16 activations.
         qdata: (N, K // 2) uint8, two int4 values per byte (``pack_int4``).
         scale: (N, G) float32.
-        zero_point: (N, G) int8 zero point in [0, 15] (asymmetric), or None (symmetric).
+        zero_point: (N, G) int8 zero point in [0, 15] or float32 (asymmetric), or None (symmetric).
         bias: (N,) or None.
 
     Returns:

@@ -121,8 +121,7 @@ def make_int8_plan(qdata, scale, zero_point, act_scale, act_zero_point, act_pre_
 
 def _int4_gemv(qdata, scale, zero_point, dtype) -> Callable | None:
     """``direct_gemv``'s op and M bound for this weight (bf16 only), or None."""
-    if dtype != torch.bfloat16 or (zero_point is not None and (zero_point.dtype != torch.int8
-                                                               or not zero_point.is_contiguous())):
+    if dtype != torch.bfloat16 or (zero_point is not None and not zero_point.is_contiguous()):
         return None
     if not scale.is_contiguous():
         return None

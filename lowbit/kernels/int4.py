@@ -9,17 +9,17 @@ Canonical weight (what ``Int4Tensor`` stores and saves): ``qdata`` uint8 (N, K /
 One reference: ``dequantize_affine`` to the input dtype, then ``F.linear``. Fast paths, chosen
 here by device and shape, each tested against it:
 
-* CPU: our AVX-512 C++ kernels (``csrc/int4_cpu.cpp``, via ``_int4_cpu.int4_linear_cpu``) read
-  the canonical layout directly (a float-domain zero point: see ``_cpu_ext``); when they can't
+* CPU: our C++ kernels (``csrc/int4_cpu.cpp``, AVX-512, or ``csrc/int4_cpu_avx2.cpp``, via
+  ``_int4_cpu.int4_linear_cpu``) read the canonical layout directly, an int8 or a float32 zero
+  point alike (a float one is subtracted in float32 where the reference subtracts it, or removed
+  once per group with the integer one's arithmetic in the bf16 GEMV and small-M GEMM); when they can't
   be built or don't take a case (group sizes below 32 or not a power of two), ``_chunked_cpu``:
   rows of W dequantized exactly by the reference's ``dequantize_int4``, a chunk at a time, each
   chunk multiplied (float32) into its slice of the output (no converted copy is kept);
 * CUDA: tinygemm ``torch._weight_int4pack_mm`` (bf16 activations) on a layout converted for the
   call only; otherwise the reference.
 
-Nothing the kernels derive from a weight outlives the call, except the float-domain zero
-point's integer part and correction (about 5 bytes per group), recomputed whenever the scale or
-zero point changes (``_cache.DerivedCache``).
+Nothing the kernels derive from a weight outlives the call.
 
 Activation quantization (8da4w, fp8 x int4) is fake quantization with the primitives followed
 by the weight-only op: the activation values are exactly the reference's, so the only
@@ -39,7 +39,6 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels._cache import DerivedCache
 from lowbit.kernels._int4_cpu import available as int4_cpu_available
 from lowbit.kernels._int4_cpu import direct_gemv, direct_gemv_fp8_act, int4_linear_cpu
 from lowbit.kernels._int8_int4_cpu import int8_int4_linear
@@ -164,39 +163,6 @@ def _tinygemm_cuda(input, qdata, scale, zero_point, bias):
     return out if bias is None else out + bias
 
 
-# The float-domain zero point's integer part and correction (``_cpu_ext``), per weight: about
-# 5 bytes per group, recomputed whenever the scale or the zero point changes.
-_FLOAT_ZP = DerivedCache()
-
-
-def _cpu_ext(input, qdata, scale, zero_point, bias, spec):
-    """Our C++ kernels; a float-domain zero point runs them with the zero point rounded to an
-    integer ``zi`` plus an exact correction: ``(q - zf) s = (q - zi) s + (zi - zf) s``, i.e.
-    ``sum_g xsum_g * (zi - zf)_g * s_g`` per output, one small (M, G) x (G, N) matmul."""
-    if spec.zero_point_domain == "int":
-        return int4_linear_cpu(input, qdata, scale, zero_point, bias)
-    if not int4_cpu_available():
-        return None
-
-    def make():
-        zi = zero_point.round().clamp(-128, 127)
-        return zi.to(torch.int8), ((zi - zero_point) * scale).t().contiguous()
-
-    zi, corr = _FLOAT_ZP.get((zero_point, scale), "float-zp", make)
-    # float16 / float32: the kernel's output stays float32 until corrected (rounded to float16 first,
-    # it lost what the correction cancels: 52.6 dB against the 60 dB bound, constant x and extreme
-    # weights); bf16 keeps its bf16 paths (their bound, 40 dB, covers that rounding)
-    out = int4_linear_cpu(input if input.dtype == torch.bfloat16 else input.float(), qdata, scale, zi, None)
-    if out is None:
-        return None
-    m, k = input.shape
-    xsum = input.float().reshape(m, scale.shape[1], -1).sum(-1)
-    out = torch.addmm(out.float(), xsum, corr)
-    if bias is not None:
-        out = out.add_(bias)
-    return out.to(input.dtype)
-
-
 @torch.library.custom_op("lowbit::int4_weight_only_linear", mutates_args=())
 def int4_weight_only_linear(
     input: torch.Tensor,
@@ -227,7 +193,7 @@ def int4_weight_only_linear(
         return _reference(input, qdata, scale, zero_point, bias, spec)
     out = None
     if input.device.type == "cpu":
-        out = _cpu_ext(input, qdata, scale, zero_point, bias, spec)
+        out = int4_linear_cpu(input, qdata, scale, zero_point, bias)
         if out is None:
             out = _chunked_cpu(input, qdata, scale, zero_point, bias, spec)
     elif input.device.type == "cuda":

@@ -63,7 +63,9 @@ def test_int4_bad_weight_arguments(entry):
                                            (q[None], s, zp)],
         r"scale must be contiguous float32 \(N, G\)": [(q, s.double(), zp), (q, s[:32], zp), (q, s.t().contiguous().t(), zp),
                                                        (q, s[:, :, None], zp)],
-        r"zero_point must be contiguous int8 shaped like scale": [(q, s, zp.int()), (q, s, zp[:, :4]), (q, s, zp.float())],
+        r"zero_point must be contiguous int8 or float32 shaped like scale": [
+            (q, s, zp.int()), (q, s, zp[:, :4]), (q, s, zp.double()), (q, s, zp.float()[:, :4]),
+            (q, s, zp.float().t().contiguous().t())],
     }
     for why, cases in bad.items():
         for qq, ss, zz in cases:

@@ -26,15 +26,20 @@ GEMV_F32_DB = {torch.float32: 110.0, torch.float16: 60.0}
 IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+# weight kinds: True / "sym" two's complement int4; False / "asym" uint4 with an int8 zero point;
+# "float-zp" uint4 with a float32 zero point (the float zero-point domain), taken by every path as is
 def _spec(g, symmetric):
-    if symmetric:
+    if symmetric is True or symmetric == "sym":
         return QuantSpec("int4", PerGroup(g), symmetric=True)
+    if symmetric == "float-zp":
+        return QuantSpec("uint4", PerGroup(g), symmetric=False, zero_point_domain="float")
     return QuantSpec("uint4", PerGroup(g), symmetric=False, zero_point_dtype=torch.int8)
 
 
 def _weight(n, k, g, symmetric, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=gen)
+    # a float zero point is fractional (an offset, as GGUF Q4_1's -m / d)
+    w = torch.randn(n, k, generator=gen) + (0.3 if symmetric == "float-zp" else 0.0)
     spec = _spec(g, symmetric)
     s, zp = choose_qparams_affine(w, spec)
     q = quantize_affine(w, s, zp, spec)
@@ -42,8 +47,8 @@ def _weight(n, k, g, symmetric, seed=0):
 
 
 def _reference(x, qdata, scale, zero_point, g, bias=None):
-    symmetric = zero_point is None
-    w = dequantize_affine(unpack_int4(qdata, signed=symmetric), scale, zero_point, _spec(g, symmetric), output_dtype=x.dtype)
+    kind = "sym" if zero_point is None else "float-zp" if zero_point.dtype == torch.float32 else "asym"
+    w = dequantize_affine(unpack_int4(qdata, signed=kind == "sym"), scale, zero_point, _spec(g, kind), output_dtype=x.dtype)
     return F.linear(x, w, bias)
 
 
@@ -65,7 +70,7 @@ SHAPES = [  # (N, K, group): K not a multiple of 128, odd-ish N
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=IDS.get)
-@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("symmetric", [False, True, "float-zp"], ids=["asym", "sym", "float-zp"])
 @pytest.mark.parametrize("m", [1, 2, 5, 16, 33, 256], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}K{s[1]}g{s[2]}")
 def test_matches_reference(shape, m, symmetric, dtype):
@@ -108,24 +113,25 @@ def test_leading_dims_folded():
     assert sqnr(ref.float(), out.float()) >= BF16_DPBF16_DB
 
 
-@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("symmetric", [False, True, "float-zp"], ids=["asym", "sym", "float-zp"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=IDS.get)
 def test_dequant_rows_is_bit_exact(dtype, symmetric):
     ext = _ext.load("int4_cpu")
     n, k, g = 100, 320, 32
     qdata, s, zp, _ = _weight(n, k, g, symmetric, seed=3)
-    ref = dequantize_affine(unpack_int4(qdata, signed=symmetric), s, zp, _spec(g, symmetric), output_dtype=dtype)
+    ref = dequantize_affine(unpack_int4(qdata, signed=symmetric is True), s, zp, _spec(g, symmetric), output_dtype=dtype)
     buf = torch.empty(60, k, dtype=dtype)
     ext.dequant_rows(qdata, s, zp, 30, 90, buf)
     assert torch.equal(buf, ref[30:90])
 
 
+@pytest.mark.parametrize("kind", [False, "float-zp"], ids=["asym", "float-zp"])
 @pytest.mark.parametrize("m", [1, 16, 256], ids=lambda m: f"M{m}")
-def test_every_path_on_the_same_data(m):
+def test_every_path_on_the_same_data(m, kind):
     """Each C++ entry point directly (not only the one the wrapper picks for this M)."""
     ext = _ext.load("int4_cpu")
     n, k, g = 96, 640, 128
-    qdata, s, zp, gen = _weight(n, k, g, False, seed=4)
+    qdata, s, zp, gen = _weight(n, k, g, kind, seed=4)
     x = torch.randn(m, k, generator=gen).bfloat16()
     b = torch.randn(n, generator=gen).bfloat16()
     ref = _reference(x, qdata, s, zp, g, b)
@@ -147,6 +153,7 @@ def test_unsupported_returns_none():
     # group size 16: the C++ entry points reject it too (gemv_f32 steps 32 elements per group)
     assert int4_linear_cpu(x, qdata, torch.ones(n, k // 16), None) is None
     assert int4_linear_cpu(x, qdata, s, zp.int()) is None  # an int32 zero point is not wrapped to int8
+    assert int4_linear_cpu(x, qdata, s, zp.double()) is None  # nor a float64 one rounded to float32
     s_odd = torch.ones(n, k // 48 if k % 48 == 0 else 1)[:, :1].expand(n, 1)  # group 512: fine
     assert int4_linear_cpu(x, qdata, s_odd.contiguous(), None) is not None
     assert int4_linear_cpu(torch.randn(2, 96), torch.zeros(4, 48, dtype=torch.uint8), torch.ones(4, 2), None) is None  # group 48
@@ -307,7 +314,7 @@ def _assert_close_per_row(ref, out):
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("kind", WEIGHTS)
 def test_bf16_subnormal_activations(kind, g, m):
-    """auto (int4_weight_only_linear, the float zero point's correction included) and every bf16 entry
+    """auto (int4_weight_only_linear) and every bf16 entry
     point that takes this M, per row against the reference."""
     from lowbit.kernels.int4 import int4_weight_only_linear
     from lowbit.spec import spec_key
@@ -317,10 +324,9 @@ def test_bf16_subnormal_activations(kind, g, m):
     x = _subnormal_x(m)
     ref = _row_by_row_reference(x, qdata, s, zp, spec)
     _assert_close_per_row(ref, int4_weight_only_linear(x, qdata, s, zp, None, spec_key(spec), "auto"))
-    if kind != "float-zp":
-        if m <= _int4_cpu.GEMV_MAX_M:
-            _assert_close_per_row(ref, ext.gemv_bf16(x, qdata, s, zp, None))
-        _assert_close_per_row(ref, ext.gemm_small_bf16(x, qdata, s, zp, None))
+    if m <= _int4_cpu.GEMV_MAX_M:
+        _assert_close_per_row(ref, ext.gemv_bf16(x, qdata, s, zp, None))
+    _assert_close_per_row(ref, ext.gemm_small_bf16(x, qdata, s, zp, None))
 
 
 @needs_two_call

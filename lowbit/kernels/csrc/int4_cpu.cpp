@@ -4,6 +4,10 @@
 // nibble); asymmetric nibbles are uint4 q with an int8 zero point per group, symmetric nibbles are
 // int4 two's complement (q + 8 == nibble ^ 8, no zero point). scale float32 (N, G), group size
 // gs = K / G a power of two >= 32 (gemv_f32 steps 32 elements within a group). W[n, k] = (q - zp) * s.
+// A float32 zero point (the float zero-point domain) is taken as it is: every path that removes the
+// zero point once per group (the bf16 GEMV and small-M GEMM) reads it as a float; the paths that form
+// (q - zp) per element (dequantization, gemv_f32) form q exactly and subtract zp in float32, one
+// rounding, as the reference does.
 //
 // Every entry point checks its own arguments (devices, dtypes, ranks, shapes, strides, group size)
 // with TORCH_CHECK before touching memory: whatever Python passes, nothing is read out of bounds.
@@ -53,7 +57,8 @@ constexpr int kAndXor = 0x6A;  // ternary logic: (a & b) ^ c
 struct W4 {
   const uint8_t* q;
   const float* s;
-  const int8_t* zp;  // nullptr: symmetric
+  const int8_t* zp;  // int8 zero point, or nullptr
+  const float* zf;   // float32 zero point, or nullptr (both nullptr: symmetric)
   int64_t N, K, G, gs, rb;
   int lg;  // log2(gs)
 };
@@ -101,16 +106,31 @@ W4 make_w4(const torch::Tensor& q, const torch::Tensor& s, const c10::optional<t
   w.lg = 0;
   while ((int64_t(1) << w.lg) < w.gs) ++w.lg;
   w.zp = nullptr;
+  w.zf = nullptr;
   if (zp.has_value() && zp->defined()) {
     check_cpu(*zp, "zero_point");
-    TORCH_CHECK(zp->scalar_type() == torch::kChar && zp->is_contiguous() && zp->sizes() == s.sizes(),
-                "zero_point must be contiguous int8 shaped like scale ", s.sizes(), ", got ", zp->scalar_type(), " ", zp->sizes());
-    w.zp = zp->data_ptr<int8_t>();
+    TORCH_CHECK((zp->scalar_type() == torch::kChar || zp->scalar_type() == torch::kFloat) && zp->is_contiguous() &&
+                    zp->sizes() == s.sizes(),
+                "zero_point must be contiguous int8 or float32 shaped like scale ", s.sizes(), ", got ", zp->scalar_type(), " ",
+                zp->sizes());
+    if (zp->scalar_type() == torch::kChar) w.zp = zp->data_ptr<int8_t>();
+    else w.zf = zp->data_ptr<float>();
   }
   return w;
 }
 
-inline float zp_of(const W4& w, int64_t n, int64_t g) { return w.zp ? float(w.zp[n * w.G + g]) : 0.f; }
+inline bool asym(const W4& w) { return w.zp || w.zf; }
+
+// The zero point of row n, group g, as float32 (0 when symmetric).
+inline float zp_of(const W4& w, int64_t n, int64_t g) {
+  return w.zp ? float(w.zp[n * w.G + g]) : w.zf ? w.zf[n * w.G + g] : 0.f;
+}
+
+// The part of the zero point nib16_f32 subtracts through the magic number: the integer one (or 8 for
+// two's complement nibbles); a float zero point is subtracted after it (sub_zf), in float32.
+inline float zbase_of(const W4& w, int64_t n, int64_t g) {
+  return w.zp ? 8388608.f + float(w.zp[n * w.G + g]) : w.zf ? 8388608.f : 8388616.f;
+}
 
 inline void store_out(void* out, at::ScalarType t, int64_t i, float v) {
   if (t == at::kBFloat16) static_cast<c10::BFloat16*>(out)[i] = c10::BFloat16(v);
@@ -165,18 +185,22 @@ inline void store32(T* o, __m512 a, __m512 b) {
 template <typename T>
 void dequant_row(const W4& w, int64_t n, int64_t k0, int64_t k1, T* out) {
   const __m512i ctrl = nibble_ctrl(), m0f = _mm512_set1_epi32(0xF);
-  const __m512i magic = _mm512_set1_epi32(w.zp ? 0x4B000000 : 0x4B000008);
+  const __m512i magic = _mm512_set1_epi32(asym(w) ? 0x4B000000 : 0x4B000008);
   const uint8_t* qr = w.q + n * w.rb;
   const float* sr = w.s + n * w.G;
-  const int8_t* zr = w.zp ? w.zp + n * w.G : nullptr;
-  const float zbase = w.zp ? 8388608.f : 8388616.f;
   int64_t k = k0;
   while (k < k1) {
     const int64_t g = k >> w.lg;
     const int64_t ke = std::min(k1, (g + 1) << w.lg);
-    const __m512 mz = _mm512_set1_ps(zbase + (zr ? float(zr[g]) : 0.f));
+    const __m512 mz = _mm512_set1_ps(zbase_of(w, n, g));
     const __m512 sv = _mm512_set1_ps(sr[g]);
     T* o = out + (k - k0);
+    if (w.zf) {  // (q - zf) * s: q exact, one rounding for the subtraction, one for the product
+      const __m512 zv = _mm512_set1_ps(w.zf[n * w.G + g]);
+      for (; k < ke; k += 16, o += 16)
+        store16(o, _mm512_mul_ps(_mm512_sub_ps(nib16_f32(qr, k, ctrl, m0f, magic, mz), zv), sv));
+      continue;
+    }
     for (; k + 32 <= ke; k += 32, o += 32)
       store32(o, _mm512_mul_ps(nib16_f32(qr, k, ctrl, m0f, magic, mz), sv),
               _mm512_mul_ps(nib16_f32(qr, k + 16, ctrl, m0f, magic, mz), sv));
@@ -247,7 +271,7 @@ inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t M, c
                            at::ScalarType ot) {
   const int64_t C = p.C, rb = w.rb, gs = w.gs, G = w.G;
   const __m512i m0f = _mm512_set1_epi16(0xF);
-  const __m512i magic = _mm512_set1_epi16(w.zp ? 0x4300 : 0x4308);
+  const __m512i magic = _mm512_set1_epi16(asym(w) ? 0x4300 : 0x4308);
   // group of fp32 lane l in a chunk: lane l covers chunk elements [8l, 8l + 8)
   alignas(64) int32_t gidx[16];
   for (int l = 0; l < 16; ++l) gidx[l] = gs < 128 ? int32_t(8 * l / gs) : 0;
@@ -271,6 +295,9 @@ inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t M, c
     if (w.zp) {
       const char* za = reinterpret_cast<const char*>(w.zp + (n0 + kScaleAheadRows) * G);
       for (int64_t b = 0; b < R * G; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
+    } else if (w.zf) {
+      const char* za = reinterpret_cast<const char*>(w.zf + (n0 + kScaleAheadRows) * G);
+      for (int64_t b = 0; b < R * G * 4; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
     }
   }
   const int64_t tail_bytes = rb - (C - 1) * 64;  // 1..64
@@ -305,7 +332,7 @@ inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t M, c
       }
     }
   }
-  const float off = w.zp ? 128.f : 136.f;
+  const float off = asym(w) ? 128.f : 136.f;
   for (int r = 0; r < R; ++r) {
     const int64_t n = n0 + r;
     for (int m = 0; m < MM; ++m) {
@@ -316,6 +343,7 @@ inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t M, c
         const __mmask16 gm = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1);
         __m512 z = _mm512_set1_ps(off);
         if (w.zp) z = _mm512_add_ps(z, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(gm, w.zp + n * G + g))));
+        else if (w.zf) z = _mm512_add_ps(z, _mm512_maskz_loadu_ps(gm, w.zf + n * G + g));
         corr = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(gm, sr[r] + g), z), _mm512_maskz_loadu_ps(gm, sxm + g), corr);
       }
       float v = lowbit::unscale(_mm512_reduce_add_ps(tot[r][m]) - _mm512_reduce_add_ps(corr), p.post[m]);
@@ -349,17 +377,17 @@ void gemv_bf16_impl(const W4& w, const XPerm& p, int64_t M, const float* bias, v
 template <int R>
 inline void gemv_f32_rows(const W4& w, const float* x, int64_t n0, const float* bias, void* out, at::ScalarType ot) {
   const __m512i ctrl = nibble_ctrl(), m0f = _mm512_set1_epi32(0xF);
-  const __m512i magic = _mm512_set1_epi32(w.zp ? 0x4B000000 : 0x4B000008);
-  const float zbase = w.zp ? 8388608.f : 8388616.f;
+  const __m512i magic = _mm512_set1_epi32(asym(w) ? 0x4B000000 : 0x4B000008);
   const int64_t gs = w.gs;
   __m512 tot[R];
   for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < w.G; ++g) {
-    __m512 a0[R], a1[R], mz[R];
+    __m512 a0[R], a1[R], mz[R], zv[R];
     for (int r = 0; r < R; ++r) {
       a0[r] = _mm512_setzero_ps();
       a1[r] = _mm512_setzero_ps();
-      mz[r] = _mm512_set1_ps(zbase + zp_of(w, n0 + r, g));
+      mz[r] = _mm512_set1_ps(zbase_of(w, n0 + r, g));
+      zv[r] = _mm512_set1_ps(w.zf ? w.zf[(n0 + r) * w.G + g] : 0.f);
     }
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
       const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
@@ -367,8 +395,13 @@ inline void gemv_f32_rows(const W4& w, const float* x, int64_t n0, const float* 
       for (int r = 0; r < R; ++r) {
         const uint8_t* qr = w.q + (n0 + r) * w.rb;
         if ((k & 127) == 0) lowbit::prefetch_stream(qr + k / 2);
-        a0[r] = _mm512_fmadd_ps(x0, nib16_f32(qr, k, ctrl, m0f, magic, mz[r]), a0[r]);
-        a1[r] = _mm512_fmadd_ps(x1, nib16_f32(qr, k + 16, ctrl, m0f, magic, mz[r]), a1[r]);
+        __m512 w0 = nib16_f32(qr, k, ctrl, m0f, magic, mz[r]), w1 = nib16_f32(qr, k + 16, ctrl, m0f, magic, mz[r]);
+        if (w.zf) {  // q - zf in float32, one rounding (the reference's)
+          w0 = _mm512_sub_ps(w0, zv[r]);
+          w1 = _mm512_sub_ps(w1, zv[r]);
+        }
+        a0[r] = _mm512_fmadd_ps(x0, w0, a0[r]);
+        a1[r] = _mm512_fmadd_ps(x1, w1, a1[r]);
       }
     }
     for (int r = 0; r < R; ++r)
@@ -421,8 +454,8 @@ void gemm_small_impl(const W4& w, const uint32_t* xp, const float* sxp, const do
   const int64_t tail_bytes = w.rb - (C - 1) * 64;
   const __mmask64 tail_mask = tail_bytes >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail_bytes) - 1);
   const __m512i m0f = _mm512_set1_epi32(0x000F000F);
-  const __m512i magic = _mm512_set1_epi32(w.zp ? 0x43004300 : 0x43084308);
-  const float off = w.zp ? 128.f : 136.f;
+  const __m512i magic = _mm512_set1_epi32(asym(w) ? 0x43004300 : 0x43084308);
+  const float off = asym(w) ? 128.f : 136.f;
   par_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
     alignas(64) uint32_t wbuf[NT][64];
     alignas(64) float tot[NT][MB][16];
@@ -476,7 +509,7 @@ void gemm_small_impl(const W4& w, const uint32_t* xp, const float* sxp, const do
         for (int b = 0; b < MB; ++b) {
           __m512 corr = _mm512_setzero_ps();
           for (int64_t g = 0; g < G; ++g) {
-            const float cg = w.s[row * G + g] * (off + (w.zp ? float(w.zp[row * G + g]) : 0.f));
+            const float cg = w.s[row * G + g] * (off + zp_of(w, row, g));
             corr = _mm512_fmadd_ps(_mm512_set1_ps(cg), _mm512_loadu_ps(sxp + (b * G + g) * 16), corr);
           }
           _mm512_store_ps(tmp, _mm512_sub_ps(_mm512_load_ps(tot[n][b]), corr));

@@ -4,7 +4,8 @@
 // Weight: qdata uint8 (N, K/2), byte j of a row = element 2j (low nibble) | element 2j+1 (high
 // nibble); asymmetric nibbles are uint4 q with an int8 zero point per group, symmetric nibbles are
 // int4 two's complement. scale float32 (N, G), group size gs = K / G a power of two >= 32.
-// W[n, k] = (q - zp) * s.
+// W[n, k] = (q - zp) * s. A float32 zero point (the float zero-point domain): q is formed exactly
+// and zp subtracted in float32, one rounding, as the reference does.
 //
 // AVX2 has no bf16 dot product: bf16 x is widened to float32 (exact: a 16-bit shift) and every
 // product is a float32 FMA against the exact integer (q - zp) as float32.
@@ -45,7 +46,8 @@ constexpr int64_t kScaleAheadRows = 16;
 struct W4 {
   const uint8_t* q;
   const float* s;
-  const int8_t* zp;  // nullptr: symmetric
+  const int8_t* zp;  // int8 zero point, or nullptr
+  const float* zf;   // float32 zero point, or nullptr (both nullptr: symmetric)
   int64_t N, K, G, gs, rb;
   int lg;  // log2(gs)
 };
@@ -75,14 +77,23 @@ W4 make_w4(const torch::Tensor& q, const torch::Tensor& s, const c10::optional<t
   w.lg = 0;
   while ((int64_t(1) << w.lg) < w.gs) ++w.lg;
   w.zp = nullptr;
+  w.zf = nullptr;
   if (zp.has_value() && zp->defined()) {
     check_cpu(*zp, "zero_point");
-    TORCH_CHECK(zp->scalar_type() == torch::kChar && zp->is_contiguous() && zp->sizes() == s.sizes(),
-                "zero_point must be contiguous int8 shaped like scale ", s.sizes(), ", got ", zp->scalar_type(), " ", zp->sizes());
-    w.zp = zp->data_ptr<int8_t>();
+    TORCH_CHECK((zp->scalar_type() == torch::kChar || zp->scalar_type() == torch::kFloat) && zp->is_contiguous() &&
+                    zp->sizes() == s.sizes(),
+                "zero_point must be contiguous int8 or float32 shaped like scale ", s.sizes(), ", got ", zp->scalar_type(), " ",
+                zp->sizes());
+    if (zp->scalar_type() == torch::kChar) w.zp = zp->data_ptr<int8_t>();
+    else w.zf = zp->data_ptr<float>();
   }
   return w;
 }
+
+// Zero-point kinds, a template argument of the per-element paths.
+constexpr int kSym = 0, kIntZp = 1, kFloatZp = 2;
+
+inline int zkind(const W4& w) { return w.zp ? kIntZp : w.zf ? kFloatZp : kSym; }
 
 inline void store_out(void* out, at::ScalarType t, int64_t i, float v) {
   if (t == at::kBFloat16) static_cast<c10::BFloat16*>(out)[i] = c10::BFloat16(v);
@@ -97,22 +108,33 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 16 elements from 8 packed bytes as exact float32 (q - zp): ev = elements 0, 2, .., 14,
-// od = elements 1, 3, .., 15. SYM: int4 two's complement nibbles (sign-extended), no zero point.
-template <bool SYM>
-inline void nib16(const uint8_t* p, __m256i zpv, __m256& ev, __m256& od) {
+// 16 elements from 8 packed bytes as float32 (q - zp): ev = elements 0, 2, .., 14, od = elements 1,
+// 3, .., 15. kSym: int4 two's complement nibbles (sign-extended), no zero point; kIntZp: exact, zpv;
+// kFloatZp: q exact minus zfv in float32 (one rounding).
+template <int Z>
+inline void nib16(const uint8_t* p, __m256i zpv, __m256 zfv, __m256& ev, __m256& od) {
   const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   __m256i e, o;
-  if constexpr (SYM) {
+  if constexpr (Z == kSym) {
     e = _mm256_srai_epi32(_mm256_slli_epi32(d, 28), 28);
     o = _mm256_srai_epi32(_mm256_slli_epi32(d, 24), 28);
-  } else {
+  } else if constexpr (Z == kIntZp) {
     e = _mm256_sub_epi32(_mm256_and_si256(d, _mm256_set1_epi32(0xF)), zpv);
     o = _mm256_sub_epi32(_mm256_srli_epi32(d, 4), zpv);
+  } else {
+    e = _mm256_and_si256(d, _mm256_set1_epi32(0xF));
+    o = _mm256_srli_epi32(d, 4);
   }
   ev = _mm256_cvtepi32_ps(e);
   od = _mm256_cvtepi32_ps(o);
+  if constexpr (Z == kFloatZp) {
+    ev = _mm256_sub_ps(ev, zfv);
+    od = _mm256_sub_ps(od, zfv);
+  }
 }
+
+inline __m256i zpv_of(const W4& w, int64_t n, int64_t g) { return _mm256_set1_epi32(w.zp ? int(w.zp[n * w.G + g]) : 0); }
+inline __m256 zfv_of(const W4& w, int64_t n, int64_t g) { return _mm256_set1_ps(w.zf ? w.zf[n * w.G + g] : 0.f); }
 
 // ---- exact dequantization ----------------------------------------------------------------------
 
@@ -141,15 +163,16 @@ inline void store16(T* o, __m256 a, __m256 b) {
 }
 
 // Row n, all K elements: (q - zp) * s in float32 (bit-equal to the reference), one rounding to T.
-template <typename T, bool SYM>
+template <typename T, int Z>
 void dequant_row(const W4& w, int64_t n, T* out) {
   const uint8_t* qr = w.q + n * w.rb;
   for (int64_t g = 0; g < w.G; ++g) {
-    const __m256i zpv = _mm256_set1_epi32(SYM ? 0 : int(w.zp[n * w.G + g]));
+    const __m256i zpv = zpv_of(w, n, g);
+    const __m256 zfv = zfv_of(w, n, g);
     const __m256 sv = _mm256_set1_ps(w.s[n * w.G + g]);
     for (int64_t k = g * w.gs; k < (g + 1) * w.gs; k += 16) {
       __m256 ev, od;
-      nib16<SYM>(qr + k / 2, zpv, ev, od);
+      nib16<Z>(qr + k / 2, zpv, zfv, ev, od);
       const __m256 a = _mm256_unpacklo_ps(ev, od), b = _mm256_unpackhi_ps(ev, od);  // 0-3 8-11 | 4-7 12-15
       store16(out + k, _mm256_mul_ps(_mm256_permute2f128_ps(a, b, 0x20), sv),
               _mm256_mul_ps(_mm256_permute2f128_ps(a, b, 0x31), sv));
@@ -161,8 +184,11 @@ template <typename T>
 void dequant_rows_t(const W4& w, int64_t r0, int64_t r1, T* out, bool parallel) {
   auto body = [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
-      if (w.zp) dequant_row<T, false>(w, n, out + (n - r0) * w.K);
-      else dequant_row<T, true>(w, n, out + (n - r0) * w.K);
+      switch (zkind(w)) {
+        case kIntZp: dequant_row<T, kIntZp>(w, n, out + (n - r0) * w.K); break;
+        case kFloatZp: dequant_row<T, kFloatZp>(w, n, out + (n - r0) * w.K); break;
+        default: dequant_row<T, kSym>(w, n, out + (n - r0) * w.K); break;
+      }
     }
   };
   if (parallel) par_for(r0, r1, 8, body);
@@ -191,7 +217,7 @@ std::vector<float> permute_x(const T* x, int64_t M, int64_t K, int64_t ldx) {
 
 // R rows of W (n0 ..) x MM rows of x: two accumulators per pair (even, odd elements) so that the
 // FMA chains are independent; per group the sum is scaled into tot.
-template <bool SYM, int R, int MM>
+template <int Z, int R, int MM>
 inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bias, void* out, at::ScalarType ot) {
   const int64_t K = w.K, G = w.G, gs = w.gs;
   alignas(32) float tot[R][MM][8] = {};
@@ -201,16 +227,21 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
   if (n0 + kScaleAheadRows + R <= w.N) {
     const char* sa = reinterpret_cast<const char*>(w.s + (n0 + kScaleAheadRows) * G);
     for (int64_t b = 0; b < R * G * 4; b += 64) _mm_prefetch(sa + b, _MM_HINT_T0);
-    if (!SYM) {
+    if (Z == kIntZp) {
       const char* za = reinterpret_cast<const char*>(w.zp + (n0 + kScaleAheadRows) * G);
       for (int64_t b = 0; b < R * G; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
+    } else if (Z == kFloatZp) {
+      const char* za = reinterpret_cast<const char*>(w.zf + (n0 + kScaleAheadRows) * G);
+      for (int64_t b = 0; b < R * G * 4; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
     }
   }
   for (int64_t g = 0; g < G; ++g) {
     __m256 ae[R][MM], ao[R][MM];
     __m256i zpv[R];
+    __m256 zfv[R];
     for (int r = 0; r < R; ++r) {
-      zpv[r] = _mm256_set1_epi32(SYM ? 0 : int(w.zp[(n0 + r) * G + g]));
+      zpv[r] = zpv_of(w, n0 + r, g);
+      zfv[r] = zfv_of(w, n0 + r, g);
       for (int m = 0; m < MM; ++m) ae[r][m] = ao[r][m] = _mm256_setzero_ps();
     }
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
@@ -220,7 +251,7 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         __m256 ev, od;
-        nib16<SYM>(qr[r] + kb, zpv[r], ev, od);
+        nib16<Z>(qr[r] + kb, zpv[r], zfv[r], ev, od);
 #pragma GCC unroll 4
         for (int m = 0; m < MM; ++m) {
           ae[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k), ev, ae[r][m]);
@@ -242,24 +273,27 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
     }
 }
 
-template <bool SYM, int MM>
+template <int Z, int MM>
 void gemv_impl(const W4& w, const float* xp, const float* bias, void* out, at::ScalarType ot) {
   constexpr int R = MM == 1 ? 4 : MM == 2 ? 2 : 1;
   const int64_t nb = (w.N + R - 1) / R;
   par_for(0, nb, 4, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t n0 = i * R;
-      if (n0 + R <= w.N) gemv_rows<SYM, R, MM>(w, xp, n0, bias, out, ot);
+      if (n0 + R <= w.N) gemv_rows<Z, R, MM>(w, xp, n0, bias, out, ot);
       else
-        for (int64_t n = n0; n < w.N; ++n) gemv_rows<SYM, 1, MM>(w, xp, n, bias, out, ot);
+        for (int64_t n = n0; n < w.N; ++n) gemv_rows<Z, 1, MM>(w, xp, n, bias, out, ot);
     }
   });
 }
 
 template <int MM>
 void gemv_any(const W4& w, const float* xp, const float* bias, void* out, at::ScalarType ot) {
-  if (w.zp) gemv_impl<false, MM>(w, xp, bias, out, ot);
-  else gemv_impl<true, MM>(w, xp, bias, out, ot);
+  switch (zkind(w)) {
+    case kIntZp: gemv_impl<kIntZp, MM>(w, xp, bias, out, ot); break;
+    case kFloatZp: gemv_impl<kFloatZp, MM>(w, xp, bias, out, ot); break;
+    default: gemv_impl<kSym, MM>(w, xp, bias, out, ot); break;
+  }
 }
 
 // ---- small-M GEMM --------------------------------------------------------------------------------
