@@ -7,7 +7,10 @@ fast implementations chosen here by device and shape:
 * weight-only, CPU, M <= ``_ext_max_m()`` (by the build that runs): our C++ kernel (``csrc/int8_gemv.cpp``, AVX-512, or
   ``csrc/int8_gemv_avx2.cpp`` on CPUs without it, built on first use; any group size that is a
   multiple of 16); bfloat16, per-row scale and
-  M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm`` (see ``_int8pack_takes``); otherwise the weight is converted
+  M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm`` (see ``_int8pack_takes``); bf16 x at larger M on a
+  CPU with AVX-512 BF16: ``int8_weight_only_gemm`` (``csrc/gemm_bf16.h``), a bf16 GEMM that makes the
+  weight's bf16 values (the reference's, bit for bit) one L2-resident panel at a time inside the GEMM;
+  otherwise the weight is converted
   in row chunks of ``_CHUNK_BYTES`` (each chunk stays in cache) and each chunk is multiplied with
   ``torch.mm`` into its slice of the output, in float32 for bf16/fp16 input where the CPU has no
   native half matmul (``host.matmul_dtype``); other devices: the reference;
@@ -182,6 +185,19 @@ def _int8pack_takes(input, qdata) -> bool:
             and qdata.data_ptr() % 64 == 0 and input.is_contiguous() and qdata.is_contiguous())
 
 
+def _gemm_bf16():
+    """The AVX-512 build's ``int8_weight_only_gemm(x, w, scale, bias)`` where it can run (the build loaded, a
+    CPU with AVX-512 BF16, native bf16 matmul not switched off by ``LOWBIT_HALF_MATMUL``), else None.
+    bf16 x at M = 9 .. 256 (scratch/int8wo_gemm_bf16_vs_chunked.py, 2 threads, ms, ours / the chunked
+    path / bf16 F.linear): 4096^2 M = 16: 2.61 / 4.45 / 2.96, M = 256: 19.8 / 21.6 / 19.9; SmolLM2's seven
+    linears M = 128: 2.43 / 3.20 / 2.54."""
+    ext = _ext.load("int8_gemv")
+    fn = getattr(ext, "int8_weight_only_gemm", None)
+    if fn is None or "avx512_bf16" not in host.cpu_flags() or not host.half_matmul_native(torch.bfloat16):
+        return None
+    return fn
+
+
 def _direct_gemv_op():
     """``lowbit_cpu::int8_weight_only_mm`` (the C++ GEMV as a dispatcher op, defined in ``_cpu_ops``),
     or None when the extension is not available (then the custom op's PyTorch paths are faster than
@@ -236,6 +252,9 @@ def int8_weight_only_linear(
         if ext is not None:
             out = ext.int8_weight_only_mm(input, qdata, scale.expand(qdata.shape[0], -1))
             return out if bias is None else out + bias
+    if (input.device.type == "cpu" and input.dtype == torch.bfloat16 and input.stride(1) == 1 and qdata.is_contiguous()
+            and (k // scale.shape[1]) % 16 == 0 and (gemm := _gemm_bf16()) is not None):
+        return gemm(input, qdata, scale.expand(qdata.shape[0], -1), bias)
     if input.device.type == "cpu" and m <= _INT8PACK_MAX_M and scale.shape[1] == 1 and _int8pack_takes(input, qdata):
         s = scale.expand(qdata.shape[0], 1).reshape(-1).to(input.dtype).contiguous()  # the kernel takes scales in x's dtype
         out = torch._weight_int8pack_mm(input, qdata, s)

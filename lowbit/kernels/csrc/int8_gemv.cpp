@@ -28,7 +28,9 @@
 // Each kind has one summation order for every tile shape, M and thread count, so a row of a result
 // equals, bit for bit, the result for that row of x alone through the same kind of tile (for bf16 x
 // at M >= 2: that row twice, M = 2). The AVX2 build sums the same products in another order (8 lanes).
+#define LOWBIT_INT8_GEMM_BF16
 #include "int8_gemv_entry.h"
+#include "gemm_bf16.h"
 // bf16_scale.h and the bf16 tiles use AVX-512 BF16, which this build does not require: they run only
 // where the CPU has it (cpu_bf16()).
 #pragma GCC push_options
@@ -164,3 +166,34 @@ void run_all(const Args& a) {
 }
 
 }  // namespace
+
+// x (M, K) bf16 with unit column stride @ dequantize(w, scale).T (+ bias) in bf16, for the larger M the
+// GEMV leaves: gemm_bf16::gemm with Int8Panels, so the products are the reference's (the weight's
+// dequantized bf16 values, float32 sums; oneDNN's summation order differs). Needs avx512bf16.
+torch::Tensor int8_weight_only_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(cpu_bf16(), "int8_weight_only_gemm needs a CPU with avx512bf16");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), "x, w and scale must be CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (M, K) and w (N, K) expected, got ", x.sizes(),
+              " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.stride(1) == 1, "x must be bfloat16 with unit column stride, got ",
+              x.scalar_type(), " with strides ", x.strides());
+  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous(), "w must be contiguous int8, got ", w.scalar_type());
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.dim() == 2 && scale.size(0) == w.size(0),
+              "scale must be float32 (N, groups) with N = ", w.size(0), ", got ", scale.scalar_type(), " ", scale.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
+  TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 16 == 0, "group size must divide K and be a multiple of 16, got K = ", K,
+              " with ", G, " groups");
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N && bias->is_floating_point(),
+                "bias must be a floating CPU tensor (N,) with N = ", N, ", got ", bias->scalar_type(), " ", bias->sizes());
+    b = bias->to(torch::kFloat).contiguous();
+  }
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return b.defined() ? out.copy_(b.expand({M, N})) : out.zero_();
+  const gemm_bf16::Int8Panels pack{w.data_ptr<int8_t>(), scale.data_ptr<float>(), scale.stride(0), scale.stride(1), K, G, K / G};
+  gemm_bf16::gemm(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), x.stride(0), M, N, K, pack,
+                  b.defined() ? b.data_ptr<float>() : nullptr, reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()));
+  return out;
+}

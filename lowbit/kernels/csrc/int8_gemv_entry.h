@@ -215,9 +215,20 @@ torch::Tensor scale_columns_(torch::Tensor out, torch::Tensor s) {
 // (lowbit/kernels/_cpu_ops.py, so a cached compiled graph runs without this extension): only the CPU kernel here.
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_weight_only_mm", TORCH_FN(int8_weight_only_mm)); }
 
+#ifdef LOWBIT_INT8_GEMM_BF16
+// The AVX-512 build's large-M entry (int8_gemv.cpp): x @ dequantize(w, scale).T + bias for bf16 x, the
+// weight made bf16 one L2-resident panel at a time inside the GEMM (gemm_bf16.h).
+torch::Tensor int8_weight_only_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias);
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("int8_weight_only_mm", &int8_weight_only_mm, "int8 weight-only matmul for small M");
   m.def("scale_columns_", &scale_columns_, "out[m, n] *= s[n] in place, in float32, rounded once to out's dtype");
+#ifdef LOWBIT_INT8_GEMM_BF16
+  m.def("int8_weight_only_gemm", &int8_weight_only_gemm,
+        "int8 weight-only GEMM for bf16 x at large M (AVX-512 BF16): the weight made bf16 per panel inside the GEMM",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bias") = py::none());
+#endif
 }

@@ -1,0 +1,125 @@
+"""The AVX-512 int8_gemv build's ``int8_weight_only_gemm`` (csrc/gemm_bf16.h: a bf16 GEMM whose int8 weight
+is made bf16 one L2 panel at a time inside the GEMM), int8 weight-only's path for bf16 x above the GEMV's M
+on CPUs with AVX-512 BF16. Its products are the reference's (the weight's dequantized bf16 values, float32
+sums), so it is held to torch's own bf16 F.linear on those values and to float64, over the shapes where the
+blocking has edges: M not a multiple of the 6-row tile, N not a multiple of the 64-column panel, K not a
+multiple of the 32-column packing step, K over the 4096-column panel block (float32 running tiles), groups
+of 16 (two scales per packing step) to per-row; and one summation order whatever the thread count."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.eval.metrics import sqnr
+from lowbit.kernels import int8 as k8
+
+pytestmark = pytest.mark.skipif(k8._gemm_bf16() is None, reason="needs the AVX-512 int8_gemv build on a CPU with avx512_bf16")
+
+TILE_M, PANEL_N, BLOCK_K = 6, 64, 4096  # csrc/gemm_bf16.h's kMR, kNR, kKC
+# against F.linear(x, the dequantized bf16 weight, bias): the same products, another float32 summation
+# order, one bf16 rounding each; measured 86 .. 102 dB, and inf (equal) on small shapes
+VS_F_LINEAR_DB = 70.0
+# against float64 on the same bf16 values: the output's bf16 rounding alone (~55.5 dB, as F.linear's own)
+VS_FLOAT64_DB = 50.0
+
+SHAPES = [  # (M, N, K, groups)
+    (9, 64, 64, 1), (7, 65, 96, 6), (13, 127, 160, 5), (17, 5, 32, 2), (36, 192, 576, 36), (61, 130, 592, 1),
+    (12, 129, BLOCK_K, 1), (9, 70, BLOCK_K + 16, 1), (25, 66, 2 * BLOCK_K + 64, 4), (257, 576, 576, 18), (6, 1, 16, 1),
+]
+
+
+def _operands(m, n, k, groups, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    wd = (w.float().reshape(n, groups, -1) * s[:, :, None]).reshape(n, k).bfloat16()  # dequantize_affine's values
+    return x, w, s, b, wd
+
+
+@pytest.mark.parametrize("m, n, k, groups", SHAPES)
+def test_against_f_linear_and_float64(m, n, k, groups):
+    x, w, s, b, wd = _operands(m, n, k, groups, m * 7919 + n * 31 + k)
+    out = k8._gemm_bf16()(x, w, s, b)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert sqnr(F.linear(x, wd, b).float(), out.float()) >= VS_F_LINEAR_DB
+    exact = x.double() @ wd.double().t() + b.double()
+    assert sqnr(exact, out.double()) >= VS_FLOAT64_DB
+
+
+def test_no_bias_broadcast_scale_and_strided_x():
+    m, n, k = 20, 100, 640
+    x, w, s, _, wd = _operands(m, n, k, 1, 5, bias=False)
+    wide = torch.randn(m, 2 * k).bfloat16()
+    wide[:, :k] = x
+    xv = wide[:, :k]  # row stride 2k, unit column stride
+    s_b = s[:1].expand(n, 1)  # stride 0 along N, as int8_weight_only_linear passes a per-tensor scale
+    out = k8._gemm_bf16()(xv, w, s_b)
+    wd_b = (w.float() * s_b).bfloat16()
+    assert sqnr(F.linear(x, wd_b).float(), out.float()) >= VS_F_LINEAR_DB
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_one_summation_order_whatever_the_threads(threads):
+    x, w, s, b, _ = _operands(50, 300, BLOCK_K + 64, 2, 11)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = k8._gemm_bf16()(x, w, s, b)
+        torch.set_num_threads(threads)
+        assert torch.equal(k8._gemm_bf16()(x, w, s, b), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_row_alone_gives_the_same_bits():
+    """Each output element is one float32 sum in k order whatever its row's tile: row i of a batch equals
+    row i computed in a batch of its own."""
+    x, w, s, b, _ = _operands(23, 70, 1024, 4, 13)
+    full = k8._gemm_bf16()(x, w, s, b)
+    for i in (0, 5, 6, 22):
+        assert torch.equal(k8._gemm_bf16()(x[i : i + 1], w, s, b), full[i : i + 1]), i
+
+
+def test_empty_and_zero_k():
+    x, w, s, b, _ = _operands(9, 16, 32, 1, 17)
+    assert k8._gemm_bf16()(x[:0], w, s, b).shape == (0, 16)
+    out = k8._gemm_bf16()(x[:, :0], w[:, :0], s, b)
+    assert torch.equal(out, b.expand(9, 16))
+
+
+def test_argument_errors_name_the_argument():
+    fn = k8._gemm_bf16()
+    x, w, s, b, _ = _operands(9, 16, 64, 2, 19)
+    with pytest.raises(RuntimeError, match="x must be bfloat16"):
+        fn(x.float(), w, s, b)
+    with pytest.raises(RuntimeError, match="x must be bfloat16 with unit column stride"):
+        fn(x.t().contiguous().t(), w, s, b)
+    with pytest.raises(RuntimeError, match="w must be contiguous int8"):
+        fn(x, w.t().contiguous().t(), s, b)
+    with pytest.raises(RuntimeError, match="scale must be float32"):
+        fn(x, w, s.double(), b)
+    with pytest.raises(RuntimeError, match="group size must divide K and be a multiple of 16"):
+        fn(x, w, torch.ones(16, 8), b)
+    with pytest.raises(RuntimeError, match="bias must be a floating CPU tensor"):
+        fn(x, w, s, b[:3])
+    with pytest.raises(RuntimeError, match=r"x \(M, K\) and w \(N, K\) expected"):
+        fn(x[:, :32], w, s, b)
+
+
+@pytest.mark.parametrize("m", [9, 16, 64, 257])
+def test_int8_weight_only_routes_here_above_the_gemv(m, monkeypatch):
+    """int8_weight_only_linear's bf16 x above the GEMV's M runs this GEMM, and equals its reference path."""
+    from lowbit.configs import Int8WeightOnlyConfig
+    from lowbit.spec import spec_key
+
+    calls = []
+    fn = k8._gemm_bf16()
+    monkeypatch.setattr(k8, "_gemm_bf16", lambda: lambda *a: calls.append(1) or fn(*a))
+    spec = Int8WeightOnlyConfig().weight_spec()
+    x, w, s, b, _ = _operands(m, 96, 320, 1, m)
+    out = k8.int8_weight_only_linear(x, w, s, None, b, spec_key(spec), "auto")
+    ref = k8.int8_weight_only_linear(x, w, s, None, b, spec_key(spec), "reference")
+    assert calls == [1]
+    assert sqnr(ref.float(), out.float()) >= VS_F_LINEAR_DB
