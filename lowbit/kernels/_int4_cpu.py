@@ -33,6 +33,11 @@ x is widened to float32 and multiplied by the exact ``q - zp``, see ``csrc/int4_
   differ from the reference by about the reference's own rounding (~50 dB SQNR).
 * bfloat16, M <= ``SMALL_MAX_M``: ``gemm_small_bf16``, same math, each unpacked weight pair
   applied to 16 rows of x per instruction (register tile of W rows x 16-row blocks of x).
+* bfloat16 above ``SMALL_MAX_M`` (the AVX-512 build): ``gemm_bf16``, a bf16 GEMM (``csrc/gemm_bf16.h``)
+  whose 64-row panels are dequantized exactly (the reference's bf16 values) per call inside the
+  GEMM, in L2; float32 sums, one rounding of the output. SmolLM2's seven linears at M = 128, g64:
+  1.18x bf16 where the chunked path ran 0.67x; 4096^2 g128 M = 256: 0.99x (chunked 0.96x)
+  (``benchmarks/results/avx512_zen4/scratch/int4_gemm_bf16_vs_paths.py``).
 * otherwise (and float32/float16 with M > 1): ``linear_chunked``: ``CHUNK_ROWS`` rows of W at a
   time are dequantized exactly (bit-equal to ``dequantize_affine``: ``(q - zp) * s`` in float32,
   q exact, one rounding for a float zp's subtraction, one for the product, one to x's dtype) into a reused buffer, then ``addmm``/``mm`` (oneDNN/BLAS) into
@@ -205,6 +210,8 @@ def int4_linear_cpu(
         out = ext.gemv_f32(x2, qdata, scale, zero_point, bias)
     elif host.matmul_dtype(x.dtype) != x.dtype:
         out = _chunked_float32(ext, x2, qdata, scale, zero_point, bias)
+    elif x.dtype == torch.bfloat16 and hasattr(ext, "gemm_bf16"):
+        out = ext.gemm_bf16(x2, qdata, scale, zero_point, bias)
     else:
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)

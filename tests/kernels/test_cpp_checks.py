@@ -35,7 +35,16 @@ def _int4_calls(ext, x, q, s, zp, b=None):
         "gemm_small_bf16": lambda: ext.gemm_small_bf16(x.bfloat16(), q, s, zp, b),
         "linear_chunked": lambda: ext.linear_chunked(x.float(), q, s, zp, None if b is None else b.float(), 16),
         "dequant_rows": lambda: ext.dequant_rows(q, s, zp, 0, q.shape[0], out),
+        "gemm_bf16": lambda: _entry(ext, "gemm_bf16")(x.bfloat16(), q, s, zp, b),
     }
+
+
+def _entry(ext, name):
+    """An entry point only some builds have (gemm_bf16: the AVX-512 one), or skip."""
+    fn = getattr(ext, name, None)
+    if fn is None:
+        pytest.skip(f"the active build has no {name}")
+    return fn
 
 
 @pytest.mark.parametrize("groups, k, why", [
@@ -45,7 +54,7 @@ def _int4_calls(ext, x, q, s, zp, b=None):
     (3, K, r"scale groups \(3\) must divide K \(256\)"),
     (0, K, r"scale groups \(0\) must divide K"),
 ])
-@pytest.mark.parametrize("entry", ["gemv_bf16", "gemv_f32", "gemm_small_bf16", "linear_chunked", "dequant_rows"])
+@pytest.mark.parametrize("entry", ["gemv_bf16", "gemv_f32", "gemm_small_bf16", "linear_chunked", "dequant_rows", "gemm_bf16"])
 def test_int4_group_sizes_the_kernels_cannot_take(groups, k, why, entry):
     ext = _ext_or_skip("int4_cpu")
     q, s, zp = _w4(k, groups)
@@ -53,7 +62,7 @@ def test_int4_group_sizes_the_kernels_cannot_take(groups, k, why, entry):
         _int4_calls(ext, torch.randn(2, k), q, s, zp)[entry]()
 
 
-@pytest.mark.parametrize("entry", ["gemv_bf16", "gemv_f32", "gemm_small_bf16", "linear_chunked", "dequant_rows"])
+@pytest.mark.parametrize("entry", ["gemv_bf16", "gemv_f32", "gemm_small_bf16", "linear_chunked", "dequant_rows", "gemm_bf16"])
 def test_int4_bad_weight_arguments(entry):
     ext = _ext_or_skip("int4_cpu")
     q, s, zp = _w4()
@@ -77,7 +86,13 @@ def test_int4_bad_activation_and_bias_arguments():
     ext = _ext_or_skip("int4_cpu")
     q, s, zp = _w4()
     xb = torch.randn(2, K).bfloat16()
-    for call, why in [
+    gemm = getattr(ext, "gemm_bf16", None)
+    bf16_gemm_cases = [] if gemm is None else [
+        (lambda: gemm(xb.float(), q, s, zp, None), r"x must be bf16 \(M, K\) with K = 256 and unit column stride"),
+        (lambda: gemm(torch.randn(K, 2).bfloat16().t(), q, s, zp, None), "unit column stride"),
+        (lambda: gemm(xb, q, s, zp, torch.randn(N + 1)), r"bias must be floating \(N,\) with N = 64"),
+    ]
+    for call, why in bf16_gemm_cases + [
         (lambda: ext.gemv_bf16(xb.float(), q, s, zp, None), r"x must be bf16 \(M, K\)"),
         (lambda: ext.gemv_bf16(xb[:, :128], q, s, zp, None), r"x must be bf16 \(M, K\) with K = 256"),
         (lambda: ext.gemv_bf16(torch.randn(K, 2).bfloat16().t(), q, s, zp, None), "unit column stride"),

@@ -23,7 +23,9 @@
 //  * gemm_small_bf16 (bf16 x, small M): a tile of rows is dequantized exactly (bit-equal to the
 //    reference dequantize) into an L1 buffer, then vdpbf16ps with a broadcast weight pair against
 //    16 rows of x at a time (x repacked once per call as k-pairs x 16 rows).
-//  * linear_chunked (any float dtype, large M): rows of W dequantized exactly into a reused
+//  * gemm_bf16 (bf16 x, larger M): gemm_bf16.h's GEMM, its panels of 64 rows dequantized exactly (bf16,
+//    bit-equal to the reference dequantize) per call inside the GEMM, in L2.
+//  * linear_chunked (float32 / float16 x, large M): rows of W dequantized exactly into a reused
 //    buffer in x's dtype, at::addmm / at::mm per chunk into the output's column slice.
 // gemv_bf16_act: gemv_bf16 with float8 dynamic activations (fp8_act.h's fake quantization) done in
 // the same call, into the bf16 copy of x the permutation reads (fp8 x int4's eager decode entry).
@@ -45,6 +47,7 @@
 
 #include "bf16_scale.h"
 #include "fp8_act.h"
+#include "gemm_bf16.h"
 #include "parallel.h"
 #include "prefetch.h"
 
@@ -225,6 +228,34 @@ void dequant_rows_any(const W4& w, int64_t r0, int64_t r1, torch::Tensor& out, b
     default: TORCH_CHECK(false, "dequant output must be bfloat16, float16 or float32");
   }
 }
+
+// gemm_bf16's packer: rows n0 .. n0 + rows (<= 64) of W, columns [k0, k0 + kc), as dequant_row's bf16
+// values (the reference's), in k-pairs (gemm_bf16.h). Rows past `rows` and columns past kc are zero.
+struct Int4Panels {
+  const W4* w;
+
+  // kc % 32 == 0: K is a multiple of the group size (>= 32) and gemm_bf16::kKC of 32.
+  void operator()(int64_t n0, int64_t rows, int64_t k0, int64_t kc, uint8_t* dst) const {
+    // 16 rows at a time dequantized along the block into bf16 rows (<= 128 KiB, in L2), then transposed
+    // 32 columns at a time
+    thread_local std::vector<c10::BFloat16> rows16;
+    rows16.resize(size_t(16 * kc));
+    for (int v = 0; v < 4; ++v) {
+      for (int i = 0; i < 16; ++i) {
+        c10::BFloat16* r = rows16.data() + i * kc;
+        if (16 * v + i < rows) dequant_row<c10::BFloat16>(*w, n0 + 16 * v + i, k0, k0 + kc, r);
+        else std::memset(static_cast<void*>(r), 0, size_t(kc) * 2);
+      }
+      for (int64_t k = 0; k < kc; k += 32) {
+        __m512i t[16];
+        for (int i = 0; i < 16; ++i) t[i] = _mm512_loadu_si512(rows16.data() + i * kc + k);
+        lowbit::transpose16(t);
+        uint8_t* out = dst + (k / 2) * gemm_bf16::kPairBytes + v * 64;
+        for (int p = 0; p < 16; ++p) _mm512_storeu_si512(out + p * gemm_bf16::kPairBytes, t[p]);
+      }
+    }
+  }
+};
 
 // ---- GEMV, bf16 x ------------------------------------------------------------------------------
 
@@ -639,6 +670,24 @@ torch::Tensor gemm_small_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tenso
   return out;
 }
 
+// out = x @ W.T + bias for bf16 x (2-D, row stride any, unit column stride), any M: gemm_bf16.h's GEMM
+// on the reference's dequantized bf16 values, made per 64-row panel inside the GEMM.
+torch::Tensor gemm_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                              c10::optional<torch::Tensor> bias) {
+  W4 w = make_w4(qdata, scale, zp);
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.K && x.stride(1) == 1,
+              "x must be bf16 (M, K) with K = ", w.K, " and unit column stride, got ", x.scalar_type(), " ", x.sizes());
+  torch::Tensor bkeep;
+  const float* bp = bias_ptr(bias, w.N, bkeep);
+  const int64_t M = x.size(0);
+  auto out = torch::empty({M, w.N}, x.options());
+  if (M == 0) return out;
+  gemm_bf16::gemm(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), x.stride(0), M, w.N, w.K, Int4Panels{&w}, bp,
+                  reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()));
+  return out;
+}
+
 // Rows [row0, row1) of W, dequantized exactly into out[: row1 - row0] (dtype of out).
 void dequant_rows(torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp, int64_t row0, int64_t row1,
                   torch::Tensor out) {
@@ -697,6 +746,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("act_eps"), py::arg("act_e5m2"));
   m.def("gemv_f32", &gemv_f32, "int4 weight-only GEMV, float32/float16 x, M = 1");
   m.def("gemm_small_bf16", &gemm_small_bf16, "int4 weight-only small-M GEMM, bf16 x, M <= 64");
+  m.def("gemm_bf16", &gemm_bf16_entry, "int4 weight-only GEMM, bf16 x, any M: panels dequantized inside the GEMM");
   m.def("dequant_rows", &dequant_rows, "exact dequantization of a row range into a buffer");
   m.def("linear_chunked", &linear_chunked, "chunked dequantize + mm");
 }
