@@ -15,6 +15,8 @@
 //  * bf16 x, M <= tiled_max_m: 4 rows are converted into a small bf16 scratch (L1), then
 //    4x4 register tiles (4 rows of x, 4 weight rows) of vdpbf16ps over K; the next 4 weight rows
 //    are prefetched while computing, so the weight read overlaps the arithmetic.
+//  * bf16 x above that (K even): gemm_bf16.h's GEMM, its 64-row panels converted (exactly, cvt64) per
+//    call inside the GEMM, in L2; the scale and bias applied to the float32 sums, one rounding.
 //  * otherwise: one parallel region; each thread converts its own contiguous range of weight
 //    rows, chunk by chunk, into a reused buffer in x's compute dtype that stays in cache and
 //    multiplies each chunk with a serial at::mm into the output slice.
@@ -42,6 +44,7 @@
 
 #include "bf16_scale.h"
 #include "fp8_act.h"
+#include "gemm_bf16.h"
 #include "parallel.h"
 #include "prefetch.h"
 
@@ -109,6 +112,37 @@ inline void cvt64(__m512i b, const Tables& t, __m512i& w0, __m512i& w1) {
 inline __m512i load_tail(const uint8_t* p, int64_t n) {  // n < 64 bytes, zero-filled
   return _mm512_maskz_loadu_epi8(_cvtu64_mask64((n >= 64) ? ~0ULL : ((1ULL << n) - 1)), p);
 }
+
+// gemm_bf16's packer: rows n0 .. n0 + rows (<= 64) of the float8 weight q (N, K), columns [k0, k0 + kc),
+// as their exact bf16 values (the scale is gemm_bf16's column scale), in k-pairs; zero past rows / kc.
+struct Fp8Panels {
+  const uint8_t* q;
+  int64_t K;
+  const Tables* t;
+
+  void operator()(int64_t n0, int64_t rows, int64_t k0, int64_t kc, uint8_t* dst) const {
+    for (int v = 0; v < 4; ++v) {
+      for (int64_t k = 0; k < kc; k += 64) {
+        __m512i a[16], b[16];
+        for (int i = 0; i < 16; ++i) {
+          const int64_t row = 16 * v + i;
+          if (row < rows) {
+            cvt64(load_tail(q + (n0 + row) * K + k0 + k, kc - k), *t, a[i], b[i]);
+          } else {
+            a[i] = b[i] = _mm512_setzero_si512();
+          }
+        }
+        lowbit::transpose16(a);
+        lowbit::transpose16(b);
+        uint8_t* out = dst + (k / 2) * gemm_bf16::kPairBytes + v * 64;
+        for (int p = 0; p < 16; ++p) {
+          _mm512_storeu_si512(out + p * gemm_bf16::kPairBytes, a[p]);
+          _mm512_storeu_si512(out + (16 + p) * gemm_bf16::kPairBytes, b[p]);
+        }
+      }
+    }
+  }
+};
 
 inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
@@ -459,6 +493,15 @@ static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor qdata, torch::Te
       small_m(xc, q, N, K, Kp, sp, per_row, bp, out.data_ptr<at::Half>(), gemv_max_m, t, nullptr);
     else
       small_m(xc, q, N, K, Kp, sp, per_row, bp, out.data_ptr<float>(), gemv_max_m, t, nullptr);
+    return out;
+  }
+
+  if (!f32 && K % 2 == 0) {  // bf16 x: the panel GEMM (the scale per column, after the float32 sums)
+    const auto xg = x.stride(1) == 1 ? x : x.contiguous();
+    std::vector<float> cs(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) cs[size_t(n)] = sp[per_row ? n : 0];
+    gemm_bf16::gemm(reinterpret_cast<const uint16_t*>(xg.data_ptr<at::BFloat16>()), xg.stride(0), M, N, K, Fp8Panels{q, K, &t}, bp,
+                    reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), cs.data());
     return out;
   }
 

@@ -11,10 +11,14 @@
 // tile of float32 accumulators in 24 zmm; per k-pair it loads the panel's 4 vectors once and, per row
 // of x, broadcasts that row's pair into 4 vdpbf16ps. The sum over k runs in float32 (vdpbf16ps: each
 // pair's two products added, then to the accumulator), K blocks in order through a per-thread float32
-// tile of M x 64, and the last block adds the bias in float32 and rounds once to bf16.
+// tile of M x 64, and the last block multiplies by a per-column scale (where the packer leaves it out of
+// the panel: float8 weights, exact in bf16) and adds the bias in float32, one fma, one rounding to bf16.
 //
-// vdpbf16ps treats bf16 subnormal inputs as zero and flushes subnormal results whatever MXCSR says, as
-// oneDNN's bf16 GEMM does on these CPUs (torch's F.linear at M > 1, which the callers' reference is).
+// vdpbf16ps treats bf16 subnormal inputs as zero and flushes subnormal products and sums whatever MXCSR
+// says. So, as the GEMVs do (bf16_scale.h), a row of x whose largest value is below 2^kScaleTop is copied
+// scaled by 2^j (exact) and its results multiplied by 2^-j (exact unless they are subnormal: then one
+// rounding) before the column scale and bias; rows at or above it (ordinary activations) are used as
+// they are, and when every row is, x is not copied at all.
 #pragma once
 
 #include <torch/extension.h>
@@ -24,6 +28,12 @@
 #include <cstring>
 #include <vector>
 
+// bf16_scale.h needs AVX-512 BF16, which a build including this header may not require (int8_gemv's):
+// compiled for it here, run only where the CPU has it, like everything in this header.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+#include "bf16_scale.h"
+#pragma GCC pop_options
 #include "panel.h"
 #include "parallel.h"
 
@@ -33,6 +43,7 @@ constexpr int kMR = 6;          // rows of x per microkernel call
 constexpr int64_t kNR = 64;     // weight rows (output columns) per panel: 4 zmm
 constexpr int64_t kKC = 4096;   // k per packed panel (a multiple of 32)
 constexpr int64_t kPairBytes = kNR * 4;
+constexpr int kScaleTop = 0;    // rows of x with a largest |value| below 2^kScaleTop are scaled (see above)
 
 #define LOWBIT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
@@ -50,7 +61,8 @@ inline int32_t load_pair(const uint16_t* p) {
 
 // Rows m .. m + MR of x (lda) against the panel's `pairs` k-pairs. c (float32, ldc = 64): the running
 // tile of earlier K blocks (read unless `first`), written back unless `ob` is set; ob: the last block,
-// where the tile plus the bias (`bias` + n0, or nullptr) is rounded to bf16 into ob (ldo), `cols` columns.
+// where (tile * rowpost[i]) * colscale + bias (`rowpost` + m, `colscale` + n0 and `bias` + n0, each
+// nullptr: 1, 1 and 0) is rounded to bf16 into ob (ldo), `cols` columns.
 #define LB_ACC(i)                                                                                   \
   __m512 c##i##0, c##i##1, c##i##2, c##i##3;                                                        \
   if constexpr (MR > i) {                                                                           \
@@ -81,15 +93,35 @@ inline int32_t load_pair(const uint16_t* p) {
 #define LB_OUT(i)                                                                                   \
   if constexpr (MR > i) {                                                                           \
     uint16_t* o = ob + i * ldo;                                                                     \
-    const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(c##i##1, b1), _mm512_add_ps(c##i##0, b0)); \
-    const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(c##i##3, b3), _mm512_add_ps(c##i##2, b2)); \
+    if (rowpost && rowpost[i] != 1.f) { /* a scaled row: its results may be subnormal */           \
+      const __m512 r = _mm512_set1_ps(rowpost[i]);                                                  \
+      store_exact(o, cols, _mm512_fmadd_ps(_mm512_mul_ps(c##i##0, r), s0, b0),                      \
+                  _mm512_fmadd_ps(_mm512_mul_ps(c##i##1, r), s1, b1),                               \
+                  _mm512_fmadd_ps(_mm512_mul_ps(c##i##2, r), s2, b2),                               \
+                  _mm512_fmadd_ps(_mm512_mul_ps(c##i##3, r), s3, b3));                              \
+    } else {                                                                                        \
+    const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(c##i##1, s1, b1), _mm512_fmadd_ps(c##i##0, s0, b0)); \
+    const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(c##i##3, s3, b3), _mm512_fmadd_ps(c##i##2, s2, b2)); \
     _mm512_mask_storeu_epi16(o, mlo, lo);                                                           \
     _mm512_mask_storeu_epi16(o + 32, mhi, hi);                                                      \
+    }                                                                                               \
   }
+
+// The first `cols` of 64 float32 values (v0..v3) rounded to bf16 one by one as c10::BFloat16 rounds
+// (nearest even), subnormal results included: vcvtne2ps2bf16 would read float32 subnormals as zero.
+LOWBIT_BF16 inline void store_exact(uint16_t* o, int64_t cols, __m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  alignas(64) float t[kNR];
+  _mm512_store_ps(t, v0);
+  _mm512_store_ps(t + 16, v1);
+  _mm512_store_ps(t + 32, v2);
+  _mm512_store_ps(t + 48, v3);
+  for (int64_t j = 0; j < std::min(cols, kNR); ++j) o[j] = c10::BFloat16(t[j]).x;
+}
 
 template <int MR>
 LOWBIT_BF16 void micro(const uint16_t* a, int64_t lda, const uint8_t* panel, int64_t pairs, float* c, bool first,
-                       uint16_t* ob, int64_t ldo, const float* bias, int64_t cols) {
+                       uint16_t* ob, int64_t ldo, const float* rowpost, const float* colscale, const float* bias,
+                       int64_t cols) {
   static_assert(MR >= 1 && MR <= kMR, "micro: 1 to 6 rows");
   LB_ACC(0) LB_ACC(1) LB_ACC(2) LB_ACC(3) LB_ACC(4) LB_ACC(5)
   for (int64_t q = 0; q < pairs; ++q) {
@@ -106,13 +138,15 @@ LOWBIT_BF16 void micro(const uint16_t* a, int64_t lda, const uint8_t* panel, int
     const int64_t n = cols - start;
     return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1);
   };
-  auto bias_at = [&](int64_t j) -> __m512 {
+  auto load_at = [&](const float* v, int64_t j, float absent) -> __m512 {
     const int64_t n = cols - j;
     const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-    return bias ? _mm512_maskz_loadu_ps(m, bias + j) : _mm512_setzero_ps();
+    return v ? _mm512_maskz_loadu_ps(m, v + j) : _mm512_set1_ps(absent);
   };
   const __mmask32 mlo = mask_from(0), mhi = mask_from(32);
-  const __m512 b0 = bias_at(0), b1 = bias_at(16), b2 = bias_at(32), b3 = bias_at(48);
+  const __m512 b0 = load_at(bias, 0, 0.f), b1 = load_at(bias, 16, 0.f), b2 = load_at(bias, 32, 0.f), b3 = load_at(bias, 48, 0.f);
+  const __m512 s0 = load_at(colscale, 0, 1.f), s1 = load_at(colscale, 16, 1.f), s2 = load_at(colscale, 32, 1.f);
+  const __m512 s3 = load_at(colscale, 48, 1.f);
   LB_OUT(0) LB_OUT(1) LB_OUT(2) LB_OUT(3) LB_OUT(4) LB_OUT(5)
 }
 #undef LB_ACC
@@ -121,15 +155,16 @@ LOWBIT_BF16 void micro(const uint16_t* a, int64_t lda, const uint8_t* panel, int
 #undef LB_OUT
 
 LOWBIT_BF16 inline void micro_any(int mr, const uint16_t* a, int64_t lda, const uint8_t* panel, int64_t pairs, float* c,
-                                  bool first, uint16_t* ob, int64_t ldo, const float* bias, int64_t cols) {
+                                  bool first, uint16_t* ob, int64_t ldo, const float* rowpost, const float* colscale,
+                                  const float* bias, int64_t cols) {
   static_assert(kMR == 6, "micro_any dispatches 1..6 rows");
   switch (mr) {
-    case 6: return micro<6>(a, lda, panel, pairs, c, first, ob, ldo, bias, cols);
-    case 5: return micro<5>(a, lda, panel, pairs, c, first, ob, ldo, bias, cols);
-    case 4: return micro<4>(a, lda, panel, pairs, c, first, ob, ldo, bias, cols);
-    case 3: return micro<3>(a, lda, panel, pairs, c, first, ob, ldo, bias, cols);
-    case 2: return micro<2>(a, lda, panel, pairs, c, first, ob, ldo, bias, cols);
-    default: return micro<1>(a, lda, panel, pairs, c, first, ob, ldo, bias, cols);
+    case 6: return micro<6>(a, lda, panel, pairs, c, first, ob, ldo, rowpost, colscale, bias, cols);
+    case 5: return micro<5>(a, lda, panel, pairs, c, first, ob, ldo, rowpost, colscale, bias, cols);
+    case 4: return micro<4>(a, lda, panel, pairs, c, first, ob, ldo, rowpost, colscale, bias, cols);
+    case 3: return micro<3>(a, lda, panel, pairs, c, first, ob, ldo, rowpost, colscale, bias, cols);
+    case 2: return micro<2>(a, lda, panel, pairs, c, first, ob, ldo, rowpost, colscale, bias, cols);
+    default: return micro<1>(a, lda, panel, pairs, c, first, ob, ldo, rowpost, colscale, bias, cols);
   }
 }
 
@@ -179,12 +214,48 @@ inline uint8_t* panel_buffer() {
   return buf.data();
 }
 
-// out (M, N) bf16 = x (M, K) bf16 (row stride ldx, unit column stride) @ W.T + bias (float32 (N,) or
-// nullptr), W's panels made by `pack`. K even. Call only on a CPU with avx512bf16.
+// Whether some row of x (M, K, row stride ldx) has its largest finite |value| below 2^kScaleTop (zero
+// rows included: scale_rows_bf16 leaves them as they are, but they are rare enough not to matter).
+LOWBIT_BF16 inline bool any_row_below(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
+  const __m512i mag = _mm512_set1_epi16(0x7FFF), inf = _mm512_set1_epi16(0x7F80);
+  const uint16_t top = uint16_t((127 + kScaleTop) << 7);  // bits of 2^kScaleTop
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* row = x + m * ldx;
+    __m512i vmax = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 32) {
+      const int64_t left = K - k;
+      const __mmask32 mask = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+      const __m512i a = _mm512_and_si512(_mm512_maskz_loadu_epi16(mask, row + k), mag);
+      vmax = _mm512_mask_max_epu16(vmax, _mm512_cmplt_epu16_mask(a, inf), vmax, a);
+    }
+    alignas(64) uint16_t lanes[32];
+    _mm512_store_si512(lanes, vmax);
+    if (*std::max_element(lanes, lanes + 32) < top) return true;
+  }
+  return false;
+}
+
+// out (M, N) bf16 = (x (M, K) bf16 (row stride ldx, unit column stride) @ P.T) * colscale + bias, P's panels
+// made by `pack`; colscale and bias float32 (N,) or nullptr (1 and 0). K even. Call only on a CPU with
+// avx512bf16.
 template <typename Packer>
 LOWBIT_BF16 void gemm(const uint16_t* x, int64_t ldx, int64_t M, int64_t N, int64_t K, const Packer& pack, const float* bias,
-                      uint16_t* out) {
+                      uint16_t* out, const float* colscale = nullptr) {
   TORCH_CHECK(K % 2 == 0, "gemm_bf16: K must be even, got ", K);
+  // rows below 2^kScaleTop: a scaled copy of x (rows of Kp, a multiple of 32, zero padded) and 2^-j per row
+  std::vector<uint16_t> xs;
+  std::vector<float> rowpost;
+  if (any_row_below(x, ldx, M, K)) {
+    const int64_t Kp = (K + 31) / 32 * 32;
+    xs.assign(size_t(M * Kp), 0);
+    for (int64_t m = 0; m < M; ++m) std::memcpy(xs.data() + m * Kp, x + m * ldx, size_t(K) * 2);
+    std::vector<double> post(static_cast<size_t>(M));
+    lowbit::scale_rows_bf16(xs.data(), M, Kp, Kp, kScaleTop, post.data());
+    rowpost.assign(post.begin(), post.end());  // 2^-j, j <= 127: exact in float32
+    x = xs.data();
+    ldx = Kp;
+  }
+  const float* rp = rowpost.empty() ? nullptr : rowpost.data();
   const int64_t panels = (N + kNR - 1) / kNR, tiles = (M + kMR - 1) / kMR;
   const int64_t splits = lowbit::m_splits(panels, tiles, 1.0);
   const int64_t per_split = (tiles + splits - 1) / splits;
@@ -211,7 +282,7 @@ LOWBIT_BF16 void gemm(const uint16_t* x, int64_t ldx, int64_t M, int64_t N, int6
           const int64_t m = t * kMR, mr = std::min<int64_t>(kMR, M - m);
           float* c = blocks ? running + (t - t0) * kMR * kNR : one_tile;
           micro_any(int(mr), x + m * ldx + k0, ldx, panel, kc / 2, c, first, last ? out + m * N + n0 : nullptr, N,
-                    bias ? bias + n0 : nullptr, cols);
+                    rp ? rp + m : nullptr, colscale ? colscale + n0 : nullptr, bias ? bias + n0 : nullptr, cols);
         }
       }
     }
