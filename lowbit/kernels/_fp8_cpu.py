@@ -21,7 +21,10 @@ module constants):
 * bf16, M <= ``GEMV_MAX_M``: fused GEMV: float8 converted to bf16 in registers (exact, a
   256-entry table via vpermt2b), vdpbf16ps with float32 accumulation, the weight streamed once;
 * bf16, M <= ``TILED_MAX_M``: 4 weight rows converted to an L1 scratch, 4x4 vdpbf16ps tiles;
-* otherwise (and bf16 above ``TILED_MAX_M``): one parallel region in which each thread takes a
+* bf16 above ``TILED_MAX_M`` (K even): ``csrc/gemm_bf16.h``'s GEMM, 64-row panels of the weight
+  converted exactly per call inside the GEMM (in L2), the scale and bias applied to the float32 sums
+  (4096^2 M = 256: 1.02x bf16 where the chunked path ran 0.93x; SmolLM2's linears at M = 128 1.24x);
+* otherwise (float32 / float16 x above ``TILED_MAX_M``, or an odd K): one parallel region in which each thread takes a
   contiguous range of weight rows and converts it in chunks of ``CHUNK_ROWS`` rows into its own
   reused buffer (bf16, or float32 for float32/float16 x), each chunk multiplied with a serial
   ``at::mm`` into the output slice. (It was a parallel conversion and a parallel ``at::mm`` per
