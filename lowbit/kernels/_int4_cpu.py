@@ -36,8 +36,9 @@ x is widened to float32 and multiplied by the exact ``q - zp``, see ``csrc/int4_
 * bfloat16 above ``SMALL_MAX_M`` (the AVX-512 build): ``gemm_bf16``, a bf16 GEMM (``csrc/gemm_bf16.h``)
   whose 64-row panels are dequantized exactly (the reference's bf16 values) per call inside the
   GEMM, in L2; float32 sums, one rounding of the output. SmolLM2's seven linears at M = 128, g64:
-  1.18x bf16 where the chunked path ran 0.67x; 4096^2 g128 M = 256: 0.99x (chunked 0.96x)
-  (``benchmarks/results/avx512_zen4/scratch/int4_gemm_bf16_vs_paths.py``).
+  1.12-1.18x bf16 where the chunked path ran 0.67-0.94x; 4096^2 g128 M = 256: 0.99x (chunked 0.92-0.96x)
+  (``benchmarks/results/avx512_zen4/scratch/int4_gemm_bf16_vs_paths.py``). At M = 5..32 it is ahead of
+  ``gemm_small_bf16`` on SmolLM2's small layers and behind it on 4096^2 from M = 8: not routed there.
 * otherwise (and float32/float16 with M > 1): ``linear_chunked``: ``CHUNK_ROWS`` rows of W at a
   time are dequantized exactly (bit-equal to ``dequantize_affine``: ``(q - zp) * s`` in float32,
   q exact, one rounding for a float zp's subtraction, one for the product, one to x's dtype) into a reused buffer, then ``addmm``/``mm`` (oneDNN/BLAS) into

@@ -43,8 +43,8 @@ MIXED = {
     "re:.*down_proj": Int4WeightOnlyConfig(group_size=32),
     r"re:(model\.)?lm_head": Int8DynamicActivationInt8WeightConfig(act_symmetric=False),
 }
-# the mixed model's logits on the fast kernels vs the reference kernels (dequantize + float op),
-# fp32: the lowest of the kernels' own bounds (W8A8 fast vs reference, tests/kernels/test_int8.py)
+# each linear of the mixed model on the fast kernels vs the reference kernels (dequantize + float op), on the
+# same input, fp32: the lowest of the kernels' own bounds (W8A8 fast vs reference, tests/kernels/test_int8.py)
 FAST_VS_REFERENCE_DB = 80.0
 
 
@@ -126,14 +126,25 @@ def test_saves_loads_and_runs_on_the_fast_kernels(algorithm, tmp_path):
     for name in saved:
         _same_fields(saved[name], loaded[name], codes_equal=True)
     ids = _calib(4, 32, seed=9)
-    reference = copy.deepcopy(fresh)
-    for m in reference.modules():
-        if isinstance(getattr(m, "weight", None), QuantizedTensor):
-            m.weight = nn.Parameter(m.weight._replace(kernel=KernelPreference.REFERENCE), requires_grad=False)
+    inputs = {}  # each quantized linear's input in the reloaded model's forward
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0].detach()))
+             for name, m in fresh.named_modules() if isinstance(getattr(m, "weight", None), QuantizedTensor)]
     with torch.no_grad():
-        out, before, ref = fresh(ids), _logits(ids), reference(ids)
+        out, before = fresh(ids), _logits(ids)
+    for h in hooks:
+        h.remove()
     assert torch.equal(out, before)
-    assert sqnr(ref, out) >= FAST_VS_REFERENCE_DB
+    # fast kernels against the reference kernels per linear, on the same input: the kernels' own bounds. Not
+    # on the whole model's logits: there a last-bit difference upstream can move one of lm_head's dynamic
+    # int8 activation codes by a step (measured: lm_head's input 128 dB from the reference model's, its
+    # output 73.9 dB), which is the dynamic quantization's rounding, not a kernel's error.
+    assert len(inputs) == 15
+    for name, x in inputs.items():
+        w = dict(fresh.named_modules())[name].weight
+        with torch.no_grad():
+            fast = F.linear(x, w)
+            ref = F.linear(x, w._replace(kernel=KernelPreference.REFERENCE))
+        assert sqnr(ref, fast) >= FAST_VS_REFERENCE_DB, name
 
 
 def test_bfloat16_model():

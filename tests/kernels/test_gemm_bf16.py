@@ -147,3 +147,54 @@ def test_subnormal_rows_are_not_flushed(k):
     for i in range(m):
         assert bool((out[i][nonzero[i]] != 0).all()), i
         assert sqnr(exact[i], out[i].double()) >= SUBNORMAL_DB, i
+
+
+def _int4_weight(kind, n, k, g):
+    from lowbit.granularity import PerGroup
+    from lowbit.primitives import choose_qparams_affine, pack_int4, quantize_affine
+    from lowbit.spec import QuantSpec
+
+    spec = (QuantSpec("int4", PerGroup(g), symmetric=True) if kind == "sym" else
+            QuantSpec("uint4", PerGroup(g), symmetric=False, zero_point_domain="float") if kind == "float-zp" else
+            QuantSpec("uint4", PerGroup(g), symmetric=False, zero_point_dtype=torch.int8))
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(k)) + 0.3
+    s, zp = choose_qparams_affine(w, spec)
+    q = quantize_affine(w, s, zp, spec)
+    return pack_int4(q), s, zp, spec, q
+
+
+@pytest.mark.parametrize("k", [320, BLOCK_K + 64])
+@pytest.mark.parametrize("scheme", ["int8 g16", "int8 per row", "int4 sym", "int4 asym", "int4 float-zp", "float8 e4m3fn",
+                                    "float8 e5m2"])
+def test_the_panels_hold_the_reference_weight_bit_for_bit(scheme, k):
+    """x = the identity: each output is one product 1 * w (exact) plus zeros, so the GEMM returns the bf16
+    weight its panels held, W.T, which must be the reference's dequantized weight bit for bit (float8: its
+    bf16 value times the scale, rounded once, as the reference dequantizes)."""
+    from lowbit.kernels import _ext
+    from lowbit.primitives import dequantize_affine, dequantize_float8, quantize_float8, choose_qparams_float8
+    from lowbit.granularity import PerRow
+    from lowbit.spec import QuantSpec
+
+    n = 70
+    eye = torch.eye(k, dtype=torch.bfloat16)
+    if scheme.startswith("int8"):
+        groups = k // 16 if scheme == "int8 g16" else 1
+        _, w, s, _, wd = _operands(1, n, k, groups, 29, bias=False)
+        got = k8._gemm_bf16()(eye, w, s)
+    elif scheme.startswith("int4"):
+        ext = _ext.load("int4_cpu")
+        if ext is None or not hasattr(ext, "gemm_bf16"):
+            pytest.skip("the int4_cpu build has no gemm_bf16")
+        qdata, s, zp, spec, q = _int4_weight(scheme.split()[1], n, k, 64)
+        wd = dequantize_affine(q, s, zp, spec, output_dtype=torch.bfloat16)
+        got = ext.gemm_bf16(eye, qdata, s, zp, None)
+    else:
+        from lowbit.kernels._fp8_cpu import float8_weight_only_linear_cpu
+
+        spec = QuantSpec("float8_" + scheme.split()[1], PerRow())
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(31)) * 3
+        s = choose_qparams_float8(w, spec)
+        q = quantize_float8(w, s, spec)
+        wd = dequantize_float8(q, s, spec, output_dtype=torch.bfloat16)
+        got = float8_weight_only_linear_cpu(eye, q, s, None)
+    assert torch.equal(got, wd.t())

@@ -234,21 +234,33 @@ void dequant_rows_any(const W4& w, int64_t r0, int64_t r1, torch::Tensor& out, b
 struct Int4Panels {
   const W4* w;
 
-  // kc % 32 == 0: K is a multiple of the group size (>= 32) and gemm_bf16::kKC of 32.
+  // kc % 32 == 0 and k0 % 32 == 0 (K is a multiple of the group size >= 32, gemm_bf16::kKC of 32), so
+  // each 32 columns of a row lie in one group: dequant_row's arithmetic on them, in registers.
   void operator()(int64_t n0, int64_t rows, int64_t k0, int64_t kc, uint8_t* dst) const {
-    // 16 rows at a time dequantized along the block into bf16 rows (<= 128 KiB, in L2), then transposed
-    // 32 columns at a time
-    thread_local std::vector<c10::BFloat16> rows16;
-    rows16.resize(size_t(16 * kc));
+    const W4& ww = *w;
+    const __m512i ctrl = nibble_ctrl(), m0f = _mm512_set1_epi32(0xF);
+    const __m512i magic = _mm512_set1_epi32(asym(ww) ? 0x4B000000 : 0x4B000008);
     for (int v = 0; v < 4; ++v) {
-      for (int i = 0; i < 16; ++i) {
-        c10::BFloat16* r = rows16.data() + i * kc;
-        if (16 * v + i < rows) dequant_row<c10::BFloat16>(*w, n0 + 16 * v + i, k0, k0 + kc, r);
-        else std::memset(static_cast<void*>(r), 0, size_t(kc) * 2);
-      }
       for (int64_t k = 0; k < kc; k += 32) {
+        const int64_t g = (k0 + k) >> ww.lg;
         __m512i t[16];
-        for (int i = 0; i < 16; ++i) t[i] = _mm512_loadu_si512(rows16.data() + i * kc + k);
+        for (int i = 0; i < 16; ++i) {
+          const int64_t row = 16 * v + i;
+          if (row >= rows) {
+            t[i] = _mm512_setzero_si512();
+            continue;
+          }
+          const int64_t n = n0 + row;
+          const uint8_t* qr = ww.q + n * ww.rb;
+          const __m512 mz = _mm512_set1_ps(zbase_of(ww, n, g)), sv = _mm512_set1_ps(ww.s[n * ww.G + g]);
+          __m512 a = nib16_f32(qr, k0 + k, ctrl, m0f, magic, mz), b = nib16_f32(qr, k0 + k + 16, ctrl, m0f, magic, mz);
+          if (ww.zf) {  // (q - zf) * s, as dequant_row
+            const __m512 zv = _mm512_set1_ps(ww.zf[n * ww.G + g]);
+            a = _mm512_sub_ps(a, zv);
+            b = _mm512_sub_ps(b, zv);
+          }
+          t[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(b, sv), _mm512_mul_ps(a, sv));
+        }
         lowbit::transpose16(t);
         uint8_t* out = dst + (k / 2) * gemm_bf16::kPairBytes + v * 64;
         for (int p = 0; p < 16; ++p) _mm512_storeu_si512(out + p * gemm_bf16::kPairBytes, t[p]);
@@ -635,13 +647,18 @@ torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale
   return out;
 }
 
+// x: bf16 (M, K) with K = w.K and unit column stride (the bf16 GEMMs' x).
+static void check_bf16_x(const torch::Tensor& x, const W4& w) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.K && x.stride(1) == 1,
+              "x must be bf16 (M, K) with K = ", w.K, " and unit column stride, got ", x.scalar_type(), " ", x.sizes());
+}
+
 // out = x @ W.T + bias for bf16 x, 1 <= M <= 64 (see gemm_small_impl).
 torch::Tensor gemm_small_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
                               c10::optional<torch::Tensor> bias) {
   W4 w = make_w4(qdata, scale, zp);
-  check_cpu(x, "x");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.K && x.stride(1) == 1,
-              "x must be bf16 (M, K) with K = ", w.K, " and unit column stride, got ", x.scalar_type(), " ", x.sizes());
+  check_bf16_x(x, w);
   const int64_t M = x.size(0), K = w.K, G = w.G, C = (K + 127) / 128;
   TORCH_CHECK(M >= 1 && M <= 64, "gemm_small_bf16 takes 1 <= M <= 64, got M = ", M);
   torch::Tensor bkeep;
@@ -675,9 +692,7 @@ torch::Tensor gemm_small_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tenso
 torch::Tensor gemm_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
                               c10::optional<torch::Tensor> bias) {
   W4 w = make_w4(qdata, scale, zp);
-  check_cpu(x, "x");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.K && x.stride(1) == 1,
-              "x must be bf16 (M, K) with K = ", w.K, " and unit column stride, got ", x.scalar_type(), " ", x.sizes());
+  check_bf16_x(x, w);
   torch::Tensor bkeep;
   const float* bp = bias_ptr(bias, w.N, bkeep);
   const int64_t M = x.size(0);

@@ -172,17 +172,10 @@ void run_all(const Args& a) {
 // dequantized bf16 values, float32 sums; oneDNN's summation order differs). Needs avx512bf16.
 torch::Tensor int8_weight_only_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(cpu_bf16(), "int8_weight_only_gemm needs a CPU with avx512bf16");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), "x, w and scale must be CPU tensors");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (M, K) and w (N, K) expected, got ", x.sizes(),
-              " and ", w.sizes());
+  check_weight_args(x, w, scale);
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.stride(1) == 1, "x must be bfloat16 with unit column stride, got ",
               x.scalar_type(), " with strides ", x.strides());
-  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous(), "w must be contiguous int8, got ", w.scalar_type());
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.dim() == 2 && scale.size(0) == w.size(0),
-              "scale must be float32 (N, groups) with N = ", w.size(0), ", got ", scale.scalar_type(), " ", scale.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
-  TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 16 == 0, "group size must divide K and be a multiple of 16, got K = ", K,
-              " with ", G, " groups");
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N && bias->is_floating_point(),

@@ -134,18 +134,25 @@ const float* x_as_f32(const torch::Tensor& x, std::vector<float>& buf) {
 
 // Every argument is checked here (devices, dtypes, ranks, shapes; x's and scale's strides are
 // honoured): whatever a caller passes, nothing is read out of bounds.
-torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+// The checks every entry makes of x (M, K), w (N, K) int8 contiguous and scale float32 (N, groups), groups of
+// a multiple of 16; x's dtype is the caller's to check.
+inline void check_weight_args(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), "x, w and scale must be CPU tensors");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (M, K) and w (N, K) expected, got ", x.sizes(),
               " and ", w.sizes());
-  const auto xt = x.scalar_type();
-  TORCH_CHECK(xt == torch::kFloat || xt == torch::kBFloat16 || xt == torch::kHalf, "x must be float32, bfloat16 or float16, got ", xt);
   TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous(), "w must be contiguous int8, got ", w.scalar_type());
   TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.dim() == 2 && scale.size(0) == w.size(0),
               "scale must be float32 (N, groups) with N = ", w.size(0), ", got ", scale.scalar_type(), " ", scale.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
+  const int64_t K = x.size(1), G = scale.size(1);
   TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 16 == 0, "group size must divide K and be a multiple of 16, got K = ", K,
               " with ", G, " groups");
+}
+
+torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  check_weight_args(x, w, scale);
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == torch::kFloat || xt == torch::kBFloat16 || xt == torch::kHalf, "x must be float32, bfloat16 or float16, got ", xt);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
   if (M == 0 || N == 0) return torch::zeros({M, N}, x.options());
   auto out = torch::empty({M, N}, x.options());
   thread_local std::vector<float> kept;  // reused across calls: no allocation per decode step

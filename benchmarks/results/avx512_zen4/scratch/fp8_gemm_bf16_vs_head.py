@@ -2,15 +2,15 @@
 GEMM) against HEAD's (the chunked convert + at::mm path), both built here under other module names, and bf16
 F.linear, one process, interleaved medians. Run from the repo root before committing the change:
   .venv/bin/python benchmarks/results/avx512_zen4/scratch/fp8_gemm_bf16_vs_head.py [reps]"""
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.cpp_extension import load
+
+from lowbit.eval.demo import _paired_medians
 
 reps = int(sys.argv[1]) if len(sys.argv) > 1 else 9
 head = Path("/tmp/head_csrc_fp8")
@@ -40,13 +40,5 @@ for name, shapes in cases.items():
         xs = [torch.randn(m, k).bfloat16() for _, k in shapes]
         fns = {tag: (lambda mod=mod: [mod.fp8_linear(x, q, s, None, 4, 32, 256) for x, (q, s) in zip(xs, ws)]) for tag, mod in mods.items()}
         fns["bf16"] = lambda: [F.linear(x, w) for x, w in zip(xs, wb)]
-        t = {k: [] for k in fns}
-        for f in fns.values():
-            f()
-        for r in range(reps):
-            for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                t0 = time.perf_counter()
-                fns[k]()
-                t[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        med = {k: v * 1e3 for k, v in _paired_medians(fns, reps).items()}  # make demo's interleaved medians
         print(f"{name:38s} M={m:4d}  " + "  ".join(f"{k} {v:7.3f} ({med['bf16'] / v:.2f}x)" for k, v in med.items()), flush=True)

@@ -2,13 +2,12 @@
 against gemm_small_bf16 (M <= 64) and linear_chunked (dequantize 1024 rows, torch.mm), and bf16 F.linear,
 one process, interleaved medians.
   .venv/bin/python benchmarks/results/avx512_zen4/scratch/int4_gemm_bf16_vs_paths.py [reps]"""
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from lowbit.eval.demo import _paired_medians
 from lowbit.granularity import PerGroup
 from lowbit.kernels import _ext
 from lowbit.primitives import choose_qparams_affine, dequantize_affine, pack_int4, quantize_affine
@@ -36,13 +35,5 @@ for name, (layer_shapes, g) in cases.items():
                "bf16": lambda: [F.linear(x, w) for x, w in zip(xs, wb)]}
         if m <= 64:
             fns["gemm_small"] = lambda: [ext.gemm_small_bf16(x, *w, None) for x, w in zip(xs, ws)]
-        t = {k: [] for k in fns}
-        for f in fns.values():
-            f()
-        for r in range(reps):
-            for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                t0 = time.perf_counter()
-                fns[k]()
-                t[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        med = {k: v * 1e3 for k, v in _paired_medians(fns, reps).items()}  # make demo's interleaved medians
         print(f"{name:42s} M={m:4d}  " + "  ".join(f"{k} {v:7.3f} ({med['bf16'] / v:.2f}x)" for k, v in med.items()), flush=True)

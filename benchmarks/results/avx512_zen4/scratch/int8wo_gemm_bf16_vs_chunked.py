@@ -2,14 +2,13 @@
 int8_gemv's int8_weight_only_gemm) against the chunked path it replaces (_weight_only_chunked: rows converted
 a chunk at a time, torch.mm per chunk, scale on the output) and bf16 F.linear, one process, interleaved medians.
   .venv/bin/python benchmarks/results/avx512_zen4/scratch/int8wo_gemm_bf16_vs_chunked.py [reps]"""
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from lowbit.configs import Int8WeightOnlyConfig
+from lowbit.eval.demo import _paired_medians
 from lowbit.kernels import _ext
 from lowbit.kernels.int8 import _weight_only_chunked
 
@@ -29,13 +28,5 @@ for name, layer_shapes in shapes.items():
             "chunked": lambda: [_weight_only_chunked(x, q, s, None, spec) for x, (q, s) in zip(xs, ws)],
             "bf16": lambda: [F.linear(x, w) for x, w in zip(xs, wb)],
         }
-        t = {k: [] for k in fns}
-        for f in fns.values():
-            f()
-        for r in range(reps):
-            for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                t0 = time.perf_counter()
-                fns[k]()
-                t[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        med = {k: v * 1e3 for k, v in _paired_medians(fns, reps).items()}  # make demo's interleaved medians
         print(f"{name:38s} M={m:4d}  " + "  ".join(f"{k} {v:7.3f} ms ({med['bf16'] / v:.2f}x)" for k, v in med.items()), flush=True)
