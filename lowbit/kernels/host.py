@@ -112,4 +112,12 @@ def host_report() -> list[tuple[str, str]]:
         how = "torch._int_mm"
     why = f"has {', '.join(have)}" if have else f"no {' / '.join(_INT8_DOT_FLAGS)}"
     rows.append(("int8 x int8 matmul", f"{how} ({why}; {INT8_ENV} overrides)"))
+    if half_matmul_native(torch.bfloat16) and "avx512_bf16" in flags:
+        how = ("lowbit's gemm_bf16, the weight made bf16 per panel inside the GEMM (where the AVX-512 builds run: "
+               "int8 above the GEMV's M, int4 and float8 above 32)")
+        why = "has avx512_bf16"
+    else:
+        how = "the weight converted a chunk of rows at a time, then torch.mm"
+        why = "no avx512_bf16" if "avx512_bf16" not in flags else f"bf16 matmul off by {HALF_ENV}"
+    rows.append(("bf16 weight-only large-M matmul", f"{how} ({why})"))
     return rows
