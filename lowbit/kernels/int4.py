@@ -39,7 +39,6 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels._int4_cpu import available as int4_cpu_available
 from lowbit.kernels._int4_cpu import direct_gemv, direct_gemv_fp8_act, int4_linear_cpu
 from lowbit.kernels._int8_int4_cpu import int8_int4_linear
 from lowbit.kernels.float8 import _act_rule as _fp8_act_rule

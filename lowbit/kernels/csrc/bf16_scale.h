@@ -18,6 +18,20 @@
 
 namespace lowbit {
 
+// Bits of the largest finite |value| among the bf16 values row[0 .. K) (0 when there is none).
+inline int max_finite_bits(const uint16_t* row, int64_t K) {
+  const __m512i mag = _mm512_set1_epi16(0x7FFF), inf = _mm512_set1_epi16(0x7F80);
+  __m512i vmax = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+    const __m512i a = _mm512_and_si512(_mm512_maskz_loadu_epi16(mask, row + k), mag);
+    vmax = _mm512_mask_max_epu16(vmax, _mm512_cmplt_epu16_mask(a, inf), vmax, a);  // finite only
+  }
+  alignas(64) uint16_t lanes[32];
+  _mm512_store_si512(lanes, vmax);
+  return *std::max_element(lanes, lanes + 32);
+}
+
 // Scales rows of bf16 values (M rows of Kp elements, Kp % 32 == 0, row stride ld) in place by 2^j,
 // j = top - ilogb(max finite |x| of the row), clamped to [0, 127] (0 for a row without a finite nonzero
 // value); post[m] = 2^-j. The row's largest value becomes 2^top .. 2^(top + 1) (unless clamped), a
@@ -26,17 +40,9 @@ namespace lowbit {
 // would have; infinities and NaNs stay as they are.
 inline void scale_rows_bf16(uint16_t* x, int64_t M, int64_t Kp, int64_t ld, int top, double* post) {
   NoDenormalsAreZero daz_off;
-  const __m512i mag = _mm512_set1_epi16(0x7FFF), inf = _mm512_set1_epi16(0x7F80);
   for (int64_t m = 0; m < M; ++m) {
     uint16_t* row = x + m * ld;
-    __m512i vmax = _mm512_setzero_si512();
-    for (int64_t k = 0; k < Kp; k += 32) {
-      const __m512i a = _mm512_and_si512(_mm512_loadu_si512(row + k), mag);
-      vmax = _mm512_mask_max_epu16(vmax, _mm512_cmplt_epu16_mask(a, inf), vmax, a);  // finite only
-    }
-    alignas(64) uint16_t lanes[32];
-    _mm512_store_si512(lanes, vmax);
-    const int amax = *std::max_element(lanes, lanes + 32);  // bits of the largest finite |x|
+    const int amax = max_finite_bits(row, Kp);  // bits of the largest finite |x|
     int e = 0;
     if (amax >> 7) e = (amax >> 7) - 127;                                        // normal
     else if (amax) e = (31 - __builtin_clz(static_cast<unsigned>(amax))) - 133;  // subnormal: m 2^-133

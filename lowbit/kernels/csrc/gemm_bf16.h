@@ -217,21 +217,9 @@ inline uint8_t* panel_buffer() {
 // Whether some row of x (M, K, row stride ldx) has its largest finite |value| below 2^kScaleTop (zero
 // rows included: scale_rows_bf16 leaves them as they are, but they are rare enough not to matter).
 LOWBIT_BF16 inline bool any_row_below(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
-  const __m512i mag = _mm512_set1_epi16(0x7FFF), inf = _mm512_set1_epi16(0x7F80);
-  const uint16_t top = uint16_t((127 + kScaleTop) << 7);  // bits of 2^kScaleTop
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* row = x + m * ldx;
-    __m512i vmax = _mm512_setzero_si512();
-    for (int64_t k = 0; k < K; k += 32) {
-      const int64_t left = K - k;
-      const __mmask32 mask = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
-      const __m512i a = _mm512_and_si512(_mm512_maskz_loadu_epi16(mask, row + k), mag);
-      vmax = _mm512_mask_max_epu16(vmax, _mm512_cmplt_epu16_mask(a, inf), vmax, a);
-    }
-    alignas(64) uint16_t lanes[32];
-    _mm512_store_si512(lanes, vmax);
-    if (*std::max_element(lanes, lanes + 32) < top) return true;
-  }
+  const int top = (127 + kScaleTop) << 7;  // bits of 2^kScaleTop
+  for (int64_t m = 0; m < M; ++m)
+    if (lowbit::max_finite_bits(x + m * ldx, K) < top) return true;
   return false;
 }
 
@@ -262,7 +250,7 @@ LOWBIT_BF16 void gemm(const uint16_t* x, int64_t ldx, int64_t M, int64_t N, int6
   const bool blocks = K > kKC;
   lowbit::par_for(0, panels * splits, 1, [&](int64_t begin, int64_t end) {
     uint8_t* panel = panel_buffer();
-    thread_local std::vector<float, std::allocator<float>> run_keep;
+    thread_local std::vector<float> run_keep;
     alignas(64) float one_tile[kMR * kNR];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / splits, s = item % splits;
