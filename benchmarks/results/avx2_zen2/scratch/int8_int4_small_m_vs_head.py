@@ -1,0 +1,54 @@
+# A/B in one process on an AVX2 host: the AVX2 int8_int4 build from HEAD's lowbit/kernels/csrc against the
+# working tree's (other module names), 8da4w at M = 1..8 on 8 x Linear(4096, 4096) (8 MiB int4 each, 64 MiB
+# in all: over the 16 MiB L3), bf16 x, through int8_int4_dynamic_linear; GB/s of packed weight + scales
+# beside a DRAM read probe (torch.sum over 1 GiB float32) in the same rounds; medians of interleaved rounds.
+# usage, from the repo root: .venv/bin/python benchmarks/results/avx2_zen2/scratch/int8_int4_small_m_vs_head.py [threads] [rounds]
+import statistics as st, subprocess, sys, time
+from pathlib import Path
+
+import torch
+from torch.utils.cpp_extension import load
+
+from lowbit.primitives.packing import pack_int4
+
+threads = int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads()
+rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
+torch.set_num_threads(threads)
+flags = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+head = Path("/tmp/head_csrc_avx2"); head.mkdir(exist_ok=True)
+for f in subprocess.run(["git", "ls-files", "lowbit/kernels/csrc"], capture_output=True, text=True).stdout.split():
+    (head / Path(f).name).write_text(subprocess.run(["git", "show", f"HEAD:{f}"], capture_output=True, text=True).stdout)
+mods = {}
+for tag, src in (("head", head), ("tree", Path("lowbit/kernels/csrc").resolve())):
+    d = Path(f"/tmp/ab_int8_int4_avx2_{tag}"); d.mkdir(exist_ok=True)
+    mods[tag] = load(f"lowbit_int8_int4_avx2_{tag}", [str(src / "int8_int4_avx2.cpp")], extra_include_paths=[str(src)],
+                     extra_cflags=flags, build_directory=str(d))
+gen = torch.Generator().manual_seed(0)
+ws = {g: [(pack_int4(torch.randint(-8, 8, (4096, 4096), dtype=torch.int8, generator=gen)), torch.rand(4096, 4096 // g) / 100)
+          for _ in range(8)] for g in (32, 128)}
+probe = torch.ones(2**28)
+
+
+def one(f):
+    t0 = time.perf_counter(); f(); return time.perf_counter() - t0
+
+
+calls = {}
+for g in (32, 128):
+    nbytes = sum(q.numel() + 4 * s.numel() for q, s in ws[g])
+    for m in (1, 2, 4, 8):
+        x = torch.randn(m, 4096, dtype=torch.bfloat16)
+        calls[(g, m)] = (nbytes, lambda mod, x=x, g=g: [mod.int8_int4_dynamic_linear(x, q, s, None, -128, 127, 1e-5) for q, s in ws[g]])
+print("threads", torch.get_num_threads(), "rounds", rounds)
+for key, (nbytes, f) in calls.items():
+    outs = [f(mod) for mod in mods.values()]
+    maxrel = max(float(((a.float() - b.float()).abs().max() / b.float().abs().max())) for a, b in zip(outs[0], outs[1]))
+    r = {k: [] for k in mods}; pr = []
+    for _ in range(rounds):
+        pr.append(one(lambda: probe.sum()))
+        for k, mod in mods.items():
+            f(mod); r[k].append(one(lambda: f(mod)))
+    p = 2**30 / st.median(pr) / 1e9
+    line = "  ".join(f"{k} {st.median(v) * 1e3:.2f} ms {nbytes / st.median(v) / 1e9:.1f} GB/s ({nbytes / st.median(v) / 1e9 / p:.2f})"
+                     for k, v in r.items())
+    print(f"g{key[0]} M={key[1]}: {line}  probe {p:.1f} GB/s  tree/head {st.median(r['head']) / st.median(r['tree']):.2f}x  max rel diff {maxrel:.1e}")
