@@ -1,8 +1,8 @@
-# A/B in one process on an AVX2 host: the AVX2 int8_int4 build from HEAD's lowbit/kernels/csrc against the
+# A/B in one process on an AVX2 host: the AVX2 int8_int4 build from REV's (default HEAD) lowbit/kernels/csrc against the
 # working tree's (other module names), 8da4w at M = 1..8 on 8 x Linear(4096, 4096) (8 MiB int4 each, 64 MiB
 # in all: over the 16 MiB L3), bf16 x, through int8_int4_dynamic_linear; GB/s of packed weight + scales
 # beside a DRAM read probe (torch.sum over 1 GiB float32) in the same rounds; medians of interleaved rounds.
-# usage, from the repo root: .venv/bin/python benchmarks/results/avx2_zen2/scratch/int8_int4_small_m_vs_head.py [threads] [rounds]
+# usage, from the repo root: .venv/bin/python benchmarks/results/avx2_zen2/scratch/int8_int4_small_m_vs_head.py [threads] [rounds] [REV]
 import statistics as st, subprocess, sys, time
 from pathlib import Path
 
@@ -13,11 +13,12 @@ from lowbit.primitives.packing import pack_int4
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads()
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
+rev = sys.argv[3] if len(sys.argv) > 3 else "HEAD"
 torch.set_num_threads(threads)
 flags = ["-O3", "-mavx2", "-mfma", "-mf16c"]
-head = Path("/tmp/head_csrc_avx2"); head.mkdir(exist_ok=True)
+head = Path(f"/tmp/head_csrc_avx2_{rev}"); head.mkdir(exist_ok=True)
 for f in subprocess.run(["git", "ls-files", "lowbit/kernels/csrc"], capture_output=True, text=True).stdout.split():
-    (head / Path(f).name).write_text(subprocess.run(["git", "show", f"HEAD:{f}"], capture_output=True, text=True).stdout)
+    (head / Path(f).name).write_text(subprocess.run(["git", "show", f"{rev}:{f}"], capture_output=True, text=True).stdout)
 mods = {}
 for tag, src in (("head", head), ("tree", Path("lowbit/kernels/csrc").resolve())):
     d = Path(f"/tmp/ab_int8_int4_avx2_{tag}"); d.mkdir(exist_ok=True)
@@ -39,7 +40,7 @@ for g in (32, 128):
     for m in (1, 2, 4, 8):
         x = torch.randn(m, 4096, dtype=torch.bfloat16)
         calls[(g, m)] = (nbytes, lambda mod, x=x, g=g: [mod.int8_int4_dynamic_linear(x, q, s, None, -128, 127, 1e-5) for q, s in ws[g]])
-print("threads", torch.get_num_threads(), "rounds", rounds)
+print("threads", torch.get_num_threads(), "rounds", rounds, "head =", rev)
 for key, (nbytes, f) in calls.items():
     outs = [f(mod) for mod in mods.values()]
     maxrel = max(float(((a.float() - b.float()).abs().max() / b.float().abs().max())) for a, b in zip(outs[0], outs[1]))
