@@ -103,16 +103,59 @@ def _int8_dynamic(qdata, scale, act_spec: QuantSpec, dtype) -> Plan | None:
     return run
 
 
+def _int8_static(qdata, scale, act_scale, act_zero_point, act_spec: QuantSpec, dtype) -> Plan | None:
+    """``int8_activation_linear``'s eager CPU route (``_fused_cpu``) for a static per-tensor activation scale
+    (and zero point) and a per-row weight scale: the same calls as the routing, without its per-call checks.
+    The activation's scale and zero point are read from their tensors on every call (as the routing does),
+    so an in-place edit, such as a re-calibration, is seen."""
+    n = qdata.shape[0]
+    if (dtype not in _int8._FUSED_DTYPES or tuple(scale.shape) != (n, 1) or not scale.is_contiguous()
+            or not _weight_ok(act_scale, act_zero_point) or act_scale.numel() != 1 or act_scale.dtype != torch.float32
+            or (act_zero_point is not None and act_zero_point.numel() != 1)):
+        return None
+    ext = _ext.load("int8_act")
+    if ext is None:
+        return None
+    s_w, s_x = scale.reshape(-1), act_scale.reshape(1)  # what _fused_cpu passes, as views
+    eps = act_spec.eps
+    quantize, epilogue, mm, w8a8_gemm = ext.quantize_i8, ext.w8a8_epilogue, _int8._int8_mm_impl, _int8._w8a8_gemm
+    mm_and_rowsum, dtypes = _int8._mm_and_rowsum, _int8._FUSED_DTYPES
+    # the calls below as one where _int8_mm_impl would run mm_i8 and the zero point is 0: the same values
+    fused = _int8._static_linear_op(ext) if qdata.is_contiguous() else None
+    fused_max_m = _int8._MM_I8_MAX_M
+
+    def run(x, bias):
+        if (not _plain_cpu(x) or not x.is_contiguous() or x.dtype not in dtypes or _wants_grad(x, bias)
+                or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()))):
+            return None
+        zp = 0 if act_zero_point is None else int(act_zero_point)
+        a = float(act_scale)
+        if fused is not None and zp == 0 and x.shape[0] <= fused_max_m and a > 0:
+            return fused(x, qdata, s_w, bias, a, eps)
+        xq, _ = quantize(x, a, zp, eps)
+        if zp != 0:  # exact in int32: minus zp * rowsum(W_q)
+            acc, rs = mm_and_rowsum(xq, qdata)
+            return epilogue(acc, s_x, s_w, bias, (zp * rs).to(torch.int32), x)
+        gemm = w8a8_gemm(x.shape[0], qdata)
+        if gemm is not None:
+            return gemm(xq, qdata, s_x, s_w, bias, None, x)
+        return epilogue(mm(xq, qdata), s_x, s_w, bias, None, x)
+
+    return run
+
+
 def make_int8_plan(qdata, scale, zero_point, act_scale, act_zero_point, act_pre_scale, act_spec, kernel: str,
                    dtype: torch.dtype) -> Plan | None:
     """The decode plan of an ``Int8Tensor``'s fields, or None (see the module docstring): weight-only
-    (the direct GEMV) or dynamic symmetric per-token W8A8 (the fused CPU route)."""
-    if (kernel != "auto" or zero_point is not None or act_scale is not None or act_pre_scale is not None
+    (the direct GEMV), dynamic symmetric per-token W8A8 or static per-tensor W8A8 (the fused CPU route)."""
+    if (kernel != "auto" or zero_point is not None or act_pre_scale is not None
             or not _weight_ok(qdata, scale) or qdata.dtype != torch.int8 or qdata.dim() != 2
             or scale.dtype != torch.float32):
         return None
     if act_spec is None:
-        return _int8_weight_only(qdata, scale)
+        return None if act_scale is not None else _int8_weight_only(qdata, scale)
+    if act_scale is not None:
+        return _int8_static(qdata, scale, act_scale, act_zero_point, act_spec, dtype)
     return _int8_dynamic(qdata, scale, act_spec, dtype)
 
 

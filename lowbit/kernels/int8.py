@@ -406,6 +406,16 @@ def _dynamic_linear_op(ext):
     return getattr(ext, "w8a8_dynamic_linear", None)
 
 
+def _static_linear_op(ext):
+    """``ext.w8a8_static_linear(x, w, s_w, bias, act_scale, eps)``: ``quantize_i8`` with a static scale and a
+    zero point of 0, ``mm_i8`` and ``w8a8_epilogue`` as one C++ call, equal bit for bit to the three calls
+    (tests/kernels/test_int8_act.py); None where ``_dynamic_linear_op`` is None, or where the build lacks
+    the entry."""
+    if ext is None or host.has_int8_dot():
+        return None
+    return getattr(ext, "w8a8_static_linear", None)
+
+
 def _fused_cpu_applies(input, bias, static: bool, symmetric: bool) -> bool:
     """Whether ``_fused_cpu`` takes these arguments (tensor properties only, so also at trace time)."""
     return (
@@ -436,6 +446,11 @@ def _fused_cpu_run(input, qdata, scale, bias, act_scale, act_zero_point, eps: fl
         if fused is not None:  # the three calls below in one, the same values
             return fused(input, qdata, scale.expand(qdata.shape[0], 1).reshape(-1).contiguous(), bias, eps)
     zp = 0 if act_zero_point is None else int(act_zero_point)
+    if static and zp == 0 and input.shape[0] <= _MM_I8_MAX_M and qdata.is_contiguous():
+        fused = _static_linear_op(ext)
+        if fused is not None and float(act_scale) > 0:  # the calls below in one, the same values
+            return fused(input, qdata, scale.expand(qdata.shape[0], 1).reshape(-1).contiguous(), bias,
+                         float(act_scale), eps)
     xq, s_dyn = ext.quantize_i8(input, float(act_scale) if static else -1.0, zp, eps)
     s_x = act_scale.reshape(1).float() if static else s_dyn
     s_w = scale.expand(qdata.shape[0], 1).reshape(-1).contiguous()

@@ -20,7 +20,11 @@ from lowbit.configs.int4 import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt4WeightConfig,
 )
-from lowbit.configs.int8 import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+from lowbit.configs.int8 import (
+    Int8DynamicActivationInt8WeightConfig,
+    Int8StaticActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+)
 from lowbit.granularity import PerRow
 from lowbit.kernels import _ext
 from lowbit.kernels.preference import KernelPreference
@@ -29,6 +33,8 @@ from lowbit.tensors.base import _PLAN
 CONFIGS = {
     "int8wo": Int8WeightOnlyConfig,
     "w8a8": Int8DynamicActivationInt8WeightConfig,
+    "w8a8-static": lambda: Int8StaticActivationInt8WeightConfig(act_scale=0.02),
+    "w8a8-static-zp": lambda: Int8StaticActivationInt8WeightConfig(act_scale=0.02, act_zero_point=5),
     "int4wo": lambda: Int4WeightOnlyConfig(group_size=64),
     "8da4w": lambda: Int8DynamicActivationInt4WeightConfig(group_size=32),
     "fp8wo": Float8WeightOnlyConfig,
@@ -36,7 +42,7 @@ CONFIGS = {
     "fp8dq-row": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
     "fp8a-int4w": lambda: Float8DynamicActivationInt4WeightConfig(group_size=64),
 }
-EXT = {"int8wo": "int8_gemv", "w8a8": "int8_act", "int4wo": "int4_cpu", "8da4w": "int8_int4", "fp8wo": "fp8_cpu",
+EXT = {"int8wo": "int8_gemv", "w8a8": "int8_act", "w8a8-static": "int8_act", "w8a8-static-zp": "int8_act", "int4wo": "int4_cpu", "8da4w": "int8_int4", "fp8wo": "fp8_cpu",
        "fp8dq": "fp8_cpu", "fp8dq-row": "fp8_cpu", "fp8a-int4w": "int4_cpu"}
 
 
@@ -82,7 +88,7 @@ def test_plan_is_taken_at_decode(name):
         assert plan is not None and plan(x, None) is not None
 
 
-@pytest.mark.parametrize("name", ["int8wo", "w8a8", "int4wo", "fp8dq-row"])
+@pytest.mark.parametrize("name", ["int8wo", "w8a8", "w8a8-static-zp", "int4wo", "fp8dq-row"])
 def test_in_place_edit_is_seen(name):
     lin, other = _linear(name, torch.bfloat16, seed=0), _linear(name, torch.bfloat16, seed=1)
     x = torch.randn(1, 128, dtype=torch.bfloat16)
@@ -91,6 +97,22 @@ def test_in_place_edit_is_seen(name):
         lin.weight.copy_(other.weight)
         after = lin(x)
         assert torch.equal(after, other(x))
+        assert not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("name", ["w8a8-static", "w8a8-static-zp"])
+def test_in_place_edit_of_the_static_activation_qparams_is_seen(name):
+    """The static plan reads act_scale / act_zero_point on every call (a re-calibration edits them in place)."""
+    lin = _linear(name, torch.bfloat16)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = lin(x)
+        assert lin.weight.__dict__[_PLAN] is not None
+        lin.weight.act_scale.mul_(2)
+        if lin.weight.act_zero_point is not None:
+            lin.weight.act_zero_point.sub_(7)
+        after = lin(x)
+        assert torch.equal(after, _unplanned(lin, x))
         assert not torch.equal(after, before)
 
 

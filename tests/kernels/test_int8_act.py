@@ -176,3 +176,72 @@ def test_fused_route_and_decode_plan_call_the_one_entry(monkeypatch):
         big = torch.randn(int8_kernels._MM_I8_MAX_M + 1, 64, dtype=torch.bfloat16)
         _fused_cpu(big, w.qdata, w.scale, lin.bias, None, None, w.act_spec)  # above mm_i8's M: the three calls
     assert calls == [3, 1, 3]
+
+
+# --- w8a8_static_linear: the same with a static activation scale and a zero point of 0 (AVX2 build) -
+
+_STATIC = getattr(_ext.load("int8_act"), "w8a8_static_linear", None)
+needs_static = pytest.mark.skipif(_STATIC is None, reason="the active int8_act build has no w8a8_static_linear (AVX2 only)")
+
+
+def _three_static_calls(x, w, s_w, b, act_scale, eps=EPS):
+    """The routing's static path before the one entry: quantize_i8 with the scale, mm_i8, w8a8_epilogue."""
+    ext = _ext.load("int8_act")
+    xq, _ = ext.quantize_i8(x, act_scale, 0, eps)
+    return ext.w8a8_epilogue(_int8_mm_impl(xq, w), torch.tensor([act_scale], dtype=torch.float32), s_w, b, None, x)
+
+
+@needs_static
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k", [1, 31, 576])
+@pytest.mark.parametrize("n", [1, 65])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_static_linear_equals_the_three_calls(dtype, k, n, bias):
+    gen = torch.Generator().manual_seed(k * 100 + n)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    s_w = torch.rand(n, generator=gen) * 0.01 + 1e-4
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    for act_scale in [0.003, 0.05, 1.7]:  # saturating at -128 / 127 (rows split by mm_i8), typical, coarse
+        for m in [1, 2, 5, 17, 64]:
+            x = _x_with_special_rows(m, k, dtype, gen)
+            out = _STATIC(x, w, s_w, b, act_scale, EPS)
+            assert out.dtype == dtype and out.shape == (m, n)
+            assert torch.equal(_bits(out), _bits(_three_static_calls(x, w, s_w, b, act_scale))), (act_scale, m)
+
+
+@needs_static
+def test_static_linear_bad_arguments_name_them():
+    x, w, s_w, b = torch.randn(3, 40), torch.zeros(5, 40, dtype=torch.int8), torch.ones(5), torch.zeros(5)
+    for scale, why in [(0.0, "act_scale must be a positive finite float, got 0"), (-1.0, "act_scale must be a positive"),
+                       (float("nan"), "act_scale must be a positive finite float, got nan")]:
+        with pytest.raises(RuntimeError, match=f"w8a8_static_linear: {why}"):
+            _STATIC(x, w, s_w, b, scale, EPS)
+    with pytest.raises(RuntimeError, match=r"w8a8_static_linear: w must be int8, got Byte"):
+        _STATIC(x, w.to(torch.uint8), s_w, b, 0.05, EPS)
+    with pytest.raises(RuntimeError, match=r"w8a8_static_linear: bias must be a contiguous \(N,\) tensor in x's dtype"):
+        _STATIC(x, w, s_w, torch.zeros(6), 0.05, EPS)
+
+
+@needs_static
+@pytest.mark.skipif(host.has_int8_dot(), reason="routed only where the CPU has no int8 dot products")
+def test_static_route_and_decode_plan_call_the_one_entry(monkeypatch):
+    """``_fused_cpu`` and the decode plan run static W8A8 with a zero point of 0 at small M as the one call; a
+    non-zero zero point keeps the three calls (its int32 row-sum correction)."""
+    calls = []
+    real = int8_kernels._static_linear_op
+
+    def counting(ext):
+        fn = real(ext)
+        return None if fn is None else (lambda x, *a: calls.append(x.shape[0]) or fn(x, *a))
+
+    monkeypatch.setattr(int8_kernels, "_static_linear_op", counting)
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for zp in (None, 0, 4):
+        lin = nn.Linear(64, 24, dtype=torch.bfloat16)
+        quantize_(lin, Int8StaticActivationInt8WeightConfig(act_scale=0.02, act_zero_point=zp))
+        w = lin.weight
+        with torch.no_grad():
+            lin(x)  # the decode plan
+            _fused_cpu(x, w.qdata, w.scale, lin.bias, w.act_scale, w.act_zero_point, w.act_spec)  # the routing
+    assert calls == [3, 3, 3, 3]  # zp None and 0: plan and routing each; zp 4: neither

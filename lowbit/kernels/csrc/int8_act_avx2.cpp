@@ -17,6 +17,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -377,52 +378,56 @@ torch::Tensor mm_i8(torch::Tensor a, torch::Tensor b) {
   return out;
 }
 
-// W8A8 with dynamic symmetric per-token activations in one call, for small M on CPUs without
-// VNNI: quantize_i8(x, -1, 0, eps), then mm_i8(xq, w), then w8a8_epilogue(acc, s_x, s_w, bias,
-// None, x), the same functions on the same values (so equal bit for bit), with xq, s_x and the
-// int32 accumulator in thread-local buffers; only the (M, N) output (in x's dtype) is allocated.
-// x: contiguous (M, K) float32 / bfloat16 / float16; w: contiguous int8 (N, K); s_w: contiguous
-// float32 (N,); bias: contiguous (N,) in x's dtype or None; eps > 0.
-torch::Tensor w8a8_dynamic_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s_w, c10::optional<torch::Tensor> bias,
-                                  double eps) {
-  TORCH_CHECK(x.defined() && x.device().is_cpu(), "w8a8_dynamic_linear: x must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "w8a8_dynamic_linear: x must be a contiguous (M, K) tensor, got sizes ",
+namespace {
+
+// W8A8 in one call, for small M on CPUs without VNNI: quantize_i8(x, act_scale, 0, eps) (act_scale < 0:
+// dynamic symmetric per token), then mm_i8(xq, w), then w8a8_epilogue(acc, s_x, s_w, bias, None, x), the
+// same functions on the same values (so equal bit for bit), with xq, s_x and the int32 accumulator in
+// thread-local buffers; only the (M, N) output (in x's dtype) is allocated. `fn`: the entry's name, in
+// its messages. x: contiguous (M, K) float32 / bfloat16 / float16; w: contiguous int8 (N, K); s_w:
+// contiguous float32 (N,); bias: contiguous (N,) in x's dtype or None; eps > 0.
+torch::Tensor w8a8_linear(const char* fn, torch::Tensor x, torch::Tensor w, torch::Tensor s_w,
+                          c10::optional<torch::Tensor> bias, double act_scale, double eps) {
+  TORCH_CHECK(x.defined() && x.device().is_cpu(), fn, ": x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), fn, ": x must be a contiguous (M, K) tensor, got sizes ",
               x.sizes(), " strides ", x.strides());
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == torch::kFloat || dt == torch::kBFloat16 || dt == torch::kHalf,
-              "w8a8_dynamic_linear: x must be float32, bfloat16 or float16, got ", dt);
+              fn, ": x must be float32, bfloat16 or float16, got ", dt);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(w.defined() && w.device().is_cpu(), "w8a8_dynamic_linear: w must be a CPU tensor");
-  TORCH_CHECK(w.scalar_type() == torch::kChar, "w8a8_dynamic_linear: w must be int8, got ", w.scalar_type());
+  TORCH_CHECK(w.defined() && w.device().is_cpu(), fn, ": w must be a CPU tensor");
+  TORCH_CHECK(w.scalar_type() == torch::kChar, fn, ": w must be int8, got ", w.scalar_type());
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == K,
-              "w8a8_dynamic_linear: w must be a contiguous (N, K) tensor with K = ", K, ", got sizes ", w.sizes(),
+              fn, ": w must be a contiguous (N, K) tensor with K = ", K, ", got sizes ", w.sizes(),
               " strides ", w.strides());
   const int64_t N = w.size(0);
-  TORCH_CHECK(s_w.defined() && s_w.device().is_cpu(), "w8a8_dynamic_linear: s_w must be a CPU tensor");
+  TORCH_CHECK(s_w.defined() && s_w.device().is_cpu(), fn, ": s_w must be a CPU tensor");
   TORCH_CHECK(s_w.scalar_type() == torch::kFloat && s_w.dim() == 1 && s_w.size(0) == N && s_w.is_contiguous(),
-              "w8a8_dynamic_linear: s_w must be a contiguous float32 (N,) tensor with N = ", N, ", got ", s_w.scalar_type(),
+              fn, ": s_w must be a contiguous float32 (N,) tensor with N = ", N, ", got ", s_w.scalar_type(),
               " ", s_w.sizes());
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
-    TORCH_CHECK(bias->device().is_cpu(), "w8a8_dynamic_linear: bias must be a CPU tensor");
+    TORCH_CHECK(bias->device().is_cpu(), fn, ": bias must be a CPU tensor");
     TORCH_CHECK(bias->scalar_type() == dt && bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
-                "w8a8_dynamic_linear: bias must be a contiguous (N,) tensor in x's dtype (", dt, ") with N = ", N,
+                fn, ": bias must be a contiguous (N,) tensor in x's dtype (", dt, ") with N = ", N,
                 ", got ", bias->scalar_type(), " ", bias->sizes());
   }
-  TORCH_CHECK(eps > 0, "w8a8_dynamic_linear: eps must be positive, got ", eps);
+  TORCH_CHECK(eps > 0, fn, ": eps must be positive, got ", eps);
   auto out = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   static thread_local DynScratch ws;
+  const bool dynamic = act_scale < 0;
   ws.xq.resize(M * K);
-  ws.sx.resize(M);
+  ws.sx.assign(dynamic ? M : 1, float(act_scale));
   ws.acc.resize(M * N);
-  const float fe = float(eps);
+  const float fe = float(eps), fs = dynamic ? -1.0f : float(act_scale);
   switch (dt) {
 #define LOWBIT_DYN(T, ST)                                                                                          \
   case ST:                                                                                                         \
-    quantize_rows(x.data_ptr<T>(), ws.xq.data(), ws.sx.data(), M, K, -1.0f, 0.0f, fe);                             \
+    quantize_rows(x.data_ptr<T>(), ws.xq.data(), dynamic ? ws.sx.data() : nullptr, M, K, fs, 0.0f, fe);          \
     mm_i8_into(ws.xq.data(), M, K, w.data_ptr<int8_t>(), N, ws.acc.data(), ws.mm);                                 \
-    epilogue_rows<T>(ws.acc.data(), ws.sx.data(), M > 1, s_w.data_ptr<float>(), has_bias ? bias->data_ptr<T>() : nullptr, \
+    epilogue_rows<T>(ws.acc.data(), ws.sx.data(), dynamic && M > 1, s_w.data_ptr<float>(),                         \
+                     has_bias ? bias->data_ptr<T>() : nullptr,                                                     \
                      nullptr, out.data_ptr<T>(), M, N);                                                            \
     break;
     LOWBIT_DYN(float, torch::kFloat)
@@ -435,6 +440,23 @@ torch::Tensor w8a8_dynamic_linear(torch::Tensor x, torch::Tensor w, torch::Tenso
   return out;
 }
 
+}  // namespace
+
+// W8A8 with dynamic symmetric per-token activations in one call (w8a8_linear above, act_scale -1).
+torch::Tensor w8a8_dynamic_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s_w, c10::optional<torch::Tensor> bias,
+                                  double eps) {
+  return w8a8_linear("w8a8_dynamic_linear", x, w, s_w, bias, -1.0, eps);
+}
+
+// W8A8 with a static per-tensor activation scale and a zero point of 0 in one call: quantize_i8(x,
+// act_scale, 0, eps), mm_i8 and w8a8_epilogue with s_x = act_scale, equal to the three calls bit for bit.
+torch::Tensor w8a8_static_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s_w, c10::optional<torch::Tensor> bias,
+                                 double act_scale, double eps) {
+  TORCH_CHECK(std::isfinite(act_scale) && act_scale > 0, "w8a8_static_linear: act_scale must be a positive finite float, got ",
+              act_scale);
+  return w8a8_linear("w8a8_static_linear", x, w, s_w, bias, act_scale, eps);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_i8", &quantize_i8, "int8 activation quantization (static, or dynamic per-token symmetric)");
   m.def("w8a8_epilogue", &w8a8_epilogue, "int32 accumulator -> scaled float output");
@@ -444,4 +466,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_dynamic_linear", &w8a8_dynamic_linear,
         "quantize_i8 (dynamic per token) + mm_i8 + w8a8_epilogue in one call, the same values bit for bit",
         py::arg("x"), py::arg("w"), py::arg("s_w"), py::arg("bias"), py::arg("eps"));
+  m.def("w8a8_static_linear", &w8a8_static_linear,
+        "quantize_i8 (static scale, zero point 0) + mm_i8 + w8a8_epilogue in one call, the same values bit for bit",
+        py::arg("x"), py::arg("w"), py::arg("s_w"), py::arg("bias"), py::arg("act_scale"), py::arg("eps"));
 }
