@@ -259,8 +259,10 @@ def _fp8_act_rule(act_spec: QuantSpec, dtype) -> tuple[bool, float, bool] | None
 
 def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: str, dtype: torch.dtype) -> Plan | None:
     """The decode plan of a ``Float8Tensor``'s fields, or None: weight-only (the op's CPU body at
-    M <= ``TILED_MAX_M``) or dynamic float8 activations (the fake quantization inside the same call)."""
-    if kernel != "auto" or act_scale is not None or act_pre_scale is not None or not _weight_ok(qdata, scale):
+    M <= ``TILED_MAX_M``), dynamic float8 activations (the fake quantization inside the same call) or a
+    static activation scale (the routing's C++ fake quantization, then the weight-only call; the scale
+    read from its tensor on every call, so an in-place edit is seen)."""
+    if kernel != "auto" or act_pre_scale is not None or not _weight_ok(qdata, scale, act_scale):
         return None
     probe = torch.empty(1, qdata.shape[-1] if qdata.dim() == 2 else 0, dtype=dtype)
     if qdata.dim() != 2 or not _fp8_cpu._supported(probe, qdata, scale, None):
@@ -278,6 +280,8 @@ def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: s
                 return None
             return ext.fp8_linear(x, qdata, scale, bias, gemv, tiled, chunk)
         return run
+    if act_scale is not None:
+        return _float8_static(ext, qdata, scale, act_scale, act_spec, dtype)
     rule, fused = _fp8_act_rule(act_spec, dtype), _fp8_cpu.act_linear_fn()
     if rule is None or fused is None:
         return None
@@ -291,3 +295,30 @@ def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: s
         return fused(x, qdata, scale, bias, gemv, tiled, chunk, per_token, eps, e5m2)
 
     return run_act
+
+
+def _float8_static(ext, qdata, scale, act_scale, act_spec: QuantSpec, dtype) -> Plan | None:
+    """``float8_activation_linear``'s CPU route for a static per-tensor activation scale at small M: the
+    C++ fake quantization with that scale (``float8._fake_quantize_cpu``), then ``fp8_linear`` as the
+    weight-only plan calls it."""
+    rule, fq = _fp8_act_rule(act_spec, dtype), getattr(_ext.load("int8_act"), "fake_quant_fp8", None)
+    if rule is None or fq is None or act_scale.numel() != 1 or rule[0]:
+        return None
+    _, eps, e5m2 = rule
+    n = qdata.shape[0]
+    gemv, tiled, chunk = _fp8_cpu.GEMV_MAX_M, _fp8_cpu.TILED_MAX_M, _fp8_cpu.CHUNK_ROWS
+    s_x = act_scale.reshape(-1)  # a view
+
+    def run(x, bias):
+        if (x.shape[0] > tiled or x.shape[0] == 0 or not _plain_cpu(x) or not x.is_contiguous()
+                or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or _wants_grad(x, bias)
+                or (bias is not None and (bias.dtype != x.dtype or bias.shape != (n,) or not bias.is_cpu))):
+            return None
+        a = float(s_x[0])
+        if not 0.0 < a < float("inf"):
+            return None
+        xq, _ = fq(x, a, False, eps, e5m2)
+        return ext.fp8_linear(xq, qdata, scale, bias, gemv, tiled, chunk)
+
+    return run
+
