@@ -121,6 +121,14 @@ def act_linear_fn():
     return getattr(_ext.load("fp8_cpu"), "fp8_linear_act", None)
 
 
+def act_static_linear_fn():
+    """The extension's ``fp8_linear_act_static(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows,
+    act_scale, act_eps, act_e5m2)``, or None: :func:`act_linear_fn`'s call with a static per-tensor activation
+    scale (``fake_quant_fp8``'s ``static_scale``), bit for bit ``fp8_linear`` of x fake-quantized with it. Raises
+    RuntimeError naming ``act_scale`` unless it is a positive finite float."""
+    return getattr(_ext.load("fp8_cpu"), "fp8_linear_act_static", None)
+
+
 def float8_act_linear_cpu(
     x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool, eps: float,
     e5m2: bool,

@@ -300,10 +300,12 @@ def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: s
 def _float8_static(ext, qdata, scale, act_scale, act_spec: QuantSpec, dtype) -> Plan | None:
     """``float8_activation_linear``'s CPU route for a static per-tensor activation scale at small M: the
     C++ fake quantization with that scale (``float8._fake_quantize_cpu``), then ``fp8_linear`` as the
-    weight-only plan calls it."""
+    weight-only plan calls it; both in one call (``fp8_linear_act_static``, the same values) where the
+    build has it."""
     rule, fq = _fp8_act_rule(act_spec, dtype), getattr(_ext.load("int8_act"), "fake_quant_fp8", None)
     if rule is None or fq is None or act_scale.numel() != 1 or rule[0]:
         return None
+    one_call = _fp8_cpu.act_static_linear_fn()
     _, eps, e5m2 = rule
     n = qdata.shape[0]
     gemv, tiled, chunk = _fp8_cpu.GEMV_MAX_M, _fp8_cpu.TILED_MAX_M, _fp8_cpu.CHUNK_ROWS
@@ -317,6 +319,8 @@ def _float8_static(ext, qdata, scale, act_scale, act_spec: QuantSpec, dtype) -> 
         a = float(s_x[0])
         if not 0.0 < a < float("inf"):
             return None
+        if one_call is not None:
+            return one_call(x, qdata, scale, bias, gemv, tiled, chunk, a, eps, e5m2)
         xq, _ = fq(x, a, False, eps, e5m2)
         return ext.fp8_linear(xq, qdata, scale, bias, gemv, tiled, chunk)
 

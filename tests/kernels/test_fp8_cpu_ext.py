@@ -361,6 +361,41 @@ def test_act_entry_on_each_path_and_odd_layouts(path, per_token):
     assert _same(got, want) and bool(got[2:].isnan().all()) and (per_token != bool(got[:2].isnan().all()))
 
 
+@needs_two_call
+@pytest.mark.parametrize("xd", XD)
+@pytest.mark.parametrize("act", FP8)
+@pytest.mark.parametrize("nk", [(67, 200), (5, 1)], ids=lambda t: f"N{t[0]}K{t[1]}")
+def test_static_act_entry_equals_the_two_calls(nk, act, xd):
+    """fp8_linear_act_static == fake_quant_fp8 with the static scale, then fp8_linear, bit for bit, for every M
+    from 1 past the tiled bound (GEMV, scratch and chunked paths), scales that saturate and that do not, NaN/inf."""
+    n, k = nk
+    for gran in GRAN:
+        q, s, spec, g = _data("e4m3fn", gran, n, k, seed=k)
+        b = torch.randn(n, generator=g).to(XD[xd])
+        args = (GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS)
+        for m in range(1, TILED_MAX_M + 3):
+            x = _act_x(m, k, XD[xd], g)
+            if m == 3:
+                x[2, 0] = float("nan")
+            for a in (1e-3, 0.37, 20.0):
+                bias = b if m % 2 else None
+                xq, _ = ACT.fake_quant_fp8(x.contiguous(), a, False, EPS, act == "e5m2")
+                want = ext.fp8_linear(xq, q, s, bias, *args)
+                got = ext.fp8_linear_act_static(x, q, s, bias, *args, a, EPS, act == "e5m2")
+                assert got.dtype == XD[xd] and _same(got, want), (gran, m, a)
+
+
+def test_static_act_entry_bad_scale_is_named():
+    q, s, spec, g = _data("e4m3fn", "row", 8, 64)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    args = (GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS)
+    for a in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="fp8_linear_act_static: act_scale must be a positive finite float"):
+            ext.fp8_linear_act_static(x, q, s, None, *args, a, EPS, False)
+    with pytest.raises(RuntimeError, match="fp8_linear_act_static: act_eps must be > 0"):
+        ext.fp8_linear_act_static(x, q, s, None, *args, 0.5, 0.0, False)
+
+
 def test_act_entry_empty_shapes_and_bad_arguments():
     q, s, spec, g = _data("e5m2", "row", 8, 64)
     x = torch.randn(3, 64, generator=g).to(torch.bfloat16)

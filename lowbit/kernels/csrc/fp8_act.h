@@ -163,11 +163,13 @@ inline std::tuple<torch::Tensor, torch::Tensor> fake_quant_fp8(torch::Tensor x, 
 // A GEMV that widens x to its compute type anyway can write the fake-quantized values there instead:
 // the same values fake_quant_fp8 returns (dynamic scales), with no tensor in between.
 
-// The dynamic activation rule: per token or per tensor, e4m3fn or e5m2, eps.
+// The activation rule: per token or per tensor, e4m3fn or e5m2, eps; static_scale > 0: that scale for
+// every row (a static activation scale, as fake_quant_fp8's static_scale), else dynamic.
 struct Rule {
   bool per_token;
   float eps;
   bool e5m2;
+  float static_scale = 0.f;
 };
 
 // The rule from a kernel entry's arguments (act_per_token, act_eps, act_e5m2), checked as
@@ -177,15 +179,23 @@ inline Rule make_rule(bool per_token, double eps, bool e5m2, const char* who) {
   return {per_token, static_cast<float>(eps), e5m2};
 }
 
+// A static rule (act_scale, a positive finite float: fake_quant_fp8's static_scale) from an entry's arguments.
+inline Rule make_static_rule(double act_scale, double eps, bool e5m2, const char* who) {
+  TORCH_CHECK(std::isfinite(act_scale) && act_scale > 0, who, ": act_scale must be a positive finite float, got ", act_scale);
+  Rule r = make_rule(false, eps, e5m2, who);
+  r.static_scale = static_cast<float>(act_scale);
+  return r;
+}
+
 // Rows of x (M, K, row stride ldx) -> dst (row stride ldd): fake_quant_fp8's values as D. Per tensor,
 // the amax is the rows' maximum, first NaN first (serially): the same value block_amax gives over all of
 // x. Rows in parallel (lowbit::par_for; serial inside another parallel region).
 template <typename T, typename F8, typename D>
 void fake_quant_rows_f8(const T* x, int64_t M, int64_t K, int64_t ldx, D* dst, int64_t ldd, bool per_token, float eps,
-                        float fmax) {
-  if (!per_token) {
+                        float fmax, float s_static = 0.f) {
+  if (!per_token || s_static > 0) {  // one scale: static (s_static > 0), or from the amax of all of x
     float amax = 0.f;
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < M && !(s_static > 0); ++m) {
       const float a = block_amax(x + m * ldx, K);
       if (std::isnan(a)) {
         amax = a;
@@ -193,7 +203,7 @@ void fake_quant_rows_f8(const T* x, int64_t M, int64_t K, int64_t ldx, D* dst, i
       }
       amax = a > amax ? a : amax;
     }
-    const float s = scale_from_amax(amax, fmax, eps);
+    const float s = s_static > 0 ? s_static : scale_from_amax(amax, fmax, eps);
     lowbit::par_for(0, M, rows_per_task(K), [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) fake_quant_block<T, F8, D>(x + m * ldx, dst + m * ldd, K, s, fmax);
     });
@@ -217,8 +227,10 @@ void fake_quant_into(const torch::Tensor& x, D* dst, int64_t ldd, const Rule& r)
     TORCH_CHECK(dt == c10::CppTypeToScalarType<D>::value, "fake_quant_into: x is ", dt, ", the destination ",
                 c10::CppTypeToScalarType<D>::value);
 #define LOWBIT_FP8_ROWS(T)                                                                                           \
-  if (r.e5m2) fake_quant_rows_f8<T, c10::Float8_e5m2, D>(x.data_ptr<T>(), M, K, K, dst, ldd, r.per_token, r.eps, 57344.f); \
-  else fake_quant_rows_f8<T, c10::Float8_e4m3fn, D>(x.data_ptr<T>(), M, K, K, dst, ldd, r.per_token, r.eps, 448.f);
+  if (r.e5m2) fake_quant_rows_f8<T, c10::Float8_e5m2, D>(x.data_ptr<T>(), M, K, K, dst, ldd, r.per_token, r.eps, 57344.f, \
+                                                         r.static_scale);                                            \
+  else fake_quant_rows_f8<T, c10::Float8_e4m3fn, D>(x.data_ptr<T>(), M, K, K, dst, ldd, r.per_token, r.eps, 448.f,       \
+                                                    r.static_scale);
   if (dt == at::kFloat) { LOWBIT_FP8_ROWS(float) }
   else if (dt == at::kBFloat16) { LOWBIT_FP8_ROWS(c10::BFloat16) }
   else if (dt == at::kHalf) { LOWBIT_FP8_ROWS(c10::Half) }

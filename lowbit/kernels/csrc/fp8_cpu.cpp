@@ -450,7 +450,8 @@ static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor qdata, torch::Te
     bf = bias->reshape(-1).to(torch::kFloat).contiguous();
   }
   if (act && M > tiled_max_m && K > 0) {  // the chunked path converts x itself: quantize it first
-    x = std::get<0>(fp8_act::fake_quant_fp8(x.contiguous(), -1.0, act->per_token, act->eps, act->e5m2));
+    const double st = act->static_scale > 0 ? double(act->static_scale) : -1.0;
+    x = std::get<0>(fp8_act::fake_quant_fp8(x.contiguous(), st, act->per_token, act->eps, act->e5m2));
     act = nullptr;
   }
   auto out = torch::empty({M, N}, x.options());
@@ -572,6 +573,15 @@ torch::Tensor fp8_linear_act(torch::Tensor x, torch::Tensor qdata, torch::Tensor
   return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, &rule);
 }
 
+// fp8_linear(fake_quant_fp8(x, act_scale, per tensor, act_eps, act_e5m2), ...) in one call, bit for bit: a static
+// activation scale (a positive finite float).
+torch::Tensor fp8_linear_act_static(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                                    int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, double act_scale,
+                                    double act_eps, bool act_e5m2) {
+  const fp8_act::Rule rule = fp8_act::make_static_rule(act_scale, act_eps, act_e5m2, "fp8_linear_act_static");
+  return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, &rule);
+}
+
 // The float8 -> bf16 conversion alone (tests): (N, K) float8 -> (N, K) bf16.
 torch::Tensor fp8_to_bf16(torch::Tensor qdata) {
   TORCH_CHECK(qdata.device().is_cpu(), "qdata must be a CPU tensor");
@@ -597,5 +607,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fp8_linear of x fake-quantized to float8 (dynamic scale per token or per tensor), in one call",
         py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"),
         py::arg("chunk_rows"), py::arg("act_per_token"), py::arg("act_eps"), py::arg("act_e5m2"));
+  m.def("fp8_linear_act_static", &fp8_linear_act_static,
+        "fp8_linear of x fake-quantized to float8 with a static per-tensor scale, in one call",
+        py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"),
+        py::arg("chunk_rows"), py::arg("act_scale"), py::arg("act_eps"), py::arg("act_e5m2"));
   m.def("fp8_to_bf16", &fp8_to_bf16, "float8 (N, K) -> bf16 (N, K), exact");
 }
