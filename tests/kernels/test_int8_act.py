@@ -84,16 +84,21 @@ def _x_with_special_rows(m, k, dtype, gen):
     return x
 
 
+def _operands(k, n, dtype, bias):
+    """A seeded generator (for x), an int8 (n, k) weight, its per-row scales and a bias or None."""
+    gen = torch.Generator().manual_seed(k * 100 + n)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    s_w = torch.rand(n, generator=gen) * 0.01 + 1e-4
+    return gen, w, s_w, (torch.randn(n, generator=gen).to(dtype) if bias else None)
+
+
 @needs_dyn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("k", [1, 31, 64, 100, 576])
 @pytest.mark.parametrize("n", [1, 7, 65])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_dynamic_linear_equals_the_three_calls(dtype, k, n, bias):
-    gen = torch.Generator().manual_seed(k * 100 + n)
-    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
-    s_w = torch.rand(n, generator=gen) * 0.01 + 1e-4
-    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    gen, w, s_w, b = _operands(k, n, dtype, bias)
     for m in [1, 2, 3, 4, 5, 8, 16, 17, 33, 64]:
         x = _x_with_special_rows(m, k, dtype, gen)
         out = _DYN(x, w, s_w, b, EPS)
@@ -151,19 +156,25 @@ def test_dynamic_linear_bad_arguments_name_them():
             _DYN(*args)
 
 
-@needs_dyn
-@pytest.mark.skipif(host.has_int8_dot(), reason="routed only where the CPU has no int8 dot products (here: LOWBIT_ISA=avx2 "
-                    "on a VNNI host, where _int_mm / the VNNI mm_i8 run instead)")
-def test_fused_route_and_decode_plan_call_the_one_entry(monkeypatch):
-    """``_fused_cpu`` (the routing) and the decode plan run dynamic W8A8 at small M as the one call."""
-    calls = []
-    real = int8_kernels._dynamic_linear_op
+def _count_calls(monkeypatch, getter: str) -> list[int]:
+    """Wrap ``int8_kernels.<getter>`` (``_dynamic_linear_op`` / ``_static_linear_op``) so that each call of the
+    entry it returns appends its M to the list returned."""
+    calls, real = [], getattr(int8_kernels, getter)
 
     def counting(ext):
         fn = real(ext)
         return None if fn is None else (lambda x, *a: calls.append(x.shape[0]) or fn(x, *a))
 
-    monkeypatch.setattr(int8_kernels, "_dynamic_linear_op", counting)
+    monkeypatch.setattr(int8_kernels, getter, counting)
+    return calls
+
+
+@needs_dyn
+@pytest.mark.skipif(host.has_int8_dot(), reason="routed only where the CPU has no int8 dot products (here: LOWBIT_ISA=avx2 "
+                    "on a VNNI host, where _int_mm / the VNNI mm_i8 run instead)")
+def test_fused_route_and_decode_plan_call_the_one_entry(monkeypatch):
+    """``_fused_cpu`` (the routing) and the decode plan run dynamic W8A8 at small M as the one call."""
+    calls = _count_calls(monkeypatch, "_dynamic_linear_op")
     torch.manual_seed(0)
     lin = nn.Linear(64, 24, dtype=torch.bfloat16)
     quantize_(lin, Int8DynamicActivationInt8WeightConfig())
@@ -197,10 +208,7 @@ def _three_static_calls(x, w, s_w, b, act_scale, eps=EPS):
 @pytest.mark.parametrize("n", [1, 65])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_static_linear_equals_the_three_calls(dtype, k, n, bias):
-    gen = torch.Generator().manual_seed(k * 100 + n)
-    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
-    s_w = torch.rand(n, generator=gen) * 0.01 + 1e-4
-    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    gen, w, s_w, b = _operands(k, n, dtype, bias)
     for act_scale in [0.003, 0.05, 1.7]:  # saturating at -128 / 127 (rows split by mm_i8), typical, coarse
         for m in [1, 2, 5, 17, 64]:
             x = _x_with_special_rows(m, k, dtype, gen)
@@ -227,14 +235,7 @@ def test_static_linear_bad_arguments_name_them():
 def test_static_route_and_decode_plan_call_the_one_entry(monkeypatch):
     """``_fused_cpu`` and the decode plan run static W8A8 with a zero point of 0 at small M as the one call; a
     non-zero zero point keeps the three calls (its int32 row-sum correction)."""
-    calls = []
-    real = int8_kernels._static_linear_op
-
-    def counting(ext):
-        fn = real(ext)
-        return None if fn is None else (lambda x, *a: calls.append(x.shape[0]) or fn(x, *a))
-
-    monkeypatch.setattr(int8_kernels, "_static_linear_op", counting)
+    calls = _count_calls(monkeypatch, "_static_linear_op")
     torch.manual_seed(0)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     for zp in (None, 0, 4):
