@@ -130,7 +130,9 @@ def _int8_static(qdata, scale, act_scale, act_zero_point, act_spec: QuantSpec, d
             return None
         zp = 0 if act_zero_point is None else int(act_zero_point)
         a = float(act_scale)
-        if fused is not None and zp == 0 and x.shape[0] <= fused_max_m and a > 0:
+        if not 0.0 < a < float("inf"):  # the routing raises, naming act_scale
+            return None
+        if fused is not None and zp == 0 and x.shape[0] <= fused_max_m:
             return fused(x, qdata, s_w, bias, a, eps)
         xq, _ = quantize(x, a, zp, eps)
         if zp != 0:  # exact in int32: minus zp * rowsum(W_q)

@@ -446,14 +446,15 @@ def _fused_cpu_run(input, qdata, scale, bias, act_scale, act_zero_point, eps: fl
         if fused is not None:  # the three calls below in one, the same values
             return fused(input, qdata, scale.expand(qdata.shape[0], 1).reshape(-1).contiguous(), bias, eps)
     zp = 0 if act_zero_point is None else int(act_zero_point)
-    if static and zp == 0 and input.shape[0] <= _MM_I8_MAX_M and qdata.is_contiguous():
-        fused = _static_linear_op(ext)
-        if fused is not None and float(act_scale) > 0:  # the calls below in one, the same values
-            return fused(input, qdata, scale.expand(qdata.shape[0], 1).reshape(-1).contiguous(), bias,
-                         float(act_scale), eps)
-    xq, s_dyn = ext.quantize_i8(input, float(act_scale) if static else -1.0, zp, eps)
-    s_x = act_scale.reshape(1).float() if static else s_dyn
+    a = float(act_scale) if static else -1.0  # quantize_i8 reads a scale <= 0 as "dynamic": refuse one
+    if static and not 0.0 < a < float("inf"):
+        raise ValueError(f"act_scale={a!r}: a static activation scale must be a positive finite float")
     s_w = scale.expand(qdata.shape[0], 1).reshape(-1).contiguous()
+    fused = _static_linear_op(ext) if static and zp == 0 and input.shape[0] <= _MM_I8_MAX_M else None
+    if fused is not None and qdata.is_contiguous():  # the calls below in one, the same values
+        return fused(input, qdata, s_w, bias, a, eps)
+    xq, s_dyn = ext.quantize_i8(input, a, zp, eps)
+    s_x = act_scale.reshape(1).float() if static else s_dyn
     if zp == 0:
         gemm = _w8a8_gemm(input.shape[0], qdata)
         if gemm is not None:  # the GEMM and the epilogue below in one call, the same values

@@ -122,6 +122,17 @@ def test_in_place_edit_of_the_static_activation_qparams_is_seen(name):
         assert not torch.equal(after, before)
 
 
+def test_a_static_scale_edited_to_zero_is_refused_not_taken_as_dynamic():
+    """quantize_i8 reads a scale <= 0 as "dynamic": plan and routing must not pass one through."""
+    lin = _linear("w8a8-static", torch.bfloat16)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin(x)
+        lin.weight.act_scale.zero_()
+        with pytest.raises(ValueError, match="act_scale=0.0: a static activation scale must be a positive finite"):
+            lin(x)
+
+
 def test_reassigning_a_field_drops_the_plan():
     lin = _linear("int8wo", torch.bfloat16)
     x = torch.randn(1, 128, dtype=torch.bfloat16)
