@@ -19,6 +19,9 @@ in the same rounds:
   over the 32 MiB L3): the fraction is weight bytes / time / DRAM bandwidth (activations are negligible).
   Weight bytes are what the layers really hold after a forward pass: every storage reachable from the modules
   (tensor subclasses flattened, bitsandbytes' row scales and nf4 block statistics included), counted once;
+* M = 16 (a small batch of decodes, speculative drafts), on the same 8-layer stack: neither limit alone binds on
+  every host, so the fraction is the roofline's own bound, the larger of bytes / DRAM bandwidth and ops / peak
+  (the peak as at M = 256 below), over the time; the table says which of the two bound it;
 * prefill, M = 256, on one ``Linear(4096, 4096)``: 2 M N K / time over the peak of the arithmetic the kernel
   runs (int8 peak for W8A8 and 8da4w where ``_int_mm`` beats float32, else the better of the bf16 and float32
   peaks: on a CPU without VNNI lowbit's exact int8 products run on float32 FMAs or its own AVX2 kernel). At M=256
@@ -54,8 +57,10 @@ from _common import interleaved, machine_facts, tensor_bytes, write_json  # noqa
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 N = K = 4096
 DECODE_LAYERS = 8
-M_VALUES, M_QUICK = (1, 4, 256), (1, 256)
-DECODE_MAX_M = 4  # rows with M <= this are read-bound (bytes / bandwidth); larger M are compute-bound (ops / peak)
+M_VALUES, M_QUICK = (1, 4, 16, 256), (1, 256)
+DECODE_MAX_M = 4  # rows with M <= this are read-bound (bytes / bandwidth)
+STACK_MAX_M = 16  # rows with M <= this run on the decode stack; above DECODE_MAX_M: max(bytes, ops) bound
+# rows with M > STACK_MAX_M run on one layer and are compute-bound (ops / peak)
 INT4_PROTO = "torchao.prototype.quantization.int4.inference_workflow"
 
 
@@ -324,7 +329,7 @@ def _prepare(entries: list[Entry], m_values: tuple[int, ...], log) -> tuple[dict
     from lowbit.eval import sqnr
 
     xs = {m: torch.randn(m, K, generator=torch.Generator().manual_seed(1 + m)).bfloat16() for m in m_values}
-    prefill_m = [m for m in m_values if m > DECODE_MAX_M]
+    prefill_m = [m for m in m_values if m > STACK_MAX_M]
     ref = {}
     if prefill_m:
         with torch.inference_mode():
@@ -333,17 +338,17 @@ def _prepare(entries: list[Entry], m_values: tuple[int, ...], log) -> tuple[dict
     for e in entries:
         log(f"preparing {e.name}")
         try:
-            decode = e.build(_bf16_stack(DECODE_LAYERS)) if any(m <= DECODE_MAX_M for m in m_values) else None
+            decode = e.build(_bf16_stack(DECODE_LAYERS)) if any(m <= STACK_MAX_M for m in m_values) else None
             prefill = e.build(_bf16_stack(1)) if prefill_m else None
             mine = {}
             for m in m_values:
-                fn = _stacked(decode if m <= DECODE_MAX_M else prefill, xs[m])
+                fn = _stacked(decode if m <= STACK_MAX_M else prefill, xs[m])
                 out = fn()
-                if m > DECODE_MAX_M:
+                if m > STACK_MAX_M:
                     sqnr_db[e.name] = sqnr(ref[m], out)
                 mine[f"{e.name} | M={m}"] = fn
             for m in m_values:
-                nbytes[(e.name, m)] = stored_weight_bytes(decode if m <= DECODE_MAX_M else prefill)
+                nbytes[(e.name, m)] = stored_weight_bytes(decode if m <= STACK_MAX_M else prefill)
             fns.update(mine)
         except Exception as exc:  # noqa: BLE001 - a peer that fails on CPU gets a row saying why, never a crash
             failed[e.name] = _one_line(exc)
@@ -393,17 +398,23 @@ def main(argv=None) -> int:
         for m_rows in m_values:
             ms = samples[f"{e.name} | M={m_rows}"].median()
             moved = nbytes[(e.name, m_rows)]
+            gbs = moved / (ms / 1e3) / 1e9
+            # without VNNI, _int_mm's peak is below float32's, and lowbit's exact int8 routes run on float32
+            # FMAs or our own AVX2 kernel: int8 configs are held to the better of the int8 and float peaks
+            peak = "int8" if e.int8_peak and limits["int8_peak_gops"] >= limits[f"{float_peak}_peak_gops"] \
+                else float_peak
+            peak_gops = limits[f"{peak}_peak_gops"]
+            layers = DECODE_LAYERS if m_rows <= STACK_MAX_M else 1
+            ops = 2 * m_rows * N * K * layers
+            gops = ops / (ms / 1e3) / 1e9
+            bytes_bound = moved / bw >= ops / peak_gops  # which limit's time is the longer (both in ns)
             if m_rows <= DECODE_MAX_M:
-                gbs = moved / (ms / 1e3) / 1e9
                 frac, what = gbs / bw, f"{gbs:.1f} GB/s of {bw:.1f}"
+            elif m_rows <= STACK_MAX_M and bytes_bound:  # M = 16 where the bytes take longer than the ops at peak
+                frac, what = gbs / bw, f"{gbs:.1f} GB/s of {bw:.1f} (bytes bound)"
             else:
-                # without VNNI, _int_mm's peak is below float32's, and lowbit's exact int8 routes run on float32
-                # FMAs or our own AVX2 kernel: int8 configs are held to the better of the int8 and float peaks
-                peak = "int8" if e.int8_peak and limits["int8_peak_gops"] >= limits[f"{float_peak}_peak_gops"] \
-                    else float_peak
-                gops = 2 * m_rows * N * K / (ms / 1e3) / 1e9
-                peak_gops = limits[f"{peak}_peak_gops"]
-                frac, what = gops / peak_gops, f"{gops:.0f} of {peak} {peak_gops:.0f} GOP/s"
+                frac = gops / peak_gops
+                what = f"{gops:.0f} of {peak} {peak_gops:.0f} GOP/s" + (" (ops bound)" if m_rows <= STACK_MAX_M else "")
             sq = sqnr_db.get(e.name)
             finite_sq = sq if sq is not None and sq != float("inf") else None  # bf16 against itself: inf, JSON null
             row = {"config": e.name, "library": e.library, "M": m_rows, "ms": ms, "fraction_of_roofline": frac,
@@ -419,7 +430,8 @@ def main(argv=None) -> int:
     int8_what = ("vpdpbusd on registers" if limits["int8_peak_gops"] != limits["int8_int_mm_peak_gops"]
                  else "torch._int_mm on 1024^3")
     note = (f"{facts['cpu_model']}, {threads} threads, eager; M<={DECODE_MAX_M}: {DECODE_LAYERS} x Linear(4096, 4096) "
-            f"(stored weight bytes / time / DRAM read bandwidth); M=256: one Linear(4096, 4096) (ops / time / peak). "
+            f"(stored weight bytes / time / DRAM read bandwidth); M={STACK_MAX_M}: the same stack, the larger of "
+            f"bytes / bandwidth and ops / peak over the time; M=256: one Linear(4096, 4096) (ops / time / peak). "
             f"Limits: DRAM 1 thread {limits['dram_gbs_1_thread']:.1f} GB/s, {threads} threads {bw:.1f} GB/s; F.linear "
             f"bf16 {limits['bf16_peak_gops']:.0f} GFLOP/s, fp32 {limits['fp32_peak_gops']:.0f}; int8 "
             f"{limits['int8_peak_gops']:.0f} GOP/s ({int8_what}; torch._int_mm {limits['int8_int_mm_peak_gops']:.0f}). Peers: {facts['versions']}. Kernels: {facts['kernels']}. "

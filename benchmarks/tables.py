@@ -239,14 +239,17 @@ _ROOFLINE_LABELS = {"bf16": "bf16 `F.linear`", "float32": "float32 `F.linear` (x
 
 def _table_roofline(path, ms: tuple[int, ...]) -> str:
     """lowbit's and torch's rows of a roofline.json: per M in ``ms`` the fraction of the limit (DRAM at
-    M <= 4, compute peak at M = 256) and the ratio to bf16, then the best peer at M = 1 / 256."""
+    M <= 4, the larger of the two bounds at M = 16, compute peak at M = 256) and the ratio to bf16, then the best
+    peer at each M of ``ms`` but 4."""
     data = _load(path)
     by = {(r["config"], r.get("M")): r for r in data["rows"]}
     errors = {r["config"]: r["error"] for r in data["rows"] if "error" in r}
 
+    peer_ms = tuple(m for m in ms if m != 4)
+
     def best_peer(name: str) -> str:
         cells = []
-        for m in (1, 256):
+        for m in peer_ms:
             ran = [(by[(p, m)]["vs_bf16"], p) for p in _ROOFLINE_PEERS.get(name, []) if (p, m) in by]
             cells.append(f"{max(ran)[1].split(' ')[0]} {max(ran)[0]:.2f}x" if ran else None)
         if not any(cells):
@@ -266,12 +269,13 @@ def _table_roofline(path, ms: tuple[int, ...]) -> str:
         rows.append(row + [best_peer(name)])
     headers = ["config"]
     for m in ms:
-        headers += [f"M={m} fraction of {'DRAM' if m <= 4 else 'peak'}", f"M={m} vs bf16"]
-    return _md(headers + ["best peer, vs bf16 at M=1 / M=256"], rows)
+        limit = "DRAM" if m <= 4 else "roofline" if m <= 16 else "peak"
+        headers += [f"M={m} fraction of {limit}", f"M={m} vs bf16"]
+    return _md(headers + [f"best peer, vs bf16 at {' / '.join(f'M={m}' for m in peer_ms)}"], rows)
 
 
 def table_roofline_avx2() -> str:
-    return _table_roofline(RESULTS / "roofline.json", (1, 256))
+    return _table_roofline(RESULTS / "roofline.json", (1, 16, 256))
 
 
 def table_roofline_avx512() -> str:
