@@ -433,3 +433,19 @@ def test_float8_act_linear_cpu_wrapper():
     assert float8_act_linear_cpu(x, q, s, torch.zeros(24), True, EPS, False) is None  # bias dtype != x dtype
     xr = x.float().requires_grad_()
     assert float8_act_linear_cpu(xr, q, s, None, True, EPS, False) is None
+
+
+@pytest.mark.skipif(_ext.active_isa("fp8_cpu") != "avx2", reason="csrc/tile_f32.h's tiles are the AVX2 build's")
+@pytest.mark.parametrize("xd", XD)
+@pytest.mark.parametrize("fp8", FP8)
+def test_tiled_any_m(fp8, xd):
+    """The tiled path's 4 x 3 register tiles over K blocks (csrc/tile_f32.h): K = 1100 spans two blocks of
+    512, a tail and a padded last vector, N = 7 a tail of 3 rows, M = 1..13 every remainder of the 3-row
+    tiles; every row of the result equals that row of x alone, and the reference's bound holds."""
+    q, s, spec, g = _data(fp8, "row", 7, 1100, seed=6)
+    x = torch.randn(13, 1100, generator=g).to(XD[xd])
+    b = torch.randn(7, generator=g).to(XD[xd])
+    alone = torch.cat([_run("tiled", x[i:i + 1], q, s, b) for i in range(13)])
+    for m in range(1, 14):
+        assert torch.equal(_run("tiled", x[:m], q, s, b), alone[:m]), m
+    assert sqnr(_ref(x, q, s, spec, b), alone) >= FAST_VS_REF_DB[XD[xd]]

@@ -347,3 +347,21 @@ def test_gemv_act_subnormal_activations(kind, e5m2):
         got = ext.gemv_bf16_act(x, qdata, s, zp, None, True, 1e-45, e5m2)
         assert torch.equal(got, ext.gemv_bf16(xq, qdata, s, zp, None)), m
         _assert_close_per_row(_row_by_row_reference(xq, qdata, s, zp, spec), got)
+
+
+@pytest.mark.skipif(_ext.active_isa("int4_cpu") != "avx2", reason="csrc/tile_f32.h's tiles are the AVX2 build's")
+@pytest.mark.parametrize("symmetric", [False, True, "float-zp"], ids=["asym", "sym", "float-zp"])
+def test_gemm_small_tiles_any_m(symmetric):
+    """gemm_small_bf16's 4 x 3 register tiles over K blocks (csrc/tile_f32.h): K = 1152 spans two blocks
+    of 512 and a tail, N = 7 a tail of 3 rows, M = 1..13 every remainder of the 3-row tiles; every row of
+    the result equals that row of x alone (the summation order does not depend on M), and the
+    reference's bound holds."""
+    ext = _ext.load("int4_cpu")
+    qdata, s, zp, gen = _weight(7, 1152, 128, symmetric, seed=4)
+    x = torch.randn(13, 1152, generator=gen).bfloat16()
+    b = torch.randn(7, generator=gen)
+    alone = torch.cat([ext.gemm_small_bf16(x[i:i + 1], qdata, s, zp, b) for i in range(13)])
+    for m in range(1, 14):
+        got = ext.gemm_small_bf16(x[:m], qdata, s, zp, b)
+        assert torch.equal(got, alone[:m]), m
+    assert sqnr(_reference(x, qdata, s, zp, 128, b.bfloat16()), alone) >= BF16_DPBF16_DB

@@ -16,8 +16,8 @@
 //  * M <= gemv_max_m (<= 4), any x dtype: fused GEMV, each weight row streamed once and converted
 //    in registers by shifts alone (no vcvtph2ps; see "fused GEMV" below), software
 //    prefetch (prefetch.h) ahead in the weight stream;
-//  * M <= tiled_max_m: 4 rows converted into a float32 scratch (L1/L2), then float32 FMA per row
-//    of x against the 4 rows;
+//  * M <= tiled_max_m: 4 rows converted into a float32 scratch (L1/L2), then tile_f32.h's 4 x 3
+//    register tiles over K blocks (each row of x against the 4 rows);
 //  * otherwise: one parallel region; each thread converts its own contiguous range of weight rows,
 //    chunk by chunk, into a reused buffer in x's compute dtype (bf16 for bf16 x, else float32) and
 //    multiplies each chunk with a serial at::mm into the output slice.
@@ -40,6 +40,7 @@
 #include "parallel.h"
 #include "prefetch.h"
 #include "mxcsr.h"
+#include "tile_f32.h"
 
 namespace {
 
@@ -268,40 +269,20 @@ void gemv(const float* xf, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, c
   });
 }
 
-// ---- M <= tiled_max_m: 4 rows converted to a float32 scratch, float32 FMA per row of x ----------
-inline void dot4(const float* w, const float* x, int64_t Kr, int64_t Kp, float* res) {
-  __m256 acc[4][2];
-  for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= Kr; k += 16) {
-    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-    for (int r = 0; r < 4; ++r) {
-      acc[r][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + r * Kp + k), acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w + r * Kp + k + 8), acc[r][1]);
-    }
-  }
-  for (; k < Kr; k += 8) {
-    const __m256 x0 = _mm256_loadu_ps(x + k);
-    for (int r = 0; r < 4; ++r) acc[r][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + r * Kp + k), acc[r][0]);
-  }
-  for (int r = 0; r < 4; ++r) res[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-}
-
+// ---- M <= tiled_max_m: 4 rows converted to a float32 scratch, tile_f32.h's 4 x 3 tiles -------------
 template <bool E5M2, typename out_t>
 void tiled(const float* xf, int64_t M, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, const float* sp, bool per_row,
            const float* bp, out_t* op, const uint8_t* zero) {
+  namespace tf = lowbit::tile_f32;
   const int64_t Kr = (K + 7) / 8 * 8;
   par_for(0, (N + 3) / 4, 1, [&](int64_t gb, int64_t ge) {
-    std::vector<float> sf(4 * Kp);
-    float res[4];
+    std::vector<float> sf(4 * Kp), acc(M * tf::kRows * 8), res(M * tf::kRows);
     for (int64_t g = gb; g < ge; ++g) {
       const int64_t n = 4 * g;
       const int nrows = static_cast<int>(std::min<int64_t>(4, N - n));
       for (int r = 0; r < 4; ++r) convert_row_f32<E5M2>(r < nrows ? q + (n + r) * K : zero, sf.data() + r * Kp, K, Kr, true);
-      for (int64_t m = 0; m < M; ++m) {
-        dot4(sf.data(), xf + m * Kp, Kr, Kp, res);
-        store_rows(op, N, m, 1, n, 4, nrows, res, sp, per_row, bp);
-      }
+      tf::rows4(sf.data(), Kp, xf, Kp, M, Kr, acc.data(), res.data());
+      store_rows(op, N, 0, static_cast<int>(M), n, 4, nrows, res.data(), sp, per_row, bp);
     }
   });
 }

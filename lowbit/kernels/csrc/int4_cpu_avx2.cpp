@@ -18,7 +18,7 @@
 //    AVX-512 build does with its 128 + q, saves 2 of 9 instructions per 16 elements but loses the
 //    small terms next to a huge x whose weight is the zero point: the property tests found one.)
 //  * gemm_small_bf16 (M <= 64): rows of W dequantized exactly (bit-equal to the reference's float32
-//    dequantize) into an L1/L2 buffer, 2 rows x 4 rows of x per register tile, float32 FMA.
+//    dequantize) into an L1/L2 buffer, 4 at a time, then tile_f32.h's 4 x 3 register tiles, float32 FMA.
 //  * linear_chunked (large M): as int4_cpu.cpp, with this file's exact dequantization.
 // gemv_bf16_act: gemv_bf16 with float8 dynamic activations (fp8_act.h's fake quantization) done in
 // the same call, into the bf16 copy of x the permutation widens (fp8 x int4's eager decode entry).
@@ -35,6 +35,7 @@
 #include "fp8_act.h"
 #include "parallel.h"
 #include "prefetch.h"
+#include "tile_f32.h"
 
 namespace {
 
@@ -298,47 +299,20 @@ void gemv_any(const W4& w, const float* xp, const float* bias, void* out, at::Sc
 
 // ---- small-M GEMM --------------------------------------------------------------------------------
 
-// RM rows of x (float32, row stride K) against 2 dequantized float32 rows of W: res[m][r].
-template <int RM>
-inline void tile_2xm(const float* w0, const float* w1, const float* x, int64_t K, float* res) {
-  __m256 a[RM][2];
-  for (int m = 0; m < RM; ++m) a[m][0] = a[m][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
-#pragma GCC unroll 4
-    for (int m = 0; m < RM; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-      a[m][0] = _mm256_fmadd_ps(xv, v0, a[m][0]);
-      a[m][1] = _mm256_fmadd_ps(xv, v1, a[m][1]);
-    }
-  }
-  for (int m = 0; m < RM; ++m) {
-    res[2 * m] = hsum(a[m][0]);
-    res[2 * m + 1] = hsum(a[m][1]);
-  }
-}
-
+// 4 rows of W dequantized exactly into a float32 buffer, then tile_f32.h's 4 x 3 tiles over every row of x.
 void gemm_small_impl(const W4& w, const float* x, int64_t M, const float* bias, void* out, at::ScalarType ot) {
-  const int64_t N = w.N, K = w.K;
-  par_for(0, (N + 1) / 2, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> buf(2 * K);
-    float res[8];
+  namespace tf = lowbit::tile_f32;
+  const int64_t N = w.N, K = w.K;  // K: a multiple of 32 (make_w4)
+  par_for(0, (N + tf::kRows - 1) / tf::kRows, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(tf::kRows * K, 0.f), acc(M * tf::kRows * 8), res(M * tf::kRows);
     for (int64_t i = b; i < e; ++i) {
-      const int64_t n0 = 2 * i, nr = std::min<int64_t>(2, N - n0);
-      dequant_rows_t(w, n0, n0 + nr, buf.data(), false);
-      const float* w1 = buf.data() + (nr == 2 ? K : 0);  // a tail row repeats the last
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t rm = std::min<int64_t>(4, M - m0);
-        const float* xm = x + m0 * K;
-        switch (rm) {
-          case 1: tile_2xm<1>(buf.data(), w1, xm, K, res); break;
-          case 2: tile_2xm<2>(buf.data(), w1, xm, K, res); break;
-          case 3: tile_2xm<3>(buf.data(), w1, xm, K, res); break;
-          default: tile_2xm<4>(buf.data(), w1, xm, K, res); break;
-        }
-        for (int64_t m = 0; m < rm; ++m)
-          for (int64_t r = 0; r < nr; ++r) store_out(out, ot, (m0 + m) * N + n0 + r, res[2 * m + r] + (bias ? bias[n0 + r] : 0.f));
-      }
+      const int64_t n0 = tf::kRows * i, nr = std::min<int64_t>(tf::kRows, N - n0);
+      dequant_rows_t(w, n0, n0 + nr, buf.data(), false);  // a tail's missing rows: zeros, never stored
+      if (nr < tf::kRows) std::fill(buf.begin() + nr * K, buf.end(), 0.f);
+      tf::rows4(buf.data(), K, x, K, M, K, acc.data(), res.data());
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t r = 0; r < nr; ++r)
+          store_out(out, ot, m * N + n0 + r, res[m * tf::kRows + r] + (bias ? bias[n0 + r] : 0.f));
     }
   });
 }
