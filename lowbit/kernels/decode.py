@@ -280,7 +280,8 @@ def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: s
             if (x.shape[0] > tiled or x.shape[0] == 0 or not _plain_cpu(x) or _wants_grad(x, bias)
                     or (bias is not None and (bias.dtype != x.dtype or bias.shape != (n,) or not bias.is_cpu))):
                 return None
-            return ext.fp8_linear(x, qdata, scale, bias, gemv, tiled, chunk)
+            return ext.fp8_linear(x, qdata, scale, bias, gemv, tiled, chunk,
+                                  x.shape[0] <= gemv and _fp8_cpu.weight_finite(qdata))
         return run
     if act_scale is not None:
         return _float8_static(ext, qdata, scale, act_scale, act_spec, dtype)
@@ -294,7 +295,8 @@ def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: s
                 or _wants_grad(x, bias)
                 or (bias is not None and (bias.dtype != x.dtype or bias.shape != (n,) or not bias.is_cpu))):
             return None
-        return fused(x, qdata, scale, bias, gemv, tiled, chunk, per_token, eps, e5m2)
+        return fused(x, qdata, scale, bias, gemv, tiled, chunk, per_token, eps, e5m2,
+                     x.shape[0] <= gemv and _fp8_cpu.weight_finite(qdata))
 
     return run_act
 
@@ -321,10 +323,11 @@ def _float8_static(ext, qdata, scale, act_scale, act_spec: QuantSpec, dtype) -> 
         a = float(s_x[0])
         if not 0.0 < a < float("inf"):
             return None
+        finite = x.shape[0] <= gemv and _fp8_cpu.weight_finite(qdata)
         if one_call is not None:
-            return one_call(x, qdata, scale, bias, gemv, tiled, chunk, a, eps, e5m2)
+            return one_call(x, qdata, scale, bias, gemv, tiled, chunk, a, eps, e5m2, finite)
         xq, _ = fq(x, a, False, eps, e5m2)
-        return ext.fp8_linear(xq, qdata, scale, bias, gemv, tiled, chunk)
+        return ext.fp8_linear(xq, qdata, scale, bias, gemv, tiled, chunk, finite)
 
     return run
 

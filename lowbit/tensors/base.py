@@ -310,6 +310,11 @@ def _(func, types, args, kwargs):
             f"(shapes, dtypes and spec); got {src!r}. Quantize the model the same way before loading."
         )
     for n in dst.tensor_data_names + dst.optional_tensor_data_names:
-        if getattr(dst, n) is not None:
-            getattr(dst, n).copy_(getattr(src, n))
+        t = getattr(dst, n)
+        if t is not None:
+            t.copy_(getattr(src, n))
+            # below the wrapper's dispatch the inner copy_ does not bump t's version counter; caches keyed on
+            # it (kernels._fp8_cpu.weight_finite) must see the new values
+            if not t.is_inference():
+                torch.autograd.graph.increment_version(t)
     return dst

@@ -106,6 +106,22 @@ def test_in_place_edit_is_seen(name):
         assert not torch.equal(after, before)
 
 
+@pytest.mark.parametrize("name", ["fp8wo", "fp8dq-row", "fp8-static"])
+def test_a_nan_copied_into_a_float8_weight_is_seen(name):
+    """The float8 plans tell the GEMV the weight holds no NaN / inf byte (counted once per version of
+    qdata, _fp8_cpu.weight_finite): a copy_ that brings one in bumps the version, and the NaN reaches
+    the outputs that use that row, as the reference gives it."""
+    lin, other = _linear(name, torch.bfloat16, seed=0), _linear(name, torch.bfloat16, seed=1)
+    other.weight.qdata.view(torch.uint8)[7, 3] = 0x7F  # e4m3fn NaN
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert bool(lin(x).isfinite().all())
+        lin.weight.copy_(other.weight)
+        out = lin(x)
+    assert bool(out[0, 7].isnan()) and bool(out[0, torch.arange(48) != 7].isfinite().all())
+    assert torch.equal(out.nan_to_num(), _unplanned(lin, x).nan_to_num())
+
+
 @pytest.mark.parametrize("name", ["w8a8-static", "w8a8-static-zp", "fp8-static"])
 def test_in_place_edit_of_the_static_activation_qparams_is_seen(name):
     """The static plan reads act_scale / act_zero_point on every call (a re-calibration edits them in place)."""

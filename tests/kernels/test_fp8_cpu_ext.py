@@ -449,3 +449,58 @@ def test_tiled_any_m(fp8, xd):
     for m in range(1, 14):
         assert torch.equal(_run("tiled", x[:m], q, s, b), alone[:m]), m
     assert sqnr(_ref(x, q, s, spec, b), alone) >= FAST_VS_REF_DB[XD[xd]]
+
+
+@pytest.mark.parametrize("fp8", FP8)
+def test_count_special(fp8):
+    """fp8_count_special counts exactly the NaN / inf encodings: e4m3fn 0x7F / 0xFF, e5m2 exponent 31."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    q = codes.repeat(3, 1).contiguous().view(getattr(torch, FP8[fp8]))
+    want = int((~q.float().isfinite()).sum())
+    assert want == (6 if fp8 == "e4m3fn" else 24)
+    assert ext.fp8_count_special(q) == want
+    assert ext.fp8_count_special(q[:, :0]) == 0
+    with pytest.raises(RuntimeError, match="qdata must be float8_e4m3fn or float8_e5m2"):
+        ext.fp8_count_special(codes)
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("xd", XD)
+def test_finite_weight_skips_only_the_check(fp8, xd):
+    """finite_weight=True on a weight with no NaN / inf byte: the same outputs bit for bit, every M of the
+    GEMV and past it, weight-only and with float8 activations (dynamic and static)."""
+    q, s, spec, g = _data(fp8, "row", 13, 200, seed=8)
+    assert ext.fp8_count_special(q) == 0
+    for m in range(1, GEMV_MAX_M + 3):
+        x = torch.randn(m, 200, generator=g).to(XD[xd])
+        args = (GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS)
+        assert torch.equal(ext.fp8_linear(x, q, s, None, *args, True), ext.fp8_linear(x, q, s, None, *args)), m
+        act = (True, EPS, False)
+        assert torch.equal(ext.fp8_linear_act(x, q, s, None, *args, *act, finite_weight=True),
+                           ext.fp8_linear_act(x, q, s, None, *args, *act)), m
+        assert torch.equal(ext.fp8_linear_act_static(x, q, s, None, *args, 0.05, EPS, True, True),
+                           ext.fp8_linear_act_static(x, q, s, None, *args, 0.05, EPS, True)), m
+
+
+def test_weight_finite_follows_in_place_edits():
+    """weight_finite counts once per version: an in-place edit that writes a NaN byte (through a uint8
+    view, which shares the version counter) is seen by the next call, and the NaN reaches the output of
+    float8_weight_only_linear_cpu at M = 1; a write through .data is not, until forget_finite."""
+    from lowbit.kernels._fp8_cpu import forget_finite, weight_finite
+
+    q, s, spec, g = _data("e4m3fn", "row", 9, 64, seed=9)
+    x = torch.randn(1, 64, generator=g).bfloat16()
+    assert weight_finite(q) and bool(float8_weight_only_linear_cpu(x, q, s).isfinite().all())
+    q.view(torch.uint8)[3, 7] = 0x7F
+    assert not weight_finite(q)
+    out = float8_weight_only_linear_cpu(x, q, s)
+    assert bool(out[0, 3].isnan()) and bool(out[0, torch.arange(9) != 3].isfinite().all())
+    q.view(torch.uint8)[3, 7] = 0x10
+    assert weight_finite(q)
+    q.data.view(torch.uint8)[5, 0] = 0xFF  # bypasses the version counter
+    assert weight_finite(q)  # documented: not seen
+    forget_finite(q)
+    assert not weight_finite(q) and bool(float8_weight_only_linear_cpu(x, q, s)[0, 5].isnan())
+    with torch.inference_mode():
+        qi = q.clone()
+    assert not weight_finite(qi)  # no version counter: every call checks

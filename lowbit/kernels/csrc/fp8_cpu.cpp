@@ -44,6 +44,7 @@
 
 #include "bf16_scale.h"
 #include "fp8_act.h"
+#include "fp8_special.h"
 #include "gemm_bf16.h"
 #include "parallel.h"
 #include "prefetch.h"
@@ -427,6 +428,7 @@ inline void zero_pad_rows(T* dst, int64_t M, int64_t K, int64_t Kp) {  // column
 // (fp8_linear_act), written straight into the padded copy of x at M <= tiled_max_m.
 static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                                  int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, const fp8_act::Rule* act) {
+  // finite_weight is not taken here: this build's conversions keep NaN / inf as they are, nothing to skip
   // every argument checked before any memory is touched: nothing is read out of bounds
   TORCH_CHECK(x.device().is_cpu() && qdata.device().is_cpu() && scale.device().is_cpu(), "x, qdata and scale must be CPU tensors");
   TORCH_CHECK(x.dim() == 2 && qdata.dim() == 2 && x.size(1) == qdata.size(1), "x (M, K) and qdata (N, K) expected, got ",
@@ -561,14 +563,14 @@ static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor qdata, torch::Te
 }
 
 torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
-                         int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows) {
+                         int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, bool finite_weight) {
   return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, nullptr);
 }
 
 // fp8_linear(fake_quant_fp8(x, dynamic, act_per_token, act_eps, act_e5m2), ...) in one call, bit for bit.
 torch::Tensor fp8_linear_act(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                              int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, bool act_per_token,
-                             double act_eps, bool act_e5m2) {
+                             double act_eps, bool act_e5m2, bool finite_weight) {
   const fp8_act::Rule rule = fp8_act::make_rule(act_per_token, act_eps, act_e5m2, "fp8_linear_act");
   return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, &rule);
 }
@@ -577,7 +579,7 @@ torch::Tensor fp8_linear_act(torch::Tensor x, torch::Tensor qdata, torch::Tensor
 // activation scale (a positive finite float).
 torch::Tensor fp8_linear_act_static(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                                     int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, double act_scale,
-                                    double act_eps, bool act_e5m2) {
+                                    double act_eps, bool act_e5m2, bool finite_weight) {
   const fp8_act::Rule rule = fp8_act::make_static_rule(act_scale, act_eps, act_e5m2, "fp8_linear_act_static");
   return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, &rule);
 }
@@ -602,14 +604,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("fp8_linear", &fp8_linear, "float8 weight-only linear (x @ (q * s).T + bias)", py::arg("x"), py::arg("qdata"),
-        py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"), py::arg("chunk_rows"));
+        py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"), py::arg("chunk_rows"),
+        py::arg("finite_weight") = false);
   m.def("fp8_linear_act", &fp8_linear_act,
         "fp8_linear of x fake-quantized to float8 (dynamic scale per token or per tensor), in one call",
         py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"),
-        py::arg("chunk_rows"), py::arg("act_per_token"), py::arg("act_eps"), py::arg("act_e5m2"));
+        py::arg("chunk_rows"), py::arg("act_per_token"), py::arg("act_eps"), py::arg("act_e5m2"),
+        py::arg("finite_weight") = false);
   m.def("fp8_linear_act_static", &fp8_linear_act_static,
         "fp8_linear of x fake-quantized to float8 with a static per-tensor scale, in one call",
         py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"),
-        py::arg("chunk_rows"), py::arg("act_scale"), py::arg("act_eps"), py::arg("act_e5m2"));
+        py::arg("chunk_rows"), py::arg("act_scale"), py::arg("act_eps"), py::arg("act_e5m2"),
+        py::arg("finite_weight") = false);
   m.def("fp8_to_bf16", &fp8_to_bf16, "float8 (N, K) -> bf16 (N, K), exact");
+  m.def("fp8_count_special", &lowbit::fp8_count_special, "bytes of a float8 tensor that are NaN or inf", py::arg("qdata"));
 }

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "fp8_act.h"
+#include "fp8_special.h"
 #include "parallel.h"
 #include "prefetch.h"
 #include "mxcsr.h"
@@ -176,7 +177,7 @@ inline void exact_row(const uint8_t* row, const float* xf, int64_t K, int64_t Kp
   for (int m = 0; m < MT; ++m) res[m * R] = hsum(acc[m]);
 }
 
-template <bool E5M2, int MT, int R>
+template <bool E5M2, int MT, int R, bool CHECK>
 inline void gemv_rows(const uint8_t* const* rows, const float* xq, int64_t K, int64_t Kq, float* res /* [MT][R] */,
                       bool* flagged /* [R] */) {
   using B = Bits<E5M2>;
@@ -190,7 +191,7 @@ inline void gemv_rows(const uint8_t* const* rows, const float* xq, int64_t K, in
   const __m256i flag = _mm256_set1_epi8(B::kFlag);
   auto step = [&](int64_t k, const __m256i* v) {
     for (int r = 0; r < R; ++r) {
-      top[r] = _mm256_max_epu8(top[r], _mm256_or_si256(v[r], flag));
+      if constexpr (CHECK) top[r] = _mm256_max_epu8(top[r], _mm256_or_si256(v[r], flag));
       const __m256i even = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(v[r], 8), B::kShift), mask);
       const __m256i odd = _mm256_and_si256(_mm256_srai_epi16(v[r], B::kShift), mask);
       const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(even, 16));  // bytes 4i
@@ -221,7 +222,7 @@ inline void gemv_rows(const uint8_t* const* rows, const float* xq, int64_t K, in
     step(k, v);
   }
   for (int r = 0; r < R; ++r) {
-    flagged[r] = _mm256_movemask_epi8(_mm256_cmpeq_epi8(top[r], _mm256_set1_epi8(char(0xFF)))) != 0;
+    flagged[r] = CHECK && _mm256_movemask_epi8(_mm256_cmpeq_epi8(top[r], _mm256_set1_epi8(char(0xFF)))) != 0;
     for (int m = 0; m < MT; ++m) res[m * R + r] = hsum(_mm256_add_ps(acc[m][r][0], acc[m][r][1]));
   }
 }
@@ -243,7 +244,7 @@ inline void store_rows(out_t* op, int64_t N, int64_t m0, int MT, int64_t n, int 
 #define LOWBIT_FP8_GEMV_ROWS 4
 #endif
 
-template <bool E5M2, int MT, typename out_t>
+template <bool E5M2, int MT, bool CHECK, typename out_t>
 void gemv(const float* xf, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, const float* sp, bool per_row,
           const float* bp, out_t* op, const uint8_t* zero) {
   constexpr int R = MT == 1 ? LOWBIT_FP8_GEMV_ROWS : MT == 2 ? 2 : 1;
@@ -260,7 +261,7 @@ void gemv(const float* xf, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, c
       const int nrows = static_cast<int>(std::min<int64_t>(R, N - n));
       const uint8_t* rows[R];
       for (int r = 0; r < R; ++r) rows[r] = r < nrows ? q + (n + r) * K : zero;
-      gemv_rows<E5M2, MT, R>(rows, xq.data(), K, Kq, res, flagged);
+      gemv_rows<E5M2, MT, R, CHECK>(rows, xq.data(), K, Kq, res, flagged);
       for (int i = 0; i < MT * R; ++i) res[i] *= post;
       for (int r = 0; r < nrows; ++r)
         if (flagged[r]) exact_row<E5M2, MT>(rows[r], xf, K, Kp, res + r, R);
@@ -287,17 +288,25 @@ void tiled(const float* xf, int64_t M, const uint8_t* q, int64_t N, int64_t K, i
   });
 }
 
+template <bool E5M2, bool CHECK, typename out_t>
+void gemv_m(const float* xf, int64_t M, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, const float* sp,
+            bool per_row, const float* bp, out_t* op, const uint8_t* zero) {
+  switch (M) {
+    case 1: gemv<E5M2, 1, CHECK>(xf, q, N, K, Kp, sp, per_row, bp, op, zero); break;
+    case 2: gemv<E5M2, 2, CHECK>(xf, q, N, K, Kp, sp, per_row, bp, op, zero); break;
+    case 3: gemv<E5M2, 3, CHECK>(xf, q, N, K, Kp, sp, per_row, bp, op, zero); break;
+    default: gemv<E5M2, 4, CHECK>(xf, q, N, K, Kp, sp, per_row, bp, op, zero); break;
+  }
+}
+
+// finite_weight: the caller knows no byte of q is NaN / inf (fp8_count_special), so the GEMV skips its check.
 template <bool E5M2, typename out_t>
 void small_m(const float* xf, int64_t M, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, const float* sp,
-             bool per_row, const float* bp, out_t* op, int64_t gemv_max_m) {
+             bool per_row, const float* bp, out_t* op, int64_t gemv_max_m, bool finite_weight) {
   std::vector<uint8_t> zero(K + 8, 0);
   if (M > gemv_max_m) return tiled<E5M2>(xf, M, q, N, K, Kp, sp, per_row, bp, op, zero.data());
-  switch (M) {
-    case 1: gemv<E5M2, 1>(xf, q, N, K, Kp, sp, per_row, bp, op, zero.data()); break;
-    case 2: gemv<E5M2, 2>(xf, q, N, K, Kp, sp, per_row, bp, op, zero.data()); break;
-    case 3: gemv<E5M2, 3>(xf, q, N, K, Kp, sp, per_row, bp, op, zero.data()); break;
-    default: gemv<E5M2, 4>(xf, q, N, K, Kp, sp, per_row, bp, op, zero.data()); break;
-  }
+  if (finite_weight) gemv_m<E5M2, false>(xf, M, q, N, K, Kp, sp, per_row, bp, op, zero.data());
+  else gemv_m<E5M2, true>(xf, M, q, N, K, Kp, sp, per_row, bp, op, zero.data());
 }
 
 // Rows [n0, n1) into buf (row stride ld >= K), bf16 or float32; serial (called inside a region or
@@ -316,7 +325,8 @@ void convert_rows(const uint8_t* q, int64_t K, int64_t n0, int64_t n1, void* buf
 // scale: float32 with N or 1 elements; bias: (N,) or None. act: x is first fake-quantized by that rule
 // (fp8_linear_act), written straight into the float32 copy of x at M <= tiled_max_m.
 static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
-                                 int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, const fp8_act::Rule* act) {
+                                 int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, const fp8_act::Rule* act,
+                                 bool finite_weight) {
   // every argument checked before any memory is touched: nothing is read out of bounds
   TORCH_CHECK(x.device().is_cpu() && qdata.device().is_cpu() && scale.device().is_cpu(), "x, qdata and scale must be CPU tensors");
   TORCH_CHECK(x.dim() == 2 && qdata.dim() == 2 && x.size(1) == qdata.size(1), "x (M, K) and qdata (N, K) expected, got ",
@@ -364,8 +374,8 @@ static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor qdata, torch::Te
     else xf.narrow(1, 0, K).copy_(x);
     const float* xp = xf.data_ptr<float>();
 #define LOWBIT_SMALL(T)                                                                                      \
-  (e5m2 ? small_m<true>(xp, M, q, N, K, Kp, sp, per_row, bp, out.data_ptr<T>(), gemv_max_m)                 \
-        : small_m<false>(xp, M, q, N, K, Kp, sp, per_row, bp, out.data_ptr<T>(), gemv_max_m))
+  (e5m2 ? small_m<true>(xp, M, q, N, K, Kp, sp, per_row, bp, out.data_ptr<T>(), gemv_max_m, finite_weight)  \
+        : small_m<false>(xp, M, q, N, K, Kp, sp, per_row, bp, out.data_ptr<T>(), gemv_max_m, finite_weight))
     if (xt == torch::kBFloat16) LOWBIT_SMALL(at::BFloat16);
     else if (xt == torch::kHalf) LOWBIT_SMALL(at::Half);
     else LOWBIT_SMALL(float);
@@ -426,25 +436,25 @@ static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor qdata, torch::Te
 }
 
 torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
-                         int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows) {
-  return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, nullptr);
+                         int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, bool finite_weight) {
+  return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, nullptr, finite_weight);
 }
 
 // fp8_linear(fake_quant_fp8(x, dynamic, act_per_token, act_eps, act_e5m2), ...) in one call, bit for bit.
 torch::Tensor fp8_linear_act(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                              int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, bool act_per_token,
-                             double act_eps, bool act_e5m2) {
+                             double act_eps, bool act_e5m2, bool finite_weight) {
   const fp8_act::Rule rule = fp8_act::make_rule(act_per_token, act_eps, act_e5m2, "fp8_linear_act");
-  return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, &rule);
+  return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, &rule, finite_weight);
 }
 
 // fp8_linear(fake_quant_fp8(x, act_scale, per tensor, act_eps, act_e5m2), ...) in one call, bit for bit: a static
 // activation scale (a positive finite float).
 torch::Tensor fp8_linear_act_static(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                                     int64_t gemv_max_m, int64_t tiled_max_m, int64_t chunk_rows, double act_scale,
-                                    double act_eps, bool act_e5m2) {
+                                    double act_eps, bool act_e5m2, bool finite_weight) {
   const fp8_act::Rule rule = fp8_act::make_static_rule(act_scale, act_eps, act_e5m2, "fp8_linear_act_static");
-  return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, &rule);
+  return linear_impl(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, &rule, finite_weight);
 }
 
 // The float8 -> bf16 conversion alone (tests): (N, K) float8 -> (N, K) bf16.
@@ -468,14 +478,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("fp8_linear", &fp8_linear, "float8 weight-only linear (x @ (q * s).T + bias)", py::arg("x"), py::arg("qdata"),
-        py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"), py::arg("chunk_rows"));
+        py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"), py::arg("chunk_rows"),
+        py::arg("finite_weight") = false);
   m.def("fp8_linear_act", &fp8_linear_act,
         "fp8_linear of x fake-quantized to float8 (dynamic scale per token or per tensor), in one call",
         py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"),
-        py::arg("chunk_rows"), py::arg("act_per_token"), py::arg("act_eps"), py::arg("act_e5m2"));
+        py::arg("chunk_rows"), py::arg("act_per_token"), py::arg("act_eps"), py::arg("act_e5m2"),
+        py::arg("finite_weight") = false);
   m.def("fp8_linear_act_static", &fp8_linear_act_static,
         "fp8_linear of x fake-quantized to float8 with a static per-tensor scale, in one call",
         py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"),
-        py::arg("chunk_rows"), py::arg("act_scale"), py::arg("act_eps"), py::arg("act_e5m2"));
+        py::arg("chunk_rows"), py::arg("act_scale"), py::arg("act_eps"), py::arg("act_e5m2"),
+        py::arg("finite_weight") = false);
   m.def("fp8_to_bf16", &fp8_to_bf16, "float8 (N, K) -> bf16 (N, K), exact");
+  m.def("fp8_count_special", &lowbit::fp8_count_special, "bytes of a float8 tensor that are NaN or inf", py::arg("qdata"));
 }
