@@ -38,9 +38,6 @@ def _ext_or_skip(name):
 @pytest.mark.parametrize("name", list(_ext.BUILDS))
 def test_every_gemv_module_takes_the_setting_and_checks_it(name):
     ext = _ext_or_skip(name)
-    if not hasattr(ext, "set_prefetch"):
-        assert name == "int8_act"  # no weight stream of its own
-        return
     hint, distance, _ = prefetch.choice()
     assert ext.get_prefetch() == (prefetch.HINTS[hint], distance)  # load() applied the choice
     with pytest.raises(RuntimeError, match="prefetch hint must be"):
@@ -51,9 +48,10 @@ def test_every_gemv_module_takes_the_setting_and_checks_it(name):
 
 
 def _outputs():
-    """Decode (M = 1, 3) and small-M (17) outputs of int8, int4 and float8 weight-only layers."""
+    """Decode (M = 1, 3) and small-M (17) outputs of int8, int4 and float8 weight-only and W8A8 layers."""
     outs = []
-    for config in (C.Int8WeightOnlyConfig(), C.Int4WeightOnlyConfig(group_size=64), C.Float8WeightOnlyConfig()):
+    for config in (C.Int8WeightOnlyConfig(), C.Int4WeightOnlyConfig(group_size=64), C.Float8WeightOnlyConfig(),
+                   C.Int8DynamicActivationInt8WeightConfig()):
         torch.manual_seed(0)
         layer = quantize_(nn.Linear(512, 96).bfloat16(), config)
         g = torch.Generator().manual_seed(1)

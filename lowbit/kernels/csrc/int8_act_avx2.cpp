@@ -12,6 +12,7 @@
 //   epilogue:  out = cast(((float(acc - zp_x * rowsum) * s_x) * s_w[n]) + bias[n])
 #include <torch/extension.h>
 #include "parallel.h"
+#include "prefetch.h"
 #include "mm_i8_check.h"
 #include "fp8_act.h"
 #include <immintrin.h>
@@ -155,8 +156,10 @@ void epilogue_rows(const int32_t* acc, const float* sx, bool sx_per_row, const f
 // x = max(x, -127) + (x == -128 ? -1 : 0), both free of -128, whose results are added in int32.
 // Measured on the AVX2-only EPYC (1 thread, 8 x 4096 x 4096, CPU time): 1.1-1.5x faster than
 // sign-extending both operands to int16 for _mm256_madd_epi16 (one multiply per 16 products, but
-// twice the activation bytes and a widening load per 16 weights), 1.3-1.5x at M >= 4; software
-// prefetch of the weight rows did not help (the hardware prefetcher follows the 4 row streams).
+// twice the activation bytes and a widening load per 16 weights), 1.3-1.5x at M >= 4. The weight rows are
+// prefetched as the GEMVs' (prefetch.h) on the first pass over them (PF): on that Zen 3 host it did not help
+// (its hardware prefetcher followed the 4 row streams), on a Zen 2 EPYC (rows of 4096 bytes, one 4 KiB page
+// each: the hardware stream starts over on every row) W8A8 at M = 1 went from ~0.75 to ~0.85 of DRAM.
 constexpr int kNR = 4;                // weight rows (output columns) per pass: 4 row streams at once
 constexpr int kMR = 2;                // activation rows per pass (kMR * kNR int32 accumulators)
 constexpr int64_t kABytes = 1 << 18;  // activation bytes per sweep over the columns (they stay in L2)
@@ -170,7 +173,7 @@ inline int32_t hsum_i32(__m256i v) {
 
 // c[i, j] = sum_k a[i, k] * b[j, k] for i < MR, j < NR. a: int8 rows of lda >= K values, none -128,
 // zero from K to K rounded up to 32; b: int8 rows of K values; c: int32 rows of ldc.
-template <int MR, int NR>
+template <int MR, int NR, bool PF>
 void mm_i8_block(const int8_t* a, int64_t lda, const int8_t* b, int64_t K, int32_t* c, int64_t ldc) {
   __m256i acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -192,6 +195,8 @@ void mm_i8_block(const int8_t* a, int64_t lda, const int8_t* b, int64_t K, int32
   for (; k + 32 <= K; k += 32) {
     const int8_t* wrow[NR];
     for (int j = 0; j < NR; ++j) wrow[j] = b + j * K + k;
+    if (PF && (k & 63) == 0)
+      for (int j = 0; j < NR; ++j) lowbit::prefetch_stream(wrow[j]);
     step(wrow, k);
   }
   if (k < K) {  // K % 32 tail: the weight bytes through zeroed buffers (a is zero there already)
@@ -214,20 +219,22 @@ void mm_i8_block(const int8_t* a, int64_t lda, const int8_t* b, int64_t K, int32
   }
 }
 
-template <int MR>
+template <int MR, bool PF>
 void mm_i8_block_nr(int nr, const int8_t* a, int64_t lda, const int8_t* b, int64_t K, int32_t* c, int64_t ldc) {
   switch (nr) {
-    case 4: return mm_i8_block<MR, 4>(a, lda, b, K, c, ldc);
-    case 3: return mm_i8_block<MR, 3>(a, lda, b, K, c, ldc);
-    case 2: return mm_i8_block<MR, 2>(a, lda, b, K, c, ldc);
-    default: return mm_i8_block<MR, 1>(a, lda, b, K, c, ldc);
+    case 4: return mm_i8_block<MR, 4, PF>(a, lda, b, K, c, ldc);
+    case 3: return mm_i8_block<MR, 3, PF>(a, lda, b, K, c, ldc);
+    case 2: return mm_i8_block<MR, 2, PF>(a, lda, b, K, c, ldc);
+    default: return mm_i8_block<MR, 1, PF>(a, lda, b, K, c, ldc);
   }
 }
 
-void mm_i8_block_any(int mr, int nr, const int8_t* a, int64_t lda, const int8_t* b, int64_t K, int32_t* c, int64_t ldc) {
+// pf: the first pass over these weight rows (later passes find them in cache).
+void mm_i8_block_any(int mr, int nr, bool pf, const int8_t* a, int64_t lda, const int8_t* b, int64_t K, int32_t* c,
+                     int64_t ldc) {
   static_assert(kMR == 2, "mm_i8_block_any dispatches mr in 1..2");
-  if (mr == 2) return mm_i8_block_nr<2>(nr, a, lda, b, K, c, ldc);
-  return mm_i8_block_nr<1>(nr, a, lda, b, K, c, ldc);
+  if (pf) return mr == 2 ? mm_i8_block_nr<2, true>(nr, a, lda, b, K, c, ldc) : mm_i8_block_nr<1, true>(nr, a, lda, b, K, c, ldc);
+  return mr == 2 ? mm_i8_block_nr<2, false>(nr, a, lda, b, K, c, ldc) : mm_i8_block_nr<1, false>(nr, a, lda, b, K, c, ldc);
 }
 
 }  // namespace
@@ -341,7 +348,8 @@ void mm_i8_into(const int8_t* ap, int64_t M, int64_t K, const int8_t* bp, int64_
         const int64_t n = blk * kNR;
         const int nr = int(std::min<int64_t>(kNR, N - n));
         for (int64_t m = m0; m < m1; m += kMR)
-          mm_i8_block_any(int(std::min<int64_t>(kMR, m1 - m)), nr, axp + m * lda, lda, bp + n * K, K, cp + m * N + n, N);
+          mm_i8_block_any(int(std::min<int64_t>(kMR, m1 - m)), nr, m == 0, axp + m * lda, lda, bp + n * K, K,
+                          cp + m * N + n, N);
       }
     }
   });
@@ -458,6 +466,8 @@ torch::Tensor w8a8_static_linear(torch::Tensor x, torch::Tensor w, torch::Tensor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
+  m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("quantize_i8", &quantize_i8, "int8 activation quantization (static, or dynamic per-token symmetric)");
   m.def("w8a8_epilogue", &w8a8_epilogue, "int32 accumulator -> scaled float output");
   m.def("fake_quant_fp8", &fp8_act::fake_quant_fp8, "float8 activation fake quantization (per token, per tensor or static), one pass",
