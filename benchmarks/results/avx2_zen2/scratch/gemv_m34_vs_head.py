@@ -1,0 +1,64 @@
+# A/B in one process on an AVX2 host: the AVX2 int4_cpu and fp8_cpu builds from REV's (default HEAD)
+# lowbit/kernels/csrc against the working tree's (other module names), M = 1..4 on 8 x Linear(4096, 4096): int4 g128
+# (int8 zero points) through gemv_bf16, fp8 e4m3 per-row through fp8_linear (finite_weight=True); bf16 x; GB/s of
+# weight bytes beside a DRAM read probe in the same rounds; medians of interleaved rounds; the largest relative
+# difference of the two builds' outputs; each build's weight prefetch set as lowbit chooses it.
+# usage, from the repo root: .venv/bin/python benchmarks/results/avx2_zen2/scratch/gemv_m34_vs_head.py [threads] [rounds] [REV]
+import statistics as st, subprocess, sys, time
+from pathlib import Path
+
+import torch
+from torch.utils.cpp_extension import load
+
+from lowbit.kernels import prefetch
+from lowbit.primitives.packing import pack_int4
+
+threads = int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads()
+rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
+rev = sys.argv[3] if len(sys.argv) > 3 else "HEAD"
+torch.set_num_threads(threads)
+flags = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+head = Path(f"/tmp/head_csrc_avx2_{rev}"); head.mkdir(exist_ok=True)
+for f in subprocess.run(["git", "ls-files", "lowbit/kernels/csrc"], capture_output=True, text=True).stdout.split():
+    (head / Path(f).name).write_text(subprocess.run(["git", "show", f"{rev}:{f}"], capture_output=True, text=True).stdout)
+hint, dist, _ = prefetch.choice()
+mods = {}
+for tag, src in (("head", head), ("tree", Path("lowbit/kernels/csrc").resolve())):
+    for kern in ("int4_cpu", "fp8_cpu"):
+        d = Path(f"/tmp/ab_{kern}_avx2_{tag}_{rev}_m34"); d.mkdir(exist_ok=True)
+        m = load(f"lowbit_{kern}_avx2_{tag}_m34", [str(src / f"{kern}_avx2.cpp")], extra_include_paths=[str(src)],
+                 extra_cflags=flags, build_directory=str(d))
+        m.set_prefetch(prefetch.HINTS[hint], dist)
+        mods[(kern, tag)] = m
+gen = torch.Generator().manual_seed(0)
+w8 = [((torch.randn(4096, 4096, generator=gen) * 8).to(torch.float8_e4m3fn), torch.rand(4096) / 100) for _ in range(8)]
+w4 = [(pack_int4(torch.randint(0, 16, (4096, 4096), dtype=torch.int8, generator=gen) - 8).view(torch.uint8),
+       torch.rand(4096, 32) / 100, torch.randint(-8, 8, (4096, 32), dtype=torch.int8, generator=gen)) for _ in range(8)]
+probe = torch.ones(2**28)
+
+
+def one(f):
+    t0 = time.perf_counter(); f(); return time.perf_counter() - t0
+
+
+print("threads", torch.get_num_threads(), "rounds", rounds, "head =", rev, "prefetch", hint, dist)
+for m in (1, 2, 3, 4):
+    x = torch.randn(m, 4096, dtype=torch.bfloat16)
+    calls = {
+        "int4": (sum(q.numel() + 5 * s.numel() for q, s, _ in w4),
+                 lambda mod, x=x: [mod.gemv_bf16(x, q, s, z, None) for q, s, z in w4]),
+        "fp8": (sum(q.numel() for q, _ in w8), lambda mod, x=x: [mod.fp8_linear(x, q, s, None, 4, 32, 256, True) for q, s in w8]),
+    }
+    for name, (nbytes, f) in calls.items():
+        kern = "fp8_cpu" if name == "fp8" else "int4_cpu"
+        pair = {t: mods[(kern, t)] for t in ("head", "tree")}
+        outs = [f(mod) for mod in pair.values()]
+        maxrel = max(float(((p.float() - q.float()).abs().max() / q.float().abs().max())) for p, q in zip(outs[0], outs[1]))
+        r = {k: [] for k in pair}; pr = []
+        for i in range(rounds):
+            pr.append(one(lambda: probe.sum()))
+            for k, mod in (list(pair.items()) if i % 2 == 0 else list(pair.items())[::-1]):  # alternate which goes first
+                r[k].append(one(lambda: f(mod)))
+        p = 2**30 / st.median(pr) / 1e9
+        line = "  ".join(f"{k} {st.median(v) * 1e3:.2f} ms ({nbytes / st.median(v) / 1e9 / p:.2f})" for k, v in r.items())
+        print(f"{name} M={m}: {line}  probe {p:.1f} GB/s  tree/head {st.median(r['head']) / st.median(r['tree']):.2f}x  max rel diff {maxrel:.1e}")
