@@ -56,7 +56,9 @@ def _int8_weight_only(qdata, scale) -> Plan | None:
         return None
     if not qdata.is_contiguous():
         return None
-    op = _int8._direct_gemv_op()
+    # the C++ function through its pybind entry: the dispatcher op (_int8._direct_gemv_op, for compiled graphs)
+    # adds ~3 us a call, and a plan runs only eagerly
+    op = None if _int8._direct_gemv_op() is None else getattr(_ext.load("int8_gemv"), "int8_weight_only_mm", None)
     if op is None:
         return None
     max_m = _int8._ext_max_m()
@@ -171,9 +173,9 @@ def _int4_gemv(qdata, scale, zero_point, dtype) -> Callable | None:
     if not scale.is_contiguous():
         return None
     probe = torch.empty(1, 2 * qdata.shape[1], dtype=dtype)
-    if not _int4_cpu._supported(probe, qdata, scale, zero_point, None):
+    if not _int4_cpu._supported(probe, qdata, scale, zero_point, None) or _int4_cpu.direct_gemv_op() is None:
         return None
-    return _int4_cpu.direct_gemv_op()
+    return getattr(_ext.load("int4_cpu"), "gemv_bf16", None)  # pybind: the dispatcher op adds ~3 us a call
 
 
 def make_int4_plan(qdata, scale, zero_point, spec: QuantSpec, act_spec, kernel: str, dtype: torch.dtype) -> Plan | None:
