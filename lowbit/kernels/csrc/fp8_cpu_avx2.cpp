@@ -47,6 +47,29 @@ namespace {
 
 using lowbit::par_for;
 
+// Fixed costs per call at small M (SmolLM2's decode layers are 108-864 KiB; a 192 x 576 layer's call took
+// 17 us against 6-10 for the int8 kernels): x's float32 copy, its permuted copy and the zero row live in
+// buffers kept per thread between calls (up to kKeepBytes; larger ones are freed on return), and a weight
+// under kSerialBytes runs on the calling thread, without the OpenMP team's fork/join (the int8 GEMV's
+// measured threshold, int8_gemv_avx2.cpp).
+constexpr int64_t kKeepBytes = int64_t(1) << 19;
+constexpr int64_t kSerialBytes = 64 * 1024;
+
+// A buffer of n T's: the calling thread's kept one when small enough, else `once` (freed by its owner).
+template <typename T>
+T* scratch(std::vector<T>& kept, std::vector<T>& once, int64_t n) {
+  std::vector<T>& v = n * int64_t(sizeof(T)) <= kKeepBytes ? kept : once;
+  if (int64_t(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+// Rows [b, e) of groups of R weight rows: f(b, e) over threads, or on the calling thread for a small weight.
+template <typename F>
+void rows_par(int64_t groups, int64_t weight_bytes, const F& f) {
+  if (weight_bytes < kSerialBytes) f(int64_t(0), groups);
+  else par_for(0, groups, 4, f);
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -254,10 +277,12 @@ void gemv(const float* xf, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, c
   // ran at the L2's rate (M=4 0.32 of DRAM on a Zen 2); two rows halve the x traffic
   constexpr int R = MT == 1 ? LOWBIT_FP8_GEMV_ROWS : 2;
   const int64_t Kq = (K + 31) / 32 * 32 + 8;  // + 8: rows of x do not share L1 sets
-  std::vector<float> xq(MT * Kq);
-  const int j = permute_x<E5M2>(xf, MT, K, Kp, xq.data(), Kq);
+  thread_local std::vector<float> kept;  // read by the team's threads during this call only
+  std::vector<float> once;
+  float* xq = scratch(kept, once, MT * Kq);
+  const int j = permute_x<E5M2>(xf, MT, K, Kp, xq, Kq);
   const float post = std::ldexp(1.f, Bits<E5M2>::kBias - j);
-  par_for(0, (N + R - 1) / R, 4, [&](int64_t gb, int64_t ge) {
+  rows_par((N + R - 1) / R, N * K, [&](int64_t gb, int64_t ge) {
     lowbit::NoDenormalsAreZero daz_off;  // float32 subnormal weights must not be read as zero
     float res[MT * R];
     bool flagged[R];
@@ -266,7 +291,7 @@ void gemv(const float* xf, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, c
       const int nrows = static_cast<int>(std::min<int64_t>(R, N - n));
       const uint8_t* rows[R];
       for (int r = 0; r < R; ++r) rows[r] = r < nrows ? q + (n + r) * K : zero;
-      gemv_rows<E5M2, MT, R, CHECK>(rows, xq.data(), K, Kq, res, flagged);
+      gemv_rows<E5M2, MT, R, CHECK>(rows, xq, K, Kq, res, flagged);
       for (int i = 0; i < MT * R; ++i) res[i] *= post;
       for (int r = 0; r < nrows; ++r)
         if (flagged[r]) exact_row<E5M2, MT>(rows[r], xf, K, Kp, res + r, R);
@@ -308,10 +333,14 @@ void gemv_m(const float* xf, int64_t M, const uint8_t* q, int64_t N, int64_t K, 
 template <bool E5M2, typename out_t>
 void small_m(const float* xf, int64_t M, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, const float* sp,
              bool per_row, const float* bp, out_t* op, int64_t gemv_max_m, bool finite_weight) {
-  std::vector<uint8_t> zero(K + 8, 0);
-  if (M > gemv_max_m) return tiled<E5M2>(xf, M, q, N, K, Kp, sp, per_row, bp, op, zero.data());
-  if (finite_weight) gemv_m<E5M2, false>(xf, M, q, N, K, Kp, sp, per_row, bp, op, zero.data());
-  else gemv_m<E5M2, true>(xf, M, q, N, K, Kp, sp, per_row, bp, op, zero.data());
+  thread_local std::vector<uint8_t> kept;  // zeros, never written: the rows past N of the last group
+  std::vector<uint8_t> once;
+  std::vector<uint8_t>& zv = K + 8 <= kKeepBytes ? kept : once;
+  if (int64_t(zv.size()) < K + 8) zv.assign(K + 8, 0);
+  const uint8_t* zero = zv.data();
+  if (M > gemv_max_m) return tiled<E5M2>(xf, M, q, N, K, Kp, sp, per_row, bp, op, zero);
+  if (finite_weight) gemv_m<E5M2, false>(xf, M, q, N, K, Kp, sp, per_row, bp, op, zero);
+  else gemv_m<E5M2, true>(xf, M, q, N, K, Kp, sp, per_row, bp, op, zero);
 }
 
 // Rows [n0, n1) into buf (row stride ld >= K), bf16 or float32; serial (called inside a region or
@@ -321,6 +350,36 @@ void convert_rows(const uint8_t* q, int64_t K, int64_t n0, int64_t n1, void* buf
   for (int64_t n = n0; n < n1; ++n) {
     if (f32) convert_row_f32<E5M2>(q + n * K, static_cast<float*>(buf) + (n - n0) * ld, K, ld, true);
     else convert_row_bf16<E5M2>(q + n * K, static_cast<uint16_t*>(buf) + (n - n0) * ld, K, true);
+  }
+}
+
+// x (M, K) of any strides -> float32 rows of ld (exact widening; the padding is the caller's).
+void widen_rows(const torch::Tensor& x, float* dst, int64_t ld) {
+  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
+  const auto xt = x.scalar_type();
+  if (sk != 1 || xt == torch::kFloat) {
+    if (xt == torch::kFloat && sk == 1) {
+      for (int64_t m = 0; m < M; ++m) std::memcpy(dst + m * ld, x.data_ptr<float>() + m * sm, K * sizeof(float));
+      return;
+    }
+    const auto xf = x.to(torch::kFloat).contiguous();
+    for (int64_t m = 0; m < M; ++m) std::memcpy(dst + m * ld, xf.data_ptr<float>() + m * K, K * sizeof(float));
+    return;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    float* o = dst + m * ld;
+    int64_t k = 0;
+    if (xt == torch::kBFloat16) {
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * sm;
+      for (; k + 8 <= K; k += 8)
+        _mm256_storeu_ps(o + k, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                    _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k))), 16)));
+      for (; k < K; ++k) o[k] = float(x.data_ptr<at::BFloat16>()[m * sm + k]);
+    } else {  // float16
+      const at::Half* p = x.data_ptr<at::Half>() + m * sm;
+      for (; k + 8 <= K; k += 8) _mm256_storeu_ps(o + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k))));
+      for (; k < K; ++k) o[k] = float(p[k]);
+    }
   }
 }
 
@@ -374,10 +433,13 @@ static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor qdata, torch::Te
   if (M <= tiled_max_m) {
     // x as float32, rows zero padded to Kp (a multiple of 8, plus 8 so rows do not share L1 sets)
     const int64_t Kp = (K + 7) / 8 * 8 + 8;
-    auto xf = torch::zeros({M, Kp}, x.options().dtype(torch::kFloat));
-    if (act) fp8_act::fake_quant_into(x.contiguous(), xf.data_ptr<float>(), Kp, *act);
-    else xf.narrow(1, 0, K).copy_(x);
-    const float* xp = xf.data_ptr<float>();
+    thread_local std::vector<float> kept;
+    std::vector<float> once;
+    float* xw = scratch(kept, once, M * Kp);
+    std::fill(xw, xw + M * Kp, 0.f);
+    if (act) fp8_act::fake_quant_into(x.contiguous(), xw, Kp, *act);
+    else widen_rows(x, xw, Kp);
+    const float* xp = xw;
 #define LOWBIT_SMALL(T)                                                                                      \
   (e5m2 ? small_m<true>(xp, M, q, N, K, Kp, sp, per_row, bp, out.data_ptr<T>(), gemv_max_m, finite_weight)  \
         : small_m<false>(xp, M, q, N, K, Kp, sp, per_row, bp, out.data_ptr<T>(), gemv_max_m, finite_weight))
