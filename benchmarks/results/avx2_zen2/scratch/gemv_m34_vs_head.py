@@ -4,32 +4,17 @@
 # weight bytes beside a DRAM read probe in the same rounds; medians of interleaved rounds; the largest relative
 # difference of the two builds' outputs; each build's weight prefetch set as lowbit chooses it.
 # usage, from the repo root: .venv/bin/python benchmarks/results/avx2_zen2/scratch/gemv_m34_vs_head.py [threads] [rounds] [REV]
-import statistics as st, subprocess, sys, time
-from pathlib import Path
+import statistics as st, sys, time
 
 import torch
-from torch.utils.cpp_extension import load
 
+from _ab import args, builds
 from lowbit.kernels import prefetch
 from lowbit.primitives.packing import pack_int4
 
-threads = int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads()
-rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
-rev = sys.argv[3] if len(sys.argv) > 3 else "HEAD"
-torch.set_num_threads(threads)
-flags = ["-O3", "-mavx2", "-mfma", "-mf16c"]
-head = Path(f"/tmp/head_csrc_avx2_{rev}"); head.mkdir(exist_ok=True)
-for f in subprocess.run(["git", "ls-files", "lowbit/kernels/csrc"], capture_output=True, text=True).stdout.split():
-    (head / Path(f).name).write_text(subprocess.run(["git", "show", f"{rev}:{f}"], capture_output=True, text=True).stdout)
+threads, rounds, rev = args(sys.argv[1:])
 hint, dist, _ = prefetch.choice()
-mods = {}
-for tag, src in (("head", head), ("tree", Path("lowbit/kernels/csrc").resolve())):
-    for kern in ("int4_cpu", "fp8_cpu"):
-        d = Path(f"/tmp/ab_{kern}_avx2_{tag}_{rev}_m34"); d.mkdir(exist_ok=True)
-        m = load(f"lowbit_{kern}_avx2_{tag}_m34", [str(src / f"{kern}_avx2.cpp")], extra_include_paths=[str(src)],
-                 extra_cflags=flags, build_directory=str(d))
-        m.set_prefetch(prefetch.HINTS[hint], dist)
-        mods[(kern, tag)] = m
+mods = {(kern, side): m for kern in ("int4_cpu", "fp8_cpu") for side, m in builds(kern, rev, "_m34").items()}
 gen = torch.Generator().manual_seed(0)
 w8 = [((torch.randn(4096, 4096, generator=gen) * 8).to(torch.float8_e4m3fn), torch.rand(4096) / 100) for _ in range(8)]
 w4 = [(pack_int4(torch.randint(0, 16, (4096, 4096), dtype=torch.int8, generator=gen) - 8).view(torch.uint8),

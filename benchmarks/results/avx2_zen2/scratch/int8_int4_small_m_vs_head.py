@@ -3,27 +3,15 @@
 # in all: over the 16 MiB L3), bf16 x, through int8_int4_dynamic_linear; GB/s of packed weight + scales
 # beside a DRAM read probe (torch.sum over 1 GiB float32) in the same rounds; medians of interleaved rounds.
 # usage, from the repo root: .venv/bin/python benchmarks/results/avx2_zen2/scratch/int8_int4_small_m_vs_head.py [threads] [rounds] [REV]
-import statistics as st, subprocess, sys, time
-from pathlib import Path
+import statistics as st, sys, time
 
 import torch
-from torch.utils.cpp_extension import load
 
+from _ab import args, builds
 from lowbit.primitives.packing import pack_int4
 
-threads = int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads()
-rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
-rev = sys.argv[3] if len(sys.argv) > 3 else "HEAD"
-torch.set_num_threads(threads)
-flags = ["-O3", "-mavx2", "-mfma", "-mf16c"]
-head = Path(f"/tmp/head_csrc_avx2_{rev}"); head.mkdir(exist_ok=True)
-for f in subprocess.run(["git", "ls-files", "lowbit/kernels/csrc"], capture_output=True, text=True).stdout.split():
-    (head / Path(f).name).write_text(subprocess.run(["git", "show", f"{rev}:{f}"], capture_output=True, text=True).stdout)
-mods = {}
-for tag, src in (("head", head), ("tree", Path("lowbit/kernels/csrc").resolve())):
-    d = Path(f"/tmp/ab_int8_int4_avx2_{tag}"); d.mkdir(exist_ok=True)
-    mods[tag] = load(f"lowbit_int8_int4_avx2_{tag}", [str(src / "int8_int4_avx2.cpp")], extra_include_paths=[str(src)],
-                     extra_cflags=flags, build_directory=str(d))
+threads, rounds, rev = args(sys.argv[1:])
+mods = builds("int8_int4", rev)
 gen = torch.Generator().manual_seed(0)
 ws = {g: [(pack_int4(torch.randint(-8, 8, (4096, 4096), dtype=torch.int8, generator=gen)), torch.rand(4096, 4096 // g) / 100)
           for _ in range(8)] for g in (32, 128)}

@@ -4,31 +4,16 @@
 # a model's layers; microseconds per call, medians of interleaved rounds (which build goes first alternates).
 # usage: .venv/bin/python benchmarks/results/avx2_zen2/scratch/small_layer_calls_vs_head.py KERNEL [threads] [rounds] [REV]
 #   KERNEL: fp8_cpu (fp8_linear, e4m3 per row, finite_weight=True) or int4_cpu (gemv_bf16, g64 int8 zero points)
-import statistics as st, subprocess, sys, time
-from pathlib import Path
+import statistics as st, sys, time
 
 import torch
-from torch.utils.cpp_extension import load
 
-from lowbit.kernels import prefetch
+from _ab import args, builds
 from lowbit.primitives.packing import pack_int4
 
 kern = sys.argv[1]
-threads = int(sys.argv[2]) if len(sys.argv) > 2 else torch.get_num_threads()
-rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 9
-rev = sys.argv[4] if len(sys.argv) > 4 else "HEAD"
-torch.set_num_threads(threads)
-flags = ["-O3", "-mavx2", "-mfma", "-mf16c"]
-head = Path(f"/tmp/head_csrc_avx2_{rev}"); head.mkdir(exist_ok=True)
-for f in subprocess.run(["git", "ls-files", "lowbit/kernels/csrc"], capture_output=True, text=True).stdout.split():
-    (head / Path(f).name).write_text(subprocess.run(["git", "show", f"{rev}:{f}"], capture_output=True, text=True).stdout)
-hint, dist, _ = prefetch.choice()
-mods = {}
-for tag, src in (("head", head), ("tree", Path("lowbit/kernels/csrc").resolve())):
-    d = Path(f"/tmp/ab_{kern}_avx2_{tag}_{rev}_small"); d.mkdir(exist_ok=True)
-    mods[tag] = load(f"lowbit_{kern}_avx2_{tag}_small", [str(src / f"{kern}_avx2.cpp")], extra_include_paths=[str(src)],
-                     extra_cflags=flags, build_directory=str(d))
-    mods[tag].set_prefetch(prefetch.HINTS[hint], dist)
+threads, rounds, rev = args(sys.argv[2:], rounds=9)
+mods = builds(kern, rev, "_small")
 gen = torch.Generator().manual_seed(0)
 shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 

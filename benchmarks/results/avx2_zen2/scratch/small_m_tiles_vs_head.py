@@ -4,29 +4,16 @@
 # gemm_small_bf16), bf16 x; GFLOP/s beside float32 F.linear's on 1024^3 in the same rounds; medians of
 # interleaved rounds; the largest relative difference of the two builds' outputs.
 # usage, from the repo root: .venv/bin/python benchmarks/results/avx2_zen2/scratch/small_m_tiles_vs_head.py [threads] [rounds] [REV]
-import statistics as st, subprocess, sys, time
-from pathlib import Path
+import statistics as st, sys, time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.cpp_extension import load
 
+from _ab import args, builds
 from lowbit.primitives.packing import pack_int4
 
-threads = int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads()
-rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
-rev = sys.argv[3] if len(sys.argv) > 3 else "HEAD"
-torch.set_num_threads(threads)
-flags = ["-O3", "-mavx2", "-mfma", "-mf16c"]
-head = Path(f"/tmp/head_csrc_avx2_{rev}"); head.mkdir(exist_ok=True)
-for f in subprocess.run(["git", "ls-files", "lowbit/kernels/csrc"], capture_output=True, text=True).stdout.split():
-    (head / Path(f).name).write_text(subprocess.run(["git", "show", f"{rev}:{f}"], capture_output=True, text=True).stdout)
-mods = {}
-for tag, src in (("head", head), ("tree", Path("lowbit/kernels/csrc").resolve())):
-    for kern in ("fp8_cpu", "int4_cpu"):
-        d = Path(f"/tmp/ab_{kern}_avx2_{tag}_{rev}"); d.mkdir(exist_ok=True)
-        mods[(kern, tag)] = load(f"lowbit_{kern}_avx2_{tag}", [str(src / f"{kern}_avx2.cpp")], extra_include_paths=[str(src)],
-                                 extra_cflags=flags, build_directory=str(d))
+threads, rounds, rev = args(sys.argv[1:])
+mods = {(kern, side): m for kern in ("fp8_cpu", "int4_cpu") for side, m in builds(kern, rev).items()}
 gen = torch.Generator().manual_seed(0)
 w8 = [((torch.randn(4096, 4096, generator=gen) * 8).to(torch.float8_e4m3fn).view(torch.uint8), torch.rand(4096) / 100)
       for _ in range(8)]

@@ -4,31 +4,16 @@
 # as lowbit chooses it (lowbit.kernels.prefetch.choice()); GB/s of weight beside a DRAM read probe (torch.sum
 # over 1 GiB float32) in the same rounds; medians of interleaved rounds; outputs compared bit for bit.
 # usage, from the repo root: .venv/bin/python benchmarks/results/avx2_zen2/scratch/w8a8_prefetch_vs_head.py [threads] [rounds] [REV]
-import statistics as st, subprocess, sys, time
-from pathlib import Path
+import statistics as st, sys, time
 
 import torch
-from torch.utils.cpp_extension import load
 
+from _ab import args, builds
 from lowbit.kernels import prefetch
 
-threads = int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads()
-rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
-rev = sys.argv[3] if len(sys.argv) > 3 else "HEAD"
-torch.set_num_threads(threads)
-flags = ["-O3", "-mavx2", "-mfma", "-mf16c"]
-head = Path(f"/tmp/head_csrc_avx2_{rev}"); head.mkdir(exist_ok=True)
-for f in subprocess.run(["git", "ls-files", "lowbit/kernels/csrc"], capture_output=True, text=True).stdout.split():
-    (head / Path(f).name).write_text(subprocess.run(["git", "show", f"{rev}:{f}"], capture_output=True, text=True).stdout)
-mods = {}
-for tag, src in (("head", head), ("tree", Path("lowbit/kernels/csrc").resolve())):
-    d = Path(f"/tmp/ab_int8_act_avx2_{tag}_{rev}"); d.mkdir(exist_ok=True)
-    mods[tag] = load(f"lowbit_int8_act_avx2_{tag}", [str(src / "int8_act_avx2.cpp")], extra_include_paths=[str(src)],
-                     extra_cflags=flags, build_directory=str(d))
+threads, rounds, rev = args(sys.argv[1:])
+mods = builds("int8_act", rev)
 hint, dist, why = prefetch.choice()
-for mod in mods.values():
-    if hasattr(mod, "set_prefetch"):
-        mod.set_prefetch(prefetch.HINTS[hint], dist)
 gen = torch.Generator().manual_seed(0)
 ws = [(torch.randint(-127, 128, (4096, 4096), dtype=torch.int8, generator=gen), torch.rand(4096) / 100) for _ in range(8)]
 probe = torch.ones(2**28)
