@@ -70,12 +70,7 @@ void rows_par(int64_t groups, int64_t weight_bytes, const F& f) {
   else par_for(0, groups, 4, f);
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using lowbit::tile_f32::hsum8;  // the 8 lanes' sum by a fixed tree
 
 // 8 float8 bytes (the low 8 bytes of b) -> 8 float32, exact.
 template <bool E5M2>
@@ -197,7 +192,7 @@ inline void exact_row(const uint8_t* row, const float* xf, int64_t K, int64_t Kp
     const __m256 w = cvt8<E5M2>(K - k >= 8 ? load8(row + k) : load_tail8(row + k, K - k));
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xf + m * Kp + k), w, acc[m]);
   }
-  for (int m = 0; m < MT; ++m) res[m * R] = hsum(acc[m]);
+  for (int m = 0; m < MT; ++m) res[m * R] = hsum8(acc[m]);
 }
 
 template <bool E5M2, int MT, int R, bool CHECK>
@@ -249,7 +244,7 @@ inline void gemv_rows(const uint8_t* const* rows, const float* xq, int64_t K, in
   }
   for (int r = 0; r < R; ++r) {
     flagged[r] = CHECK && _mm256_movemask_epi8(_mm256_cmpeq_epi8(top[r], _mm256_set1_epi8(char(0xFF)))) != 0;
-    for (int m = 0; m < MT; ++m) res[m * R + r] = hsum(kB ? _mm256_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
+    for (int m = 0; m < MT; ++m) res[m * R + r] = hsum8(kB ? _mm256_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
   }
 }
 

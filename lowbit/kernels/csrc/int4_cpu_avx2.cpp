@@ -102,12 +102,7 @@ inline void store_out(void* out, at::ScalarType t, int64_t i, float v) {
   else static_cast<float*>(out)[i] = v;
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using lowbit::tile_f32::hsum8;  // the 8 lanes' sum by a fixed tree
 
 // 16 elements from 8 packed bytes as float32 (q - zp): ev = elements 0, 2, .., 14, od = elements 1,
 // 3, .., 15. kSym: int4 two's complement nibbles (sign-extended), no zero point; kIntZp: exact, zpv;
@@ -272,7 +267,7 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MM; ++m) {
-      float v = hsum(_mm256_load_ps(tot[r][m]));
+      float v = hsum8(_mm256_load_ps(tot[r][m]));
       if (bias) v += bias[n0 + r];
       store_out(out, ot, m * w.N + n0 + r, v);
     }
