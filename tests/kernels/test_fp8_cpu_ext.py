@@ -504,3 +504,16 @@ def test_weight_finite_follows_in_place_edits():
     with torch.inference_mode():
         qi = q.clone()
     assert not weight_finite(qi)  # no version counter: every call checks
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("finite", [False, True], ids=["checked", "finite"])
+def test_gemv_rows_of_x_alone(fp8, finite):
+    """The GEMV at M = 1..4 (N = 7: a tail past the row tiles): every row of the result equals that row of x
+    alone, bit for bit (the pairs' sums do not depend on the tile shape or on M)."""
+    q, s, spec, g = _data(fp8, "row", 7, 200, seed=7)
+    x = torch.randn(4, 200, generator=g).bfloat16()
+    args = (GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS, finite)
+    alone = torch.cat([ext.fp8_linear(x[i:i + 1], q, s, None, *args) for i in range(4)])
+    for m in range(1, 5):
+        assert torch.equal(ext.fp8_linear(x[:m], q, s, None, *args), alone[:m]), m

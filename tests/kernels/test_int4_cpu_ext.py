@@ -365,3 +365,15 @@ def test_gemm_small_tiles_any_m(symmetric):
         got = ext.gemm_small_bf16(x[:m], qdata, s, zp, b)
         assert torch.equal(got, alone[:m]), m
     assert sqnr(_reference(x, qdata, s, zp, 128, b.bfloat16()), alone) >= BF16_DPBF16_DB
+
+
+@pytest.mark.parametrize("symmetric", [False, True, "float-zp"], ids=["asym", "sym", "float-zp"])
+def test_gemv_rows_of_x_alone(symmetric):
+    """gemv_bf16 at M = 1..4 (N = 7: a tail past the row tiles): every row of the result equals that row of
+    x alone, bit for bit (the pairs' sums do not depend on the tile shape or on M)."""
+    ext = _ext.load("int4_cpu")
+    qdata, s, zp, gen = _weight(7, 256, 64, symmetric, seed=5)
+    x = torch.randn(4, 256, generator=gen).bfloat16()
+    alone = torch.cat([ext.gemv_bf16(x[i:i + 1], qdata, s, zp, None) for i in range(4)])
+    for m in range(1, 5):
+        assert torch.equal(ext.gemv_bf16(x[:m], qdata, s, zp, None), alone[:m]), m

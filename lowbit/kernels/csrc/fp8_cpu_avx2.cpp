@@ -199,9 +199,6 @@ template <bool E5M2, int MT, int R, bool CHECK>
 inline void gemv_rows(const uint8_t* const* rows, const float* xq, int64_t K, int64_t Kq, float* res /* [MT][R] */,
                       bool* flagged /* [R] */) {
   using B = Bits<E5M2>;
-  // two accumulators per (row of x, weight row) so that the FMA chains are independent, or one (kB = 0)
-  // where MT x R pairs already give enough chains and two would not fit the 16 registers
-  constexpr int kB = MT * R >= 6 ? 0 : 1;
   __m256 acc[MT][R][2];
   __m256i top[R];
   for (int r = 0; r < R; ++r) {
@@ -222,9 +219,9 @@ inline void gemv_rows(const uint8_t* const* rows, const float* xq, int64_t K, in
       for (int m = 0; m < MT; ++m) {
         const float* x = xq + m * Kq + k;
         acc[m][r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x), w0, acc[m][r][0]);
-        acc[m][r][kB] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), w1, acc[m][r][kB]);
+        acc[m][r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), w1, acc[m][r][1]);
         acc[m][r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16), w2, acc[m][r][0]);
-        acc[m][r][kB] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), w3, acc[m][r][kB]);
+        acc[m][r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), w3, acc[m][r][1]);
       }
     }
   };
@@ -244,7 +241,7 @@ inline void gemv_rows(const uint8_t* const* rows, const float* xq, int64_t K, in
   }
   for (int r = 0; r < R; ++r) {
     flagged[r] = CHECK && _mm256_movemask_epi8(_mm256_cmpeq_epi8(top[r], _mm256_set1_epi8(char(0xFF)))) != 0;
-    for (int m = 0; m < MT; ++m) res[m * R + r] = hsum8(kB ? _mm256_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
+    for (int m = 0; m < MT; ++m) res[m * R + r] = hsum8(_mm256_add_ps(acc[m][r][0], acc[m][r][1]));
   }
 }
 
@@ -269,7 +266,10 @@ template <bool E5M2, int MT, bool CHECK, typename out_t>
 void gemv(const float* xf, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, const float* sp, bool per_row,
           const float* bp, out_t* op, const uint8_t* zero) {
   // MT >= 3 with one weight row loaded x (MT rows of float32, 16 KiB each at K = 4096: in L2) for every FMA and
-  // ran at the L2's rate (M=4 0.32 of DRAM on a Zen 2); two rows halve the x traffic
+  // ran at the L2's rate (M=4 0.32 of DRAM on a Zen 2); two rows halve the x traffic. MT = 4 runs as two passes
+  // of two rows of x over the same two weight rows (the second from L1): 4 x 2 x 2 accumulators would not fit
+  // the 16 registers, and one accumulator per pair would change the sums' order (the results stay those of
+  // one row of x at a time, bit for bit, at every M).
   constexpr int R = MT == 1 ? LOWBIT_FP8_GEMV_ROWS : 2;
   const int64_t Kq = (K + 31) / 32 * 32 + 8;  // + 8: rows of x do not share L1 sets
   thread_local std::vector<float> kept;  // read by the team's threads during this call only
@@ -286,7 +286,12 @@ void gemv(const float* xf, const uint8_t* q, int64_t N, int64_t K, int64_t Kp, c
       const int nrows = static_cast<int>(std::min<int64_t>(R, N - n));
       const uint8_t* rows[R];
       for (int r = 0; r < R; ++r) rows[r] = r < nrows ? q + (n + r) * K : zero;
-      gemv_rows<E5M2, MT, R, CHECK>(rows, xq, K, Kq, res, flagged);
+      if constexpr (MT == 4) {
+        gemv_rows<E5M2, 2, R, CHECK>(rows, xq, K, Kq, res, flagged);
+        gemv_rows<E5M2, 2, R, CHECK>(rows, xq + 2 * Kq, K, Kq, res + 2 * R, flagged);
+      } else {
+        gemv_rows<E5M2, MT, R, CHECK>(rows, xq, K, Kq, res, flagged);
+      }
       for (int i = 0; i < MT * R; ++i) res[i] *= post;
       for (int r = 0; r < nrows; ++r)
         if (flagged[r]) exact_row<E5M2, MT>(rows[r], xf, K, Kp, res + r, R);

@@ -211,9 +211,9 @@ std::vector<float> permute_x(const T* x, int64_t M, int64_t K, int64_t ldx) {
   return p;
 }
 
-// R rows of W (n0 ..) x MM rows of x: two accumulators per pair (even, odd elements) so that the
-// FMA chains are independent, or one where R x MM pairs already give enough chains (and two would not
-// fit the 16 registers); per group the sum is scaled into tot.
+// R rows of W (n0 ..) x MM rows of x: two accumulators per pair (even, odd elements) so that the FMA
+// chains are independent; per group the sum is scaled into tot. The sums of a pair do not depend on R or
+// MM: a row of the result is that of its row of x alone, bit for bit.
 template <int Z, int R, int MM>
 inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bias, void* out, at::ScalarType ot) {
   const int64_t K = w.K, G = w.G, gs = w.gs;
@@ -232,7 +232,6 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
       for (int64_t b = 0; b < R * G * 4; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
     }
   }
-  constexpr bool kOneAcc = R * MM >= 6;
   for (int64_t g = 0; g < G; ++g) {
     __m256 ae[R][MM], ao[R][MM];
     __m256i zpv[R];
@@ -253,16 +252,14 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
 #pragma GCC unroll 4
         for (int m = 0; m < MM; ++m) {
           ae[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k), ev, ae[r][m]);
-          if constexpr (kOneAcc) ae[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k + 8), od, ae[r][m]);
-          else ao[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k + 8), od, ao[r][m]);
+          ao[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k + 8), od, ao[r][m]);
         }
       }
     }
     for (int r = 0; r < R; ++r) {
       const __m256 sv = _mm256_set1_ps(w.s[(n0 + r) * G + g]);
       for (int m = 0; m < MM; ++m)
-        _mm256_store_ps(tot[r][m], _mm256_fmadd_ps(kOneAcc ? ae[r][m] : _mm256_add_ps(ae[r][m], ao[r][m]), sv,
-                                                   _mm256_load_ps(tot[r][m])));
+        _mm256_store_ps(tot[r][m], _mm256_fmadd_ps(_mm256_add_ps(ae[r][m], ao[r][m]), sv, _mm256_load_ps(tot[r][m])));
     }
   }
   for (int r = 0; r < R; ++r)
@@ -275,9 +272,10 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
 
 template <int Z, int MM>
 void gemv_impl(const W4& w, const float* xp, const float* bias, void* out, at::ScalarType ot) {
-  // MM >= 3 with one weight row loaded x (MM rows of float32, 16 KiB each at K = 4096: in L2) for every FMA
-  // and ran at the L2's rate (int4 g128 M=4 0.19 of DRAM on a Zen 2); two rows halve the x traffic
-  constexpr int R = MM == 1 ? 4 : 2;
+  // MM >= 3: one weight row per tile. Two (with x in two passes, or with one accumulator per pair) were
+  // measured on a Zen 2: two passes 0.86-0.94x (the nibbles decoded twice), one accumulator 1.17-1.21x but
+  // sums in another order than at M = 1; a row of the result stays that of its row of x alone.
+  constexpr int R = MM == 1 ? 4 : MM == 2 ? 2 : 1;
   const int64_t nb = (w.N + R - 1) / R;
   par_for(0, nb, 4, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
