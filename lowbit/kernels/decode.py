@@ -58,7 +58,7 @@ def _int8_weight_only(qdata, scale) -> Plan | None:
         return None
     # the C++ function through its pybind entry: the dispatcher op (_int8._direct_gemv_op, for compiled graphs)
     # adds ~3 us a call, and a plan runs only eagerly
-    op = None if _int8._direct_gemv_op() is None else getattr(_ext.load("int8_gemv"), "int8_weight_only_mm", None)
+    op = getattr(_ext.load("int8_gemv"), "int8_weight_only_mm", None)
     if op is None:
         return None
     max_m = _int8._ext_max_m()
@@ -173,7 +173,7 @@ def _int4_gemv(qdata, scale, zero_point, dtype) -> Callable | None:
     if not scale.is_contiguous():
         return None
     probe = torch.empty(1, 2 * qdata.shape[1], dtype=dtype)
-    if not _int4_cpu._supported(probe, qdata, scale, zero_point, None) or _int4_cpu.direct_gemv_op() is None:
+    if not _int4_cpu._supported(probe, qdata, scale, zero_point, None):
         return None
     return getattr(_ext.load("int4_cpu"), "gemv_bf16", None)  # pybind: the dispatcher op adds ~3 us a call
 

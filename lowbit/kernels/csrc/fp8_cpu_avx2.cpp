@@ -42,6 +42,7 @@
 #include "prefetch.h"
 #include "mxcsr.h"
 #include "tile_f32.h"
+#include "widen_f32.h"
 
 namespace {
 
@@ -353,36 +354,6 @@ void convert_rows(const uint8_t* q, int64_t K, int64_t n0, int64_t n1, void* buf
   }
 }
 
-// x (M, K) of any strides -> float32 rows of ld (exact widening; the padding is the caller's).
-void widen_rows(const torch::Tensor& x, float* dst, int64_t ld) {
-  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
-  const auto xt = x.scalar_type();
-  if (sk != 1 || xt == torch::kFloat) {
-    if (xt == torch::kFloat && sk == 1) {
-      for (int64_t m = 0; m < M; ++m) std::memcpy(dst + m * ld, x.data_ptr<float>() + m * sm, K * sizeof(float));
-      return;
-    }
-    const auto xf = x.to(torch::kFloat).contiguous();
-    for (int64_t m = 0; m < M; ++m) std::memcpy(dst + m * ld, xf.data_ptr<float>() + m * K, K * sizeof(float));
-    return;
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    float* o = dst + m * ld;
-    int64_t k = 0;
-    if (xt == torch::kBFloat16) {
-      const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * sm;
-      for (; k + 8 <= K; k += 8)
-        _mm256_storeu_ps(o + k, _mm256_castsi256_ps(_mm256_slli_epi32(
-                                    _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k))), 16)));
-      for (; k < K; ++k) o[k] = float(x.data_ptr<at::BFloat16>()[m * sm + k]);
-    } else {  // float16
-      const at::Half* p = x.data_ptr<at::Half>() + m * sm;
-      for (; k + 8 <= K; k += 8) _mm256_storeu_ps(o + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k))));
-      for (; k < K; ++k) o[k] = float(p[k]);
-    }
-  }
-}
-
 }  // namespace
 
 // x: (M, K) float32 / bfloat16 / float16 (any strides); qdata: (N, K) float8 contiguous;
@@ -438,7 +409,7 @@ static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor qdata, torch::Te
     float* xw = scratch(kept, once, M * Kp);
     std::fill(xw, xw + M * Kp, 0.f);
     if (act) fp8_act::fake_quant_into(x.contiguous(), xw, Kp, *act);
-    else widen_rows(x, xw, Kp);
+    else lowbit::widen_rows(x, xw, Kp);
     const float* xp = xw;
 #define LOWBIT_SMALL(T)                                                                                      \
   (e5m2 ? small_m<true>(xp, M, q, N, K, Kp, sp, per_row, bp, out.data_ptr<T>(), gemv_max_m, finite_weight)  \

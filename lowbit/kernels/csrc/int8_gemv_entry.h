@@ -16,6 +16,7 @@
 
 #include "parallel.h"
 #include "prefetch.h"
+#include "widen_f32.h"
 
 #ifndef LOWBIT_INT8_SERIAL_BYTES
 #define LOWBIT_INT8_SERIAL_BYTES (64 * 1024)
@@ -107,27 +108,11 @@ void run(const Args& a) {
 
 // x (M, K) as float32 rows: x itself when it is contiguous float32, else widened into buf (exact).
 const float* x_as_f32(const torch::Tensor& x, std::vector<float>& buf) {
-  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
-  if (x.scalar_type() == torch::kFloat && sk == 1 && (sm == K || M == 1)) return x.data_ptr<float>();
+  const int64_t M = x.size(0), K = x.size(1);
+  if (x.scalar_type() == torch::kFloat && x.stride(1) == 1 && (x.stride(0) == K || M == 1)) return x.data_ptr<float>();
   buf.resize(M * K);
-  float* o = buf.data();
-  if (x.scalar_type() == torch::kBFloat16 && sk == 1) {
-    const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; k += 8) {  // K % 16 == 0 (checked)
-        const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + m * sm + k)));
-        _mm256_storeu_ps(o + m * K + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
-      }
-  } else if (x.scalar_type() == torch::kHalf && sk == 1) {
-    const c10::Half* p = x.data_ptr<c10::Half>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; k += 8)
-        _mm256_storeu_ps(o + m * K + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + m * sm + k))));
-  } else {
-    auto xf = x.to(torch::kFloat).contiguous();
-    std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + M * K, o);
-  }
-  return o;
+  lowbit::widen_rows(x, buf.data(), K);
+  return buf.data();
 }
 
 }  // namespace
