@@ -4,7 +4,8 @@ against every lowbit config and the installed peers, eager and torch.compile'd (
 Models: ``smollm2`` (SmolLM2-135M-Instruct, real weights, bf16) and ``llama1b`` (transformers
 ``LlamaForCausalLM`` with random seeded weights: hidden 2048, SwiGLU 5632, 32 query / 4 KV heads,
 vocab 32000, 20 layers by default: 1.01B parameters). Every ``nn.Linear`` is quantized, lm_head
-included (the embedding stays bf16; SmolLM2's tied head gets its own quantized copy).
+included (the embedding stays bf16, except SmolLM2's, which is tied to the head: one quantized tensor
+serves both, the embedding's lookup reading its rows).
 
 Workloads, run as one loop over ``model.forward`` with a transformers ``StaticCache``: prefill =
 one forward over ``--prompt-len`` tokens (default 256) that fills the cache and returns the last
@@ -147,17 +148,15 @@ class Variant:
 
 def _lowbit(make: Callable[[int | None], object], group: int | None = None):
     """Every linear with ``make(group)``; int4 layers whose in_features the group doesn't divide
-    take the largest of 64 / 32 that does (SmolLM2's 576-wide layers at g128: g64), else stay bf16;
-    a head tied to the embedding stays bf16 under a config that quantizes activations."""
+    take the largest of 64 / 32 that does (SmolLM2's 576-wide layers at g128: g64), else stay bf16.
+    A head tied to the embedding (SmolLM2) is named like every linear, so one quantized tensor serves
+    both (the embedding reads its rows), under weight-only and activation configs alike."""
 
     def build(m):
         mapping, groups = {}, collections.Counter()
-        embedding = m.get_input_embeddings().weight if hasattr(m, "get_input_embeddings") else None
         for n, lin in linears(m):
             g = group if group is None else next((g for g in (group, 64, 32) if g <= group and lin.in_features % g == 0), 0)
             config = None if g == 0 else make(g)
-            if config is not None and lin.weight is embedding and config.act_spec() is not None:
-                config, g = None, 0  # a tied head (SmolLM2) is also an embedding: activation configs leave it bf16
             mapping[n] = config
             groups["bf16" if g == 0 else f"g{g}" if g else "all"] += 1
         quantize_(m, mapping)
@@ -723,7 +722,7 @@ def render(payload: dict) -> str:
              f"{st['prompt_len'] + st['new_tokens']}), batch 1; prefill: {st['prompt_len']} tokens, batch 1. Median of "
              f"clean interleaved samples; speedup = bf16 median of the same mode in the same batch / variant median. "
              "Weight MB: module parameters and buffers (eager) or the frozen graph's constants (compiled), "
-             "unique storages; lm_head quantized, embedding bf16.", ""]
+             "unique storages; lm_head quantized, embedding bf16 (SmolLM2's: tied to the quantized head).", ""]
     for model_key, info in payload["models"].items():
         lines += [f"## {model_key}: {info['name']}", "",
                   f"{info['params'] / 1e6:.0f}M parameters ({info['linear_params'] / 1e6:.0f}M in linears), "
@@ -872,7 +871,7 @@ def main() -> None:
                                                "layers", "mem_gb", "quick", "sample_ms", "attn")}
     settings.update(configs=[v.key for v in variants], compile_configs=sorted(args.compile_keys), wall_s=round(time.time() - t_start, 1),
                     contaminated_share=C.CONTAMINATED_SHARE, cache="transformers StaticCache, same loop eager and compiled",
-                    lm_head="quantized like every nn.Linear; embedding bf16")
+                    lm_head="quantized like every nn.Linear; embedding bf16 unless tied to the head (SmolLM2)")
     payload = {"benchmark": "e2e", "machine": machine, "settings": settings, "models": models, "results": rows,
                "targets": evaluate_targets(rows), "profiles": profiles, "skipped": skipped}
     os.makedirs(args.out, exist_ok=True)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lowbit.configs import (
+    Float8DynamicActivationFloat8WeightConfig,
     Float8DynamicActivationInt4WeightConfig,
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt4WeightConfig,
@@ -238,15 +239,33 @@ def test_tied_weights_default_float_named_quantized_once():
     assert torch.equal(named[0](ids), named[0].weight.dequantize()[ids])
 
 
-@pytest.mark.parametrize("mapping, match", [
-    ({"5": Int8DynamicActivationInt8WeightConfig()}, r"shares its weight with the embedding '0'.*quantizes activations"),
-    ({"5": Int8WeightOnlyConfig(), "0": None}, r"names the second with None"),
-], ids=["act-quantized", "contradiction"])
-def test_tied_weight_errors_change_nothing(mapping, match):
+@pytest.mark.parametrize("config", [Int8DynamicActivationInt8WeightConfig(), Int8DynamicActivationInt4WeightConfig(),
+                                    Float8DynamicActivationFloat8WeightConfig()], ids=["w8a8", "8da4w", "fp8dq"])
+def test_tied_head_with_activation_config_shares_one_tensor(config):
+    """A config that quantizes activations on a head tied to the embedding: one quantized tensor serves both; the
+    head quantizes its input as an untied head with the same config does (bit for bit), the embedding's lookup
+    reads the weight's rows (a lookup has no activation)."""
+    model = _stack(tied=True)
+    untied = _stack(tied=True)
+    untied[-1].weight = nn.Parameter(untied[0].weight.detach().clone())
+    quantize_(model, {"5": config})
+    quantize_(untied, {"5": config})
+    head = model[5].weight
+    assert head is model[0].weight and isinstance(head, QuantizedTensor) and head.act_spec is not None
+    assert type(untied[0].weight) is nn.Parameter  # untied: the embedding stays float
+    ids = torch.tensor([[1, 5, 7], [0, 63, 2]])
+    assert torch.equal(model[0](ids), head.dequantize()[ids])
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(model[5](x), untied[5](x))
+
+
+def test_tied_weight_errors_change_nothing():
     model = _stack(tied=True)
     snap = _snapshot(model)
-    with pytest.raises(ValueError, match=match):
-        quantize_(model, mapping, filter_fn=lambda m, fqn: isinstance(m, (nn.Linear, nn.Embedding)))
+    with pytest.raises(ValueError, match=r"names the second with None"):
+        quantize_(model, {"5": Int8WeightOnlyConfig(), "0": None},
+                  filter_fn=lambda m, fqn: isinstance(m, (nn.Linear, nn.Embedding)))
     _assert_unchanged(model, snap)
 
 

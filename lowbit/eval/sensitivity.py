@@ -110,15 +110,6 @@ def _weight_users(model: nn.Module, module: nn.Module) -> list[nn.Module]:
     return [] if w is None else [m for m in model.modules() if m is not module and m._parameters.get("weight") is w]
 
 
-def _check_shareable(model: nn.Module, module: nn.Module, layer: nn.Module, fqn: str) -> None:
-    """Raise ValueError when ``module``'s weight is tied to an embedding and ``layer``'s quantizes activations
-    (``quantize_`` refuses that mapping)."""
-    if getattr(layer.weight, "act_spec", None) is not None and any(
-            isinstance(m, nn.Embedding) for m in _weight_users(model, module)):
-        raise ValueError(f"{fqn!r} shares its weight with an embedding, which can't use a tensor that quantizes "
-                         "activations")
-
-
 @contextlib.contextmanager
 def _swapped(model: nn.Module, layers: dict[str, nn.Module]):
     """Install ``{fqn: module}`` in ``model`` for the duration of the block, then put the originals back."""
@@ -574,7 +565,6 @@ def _report(model, configs, probe: _Probe, filter_fn, sort, progress_bar, refere
     for fqn, module, config, label in _progress(todo, len(todo), "sensitivity", progress_bar):
         try:
             layer = _quantized_copy(module, config, fqn)
-            _check_shareable(model, module, layer, fqn)
         except ValueError as e:
             results[fqn][label] = LayerResult(error=str(e))
             continue

@@ -44,8 +44,8 @@ def quantize_(
       embedding): by default such a weight stays float and tied, as transformers' 4-bit quantizers
       leave the head. Naming the module in a mapping (an exact key, ``{"lm_head": config}``)
       quantizes the weight once and gives the same quantized tensor to every module sharing it
-      (an embedding reads its rows from it), so the model holds one copy. An embedding can only
-      share a weight-only config's tensor.
+      (an embedding reads its rows from it), so the model holds one copy. A config that quantizes
+      activations quantizes the head's input only: the embedding's lookup reads the weight's rows.
     * **Fused MoE experts** and other float parameters of 3 or more dims outside convolutions
       (``nn.Linear`` is what quantize_ handles) stay float and are named.
 
@@ -66,8 +66,8 @@ def quantize_(
         TypeError: a config with no handler, a non-module ``model``, a non-floating weight.
         ValueError: an exact mapping key naming no module or a module ``filter_fn`` does not
             select; a selected module without a float weight or already quantized; tied modules
-            given different configs, or an embedding sharing a weight whose config quantizes
-            activations; with ``strict=True``, every module whose config does not fit as given.
+            given different configs (or one of them None); with ``strict=True``, every module whose
+            config does not fit as given.
             Nothing has changed when it raises.
 
     Example:
@@ -115,10 +115,7 @@ def _apply(plan: QuantizePlan) -> None:
                 raise
             weight = step.module._parameters.get("weight")
             if step.shares and weight is not before:  # one quantized tensor serves every module that shared it
-                for fqn, m in step.shares:
-                    if isinstance(m, nn.Embedding) and getattr(weight, "act_spec", None) is not None:
-                        raise ValueError(f"module {fqn!r} (Embedding) shares {step.fqn!r}'s weight, whose "
-                                         f"{step.config!r} tensor quantizes activations: an embedding can't use it")
+                for _, m in step.shares:
                     m.weight = weight
                     if isinstance(weight, QuantizedTensor):
                         mark_quantized(m, step.config)

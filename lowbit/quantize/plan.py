@@ -276,10 +276,6 @@ def _resolve_ties(modules: dict[str, nn.Module], steps: list[Step], explicit: se
         for f, m in group:
             if m is first.module:
                 continue
-            if isinstance(m, nn.Embedding) and first.config.act_spec() is not None:
-                raise ValueError(f"module {first.fqn!r} shares its weight with the embedding {f!r}, and "
-                                 f"{first.config!r} quantizes activations, which an embedding lookup can't use: "
-                                 "give it a weight-only config, or None to keep both float")
             if not isinstance(m, (nn.Linear, nn.Embedding)):
                 raise ValueError(f"module {first.fqn!r} shares its weight with {f!r} ({type(m).__name__}), which "
                                  "can't take a quantized weight (nn.Linear and nn.Embedding can)")

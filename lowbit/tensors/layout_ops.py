@@ -8,7 +8,8 @@ dim) or ``shape[d] // block[d]``. These ops move qdata and every qparam together
 * ``slice``/``narrow`` on any dim (step 1): qparams are sliced with it; a slice that cuts through a
   block raises; on a packed last dim the bounds must be multiples of ``pack``;
 * ``select`` (not on a packed last dim), ``index_select``/``index`` on dim 0, ``embedding``
-  (dequantizes the gathered rows);
+  (dequantizes the gathered rows; a tensor that quantizes activations too: the rows of the weight it
+  stands for, since a lookup has no activation);
 * ``view``/``reshape`` of the leading dims (the last dim and its blocks stay), or of any shape
   when every qparam has one element.
 
@@ -183,9 +184,9 @@ def register_layout_ops(cls: type[QuantizedTensor]) -> None:
 
     @cls.implements(aten.embedding.default)
     def _(func, types, args, kwargs):
+        # a lookup has no activation to quantize: a tensor with an act_spec (a tied head's W8A8 weight, say)
+        # gives the rows of the weight it stands for, act_pre_scale included, as dequantize() does
         weight, indices = args[0], args[1]
-        if weight.act_spec is not None:
-            raise NotImplementedError(f"embedding on a {name} with activation quantization; use weight-only")
         rows = index_rows(weight, indices.reshape(-1))
         return rows.dequantize().reshape(*indices.shape, weight.shape[-1])
 

@@ -123,6 +123,25 @@ def test_tied_weights_saved_once(tmp_path):
     assert torch.equal(fresh[1].weight, m[0].weight)
 
 
+def test_tied_activation_quantized_head_saved_once(tmp_path):
+    """A W8A8 head tied to the embedding (one quantized tensor for both): saved once, loaded tied, same values."""
+    def tied():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 16, bias=False))
+        m[1].weight = m[0].weight
+        return m
+
+    m = quantize_(tied(), {"1": Int8DynamicActivationInt8WeightConfig()})
+    save(m, tmp_path / "t.safetensors")
+    assert sorted(load_file(tmp_path / "t.safetensors")) == ["0.weight:qdata", "0.weight:scale"]
+    fresh = tied()
+    load(fresh, tmp_path / "t.safetensors")
+    assert fresh[0].weight is fresh[1].weight and fresh[0].weight.act_spec == m[0].weight.act_spec
+    ids, x = torch.tensor([[1, 2, 15]]), torch.randn(2, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh[0](ids), m[0](ids)) and torch.equal(fresh[1](x), m[1](x))
+
+
 def test_rejects_foreign_and_future_files(tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="no lowbit metadata"):

@@ -59,6 +59,17 @@ def test_slice_matches_dequantize_then_slice(granularity, dim, start, end):
     assert torch.equal(n.dequantize(), torch.narrow(t.dequantize(), dim, 32, 32))
 
 
+def test_embedding_of_an_activation_quantized_tensor_reads_the_weight():
+    """A lookup has no activation: a W8A8 tensor (a head tied to an embedding) gives the rows of the weight it
+    stands for, SmoothQuant's act_pre_scale included (as dequantize() has it)."""
+    _, t = _w(act_spec=QuantSpec("int8", PerToken()))
+    ids = torch.tensor([[1, 2], [3, 63]])
+    assert torch.equal(F.embedding(ids, t), t.dequantize()[ids])
+    pre = t._replace(act_pre_scale=torch.rand(1, 128, generator=torch.Generator().manual_seed(1)) + 0.5)
+    assert not torch.equal(pre.dequantize(), t.dequantize())
+    assert torch.equal(F.embedding(ids, pre), pre.dequantize()[ids])
+
+
 def test_slice_through_a_block_raises():
     _, t = _w(granularity=PerGroup(32))
     with pytest.raises(ValueError, match="cuts through a quantization block of 32"):
