@@ -1,6 +1,7 @@
-"""The C++ decode GEMVs as dispatcher ops, ``lowbit_cpu::int8_weight_only_mm`` and
-``lowbit_cpu::int4_gemv_bf16``: defined here, in every process that imports ``lowbit.kernels``,
-whether or not the C++ extension can be built.
+"""The C++ decode GEMVs as dispatcher ops, ``lowbit_cpu::int8_weight_only_mm``,
+``lowbit_cpu::int4_gemv_bf16`` and ``lowbit_cpu::int8_int4_dynamic_linear`` (8da4w: the activation
+quantized and multiplied in integers in one call): defined here, in every process that imports
+``lowbit.kernels``, whether or not the C++ extension can be built.
 
 Why not in the extension: torch.compile chooses these ops while AOTAutograd runs a quantized
 tensor's dispatch, after inductor's FX-graph and AOTAutograd cache keys are taken. A graph cached
@@ -9,13 +10,17 @@ build, a non-x86 host sharing the cache), which must still find the ops. So each
 kernel (for torch.compile) and a PyTorch body (``CompositeExplicitAutograd``) live here, and the
 extension adds only its CPU kernel (``TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m)`` in ``csrc/``), which
 the dispatcher takes over the body for CPU tensors once the extension is loaded.
+``int8_int4_dynamic_linear`` has no C++ kernel: its body calls the extension's entry, and for an input
+holding NaN / inf (which the entry declines) the primitives' quantization and the integer product, as
+eager 8da4w does (``_int8_int4_cpu._forward``), so a compiled graph equals eager bit for bit.
 
 The body runs where no CPU kernel is registered yet: it loads the extension and, when that
 succeeds, calls the same C++ function (same values bit for bit; later calls dispatch to the C++
 kernel directly); otherwise, and for tensors on other devices, it computes the reference: the
 weight dequantized to ``x.dtype`` by ``dequantize_blocks`` (``dequantize_affine``'s arithmetic with
 the blocks read from the scale's shape: the op carries no spec, and kernels state none), then
-``F.linear`` (bit-equal to the reference paths of ``int8.py`` and ``int4.py``).
+``F.linear`` (bit-equal to the reference paths of ``int8.py`` and ``int4.py``; for 8da4w, the
+activation fake-quantized by the primitives first, as ``int4.int4_linear`` does without the kernel).
 
 Neither op has an autograd kernel: callers route here only when no gradient is wanted.
 """
@@ -29,7 +34,7 @@ from lowbit.kernels import _ext
 from lowbit.primitives.affine import dequantize_blocks
 from lowbit.primitives.packing import unpack_int4
 
-__all__ = ["int8_weight_only_mm", "int4_gemv_bf16"]
+__all__ = ["int8_weight_only_mm", "int4_gemv_bf16", "int8_int4_dynamic_linear"]
 
 _LIB = torch.library.Library("lowbit_cpu", "FRAGMENT")
 
@@ -64,6 +69,29 @@ def _int4_gemv_bf16(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, z
     return F.linear(x, dequantize_blocks(unpack_int4(qdata, zero_point is None), scale, zero_point, x.dtype), bias)
 
 
+def _int8_int4_dynamic_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                               qmin: int, qmax: int, eps: float) -> torch.Tensor:
+    """8da4w: ``x`` (M, K) quantized to int8 per token, asymmetric (``[qmin, qmax]``, ``eps``, float32
+    scales), times the symmetric int4 ``qdata`` (N, K // 2) with float32 ``scale`` (N, K // group), plus
+    ``bias``, in ``x.dtype``. Raises ValueError on a scale whose groups don't divide K."""
+    from lowbit.granularity import PerToken
+    from lowbit.spec import QuantSpec
+
+    act_spec = QuantSpec("int8", PerToken(), symmetric=False, eps=eps, quant_min=qmin, quant_max=qmax)
+    if x.device.type == "cpu":
+        ext = _ext.load("int8_int4")
+        if ext is not None:
+            from lowbit.kernels._int8_int4_cpu import _forward
+
+            return _forward(ext, x.contiguous(), qdata, scale, bias, act_spec)
+    from lowbit.primitives.affine import choose_qparams_affine, fake_quantize_affine
+
+    _group_size(2 * qdata.shape[-1], scale, "int8_int4_dynamic_linear")
+    s, zp = choose_qparams_affine(x, act_spec, check_finite=False)
+    x = fake_quantize_affine(x, act_spec, s, zp)
+    return F.linear(x, dequantize_blocks(unpack_int4(qdata, True), scale, None, x.dtype), bias)
+
+
 def _int8_fake(x, w, scale):
     return x.new_empty(x.shape[0], w.shape[0])
 
@@ -72,12 +100,20 @@ def _int4_fake(x, qdata, scale, zero_point, bias):
     return x.new_empty(x.shape[0], qdata.shape[0])
 
 
+def _int8_int4_fake(x, qdata, scale, bias, qmin, qmax, eps):
+    return x.new_empty(x.shape[0], qdata.shape[0])
+
+
 _LIB.define("int8_weight_only_mm(Tensor x, Tensor w, Tensor scale) -> Tensor")
 _LIB.define("int4_gemv_bf16(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias) -> Tensor")
+_LIB.define("int8_int4_dynamic_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? bias, int qmin, int qmax, float eps) "
+            "-> Tensor")
 for _name, _body, _fake in (("int8_weight_only_mm", _int8_weight_only_mm, _int8_fake),
-                            ("int4_gemv_bf16", _int4_gemv_bf16, _int4_fake)):
+                            ("int4_gemv_bf16", _int4_gemv_bf16, _int4_fake),
+                            ("int8_int4_dynamic_linear", _int8_int4_dynamic_linear, _int8_int4_fake)):
     _LIB.impl(_name, _body, "CompositeExplicitAutograd")
     torch.library.register_fake(f"lowbit_cpu::{_name}", _fake, lib=_LIB)
 
 int8_weight_only_mm = torch.ops.lowbit_cpu.int8_weight_only_mm.default
 int4_gemv_bf16 = torch.ops.lowbit_cpu.int4_gemv_bf16.default
+int8_int4_dynamic_linear = torch.ops.lowbit_cpu.int8_int4_dynamic_linear.default

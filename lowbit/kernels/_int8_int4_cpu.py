@@ -19,7 +19,10 @@ not depend on whether autograd records.
 It returns None (the caller then runs its other paths) when it does not apply: not CPU, input not
 bfloat16 / float32 or not (M, K), M = 0 or M > ``max_m()`` (64 for the AVX2 build, no limit for the AVX-512 one), a weight zero point
 (asymmetric uint4), a group size not a multiple of 32 or above 256, an activation spec that is not
-int8 per token with an integer zero point, the extension not loadable, or under ``torch.compile``.
+int8 per token with an integer zero point, the extension not loadable. Under ``torch.compile`` (no
+gradient, an asymmetric spec with float32 scales) it returns the dispatcher op
+``lowbit_cpu::int8_int4_dynamic_linear`` (``_cpu_ops``), which runs the same forward in the compiled
+graph; otherwise None there.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import sys
 import torch
 
 from lowbit.granularity import PerToken
-from lowbit.kernels import _ext
+from lowbit.kernels import _cpu_ops, _ext
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine, quantize_affine
 from lowbit.primitives.packing import unpack_int4
 from lowbit.spec import QuantSpec
@@ -122,7 +125,7 @@ def int8_int4_linear(
         if not isinstance(sp, QuantSpec):
             raise TypeError(f"{name} must be a QuantSpec, got {type(sp).__name__}")
     _check(input, qdata, scale, bias)
-    if torch.compiler.is_compiling() or zero_point is not None or not _takes_act_spec(act_spec):
+    if zero_point is not None or not _takes_act_spec(act_spec):
         return None
     if spec.dtype.name != "int4" or not spec.symmetric or spec.qmin != -8 or spec.qmax != 7:
         return None
@@ -137,7 +140,14 @@ def int8_int4_linear(
     ext = _ext.load("int8_int4")
     if ext is None:
         return None
-    if torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad)):
+    wants_grad = torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad))
+    if torch.compiler.is_compiling():
+        # a graph calls the dispatcher op (lowbit_cpu::int8_int4_dynamic_linear, _cpu_ops), whose body runs
+        # _forward: the same values as eager; inference only, and only the spec the fused entry takes
+        if wants_grad or _dynamic_linear_op(ext, act_spec) is None:
+            return None
+        return _cpu_ops.int8_int4_dynamic_linear(input, qdata, scale, bias, act_spec.qmin, act_spec.qmax, act_spec.eps)
+    if wants_grad:
         return _Int8Int4Linear.apply(input, bias, qdata, scale, act_spec, spec, ext)
     return _forward(ext, input, qdata, scale, bias, act_spec)
 

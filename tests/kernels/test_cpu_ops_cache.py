@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit import Int4WeightOnlyConfig, Int8WeightOnlyConfig, PerGroup, PerTensor, quantize_
+from lowbit import Int4WeightOnlyConfig, Int8DynamicActivationInt4WeightConfig, Int8WeightOnlyConfig, PerGroup, PerTensor, quantize_
 from lowbit.kernels import _cpu_ops, _ext
-from lowbit.kernels.int4 import int4_weight_only_linear
+from lowbit.kernels.int4 import int4_linear, int4_weight_only_linear
 from lowbit.kernels.int8 import int8_weight_only_linear
 from lowbit.spec import spec_key
 
@@ -22,7 +22,7 @@ from lowbit.spec import spec_key
 INT8_VS_REF_DB = 44.0
 INT4_VS_REF_DB = 40.0
 
-OPS = ("lowbit_cpu::int8_weight_only_mm", "lowbit_cpu::int4_gemv_bf16")
+OPS = ("lowbit_cpu::int8_weight_only_mm", "lowbit_cpu::int4_gemv_bf16", "lowbit_cpu::int8_int4_dynamic_linear")
 
 
 def _int8_layer(granularity, dtype=torch.bfloat16, n=96, k=256):
@@ -68,6 +68,48 @@ def test_int4_body_without_the_extension_is_the_reference(monkeypatch, symmetric
     x = torch.randn(m, 256, dtype=torch.bfloat16)
     ref = int4_weight_only_linear(x, w.qdata, w.scale, w.zero_point, b, spec_key(w.spec), "reference")
     assert torch.equal(_cpu_ops._int4_gemv_bf16(x, w.qdata, w.scale, w.zero_point, b), ref)
+
+
+def _8da4w_layer(n=96, k=256, g=32):
+    torch.manual_seed(0)
+    return quantize_(nn.Linear(k, n).to(torch.bfloat16), Int8DynamicActivationInt4WeightConfig(group_size=g))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_int8_int4_body_without_the_extension_is_the_reference(monkeypatch, bias, m):
+    """Without the extension the 8da4w op's body is int4_linear's reference: the activation fake-quantized by the
+    primitives, then the dequantized weight (bit for bit)."""
+    monkeypatch.setattr(_ext, "load", lambda name="int8_int4": None)
+    layer = _8da4w_layer()
+    w, b = layer.weight, layer.bias if bias else None
+    x = torch.randn(m, 256, dtype=torch.bfloat16)
+    ref = int4_linear(x, w.qdata, w.scale, None, b, w.spec, w.act_spec, "reference")
+    a = w.act_spec
+    assert torch.equal(_cpu_ops._int8_int4_dynamic_linear(x, w.qdata, w.scale, b, a.qmin, a.qmax, a.eps), ref)
+
+
+def test_compiled_8da4w_calls_the_op_and_equals_eager():
+    """A compiled 8da4w layer runs lowbit_cpu::int8_int4_dynamic_linear (the integer kernel, not the activation
+    fake-quantized in the graph and the int4 float GEMV), with eager's values bit for bit, also for an input
+    holding NaN (which the fused entry declines: the body then takes the primitives' quantization)."""
+    if _ext.load("int8_int4") is None:
+        pytest.skip(f"C++ kernels not available here ({_ext.status()})")
+    layer = _8da4w_layer()
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    xn = x.clone()
+    xn[1, 7] = float("nan")
+    with torch.no_grad():
+        eager, eager_nan = layer(x), layer(xn)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True)
+        compiled(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out, out_nan = compiled(x), compiled(xn)
+    assert "lowbit_cpu::int8_int4_dynamic_linear" in {e.name for e in prof.events()}
+    assert torch.equal(out, eager)
+    assert torch.equal(out_nan, eager_nan) or (torch.equal(out_nan[[0, 2]], eager_nan[[0, 2]])
+                                               and out_nan[1].isnan().all() and eager_nan[1].isnan().all())
 
 
 def test_body_rejects_a_scale_that_does_not_divide_k(monkeypatch):

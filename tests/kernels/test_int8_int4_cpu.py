@@ -16,7 +16,7 @@ from lowbit import quantize_
 from lowbit.configs import Int8DynamicActivationInt4WeightConfig
 from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerGroup, PerToken
-from lowbit.kernels import _ext
+from lowbit.kernels import _cpu_ops, _ext
 from lowbit.kernels import _int8_int4_cpu as k8
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.affine import choose_qparams_affine, quantize_affine
@@ -243,8 +243,15 @@ def test_cases_it_does_not_take_return_none(ext, monkeypatch):
     assert k8.int8_int4_linear(x, qdata, s, None, None, QuantSpec("float8_e4m3fn", PerToken()), W32) is None
     uint4 = QuantSpec("uint4", PerGroup(32), symmetric=False, zero_point_dtype=torch.int8)
     assert k8.int8_int4_linear(x, qdata, s, None, None, ACT, uint4) is None
+    eager = k8.int8_int4_linear(x, qdata, s, None, None, ACT, W32)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert k8.int8_int4_linear(x, qdata, s, None, None, ACT, W32) is None
+    # traced: the dispatcher op, whose body is the eager forward (bit for bit); never with a gradient, nor for a
+    # spec the fused entry does not take
+    ops, op = [], _cpu_ops.int8_int4_dynamic_linear
+    monkeypatch.setattr(_cpu_ops, "int8_int4_dynamic_linear", lambda *a: ops.append(a) or op(*a))
+    assert torch.equal(k8.int8_int4_linear(x, qdata, s, None, None, ACT, W32), eager) and len(ops) == 1
+    assert k8.int8_int4_linear(x.clone().requires_grad_(), qdata, s, None, None, ACT, W32) is None
+    assert k8.int8_int4_linear(x, qdata, s, None, None, QuantSpec("int8", PerToken(), symmetric=True), W32) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
