@@ -10,9 +10,9 @@ build, a non-x86 host sharing the cache), which must still find the ops. So each
 kernel (for torch.compile) and a PyTorch body (``CompositeExplicitAutograd``) live here, and the
 extension adds only its CPU kernel (``TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m)`` in ``csrc/``), which
 the dispatcher takes over the body for CPU tensors once the extension is loaded.
-``int8_int4_dynamic_linear`` has no C++ kernel: its body calls the extension's entry, and for an input
-holding NaN / inf (which the entry declines) the primitives' quantization and the integer product, as
-eager 8da4w does (``_int8_int4_cpu._forward``), so a compiled graph equals eager bit for bit.
+``int8_int4_dynamic_linear``'s C++ kernel (``csrc/int8_int4_entry.h``) also takes an input holding NaN /
+inf, which the one-call pybind entry declines: such a row gets NaN, as eager's primitives path gives it;
+its body runs eager 8da4w's forward (``_int8_int4_cpu._forward``). Either way the op equals eager bit for bit.
 
 The body runs where no CPU kernel is registered yet: it loads the extension and, when that
 succeeds, calls the same C++ function (same values bit for bit; later calls dispatch to the C++

@@ -135,9 +135,22 @@ def test_loaded_extension_serves_the_ops_bit_for_bit(monkeypatch):
     def no_body(name="int8_gemv"):
         raise AssertionError("the PyTorch body ran although the extension's CPU kernel is registered")
 
+    e84 = _ext.load("int8_int4")
+    l84 = _8da4w_layer()
+    w84, a = l84.weight, l84.weight.act_spec
+    xn = x.clone()
+    xn[0, 3] = float("inf")  # a row the fused entry declines: the op's kernel gives it NaN, the other row as eager
+    with torch.no_grad():
+        want84, want84n = l84(x), l84(xn)
+
     monkeypatch.setattr(_ext, "load", no_body)  # the dispatcher must go straight to the C++ kernel
     assert torch.equal(_cpu_ops.int8_weight_only_mm(x, w8.qdata, s8), want8)
     assert torch.equal(_cpu_ops.int4_gemv_bf16(x, w4.qdata, w4.scale, w4.zero_point, l4.bias), want4)
+    if e84 is not None:
+        args = (w84.qdata, w84.scale, l84.bias, a.qmin, a.qmax, a.eps)
+        assert torch.equal(_cpu_ops.int8_int4_dynamic_linear(x, *args), want84)
+        got = _cpu_ops.int8_int4_dynamic_linear(xn, *args)
+        assert got[0].isnan().all() and want84n[0].isnan().all() and torch.equal(got[1], want84n[1])
 
 
 # --- a graph compiled (and cached) with the extension, run by a process without it ----------------

@@ -170,13 +170,17 @@ bool quantize_row_asym(const T* x, int64_t K, float qmin, float qmax, float eps,
 }
 
 // Every row of x (M, K) contiguous float32 / bfloat16 / float16 by quantize_row_asym into q (M, K),
-// s (M,), zp (M,); false (the rest unspecified) at the first row holding NaN or inf.
+// s (M,), zp (M,); false when some row holds NaN or inf (that row's q, s and zp unwritten; row_ok, when given,
+// gets M flags: 1 for the rows written).
 // Rows run in parallel when there are enough of them (prefill: 256 x 576 took ~0.6 ms on one core, more
 // than the product on SmolLM2's 576 x 192 layers); each row's values do not depend on the split.
-bool quantize_rows_asym(const torch::Tensor& x, int64_t qmin, int64_t qmax, double eps, int8_t* q, float* s, int32_t* zp) {
+bool quantize_rows_asym(const torch::Tensor& x, int64_t qmin, int64_t qmax, double eps, int8_t* q, float* s, int32_t* zp,
+                        std::vector<char>* row_ok = nullptr) {
   const int64_t M = x.size(0), K = x.size(1);
   const float lo = float(qmin), hi = float(qmax), e = float(eps);
-  std::vector<char> ok(M, 1);
+  std::vector<char> local;
+  std::vector<char>& ok = row_ok ? *row_ok : local;
+  ok.assign(M, 1);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
   lowbit::par_for(0, M, grain, [&](int64_t b, int64_t end) {
     for (int64_t m = b; m < end; ++m) {
@@ -217,10 +221,13 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool> quantize_act_asym(
 // and zero point (the same functions on the same values: equal bit for bit), the activation's
 // values in thread-local buffers and only the (M, N) output (in x's dtype) allocated. Returns None,
 // having written nothing, when a row of x holds NaN or inf (the caller then quantizes with the
-// primitives, as quantize_act_asym's callers do). Arguments as the two entries take them.
-c10::optional<torch::Tensor> int8_int4_dynamic_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale,
-                                                      c10::optional<torch::Tensor> bias, int64_t qmin, int64_t qmax,
-                                                      double eps) {
+// primitives, as quantize_act_asym's callers do) unless nan_rows: then such a row is given a NaN scale
+// (and zero point 0), which int8_int4_linear turns into a row of NaN, the row the primitives' path gives
+// (their scale of a row holding NaN or inf is NaN or inf; every other row's values do not depend on it).
+// Arguments as the two entries take them.
+static c10::optional<torch::Tensor> dynamic_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale,
+                                                   c10::optional<torch::Tensor> bias, int64_t qmin, int64_t qmax, double eps,
+                                                   bool nan_rows) {
   check_cpu(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && is_float_type(x.scalar_type()),
               "x must be contiguous float32, bfloat16 or float16 (M, K), got ", x.scalar_type(), " ", x.sizes());
@@ -234,7 +241,15 @@ c10::optional<torch::Tensor> int8_int4_dynamic_linear(torch::Tensor x, torch::Te
   ws.xq.resize(M * K);
   ws.sx.resize(M);
   ws.zp.resize(M);
-  if (!quantize_rows_asym(x, qmin, qmax, eps, ws.xq.data(), ws.sx.data(), ws.zp.data())) return c10::nullopt;
+  std::vector<char> row_ok;
+  if (!quantize_rows_asym(x, qmin, qmax, eps, ws.xq.data(), ws.sx.data(), ws.zp.data(), &row_ok)) {
+    if (!nan_rows) return c10::nullopt;
+    for (int64_t m = 0; m < M; ++m)
+      if (!row_ok[m]) {
+        std::fill(ws.xq.begin() + m * K, ws.xq.begin() + (m + 1) * K, int8_t(0));
+        ws.sx[m] = std::numeric_limits<float>::quiet_NaN();
+      }
+  }
   // finite values can still make an infinite scale (max - min overflows float32): int8_int4_linear
   // gives that row NaN and takes its zero point as 0; so here
   for (int64_t m = 0; m < M; ++m)
@@ -247,6 +262,24 @@ c10::optional<torch::Tensor> int8_int4_dynamic_linear(torch::Tensor x, torch::Te
   if (ws.xp.size() + ws.xq.size() + 4 * ws.sxc.size() > (size_t(1) << 22)) ws = Scratch();  // a large call: don't hold its memory
   return out;
 }
+
+c10::optional<torch::Tensor> int8_int4_dynamic_linear(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale,
+                                                      c10::optional<torch::Tensor> bias, int64_t qmin, int64_t qmax,
+                                                      double eps) {
+  return dynamic_linear(x, qdata, scale, bias, qmin, qmax, eps, false);
+}
+
+// The CPU kernel of the dispatcher op lowbit_cpu::int8_int4_dynamic_linear (schema in lowbit/kernels/_cpu_ops.py,
+// what a compiled 8da4w graph calls): the one-call path for every input, NaN / inf rows as the primitives' path
+// gives them, so the op equals eager 8da4w bit for bit. Any x layout (made contiguous here).
+torch::Tensor int8_int4_dynamic_linear_op(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale,
+                                          c10::optional<torch::Tensor> bias, int64_t qmin, int64_t qmax, double eps) {
+  c10::optional<torch::Tensor> b;
+  if (bias.has_value() && bias->defined()) b = bias->contiguous();
+  return *dynamic_linear(x.contiguous(), qdata.contiguous(), scale.contiguous(), b, qmin, qmax, eps, true);
+}
+
+TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_int4_dynamic_linear", TORCH_FN(int8_int4_dynamic_linear_op)); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
