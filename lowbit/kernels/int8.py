@@ -466,10 +466,9 @@ def _fused_cpu_run(input, qdata, scale, bias, act_scale, act_zero_point, eps: fl
     return ext.w8a8_epilogue(acc, s_x.contiguous(), s_w, bias, zcorr, input)
 
 
-@torch.library.custom_op("lowbit::int8_act_linear_cpu", mutates_args=())
-def _int8_act_linear_cpu(input: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                         act_scale: torch.Tensor | None, act_zero_point: torch.Tensor | None, act_key: str,
-                         w_key: str) -> torch.Tensor:
+def _int8_act_linear_cpu_body(input: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                              act_scale: torch.Tensor | None, act_zero_point: torch.Tensor | None, act_key: str,
+                              w_key: str) -> torch.Tensor:
     """What torch.compile sees of CPU W8A8 where ``_fused_cpu`` applies: the eager route as one opaque op, so
     compiled runs the same C++ passes and gives the same bits as eager. Traced as aten ops instead (the
     activation quantization and the rescale each fused by inductor around ``lowbit::int8_mm``), one
@@ -478,7 +477,12 @@ def _int8_act_linear_cpu(input: torch.Tensor, qdata: torch.Tensor, scale: torch.
 
     The choice is made while tracing, and a compiled graph can outlive it: torch's caches handed a graph traced
     with the extension to a process run with ``LOWBIT_NO_EXT=1``. So the op checks again and, where the C++
-    route does not apply, runs the aten path eagerly (``act_key`` / ``w_key``: the specs, ``spec_key``'s form)."""
+    route does not apply, runs the aten path eagerly (``act_key`` / ``w_key``: the specs, ``spec_key``'s form).
+
+    A plain op (``torch.library.Library`` define + a CompositeExplicitAutograd Python kernel), not a
+    ``custom_op``: that one's layers cost ~25 us a call (a compiled decode step calls it once per linear: 71
+    against 46 us a linear of 256 x 256 at M = 1 on a Zen 2); callers route here only without a gradient to
+    record (``int8_activation_linear``; with one, inside ``_Int8ActivationLinear``)."""
     act_spec = spec_from_key(act_key)
     if _fused_cpu_applies(input, bias, act_scale is not None, act_spec.symmetric):
         return _fused_cpu_run(input, qdata, scale, bias, act_scale, act_zero_point, act_spec.eps)
@@ -486,9 +490,16 @@ def _int8_act_linear_cpu(input: torch.Tensor, qdata: torch.Tensor, scale: torch.
                                     spec_from_key(w_key), "auto")
 
 
-@_int8_act_linear_cpu.register_fake
-def _(input, qdata, scale, bias, act_scale, act_zero_point, act_key, w_key):
+def _int8_act_linear_cpu_fake(input, qdata, scale, bias, act_scale, act_zero_point, act_key, w_key):
     return input.new_empty(input.shape[0], qdata.shape[0])
+
+
+_LIB = torch.library.Library("lowbit", "FRAGMENT")
+_LIB.define("int8_act_linear_cpu(Tensor input, Tensor qdata, Tensor scale, Tensor? bias, Tensor? act_scale, "
+            "Tensor? act_zero_point, str act_key, str w_key) -> Tensor")
+_LIB.impl("int8_act_linear_cpu", _int8_act_linear_cpu_body, "CompositeExplicitAutograd")
+torch.library.register_fake("lowbit::int8_act_linear_cpu", _int8_act_linear_cpu_fake, lib=_LIB)
+_int8_act_linear_cpu = torch.ops.lowbit.int8_act_linear_cpu.default
 
 
 def _activation_forward(input, qdata, scale, bias, act_scale, act_zero_point, act_spec, spec, kernel):
