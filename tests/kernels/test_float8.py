@@ -113,3 +113,41 @@ def test_scaled_mm_path_matches_reference(act, m, device):
     out = k8._scaled_mm_path(x, q, s, None, act_spec, act_scale)
     assert out is not None and out.dtype == torch.bfloat16 and out.shape == (m, 256)
     assert sqnr(ref.float(), out.float()) >= SCALED_MM_VS_REF_DB
+
+
+@pytest.mark.parametrize("act", [False, True], ids=["weight-only", "dynamic"])
+def test_compiled_cpu_graph_runs_the_eager_route(act):
+    """On CPU with no gradient wanted, a compiled float8 linear calls lowbit::float8_linear_cpu /
+    lowbit::float8_act_linear_cpu (plain ops running the eager route whole), and equals eager bit for bit."""
+    from torch import nn
+
+    from lowbit import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow, quantize_
+
+    torch.manual_seed(0)
+    cfg = Float8DynamicActivationFloat8WeightConfig(PerRow()) if act else Float8WeightOnlyConfig()
+    layer = quantize_(nn.Linear(256, 96).to(torch.bfloat16), cfg)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    name = "lowbit::float8_act_linear_cpu" if act else "lowbit::float8_linear_cpu"
+    with torch.no_grad():
+        eager = layer(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True)
+        compiled(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = compiled(x)
+    assert name in {e.name for e in prof.events()}
+    assert torch.equal(out, eager)
+
+
+def test_compiled_cpu_op_bodies_without_the_extension_are_the_reference(monkeypatch):
+    from lowbit.kernels import _ext
+
+    q, s = _weight()
+    spec, act = QuantSpec("float8_e4m3fn", PerRow()), QuantSpec("float8_e4m3fn", PerToken())
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    monkeypatch.setattr(_ext, "load", lambda name=None: None)
+    ref = float8_weight_only_linear(x, q, s, None, spec_key(spec), "reference")
+    assert torch.equal(k8._float8_linear_cpu(x, q, s, None, spec_key(spec)), ref)
+    xf = fake_quantize_float8(x, act, choose_qparams_float8(x, act, check_finite=False))
+    want = float8_weight_only_linear(xf, q, s, None, spec_key(spec), "reference")
+    assert torch.equal(k8._float8_act_linear_cpu(x, q, s, None, spec_key(spec), spec_key(act)), want)
