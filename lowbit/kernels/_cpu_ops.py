@@ -1,7 +1,9 @@
 """The C++ decode GEMVs as dispatcher ops, ``lowbit_cpu::int8_weight_only_mm``,
-``lowbit_cpu::int4_gemv_bf16`` and ``lowbit_cpu::int8_int4_dynamic_linear`` (8da4w: the activation
-quantized and multiplied in integers in one call): defined here, in every process that imports
-``lowbit.kernels``, whether or not the C++ extension can be built.
+``lowbit_cpu::int4_gemv_bf16``, ``lowbit_cpu::int8_int4_dynamic_linear`` (8da4w: the activation
+quantized and multiplied in integers in one call) and ``lowbit_cpu::w8a8_dynamic_linear`` (W8A8 with
+dynamic per-token activations in one call; a C++ kernel in the AVX2 build only, whose CPUs lack the int8
+dot products ``torch._int_mm`` uses): defined here, in every process that imports ``lowbit.kernels``,
+whether or not the C++ extension can be built.
 
 Why not in the extension: torch.compile chooses these ops while AOTAutograd runs a quantized
 tensor's dispatch, after inductor's FX-graph and AOTAutograd cache keys are taken. A graph cached
@@ -34,7 +36,7 @@ from lowbit.kernels import _ext
 from lowbit.primitives.affine import dequantize_blocks
 from lowbit.primitives.packing import unpack_int4
 
-__all__ = ["int8_weight_only_mm", "int4_gemv_bf16", "int8_int4_dynamic_linear"]
+__all__ = ["int8_weight_only_mm", "int4_gemv_bf16", "int8_int4_dynamic_linear", "w8a8_dynamic_linear"]
 
 _LIB = torch.library.Library("lowbit_cpu", "FRAGMENT")
 
@@ -92,6 +94,24 @@ def _int8_int4_dynamic_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch
     return F.linear(x, dequantize_blocks(unpack_int4(qdata, True), scale, None, x.dtype), bias)
 
 
+def _w8a8_dynamic_linear(x: torch.Tensor, w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None,
+                         eps: float) -> torch.Tensor:
+    """W8A8: ``x`` (M, K) quantized to int8 per token, symmetric (scale floor ``eps``), times the int8 ``w``
+    (N, K) with one float32 scale per row ``s_w`` (N,), plus ``bias``, in ``x.dtype``: the AVX2 build's
+    ``w8a8_dynamic_linear`` where it loads, else ``int8.py``'s aten route (the same float32 operations in
+    the same order: the same values)."""
+    if x.device.type == "cpu":
+        fn = getattr(_ext.load("int8_act"), "w8a8_dynamic_linear", None)
+        if fn is not None:
+            return fn(x.contiguous(), w.contiguous(), s_w.contiguous(), bias, eps)
+    from lowbit.granularity import PerRow, PerToken
+    from lowbit.kernels.int8 import _activation_forward_aten
+    from lowbit.spec import QuantSpec
+
+    act = QuantSpec("int8", PerToken(), eps=eps)
+    return _activation_forward_aten(x, w, s_w.reshape(-1, 1), bias, None, None, act, QuantSpec("int8", PerRow()), "auto")
+
+
 def _int8_fake(x, w, scale):
     return x.new_empty(x.shape[0], w.shape[0])
 
@@ -104,16 +124,23 @@ def _int8_int4_fake(x, qdata, scale, bias, qmin, qmax, eps):
     return x.new_empty(x.shape[0], qdata.shape[0])
 
 
+def _w8a8_fake(x, w, s_w, bias, eps):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 _LIB.define("int8_weight_only_mm(Tensor x, Tensor w, Tensor scale) -> Tensor")
 _LIB.define("int4_gemv_bf16(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias) -> Tensor")
 _LIB.define("int8_int4_dynamic_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? bias, int qmin, int qmax, float eps) "
             "-> Tensor")
+_LIB.define("w8a8_dynamic_linear(Tensor x, Tensor w, Tensor s_w, Tensor? bias, float eps) -> Tensor")
 for _name, _body, _fake in (("int8_weight_only_mm", _int8_weight_only_mm, _int8_fake),
                             ("int4_gemv_bf16", _int4_gemv_bf16, _int4_fake),
-                            ("int8_int4_dynamic_linear", _int8_int4_dynamic_linear, _int8_int4_fake)):
+                            ("int8_int4_dynamic_linear", _int8_int4_dynamic_linear, _int8_int4_fake),
+                            ("w8a8_dynamic_linear", _w8a8_dynamic_linear, _w8a8_fake)):
     _LIB.impl(_name, _body, "CompositeExplicitAutograd")
     torch.library.register_fake(f"lowbit_cpu::{_name}", _fake, lib=_LIB)
 
 int8_weight_only_mm = torch.ops.lowbit_cpu.int8_weight_only_mm.default
 int4_gemv_bf16 = torch.ops.lowbit_cpu.int4_gemv_bf16.default
 int8_int4_dynamic_linear = torch.ops.lowbit_cpu.int8_int4_dynamic_linear.default
+w8a8_dynamic_linear = torch.ops.lowbit_cpu.w8a8_dynamic_linear.default

@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit import Int4WeightOnlyConfig, Int8DynamicActivationInt4WeightConfig, Int8WeightOnlyConfig, PerGroup, PerTensor, quantize_
+from lowbit import (Int4WeightOnlyConfig, Int8DynamicActivationInt4WeightConfig, Int8DynamicActivationInt8WeightConfig,
+                    Int8WeightOnlyConfig, PerGroup, PerTensor, quantize_)
+from lowbit.kernels import host
 from lowbit.kernels import _cpu_ops, _ext
 from lowbit.kernels.int4 import int4_linear, int4_weight_only_linear
 from lowbit.kernels.int8 import int8_weight_only_linear
@@ -22,7 +24,8 @@ from lowbit.spec import spec_key
 INT8_VS_REF_DB = 44.0
 INT4_VS_REF_DB = 40.0
 
-OPS = ("lowbit_cpu::int8_weight_only_mm", "lowbit_cpu::int4_gemv_bf16", "lowbit_cpu::int8_int4_dynamic_linear")
+OPS = ("lowbit_cpu::int8_weight_only_mm", "lowbit_cpu::int4_gemv_bf16", "lowbit_cpu::int8_int4_dynamic_linear",
+       "lowbit_cpu::w8a8_dynamic_linear")
 
 
 def _int8_layer(granularity, dtype=torch.bfloat16, n=96, k=256):
@@ -110,6 +113,43 @@ def test_compiled_8da4w_calls_the_op_and_equals_eager():
     assert torch.equal(out, eager)
     assert torch.equal(out_nan, eager_nan) or (torch.equal(out_nan[[0, 2]], eager_nan[[0, 2]])
                                                and out_nan[1].isnan().all() and eager_nan[1].isnan().all())
+
+
+def _w8a8_layer(n=96, k=256):
+    torch.manual_seed(0)
+    return quantize_(nn.Linear(k, n).to(torch.bfloat16), Int8DynamicActivationInt8WeightConfig())
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_w8a8_body_without_the_extension_is_the_aten_route(monkeypatch, bias):
+    from lowbit.kernels.int8 import _activation_forward_aten
+
+    layer = _w8a8_layer()
+    w, b = layer.weight, layer.bias if bias else None
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    monkeypatch.setattr(_ext, "load", lambda name="int8_act": None)
+    want = _activation_forward_aten(x, w.qdata, w.scale, b, None, None, w.act_spec, w.spec, "auto")
+    got = _cpu_ops._w8a8_dynamic_linear(x, w.qdata, w.scale.expand(96, 1).reshape(-1), b, w.act_spec.eps)
+    assert torch.equal(got, want)
+
+
+def test_compiled_w8a8_calls_the_op_and_equals_eager(monkeypatch):
+    """Where the build has the one-call W8A8 entry (AVX2: no int8 dot products), a compiled dynamic W8A8 layer runs
+    lowbit_cpu::w8a8_dynamic_linear, with eager's values bit for bit."""
+    if getattr(_ext.load("int8_act"), "w8a8_dynamic_linear", None) is None:
+        pytest.skip(f"no one-call W8A8 entry in this build ({_ext.status()})")
+    monkeypatch.setenv(host.INT8_ENV, "float32")  # what an AVX2 host reports; the entry is taken only there
+    layer = _w8a8_layer()
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = layer(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True)
+        compiled(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = compiled(x)
+    assert "lowbit_cpu::w8a8_dynamic_linear" in {e.name for e in prof.events()}
+    assert torch.equal(out, eager)
 
 
 def test_body_rejects_a_scale_that_does_not_divide_k(monkeypatch):

@@ -465,6 +465,10 @@ torch::Tensor w8a8_static_linear(torch::Tensor x, torch::Tensor w, torch::Tensor
   return w8a8_linear("w8a8_static_linear", x, w, s_w, bias, act_scale, eps);
 }
 
+// The CPU kernel of lowbit_cpu::w8a8_dynamic_linear (schema in lowbit/kernels/_cpu_ops.py; what a compiled W8A8
+// graph calls on an AVX2 host). The AVX-512 build has no such entry: there the op's Python body runs.
+TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("w8a8_dynamic_linear", TORCH_FN(w8a8_dynamic_linear)); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
