@@ -43,3 +43,21 @@ def pytest_terminal_summary(terminalreporter):
             f"hypothesis: {_hypothesis_cases['examples']} examples in {_hypothesis_cases['tests']} property tests "
             f"(profile {settings._current_profile})"
         )
+
+
+@pytest.fixture
+def compiled_vs_eager():
+    """``run(module, x) -> (eager, compiled, ops)``: ``module(x)`` eagerly and through ``torch.compile(fullgraph=True)``
+    (a fresh dynamo state), without gradients, and the names of the ops the second compiled call ran."""
+
+    def run(module, x):
+        with torch.no_grad():
+            eager = module(x)
+            torch._dynamo.reset()
+            compiled = torch.compile(module, fullgraph=True)
+            compiled(x)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                out = compiled(x)
+        return eager, out, {e.name for e in prof.events()}
+
+    return run

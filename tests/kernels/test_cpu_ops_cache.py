@@ -133,22 +133,14 @@ def test_w8a8_body_without_the_extension_is_the_aten_route(monkeypatch, bias):
     assert torch.equal(got, want)
 
 
-def test_compiled_w8a8_calls_the_op_and_equals_eager(monkeypatch):
+def test_compiled_w8a8_calls_the_op_and_equals_eager(monkeypatch, compiled_vs_eager):
     """Where the build has the one-call W8A8 entry (AVX2: no int8 dot products), a compiled dynamic W8A8 layer runs
     lowbit_cpu::w8a8_dynamic_linear, with eager's values bit for bit."""
     if getattr(_ext.load("int8_act"), "w8a8_dynamic_linear", None) is None:
         pytest.skip(f"no one-call W8A8 entry in this build ({_ext.status()})")
     monkeypatch.setenv(host.INT8_ENV, "float32")  # what an AVX2 host reports; the entry is taken only there
-    layer = _w8a8_layer()
-    x = torch.randn(3, 256, dtype=torch.bfloat16)
-    with torch.no_grad():
-        eager = layer(x)
-        torch._dynamo.reset()
-        compiled = torch.compile(layer, fullgraph=True)
-        compiled(x)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            out = compiled(x)
-    assert "lowbit_cpu::w8a8_dynamic_linear" in {e.name for e in prof.events()}
+    eager, out, ops = compiled_vs_eager(_w8a8_layer(), torch.randn(3, 256, dtype=torch.bfloat16))
+    assert "lowbit_cpu::w8a8_dynamic_linear" in ops
     assert torch.equal(out, eager)
 
 

@@ -116,7 +116,7 @@ def test_scaled_mm_path_matches_reference(act, m, device):
 
 
 @pytest.mark.parametrize("act", [False, True], ids=["weight-only", "dynamic"])
-def test_compiled_cpu_graph_runs_the_eager_route(act):
+def test_compiled_cpu_graph_runs_the_eager_route(act, compiled_vs_eager):
     """On CPU with no gradient wanted, a compiled float8 linear calls lowbit::float8_linear_cpu /
     lowbit::float8_act_linear_cpu (plain ops running the eager route whole), and equals eager bit for bit."""
     from torch import nn
@@ -126,16 +126,8 @@ def test_compiled_cpu_graph_runs_the_eager_route(act):
     torch.manual_seed(0)
     cfg = Float8DynamicActivationFloat8WeightConfig(PerRow()) if act else Float8WeightOnlyConfig()
     layer = quantize_(nn.Linear(256, 96).to(torch.bfloat16), cfg)
-    x = torch.randn(2, 256, dtype=torch.bfloat16)
-    name = "lowbit::float8_act_linear_cpu" if act else "lowbit::float8_linear_cpu"
-    with torch.no_grad():
-        eager = layer(x)
-        torch._dynamo.reset()
-        compiled = torch.compile(layer, fullgraph=True)
-        compiled(x)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            out = compiled(x)
-    assert name in {e.name for e in prof.events()}
+    eager, out, ops = compiled_vs_eager(layer, torch.randn(2, 256, dtype=torch.bfloat16))
+    assert ("lowbit::float8_act_linear_cpu" if act else "lowbit::float8_linear_cpu") in ops
     assert torch.equal(out, eager)
 
 
