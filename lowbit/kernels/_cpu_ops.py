@@ -72,14 +72,14 @@ def _int4_gemv_bf16(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, z
 
 
 def _int8_int4_dynamic_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                               qmin: int, qmax: int, eps: float) -> torch.Tensor:
-    """8da4w: ``x`` (M, K) quantized to int8 per token, asymmetric (``[qmin, qmax]``, ``eps``, float32
-    scales), times the symmetric int4 ``qdata`` (N, K // 2) with float32 ``scale`` (N, K // group), plus
-    ``bias``, in ``x.dtype``. Raises ValueError on a scale whose groups don't divide K."""
-    from lowbit.granularity import PerToken
-    from lowbit.spec import QuantSpec
+                               qmin: int, qmax: int, eps: float, act_key: str) -> torch.Tensor:
+    """8da4w: ``x`` (M, K) quantized to int8 per token under the activation spec ``act_key`` (``spec_key``'s form:
+    asymmetric, float32 scales; ``qmin``, ``qmax`` and ``eps`` are its numbers, for the C++ kernel), times the
+    symmetric int4 ``qdata`` (N, K // 2) with float32 ``scale`` (N, K // group), plus ``bias``, in ``x.dtype``.
+    Raises ValueError on a scale whose groups don't divide K."""
+    from lowbit.spec import spec_from_key
 
-    act_spec = QuantSpec("int8", PerToken(), symmetric=False, eps=eps, quant_min=qmin, quant_max=qmax)
+    act_spec = spec_from_key(act_key)
     if x.device.type == "cpu":
         ext = _ext.load("int8_int4")
         if ext is not None:
@@ -94,22 +94,25 @@ def _int8_int4_dynamic_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch
     return F.linear(x, dequantize_blocks(unpack_int4(qdata, True), scale, None, x.dtype), bias)
 
 
-def _w8a8_dynamic_linear(x: torch.Tensor, w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None,
-                         eps: float) -> torch.Tensor:
-    """W8A8: ``x`` (M, K) quantized to int8 per token, symmetric (scale floor ``eps``), times the int8 ``w``
-    (N, K) with one float32 scale per row ``s_w`` (N,), plus ``bias``, in ``x.dtype``: the AVX2 build's
-    ``w8a8_dynamic_linear`` where it loads, else ``int8.py``'s aten route (the same float32 operations in
-    the same order: the same values)."""
-    if x.device.type == "cpu":
-        fn = getattr(_ext.load("int8_act"), "w8a8_dynamic_linear", None)
-        if fn is not None:
-            return fn(x.contiguous(), w.contiguous(), s_w.contiguous(), bias, eps)
-    from lowbit.granularity import PerRow, PerToken
-    from lowbit.kernels.int8 import _activation_forward_aten
-    from lowbit.spec import QuantSpec
+def _w8a8_entry():
+    """The loaded ``int8_act`` build's one-call W8A8 entry, or None (no extension, or the AVX-512 build)."""
+    return getattr(_ext.load("int8_act"), "w8a8_dynamic_linear", None)
 
-    act = QuantSpec("int8", PerToken(), eps=eps)
-    return _activation_forward_aten(x, w, s_w.reshape(-1, 1), bias, None, None, act, QuantSpec("int8", PerRow()), "auto")
+
+def _w8a8_dynamic_linear(x: torch.Tensor, w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None,
+                         eps: float, act_key: str, w_key: str) -> torch.Tensor:
+    """W8A8: ``x`` (M, K) quantized to int8 per token, symmetric (the spec ``act_key``, ``spec_key``'s form;
+    ``eps`` its scale floor, for the C++ kernel), times the int8 ``w`` (N, K) under ``w_key`` with one float32
+    scale per row ``s_w`` (N,), plus ``bias``, in ``x.dtype``: the AVX2 build's ``w8a8_dynamic_linear`` where
+    it loads, else ``int8.py``'s aten route (the same float32 operations in the same order: the same values)."""
+    fn = _w8a8_entry() if x.device.type == "cpu" else None
+    if fn is not None:
+        return fn(x.contiguous(), w.contiguous(), s_w.contiguous(), bias, eps)
+    from lowbit.kernels.int8 import _activation_forward_aten
+    from lowbit.spec import spec_from_key
+
+    return _activation_forward_aten(x, w, s_w.reshape(-1, 1), bias, None, None, spec_from_key(act_key),
+                                    spec_from_key(w_key), "auto")
 
 
 def _int8_fake(x, w, scale):
@@ -120,19 +123,19 @@ def _int4_fake(x, qdata, scale, zero_point, bias):
     return x.new_empty(x.shape[0], qdata.shape[0])
 
 
-def _int8_int4_fake(x, qdata, scale, bias, qmin, qmax, eps):
+def _int8_int4_fake(x, qdata, scale, bias, qmin, qmax, eps, act_key):
     return x.new_empty(x.shape[0], qdata.shape[0])
 
 
-def _w8a8_fake(x, w, s_w, bias, eps):
+def _w8a8_fake(x, w, s_w, bias, eps, act_key, w_key):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
 _LIB.define("int8_weight_only_mm(Tensor x, Tensor w, Tensor scale) -> Tensor")
 _LIB.define("int4_gemv_bf16(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias) -> Tensor")
-_LIB.define("int8_int4_dynamic_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? bias, int qmin, int qmax, float eps) "
-            "-> Tensor")
-_LIB.define("w8a8_dynamic_linear(Tensor x, Tensor w, Tensor s_w, Tensor? bias, float eps) -> Tensor")
+_LIB.define("int8_int4_dynamic_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? bias, int qmin, int qmax, float eps, "
+            "str act_key) -> Tensor")
+_LIB.define("w8a8_dynamic_linear(Tensor x, Tensor w, Tensor s_w, Tensor? bias, float eps, str act_key, str w_key) -> Tensor")
 for _name, _body, _fake in (("int8_weight_only_mm", _int8_weight_only_mm, _int8_fake),
                             ("int4_gemv_bf16", _int4_gemv_bf16, _int4_fake),
                             ("int8_int4_dynamic_linear", _int8_int4_dynamic_linear, _int8_int4_fake),

@@ -35,7 +35,7 @@ from lowbit.granularity import PerToken
 from lowbit.kernels import _cpu_ops, _ext
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine, quantize_affine
 from lowbit.primitives.packing import unpack_int4
-from lowbit.spec import QuantSpec
+from lowbit.spec import QuantSpec, spec_key
 
 __all__ = ["int8_int4_linear", "available", "max_m", "MAX_M", "MAX_GROUP"]
 
@@ -146,7 +146,8 @@ def int8_int4_linear(
         # _forward: the same values as eager; inference only, and only the spec the fused entry takes
         if wants_grad or _dynamic_linear_op(ext, act_spec) is None:
             return None
-        return _cpu_ops.int8_int4_dynamic_linear(input, qdata, scale, bias, act_spec.qmin, act_spec.qmax, act_spec.eps)
+        return _cpu_ops.int8_int4_dynamic_linear(input, qdata, scale, bias, act_spec.qmin, act_spec.qmax, act_spec.eps,
+                                                 spec_key(act_spec))
     if wants_grad:
         return _Int8Int4Linear.apply(input, bias, qdata, scale, act_spec, spec, ext)
     return _forward(ext, input, qdata, scale, bias, act_spec)

@@ -511,7 +511,8 @@ def _activation_forward(input, qdata, scale, bias, act_scale, act_zero_point, ac
                     # the one-call entry as a dispatcher op with a C++ kernel (_cpu_ops): what _fused_cpu_run
                     # calls eagerly, without the ~30 us of Python a call the op below costs
                     s_w = scale.expand(qdata.shape[0], 1).reshape(-1)
-                    return _cpu_ops.w8a8_dynamic_linear(input, qdata, s_w, bias, act_spec.eps)
+                    return _cpu_ops.w8a8_dynamic_linear(input, qdata, s_w, bias, act_spec.eps, spec_key(act_spec),
+                                                        spec_key(spec))
                 return _int8_act_linear_cpu(input, qdata, scale, bias, act_scale, act_zero_point, spec_key(act_spec),
                                             spec_key(spec))
         else:

@@ -89,7 +89,8 @@ def test_int8_int4_body_without_the_extension_is_the_reference(monkeypatch, bias
     x = torch.randn(m, 256, dtype=torch.bfloat16)
     ref = int4_linear(x, w.qdata, w.scale, None, b, w.spec, w.act_spec, "reference")
     a = w.act_spec
-    assert torch.equal(_cpu_ops._int8_int4_dynamic_linear(x, w.qdata, w.scale, b, a.qmin, a.qmax, a.eps), ref)
+    got = _cpu_ops._int8_int4_dynamic_linear(x, w.qdata, w.scale, b, a.qmin, a.qmax, a.eps, spec_key(a))
+    assert torch.equal(got, ref)
 
 
 def test_compiled_8da4w_calls_the_op_and_equals_eager():
@@ -121,15 +122,18 @@ def _w8a8_layer(n=96, k=256):
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_w8a8_body_without_the_extension_is_the_aten_route(monkeypatch, bias):
+def test_w8a8_body_without_the_entry_is_the_aten_route(monkeypatch, bias):
+    """Where the one-call entry is missing (the AVX-512 build, or no extension) the op's body runs int8.py's aten
+    route."""
     from lowbit.kernels.int8 import _activation_forward_aten
 
     layer = _w8a8_layer()
     w, b = layer.weight, layer.bias if bias else None
     x = torch.randn(3, 256, dtype=torch.bfloat16)
-    monkeypatch.setattr(_ext, "load", lambda name="int8_act": None)
+    monkeypatch.setattr(_cpu_ops, "_w8a8_entry", lambda: None)
     want = _activation_forward_aten(x, w.qdata, w.scale, b, None, None, w.act_spec, w.spec, "auto")
-    got = _cpu_ops._w8a8_dynamic_linear(x, w.qdata, w.scale.expand(96, 1).reshape(-1), b, w.act_spec.eps)
+    got = _cpu_ops._w8a8_dynamic_linear(x, w.qdata, w.scale.expand(96, 1).reshape(-1), b, w.act_spec.eps,
+                                        spec_key(w.act_spec), spec_key(w.spec))
     assert torch.equal(got, want)
 
 
@@ -179,7 +183,7 @@ def test_loaded_extension_serves_the_ops_bit_for_bit(monkeypatch):
     assert torch.equal(_cpu_ops.int8_weight_only_mm(x, w8.qdata, s8), want8)
     assert torch.equal(_cpu_ops.int4_gemv_bf16(x, w4.qdata, w4.scale, w4.zero_point, l4.bias), want4)
     if e84 is not None:
-        args = (w84.qdata, w84.scale, l84.bias, a.qmin, a.qmax, a.eps)
+        args = (w84.qdata, w84.scale, l84.bias, a.qmin, a.qmax, a.eps, spec_key(a))
         assert torch.equal(_cpu_ops.int8_int4_dynamic_linear(x, *args), want84)
         got = _cpu_ops.int8_int4_dynamic_linear(xn, *args)
         assert got[0].isnan().all() and want84n[0].isnan().all() and torch.equal(got[1], want84n[1])

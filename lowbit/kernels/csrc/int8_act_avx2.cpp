@@ -467,7 +467,13 @@ torch::Tensor w8a8_static_linear(torch::Tensor x, torch::Tensor w, torch::Tensor
 
 // The CPU kernel of lowbit_cpu::w8a8_dynamic_linear (schema in lowbit/kernels/_cpu_ops.py; what a compiled W8A8
 // graph calls on an AVX2 host). The AVX-512 build has no such entry: there the op's Python body runs.
-TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("w8a8_dynamic_linear", TORCH_FN(w8a8_dynamic_linear)); }
+// act_key, w_key: the specs, which only the op's Python body reads.
+torch::Tensor w8a8_dynamic_linear_op(torch::Tensor x, torch::Tensor w, torch::Tensor s_w, c10::optional<torch::Tensor> bias,
+                                     double eps, c10::string_view /*act_key*/, c10::string_view /*w_key*/) {
+  return w8a8_dynamic_linear(x, w, s_w, bias, eps);
+}
+
+TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("w8a8_dynamic_linear", TORCH_FN(w8a8_dynamic_linear_op)); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");

@@ -273,7 +273,8 @@ c10::optional<torch::Tensor> int8_int4_dynamic_linear(torch::Tensor x, torch::Te
 // what a compiled 8da4w graph calls): the one-call path for every input, NaN / inf rows as the primitives' path
 // gives them, so the op equals eager 8da4w bit for bit. Any x layout (made contiguous here).
 torch::Tensor int8_int4_dynamic_linear_op(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale,
-                                          c10::optional<torch::Tensor> bias, int64_t qmin, int64_t qmax, double eps) {
+                                          c10::optional<torch::Tensor> bias, int64_t qmin, int64_t qmax, double eps,
+                                          c10::string_view /*act_key: the spec, for the Python body*/) {
   c10::optional<torch::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   return *dynamic_linear(x.contiguous(), qdata.contiguous(), scale.contiguous(), b, qmin, qmax, eps, true);
