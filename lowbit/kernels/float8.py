@@ -111,6 +111,8 @@ def float8_weight_only_linear_any(input, qdata, scale, bias, spec: QuantSpec, ke
     ``lowbit::float8_linear_cpu`` (below). Same values bit for bit."""
     if kernel == "auto" and input.device.type == "cpu" and not _wants_grad(input, bias):
         if torch.compiler.is_compiling():
+            _check(input, qdata, scale)  # what the custom op checks, here at trace time
+            _check_spec(qdata, spec)
             return _float8_linear_cpu(input, qdata, scale, bias, spec_key(spec))
         out = float8_weight_only_linear_cpu(input, qdata, scale, bias)
         if out is not None:
@@ -153,10 +155,7 @@ def _float8_act_linear_cpu_body(input, qdata, scale, bias, spec: str, act_spec: 
     out = None if rule is None else float8_act_linear_cpu(input, qdata, scale, bias, *rule)
     if out is not None:
         return out
-    x = _fake_quantize_cpu(input, act, None)
-    if x is None:
-        x = fake_quantize_float8(input, act, choose_qparams_float8(input, act, check_finite=False))
-    return _float8_linear_cpu_body(x, qdata, scale, bias, spec)
+    return _float8_linear_cpu_body(_fake_quantized(input, act, None, "auto"), qdata, scale, bias, spec)
 
 
 def _linear_fake(input, qdata, *args):
@@ -239,12 +238,20 @@ def float8_activation_linear(
         if out is not None:
             return out
     rule = _act_rule(act_spec) if kernel == "auto" and act_scale is None and input.device.type == "cpu" else None
-    if rule is not None and torch.compiler.is_compiling() and not _wants_grad(input, bias):
-        return _float8_act_linear_cpu(input, qdata, scale, bias, spec_key(spec), spec_key(act_spec))  # eager's route
-    if rule is not None and not torch.compiler.is_compiling():  # small M: the fake quantization inside the GEMV
-        out = float8_act_linear_cpu(input, qdata, scale, bias, *rule)
-        if out is not None:
-            return out
+    if rule is not None:
+        if not torch.compiler.is_compiling():  # small M: the fake quantization inside the GEMV
+            out = float8_act_linear_cpu(input, qdata, scale, bias, *rule)
+            if out is not None:
+                return out
+        elif not _wants_grad(input, bias):  # compiled: eager's route as one op
+            return _float8_act_linear_cpu(input, qdata, scale, bias, spec_key(spec), spec_key(act_spec))
+    x = _fake_quantized(input, act_spec, act_scale, kernel)
+    return float8_weight_only_linear_any(x, qdata, scale, bias, spec, kernel)
+
+
+def _fake_quantized(input, act_spec: QuantSpec, act_scale, kernel: str) -> torch.Tensor:
+    """``input`` fake-quantized under ``act_spec`` (the static ``act_scale``, or a scale chosen here): one C++
+    pass where ``_fake_quantize_cpu`` takes it (kernel "auto"), else the primitives; the same values."""
     x = _fake_quantize_cpu(input, act_spec, act_scale) if kernel == "auto" else None
     if x is None:
         if act_scale is not None:
@@ -252,7 +259,7 @@ def float8_activation_linear(
         else:
             s_x = choose_qparams_float8(input.detach(), act_spec, check_finite=False)
         x = fake_quantize_float8(input, act_spec, s_x)
-    return float8_weight_only_linear_any(x, qdata, scale, bias, spec, kernel)
+    return x
 
 
 _F8_NAMES = {"float8_e4m3fn": False, "float8_e5m2": True}  # name -> e5m2
