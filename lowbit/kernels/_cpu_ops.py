@@ -1,8 +1,10 @@
 """The C++ decode GEMVs as dispatcher ops, ``lowbit_cpu::int8_weight_only_mm``,
 ``lowbit_cpu::int4_gemv_bf16``, ``lowbit_cpu::int8_int4_dynamic_linear`` (8da4w: the activation
-quantized and multiplied in integers in one call) and ``lowbit_cpu::w8a8_dynamic_linear`` (W8A8 with
+quantized and multiplied in integers in one call), ``lowbit_cpu::w8a8_dynamic_linear`` (W8A8 with
 dynamic per-token activations in one call; a C++ kernel in the AVX2 build only, whose CPUs lack the int8
-dot products ``torch._int_mm`` uses): defined here, in every process that imports ``lowbit.kernels``,
+dot products ``torch._int_mm`` uses) and ``lowbit_cpu::fp8_small_linear`` / ``fp8_small_act_linear``
+(float8 weights at M <= ``tiled_max_m``, without or with dynamic float8 activations: eager's one C++ call,
+the weight's NaN / inf count included): defined here, in every process that imports ``lowbit.kernels``,
 whether or not the C++ extension can be built.
 
 Why not in the extension: torch.compile chooses these ops while AOTAutograd runs a quantized
@@ -36,7 +38,8 @@ from lowbit.kernels import _ext
 from lowbit.primitives.affine import dequantize_blocks
 from lowbit.primitives.packing import unpack_int4
 
-__all__ = ["int8_weight_only_mm", "int4_gemv_bf16", "int8_int4_dynamic_linear", "w8a8_dynamic_linear"]
+__all__ = ["int8_weight_only_mm", "int4_gemv_bf16", "int8_int4_dynamic_linear", "w8a8_dynamic_linear", "fp8_small_linear",
+           "fp8_small_act_linear"]
 
 _LIB = torch.library.Library("lowbit_cpu", "FRAGMENT")
 
@@ -115,6 +118,40 @@ def _w8a8_dynamic_linear(x: torch.Tensor, w: torch.Tensor, s_w: torch.Tensor, bi
                                     spec_from_key(w_key), "auto")
 
 
+def _fp8_small_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                      gemv_max_m: int, tiled_max_m: int, chunk_rows: int, spec: str) -> torch.Tensor:
+    """``x`` (M, K) times the float8 ``qdata`` (N, K) with float32 ``scale`` ((N, 1) or (1, 1)) under the spec
+    ``spec`` (``spec_key``'s form), plus ``bias``, in ``x.dtype``, for 1 <= M <= ``tiled_max_m`` (callers route
+    here only where ``_fp8_cpu.float8_weight_only_linear_cpu`` takes the case): the extension's ``fp8_linear``,
+    as eager calls it, else the reference (``float8``'s plain op body)."""
+    fn = getattr(_ext.load("fp8_cpu"), "fp8_linear", None) if x.device.type == "cpu" else None
+    if fn is not None:
+        from lowbit.kernels._fp8_cpu import weight_finite
+
+        return fn(x, qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows,
+                  x.shape[0] <= gemv_max_m and weight_finite(qdata))
+    from lowbit.kernels.float8 import _float8_linear_cpu_body
+
+    return _float8_linear_cpu_body(x, qdata, scale, bias, spec)
+
+
+def _fp8_small_act_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                          gemv_max_m: int, tiled_max_m: int, chunk_rows: int, act_per_token: bool, act_eps: float,
+                          act_e5m2: bool, spec: str, act_spec: str) -> torch.Tensor:
+    """:func:`_fp8_small_linear` of ``x`` fake-quantized to float8 under the dynamic activation spec ``act_spec``
+    (``act_per_token``, ``act_eps`` and ``act_e5m2`` are its numbers, for the C++ kernel): the extension's
+    ``fp8_linear_act``, as eager calls it, else the reference (``float8``'s plain op body)."""
+    fn = getattr(_ext.load("fp8_cpu"), "fp8_linear_act", None) if x.device.type == "cpu" else None
+    if fn is not None:
+        from lowbit.kernels._fp8_cpu import weight_finite
+
+        return fn(x.contiguous(), qdata, scale, bias, gemv_max_m, tiled_max_m, chunk_rows, act_per_token, act_eps,
+                  act_e5m2, x.shape[0] <= gemv_max_m and weight_finite(qdata))
+    from lowbit.kernels.float8 import _float8_act_linear_cpu_body
+
+    return _float8_act_linear_cpu_body(x, qdata, scale, bias, spec, act_spec)
+
+
 def _int8_fake(x, w, scale):
     return x.new_empty(x.shape[0], w.shape[0])
 
@@ -131,15 +168,25 @@ def _w8a8_fake(x, w, s_w, bias, eps, act_key, w_key):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
+def _fp8_fake(x, qdata, *args):
+    return x.new_empty(x.shape[0], qdata.shape[0])
+
+
 _LIB.define("int8_weight_only_mm(Tensor x, Tensor w, Tensor scale) -> Tensor")
 _LIB.define("int4_gemv_bf16(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias) -> Tensor")
 _LIB.define("int8_int4_dynamic_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? bias, int qmin, int qmax, float eps, "
             "str act_key) -> Tensor")
 _LIB.define("w8a8_dynamic_linear(Tensor x, Tensor w, Tensor s_w, Tensor? bias, float eps, str act_key, str w_key) -> Tensor")
+_LIB.define("fp8_small_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? bias, int gemv_max_m, int tiled_max_m, "
+            "int chunk_rows, str spec) -> Tensor")
+_LIB.define("fp8_small_act_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? bias, int gemv_max_m, int tiled_max_m, "
+            "int chunk_rows, bool act_per_token, float act_eps, bool act_e5m2, str spec, str act_spec) -> Tensor")
 for _name, _body, _fake in (("int8_weight_only_mm", _int8_weight_only_mm, _int8_fake),
                             ("int4_gemv_bf16", _int4_gemv_bf16, _int4_fake),
                             ("int8_int4_dynamic_linear", _int8_int4_dynamic_linear, _int8_int4_fake),
-                            ("w8a8_dynamic_linear", _w8a8_dynamic_linear, _w8a8_fake)):
+                            ("w8a8_dynamic_linear", _w8a8_dynamic_linear, _w8a8_fake),
+                            ("fp8_small_linear", _fp8_small_linear, _fp8_fake),
+                            ("fp8_small_act_linear", _fp8_small_act_linear, _fp8_fake)):
     _LIB.impl(_name, _body, "CompositeExplicitAutograd")
     torch.library.register_fake(f"lowbit_cpu::{_name}", _fake, lib=_LIB)
 
@@ -147,3 +194,5 @@ int8_weight_only_mm = torch.ops.lowbit_cpu.int8_weight_only_mm.default
 int4_gemv_bf16 = torch.ops.lowbit_cpu.int4_gemv_bf16.default
 int8_int4_dynamic_linear = torch.ops.lowbit_cpu.int8_int4_dynamic_linear.default
 w8a8_dynamic_linear = torch.ops.lowbit_cpu.w8a8_dynamic_linear.default
+fp8_small_linear = torch.ops.lowbit_cpu.fp8_small_linear.default
+fp8_small_act_linear = torch.ops.lowbit_cpu.fp8_small_act_linear.default

@@ -49,7 +49,7 @@ import torch
 from lowbit.kernels import _ext, host
 
 __all__ = ["float8_weight_only_linear_cpu", "float8_act_linear_cpu", "act_linear_fn", "weight_finite", "forget_finite",
-           "GEMV_MAX_M", "TILED_MAX_M", "CHUNK_ROWS"]
+           "small_m_case", "GEMV_MAX_M", "TILED_MAX_M", "CHUNK_ROWS"]
 
 # Measured on the 8 x Linear(4096, 4096) bf16 stack (2 threads, medians of interleaved runs):
 # M=1 GEMV 3.38 ms vs tiled 5.59 vs chunks 9.5-10.3; M=16 tiled 12.16 vs chunks(512) 12.19;
@@ -60,7 +60,6 @@ TILED_MAX_M = 32  # scratch + 4x4 vdpbf16ps tiles for GEMV_MAX_M < M <= TILED_MA
 CHUNK_ROWS = 256  # chunked path: rows converted per at::mm call
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-_FINITE_ATTR = "_lowbit_fp8_finite"  # (version, data_ptr) -> no NaN / inf byte: weight_finite's cache
 _X_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 
 
@@ -86,29 +85,32 @@ def weight_finite(qdata: torch.Tensor) -> bool:
 
     The AVX2 GEMV converts float8 by shifts alone, which would read NaN / inf bytes as finite values, so
     it checks every byte on every call (about a fifth of its time at M = 1: ``csrc/fp8_special.h``)
-    unless told that there is none. The count (``fp8_count_special``, one pass over the weight) is kept
-    on the tensor with its version counter and data pointer: every in-place torch op (``copy_``,
-    ``load_state_dict``, ``fill_``) bumps the version, and the next call counts again. Writes that
-    bypass the counter (through ``.data``, numpy or a raw pointer) are not seen: after one, call
-    :func:`forget_finite`. An inference tensor has no version counter: False, and every call checks.
+    unless told that there is none. The count (one pass over the weight) is kept by the extension
+    (``fp8_weight_finite``, which the compiled graphs' ops call too) for this tensor object with its
+    version counter and data pointer: every in-place torch op (``copy_``, ``load_state_dict``, ``fill_``, a
+    write through a view) bumps the version, and the next call counts again. Writes that bypass the counter
+    (through ``.data``, numpy or a raw pointer) are not seen: after one, call :func:`forget_finite`. An
+    inference tensor has no version counter: False, and every call checks. No extension: False.
     """
-    if qdata.is_inference():
-        return False
-    key = (qdata._version, qdata.data_ptr())
-    hit = qdata.__dict__.get(_FINITE_ATTR)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    ext = _ext.load("fp8_cpu")
-    if ext is None or not hasattr(ext, "fp8_count_special"):
-        return False
-    finite = ext.fp8_count_special(qdata) == 0
-    setattr(qdata, _FINITE_ATTR, (key, finite))
-    return finite
+    fn = getattr(_ext.load("fp8_cpu"), "fp8_weight_finite", None)
+    return False if fn is None else fn(qdata)
 
 
 def forget_finite(qdata: torch.Tensor) -> None:
     """Drop :func:`weight_finite`'s count for ``qdata`` (after a write that bypassed its version counter)."""
-    qdata.__dict__.pop(_FINITE_ATTR, None)
+    fn = getattr(_ext.load("fp8_cpu"), "fp8_forget_finite", None)
+    if fn is not None:
+        fn(qdata)
+
+
+def small_m_case(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``float8_weight_only_linear_cpu`` (and, for contiguous x, ``float8_act_linear_cpu``) takes this
+    case with one C++ call on x as it is: x 2-D with a static number of rows 1 <= M <= ``TILED_MAX_M`` (a plain
+    int, not a symbolic size), and the dtypes and shapes it supports. Asked while tracing, of fake tensors: the
+    compiled graph then calls ``lowbit_cpu::fp8_small_linear`` / ``fp8_small_act_linear``, whose C++ kernels
+    make eager's call."""
+    m = x.shape[0] if x.dim() == 2 else None
+    return type(m) is int and 1 <= m <= TILED_MAX_M and _supported(x, qdata, scale, bias)
 
 
 def float8_weight_only_linear_cpu(

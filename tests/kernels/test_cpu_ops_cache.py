@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit import (Int4WeightOnlyConfig, Int8DynamicActivationInt4WeightConfig, Int8DynamicActivationInt8WeightConfig,
-                    Int8WeightOnlyConfig, PerGroup, PerTensor, quantize_)
+from lowbit import (Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig, Int8DynamicActivationInt4WeightConfig,
+                    Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, PerGroup, PerRow, PerTensor, quantize_)
 from lowbit.kernels import host
 from lowbit.kernels import _cpu_ops, _ext
 from lowbit.kernels.int4 import int4_linear, int4_weight_only_linear
@@ -25,7 +25,7 @@ INT8_VS_REF_DB = 44.0
 INT4_VS_REF_DB = 40.0
 
 OPS = ("lowbit_cpu::int8_weight_only_mm", "lowbit_cpu::int4_gemv_bf16", "lowbit_cpu::int8_int4_dynamic_linear",
-       "lowbit_cpu::w8a8_dynamic_linear")
+       "lowbit_cpu::w8a8_dynamic_linear", "lowbit_cpu::fp8_small_linear", "lowbit_cpu::fp8_small_act_linear")
 
 
 def _int8_layer(granularity, dtype=torch.bfloat16, n=96, k=256):
@@ -171,13 +171,21 @@ def test_loaded_extension_serves_the_ops_bit_for_bit(monkeypatch):
     def no_body(name="int8_gemv"):
         raise AssertionError("the PyTorch body ran although the extension's CPU kernel is registered")
 
-    e84 = _ext.load("int8_int4")
+    e84, ef8 = _ext.load("int8_int4"), _ext.load("fp8_cpu")
     l84 = _8da4w_layer()
     w84, a = l84.weight, l84.weight.act_spec
     xn = x.clone()
     xn[0, 3] = float("inf")  # a row the fused entry declines: the op's kernel gives it NaN, the other row as eager
     with torch.no_grad():
         want84, want84n = l84(x), l84(xn)
+    f8 = quantize_(nn.Linear(256, 96).to(torch.bfloat16), Float8DynamicActivationFloat8WeightConfig(PerRow())).weight
+    f8_args = (f8.qdata, f8.scale, None, 4, 32, 256)
+    f8_act = (True, f8.act_spec.eps, False, spec_key(f8.spec), spec_key(f8.act_spec))
+    if ef8 is not None:
+        want_f8 = ef8.fp8_linear(x, *f8_args, True)
+        want_f8a = ef8.fp8_linear_act(x, *f8_args, *f8_act[:3], True)
+        assert torch.equal(_cpu_ops._fp8_small_linear(x, *f8_args, spec_key(f8.spec)), want_f8)  # the body
+        assert torch.equal(_cpu_ops._fp8_small_act_linear(x, *f8_args, *f8_act), want_f8a)
 
     monkeypatch.setattr(_ext, "load", no_body)  # the dispatcher must go straight to the C++ kernel
     assert torch.equal(_cpu_ops.int8_weight_only_mm(x, w8.qdata, s8), want8)
@@ -187,6 +195,9 @@ def test_loaded_extension_serves_the_ops_bit_for_bit(monkeypatch):
         assert torch.equal(_cpu_ops.int8_int4_dynamic_linear(x, *args), want84)
         got = _cpu_ops.int8_int4_dynamic_linear(xn, *args)
         assert got[0].isnan().all() and want84n[0].isnan().all() and torch.equal(got[1], want84n[1])
+    if ef8 is not None:
+        assert torch.equal(_cpu_ops.fp8_small_linear(x, *f8_args, spec_key(f8.spec)), want_f8)
+        assert torch.equal(_cpu_ops.fp8_small_act_linear(x, *f8_args, *f8_act), want_f8a)
 
 
 # --- a graph compiled (and cached) with the extension, run by a process without it ----------------

@@ -116,19 +116,51 @@ def test_scaled_mm_path_matches_reference(act, m, device):
 
 
 @pytest.mark.parametrize("act", [False, True], ids=["weight-only", "dynamic"])
-def test_compiled_cpu_graph_runs_the_eager_route(act, compiled_vs_eager):
-    """On CPU with no gradient wanted, a compiled float8 linear calls lowbit::float8_linear_cpu /
-    lowbit::float8_act_linear_cpu (plain ops running the eager route whole), and equals eager bit for bit."""
+@pytest.mark.parametrize("m", [1, 2, 48])
+def test_compiled_cpu_graph_runs_the_eager_route(act, m, compiled_vs_eager):
+    """On CPU with no gradient wanted, a compiled float8 linear runs eager's route as one op and equals eager bit
+    for bit: at M <= TILED_MAX_M the C++-kernel ops lowbit_cpu::fp8_small_linear / fp8_small_act_linear, above it
+    lowbit::float8_linear_cpu / lowbit::float8_act_linear_cpu (plain ops running the eager route in Python)."""
     from torch import nn
 
     from lowbit import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow, quantize_
+    from lowbit.kernels._fp8_cpu import TILED_MAX_M
 
     torch.manual_seed(0)
     cfg = Float8DynamicActivationFloat8WeightConfig(PerRow()) if act else Float8WeightOnlyConfig()
     layer = quantize_(nn.Linear(256, 96).to(torch.bfloat16), cfg)
-    eager, out, ops = compiled_vs_eager(layer, torch.randn(2, 256, dtype=torch.bfloat16))
-    assert ("lowbit::float8_act_linear_cpu" if act else "lowbit::float8_linear_cpu") in ops
+    eager, out, ops = compiled_vs_eager(layer, torch.randn(m, 256, dtype=torch.bfloat16))
+    if m <= TILED_MAX_M:
+        want = "lowbit_cpu::fp8_small_act_linear" if act else "lowbit_cpu::fp8_small_linear"
+    else:
+        want = "lowbit::float8_act_linear_cpu" if act else "lowbit::float8_linear_cpu"
+    assert want in ops, sorted(o for o in ops if "lowbit" in o)
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("act", [False, True], ids=["weight-only", "dynamic"])
+def test_compiled_graph_sees_a_nan_copied_into_the_weight(act):
+    """The compiled small-M ops tell the GEMV the weight holds no NaN / inf byte from the extension's count,
+    kept per version of qdata: a copy_ into the quantized weight after compiling bumps the version, and the
+    NaN reaches the output row that uses it, as eager gives it."""
+    from torch import nn
+
+    from lowbit import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow, quantize_
+
+    cfg = Float8DynamicActivationFloat8WeightConfig(PerRow()) if act else Float8WeightOnlyConfig()
+    torch.manual_seed(0)
+    layer, other = (quantize_(nn.Linear(256, 48).to(torch.bfloat16), cfg) for _ in range(2))
+    other.weight.qdata.view(torch.uint8)[7, 3] = 0x7F  # e4m3fn NaN
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True)
+        assert bool(compiled(x).isfinite().all())
+        layer.weight.copy_(other.weight)
+        out = compiled(x)
+        eager = layer(x)
+    assert bool(out[0, 7].isnan()) and bool(out[0, torch.arange(48) != 7].isfinite().all())
+    assert torch.equal(out.nan_to_num(), eager.nan_to_num())
 
 
 def test_compiled_cpu_op_bodies_without_the_extension_are_the_reference(monkeypatch):
@@ -143,3 +175,11 @@ def test_compiled_cpu_op_bodies_without_the_extension_are_the_reference(monkeypa
     xf = fake_quantize_float8(x, act, choose_qparams_float8(x, act, check_finite=False))
     want = float8_weight_only_linear(xf, q, s, None, spec_key(spec), "reference")
     assert torch.equal(k8._float8_act_linear_cpu(x, q, s, None, spec_key(spec), spec_key(act)), want)
+    from lowbit.kernels import _cpu_ops
+    from lowbit.kernels._fp8_cpu import CHUNK_ROWS, GEMV_MAX_M, TILED_MAX_M
+
+    tuning = (GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS)  # the small-M ops' bodies (once the extension has loaded, the
+    # dispatcher sends CPU tensors to its kernels, whatever _ext.load says)
+    assert torch.equal(_cpu_ops._fp8_small_linear(x, q, s, None, *tuning, spec_key(spec)), ref)
+    assert torch.equal(_cpu_ops._fp8_small_act_linear(x, q, s, None, *tuning, True, act.eps, False, spec_key(spec),
+                                                      spec_key(act)), want)

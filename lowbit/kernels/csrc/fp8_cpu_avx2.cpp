@@ -512,6 +512,10 @@ torch::Tensor fp8_to_bf16(torch::Tensor qdata) {
   return buf;
 }
 
+// The AVX2 GEMV converts by shifts and checks every weight byte for NaN / inf unless told there is none.
+constexpr bool kCountsSpecial = true;
+#include "fp8_ops.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
@@ -530,4 +534,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("finite_weight") = false);
   m.def("fp8_to_bf16", &fp8_to_bf16, "float8 (N, K) -> bf16 (N, K), exact");
   m.def("fp8_count_special", &lowbit::fp8_count_special, "bytes of a float8 tensor that are NaN or inf", py::arg("qdata"));
+  m.def("fp8_weight_finite", &lowbit::fp8_weight_finite, "no byte of qdata is NaN / inf (counted once per version)",
+        py::arg("qdata"));
+  m.def("fp8_forget_finite", &lowbit::fp8_forget_finite, "forget fp8_weight_finite's count for qdata", py::arg("qdata"));
 }
