@@ -23,7 +23,8 @@ Supported (anything else returns None):
 
 Paths, by M = number of rows of x (thresholds measured on Zen 5, 2 threads, 8 x 4096^2 layers; the
 AVX2 build has the same paths and entry points, with float32 FMA where AVX-512 uses vdpbf16ps: bf16
-x is widened to float32 and multiplied by the exact ``q - zp``, see ``csrc/int4_cpu_avx2.cpp``):
+x is widened to float32 and multiplied by the exact ``q - zp``; at M = 1 with an int8 zero point or none,
+exact int32 sums of the nibbles times x held as two int16 planes, see ``csrc/int4_cpu_avx2.cpp``):
 
 * bfloat16, M <= ``GEMV_MAX_M``: ``gemv_bf16``, streams the packed weight once; nibbles become
   bf16 ``128 + q`` in one op, vdpbf16ps against x (bf16, permuted once per call), per-group scale

@@ -369,11 +369,95 @@ def test_gemm_small_tiles_any_m(symmetric):
 
 @pytest.mark.parametrize("symmetric", [False, True, "float-zp"], ids=["asym", "sym", "float-zp"])
 def test_gemv_rows_of_x_alone(symmetric):
-    """gemv_bf16 at M = 1..4 (N = 7: a tail past the row tiles): every row of the result equals that row of
-    x alone, bit for bit (the pairs' sums do not depend on the tile shape or on M)."""
+    """gemv_bf16 at M = 2..4 (N = 7: a tail past the row tiles): every row of the result equals that row of
+    x in a pair, bit for bit (the pairs' sums do not depend on the tile shape or on M). At M = 1 the AVX2 build
+    runs its integer GEMV (integer zero points): a row alone is then within one bf16 step of it in a pair."""
     ext = _ext.load("int4_cpu")
     qdata, s, zp, gen = _weight(7, 256, 64, symmetric, seed=5)
     x = torch.randn(4, 256, generator=gen).bfloat16()
+    pairs = torch.cat([ext.gemv_bf16(torch.stack([x[i], x[(i + 1) % 4]]), qdata, s, zp, None)[:1] for i in range(4)])
+    for m in range(2, 5):
+        assert torch.equal(ext.gemv_bf16(x[:m], qdata, s, zp, None), pairs[:m]), m
     alone = torch.cat([ext.gemv_bf16(x[i:i + 1], qdata, s, zp, None) for i in range(4)])
-    for m in range(1, 5):
-        assert torch.equal(ext.gemv_bf16(x[:m], qdata, s, zp, None), alone[:m]), m
+    if _ext.active_isa("int4_cpu") != "avx2" or symmetric == "float-zp":
+        assert torch.equal(alone, pairs)
+    else:
+        step = pairs.float().abs().clamp_min(2.0**-126) * 2.0**-7  # one bf16 step at each value, at most
+        assert bool(((alone.float() - pairs.float()).abs() <= step).all())
+
+
+# --- the AVX2 build's integer GEMV at M = 1 (csrc/int4_cpu_avx2.cpp: bf16 x as two int16 planes, vpmaddwd) ---
+# against float64 on the same bf16 x and the exact dequantized weight: the output's bf16 rounding alone, as for
+# float64's own bf16 rounding (measured 54.4 .. 58.1 dB on these data, always equal to that rounding's SQNR
+# within 0.1 dB)
+INT_GEMV_VS_FLOAT64_DB = 52.0
+
+needs_avx2_int4 = pytest.mark.skipif(_ext.active_isa("int4_cpu") != "avx2", reason="the integer GEMV is the AVX2 build's")
+
+
+def _exact(x, qdata, scale, zero_point, g, signed):
+    w = unpack_int4(qdata, signed=signed).double()
+    if zero_point is not None:
+        w = w - zero_point.double().repeat_interleave(g, 1)
+    return x.double() @ (w * scale.double().repeat_interleave(g, 1)).T
+
+
+def _wide_x(k, gen, spread=3.0):
+    """bf16 x whose magnitudes span ~2^12 within a group: most groups need the second (lo) plane."""
+    return (torch.randn(1, k, generator=gen) * torch.exp(torch.randn(1, k, generator=gen) * spread)).bfloat16()
+
+
+@needs_avx2_int4
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("shape", [(33, 256, 32), (48, 1024, 64), (96, 512, 128), (7, 1024, 256), (13, 4096, 4096),
+                                   (9, 8192, 8192)], ids=lambda s: f"N{s[0]}K{s[1]}g{s[2]}")
+@pytest.mark.parametrize("spread", [0.0, 3.0], ids=["narrow", "wide"])
+def test_integer_gemv_against_float64(shape, symmetric, spread):
+    """Every group size (8192: blocks of 2048 inside a group), tails of the 4-row tiles, x within 2^7 of its
+    groups' largest (one plane) or spread over 2^12 (two): the bf16 output is as close to float64 as float64's
+    own bf16 rounding; the bias is added in float32."""
+    n, k, g = shape
+    qdata, s, zp, gen = _weight(n, k, g, symmetric, seed=11)
+    x = _wide_x(k, gen, spread)
+    b = torch.randn(n, generator=gen)
+    got = _ext.load("int4_cpu").gemv_bf16(x, qdata, s, zp, b)
+    want = _exact(x, qdata, s, zp, g, symmetric is True) + b.double()
+    assert sqnr(want.float(), got.float()) >= INT_GEMV_VS_FLOAT64_DB
+    assert sqnr(want.float(), want.bfloat16().float()) - sqnr(want.float(), got.float()) <= 0.5
+
+
+@needs_avx2_int4
+def test_integer_gemv_extremes_do_not_overflow():
+    """The int32 lanes at their bounds: blocks of 2048 of x at the largest int16 plane value, every nibble 15 and
+    zero points -128 and 127 (zp times the lanes' sums of x near 2^30): exact against float64."""
+    ext = _ext.load("int4_cpu")
+    n, k = 4, 4096
+    qdata = torch.full((n, k // 2), 0xFF, dtype=torch.uint8)
+    s = torch.full((n, 2), 2.0**-20)
+    zp = torch.tensor([[-128, 127], [127, -128], [0, 15], [-128, -128]], dtype=torch.int8)
+    x = torch.full((1, k), 1.9921875, dtype=torch.bfloat16)  # hi = 32640, the largest
+    x[0, ::3] = -1.9921875
+    got = ext.gemv_bf16(x, qdata, s, zp, None)
+    want = _exact(x, qdata, s, zp, 2048, False)
+    assert torch.equal(got, want.bfloat16())
+
+
+@needs_avx2_int4
+def test_integer_gemv_falls_back_where_it_must():
+    """x holding inf / NaN or a tiny block (largest below 2^-100) takes the float GEMV (inf and NaN reach the
+    outputs as the reference gives them); a float zero point always does; M = 1 and the float tiles at M = 2
+    agree within one bf16 step."""
+    ext = _ext.load("int4_cpu")
+    qdata, s, zp, gen = _weight(8, 256, 64, False, seed=12)
+    x = _wide_x(256, gen)
+    xi = x.clone()
+    xi[0, 5] = float("inf")
+    ref = _reference(xi.float(), qdata, s, zp, 64)
+    got = ext.gemv_bf16(xi, qdata, s, zp, None)
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+    tiny = (x.float() * 2.0**-110).bfloat16()
+    got = ext.gemv_bf16(tiny, qdata, s, zp, None)
+    assert sqnr(_exact(tiny, qdata, s, zp, 64, False).float(), got.float()) >= INT_GEMV_VS_FLOAT64_DB
+    pair = ext.gemv_bf16(torch.cat([x, x]), qdata, s, zp, None)[:1]
+    one = ext.gemv_bf16(x, qdata, s, zp, None)
+    assert bool(((one.float() - pair.float()).abs() <= pair.float().abs() * 2.0**-7).all())

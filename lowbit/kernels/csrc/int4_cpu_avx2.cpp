@@ -9,6 +9,8 @@
 //
 // AVX2 has no bf16 dot product: bf16 x is widened to float32 (exact: a 16-bit shift) and every
 // product is a float32 FMA against the exact integer (q - zp) as float32.
+//  * gemv_bf16 at M = 1 with integer zero points (or none): the integer GEMV below (x as two int16 planes,
+//    vpmaddwd, exact int32 sums per block); otherwise:
 //  * gemv_bf16 / gemv_f32 (M <= 4 / M = 1): the packed weight is streamed once. 8 bytes become 8
 //    dwords (vpmovzxbd), whose low nibbles are the even elements and high nibbles the odd ones;
 //    (q - zp) in int32, converted to float32 exactly, FMA against a copy of x permuted once per call
@@ -42,6 +44,10 @@ namespace {
 using lowbit::par_for;
 
 constexpr int64_t kMinGroup = 32;
+
+#ifndef LOWBIT_INT4_IROWS
+#define LOWBIT_INT4_IROWS 4  // weight rows per tile of the integer GEMV at M = 1
+#endif
 constexpr int64_t kScaleAheadRows = 16;
 
 struct W4 {
@@ -296,6 +302,211 @@ void gemv_any(const W4& w, const float* xp, const float* bias, void* out, at::Sc
   }
 }
 
+// ---- integer GEMV at M = 1: bf16 x as two int16 planes (integer zero points) -----------------------
+//
+// The float GEMV above spends, per 8 weights, two int -> float conversions and two FMAs on a core that takes
+// one conversion a cycle (a Zen 2: ~2.7 packed bytes a cycle in L1, 0.41 of DRAM on 2 threads). Here each
+// block of B = min(group, 2048) elements of bf16 x becomes two int16 planes with a shared power-of-two step:
+// x = (hi + lo * 2^-15) * step, step = 2^(E - 14) where the block's largest magnitude is in [2^E, 2^(E+1)).
+// hi holds the 15 bits below 2^(E+1), lo the next 15, so every element of magnitude >= 2^(E-22) is held
+// exactly (bf16 has 8 significant bits) and a smaller one is rounded to 2^(E-29), below a float32 rounding
+// of the block's largest term. nibble * hi and nibble * lo are summed in int32 lanes by vpmaddwd, exactly
+// (a lane sums B / 16 pairs of |x| < 2^15 times a nibble <= 15); zp * (the lanes' sums of x) is taken off,
+// exactly; each block's lanes become float32 once, are scaled by s[n, g] * step and added to a float32 total
+// per lane, blocks in order; the 8 lanes by hsum8. One rounding per block instead of one per product: more
+// exact than the float GEMV (measured on random data: the SQNR of the bf16 output against float64 equals
+// that of float64's own bf16 rounding). A block whose lo plane is all zero skips the lo products.
+// Where it runs: M = 1 (at M >= 2 the float tiles share each converted weight across the rows of x with
+// 2 FMAs a cycle, where vpmaddwd runs 1 a cycle: 2 rows were level, 3 and 4 0.83x / 0.69x), integer zero
+// points or none, groups <= 2048 or a multiple of 2048, x without NaN / inf (else the float GEMV runs).
+// (The choice is per call: a NaN / inf or tiny block anywhere in x sends the whole call to the float GEMV.)
+// So a row of x alone (M = 1) and the same row among others (M = 2..4, the float tiles) can differ in the
+// last bit. x with a nonzero block whose largest magnitude is below 2^-100 (subnormals included) also takes
+// the float GEMV: the steps stay normal float32 numbers.
+// Measured (8 x 4096^2 g128, bf16 x, 2 threads, interleaved with the float GEMV in one process): 0.41 -> 0.50
+// of the DRAM probe (benchmarks/results/avx2_zen2/scratch/README.md, session 17).
+
+constexpr int64_t kMaxBlock = 2048;
+constexpr int kMinExp = -100;  // blocks of x whose largest magnitude is below 2^kMinExp: the float GEMV
+
+struct XPlanes {
+  std::vector<int16_t> hi, lo;   // (M, K): per 32 elements the 16 even ones, then the 16 odd ones
+  std::vector<float> step;       // (M, blocks): the value of one unit of hi
+  std::vector<uint8_t> uses_lo;  // (M, blocks): lo holds a nonzero value in the block
+  // (M, blocks, 8): per int32 lane of iblock's sums, the sum of the hi (lo) values that lane multiplies
+  std::vector<int32_t> sum_hi, sum_lo;
+  int64_t block = 0, blocks = 0;
+};
+
+inline float pow2f(int e) {  // 2^e for -126 <= e <= 127
+  return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128((e + 127) << 23)));
+}
+
+// The planes of x (M, K) bf16 (row stride ldx), blocks of b elements (a multiple of 32 dividing K); false
+// (nothing usable) when a value is NaN / inf.
+inline bool make_planes(const c10::BFloat16* x, int64_t M, int64_t K, int64_t ldx, int64_t b, XPlanes& p) {
+  const int64_t nb = K / b;
+  p.block = b;
+  p.blocks = nb;
+  p.hi.resize(M * K);
+  p.lo.resize(M * K);
+  p.step.resize(M * nb);
+  p.uses_lo.resize(M * nb);
+  p.sum_hi.resize(M * nb * 8);
+  p.sum_lo.resize(M * nb * 8);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i mag = _mm256_set1_epi16(0x7FFF), himask = _mm256_set1_epi32(int(0xFFFF0000u));
+  const __m256 two15 = _mm256_set1_ps(32768.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xr = reinterpret_cast<const uint16_t*>(x + m * ldx);
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t k0 = j * b;
+      __m256i mx = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k0 + b; k += 16)
+        mx = _mm256_max_epu16(mx, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k)), mag));
+      __m128i h = _mm_max_epu16(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
+      h = _mm_max_epu16(h, _mm_srli_si128(h, 8));
+      h = _mm_max_epu16(h, _mm_srli_si128(h, 4));
+      h = _mm_max_epu16(h, _mm_srli_si128(h, 2));
+      const int top = _mm_extract_epi16(h, 0);
+      if (top >= 0x7F80) return false;  // inf / NaN
+      // below 2^-100 (subnormals included) the steps would leave float32's normal range: the float GEMV
+      if (top != 0 && (top >> 7) - 127 < kMinExp) return false;
+      const int e = top == 0 ? 0 : (top >> 7) - 127;  // the largest magnitude is in [2^e, 2^(e + 1))
+      const __m256 up = _mm256_set1_ps(pow2f(14 - e));
+      p.step[m * nb + j] = pow2f(e - 14);
+      __m256i any_lo = _mm256_setzero_si256(), sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k0 + b; k += 32) {
+        __m256i hv[2][2], lv[2][2];  // [even / odd][elements k.. k+15 / k+16 .. k+31]
+        for (int half = 0; half < 2; ++half) {
+          const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k + 16 * half));
+          const __m256 ev = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16)), od = _mm256_castsi256_ps(_mm256_and_si256(d, himask));
+          const __m256 vs[2] = {_mm256_mul_ps(ev, up), _mm256_mul_ps(od, up)};  // exact: a power of two, |t| < 2^15
+          for (int eo = 0; eo < 2; ++eo) {
+            const __m256i hq = _mm256_cvtps_epi32(vs[eo]);  // nearest
+            const __m256 r = _mm256_sub_ps(vs[eo], _mm256_cvtepi32_ps(hq));  // exact, |r| <= 1/2
+            hv[eo][half] = hq;
+            lv[eo][half] = _mm256_cvtps_epi32(_mm256_mul_ps(r, two15));
+          }
+        }
+        for (int eo = 0; eo < 2; ++eo) {
+          // packs: [a0-3 b0-3 | a4-7 b4-7] -> permute to a0-7 b0-7 (elements in order)
+          const __m256i hp = _mm256_permute4x64_epi64(_mm256_packs_epi32(hv[eo][0], hv[eo][1]), 0xD8);
+          const __m256i lp = _mm256_permute4x64_epi64(_mm256_packs_epi32(lv[eo][0], lv[eo][1]), 0xD8);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.hi.data() + m * K + k + 16 * eo), hp);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.lo.data() + m * K + k + 16 * eo), lp);
+          any_lo = _mm256_or_si256(any_lo, lp);
+          sh = _mm256_add_epi32(sh, _mm256_madd_epi16(hp, ones));
+          sl = _mm256_add_epi32(sl, _mm256_madd_epi16(lp, ones));
+        }
+      }
+      p.uses_lo[m * nb + j] = !_mm256_testz_si256(any_lo, any_lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.sum_hi.data() + (m * nb + j) * 8), sh);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.sum_lo.data() + (m * nb + j) * 8), sl);
+    }
+  }
+  return true;
+}
+
+// The nibbles of 32 elements from 16 packed bytes, as int16 in [0, 15]: ev = elements 0, 2, .., 30, od = 1, 3,
+// .., 31. kSym nibbles are two's complement, taken as (nibble ^ 8) with zero point 8.
+template <int Z>
+inline void nib32(const uint8_t* p, __m256i& ev, __m256i& od) {
+  __m256i d = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  if constexpr (Z == kSym) d = _mm256_xor_si256(d, _mm256_set1_epi16(0x88));
+  ev = _mm256_and_si256(d, _mm256_set1_epi16(0x0F));
+  od = _mm256_srli_epi16(d, 4);
+}
+
+inline int zp_of(const W4& w, int64_t n, int64_t g) { return w.zp ? int(w.zp[n * w.G + g]) : 8; }
+
+// Block j of R rows of W (n0 ..) x the planes: the nibbles times hi (and, when LO, lo) summed in int32 lanes,
+// the zero point's share (zp times the lanes' sums of x, xp.sum_hi / sum_lo) taken off, the lanes made
+// float32, scaled by s[n, g] * step and added to tot.
+template <int Z, int R, bool LO>
+inline void iblock(const W4& w, const XPlanes& xp, int64_t n0, int64_t j, float (&tot)[R][8]) {
+  const int64_t b = xp.block, k0 = j * b, g = k0 / w.gs;
+  const uint8_t* qr[R];
+  for (int r = 0; r < R; ++r) qr[r] = w.q + (n0 + r) * w.rb;
+  __m256i ah[R], al[R];
+  for (int r = 0; r < R; ++r) ah[r] = al[r] = _mm256_setzero_si256();
+  for (int64_t k = k0; k < k0 + b; k += 32) {
+    const int64_t kb = k >> 1;
+    if ((k & 127) == 0)
+      for (int r = 0; r < R; ++r) lowbit::prefetch_stream(qr[r] + kb);
+    const __m256i* h = reinterpret_cast<const __m256i*>(xp.hi.data() + k);
+    const __m256i he = _mm256_loadu_si256(h), ho = _mm256_loadu_si256(h + 1);
+    __m256i le, lo;
+    if constexpr (LO) {
+      const __m256i* l = reinterpret_cast<const __m256i*>(xp.lo.data() + k);
+      le = _mm256_loadu_si256(l);
+      lo = _mm256_loadu_si256(l + 1);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m256i ev, od;
+      nib32<Z>(qr[r] + kb, ev, od);
+      ah[r] = _mm256_add_epi32(ah[r], _mm256_add_epi32(_mm256_madd_epi16(ev, he), _mm256_madd_epi16(od, ho)));
+      if constexpr (LO)
+        al[r] = _mm256_add_epi32(al[r], _mm256_add_epi32(_mm256_madd_epi16(ev, le), _mm256_madd_epi16(od, lo)));
+    }
+  }
+  const __m256 inv15 = _mm256_set1_ps(1.f / 32768.f);
+  const __m256i sh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp.sum_hi.data() + j * 8));
+  const __m256i sl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp.sum_lo.data() + j * 8));
+  for (int r = 0; r < R; ++r) {
+    const __m256i zv = _mm256_set1_epi32(zp_of(w, n0 + r, g));
+    __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(ah[r], _mm256_mullo_epi32(zv, sh)));
+    if (LO) v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(al[r], _mm256_mullo_epi32(zv, sl))), inv15, v);
+    const __m256 sc = _mm256_set1_ps(w.s[(n0 + r) * w.G + g] * xp.step[j]);
+    _mm256_store_ps(tot[r], _mm256_fmadd_ps(v, sc, _mm256_load_ps(tot[r])));
+  }
+}
+
+template <int Z, int R>
+inline void igemv_rows(const W4& w, const XPlanes& xp, int64_t n0, const float* bias, void* out, at::ScalarType ot) {
+  const int64_t G = w.G;
+  alignas(32) float tot[R][8] = {};
+  if (n0 + kScaleAheadRows + R <= w.N) {  // the scales and zero points: streams the weight prefetch does not cover
+    const char* sa = reinterpret_cast<const char*>(w.s + (n0 + kScaleAheadRows) * G);
+    for (int64_t i = 0; i < R * G * 4; i += 64) _mm_prefetch(sa + i, _MM_HINT_T0);
+    if (Z == kIntZp) {
+      const char* za = reinterpret_cast<const char*>(w.zp + (n0 + kScaleAheadRows) * G);
+      for (int64_t i = 0; i < R * G; i += 64) _mm_prefetch(za + i, _MM_HINT_T0);
+    }
+  }
+  for (int64_t j = 0; j < xp.blocks; ++j) {
+    if (xp.uses_lo[j]) iblock<Z, R, true>(w, xp, n0, j, tot);
+    else iblock<Z, R, false>(w, xp, n0, j, tot);
+  }
+  for (int r = 0; r < R; ++r) {
+    float v = hsum8(_mm256_load_ps(tot[r]));
+    if (bias) v += bias[n0 + r];
+    store_out(out, ot, n0 + r, v);
+  }
+}
+
+template <int Z>
+void igemv_impl(const W4& w, const XPlanes& xp, const float* bias, void* out, at::ScalarType ot) {
+  constexpr int R = LOWBIT_INT4_IROWS;
+  const int64_t nb = (w.N + R - 1) / R;
+  par_for(0, nb, 4, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n0 = i * R;
+      if (n0 + R <= w.N) igemv_rows<Z, R>(w, xp, n0, bias, out, ot);
+      else
+        for (int64_t n = n0; n < w.N; ++n) igemv_rows<Z, 1>(w, xp, n, bias, out, ot);
+    }
+  });
+}
+
+// The integer GEMV's block length for this weight, or 0 where it does not apply (see above).
+inline int64_t int_block(const W4& w) {
+  if (w.zf) return 0;
+  if (w.gs <= kMaxBlock) return w.gs;
+  return w.gs % kMaxBlock == 0 ? kMaxBlock : 0;
+}
+
 // ---- small-M GEMM --------------------------------------------------------------------------------
 
 // 4 rows of W dequantized exactly into a float32 buffer, then tile_f32.h's 4 x 3 tiles over every row of x.
@@ -345,9 +556,18 @@ static torch::Tensor gemv_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch
     xq.resize(M * w.K);
     fp8_act::fake_quant_into(x.contiguous(), xq.data(), w.K, *act);
   }
-  const std::vector<float> xp = act ? permute_x(xq.data(), M, w.K, w.K) : permute_x(x.data_ptr<c10::BFloat16>(), M, w.K, x.stride(0));
+  const c10::BFloat16* xb = act ? xq.data() : x.data_ptr<c10::BFloat16>();
+  const int64_t ldx = act ? w.K : x.stride(0);
   auto out = torch::empty({M, w.N}, x.options());
   void* op = out.data_ptr();
+  thread_local XPlanes planes;
+  const int64_t block = int_block(w);
+  if (M == 1 && block > 0 && make_planes(xb, 1, w.K, ldx, block, planes)) {
+    if (w.zp) igemv_impl<kIntZp>(w, planes, bp, op, at::kBFloat16);
+    else igemv_impl<kSym>(w, planes, bp, op, at::kBFloat16);
+    return out;
+  }
+  const std::vector<float> xp = permute_x(xb, M, w.K, ldx);
   switch (M) {
     case 1: gemv_any<1>(w, xp.data(), bp, op, at::kBFloat16); break;
     case 2: gemv_any<2>(w, xp.data(), bp, op, at::kBFloat16); break;
