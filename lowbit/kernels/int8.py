@@ -53,8 +53,13 @@ _EXT_MAX_M = 8
 # _weight_int8pack_mm (optimum-quanto's path) and of bf16 at every M = 1..16 on 8 x 4096^2 and on
 # SmolLM2's 211 decode linears (benchmarks/results/int8_small_m_2t.json: 2 threads, quiet; ms for
 # 8 x 4096^2 bf16 x, ours as routed here / _weight_int8pack_mm; int8_small_m_1t.json: 1 thread, loaded,
-# same order): M = 1: 8.5 / 13.4, M = 4: 16.2 / 24.9, M = 16: 32.2 / 65.1
-_EXT_MAX_M_AVX2 = 16
+# same order): M = 1: 8.5 / 13.4, M = 4: 16.2 / 24.9, M = 16: 32.2 / 65.1. Above 16 the tiles (4 rows of x a
+# pass, the 3 weight rows in L1) also beat the chunked path (float32 at::mm on converted chunks: this CPU has no
+# native bf16 matmul), ms chunked / tiles, 2 threads, Zen 2 (benchmarks/results/avx2_zen2/scratch/
+# int8wo_tiles_vs_chunked.py): 4 x 4096^2 M = 24: 77.1 / 26.1, M = 32: 77.9 / 35.4, M = 64: 107.2 / 69.3,
+# M = 128: 169.0 / 138.8, M = 192: 239.0 / 210.8, M = 256: 297.5 / 282.2; 75 x (1536, 576) M = 32: 96.5 / 44.4,
+# M = 128: 208.6 / 171.5, M = 192: 272.5 / 253.9, M = 256: 344.1 / 345.2.
+_EXT_MAX_M_AVX2 = 192
 _INT8PACK_MAX_M = 8  # _weight_int8pack_mm beats bf16 up to M=8 (1.2x), loses from M=16 (0.7x)
 _CHUNK_BYTES = 2 << 20  # a converted chunk of rows: 256 x 4096 bf16 = 2 MiB stays in cache (measured best at 4096)
 # CPUs without int8 dot products (benchmarks/cpu_paths.py -> results/cpu_paths.json; quiet AVX2 EPYC, 2
