@@ -32,9 +32,9 @@ exact int32 sums of the nibbles times x held as two int16 planes, see ``csrc/int
   per-group sums of x. Float32
   accumulation; the weight is used unrounded (the reference rounds it to bf16 first), so results
   differ from the reference by about the reference's own rounding (~50 dB SQNR).
-* bfloat16, M <= ``SMALL_MAX_M``: ``gemm_small_bf16``, same math, each unpacked weight pair
+* bfloat16, M <= ``small_max_m()`` (``SMALL_MAX_M``; the AVX2 build ``SMALL_MAX_M_AVX2``): ``gemm_small_bf16``, same math, each unpacked weight pair
   applied to 16 rows of x per instruction (register tile of W rows x 16-row blocks of x).
-* bfloat16 above ``SMALL_MAX_M`` (the AVX-512 build): ``gemm_bf16``, a bf16 GEMM (``csrc/gemm_bf16.h``)
+* bfloat16 above ``small_max_m()`` (the AVX-512 build): ``gemm_bf16``, a bf16 GEMM (``csrc/gemm_bf16.h``)
   whose 64-row panels are dequantized exactly (the reference's bf16 values) per call inside the
   GEMM, in L2; float32 sums, one rounding of the output. SmolLM2's seven linears at M = 128, g64:
   1.12-1.18x bf16 where the chunked path ran 0.67-0.94x; 4096^2 g128 M = 256: 0.99x (chunked 0.92-0.96x)
@@ -57,12 +57,23 @@ import torch
 
 from lowbit.kernels import _cpu_ops, _ext, host
 
-__all__ = ["int4_linear_cpu", "available", "direct_gemv_fp8_act", "direct_gemv_fp8_act_fn", "GEMV_MAX_M", "SMALL_MAX_M", "CHUNK_ROWS", "MIN_GROUP"]
+__all__ = ["int4_linear_cpu", "available", "direct_gemv_fp8_act", "direct_gemv_fp8_act_fn", "small_max_m", "GEMV_MAX_M",
+           "SMALL_MAX_M", "SMALL_MAX_M_AVX2", "CHUNK_ROWS", "MIN_GROUP"]
 
 GEMV_MAX_M = 4  # bf16: gemv_bf16 up to here (2.7x bf16 at M=4, 1 thread)
 SMALL_MAX_M = 32  # bf16: gemm_small_bf16 up to here, then the chunked dequantize + mm
+# The AVX2 build: gemm_small_bf16 (tile_f32.h's 4 x 3 tiles, its C++ limit 64) against the chunked path
+# (float32 at::mm: no native bf16 matmul), ms for 2 x 4096^2 g128, 2 threads, Zen 2 (benchmarks/results/
+# avx2_zen2/scratch/int4_fp8_small_m_vs_chunked.py): M = 32 15.4 / 43.0, 48 21.5 / 50.1, 64 29.8 / 59.4.
+SMALL_MAX_M_AVX2 = 64
 CHUNK_ROWS = 1024  # rows of W per mm (256-row slices measured 15% slower than one mm; 1024 equal)
 MIN_GROUP = 32  # smallest group size (a power of two) the kernels take: gemv_f32 steps 32 elements
+
+
+def small_max_m() -> int:
+    """The largest M ``gemm_small_bf16`` serves for bf16 x: it depends on the build that runs (``_ext.active_isa``)."""
+    return SMALL_MAX_M_AVX2 if _ext.active_isa("int4_cpu") == "avx2" else SMALL_MAX_M
+
 
 _DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 _ZP_DTYPES = (torch.int8, torch.float32)  # integer / float zero-point domain
@@ -206,7 +217,7 @@ def int4_linear_cpu(
         zero_point = zero_point.contiguous()
     if x.dtype == torch.bfloat16 and m <= GEMV_MAX_M:
         out = ext.gemv_bf16(x2, qdata, scale, zero_point, bias)
-    elif x.dtype == torch.bfloat16 and m <= SMALL_MAX_M:
+    elif x.dtype == torch.bfloat16 and m <= small_max_m():
         out = ext.gemm_small_bf16(x2, qdata, scale, zero_point, bias)
     elif x.dtype != torch.bfloat16 and m == 1:
         out = ext.gemv_f32(x2, qdata, scale, zero_point, bias)

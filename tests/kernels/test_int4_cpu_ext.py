@@ -55,7 +55,7 @@ def _reference(x, qdata, scale, zero_point, g, bias=None):
 
 
 def _bound(dtype, m):
-    if dtype == torch.bfloat16 and m <= _int4_cpu.SMALL_MAX_M:
+    if dtype == torch.bfloat16 and m <= _int4_cpu.small_max_m():
         return BF16_DPBF16_DB
     if dtype != torch.bfloat16 and m == 1:
         return GEMV_F32_DB[dtype]
