@@ -330,10 +330,10 @@ constexpr int64_t kMaxBlock = 2048;
 constexpr int kMinExp = -100;  // blocks of x whose largest magnitude is below 2^kMinExp: the float GEMV
 
 struct XPlanes {
-  std::vector<int16_t> hi, lo;   // (M, K): per 32 elements the 16 even ones, then the 16 odd ones
-  std::vector<float> step;       // (M, blocks): the value of one unit of hi
-  std::vector<uint8_t> uses_lo;  // (M, blocks): lo holds a nonzero value in the block
-  // (M, blocks, 8): per int32 lane of iblock's sums, the sum of the hi (lo) values that lane multiplies
+  std::vector<int16_t> hi, lo;   // (K): per 32 elements the 16 even ones, then the 16 odd ones
+  std::vector<float> step;       // (blocks): the value of one unit of hi
+  std::vector<uint8_t> uses_lo;  // (blocks): lo holds a nonzero value in the block
+  // (blocks, 8): per int32 lane of iblock's sums, the sum of the hi (lo) values that lane multiplies
   std::vector<int32_t> sum_hi, sum_lo;
   int64_t block = 0, blocks = 0;
 };
@@ -342,68 +342,71 @@ inline float pow2f(int e) {  // 2^e for -126 <= e <= 127
   return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128((e + 127) << 23)));
 }
 
-// The planes of x (M, K) bf16 (row stride ldx), blocks of b elements (a multiple of 32 dividing K); false
-// (nothing usable) when a value is NaN / inf.
-inline bool make_planes(const c10::BFloat16* x, int64_t M, int64_t K, int64_t ldx, int64_t b, XPlanes& p) {
+// v rounded to the nearest integer (ties to even) whatever MXCSR's rounding mode, as int32.
+inline __m256i round_i32(__m256 v) {
+  return _mm256_cvttps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// The planes of one row of x (K bf16 values), blocks of b elements (a multiple of 32 dividing K); false
+// (nothing usable) when a value is NaN / inf or a nonzero block is below 2^kMinExp.
+inline bool make_planes(const c10::BFloat16* x, int64_t K, int64_t b, XPlanes& p) {
   const int64_t nb = K / b;
   p.block = b;
   p.blocks = nb;
-  p.hi.resize(M * K);
-  p.lo.resize(M * K);
-  p.step.resize(M * nb);
-  p.uses_lo.resize(M * nb);
-  p.sum_hi.resize(M * nb * 8);
-  p.sum_lo.resize(M * nb * 8);
+  p.hi.resize(K);
+  p.lo.resize(K);
+  p.step.resize(nb);
+  p.uses_lo.resize(nb);
+  p.sum_hi.resize(nb * 8);
+  p.sum_lo.resize(nb * 8);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i mag = _mm256_set1_epi16(0x7FFF), himask = _mm256_set1_epi32(int(0xFFFF0000u));
   const __m256 two15 = _mm256_set1_ps(32768.f);
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* xr = reinterpret_cast<const uint16_t*>(x + m * ldx);
-    for (int64_t j = 0; j < nb; ++j) {
-      const int64_t k0 = j * b;
-      __m256i mx = _mm256_setzero_si256();
-      for (int64_t k = k0; k < k0 + b; k += 16)
-        mx = _mm256_max_epu16(mx, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k)), mag));
-      __m128i h = _mm_max_epu16(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
-      h = _mm_max_epu16(h, _mm_srli_si128(h, 8));
-      h = _mm_max_epu16(h, _mm_srli_si128(h, 4));
-      h = _mm_max_epu16(h, _mm_srli_si128(h, 2));
-      const int top = _mm_extract_epi16(h, 0);
-      if (top >= 0x7F80) return false;  // inf / NaN
-      // below 2^-100 (subnormals included) the steps would leave float32's normal range: the float GEMV
-      if (top != 0 && (top >> 7) - 127 < kMinExp) return false;
-      const int e = top == 0 ? 0 : (top >> 7) - 127;  // the largest magnitude is in [2^e, 2^(e + 1))
-      const __m256 up = _mm256_set1_ps(pow2f(14 - e));
-      p.step[m * nb + j] = pow2f(e - 14);
-      __m256i any_lo = _mm256_setzero_si256(), sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
-      for (int64_t k = k0; k < k0 + b; k += 32) {
-        __m256i hv[2][2], lv[2][2];  // [even / odd][elements k.. k+15 / k+16 .. k+31]
-        for (int half = 0; half < 2; ++half) {
-          const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k + 16 * half));
-          const __m256 ev = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16)), od = _mm256_castsi256_ps(_mm256_and_si256(d, himask));
-          const __m256 vs[2] = {_mm256_mul_ps(ev, up), _mm256_mul_ps(od, up)};  // exact: a power of two, |t| < 2^15
-          for (int eo = 0; eo < 2; ++eo) {
-            const __m256i hq = _mm256_cvtps_epi32(vs[eo]);  // nearest
-            const __m256 r = _mm256_sub_ps(vs[eo], _mm256_cvtepi32_ps(hq));  // exact, |r| <= 1/2
-            hv[eo][half] = hq;
-            lv[eo][half] = _mm256_cvtps_epi32(_mm256_mul_ps(r, two15));
-          }
-        }
+  const uint16_t* xr = reinterpret_cast<const uint16_t*>(x);
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t k0 = j * b;
+    __m256i mx = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k0 + b; k += 16)
+      mx = _mm256_max_epu16(mx, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k)), mag));
+    __m128i h = _mm_max_epu16(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
+    h = _mm_max_epu16(h, _mm_srli_si128(h, 8));
+    h = _mm_max_epu16(h, _mm_srli_si128(h, 4));
+    h = _mm_max_epu16(h, _mm_srli_si128(h, 2));
+    const int top = _mm_extract_epi16(h, 0);
+    if (top >= 0x7F80) return false;  // inf / NaN
+    // below 2^-100 (subnormals included) the steps would leave float32's normal range: the float GEMV
+    if (top != 0 && (top >> 7) - 127 < kMinExp) return false;
+    const int e = top == 0 ? 0 : (top >> 7) - 127;  // the largest magnitude is in [2^e, 2^(e + 1))
+    const __m256 up = _mm256_set1_ps(pow2f(14 - e));
+    p.step[j] = pow2f(e - 14);
+    __m256i any_lo = _mm256_setzero_si256(), sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k0 + b; k += 32) {
+      __m256i hv[2][2], lv[2][2];  // [even / odd][elements k .. k+15 / k+16 .. k+31]
+      for (int half = 0; half < 2; ++half) {
+        const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k + 16 * half));
+        const __m256 ev = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16)), od = _mm256_castsi256_ps(_mm256_and_si256(d, himask));
+        const __m256 vs[2] = {_mm256_mul_ps(ev, up), _mm256_mul_ps(od, up)};  // exact: a power of two, |t| < 2^15
         for (int eo = 0; eo < 2; ++eo) {
-          // packs: [a0-3 b0-3 | a4-7 b4-7] -> permute to a0-7 b0-7 (elements in order)
-          const __m256i hp = _mm256_permute4x64_epi64(_mm256_packs_epi32(hv[eo][0], hv[eo][1]), 0xD8);
-          const __m256i lp = _mm256_permute4x64_epi64(_mm256_packs_epi32(lv[eo][0], lv[eo][1]), 0xD8);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.hi.data() + m * K + k + 16 * eo), hp);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.lo.data() + m * K + k + 16 * eo), lp);
-          any_lo = _mm256_or_si256(any_lo, lp);
-          sh = _mm256_add_epi32(sh, _mm256_madd_epi16(hp, ones));
-          sl = _mm256_add_epi32(sl, _mm256_madd_epi16(lp, ones));
+          const __m256i hq = round_i32(vs[eo]);
+          const __m256 r = _mm256_sub_ps(vs[eo], _mm256_cvtepi32_ps(hq));  // exact, |r| <= 1/2
+          hv[eo][half] = hq;
+          lv[eo][half] = round_i32(_mm256_mul_ps(r, two15));
         }
       }
-      p.uses_lo[m * nb + j] = !_mm256_testz_si256(any_lo, any_lo);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.sum_hi.data() + (m * nb + j) * 8), sh);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.sum_lo.data() + (m * nb + j) * 8), sl);
+      for (int eo = 0; eo < 2; ++eo) {
+        // packs: [a0-3 b0-3 | a4-7 b4-7] -> permute to a0-7 b0-7 (elements in order)
+        const __m256i hp = _mm256_permute4x64_epi64(_mm256_packs_epi32(hv[eo][0], hv[eo][1]), 0xD8);
+        const __m256i lp = _mm256_permute4x64_epi64(_mm256_packs_epi32(lv[eo][0], lv[eo][1]), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.hi.data() + k + 16 * eo), hp);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.lo.data() + k + 16 * eo), lp);
+        any_lo = _mm256_or_si256(any_lo, lp);
+        sh = _mm256_add_epi32(sh, _mm256_madd_epi16(hp, ones));
+        sl = _mm256_add_epi32(sl, _mm256_madd_epi16(lp, ones));
+      }
     }
+    p.uses_lo[j] = !_mm256_testz_si256(any_lo, any_lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.sum_hi.data() + j * 8), sh);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.sum_lo.data() + j * 8), sl);
   }
   return true;
 }
@@ -562,7 +565,7 @@ static torch::Tensor gemv_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch
   void* op = out.data_ptr();
   thread_local XPlanes planes;
   const int64_t block = int_block(w);
-  if (M == 1 && block > 0 && make_planes(xb, 1, w.K, ldx, block, planes)) {
+  if (M == 1 && block > 0 && make_planes(xb, w.K, block, planes)) {
     if (w.zp) igemv_impl<kIntZp>(w, planes, bp, op, at::kBFloat16);
     else igemv_impl<kSym>(w, planes, bp, op, at::kBFloat16);
     return out;
