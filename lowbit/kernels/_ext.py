@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "status", "active_isa", "kernel_report", "needed_features", "forced_isa", "BUILDS", "ISAS", "OK",
+__all__ = ["load", "status", "active_isa", "fitting_isa", "kernel_report", "needed_features", "forced_isa", "BUILDS", "ISAS", "OK",
            "DISABLED"]
 
 _log = logging.getLogger(__name__)
@@ -257,6 +257,26 @@ def active_isa(name: str) -> str | None:
     """
     load(name)
     return _LOADED[name][2]
+
+
+def fitting_isa(name: str) -> str | None:
+    """The instruction set of the build of kernel ``name`` this CPU runs (``LOWBIT_ISA`` honoured), whether or not
+    it is built, loads or is disabled by ``LOWBIT_NO_EXT``; None on a CPU no build fits. For choices made while a
+    graph is traced that must not depend on whether the extension loaded: torch.compile's on-disk caches key a
+    graph without them, so a graph traced with the extension can be served to a run without it (the ops' bodies
+    then compute the reference).
+
+    Raises:
+        ValueError: unknown ``name``, or ``LOWBIT_ISA`` is invalid.
+    """
+    _check_name(name)
+    if platform.machine() != "x86_64":
+        return None
+    flags, forced = _cpu_flags(), forced_isa()
+    for b in BUILDS[name]:
+        if (forced is None or b.isa == forced) and not _missing(b, flags):
+            return b.isa
+    return None
 
 
 def kernel_report() -> list[str]:

@@ -20,8 +20,8 @@ module constants):
 
 * bf16, M <= ``GEMV_MAX_M``: fused GEMV: float8 converted to bf16 in registers (exact, a
   256-entry table via vpermt2b), vdpbf16ps with float32 accumulation, the weight streamed once;
-* bf16, M <= ``TILED_MAX_M``: 4 weight rows converted to an L1 scratch, 4x4 vdpbf16ps tiles;
-* bf16 above ``TILED_MAX_M`` (K even): ``csrc/gemm_bf16.h``'s GEMM, 64-row panels of the weight
+* bf16, M <= ``tiled_max_m()``: 4 weight rows converted to an L1 scratch, 4x4 vdpbf16ps tiles;
+* bf16 above ``tiled_max_m()`` (K even): ``csrc/gemm_bf16.h``'s GEMM, 64-row panels of the weight
   converted exactly per call inside the GEMM (in L2), the scale and bias applied to the float32 sums
   (4096^2 M = 256: 1.02x bf16 where the chunked path ran 0.93x; SmolLM2's linears at M = 128 1.24x);
 * otherwise (float32 / float16 x above ``TILED_MAX_M``, or an odd K): one parallel region in which each thread takes a
@@ -49,15 +49,31 @@ import torch
 from lowbit.kernels import _ext, host
 
 __all__ = ["float8_weight_only_linear_cpu", "float8_act_linear_cpu", "act_linear_fn", "weight_finite", "forget_finite",
-           "small_m_case", "GEMV_MAX_M", "TILED_MAX_M", "CHUNK_ROWS"]
+           "small_m_case", "tiled_max_m", "GEMV_MAX_M", "TILED_MAX_M", "TILED_MAX_M_AVX2", "CHUNK_ROWS"]
 
 # Measured on the 8 x Linear(4096, 4096) bf16 stack (2 threads, medians of interleaved runs):
 # M=1 GEMV 3.38 ms vs tiled 5.59 vs chunks 9.5-10.3; M=16 tiled 12.16 vs chunks(512) 12.19;
 # M=32 tiled 17.24 vs chunks 17.33; M=64 tiled 29.45 vs chunks(256) 27.15 (eager 25.52);
 # M=256 chunks of 256 rows 81.9 vs 512 rows 83.7 (eager 79.4).
 GEMV_MAX_M = 4  # fused GEMV up to here (the kernel supports at most 4)
-TILED_MAX_M = 32  # scratch + 4x4 vdpbf16ps tiles for GEMV_MAX_M < M <= TILED_MAX_M
+TILED_MAX_M = 32  # scratch + 4x4 vdpbf16ps tiles for GEMV_MAX_M < M <= TILED_MAX_M (the AVX-512 build)
+# The AVX2 build's tiles (float32 FMA) against its chunked path, which widens x to float32 for at::mm on a CPU
+# without native bf16 matmul (Zen 2, 2 threads, benchmarks/results/avx2_zen2/scratch/fp8_tiled_cap_m.py): ahead
+# at every M measured, weight-only and with dynamic float8 activations: 2 x 4096^2 1.75x at M = 33, 1.46x at 64,
+# 1.19x at 128, 1.11x at 192; SmolLM2's shapes 1.40x / 1.22x / 1.13x / 1.13x.
+TILED_MAX_M_AVX2 = 192
 CHUNK_ROWS = 256  # chunked path: rows converted per at::mm call
+
+_TILED: list[int] = []  # tiled_max_m's answer (the CPU and LOWBIT_ISA do not change within a process)
+
+
+def tiled_max_m() -> int:
+    """The largest M the kernel's tiled path serves: it depends on the build (``TILED_MAX_M_AVX2`` for the AVX2
+    one). Taken from the build this CPU runs (``_ext.fitting_isa``), not from whether it loaded: a compiled
+    graph's route (``small_m_case``) must be the same with and without the extension."""
+    if not _TILED:
+        _TILED.append(TILED_MAX_M_AVX2 if _ext.fitting_isa("fp8_cpu") == "avx2" else TILED_MAX_M)
+    return _TILED[0]
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _X_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
@@ -105,12 +121,12 @@ def forget_finite(qdata: torch.Tensor) -> None:
 
 def small_m_case(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether ``float8_weight_only_linear_cpu`` (and, for contiguous x, ``float8_act_linear_cpu``) takes this
-    case with one C++ call on x as it is: x 2-D with a static number of rows 1 <= M <= ``TILED_MAX_M`` (a plain
+    case with one C++ call on x as it is: x 2-D with a static number of rows 1 <= M <= ``tiled_max_m()`` (a plain
     int, not a symbolic size), and the dtypes and shapes it supports. Asked while tracing, of fake tensors: the
     compiled graph then calls ``lowbit_cpu::fp8_small_linear`` / ``fp8_small_act_linear``, whose C++ kernels
     make eager's call."""
     m = x.shape[0] if x.dim() == 2 else None
-    return type(m) is int and 1 <= m <= TILED_MAX_M and _supported(x, qdata, scale, bias)
+    return type(m) is int and 1 <= m <= tiled_max_m() and _supported(x, qdata, scale, bias)
 
 
 def float8_weight_only_linear_cpu(
@@ -134,13 +150,14 @@ def float8_weight_only_linear_cpu(
         return None
     n, k = qdata.shape
     x2 = x.reshape(-1, k)
-    dtype = host.matmul_dtype(x.dtype) if x2.shape[0] > TILED_MAX_M else x.dtype
+    tiled = tiled_max_m()
+    dtype = host.matmul_dtype(x.dtype) if x2.shape[0] > tiled else x.dtype
     if dtype != x.dtype:  # the chunked path in float32: the CPU has no native bf16/fp16 matmul
         out = ext.fp8_linear(x2.to(dtype), qdata, scale, None if bias is None else bias.to(dtype),
-                             GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS).to(x.dtype)
+                             GEMV_MAX_M, tiled, CHUNK_ROWS).to(x.dtype)
     else:
         finite = x2.shape[0] <= GEMV_MAX_M and weight_finite(qdata)
-        out = ext.fp8_linear(x2, qdata, scale, bias, GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS, finite)
+        out = ext.fp8_linear(x2, qdata, scale, bias, GEMV_MAX_M, tiled, CHUNK_ROWS, finite)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -169,7 +186,7 @@ def float8_act_linear_cpu(
 ) -> torch.Tensor | None:
     """``float8_weight_only_linear_cpu(fake_quantize_float8(x), qdata, scale, bias)`` for dynamic float8
     activations in one C++ call (:func:`act_linear_fn`), bit for bit; None where it does not apply:
-    x not a contiguous 2-D CPU tensor with 1 <= M <= ``TILED_MAX_M`` (above, the weight-only path may
+    x not a contiguous 2-D CPU tensor with 1 <= M <= ``tiled_max_m()`` (above, the weight-only path may
     widen x first), a gradient wanted, a case ``float8_weight_only_linear_cpu`` does not take, or no
     extension.
 
@@ -180,7 +197,7 @@ def float8_act_linear_cpu(
         eps: the scale's floor (the activation spec's ``eps``), > 0.
         e5m2: activations as float8_e5m2 (True) or float8_e4m3fn (False).
     """
-    if (x.dim() != 2 or not 1 <= x.shape[0] <= TILED_MAX_M or not x.is_contiguous()
+    if (x.dim() != 2 or not 1 <= x.shape[0] <= tiled_max_m() or not x.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
             or not _supported(x, qdata, scale, bias)):
         return None
@@ -188,4 +205,4 @@ def float8_act_linear_cpu(
     if fn is None:
         return None
     finite = x.shape[0] <= GEMV_MAX_M and weight_finite(qdata)
-    return fn(x, qdata, scale, bias, GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS, per_token, eps, e5m2, finite)
+    return fn(x, qdata, scale, bias, GEMV_MAX_M, tiled_max_m(), CHUNK_ROWS, per_token, eps, e5m2, finite)

@@ -263,7 +263,7 @@ def _fp8_act_rule(act_spec: QuantSpec, dtype) -> tuple[bool, float, bool] | None
 
 def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: str, dtype: torch.dtype) -> Plan | None:
     """The decode plan of a ``Float8Tensor``'s fields, or None: weight-only (the op's CPU body at
-    M <= ``TILED_MAX_M``), dynamic float8 activations (the fake quantization inside the same call) or a
+    M <= ``tiled_max_m()``), dynamic float8 activations (the fake quantization inside the same call) or a
     static activation scale (the routing's C++ fake quantization, then the weight-only call; the scale
     read from its tensor on every call, so an in-place edit is seen)."""
     if kernel != "auto" or act_pre_scale is not None or not _weight_ok(qdata, scale, act_scale):
@@ -275,7 +275,7 @@ def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: s
     if ext is None:
         return None
     n = qdata.shape[0]
-    gemv, tiled, chunk = _fp8_cpu.GEMV_MAX_M, _fp8_cpu.TILED_MAX_M, _fp8_cpu.CHUNK_ROWS
+    gemv, tiled, chunk = _fp8_cpu.GEMV_MAX_M, _fp8_cpu.tiled_max_m(), _fp8_cpu.CHUNK_ROWS
 
     if act_spec is None:
         def run(x, bias):
@@ -314,7 +314,7 @@ def _float8_static(ext, qdata, scale, act_scale, act_spec: QuantSpec, dtype) -> 
     one_call = _fp8_cpu.act_static_linear_fn()
     _, eps, e5m2 = rule
     n = qdata.shape[0]
-    gemv, tiled, chunk = _fp8_cpu.GEMV_MAX_M, _fp8_cpu.TILED_MAX_M, _fp8_cpu.CHUNK_ROWS
+    gemv, tiled, chunk = _fp8_cpu.GEMV_MAX_M, _fp8_cpu.tiled_max_m(), _fp8_cpu.CHUNK_ROWS
     s_x = act_scale.reshape(-1)  # a view
 
     def run(x, bias):

@@ -18,10 +18,10 @@ primitives when they are quantized), then ``F.linear``. Fast paths:
   On CPU with no gradient wanted, that fake quantization is one C++ pass (``_fake_quantize_cpu``:
   ``csrc/fp8_act.h`` in the ``int8_act`` kernel, the primitives' float32 ops and torch's own
   float8 / bf16 conversions, bit for bit) instead of about eight aten ops; for dynamic scales at
-  M <= ``_fp8_cpu.TILED_MAX_M`` it runs inside the weight-only kernel's own widening of x
+  M <= ``_fp8_cpu.tiled_max_m()`` it runs inside the weight-only kernel's own widening of x
   (``_fp8_cpu.float8_act_linear_cpu``: one call, the same values bit for bit).
 * under torch.compile on CPU with no gradient wanted, the graph calls eager's route as one op: at a
-  static M <= ``_fp8_cpu.TILED_MAX_M`` in a case the C++ kernel takes (``_fp8_cpu.small_m_case``),
+  static M <= ``_fp8_cpu.tiled_max_m()`` in a case the C++ kernel takes (``_fp8_cpu.small_m_case``),
   ``lowbit_cpu::fp8_small_linear`` / ``fp8_small_act_linear`` (dynamic scales), whose C++ kernels make
   eager's one call (the weight's NaN / inf count kept by the extension); otherwise the plain ops
   ``lowbit::float8_linear_cpu`` / ``lowbit::float8_act_linear_cpu``, which run the eager route above
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from lowbit.granularity import PerTensor, PerToken
 from lowbit.kernels import _ext
 from lowbit.kernels._cpu_ops import fp8_small_act_linear, fp8_small_linear
-from lowbit.kernels._fp8_cpu import (CHUNK_ROWS, GEMV_MAX_M, TILED_MAX_M, float8_act_linear_cpu,
-                                     float8_weight_only_linear_cpu, small_m_case)
+from lowbit.kernels._fp8_cpu import (CHUNK_ROWS, GEMV_MAX_M, float8_act_linear_cpu, float8_weight_only_linear_cpu,
+                                     small_m_case, tiled_max_m)
 from lowbit.kernels.preference import check_kernel
 from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, fake_quantize_float8, quantize_float8
 from lowbit.spec import QuantSpec, spec_from_key, spec_key
@@ -119,7 +119,7 @@ def float8_weight_only_linear_any(input, qdata, scale, bias, spec: QuantSpec, ke
             _check(input, qdata, scale)  # what the custom op checks, here at trace time
             _check_spec(qdata, spec)
             if small_m_case(input, qdata, scale, bias):
-                return fp8_small_linear(input, qdata, scale, bias, GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS, spec_key(spec))
+                return fp8_small_linear(input, qdata, scale, bias, GEMV_MAX_M, tiled_max_m(), CHUNK_ROWS, spec_key(spec))
             return _float8_linear_cpu(input, qdata, scale, bias, spec_key(spec))
         out = float8_weight_only_linear_cpu(input, qdata, scale, bias)
         if out is not None:
@@ -252,7 +252,7 @@ def float8_activation_linear(
                 return out
         elif not _wants_grad(input, bias):  # compiled: eager's route as one op
             if input.is_contiguous() and small_m_case(input, qdata, scale, bias):
-                return fp8_small_act_linear(input, qdata, scale, bias, GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS, *rule,
+                return fp8_small_act_linear(input, qdata, scale, bias, GEMV_MAX_M, tiled_max_m(), CHUNK_ROWS, *rule,
                                             spec_key(spec), spec_key(act_spec))
             return _float8_act_linear_cpu(input, qdata, scale, bias, spec_key(spec), spec_key(act_spec))
     x = _fake_quantized(input, act_spec, act_scale, kernel)

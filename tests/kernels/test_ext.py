@@ -228,3 +228,27 @@ def test_builds_this_cpu_does_not_run_still_compile(build):
            f"-isystem{sysconfig.get_paths()['include']}", *build.cflags, *flags, str(_ext._CSRC / f"{build.source}.cpp")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fitting_isa_is_the_build_this_cpu_runs(name):
+    """``fitting_isa`` names the build ``load`` chooses here, LOWBIT_NO_EXT=1 or not (routing asked while tracing
+    must not depend on whether the extension loaded)."""
+    assert _ext.fitting_isa(name) == _expected_isa(name)
+
+
+def test_fitting_isa_from_the_flags_and_lowbit_isa(fresh):
+    fresh.setattr(_ext, "_cpu_flags", lambda: ALL_FLAGS)
+    assert {n: _ext.fitting_isa(n) for n in NAMES} == {n: _ext.BUILDS[n][0].isa for n in NAMES}
+    fresh.setenv("LOWBIT_NO_EXT", "1")
+    assert {n: _ext.fitting_isa(n) for n in NAMES} == {n: _ext.BUILDS[n][0].isa for n in NAMES}
+    fresh.setenv("LOWBIT_ISA", "avx2")
+    assert {n: _ext.fitting_isa(n) for n in NAMES} == {n: "avx2" for n in NAMES}
+    fresh.setattr(_ext, "_cpu_flags", lambda: AVX2_FLAGS)
+    fresh.setenv("LOWBIT_ISA", "avx512")
+    assert _ext.fitting_isa("fp8_cpu") is None
+    fresh.setattr(platform, "machine", lambda: "aarch64")
+    fresh.delenv("LOWBIT_ISA")
+    assert _ext.fitting_isa("fp8_cpu") is None
+    with pytest.raises(ValueError, match="unknown C\\+\\+ kernel source 'nope'"):
+        _ext.fitting_isa("nope")

@@ -116,21 +116,21 @@ def test_scaled_mm_path_matches_reference(act, m, device):
 
 
 @pytest.mark.parametrize("act", [False, True], ids=["weight-only", "dynamic"])
-@pytest.mark.parametrize("m", [1, 2, 48])
+@pytest.mark.parametrize("m", [1, 2, 48, 200])  # 48, 200: above the AVX-512 build's tiled cap (32), the AVX2 one's (192)
 def test_compiled_cpu_graph_runs_the_eager_route(act, m, compiled_vs_eager):
     """On CPU with no gradient wanted, a compiled float8 linear runs eager's route as one op and equals eager bit
-    for bit: at M <= TILED_MAX_M the C++-kernel ops lowbit_cpu::fp8_small_linear / fp8_small_act_linear, above it
+    for bit: at M <= tiled_max_m() the C++-kernel ops lowbit_cpu::fp8_small_linear / fp8_small_act_linear, above it
     lowbit::float8_linear_cpu / lowbit::float8_act_linear_cpu (plain ops running the eager route in Python)."""
     from torch import nn
 
     from lowbit import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow, quantize_
-    from lowbit.kernels._fp8_cpu import TILED_MAX_M
+    from lowbit.kernels._fp8_cpu import tiled_max_m
 
     torch.manual_seed(0)
     cfg = Float8DynamicActivationFloat8WeightConfig(PerRow()) if act else Float8WeightOnlyConfig()
     layer = quantize_(nn.Linear(256, 96).to(torch.bfloat16), cfg)
     eager, out, ops = compiled_vs_eager(layer, torch.randn(m, 256, dtype=torch.bfloat16))
-    if m <= TILED_MAX_M:
+    if m <= tiled_max_m():
         want = "lowbit_cpu::fp8_small_act_linear" if act else "lowbit_cpu::fp8_small_linear"
     else:
         want = "lowbit::float8_act_linear_cpu" if act else "lowbit::float8_linear_cpu"

@@ -9,7 +9,7 @@ from lowbit.configs import Float8DynamicActivationFloat8WeightConfig
 from lowbit.granularity import PerRow, PerTensor, PerToken
 from lowbit.kernels import _ext
 from lowbit.kernels import float8 as f8
-from lowbit.kernels._fp8_cpu import TILED_MAX_M
+from lowbit.kernels._fp8_cpu import tiled_max_m
 from lowbit.primitives.float8 import choose_qparams_float8, fake_quantize_float8
 from lowbit.spec import QuantSpec
 
@@ -130,9 +130,9 @@ def _spy(ran, name, fn):
 
 @pytest.mark.parametrize("granularity", [PerRow(), PerTensor()], ids=["per-row", "per-tensor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("m", [1, 5, 40])
+@pytest.mark.parametrize("m", [1, 5, 40, 200])  # 40 and 200: above the AVX-512 build's cap (32), the AVX2 one's (192)
 def test_linear_uses_it_and_keeps_the_bits(monkeypatch, granularity, dtype, m):
-    """M <= TILED_MAX_M: the fake quantization inside the GEMV (one call); above: the one-pass kernel,
+    """M <= tiled_max_m(): the fake quantization inside the GEMV (one call); above: the one-pass kernel,
     then the weight-only kernel. Each equals the aten ops' route bit for bit."""
     config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
     q, s = _weight(48, 200)
@@ -146,7 +146,7 @@ def test_linear_uses_it_and_keeps_the_bits(monkeypatch, granularity, dtype, m):
     monkeypatch.setattr(f8, "float8_act_linear_cpu", _spy(ran, "in-gemv", in_gemv))
     with torch.no_grad():
         out = f8.float8_activation_linear(*args)
-        assert ran == (["in-gemv"] if m <= TILED_MAX_M else ["one-pass"])
+        assert ran == (["in-gemv"] if m <= tiled_max_m() else ["one-pass"])
         monkeypatch.setattr(f8, "float8_act_linear_cpu", lambda *a: None)  # two calls: one pass, then the GEMV
         assert torch.equal(out, f8.float8_activation_linear(*args))
         monkeypatch.setattr(f8, "_fake_quantize_cpu", lambda *a: None)  # the aten ops, then the GEMV

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerRow, PerTensor
 from lowbit.kernels import _ext
-from lowbit.kernels._fp8_cpu import CHUNK_ROWS, GEMV_MAX_M, TILED_MAX_M, float8_weight_only_linear_cpu
+from lowbit.kernels._fp8_cpu import (CHUNK_ROWS, GEMV_MAX_M, TILED_MAX_M, TILED_MAX_M_AVX2, float8_weight_only_linear_cpu,
+                                     tiled_max_m)
 from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, quantize_float8
 from lowbit.spec import QuantSpec
 
@@ -49,6 +50,8 @@ def _run(path, x, q, s, b):
 
 def test_thresholds_are_consistent():
     assert 0 <= GEMV_MAX_M <= 4 and TILED_MAX_M >= GEMV_MAX_M and CHUNK_ROWS >= 1
+    assert tiled_max_m() == (TILED_MAX_M_AVX2 if _ext.fitting_isa("fp8_cpu") == "avx2" else TILED_MAX_M)
+    assert ext is None or _ext.fitting_isa("fp8_cpu") == _ext.active_isa("fp8_cpu")
 
 
 @pytest.mark.parametrize("fp8", FP8)
@@ -286,7 +289,7 @@ def test_chunks_with_an_input_that_requires_grad(xd, num_threads):
 
     num_threads(2)
     q, s, spec, g = _data("e4m3fn", "row", 300, 200)
-    x = torch.randn(TILED_MAX_M + 8, 200, generator=g).to(XD[xd]).requires_grad_()
+    x = torch.randn(tiled_max_m() + 8, 200, generator=g).to(XD[xd]).requires_grad_()
     b = torch.randn(300, generator=g).to(XD[xd]).requires_grad_()
     out = float8_weight_only_linear(x, q, s, b, spec_key(spec), "auto")
     assert sqnr(_ref(x.detach(), q, s, spec, b.detach()).float(), out.detach().float()) >= FAST_VS_REF_DB[XD[xd]]
@@ -420,14 +423,14 @@ def test_act_entry_empty_shapes_and_bad_arguments():
 @needs_two_call
 def test_float8_act_linear_cpu_wrapper():
     """The Python wrapper: the kernel's one call where it applies (equal to the two calls), None
-    where the weight-only wrapper would widen x first (M > TILED_MAX_M) or a gradient is wanted."""
+    where the weight-only wrapper would widen x first (M > tiled_max_m()) or a gradient is wanted."""
     from lowbit.kernels._fp8_cpu import float8_act_linear_cpu
 
     q, s, spec, g = _data("e4m3fn", "row", 24, 80)
     x = torch.randn(3, 80, generator=g).to(torch.bfloat16)
     want = _two_calls(x, q, s, None, (GEMV_MAX_M, TILED_MAX_M, CHUNK_ROWS), True, False)
     assert torch.equal(float8_act_linear_cpu(x, q, s, None, True, EPS, False), want)
-    assert float8_act_linear_cpu(torch.randn(TILED_MAX_M + 1, 80).bfloat16(), q, s, None, True, EPS, False) is None
+    assert float8_act_linear_cpu(torch.randn(tiled_max_m() + 1, 80).bfloat16(), q, s, None, True, EPS, False) is None
     assert float8_act_linear_cpu(x.t().contiguous().t(), q, s, None, True, EPS, False) is None
     assert float8_act_linear_cpu(x[:0], q, s, None, True, EPS, False) is None
     assert float8_act_linear_cpu(x, q, s, torch.zeros(24), True, EPS, False) is None  # bias dtype != x dtype

@@ -14,7 +14,7 @@ from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerGroup, PerRow
 from lowbit.kernels import _ext, host
 from lowbit.kernels import int8 as int8_kernels
-from lowbit.kernels._fp8_cpu import TILED_MAX_M, float8_weight_only_linear_cpu
+from lowbit.kernels._fp8_cpu import float8_weight_only_linear_cpu, tiled_max_m
 from lowbit.kernels._int4_cpu import int4_linear_cpu, small_max_m
 from lowbit.kernels.int4 import dequantize_int4
 from lowbit.kernels.int8 import _int8_mm_float32, int8_activation_linear, int8_mm, int8_weight_only_linear
@@ -129,7 +129,7 @@ def test_w8a8_linear_same_bits_either_way(monkeypatch, act, dtype):
 
 # --- float32 compute for half activations at large M --------------------------------------------
 
-M_LARGE = max(small_max_m(), TILED_MAX_M) + 7
+M_LARGE = max(small_max_m(), tiled_max_m()) + 7
 
 
 def _half_then_float(monkeypatch, fn, x, *args):
