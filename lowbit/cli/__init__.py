@@ -288,9 +288,10 @@ def cmd_info(args) -> dict:
             from tabulate import tabulate
 
             print(tabulate(rows, headers=["C++ kernel", "status", "builds (CPU features)"], tablefmt="github"))
+        from lowbit.kernels import prefetch
         from lowbit.kernels.host import host_report
 
-        paths = host_report()
+        paths = list(host_report()) + prefetch.report()
         if not args.json:
             print()
             print(tabulate(paths, headers=["CPU path", "choice"], tablefmt="github"))

@@ -220,7 +220,7 @@ def load(name: str = "int8_gemv"):
                 if setter is not None:
                     from lowbit.kernels import prefetch  # imports this module
 
-                    hint, distance, _ = prefetch.choice()
+                    hint, distance, _ = prefetch.choice(name)
                     setter(prefetch.HINTS[hint], distance)
                 _PREFETCH_SET.add(name)
     return module
@@ -283,18 +283,17 @@ def kernel_report() -> list[str]:
     """One line per C++ kernel for ``lowbit info --kernels``: its name, its status, and the builds it
     has with the CPU features each needs, e.g.
     ``int4_cpu: ok (avx2) [builds: avx512 (avx512f, ...), avx2 (avx2, fma, f16c)]``; then the
-    weight-stream prefetch setting (``lowbit.kernels.prefetch``) when a GEMV is loaded, and a last
+    weight-stream prefetch settings (``prefetch.report``: the int8 GEMV's, which the kernels not measured
+    on their own take, then each other measured kernel's) of the GEMVs loaded, and a last
     line naming ``LOWBIT_ISA`` when it forces a build. Loads every kernel first."""
     st = status()
     lines = []
     for name in BUILDS:
         builds = ", ".join(f"{b.isa} ({', '.join(b.features)})" for b in BUILDS[name])
         lines.append(f"{name}: {st[name]} [builds: {builds}]")
-    if any(hasattr(_LOADED[name][0], "set_prefetch") for name in BUILDS):
-        from lowbit.kernels import prefetch
+    from lowbit.kernels import prefetch
 
-        hint, distance, source = prefetch.choice()
-        lines.append(f"weight-stream prefetch: {hint} {distance} bytes ahead ({source})")
+    lines += [f"{what}: {setting}" for what, setting in prefetch.report()]
     forced = forced_isa()
     if forced:
         lines.append(f"{ISA_ENV}={forced} forces the {forced} builds")

@@ -38,8 +38,10 @@ def _ext_or_skip(name):
 @pytest.mark.parametrize("name", list(_ext.BUILDS))
 def test_every_gemv_module_takes_the_setting_and_checks_it(name):
     ext = _ext_or_skip(name)
-    hint, distance, _ = prefetch.choice()
-    assert ext.get_prefetch() == (prefetch.HINTS[hint], distance)  # load() applied the choice
+    hint, distance, _ = prefetch.choice(name)
+    assert ext.get_prefetch() == (prefetch.HINTS[hint], distance)  # load() applied the kernel's choice
+    if name not in prefetch.MEASURED:
+        assert prefetch.choice(name) == prefetch.choice("int8_gemv")
     with pytest.raises(RuntimeError, match="prefetch hint must be"):
         ext.set_prefetch(3, 4096)
     with pytest.raises(RuntimeError, match="multiple of 64"):
@@ -100,8 +102,8 @@ def test_choice_measures_once_then_reads_its_cache(monkeypatch, tmp_path):
     calls = []
     rates = {prefetch.DEFAULT: 10.0, ("t1", 32768): 10.4, ("t1", 65536): 12.0}
 
-    def fake_measure(ext):
-        calls.append(ext)
+    def fake_measure(ext, kernel="int8_gemv"):
+        calls.append(kernel)
         return dict(rates)
 
     monkeypatch.setattr(prefetch, "_measure", fake_measure)
@@ -119,3 +121,51 @@ def test_choice_measures_once_then_reads_its_cache(monkeypatch, tmp_path):
         assert prefetch.choice()[:2] == prefetch.DEFAULT and len(calls) == 2
     finally:
         prefetch.choice.cache_clear()
+
+
+def test_int4_has_its_own_measured_choice(monkeypatch, tmp_path):
+    """int4_cpu is timed on its own GEMV, cached in its own file; a kernel not in MEASURED takes int8_gemv's."""
+    if _ext.built("int8_gemv") is None or _ext.built("int4_cpu") is None:
+        pytest.skip("int8_gemv / int4_cpu not built here")
+    monkeypatch.delenv("LOWBIT_PREFETCH", raising=False)
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    best = {"int8_gemv": ("t1", 65536), "int4_cpu": ("t1", 16384)}
+
+    def fake_measure(ext, kernel="int8_gemv"):
+        return {c: 20.0 if c == best[kernel] else 10.0 for c in prefetch.CANDIDATES}
+
+    monkeypatch.setattr(prefetch, "_measure", fake_measure)
+    prefetch.choice.cache_clear()
+    try:
+        assert prefetch.choice("int4_cpu")[:2] == ("t1", 16384)
+        assert prefetch.choice("int8_gemv")[:2] == ("t1", 65536)
+        assert prefetch.choice("fp8_cpu")[:2] == ("t1", 65536)
+        assert sorted(f.name.endswith("-int4_cpu.json") for f in tmp_path.glob("prefetch-*.json")) == [False, True]
+    finally:
+        prefetch.choice.cache_clear()
+
+
+@pytest.mark.parametrize("kernel", prefetch.MEASURED)
+def test_the_measurement_runs_every_candidate(monkeypatch, kernel):
+    """The real timing loop on a small weight: a rate for every candidate, the module's setting restored."""
+    ext = _ext_or_skip(kernel)
+    monkeypatch.setattr(prefetch, "_BYTES", 1 << 20)
+    before = ext.get_prefetch()
+    rates = prefetch._measure(ext, kernel)
+    assert sorted(rates) == sorted(prefetch.CANDIDATES) and all(r > 0 for r in rates.values())
+    assert ext.get_prefetch() == before
+
+
+def test_each_module_keeps_its_own_setting():
+    """The setting lives in each extension module (csrc/prefetch.h): setting one leaves the others as they are."""
+    exts = {n: e for n in _ext.BUILDS if (e := _ext.load(n)) is not None and hasattr(e, "set_prefetch")}
+    if len(exts) < 2:
+        pytest.skip("fewer than two C++ kernels built here")
+    before = {n: e.get_prefetch() for n, e in exts.items()}
+    first, *others = exts
+    try:
+        exts[first].set_prefetch(1, 4096)
+        assert exts[first].get_prefetch() == (1, 4096)
+        assert all(exts[n].get_prefetch() == before[n] for n in others)
+    finally:
+        exts[first].set_prefetch(*before[first])

@@ -124,6 +124,8 @@ def test_info_kernels(capsys):
     assert set(info["kernels"]) >= {"int4_cpu", "int8_gemv"}
     code, out, _ = run(capsys, "info", "--kernels")
     assert code == EXIT_OK and "C++ kernel" in out and "int4_cpu" in out
+    if info["kernels"]["int8_gemv"].startswith("ok"):
+        assert "weight-stream prefetch (int8_gemv and the kernels not measured apart)" in info["cpu_paths"]
     code, _, err = run(capsys, "info")
     assert code == EXIT_ERROR and "needs a CHECKPOINT (or --kernels)" in one_error_line(err)
 

@@ -22,10 +22,15 @@ struct Prefetch {
   int64_t distance = 32768;  // bytes ahead in the stream
 };
 
-inline Prefetch& prefetch_setting() {
+// One setting per extension module: internal linkage (a function-local static of a plain inline function is one
+// object for the whole process, merged across the modules by the dynamic linker, and the int4 GEMV's setting
+// differs from the int8 GEMV's: lowbit/kernels/prefetch.py).
+namespace {
+Prefetch& prefetch_setting() {
   static Prefetch p;
   return p;
 }
+}  // namespace
 
 // Prefetch the stream's byte `distance` ahead of `at`.
 inline void prefetch_stream(const void* at) {
