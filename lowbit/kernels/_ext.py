@@ -155,10 +155,16 @@ def _choose(name: str, flags: str) -> tuple[Build | None, str | None]:
     return None, why + (f" [forced by {ISA_ENV}={forced}]" if forced else "")
 
 
+# Hidden visibility: each module keeps its own copy of the headers' inline functions and of their statics
+# (exported, the dynamic linker binds every module's calls to the first loaded module's copy: one weight-stream
+# prefetch setting for all of them, say, where each kernel has its own).
+_COMMON_CFLAGS = ("-O3", "-fvisibility=hidden")
+
+
 def _build(build: Build, flags: str):
     src = _CSRC / f"{build.source}.cpp"
     headers = b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))
-    extra = repr(build.cflags).encode()
+    extra = repr((_COMMON_CFLAGS, build.cflags)).encode()
     key = hashlib.sha256(src.read_bytes() + headers + extra + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
     root = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
     out = root / f"{build.source}-{key}"
@@ -170,7 +176,7 @@ def _build(build: Build, flags: str):
         sources=[str(src)],
         build_directory=str(out),
         extra_include_paths=[str(_CSRC)],
-        extra_cflags=["-O3", *build.cflags] + [f"-m{_GCC_FLAG.get(f, f)}" for f in build.features],
+        extra_cflags=[*_COMMON_CFLAGS, *build.cflags] + [f"-m{_GCC_FLAG.get(f, f)}" for f in build.features],
         verbose=False,
     )
 
