@@ -288,10 +288,9 @@ def cmd_info(args) -> dict:
             from tabulate import tabulate
 
             print(tabulate(rows, headers=["C++ kernel", "status", "builds (CPU features)"], tablefmt="github"))
-        from lowbit.kernels import prefetch
-        from lowbit.kernels.host import host_report
+        from lowbit.kernels import host, prefetch
 
-        paths = list(host_report()) + prefetch.report()
+        paths = host.host_report() + prefetch.report()
         if not args.json:
             print()
             print(tabulate(paths, headers=["CPU path", "choice"], tablefmt="github"))

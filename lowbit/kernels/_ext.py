@@ -135,9 +135,9 @@ def _missing(build: Build, flags: str) -> list[str]:
     return [f for f in build.features if f" {f} " not in f"{flags} "]
 
 
-def _choose(name: str, flags: str) -> tuple[Build | None, str | None]:
+def _choose(name: str, flags: str, honour_no_ext: bool = True) -> tuple[Build | None, str | None]:
     """The build to compile for ``name`` on this machine, or (None, why none can run)."""
-    if os.environ.get("LOWBIT_NO_EXT") == "1":
+    if honour_no_ext and os.environ.get("LOWBIT_NO_EXT") == "1":
         return None, DISABLED
     if platform.machine() != "x86_64":
         return None, f"not x86-64 ({platform.machine() or 'unknown machine'})"
@@ -276,13 +276,8 @@ def fitting_isa(name: str) -> str | None:
         ValueError: unknown ``name``, or ``LOWBIT_ISA`` is invalid.
     """
     _check_name(name)
-    if platform.machine() != "x86_64":
-        return None
-    flags, forced = _cpu_flags(), forced_isa()
-    for b in BUILDS[name]:
-        if (forced is None or b.isa == forced) and not _missing(b, flags):
-            return b.isa
-    return None
+    build, _ = _choose(name, _cpu_flags(), honour_no_ext=False)
+    return None if build is None else build.isa
 
 
 def kernel_report() -> list[str]:

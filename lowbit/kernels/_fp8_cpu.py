@@ -24,7 +24,7 @@ module constants):
 * bf16 above ``tiled_max_m()`` (K even): ``csrc/gemm_bf16.h``'s GEMM, 64-row panels of the weight
   converted exactly per call inside the GEMM (in L2), the scale and bias applied to the float32 sums
   (4096^2 M = 256: 1.02x bf16 where the chunked path ran 0.93x; SmolLM2's linears at M = 128 1.24x);
-* otherwise (float32 / float16 x above ``TILED_MAX_M``, or an odd K): one parallel region in which each thread takes a
+* otherwise (float32 / float16 x above ``tiled_max_m()``, or an odd K): one parallel region in which each thread takes a
   contiguous range of weight rows and converts it in chunks of ``CHUNK_ROWS`` rows into its own
   reused buffer (bf16, or float32 for float32/float16 x), each chunk multiplied with a serial
   ``at::mm`` into the output slice. (It was a parallel conversion and a parallel ``at::mm`` per
@@ -32,7 +32,7 @@ module constants):
   2-core machine a region's threads wait for each other's scheduler slices, and the path ran
   15-30x slower than idle; one region per call: 2-4x, and within 10% of it when idle.);
 * float32 / float16 x at small M: float32 FMA against the weight converted to float32;
-* bf16 / fp16 x above ``TILED_MAX_M`` on a CPU without native half matmul (``host.matmul_dtype``):
+* bf16 / fp16 x above ``tiled_max_m()`` on a CPU without native half matmul (``host.matmul_dtype``):
   x widened to float32, the chunked path in float32, the output rounded once (5-6x faster at
   M=256 on an AVX2 host than the bf16 chunked path).
 
