@@ -249,8 +249,8 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
     }
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
       const int64_t kb = k >> 1;  // byte offset (k >= 0: a shift, not a signed division)
-      if ((k & 127) == 0)
-        for (int r = 0; r < R; ++r) lowbit::prefetch_stream(qr[r] + kb);
+      if constexpr (R >= 2) lowbit::prefetch_region(qr[0], R * kb, R * 8);  // the tile's R rows are one region
+      else if ((k & 127) == 0) lowbit::prefetch_stream(qr[0] + kb);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         __m256 ev, od;
@@ -435,8 +435,7 @@ inline void iblock(const W4& w, const XPlanes& xp, int64_t n0, int64_t j, float 
   for (int r = 0; r < R; ++r) ah[r] = al[r] = _mm256_setzero_si256();
   for (int64_t k = k0; k < k0 + b; k += 32) {
     const int64_t kb = k >> 1;
-    if ((k & 127) == 0)
-      for (int r = 0; r < R; ++r) lowbit::prefetch_stream(qr[r] + kb);
+    lowbit::prefetch_region(w.q + n0 * w.rb, R * (k >> 1), R * 16);  // the tile's R rows are one region
     const __m256i* h = reinterpret_cast<const __m256i*>(xp.hi.data() + k);
     const __m256i he = _mm256_loadu_si256(h), ho = _mm256_loadu_si256(h + 1);
     __m256i le, lo;
