@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import _ext, host
+from lowbit.kernels.preference import wants_grad
 
 __all__ = ["float8_weight_only_linear_cpu", "float8_act_linear_cpu", "act_linear_fn", "weight_finite", "forget_finite",
            "small_m_case", "tiled_max_m", "GEMV_MAX_M", "TILED_MAX_M", "TILED_MAX_M_AVX2", "CHUNK_ROWS"]
@@ -198,7 +199,7 @@ def float8_act_linear_cpu(
         e5m2: activations as float8_e5m2 (True) or float8_e4m3fn (False).
     """
     if (x.dim() != 2 or not 1 <= x.shape[0] <= tiled_max_m() or not x.is_contiguous()
-            or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+            or wants_grad(x, bias)
             or not _supported(x, qdata, scale, bias)):
         return None
     fn = act_linear_fn()

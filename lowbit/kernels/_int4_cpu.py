@@ -56,6 +56,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import _cpu_ops, _ext, host
+from lowbit.kernels.preference import wants_grad
 
 __all__ = ["int4_linear_cpu", "available", "direct_gemv_fp8_act", "direct_gemv_fp8_act_fn", "small_max_m", "GEMV_MAX_M",
            "SMALL_MAX_M", "SMALL_MAX_M_AVX2", "CHUNK_ROWS", "MIN_GROUP"]
@@ -117,7 +118,7 @@ def direct_gemv(x, qdata, scale, zero_point, bias) -> torch.Tensor | None:
     float32 or no zero point); else None. Same kernel, same values as ``int4_linear_cpu``."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.device.type != "cpu":
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+    if wants_grad(x, bias):
         return None
     if x.stride(-1) != 1 or not scale.is_contiguous() or (zero_point is not None and not zero_point.is_contiguous()):
         return None
@@ -146,7 +147,7 @@ def direct_gemv_fp8_act(x, qdata, scale, zero_point, bias, per_token: bool, eps:
         return None
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.device.type != "cpu":
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+    if wants_grad(x, bias):
         return None
     if zero_point is not None and not zero_point.is_contiguous():
         return None

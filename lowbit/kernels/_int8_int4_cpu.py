@@ -33,6 +33,7 @@ import torch
 
 from lowbit.granularity import PerToken
 from lowbit.kernels import _cpu_ops, _ext
+from lowbit.kernels.preference import wants_grad
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, fake_quantize_affine, quantize_affine
 from lowbit.primitives.packing import unpack_int4
 from lowbit.spec import QuantSpec, spec_key
@@ -140,15 +141,15 @@ def int8_int4_linear(
     ext = _ext.load("int8_int4")
     if ext is None:
         return None
-    wants_grad = torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad))
+    grad = wants_grad(input, bias)
     if torch.compiler.is_compiling():
         # a graph calls the dispatcher op (lowbit_cpu::int8_int4_dynamic_linear, _cpu_ops), whose body runs
         # _forward: the same values as eager; inference only, and only the spec the fused entry takes
-        if wants_grad or _dynamic_linear_op(ext, act_spec) is None:
+        if grad or _dynamic_linear_op(ext, act_spec) is None:
             return None
         return _cpu_ops.int8_int4_dynamic_linear(input, qdata, scale, bias, act_spec.qmin, act_spec.qmax, act_spec.eps,
                                                  spec_key(act_spec))
-    if wants_grad:
+    if grad:
         return _Int8Int4Linear.apply(input, bias, qdata, scale, act_spec, spec, ext)
     return _forward(ext, input, qdata, scale, bias, act_spec)
 

@@ -26,6 +26,7 @@ from lowbit.granularity import PerToken
 from lowbit.kernels import _ext, _fp8_cpu, _int4_cpu, _int8_int4_cpu
 from lowbit.kernels import float8 as _float8
 from lowbit.kernels import int8 as _int8
+from lowbit.kernels.preference import wants_grad
 from lowbit.spec import QuantSpec
 
 __all__ = ["make_int8_plan", "make_int4_plan", "make_float8_plan"]
@@ -36,10 +37,6 @@ Plan = Callable[[torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
 def _plain_cpu(x: torch.Tensor) -> bool:
     """An eager, plain CPU tensor (not a FakeTensor, functional tensor or other subclass)."""
     return type(x) is torch.Tensor and x.is_cpu
-
-
-def _wants_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def _weight_ok(*tensors) -> bool:
@@ -65,7 +62,7 @@ def _int8_weight_only(qdata, scale) -> Plan | None:
     s = scale.expand(n, -1)  # a view: in-place edits of the scale are seen
 
     def run(x, bias):
-        if x.shape[0] > max_m or not _plain_cpu(x) or _wants_grad(x, bias):
+        if x.shape[0] > max_m or not _plain_cpu(x) or wants_grad(x, bias):
             return None
         out = op(x, qdata, s)
         return out if bias is None else out + bias
@@ -91,7 +88,7 @@ def _int8_dynamic(qdata, scale, act_spec: QuantSpec, dtype) -> Plan | None:
     fused_max_m, dtypes = _int8._MM_I8_MAX_M, _int8._FUSED_DTYPES
 
     def run(x, bias):
-        if (not _plain_cpu(x) or not x.is_contiguous() or x.dtype not in dtypes or _wants_grad(x, bias)
+        if (not _plain_cpu(x) or not x.is_contiguous() or x.dtype not in dtypes or wants_grad(x, bias)
                 or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()))):
             return None
         if fused is not None and x.shape[0] <= fused_max_m:
@@ -127,7 +124,7 @@ def _int8_static(qdata, scale, act_scale, act_zero_point, act_spec: QuantSpec, d
     fused_max_m = _int8._MM_I8_MAX_M
 
     def run(x, bias):
-        if (not _plain_cpu(x) or not x.is_contiguous() or x.dtype not in dtypes or _wants_grad(x, bias)
+        if (not _plain_cpu(x) or not x.is_contiguous() or x.dtype not in dtypes or wants_grad(x, bias)
                 or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()))):
             return None
         zp = 0 if act_zero_point is None else int(act_zero_point)
@@ -201,7 +198,7 @@ def make_int4_plan(qdata, scale, zero_point, spec: QuantSpec, act_spec, kernel: 
     if act_spec is None:
         def run(x, bias):
             if (x.shape[0] > max_m or x.shape[0] == 0 or not _plain_cpu(x) or x.stride(-1) != 1
-                    or _wants_grad(x, bias) or not bias_ok(bias)):
+                    or wants_grad(x, bias) or not bias_ok(bias)):
                 return None
             return op(x, qdata, scale, zero_point, bias)
         return run
@@ -213,7 +210,7 @@ def make_int4_plan(qdata, scale, zero_point, spec: QuantSpec, act_spec, kernel: 
 
     def run_fp8(x, bias):  # the fake quantization inside the GEMV: int4_linear's direct_gemv_fp8_act
         if (x.shape[0] > max_m or x.shape[0] == 0 or not _plain_cpu(x) or not x.is_contiguous()
-                or _wants_grad(x, bias) or not bias_ok(bias)):
+                or wants_grad(x, bias) or not bias_ok(bias)):
             return None
         return fused(x, qdata, scale, zero_point, bias, per_token, eps, e5m2)
 
@@ -238,7 +235,7 @@ def _int8_int4(qdata, scale, zero_point, act_spec, dtype) -> Plan | None:
 
     def run(x, bias):
         m = x.shape[0]
-        if (m == 0 or m > max_m or not _plain_cpu(x) or _wants_grad(x, bias)
+        if (m == 0 or m > max_m or not _plain_cpu(x) or wants_grad(x, bias)
                 or (bias is not None and (bias.shape != (n,) or not bias.is_floating_point() or not bias.is_cpu))):
             return None
         if fused is not None and x.is_contiguous() and (bias is None or bias.is_contiguous()):
@@ -279,7 +276,7 @@ def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: s
 
     if act_spec is None:
         def run(x, bias):
-            if (x.shape[0] > tiled or x.shape[0] == 0 or not _plain_cpu(x) or _wants_grad(x, bias)
+            if (x.shape[0] > tiled or x.shape[0] == 0 or not _plain_cpu(x) or wants_grad(x, bias)
                     or (bias is not None and (bias.dtype != x.dtype or bias.shape != (n,) or not bias.is_cpu))):
                 return None
             return ext.fp8_linear(x, qdata, scale, bias, gemv, tiled, chunk,
@@ -294,7 +291,7 @@ def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: s
 
     def run_act(x, bias):  # the fake quantization inside the GEMV: float8_act_linear_cpu's one call
         if (x.shape[0] > tiled or x.shape[0] == 0 or not _plain_cpu(x) or not x.is_contiguous()
-                or _wants_grad(x, bias)
+                or wants_grad(x, bias)
                 or (bias is not None and (bias.dtype != x.dtype or bias.shape != (n,) or not bias.is_cpu))):
             return None
         return fused(x, qdata, scale, bias, gemv, tiled, chunk, per_token, eps, e5m2,
@@ -319,7 +316,7 @@ def _float8_static(ext, qdata, scale, act_scale, act_spec: QuantSpec, dtype) -> 
 
     def run(x, bias):
         if (x.shape[0] > tiled or x.shape[0] == 0 or not _plain_cpu(x) or not x.is_contiguous()
-                or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or _wants_grad(x, bias)
+                or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or wants_grad(x, bias)
                 or (bias is not None and (bias.dtype != x.dtype or bias.shape != (n,) or not bias.is_cpu))):
             return None
         a = float(s_x[0])

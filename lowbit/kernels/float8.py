@@ -41,7 +41,7 @@ from lowbit.kernels import _ext
 from lowbit.kernels._cpu_ops import fp8_small_act_linear, fp8_small_linear
 from lowbit.kernels._fp8_cpu import (CHUNK_ROWS, GEMV_MAX_M, float8_act_linear_cpu, float8_weight_only_linear_cpu,
                                      small_m_case, tiled_max_m)
-from lowbit.kernels.preference import check_kernel
+from lowbit.kernels.preference import check_kernel, wants_grad
 from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, fake_quantize_float8, quantize_float8
 from lowbit.spec import QuantSpec, spec_from_key, spec_key
 
@@ -105,16 +105,12 @@ def _(input, qdata, scale, bias, spec, kernel):
     return input.new_empty(input.shape[0], qdata.shape[0])
 
 
-def _wants_grad(input, bias) -> bool:
-    return torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad))
-
-
 def float8_weight_only_linear_any(input, qdata, scale, bias, spec: QuantSpec, kernel: str) -> torch.Tensor:
     """``float8_weight_only_linear``, except that a CPU call wanting no gradient runs the op's own CPU body
     (``float8_weight_only_linear_cpu``) directly, skipping the custom op's Python layers (tens of us a call:
     more than the kernel on a small decode layer); under torch.compile, as the plain op
     ``lowbit::float8_linear_cpu`` (below). Same values bit for bit."""
-    if kernel == "auto" and input.device.type == "cpu" and not _wants_grad(input, bias):
+    if kernel == "auto" and input.device.type == "cpu" and not wants_grad(input, bias):
         if torch.compiler.is_compiling():
             _check(input, qdata, scale)  # what the custom op checks, here at trace time
             _check_spec(qdata, spec)
@@ -238,7 +234,7 @@ def float8_activation_linear(
     if (
         kernel == "auto"
         and input.device.type == "cuda"
-        and not (torch.is_grad_enabled() and input.requires_grad)
+        and not wants_grad(input)
         and scaled_mm_supported(input.device.index or 0)
     ):
         out = _scaled_mm_path(input, qdata, scale, bias, act_spec, act_scale)
@@ -250,7 +246,7 @@ def float8_activation_linear(
             out = float8_act_linear_cpu(input, qdata, scale, bias, *rule)
             if out is not None:
                 return out
-        elif not _wants_grad(input, bias):  # compiled: eager's route as one op
+        elif not wants_grad(input, bias):  # compiled: eager's route as one op
             if input.is_contiguous() and small_m_case(input, qdata, scale, bias):
                 return fp8_small_act_linear(input, qdata, scale, bias, GEMV_MAX_M, tiled_max_m(), CHUNK_ROWS, *rule,
                                             spec_key(spec), spec_key(act_spec))
@@ -292,7 +288,7 @@ def _fake_quantize_cpu(input, act_spec: QuantSpec, act_scale) -> torch.Tensor | 
     if (input.device.type != "cpu" or torch.compiler.is_compiling() or input.dim() != 2 or input.numel() == 0
             or not input.is_contiguous() or input.dtype not in (torch.float32, torch.bfloat16, torch.float16)
             or act_spec.scale_dtype != torch.float32 or act_spec.dtype.name not in _F8_NAMES
-            or (torch.is_grad_enabled() and input.requires_grad)):
+            or wants_grad(input)):
         return None
     static = -1.0
     if act_scale is not None:

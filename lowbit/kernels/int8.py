@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import _cpu_ops, _ext, host
-from lowbit.kernels.preference import check_kernel
+from lowbit.kernels.preference import check_kernel, wants_grad
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, quantize_affine
 from lowbit.spec import QuantSpec, spec_from_key, spec_key
 
@@ -218,7 +218,7 @@ def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, spec: Qua
             and input.shape[0] <= _ext_max_m() and qdata.dim() == 2 and qdata.dtype == torch.int8 and qdata.is_contiguous()
             and scale.dtype == torch.float32 and scale.dim() == 2 and input.shape[1] == qdata.shape[1]
             and scale.shape[1] > 0 and input.shape[1] % scale.shape[1] == 0 and (input.shape[1] // scale.shape[1]) % 16 == 0
-            and not (torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad)))):
+            and not wants_grad(input, bias)):
         op = _direct_gemv_op()
         if op is not None:
             out = op(input, qdata, scale.expand(qdata.shape[0], -1))
