@@ -107,8 +107,12 @@ def _supported(x, qdata, scale, zero_point, bias) -> bool:
 
 
 def direct_gemv_op():
-    """``lowbit_cpu::int4_gemv_bf16`` (the bf16 M <= 4 GEMV as a dispatcher op, defined in ``_cpu_ops``),
-    or None when the extension is not available."""
+    """``lowbit_cpu::int4_gemv_bf16`` (the bf16 M <= 4 GEMV as a dispatcher op, defined in ``_cpu_ops``), or None:
+    while torch.compile traces, where no build of the kernel fits this CPU (``_ext.fitting_isa``: a graph must
+    not depend on whether the extension loaded, README design note); in eager, where the extension is not loaded
+    (the custom op's PyTorch paths are then faster than the op's reference body)."""
+    if torch.compiler.is_compiling():
+        return None if _ext.fitting_isa("int4_cpu") is None else _cpu_ops.int4_gemv_bf16
     return None if _ext.load("int4_cpu") is None else _cpu_ops.int4_gemv_bf16
 
 

@@ -260,6 +260,24 @@ def test_graph_cached_with_the_extension_runs_without_it(tmp_path):
         assert run["sqnr"]["int8"] >= INT8_VS_REF_DB and run["sqnr"]["int4"] >= INT4_VS_REF_DB, run["sqnr"]
 
 
+def test_graph_compiled_without_the_extension_holds_the_same_ops(tmp_path):
+    """Int4's route in a graph is chosen from the build this CPU runs, not from whether the extension loaded: a graph
+    traced under LOWBIT_NO_EXT=1 (its own inductor cache) calls the same C++-kernel op as one traced with it, so
+    either can be served to the other by torch.compile's caches (README design note; int8 weight-only's direct op
+    still follows the loaded module)."""
+    if _ext.load("int8_gemv") is None or _ext.load("int4_cpu") is None:
+        pytest.skip(f"C++ kernels not available here ({_ext.status()})")
+    env = {k: v for k, v in os.environ.items() if k != "LOWBIT_NO_EXT"}
+    with_ext = _run_child({**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "with")})
+    without = _run_child({**env, "LOWBIT_NO_EXT": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "without")})
+    assert all(s == _ext.DISABLED for s in without["status"].values()), without["status"]
+    int4_ops = [[op for op in run["ops"] if "int4" in op] for run in (with_ext, without)]
+    assert int4_ops[0] == ["lowbit_cpu::int4_gemv_bf16"], with_ext["ops"]
+    assert int4_ops[1] == int4_ops[0], without["ops"]
+    for run in (with_ext, without):
+        assert run["sqnr"]["int8"] >= INT8_VS_REF_DB and run["sqnr"]["int4"] >= INT4_VS_REF_DB, run["sqnr"]
+
+
 _FIRST_CALL = r"""
 import torch
 from lowbit.kernels import _cpu_ops, _ext
