@@ -41,7 +41,7 @@ from lowbit.kernels import _ext
 from lowbit.kernels._cpu_ops import fp8_small_act_linear, fp8_small_linear
 from lowbit.kernels._fp8_cpu import (CHUNK_ROWS, GEMV_MAX_M, float8_act_linear_cpu, float8_weight_only_linear_cpu,
                                      small_m_case, tiled_max_m)
-from lowbit.kernels.preference import check_kernel, wants_grad
+from lowbit.kernels.preference import check_kernel, check_static_act_scale, wants_grad
 from lowbit.primitives.float8 import choose_qparams_float8, dequantize_float8, fake_quantize_float8, quantize_float8
 from lowbit.spec import QuantSpec, spec_from_key, spec_key
 
@@ -261,6 +261,7 @@ def _fake_quantized(input, act_spec: QuantSpec, act_scale, kernel: str) -> torch
     x = _fake_quantize_cpu(input, act_spec, act_scale) if kernel == "auto" else None
     if x is None:
         if act_scale is not None:
+            check_static_act_scale(act_scale)
             s_x = act_scale.reshape(1, 1)
         else:
             s_x = choose_qparams_float8(input.detach(), act_spec, check_finite=False)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import _cpu_ops, _ext, host
-from lowbit.kernels.preference import check_kernel, wants_grad
+from lowbit.kernels.preference import check_kernel, check_static_act_scale, wants_grad
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, quantize_affine
 from lowbit.spec import QuantSpec, spec_from_key, spec_key
 
@@ -289,6 +289,7 @@ def _mm_and_rowsum(xq: torch.Tensor, qdata: torch.Tensor) -> tuple[torch.Tensor,
 def _quantize_activation(input, act_scale, act_zero_point, spec):
     static = act_scale is not None
     if static:
+        check_static_act_scale(act_scale)
         s, zp = act_scale.reshape(1, 1), None if act_zero_point is None else act_zero_point.reshape(1, 1)
     else:
         s, zp = choose_qparams_affine(input, spec, check_finite=False)

@@ -1,4 +1,4 @@
-"""KernelPreference: which implementation a quantized op runs."""
+"""KernelPreference: which implementation a quantized op runs; and the checks every route shares."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from enum import Enum
 
 import torch
 
-__all__ = ["KernelPreference", "wants_grad"]
+__all__ = ["KernelPreference", "wants_grad", "check_static_act_scale"]
 
 
 class KernelPreference(str, Enum):
@@ -21,6 +21,23 @@ def wants_grad(x: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether autograd will record a call on ``x`` (and ``bias``): the routes into ops without an autograd
     kernel (the C++ decode GEMVs as dispatcher ops, the fused CPU entries) are taken only when it will not."""
     return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def check_static_act_scale(act_scale: torch.Tensor | None) -> None:
+    """Refuse a static activation scale on the CPU that is not a positive finite number: a re-calibration or an
+    in-place edit can leave one at 0, negative or NaN, and the PyTorch paths would then quantize every activation
+    to a clamp bound and return (nearly) the bias, silently; the C++ kernels refused it already, now every route
+    does, with one message. Not checked while torch.compile traces (reading the value would break the graph) nor
+    on other devices (it would wait for the device).
+
+    Raises:
+        ValueError: naming ``act_scale`` and its value.
+    """
+    if act_scale is None or act_scale.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    a = float(act_scale.reshape(-1)[0])
+    if not 0.0 < a < float("inf"):
+        raise ValueError(f"act_scale={a!r}: a static activation scale must be a positive finite float")
 
 
 def check_kernel(kernel: str) -> str:

@@ -367,3 +367,28 @@ def test_smoothquant_config_errors():
         SmoothQuantConfig(alpha=1.5)
     assert repr(SmoothQuantConfig(alpha=0.7)) == "SmoothQuantConfig(alpha=0.7)"
     assert repr(StaticQuantConfig("float8_e4m3fn")) == "StaticQuantConfig(dtype='float8_e4m3fn')"
+
+
+@pytest.mark.parametrize("config", [lambda: Int8StaticActivationInt8WeightConfig(act_scale=0.02),
+                                    lambda: Int8StaticActivationInt8WeightConfig(act_scale=0.02, act_zero_point=-7),
+                                    lambda: Float8StaticActivationFloat8WeightConfig(act_scale=0.01)],
+                         ids=["int8", "int8-zp", "float8"])
+@pytest.mark.parametrize("value", [0.0, -0.5, float("nan"), float("inf")], ids=str)
+@pytest.mark.parametrize("m", [1, 40])
+@pytest.mark.parametrize("kernel", ["auto", "reference"])
+def test_a_static_scale_edited_to_a_bad_value_is_refused_on_every_route(config, value, m, kernel):
+    """A static activation scale left non-positive or non-finite by an in-place edit (a re-calibration) raises on
+    every route, with or without the C++ kernels (LOWBIT_NO_EXT=1 pass) and at decode and prefill sizes: the PyTorch
+    paths used to quantize every activation to a clamp bound and return (nearly) the bias."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(lin, config())
+    lin.weight.kernel = lowbit.KernelPreference(kernel)
+    x = torch.randn(m, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert lin(x).isfinite().all()
+        lin.weight.act_scale.fill_(value)
+        with pytest.raises(ValueError, match="act_scale=.*: a static activation scale must be a positive finite float"):
+            lin(x)
