@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import _cpu_ops, _ext, host
-from lowbit.kernels.preference import check_kernel, check_static_act_scale, wants_grad
+from lowbit.kernels.preference import check_kernel, check_static_act_scale, static_act_scale_value, wants_grad
 from lowbit.primitives.affine import choose_qparams_affine, dequantize_affine, quantize_affine
 from lowbit.spec import QuantSpec, spec_from_key, spec_key
 
@@ -452,9 +452,7 @@ def _fused_cpu_run(input, qdata, scale, bias, act_scale, act_zero_point, eps: fl
         if fused is not None:  # the three calls below in one, the same values
             return fused(input, qdata, scale.expand(qdata.shape[0], 1).reshape(-1).contiguous(), bias, eps)
     zp = 0 if act_zero_point is None else int(act_zero_point)
-    a = float(act_scale) if static else -1.0  # quantize_i8 reads a scale <= 0 as "dynamic": refuse one
-    if static and not 0.0 < a < float("inf"):
-        raise ValueError(f"act_scale={a!r}: a static activation scale must be a positive finite float")
+    a = static_act_scale_value(act_scale) if static else -1.0  # quantize_i8 reads a scale <= 0 as "dynamic": refused
     s_w = scale.expand(qdata.shape[0], 1).reshape(-1).contiguous()
     fused = _static_linear_op(ext) if static and zp == 0 and input.shape[0] <= _MM_I8_MAX_M else None
     if fused is not None and qdata.is_contiguous():  # the calls below in one, the same values

@@ -6,7 +6,7 @@ from enum import Enum
 
 import torch
 
-__all__ = ["KernelPreference", "wants_grad", "check_static_act_scale"]
+__all__ = ["KernelPreference", "wants_grad", "check_static_act_scale", "static_act_scale_value"]
 
 
 class KernelPreference(str, Enum):
@@ -35,9 +35,19 @@ def check_static_act_scale(act_scale: torch.Tensor | None) -> None:
     """
     if act_scale is None or act_scale.device.type != "cpu" or torch.compiler.is_compiling():
         return
+    static_act_scale_value(act_scale)
+
+
+def static_act_scale_value(act_scale: torch.Tensor) -> float:
+    """A one-element static activation scale's value, for a kernel that takes it as a number.
+
+    Raises:
+        ValueError: naming ``act_scale`` unless it is a positive finite float.
+    """
     a = float(act_scale.reshape(-1)[0])
     if not 0.0 < a < float("inf"):
         raise ValueError(f"act_scale={a!r}: a static activation scale must be a positive finite float")
+    return a
 
 
 def check_kernel(kernel: str) -> str:

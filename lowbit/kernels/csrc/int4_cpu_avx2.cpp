@@ -435,7 +435,7 @@ inline void iblock(const W4& w, const XPlanes& xp, int64_t n0, int64_t j, float 
   for (int r = 0; r < R; ++r) ah[r] = al[r] = _mm256_setzero_si256();
   for (int64_t k = k0; k < k0 + b; k += 32) {
     const int64_t kb = k >> 1;
-    lowbit::prefetch_region(w.q + n0 * w.rb, R * (k >> 1), R * 16);  // the tile's R rows are one region
+    lowbit::prefetch_region(qr[0], R * kb, R * 16);  // the tile's R rows are one region
     const __m256i* h = reinterpret_cast<const __m256i*>(xp.hi.data() + k);
     const __m256i he = _mm256_loadu_si256(h), ho = _mm256_loadu_si256(h + 1);
     __m256i le, lo;
