@@ -30,7 +30,7 @@ M_VALUES = [1, 16, 32, 64, 128, 256, 512]
 
 def int8_mm_routes(rounds: int, log) -> list[dict]:
     from lowbit.kernels import _ext
-    from lowbit.kernels.int8 import _int8_mm_float32
+    from lowbit.kernels.w8a8 import _int8_mm_float32
 
     mm_i8 = getattr(_ext.load("int8_act"), "mm_i8", None)
     rows = []

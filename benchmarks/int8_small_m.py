@@ -83,7 +83,7 @@ def _variants(layers, quanto, x, chunked):
                                   for L in layers]
     v["int8pack"] = lambda: [torch._weight_int8pack_mm(x[L["q"].shape[1]], L["q"], L["s_bf16"]) for L in layers]
     if chunked:
-        v["chunked"] = lambda: [K._weight_only_chunked(x[L["q"].shape[1]], L["q"], L["s"], None, SPEC) for L in layers]
+        v["chunked"] = lambda: [K._weight_only_chunked(x[L["q"].shape[1]], L["q"], L["s"], None) for L in layers]
     if quanto is not None:
         v["quanto"] = lambda: [mod(x[L["q"].shape[1]]) for mod, L in zip(quanto, layers)]
     return v

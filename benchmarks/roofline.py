@@ -270,7 +270,7 @@ def dram_bandwidth(threads: int, rounds: int = 5) -> float:
 def _vnni_peak_gops() -> float | None:
     """GOP/s of ``vpdpbusd`` on registers alone on every thread (the AVX-512 int8_act build), or None where that
     build or the CPU's avx512_vnni is missing."""
-    from lowbit.kernels import int8 as k8
+    from lowbit.kernels import w8a8 as k8
 
     ext = k8._vnni_ext()
     if ext is None or not hasattr(ext, "vnni_peak_gops"):

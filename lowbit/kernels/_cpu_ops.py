@@ -25,6 +25,9 @@ weight dequantized to ``x.dtype`` by ``dequantize_blocks`` (``dequantize_affine`
 the blocks read from the scale's shape: the op carries no spec, and kernels state none), then
 ``F.linear`` (bit-equal to the reference paths of ``int8.py`` and ``int4.py``; for 8da4w, the
 activation fake-quantized by the primitives first, as ``int4.int4_linear`` does without the kernel).
+Int8 weight-only's body on CPU runs what eager runs there without the extension instead
+(``int8._weight_only_cpu_torch``: ``torch._weight_int8pack_mm`` or converted chunks, the bias where they add
+it), so a graph traced with the extension and served to a process without it computes eager's values.
 
 Neither op has an autograd kernel: callers route here only when no gradient is wanted.
 """
@@ -50,15 +53,22 @@ def _group_size(k: int, scale: torch.Tensor, what: str) -> int:
     return k // scale.shape[1]
 
 
-def _int8_weight_only_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ dequantize(w, scale).T`` in ``x.dtype`` for int8 ``w`` (N, K) with float32 ``scale``
-    (N, K // group), symmetric. Raises ValueError on a scale whose groups don't divide K."""
+def _int8_weight_only_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequantize(w, scale).T + bias`` in ``x.dtype`` for int8 ``w`` (N, K) with float32 ``scale``
+    (N, K // group), symmetric: on CPU the extension's GEMV, ``bias`` added to its output, else the custom op's
+    PyTorch CPU paths (``int8._weight_only_cpu_torch``: what eager runs without the extension, bit for bit); the
+    reference elsewhere. Raises ValueError on a scale whose groups don't divide K."""
     if x.device.type == "cpu":
         ext = _ext.load("int8_gemv")
         if ext is not None:
-            return ext.int8_weight_only_mm(x, w, scale)
+            out = ext.int8_weight_only_mm(x, w, scale)
+            return out if bias is None else out + bias
     _group_size(w.shape[-1], scale, "int8_weight_only_mm")
-    return F.linear(x, dequantize_blocks(w, scale, None, x.dtype))
+    if x.device.type == "cpu":
+        from lowbit.kernels.int8 import _weight_only_cpu_torch
+
+        return _weight_only_cpu_torch(x, w, scale, bias)
+    return F.linear(x, dequantize_blocks(w, scale, None, x.dtype), bias)
 
 
 def _int4_gemv_bf16(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -107,11 +117,11 @@ def _w8a8_dynamic_linear(x: torch.Tensor, w: torch.Tensor, s_w: torch.Tensor, bi
     """W8A8: ``x`` (M, K) quantized to int8 per token, symmetric (the spec ``act_key``, ``spec_key``'s form;
     ``eps`` its scale floor, for the C++ kernel), times the int8 ``w`` (N, K) under ``w_key`` with one float32
     scale per row ``s_w`` (N,), plus ``bias``, in ``x.dtype``: the AVX2 build's ``w8a8_dynamic_linear`` where
-    it loads, else ``int8.py``'s aten route (the same float32 operations in the same order: the same values)."""
+    it loads, else ``w8a8.py``'s aten route (the same float32 operations in the same order: the same values)."""
     fn = _w8a8_entry() if x.device.type == "cpu" else None
     if fn is not None:
         return fn(x.contiguous(), w.contiguous(), s_w.contiguous(), bias, eps)
-    from lowbit.kernels.int8 import _activation_forward_aten
+    from lowbit.kernels.w8a8 import _activation_forward_aten
     from lowbit.spec import spec_from_key
 
     return _activation_forward_aten(x, w, s_w.reshape(-1, 1), bias, None, None, spec_from_key(act_key),
@@ -152,7 +162,7 @@ def _fp8_small_act_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Ten
     return _float8_act_linear_cpu_body(x, qdata, scale, bias, spec, act_spec)
 
 
-def _int8_fake(x, w, scale):
+def _int8_fake(x, w, scale, bias=None):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
@@ -172,7 +182,7 @@ def _fp8_fake(x, qdata, *args):
     return x.new_empty(x.shape[0], qdata.shape[0])
 
 
-_LIB.define("int8_weight_only_mm(Tensor x, Tensor w, Tensor scale) -> Tensor")
+_LIB.define("int8_weight_only_mm(Tensor x, Tensor w, Tensor scale, Tensor? bias=None) -> Tensor")
 _LIB.define("int4_gemv_bf16(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias) -> Tensor")
 _LIB.define("int8_int4_dynamic_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? bias, int qmin, int qmax, float eps, "
             "str act_key) -> Tensor")

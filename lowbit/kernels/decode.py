@@ -26,6 +26,7 @@ from lowbit.granularity import PerToken
 from lowbit.kernels import _ext, _fp8_cpu, _int4_cpu, _int8_int4_cpu
 from lowbit.kernels import float8 as _float8
 from lowbit.kernels import int8 as _int8
+from lowbit.kernels import w8a8 as _w8a8
 from lowbit.kernels.preference import wants_grad
 from lowbit.spec import QuantSpec
 
@@ -74,7 +75,7 @@ def _int8_dynamic(qdata, scale, act_spec: QuantSpec, dtype) -> Plan | None:
     """``int8_activation_linear``'s eager CPU route (``_fused_cpu``) for dynamic symmetric per-token
     activations and a per-row weight scale: one C++ pass to quantize, ``_int8_mm_impl``, one epilogue."""
     n = qdata.shape[0]
-    if (not isinstance(act_spec.granularity, PerToken) or not act_spec.symmetric or dtype not in _int8._FUSED_DTYPES
+    if (not isinstance(act_spec.granularity, PerToken) or not act_spec.symmetric or dtype not in _w8a8._FUSED_DTYPES
             or tuple(scale.shape) != (n, 1) or not scale.is_contiguous()):
         return None
     ext = _ext.load("int8_act")
@@ -82,10 +83,10 @@ def _int8_dynamic(qdata, scale, act_spec: QuantSpec, dtype) -> Plan | None:
         return None
     s_w = scale.reshape(-1)  # what _fused_cpu passes (expand + reshape + contiguous), as a view
     eps = act_spec.eps
-    quantize, epilogue, mm, w8a8_gemm = ext.quantize_i8, ext.w8a8_epilogue, _int8._int8_mm_impl, _int8._w8a8_gemm
+    quantize, epilogue, mm, w8a8_gemm = ext.quantize_i8, ext.w8a8_epilogue, _w8a8._int8_mm_impl, _w8a8._w8a8_gemm
     # the three calls as one (where _int8_mm_impl would run mm_i8): same values, ~20 us less a call
-    fused = _int8._dynamic_linear_op(ext) if qdata.is_contiguous() else None
-    fused_max_m, dtypes = _int8._MM_I8_MAX_M, _int8._FUSED_DTYPES
+    fused = _w8a8._dynamic_linear_op(ext) if qdata.is_contiguous() else None
+    fused_max_m, dtypes = _w8a8._MM_I8_MAX_M, _w8a8._FUSED_DTYPES
 
     def run(x, bias):
         if (not _plain_cpu(x) or not x.is_contiguous() or x.dtype not in dtypes or wants_grad(x, bias)
@@ -108,7 +109,7 @@ def _int8_static(qdata, scale, act_scale, act_zero_point, act_spec: QuantSpec, d
     The activation's scale and zero point are read from their tensors on every call (as the routing does),
     so an in-place edit, such as a re-calibration, is seen."""
     n = qdata.shape[0]
-    if (dtype not in _int8._FUSED_DTYPES or tuple(scale.shape) != (n, 1) or not scale.is_contiguous()
+    if (dtype not in _w8a8._FUSED_DTYPES or tuple(scale.shape) != (n, 1) or not scale.is_contiguous()
             or not _weight_ok(act_scale, act_zero_point) or act_scale.numel() != 1 or act_scale.dtype != torch.float32
             or (act_zero_point is not None and act_zero_point.numel() != 1)):
         return None
@@ -117,11 +118,11 @@ def _int8_static(qdata, scale, act_scale, act_zero_point, act_spec: QuantSpec, d
         return None
     s_w, s_x = scale.reshape(-1), act_scale.reshape(1)  # what _fused_cpu passes, as views
     eps = act_spec.eps
-    quantize, epilogue, mm, w8a8_gemm = ext.quantize_i8, ext.w8a8_epilogue, _int8._int8_mm_impl, _int8._w8a8_gemm
-    mm_and_rowsum, dtypes = _int8._mm_and_rowsum, _int8._FUSED_DTYPES
+    quantize, epilogue, mm, w8a8_gemm = ext.quantize_i8, ext.w8a8_epilogue, _w8a8._int8_mm_impl, _w8a8._w8a8_gemm
+    mm_and_rowsum, dtypes = _w8a8._mm_and_rowsum, _w8a8._FUSED_DTYPES
     # the calls below as one where _int8_mm_impl would run mm_i8 and the zero point is 0: the same values
-    fused = _int8._static_linear_op(ext) if qdata.is_contiguous() else None
-    fused_max_m = _int8._MM_I8_MAX_M
+    fused = _w8a8._static_linear_op(ext) if qdata.is_contiguous() else None
+    fused_max_m = _w8a8._MM_I8_MAX_M
 
     def run(x, bias):
         if (not _plain_cpu(x) or not x.is_contiguous() or x.dtype not in dtypes or wants_grad(x, bias)

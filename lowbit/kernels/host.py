@@ -9,8 +9,8 @@ Two facts move the large-M paths more than any kernel tuning does:
   there the weight-only and fake-quantized paths above the small-M kernels compute in float32 on
   the exactly dequantized weight and round the result to the input dtype once (``matmul_dtype``).
 * **int8 dot products** (``avx512_vnni``, ``avx_vnni``, ``amx_int8``). Without them
-  ``torch._int_mm`` runs at ~2-5 GOP/s; ``lowbit.kernels.int8`` then computes the same exact int32
-  products with float32 GEMMs (exact: see ``int8._int8_mm_float32``).
+  ``torch._int_mm`` runs at ~2-5 GOP/s; ``lowbit.kernels.w8a8`` then computes the same exact int32
+  products with float32 GEMMs (exact: see ``w8a8._int8_mm_float32``).
 
 ``LOWBIT_HALF_MATMUL=auto|native|float32`` overrides the first choice (tests force each path on any
 host); ``LOWBIT_INT8_DOT=auto|native|float32`` the second.

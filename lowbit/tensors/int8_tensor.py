@@ -23,7 +23,8 @@ import torch
 
 from lowbit.granularity import PerTensor, PerToken
 from lowbit.kernels.decode import make_int8_plan
-from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear_any
+from lowbit.kernels.int8 import int8_weight_only_linear_any
+from lowbit.kernels.w8a8 import int8_activation_linear
 from lowbit.kernels.preference import KernelPreference
 from lowbit.primitives.affine import _block_from_scale, dequantize_affine, quantize_affine
 from lowbit.primitives.hqq import QPARAMS_RULES, weight_qparams

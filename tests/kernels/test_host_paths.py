@@ -13,11 +13,12 @@ from lowbit.configs import Int8DynamicActivationInt8WeightConfig, Int8StaticActi
 from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerGroup, PerRow
 from lowbit.kernels import _ext, host
-from lowbit.kernels import int8 as int8_kernels
+from lowbit.kernels import w8a8 as int8_kernels
 from lowbit.kernels._fp8_cpu import float8_weight_only_linear_cpu, tiled_max_m
 from lowbit.kernels._int4_cpu import int4_linear_cpu, small_max_m
 from lowbit.kernels.int4 import dequantize_int4
-from lowbit.kernels.int8 import _int8_mm_float32, int8_activation_linear, int8_mm, int8_weight_only_linear
+from lowbit.kernels.int8 import int8_weight_only_linear
+from lowbit.kernels.w8a8 import _int8_mm_float32, int8_activation_linear, int8_mm
 from lowbit.primitives import choose_qparams_affine, pack_int4, quantize_affine
 from lowbit.spec import QuantSpec, spec_key
 

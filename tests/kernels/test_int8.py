@@ -6,8 +6,9 @@ import torch
 from lowbit.eval.metrics import sqnr
 from lowbit.granularity import PerGroup, PerRow, PerTensor
 from lowbit.kernels import _ext, host
-from lowbit.kernels import int8 as k8
-from lowbit.kernels.int8 import int8_activation_linear, int8_weight_only_linear
+from lowbit.kernels import w8a8
+from lowbit.kernels.int8 import int8_weight_only_linear
+from lowbit.kernels.w8a8 import int8_activation_linear
 from lowbit.configs import Int8DynamicActivationInt8WeightConfig, Int8StaticActivationInt8WeightConfig, Int8WeightOnlyConfig
 from lowbit.spec import QuantSpec, spec_key
 from lowbit.tensors.int8_tensor import Int8Tensor
@@ -158,7 +159,7 @@ def test_compiled_w8a8_runs_one_opaque_op_per_linear_cpu(freezing, monkeypatch):
         assert _count_int_mm(lambda: c(x), "lowbit::int8_act_linear_cpu") == (3 if whole else 0)
         assert _count_int_mm(lambda: c(x), "lowbit::int8_mm") == (0 if whole else 3)
         assert not {k for k in _keys(lambda: c(x)) if "qlinear" in k or "mkldnn" in k}
-        assert _count_int_mm(lambda: c(x)) == (0 if k8._vnni_ext() is not None else 3)
+        assert _count_int_mm(lambda: c(x)) == (0 if w8a8._vnni_ext() is not None else 3)
 
 
 def test_the_compiled_cpu_op_falls_back_where_the_cpp_route_does_not_apply(monkeypatch):
@@ -167,7 +168,7 @@ def test_the_compiled_cpu_op_falls_back_where_the_cpp_route_does_not_apply(monke
     w, _ = _weights(PerRow())
     x = torch.randn(9, w.qdata.shape[1])
     act = _act(True)
-    want = k8._activation_forward_aten(x, w.qdata, w.scale, None, None, None, act, w.spec, "auto")
+    want = w8a8._activation_forward_aten(x, w.qdata, w.scale, None, None, None, act, w.spec, "auto")
     monkeypatch.setattr(_ext, "load", lambda name="int8_gemv": None)
     got = torch.ops.lowbit.int8_act_linear_cpu(x, w.qdata, w.scale, None, None, None, spec_key(act), spec_key(w.spec))
     assert torch.equal(got, want)

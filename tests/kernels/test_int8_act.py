@@ -9,8 +9,8 @@ from lowbit import quantize_
 from lowbit.configs import Int8DynamicActivationInt8WeightConfig, Int8StaticActivationInt8WeightConfig
 from lowbit.granularity import PerRow, PerTensor
 from lowbit.kernels import _ext, host
-from lowbit.kernels import int8 as int8_kernels
-from lowbit.kernels.int8 import _activation_forward_aten, _fused_cpu, _int8_mm_impl
+from lowbit.kernels import w8a8 as int8_kernels
+from lowbit.kernels.w8a8 import _activation_forward_aten, _fused_cpu, _int8_mm_impl
 
 pytestmark = pytest.mark.skipif(_ext.load("int8_act") is None, reason="C++ kernel int8_act not available here")
 

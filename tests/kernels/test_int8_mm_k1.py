@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowbit import configs as C
-from lowbit.kernels.int8 import int8_mm
+from lowbit.kernels.w8a8 import int8_mm
 from lowbit.quantize import quantize_
 
 

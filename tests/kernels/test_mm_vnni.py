@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowbit.kernels import _ext, host
-from lowbit.kernels import int8 as k8
+from lowbit.kernels import w8a8 as k8
 
 pytestmark = pytest.mark.skipif(k8._vnni_ext() is None, reason="needs the AVX-512 int8_act build on a CPU with avx512_vnni")
 

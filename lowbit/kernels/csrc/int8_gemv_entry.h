@@ -205,7 +205,12 @@ torch::Tensor scale_columns_(torch::Tensor out, torch::Tensor s) {
 // op lowbit::int8_weight_only_linear. No autograd kernel: callers route here only when no gradient is wanted
 // (lowbit/kernels/int8.py). The schema, fake kernel and a PyTorch body are defined in Python
 // (lowbit/kernels/_cpu_ops.py, so a cached compiled graph runs without this extension): only the CPU kernel here.
-TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_weight_only_mm", TORCH_FN(int8_weight_only_mm)); }
+// Its bias is added to the GEMV's output (aten's add, as lowbit/kernels/int8.py adds it in eager).
+static torch::Tensor int8_weight_only_mm_op(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+  torch::Tensor out = int8_weight_only_mm(x, w, scale);
+  return bias.has_value() ? out + *bias : out;
+}
+TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_weight_only_mm", TORCH_FN(int8_weight_only_mm_op)); }
 
 #ifdef LOWBIT_INT8_GEMM_BF16
 // The AVX-512 build's large-M entry (int8_gemv.cpp): x @ dequantize(w, scale).T + bias for bf16 x, the

@@ -17,6 +17,6 @@ r={}
 for _ in range(3):
     for cb in (1<<20, 2<<20, 4<<20, 8<<20, 32<<20):
         k8._CHUNK_BYTES=cb
-        r.setdefault(cb,[]).append(t(lambda: k8._weight_only_chunked(x,q,s,None,spec)))
+        r.setdefault(cb,[]).append(t(lambda: k8._weight_only_chunked(x,q,s,None)))
     r.setdefault("bf16",[]).append(t(lambda: F.linear(x,wb)))
 for k,v in r.items(): print(k, round(st.median(v),2))

@@ -17,6 +17,6 @@ for k, n in [(576,192),(576,576),(576,1536),(1536,576),(4096,4096)]:
     r = {}
     for rnd in range(3):
         r.setdefault("F.linear", []).append(bench(lambda: torch.nn.functional.linear(x, wb), 10 if k == 4096 else 60))
-        r.setdefault("int8wo", []).append(bench(lambda: I8._weight_only_chunked(x, q, s, None, spec), 10 if k == 4096 else 60))
+        r.setdefault("int8wo", []).append(bench(lambda: I8._weight_only_chunked(x, q, s, None), 10 if k == 4096 else 60))
     a, b = min(r["F.linear"]), min(r["int8wo"])
     print(k, n, "F.linear", a, "int8wo chunked", b, f"{a/b:.2f}x")

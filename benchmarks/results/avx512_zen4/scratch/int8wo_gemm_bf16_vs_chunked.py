@@ -25,7 +25,7 @@ for name, layer_shapes in shapes.items():
         xs = [torch.randn(m, k).bfloat16() for _, k in layer_shapes]
         fns = {
             "gemm_bf16": lambda: [ext.int8_weight_only_gemm(x, q, s) for x, (q, s) in zip(xs, ws)],
-            "chunked": lambda: [_weight_only_chunked(x, q, s, None, spec) for x, (q, s) in zip(xs, ws)],
+            "chunked": lambda: [_weight_only_chunked(x, q, s, None) for x, (q, s) in zip(xs, ws)],
             "bf16": lambda: [F.linear(x, w) for x, w in zip(xs, wb)],
         }
         med = {k: v * 1e3 for k, v in _paired_medians(fns, reps).items()}  # make demo's interleaved medians
