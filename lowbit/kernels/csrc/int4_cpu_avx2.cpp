@@ -9,8 +9,8 @@
 //
 // AVX2 has no bf16 dot product: bf16 x is widened to float32 (exact: a 16-bit shift) and every
 // product is a float32 FMA against the exact integer (q - zp) as float32.
-//  * gemv_bf16 at M = 1 with integer zero points (or none): the integer GEMV below (x as two int16 planes,
-//    vpmaddwd, exact int32 sums per block); otherwise:
+//  * gemv_bf16 at M = 1 (any zero point): the integer GEMV below (x as two int16 planes, vpmaddwd, exact
+//    int32 sums per block); otherwise:
 //  * gemv_bf16 / gemv_f32 (M <= 4 / M = 1): the packed weight is streamed once. 8 bytes become 8
 //    dwords (vpmovzxbd), whose low nibbles are the even elements and high nibbles the odd ones;
 //    (q - zp) in int32, converted to float32 exactly, FMA against a copy of x permuted once per call
@@ -302,7 +302,7 @@ void gemv_any(const W4& w, const float* xp, const float* bias, void* out, at::Sc
   }
 }
 
-// ---- integer GEMV at M = 1: bf16 x as two int16 planes (integer zero points) -----------------------
+// ---- integer GEMV at M = 1: bf16 x as two int16 planes ---------------------------------------------
 //
 // The float GEMV above spends, per 8 weights, two int -> float conversions and two FMAs on a core that takes
 // one conversion a cycle (a Zen 2: ~2.7 packed bytes a cycle in L1, 0.41 of DRAM on 2 threads). Here each
@@ -312,19 +312,22 @@ void gemv_any(const W4& w, const float* xp, const float* bias, void* out, at::Sc
 // exactly (bf16 has 8 significant bits) and a smaller one is rounded to 2^(E-29), below a float32 rounding
 // of the block's largest term. nibble * hi and nibble * lo are summed in int32 lanes by vpmaddwd, exactly
 // (a lane sums B / 16 pairs of |x| < 2^15 times a nibble <= 15); zp * (the lanes' sums of x) is taken off,
-// exactly; each block's lanes become float32 once, are scaled by s[n, g] * step and added to a float32 total
+// exactly (a float zero point: the lanes' sums of x, exact in float32 below 2^23, times zf taken off the lanes
+// made float32 by one FMA, a rounding of the same size as the integer case's conversion);
+// each block's lanes become float32 once, are scaled by s[n, g] * step and added to a float32 total
 // per lane, blocks in order; the 8 lanes by hsum8. One rounding per block instead of one per product: more
 // exact than the float GEMV (measured on random data: the SQNR of the bf16 output against float64 equals
 // that of float64's own bf16 rounding). A block whose lo plane is all zero skips the lo products.
 // Where it runs: M = 1 (at M >= 2 the float tiles share each converted weight across the rows of x with
-// 2 FMAs a cycle, where vpmaddwd runs 1 a cycle: 2 rows were level, 3 and 4 0.83x / 0.69x), integer zero
-// points or none, groups <= 2048 or a multiple of 2048, x without NaN / inf (else the float GEMV runs).
+// 2 FMAs a cycle, where vpmaddwd runs 1 a cycle: 2 rows were level, 3 and 4 0.83x / 0.69x), every zero-point
+// kind, groups <= 2048 or a multiple of 2048, x without NaN / inf (else the float GEMV runs).
 // (The choice is per call: a NaN / inf or tiny block anywhere in x sends the whole call to the float GEMV.)
 // So a row of x alone (M = 1) and the same row among others (M = 2..4, the float tiles) can differ in the
 // last bit. x with a nonzero block whose largest magnitude is below 2^-100 (subnormals included) also takes
 // the float GEMV: the steps stay normal float32 numbers.
 // Measured (8 x 4096^2 g128, bf16 x, 2 threads, interleaved with the float GEMV in one process): 0.41 -> 0.50
-// of the DRAM probe (benchmarks/results/avx2_zen2/scratch/README.md, session 17).
+// of the DRAM probe (benchmarks/results/avx2_zen2/scratch/README.md, session 17); float zero points (HQQ's,
+// GGUF Q4_1's) since session 20: 0.47 -> 0.66 (6.0 -> 4.3 ms).
 
 constexpr int64_t kMaxBlock = 2048;
 constexpr int kMinExp = -100;  // blocks of x whose largest magnitude is below 2^kMinExp: the float GEMV
@@ -457,9 +460,16 @@ inline void iblock(const W4& w, const XPlanes& xp, int64_t n0, int64_t j, float 
   const __m256i sh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp.sum_hi.data() + j * 8));
   const __m256i sl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp.sum_lo.data() + j * 8));
   for (int r = 0; r < R; ++r) {
-    const __m256i zv = _mm256_set1_epi32(zp_of(w, n0 + r, g));
-    __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(ah[r], _mm256_mullo_epi32(zv, sh)));
-    if (LO) v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(al[r], _mm256_mullo_epi32(zv, sl))), inv15, v);
+    __m256 v;
+    if constexpr (Z == kFloatZp) {  // the lanes' sums of x are exact in float32 (< 2^23): one rounding, by the FMA
+      const __m256 zf = _mm256_set1_ps(w.zf[(n0 + r) * w.G + g]);
+      v = _mm256_fnmadd_ps(zf, _mm256_cvtepi32_ps(sh), _mm256_cvtepi32_ps(ah[r]));
+      if (LO) v = _mm256_fmadd_ps(_mm256_fnmadd_ps(zf, _mm256_cvtepi32_ps(sl), _mm256_cvtepi32_ps(al[r])), inv15, v);
+    } else {
+      const __m256i zv = _mm256_set1_epi32(zp_of(w, n0 + r, g));
+      v = _mm256_cvtepi32_ps(_mm256_sub_epi32(ah[r], _mm256_mullo_epi32(zv, sh)));
+      if (LO) v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(al[r], _mm256_mullo_epi32(zv, sl))), inv15, v);
+    }
     const __m256 sc = _mm256_set1_ps(w.s[(n0 + r) * w.G + g] * xp.step[j]);
     _mm256_store_ps(tot[r], _mm256_fmadd_ps(v, sc, _mm256_load_ps(tot[r])));
   }
@@ -475,6 +485,9 @@ inline void igemv_rows(const W4& w, const XPlanes& xp, int64_t n0, const float* 
     if (Z == kIntZp) {
       const char* za = reinterpret_cast<const char*>(w.zp + (n0 + kScaleAheadRows) * G);
       for (int64_t i = 0; i < R * G; i += 64) _mm_prefetch(za + i, _MM_HINT_T0);
+    } else if (Z == kFloatZp) {
+      const char* za = reinterpret_cast<const char*>(w.zf + (n0 + kScaleAheadRows) * G);
+      for (int64_t i = 0; i < R * G * 4; i += 64) _mm_prefetch(za + i, _MM_HINT_T0);
     }
   }
   for (int64_t j = 0; j < xp.blocks; ++j) {
@@ -504,7 +517,6 @@ void igemv_impl(const W4& w, const XPlanes& xp, const float* bias, void* out, at
 
 // The integer GEMV's block length for this weight, or 0 where it does not apply (see above).
 inline int64_t int_block(const W4& w) {
-  if (w.zf) return 0;
   if (w.gs <= kMaxBlock) return w.gs;
   return w.gs % kMaxBlock == 0 ? kMaxBlock : 0;
 }
@@ -566,6 +578,7 @@ static torch::Tensor gemv_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch
   const int64_t block = int_block(w);
   if (M == 1 && block > 0 && make_planes(xb, w.K, block, planes)) {
     if (w.zp) igemv_impl<kIntZp>(w, planes, bp, op, at::kBFloat16);
+    else if (w.zf) igemv_impl<kFloatZp>(w, planes, bp, op, at::kBFloat16);
     else igemv_impl<kSym>(w, planes, bp, op, at::kBFloat16);
     return out;
   }
