@@ -99,6 +99,12 @@ W4 make_w4(const torch::Tensor& q, const torch::Tensor& s, const c10::optional<t
 
 // Zero-point kinds, a template argument of the per-element paths.
 constexpr int kSym = 0, kIntZp = 1, kFloatZp = 2;
+#ifndef LOWBIT_INT4_ONE_ACC
+#define LOWBIT_INT4_ONE_ACC 0
+#endif
+#ifndef LOWBIT_INT4_R2
+#define LOWBIT_INT4_R2 4
+#endif
 
 inline int zkind(const W4& w) { return w.zp ? kIntZp : w.zf ? kFloatZp : kSym; }
 
@@ -239,13 +245,21 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
     }
   }
   for (int64_t g = 0; g < G; ++g) {
+#if LOWBIT_INT4_ONE_ACC
+    __m256 ae[R][MM];
+#else
     __m256 ae[R][MM], ao[R][MM];
+#endif
     __m256i zpv[R];
     __m256 zfv[R];
     for (int r = 0; r < R; ++r) {
       zpv[r] = zpv_of(w, n0 + r, g);
       zfv[r] = zfv_of(w, n0 + r, g);
+#if LOWBIT_INT4_ONE_ACC
+      for (int m = 0; m < MM; ++m) ae[r][m] = _mm256_setzero_ps();
+#else
       for (int m = 0; m < MM; ++m) ae[r][m] = ao[r][m] = _mm256_setzero_ps();
+#endif
     }
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
       const int64_t kb = k >> 1;  // byte offset (k >= 0: a shift, not a signed division)
@@ -257,15 +271,24 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
         nib16<Z>(qr[r] + kb, zpv[r], zfv[r], ev, od);
 #pragma GCC unroll 4
         for (int m = 0; m < MM; ++m) {
+#if LOWBIT_INT4_ONE_ACC
+          ae[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k + 8), od,
+                                     _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k), ev, ae[r][m]));
+#else
           ae[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k), ev, ae[r][m]);
           ao[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k + 8), od, ao[r][m]);
+#endif
         }
       }
     }
     for (int r = 0; r < R; ++r) {
       const __m256 sv = _mm256_set1_ps(w.s[(n0 + r) * G + g]);
       for (int m = 0; m < MM; ++m)
+#if LOWBIT_INT4_ONE_ACC
+        _mm256_store_ps(tot[r][m], _mm256_fmadd_ps(ae[r][m], sv, _mm256_load_ps(tot[r][m])));
+#else
         _mm256_store_ps(tot[r][m], _mm256_fmadd_ps(_mm256_add_ps(ae[r][m], ao[r][m]), sv, _mm256_load_ps(tot[r][m])));
+#endif
     }
   }
   for (int r = 0; r < R; ++r)
@@ -281,7 +304,11 @@ void gemv_impl(const W4& w, const float* xp, const float* bias, void* out, at::S
   // MM >= 3: one weight row per tile. Two (with x in two passes, or with one accumulator per pair) were
   // measured on a Zen 2: two passes 0.86-0.94x (the nibbles decoded twice), one accumulator 1.17-1.21x but
   // sums in another order than at M = 1; a row of the result stays that of its row of x alone.
+#if LOWBIT_INT4_ONE_ACC
+  constexpr int R = MM == 1 ? 4 : MM == 2 ? LOWBIT_INT4_R2 : MM == 3 ? 3 : 2;
+#else
   constexpr int R = MM == 1 ? 4 : MM == 2 ? 2 : 1;
+#endif
   const int64_t nb = (w.N + R - 1) / R;
   par_for(0, nb, 4, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
