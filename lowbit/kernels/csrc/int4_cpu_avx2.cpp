@@ -99,12 +99,6 @@ W4 make_w4(const torch::Tensor& q, const torch::Tensor& s, const c10::optional<t
 
 // Zero-point kinds, a template argument of the per-element paths.
 constexpr int kSym = 0, kIntZp = 1, kFloatZp = 2;
-#ifndef LOWBIT_INT4_ONE_ACC
-#define LOWBIT_INT4_ONE_ACC 0
-#endif
-#ifndef LOWBIT_INT4_R2
-#define LOWBIT_INT4_R2 4
-#endif
 
 inline int zkind(const W4& w) { return w.zp ? kIntZp : w.zf ? kFloatZp : kSym; }
 
@@ -223,9 +217,11 @@ std::vector<float> permute_x(const T* x, int64_t M, int64_t K, int64_t ldx) {
   return p;
 }
 
-// R rows of W (n0 ..) x MM rows of x: two accumulators per pair (even, odd elements) so that the FMA
-// chains are independent; per group the sum is scaled into tot. The sums of a pair do not depend on R or
-// MM: a row of the result is that of its row of x alone, bit for bit.
+// R rows of W (n0 ..) x MM rows of x: one accumulator per pair, 16 elements (the 8 even, then the 8 odd) a
+// step; the R x MM pairs' chains are independent (two accumulators per pair, as until session 20, held M = 3
+// and 4 to one weight row per tile: 8 accumulators of 4 rows of x filled the registers); per group the sum is
+// scaled into tot. The sums of a pair do not depend on R or MM: a row of the result is that of its row of x
+// alone, bit for bit.
 template <int Z, int R, int MM>
 inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bias, void* out, at::ScalarType ot) {
   const int64_t K = w.K, G = w.G, gs = w.gs;
@@ -245,21 +241,13 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
     }
   }
   for (int64_t g = 0; g < G; ++g) {
-#if LOWBIT_INT4_ONE_ACC
-    __m256 ae[R][MM];
-#else
-    __m256 ae[R][MM], ao[R][MM];
-#endif
+    __m256 acc[R][MM];
     __m256i zpv[R];
     __m256 zfv[R];
     for (int r = 0; r < R; ++r) {
       zpv[r] = zpv_of(w, n0 + r, g);
       zfv[r] = zfv_of(w, n0 + r, g);
-#if LOWBIT_INT4_ONE_ACC
-      for (int m = 0; m < MM; ++m) ae[r][m] = _mm256_setzero_ps();
-#else
-      for (int m = 0; m < MM; ++m) ae[r][m] = ao[r][m] = _mm256_setzero_ps();
-#endif
+      for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();
     }
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
       const int64_t kb = k >> 1;  // byte offset (k >= 0: a shift, not a signed division)
@@ -271,24 +259,15 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
         nib16<Z>(qr[r] + kb, zpv[r], zfv[r], ev, od);
 #pragma GCC unroll 4
         for (int m = 0; m < MM; ++m) {
-#if LOWBIT_INT4_ONE_ACC
-          ae[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k + 8), od,
-                                     _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k), ev, ae[r][m]));
-#else
-          ae[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k), ev, ae[r][m]);
-          ao[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k + 8), od, ao[r][m]);
-#endif
+          acc[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k + 8), od,
+                                      _mm256_fmadd_ps(_mm256_loadu_ps(xp + m * K + k), ev, acc[r][m]));
         }
       }
     }
     for (int r = 0; r < R; ++r) {
       const __m256 sv = _mm256_set1_ps(w.s[(n0 + r) * G + g]);
       for (int m = 0; m < MM; ++m)
-#if LOWBIT_INT4_ONE_ACC
-        _mm256_store_ps(tot[r][m], _mm256_fmadd_ps(ae[r][m], sv, _mm256_load_ps(tot[r][m])));
-#else
-        _mm256_store_ps(tot[r][m], _mm256_fmadd_ps(_mm256_add_ps(ae[r][m], ao[r][m]), sv, _mm256_load_ps(tot[r][m])));
-#endif
+        _mm256_store_ps(tot[r][m], _mm256_fmadd_ps(acc[r][m], sv, _mm256_load_ps(tot[r][m])));
     }
   }
   for (int r = 0; r < R; ++r)
@@ -301,14 +280,11 @@ inline void gemv_rows(const W4& w, const float* xp, int64_t n0, const float* bia
 
 template <int Z, int MM>
 void gemv_impl(const W4& w, const float* xp, const float* bias, void* out, at::ScalarType ot) {
-  // MM >= 3: one weight row per tile. Two (with x in two passes, or with one accumulator per pair) were
-  // measured on a Zen 2: two passes 0.86-0.94x (the nibbles decoded twice), one accumulator 1.17-1.21x but
-  // sums in another order than at M = 1; a row of the result stays that of its row of x alone.
-#if LOWBIT_INT4_ONE_ACC
-  constexpr int R = MM == 1 ? 4 : MM == 2 ? LOWBIT_INT4_R2 : MM == 3 ? 3 : 2;
-#else
-  constexpr int R = MM == 1 ? 4 : MM == 2 ? 2 : 1;
-#endif
+  // Weight rows per tile, measured on a Zen 2 with one accumulator per pair (avx2_zen2/scratch/
+  // int4_float_tiles_one_acc.py, 8 x 4096^2 g128, 2 threads, against two accumulators per pair and 2 / 1 / 1 rows
+  // at M = 2 / 3 / 4): M = 3 with 3 rows 1.09-1.10x, M = 4 with 2 rows 1.14-1.21x, M = 2 with 4 rows level
+  // (2 rows: 0.94-0.97x), M = 1 (float32 x) level.
+  constexpr int R = MM == 1 ? 4 : MM == 2 ? 4 : MM == 3 ? 3 : 2;
   const int64_t nb = (w.N + R - 1) / R;
   par_for(0, nb, 4, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
