@@ -217,6 +217,8 @@ def register_linear_ops(cls: type[QuantizedTensor], run: Callable) -> None:
             raise ValueError(f"input shape {tuple(input.shape)} does not end in in_features={k}")
         if input.dtype != w_dtype:
             raise TypeError(f"input dtype {input.dtype} != weight dtype {w_dtype}; cast one (model.to(dtype))")
+        if bias is not None and bias.dtype != input.dtype:  # F.linear refuses it too; the kernels would promote
+            raise TypeError(f"bias dtype {bias.dtype} != input dtype {input.dtype}; cast one (model.to(dtype))")
         if input.dim() == 2:  # already (M, K): no reshapes to and from it
             return run(input, weight, bias)
         out = run(input.reshape(-1, k), weight, bias)

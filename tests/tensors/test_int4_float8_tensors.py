@@ -216,3 +216,14 @@ def test_kernel_preference_reference_is_dequantize_then_linear(name):
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     if t.act_spec is None:
         assert torch.equal(F.linear(x, ref), F.linear(x, t.dequantize()))
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_a_bias_of_another_dtype_is_refused(kind):
+    """F.linear refuses a bias whose dtype is not the input's; the kernels would promote the output (and a compiled
+    graph's fake kernels say the input's dtype), so every layout refuses it, naming both dtypes."""
+    t = MAKERS[kind](_w(dtype=torch.bfloat16))
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bias dtype torch.float32 != input dtype torch.bfloat16"):
+        F.linear(x, t, torch.zeros(64))
+    assert F.linear(x, t, torch.zeros(64, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -163,6 +163,10 @@ def test_input_dtype_mismatch_and_bad_shapes():
         F.linear(torch.randn(2, 128, dtype=torch.bfloat16), t)
     with pytest.raises(ValueError, match="in_features=128"):
         F.linear(torch.randn(2, 100), t)
+    # a bias of another dtype: F.linear refuses it on float tensors; the kernels would promote the output silently
+    # (and a compiled graph's fake kernels say x's dtype)
+    with pytest.raises(TypeError, match="bias dtype torch.bfloat16 != input dtype torch.float32"):
+        F.linear(torch.randn(2, 128), t, torch.zeros(t.shape[0], dtype=torch.bfloat16))
 
 
 def test_from_float_bad_inputs():
