@@ -3,7 +3,7 @@
 1. ``lowbit::int8_mm``'s three routes on a CPU without int8 dot products: our AVX2 ``mm_i8``, the exact
    float32 GEMMs (``_int8_mm_float32``) and ``torch._int_mm``, for 4096 x 4096 and SmolLM2's 1536 x 576
    and 576 x 1536 weights at M = 1 .. 512: where ``_MM_I8_MAX_M`` and ``_FLOAT_MM_MIN_M`` in
-   ``lowbit/kernels/int8.py`` come from. (``mm_i8`` exists in the AVX2 build only: absent elsewhere.)
+   ``lowbit/kernels/w8a8.py`` come from. (``mm_i8`` exists in the AVX2 build only: absent elsewhere.)
 2. float8 activations at M = 1 on 8 x ``Linear(4096, 4096)`` bf16 (per-row scales): the one-pass C++ fake
    quantization against the aten ops it replaces, with float8 weight-only and bf16 beside them.
 

@@ -133,7 +133,7 @@ def _w8a8_layer(n=96, k=256):
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_w8a8_body_without_the_entry_is_the_aten_route(monkeypatch, bias):
-    """Where the one-call entry is missing (the AVX-512 build, or no extension) the op's body runs int8.py's aten
+    """Where the one-call entry is missing (the AVX-512 build, or no extension) the op's body runs w8a8.py's aten
     route."""
     from lowbit.kernels.w8a8 import _activation_forward_aten
 
