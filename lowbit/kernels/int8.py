@@ -54,9 +54,14 @@ _INT8PACK_MAX_M = 8  # _weight_int8pack_mm beats bf16 up to M=8 (1.2x), loses fr
 _CHUNK_BYTES = 2 << 20  # a converted chunk of rows: 256 x 4096 bf16 = 2 MiB stays in cache (measured best at 4096)
 
 
+def _max_m_of(isa: str | None) -> int:
+    """The largest M the C++ GEMV of build ``isa`` takes."""
+    return _EXT_MAX_M_AVX2 if isa == "avx2" else _EXT_MAX_M
+
+
 def _ext_max_m() -> int:
     """The largest M our C++ GEMV takes: it depends on the build that runs (``_ext.active_isa``)."""
-    return _EXT_MAX_M_AVX2 if _ext.active_isa("int8_gemv") == "avx2" else _EXT_MAX_M
+    return _max_m_of(_ext.active_isa("int8_gemv"))
 
 
 def _grad_input(grad, qdata, scale, zero_point, spec: QuantSpec):
@@ -173,7 +178,7 @@ def _direct_max_m() -> int:
     """The largest M :func:`int8_weight_only_linear_any` sends to the direct op: ``_ext_max_m()``, except while
     torch.compile traces, where it is taken from the build this CPU runs (``_ext.fitting_isa``), loaded or not."""
     if torch.compiler.is_compiling():
-        return _EXT_MAX_M_AVX2 if _ext.fitting_isa("int8_gemv") == "avx2" else _EXT_MAX_M
+        return _max_m_of(_ext.fitting_isa("int8_gemv"))
     return _ext_max_m()
 
 

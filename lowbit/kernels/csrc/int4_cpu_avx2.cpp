@@ -315,8 +315,9 @@ void gemv_any(const W4& w, const float* xp, const float* bias, void* out, at::Sc
 // exactly (bf16 has 8 significant bits) and a smaller one is rounded to 2^(E-29), below a float32 rounding
 // of the block's largest term. nibble * hi and nibble * lo are summed in int32 lanes by vpmaddwd, exactly
 // (a lane sums B / 16 pairs of |x| < 2^15 times a nibble <= 15); zp * (the lanes' sums of x) is taken off,
-// exactly (a float zero point: the lanes' sums of x, exact in float32 below 2^23, times zf taken off the lanes
-// made float32 by one FMA, a rounding of the same size as the integer case's conversion);
+// exactly (a float zero point: the nibble sums are made float32 on their own, a rounding beyond 2^24 as in the
+// integer case but relative to sum(q * x) rather than to the difference, and zf times the lanes' sums of x, exact
+// in float32 below 2^23, comes off in one FMA, a second rounding);
 // each block's lanes become float32 once, are scaled by s[n, g] * step and added to a float32 total
 // per lane, blocks in order; the 8 lanes by hsum8. One rounding per block instead of one per product: more
 // exact than the float GEMV (measured on random data: the SQNR of the bf16 output against float64 equals
@@ -464,7 +465,7 @@ inline void iblock(const W4& w, const XPlanes& xp, int64_t n0, int64_t j, float 
   const __m256i sl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp.sum_lo.data() + j * 8));
   for (int r = 0; r < R; ++r) {
     __m256 v;
-    if constexpr (Z == kFloatZp) {  // the lanes' sums of x are exact in float32 (< 2^23): one rounding, by the FMA
+    if constexpr (Z == kFloatZp) {  // the lanes' sums of x are exact in float32 (< 2^23); cvt(ah) and the FMA round
       const __m256 zf = _mm256_set1_ps(w.zf[(n0 + r) * w.G + g]);
       v = _mm256_fnmadd_ps(zf, _mm256_cvtepi32_ps(sh), _mm256_cvtepi32_ps(ah[r]));
       if (LO) v = _mm256_fmadd_ps(_mm256_fnmadd_ps(zf, _mm256_cvtepi32_ps(sl), _mm256_cvtepi32_ps(al[r])), inv15, v);
