@@ -166,7 +166,8 @@ def test_format_v1_checkpoint_still_loads(caplog):
         model = load(_data_module("make_int8_v1").build().to("meta"), DATA / "int8_v1.safetensors")
     io_ = load_file(DATA / "int8_v1_io.safetensors")
     with torch.no_grad():
-        assert torch.equal(model(io_["input"]), io_["output"])
+        # written by another CPU's float32 sums (torch's own matmul differs in the last bits across hosts)
+        assert sqnr(io_["output"], model(io_["input"])) >= OLD_OUTPUT_SQNR_DB
     assert model[4].weight.act_zero_point is not None and model[5].weight.block_size == (1, 8)
     for i in (0, 2, 4, 5):
         assert model[i].weight.spec == model[i].lowbit_config.weight_spec()
