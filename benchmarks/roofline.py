@@ -15,11 +15,12 @@ int8 weight-only, W8A8 dynamic, float8 weight-only, 8da4w), bitsandbytes (nf4, L
 g128 and qint8 weights, qint8 weights x calibrated qint8 activations). All quantize the same bf16 weights and run
 in the same rounds:
 
-* decode, M = 1 and 4, on 8 stacked ``Linear(4096, 4096)`` (bf16 weights 256 MiB; every quantized copy is
-  over the 32 MiB L3): the fraction is weight bytes / time / DRAM bandwidth (activations are negligible).
+* decode, M = 1 and 4, on 8 stacked ``Linear(4096, 4096)`` (bf16 weights 256 MiB), or more where the int4 copy
+  of 8 (69 MiB) would be read from this guest's share of the cache (``decode_layers``: 24 on one Intel host whose
+  guest read 64 MiB at twice DRAM speed): the fraction is weight bytes / time / DRAM bandwidth (activations are negligible).
   Weight bytes are what the layers really hold after a forward pass: every storage reachable from the modules
   (tensor subclasses flattened, bitsandbytes' row scales and nf4 block statistics included), counted once;
-* M = 16 (a small batch of decodes, speculative drafts), on the same 8-layer stack: neither limit alone binds on
+* M = 16 (a small batch of decodes, speculative drafts), on the same stack: neither limit alone binds on
   every host, so the fraction is the roofline's own bound, the larger of bytes / DRAM bandwidth and ops / peak
   (the peak as at M = 256 below), over the time; the table says which of the two bound it;
 * prefill, M = 256, on one ``Linear(4096, 4096)``: 2 M N K / time over the peak of the arithmetic the kernel
@@ -56,7 +57,9 @@ from _common import interleaved, machine_facts, tensor_bytes, write_json  # noqa
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 N = K = 4096
-DECODE_LAYERS = 8
+DECODE_LAYERS = 8  # at least; decode_layers() takes more where 8 layers' int4 fits this guest's cache
+LAYER_CHOICES = (8, 16, 24, 32)
+CACHE_MARGIN = 1.15  # a buffer read faster than this x the 1 GiB rate is (partly) served from cache
 M_VALUES, M_QUICK = (1, 4, 16, 256), (1, 256)
 DECODE_MAX_M = 4  # rows with M <= this are read-bound (bytes / bandwidth)
 STACK_MAX_M = 16  # rows with M <= this run on the decode stack; above DECODE_MAX_M: max(bytes, ops) bound
@@ -247,15 +250,15 @@ def _stacked(model: nn.Module, x: torch.Tensor):
     return run
 
 
-def dram_bandwidth(threads: int, rounds: int = 5) -> float:
-    """GB/s of ``torch.sum`` over 1 GiB of float32 with ``threads`` threads (median of ``rounds``)."""
+def dram_bandwidth(threads: int, rounds: int = 5, nbytes: int = 2**30) -> float:
+    """GB/s of ``torch.sum`` over ``nbytes`` (1 GiB) of float32 with ``threads`` threads (median of ``rounds``)."""
     import statistics
     import time
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        t = torch.ones(2**28, dtype=torch.float32)
+        t = torch.ones(nbytes // 4, dtype=torch.float32)
         t.sum()
         times = []
         for _ in range(rounds):
@@ -265,6 +268,21 @@ def dram_bandwidth(threads: int, rounds: int = 5) -> float:
         return t.nbytes / statistics.median(times) / 1e9
     finally:
         torch.set_num_threads(old)
+
+
+def decode_layers(threads: int, dram_gbs: float, log) -> int:
+    """The fewest layers (8, 16, 24, 32) whose int4 g128 copy, the smallest of the table's decode weights, reads
+    at DRAM speed: a buffer of its size summed at most ``CACHE_MARGIN`` x the 1 GiB rate. The L3 size a VM reports
+    is the socket's, not this guest's share (480 MiB reported on one Intel host, where 64 MiB read at 50 GB/s, 2x
+    DRAM, and 8 layers' 69 MiB of int4 would have been timed from cache)."""
+    per_layer = N * K // 2 + 2 * N * (K // 128) * 2  # nibbles, bf16 scale and zero point per group of 128
+    for layers in LAYER_CHOICES:
+        gbs = dram_bandwidth(threads, nbytes=layers * per_layer)
+        log(f"decode stack: {layers} layers' int4 ({layers * per_layer / 2**20:.0f} MiB) read at {gbs:.1f} GB/s "
+            f"(1 GiB: {dram_gbs:.1f})")
+        if gbs <= CACHE_MARGIN * dram_gbs:
+            return layers
+    return LAYER_CHOICES[-1]
 
 
 def _vnni_peak_gops() -> float | None:
@@ -282,7 +300,7 @@ def compute_peaks(rounds: int = 3) -> dict:
     """GFLOP/s of ``F.linear`` in bf16 and float32 and GOP/s of ``torch._int_mm`` (int8) on 1024 x 1024 x 1024:
     what torch reaches on this host (on a CPU without AVX-512 BF16 / VNNI, bf16 and int8 are far below fp32).
     ``int8`` is the VNNI register peak where there is one (``_vnni_peak_gops``), else ``_int_mm``'s rate, which
-    is also kept as ``int8_int_mm``."""
+    is also kept as ``int8_int_mm``; where there is one, the larger of the two (oneDNN runs ``_int_mm`` on AMX tiles)."""
     import statistics
     import time
 
@@ -304,8 +322,9 @@ def compute_peaks(rounds: int = 3) -> dict:
         out[name] = 2 * n**3 / statistics.median(times) / 1e9
     out["int8_int_mm"] = out["int8"]
     vnni = _vnni_peak_gops()
-    if vnni is not None:
-        out["int8"] = vnni
+    if vnni is not None:  # AMX (oneDNN's _int_mm) can go past vpdpbusd's register peak
+        out["int8_vnni"] = vnni
+        out["int8"] = max(vnni, out["int8_int_mm"])
     return out
 
 
@@ -319,7 +338,7 @@ def _one_line(e: Exception) -> str:
     return text if len(text) <= 150 else text[:147] + "..."
 
 
-def _prepare(entries: list[Entry], m_values: tuple[int, ...], log) -> tuple[dict, dict, dict, dict]:
+def _prepare(entries: list[Entry], m_values: tuple[int, ...], layers: int, log) -> tuple[dict, dict, dict, dict]:
     """Quantize each entry's decode and prefill stacks, warm every shape up once (kernel builds, derived layouts)
     and count the bytes held afterwards. An entry whose build or warm-up raises is dropped with its reason.
 
@@ -338,7 +357,7 @@ def _prepare(entries: list[Entry], m_values: tuple[int, ...], log) -> tuple[dict
     for e in entries:
         log(f"preparing {e.name}")
         try:
-            decode = e.build(_bf16_stack(DECODE_LAYERS)) if any(m <= STACK_MAX_M for m in m_values) else None
+            decode = e.build(_bf16_stack(layers)) if any(m <= STACK_MAX_M for m in m_values) else None
             prefill = e.build(_bf16_stack(1)) if prefill_m else None
             mine = {}
             for m in m_values:
@@ -362,6 +381,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 2 rounds (no extra ones), M = 1 and 256; prints the table, writes no results")
     ap.add_argument("--no-peers", action="store_true", help="lowbit and bf16 only")
+    ap.add_argument("--decode-layers", type=int, choices=LAYER_CHOICES,
+                    help="layers in the M <= 16 stack (default: the fewest whose int4 copy reads at DRAM speed)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "roofline"))
     args = ap.parse_args(argv)
     faulthandler.enable()  # a crash inside a native kernel (ours or a peer's) prints the Python stack
@@ -377,7 +398,8 @@ def main(argv=None) -> int:
     log(f"limits before: {limits}")
     calib = torch.randn(256, K, generator=torch.Generator().manual_seed(3)).bfloat16()
     entries = _lowbit_entries() + ([] if args.no_peers else _peer_entries(calib))
-    fns, nbytes, sqnr_db, failed = _prepare(entries, m_values, log)
+    layers = args.decode_layers or decode_layers(threads, limits[f"dram_gbs_{threads}_threads"], log)
+    fns, nbytes, sqnr_db, failed = _prepare(entries, m_values, layers, log)
     if "bf16" in failed:
         raise RuntimeError(f"the bf16 baseline failed: {failed['bf16']}")
     # --quick takes what the rounds give (no extra rounds for contaminated samples, shorter waits for quiet)
@@ -404,8 +426,7 @@ def main(argv=None) -> int:
             peak = "int8" if e.int8_peak and limits["int8_peak_gops"] >= limits[f"{float_peak}_peak_gops"] \
                 else float_peak
             peak_gops = limits[f"{peak}_peak_gops"]
-            layers = DECODE_LAYERS if m_rows <= STACK_MAX_M else 1
-            ops = 2 * m_rows * N * K * layers
+            ops = 2 * m_rows * N * K * (layers if m_rows <= STACK_MAX_M else 1)
             gops = ops / (ms / 1e3) / 1e9
             bytes_bound = moved / bw >= ops / peak_gops  # which limit's time is the longer (both in ns)
             if m_rows <= DECODE_MAX_M:
@@ -428,8 +449,9 @@ def main(argv=None) -> int:
     facts = {**machine_facts(), "threads": threads, "load_avg": os.getloadavg(),
              "kernels": __import__("lowbit.kernels._ext", fromlist=["status"]).status()}
     int8_what = ("vpdpbusd on registers" if limits["int8_peak_gops"] != limits["int8_int_mm_peak_gops"]
-                 else "torch._int_mm on 1024^3")
-    note = (f"{facts['cpu_model']}, {threads} threads, eager; M<={DECODE_MAX_M}: {DECODE_LAYERS} x Linear(4096, 4096) "
+                 else "torch._int_mm on 1024^3" + (f", above vpdpbusd's {limits['int8_vnni_peak_gops']:.0f}"
+                                                   if "int8_vnni_peak_gops" in limits else ""))
+    note = (f"{facts['cpu_model']}, {threads} threads, eager; M<={DECODE_MAX_M}: {layers} x Linear(4096, 4096) "
             f"(stored weight bytes / time / DRAM read bandwidth); M={STACK_MAX_M}: the same stack, the larger of "
             f"bytes / bandwidth and ops / peak over the time; M=256: one Linear(4096, 4096) (ops / time / peak). "
             f"Limits: DRAM 1 thread {limits['dram_gbs_1_thread']:.1f} GB/s, {threads} threads {bw:.1f} GB/s; F.linear "
@@ -441,7 +463,8 @@ def main(argv=None) -> int:
     if args.quick:
         log("--quick: results not written")
         return 0
-    write_json(args.out + ".json", {"machine": facts, "limits": limits, "rows": rows, "args": vars(args)})
+    write_json(args.out + ".json", {"machine": facts, "limits": limits, "decode_layers": layers, "rows": rows,
+                                    "args": vars(args)})
     with open(args.out + ".md", "w") as f:
         f.write(f"# Kernels and peers as fractions of this host's limits (benchmarks/roofline.py)\n\n{note}\n\n{md}\n")
     return 0
