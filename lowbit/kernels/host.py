@@ -93,6 +93,23 @@ def float32_matmul_exact() -> bool:
     return precision in ("none", "ieee", None)
 
 
+def amx_active() -> bool | None:
+    """Whether the AVX-512 builds' GEMMs run on AMX tiles in this process (csrc/amx.h: the CPU has them, Linux
+    granted the tile state, nothing switched them off); None where the int8_gemv AVX-512 build is not loaded."""
+    from lowbit.kernels import _ext
+
+    fn = getattr(_ext.load("int8_gemv"), "amx_active", None)
+    return None if fn is None else bool(fn())
+
+
+def _amx_note(flags: frozenset[str]) -> str:
+    if "amx_tile" not in flags:
+        return ""
+    active = amx_active()
+    return ("; on AMX tiles (amx_bf16, amx_int8)" if active else
+            "; AMX tiles off: not granted by the OS or switched off (set_amx)" if active is False else "")
+
+
 def host_report() -> list[tuple[str, str]]:
     """(fact, value) rows for ``lowbit info --kernels``."""
     flags = cpu_flags()
@@ -115,7 +132,7 @@ def host_report() -> list[tuple[str, str]]:
     if half_matmul_native(torch.bfloat16) and "avx512_bf16" in flags:
         how = ("lowbit's gemm_bf16, the weight made bf16 per panel inside the GEMM (where the AVX-512 builds run: "
                "int8 above the GEMV's M, int4 and float8 above 32)")
-        why = "has avx512_bf16"
+        why = "has avx512_bf16" + _amx_note(flags)
     else:
         how = "the weight converted a chunk of rows at a time, then torch.mm"
         why = "no avx512_bf16" if "avx512_bf16" not in flags else f"bf16 matmul off by {HALF_ENV}"

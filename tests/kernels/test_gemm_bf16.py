@@ -15,6 +15,36 @@ from lowbit.kernels import int8 as k8
 
 pytestmark = pytest.mark.skipif(k8._gemm_bf16() is None, reason="needs the AVX-512 int8_gemv build on a CPU with avx512_bf16")
 
+
+def _gemm_builds():
+    from lowbit.kernels import _ext
+
+    return [e for e in (_ext.load(n) for n in ("int8_gemv", "int4_cpu", "fp8_cpu")) if hasattr(e, "set_amx")]
+
+
+_AMX = bool(_gemm_builds()) and any(e.amx_active() for e in _gemm_builds())
+
+
+@pytest.fixture(autouse=True, params=["amx", "avx512"] if _AMX else ["avx512"])
+def tiles(request):
+    """On a CPU with AMX every test runs twice: on the tiles (the default there) and on AVX-512 alone."""
+    builds = _gemm_builds()
+    for e in builds:
+        e.set_amx(request.param == "amx")
+    yield request.param
+    for e in builds:
+        e.set_amx(True)
+
+
+def test_amx_runs_where_the_cpu_has_it(tiles):
+    from lowbit.kernels import host
+
+    flags = host.cpu_flags()
+    if not {"amx_tile", "amx_bf16", "amx_int8"} <= flags:
+        pytest.skip("this CPU has no AMX")
+    assert host.amx_active() is (tiles == "amx")
+    assert any("on AMX tiles" in value for _, value in host.host_report()) is (tiles == "amx")
+
 TILE_M, PANEL_N, BLOCK_K = 6, 64, 4096  # csrc/gemm_bf16.h's kMR, kNR, kKC
 # against F.linear(x, the dequantized bf16 weight, bias): the same products, another float32 summation
 # order, one bf16 rounding each; measured 86 .. 102 dB, and inf (equal) on small shapes

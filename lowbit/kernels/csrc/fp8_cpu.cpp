@@ -607,6 +607,9 @@ constexpr bool kCountsSpecial = false;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
+  m.def("set_amx", &lowbit::amx::set_enabled, "use AMX tiles where the CPU has them (default true; false: AVX-512 alone)");
+  m.def("amx_active", [] { return lowbit::amx::usable_bf16() || lowbit::amx::usable_int8(); },
+        "whether this process runs AMX tiles: the CPU has them, Linux granted them and set_amx did not switch them off");
   m.def("fp8_linear", &fp8_linear, "float8 weight-only linear (x @ (q * s).T + bias)", py::arg("x"), py::arg("qdata"),
         py::arg("scale"), py::arg("bias"), py::arg("gemv_max_m"), py::arg("tiled_max_m"), py::arg("chunk_rows"),
         py::arg("finite_weight") = false);

@@ -34,6 +34,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 #include "bf16_scale.h"
 #pragma GCC pop_options
+#include "amx.h"
 #include "panel.h"
 #include "parallel.h"
 
@@ -92,19 +93,7 @@ inline int32_t load_pair(const uint16_t* p) {
   }
 #define LB_OUT(i)                                                                                   \
   if constexpr (MR > i) {                                                                           \
-    uint16_t* o = ob + i * ldo;                                                                     \
-    if (rowpost && rowpost[i] != 1.f) { /* a scaled row: its results may be subnormal */           \
-      const __m512 r = _mm512_set1_ps(rowpost[i]);                                                  \
-      store_exact(o, cols, _mm512_fmadd_ps(_mm512_mul_ps(c##i##0, r), s0, b0),                      \
-                  _mm512_fmadd_ps(_mm512_mul_ps(c##i##1, r), s1, b1),                               \
-                  _mm512_fmadd_ps(_mm512_mul_ps(c##i##2, r), s2, b2),                               \
-                  _mm512_fmadd_ps(_mm512_mul_ps(c##i##3, r), s3, b3));                              \
-    } else {                                                                                        \
-    const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(c##i##1, s1, b1), _mm512_fmadd_ps(c##i##0, s0, b0)); \
-    const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(c##i##3, s3, b3), _mm512_fmadd_ps(c##i##2, s2, b2)); \
-    _mm512_mask_storeu_epi16(o, mlo, lo);                                                           \
-    _mm512_mask_storeu_epi16(o + 32, mhi, hi);                                                      \
-    }                                                                                               \
+    finish_row(ob + i * ldo, c##i##0, c##i##1, c##i##2, c##i##3, rowpost ? rowpost[i] : 1.f, ep);   \
   }
 
 // The first `cols` of 64 float32 values (v0..v3) rounded to bf16 one by one as c10::BFloat16 rounds
@@ -116,6 +105,53 @@ LOWBIT_BF16 inline void store_exact(uint16_t* o, int64_t cols, __m512 v0, __m512
   _mm512_store_ps(t + 32, v2);
   _mm512_store_ps(t + 48, v3);
   for (int64_t j = 0; j < std::min(cols, kNR); ++j) o[j] = c10::BFloat16(t[j]).x;
+}
+
+// A tile's last step, shared by the AVX-512 and AMX kernels: per column scale (1 where absent) and bias (0),
+// masks for the first `cols` of 64 columns.
+struct Epilogue {
+  __m512 s[4], b[4];
+  __mmask32 mlo, mhi;
+  int64_t cols;
+};
+
+LOWBIT_BF16 inline Epilogue make_epilogue(const float* colscale, const float* bias, int64_t cols) {
+  Epilogue e;
+  e.cols = cols;
+  auto mask_from = [&](int64_t start) -> __mmask32 {
+    const int64_t n = cols - start;
+    return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1);
+  };
+  auto load_at = [&](const float* v, int64_t j, float absent) -> __m512 {
+    const int64_t n = cols - j;
+    const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+    return v ? _mm512_maskz_loadu_ps(m, v + j) : _mm512_set1_ps(absent);
+  };
+  e.mlo = mask_from(0);
+  e.mhi = mask_from(32);
+  for (int j = 0; j < 4; ++j) {
+    e.b[j] = load_at(bias, 16 * j, 0.f);
+    e.s[j] = load_at(colscale, 16 * j, 1.f);
+  }
+  return e;
+}
+
+// One row of a finished tile, 64 float32 sums v0..v3: (v * post) * s + b rounded to bf16 into o. post != 1:
+// a scaled row of x (its results may be subnormal: rounded one by one, store_exact).
+LOWBIT_BF16 inline void finish_row(uint16_t* o, __m512 v0, __m512 v1, __m512 v2, __m512 v3, float post,
+                                   const Epilogue& e) {
+  if (post != 1.f) {
+    const __m512 r = _mm512_set1_ps(post);
+    store_exact(o, e.cols, _mm512_fmadd_ps(_mm512_mul_ps(v0, r), e.s[0], e.b[0]),
+                _mm512_fmadd_ps(_mm512_mul_ps(v1, r), e.s[1], e.b[1]),
+                _mm512_fmadd_ps(_mm512_mul_ps(v2, r), e.s[2], e.b[2]),
+                _mm512_fmadd_ps(_mm512_mul_ps(v3, r), e.s[3], e.b[3]));
+    return;
+  }
+  const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(v1, e.s[1], e.b[1]), _mm512_fmadd_ps(v0, e.s[0], e.b[0]));
+  const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(v3, e.s[3], e.b[3]), _mm512_fmadd_ps(v2, e.s[2], e.b[2]));
+  _mm512_mask_storeu_epi16(o, e.mlo, lo);
+  _mm512_mask_storeu_epi16(o + 32, e.mhi, hi);
 }
 
 template <int MR>
@@ -134,19 +170,7 @@ LOWBIT_BF16 void micro(const uint16_t* a, int64_t lda, const uint8_t* panel, int
     LB_KEEP(0) LB_KEEP(1) LB_KEEP(2) LB_KEEP(3) LB_KEEP(4) LB_KEEP(5)
     return;
   }
-  auto mask_from = [&](int64_t start) -> __mmask32 {
-    const int64_t n = cols - start;
-    return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1);
-  };
-  auto load_at = [&](const float* v, int64_t j, float absent) -> __m512 {
-    const int64_t n = cols - j;
-    const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-    return v ? _mm512_maskz_loadu_ps(m, v + j) : _mm512_set1_ps(absent);
-  };
-  const __mmask32 mlo = mask_from(0), mhi = mask_from(32);
-  const __m512 b0 = load_at(bias, 0, 0.f), b1 = load_at(bias, 16, 0.f), b2 = load_at(bias, 32, 0.f), b3 = load_at(bias, 48, 0.f);
-  const __m512 s0 = load_at(colscale, 0, 1.f), s1 = load_at(colscale, 16, 1.f), s2 = load_at(colscale, 32, 1.f);
-  const __m512 s3 = load_at(colscale, 48, 1.f);
+  const Epilogue ep = make_epilogue(colscale, bias, cols);
   LB_OUT(0) LB_OUT(1) LB_OUT(2) LB_OUT(3) LB_OUT(4) LB_OUT(5)
 }
 #undef LB_ACC
@@ -206,6 +230,60 @@ struct Int8Panels {
   }
 };
 
+constexpr int64_t kAmxMR = 32;  // rows of x per AMX block: 2 tiles of 16
+
+#define LOWBIT_AMX_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+// 32 rows of x from a (lda; every row readable for 2 * pairs columns: gemm passes a zero padded copy where x
+// has fewer) against the panel's `pairs` k-pairs (a multiple of 16, the panel zero past its columns), on AMX
+// tiles (amx.h; the calling thread configured them). c: the running float32 tile of 32 x 64 (ldc 64), as
+// micro's: read unless `first`, written back unless `ob`, else its first `rows` rows finished into ob
+// (finish_row). Per half of the panel's 64 columns, 2 x 2 tiles of 16 x 16 float32
+// accumulate over k; each tdpbf16ps adds a k-pair's two products to its sum (as vdpbf16ps does, bf16
+// subnormal inputs read as zero: the same scaled rows of x as micro).
+LOWBIT_AMX_BF16 inline void amx_block(const uint16_t* a, int64_t lda, const uint8_t* panel, int64_t pairs, float* c,
+                                      bool first, uint16_t* ob, int64_t ldo, int64_t rows, const float* rowpost,
+                                      const float* colscale, const float* bias, int64_t cols) {
+  const int64_t sa = lda * 2;
+  for (int h = 0; h < 2; ++h) {
+    if (h == 1 && cols <= 32) break;  // the half past the last panel's columns: zero rows, never stored
+    float* ch = c + 32 * h;
+    if (first) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+    } else {
+      _tile_loadd(0, ch, kNR * 4);
+      _tile_loadd(1, ch + 16, kNR * 4);
+      _tile_loadd(2, ch + 16 * kNR, kNR * 4);
+      _tile_loadd(3, ch + 16 * kNR + 16, kNR * 4);
+    }
+    const uint8_t* ph = panel + 128 * h;
+    for (int64_t q = 0; q < pairs; q += 16) {
+      _tile_loadd(4, a + 2 * q, sa);
+      _tile_loadd(5, a + 16 * lda + 2 * q, sa);
+      _tile_loadd(6, ph + q * kPairBytes, kPairBytes);
+      _tile_loadd(7, ph + q * kPairBytes + 64, kPairBytes);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, ch, kNR * 4);
+    _tile_stored(1, ch + 16, kNR * 4);
+    _tile_stored(2, ch + 16 * kNR, kNR * 4);
+    _tile_stored(3, ch + 16 * kNR + 16, kNR * 4);
+  }
+  if (!ob) return;
+  const Epilogue ep = make_epilogue(colscale, bias, cols);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* r = c + i * kNR;
+    finish_row(ob + i * ldo, _mm512_load_ps(r), _mm512_load_ps(r + 16), _mm512_load_ps(r + 32), _mm512_load_ps(r + 48),
+               rowpost ? rowpost[i] : 1.f, ep);
+  }
+}
+
 // Per-thread buffers kept between calls (a fresh block per call paid page faults): the panel, and the
 // float32 running tiles of M x 64 when K spans several blocks.
 inline uint8_t* panel_buffer() {
@@ -233,33 +311,50 @@ LOWBIT_BF16 void gemm(const uint16_t* x, int64_t ldx, int64_t M, int64_t N, int6
   // rows below 2^kScaleTop: a scaled copy of x (rows of Kp, a multiple of 32, zero padded) and 2^-j per row
   std::vector<uint16_t> xs;
   std::vector<float> rowpost;
-  if (any_row_below(x, ldx, M, K)) {
-    const int64_t Kp = (K + 31) / 32 * 32;
+  // AMX where the CPU has it (amx.h), for every row: a row's sums do not depend on its block (tdpbf16ps adds
+  // a pair's products in another order than vdpbf16ps, so a mix would make a row's bits depend on M)
+  const bool amx = lowbit::amx::usable_bf16();
+  const int64_t Kp = (K + 31) / 32 * 32;
+  const bool scale = any_row_below(x, ldx, M, K);
+  if (scale || (amx && Kp != K)) {  // a copy of x, its rows zero padded to Kp: tiles read 32 columns at a time
     xs.assign(size_t(M * Kp), 0);
     for (int64_t m = 0; m < M; ++m) std::memcpy(xs.data() + m * Kp, x + m * ldx, size_t(K) * 2);
-    std::vector<double> post(static_cast<size_t>(M));
-    lowbit::scale_rows_bf16(xs.data(), M, Kp, Kp, kScaleTop, post.data());
-    rowpost.assign(post.begin(), post.end());  // 2^-j, j <= 127: exact in float32
+    if (scale) {
+      std::vector<double> post(static_cast<size_t>(M));
+      lowbit::scale_rows_bf16(xs.data(), M, Kp, Kp, kScaleTop, post.data());
+      rowpost.assign(post.begin(), post.end());  // 2^-j, j <= 127: exact in float32
+    }
     x = xs.data();
     ldx = Kp;
   }
   const float* rp = rowpost.empty() ? nullptr : rowpost.data();
-  const int64_t panels = (N + kNR - 1) / kNR, tiles = (M + kMR - 1) / kMR;
-  const int64_t splits = lowbit::m_splits(panels, tiles, 1.0);
+  // AMX's last block of fewer than 32 rows: read from a zero padded copy (32 x Kp)
+  const int64_t full = M / kAmxMR * kAmxMR;
+  std::vector<uint16_t> tail;
+  if (amx && full < M) {
+    tail.assign(size_t(kAmxMR * Kp), 0);
+    for (int64_t m = full; m < M; ++m) std::memcpy(tail.data() + (m - full) * Kp, x + m * ldx, size_t(K) * 2);
+  }
+  const int64_t unit = amx ? kAmxMR : kMR;
+  const int64_t panels = (N + kNR - 1) / kNR, tiles = (M + unit - 1) / unit;
+  // a panel's packing costs about one 6-row micro pass, or four 32-row AMX ones (measured at 4096^2: ~1.1 ms of
+  // packing in 5.8 at M = 256)
+  const int64_t splits = lowbit::m_splits(panels, tiles, amx ? 4.0 : 1.0);
   const int64_t per_split = (tiles + splits - 1) / splits;
   const bool blocks = K > kKC;
   lowbit::par_for(0, panels * splits, 1, [&](int64_t begin, int64_t end) {
     uint8_t* panel = panel_buffer();
     thread_local std::vector<float> run_keep;
-    alignas(64) float one_tile[kMR * kNR];
+    alignas(64) float one_tile[kAmxMR * kNR];
+    if (amx) lowbit::amx::configure();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / splits, s = item % splits;
       const int64_t n0 = p * kNR, cols = std::min(kNR, N - n0);
       const int64_t t0 = s * per_split, t1 = std::min(tiles, t0 + per_split);
       if (t0 >= t1) continue;
       float* running = one_tile;
-      if (blocks) {  // one 6 x 64 float32 tile per m-tile of the run, 64-byte aligned
-        run_keep.resize(size_t((t1 - t0) * kMR * kNR + 16));
+      if (blocks) {  // one unit x 64 float32 tile per m-tile of the run, 64-byte aligned
+        run_keep.resize(size_t((t1 - t0) * unit * kNR + 16));
         running = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(run_keep.data()) + 63) & ~uintptr_t(63));
       }
       for (int64_t k0 = 0; k0 < K; k0 += kKC) {
@@ -267,16 +362,28 @@ LOWBIT_BF16 void gemm(const uint16_t* x, int64_t ldx, int64_t M, int64_t N, int6
         const bool first = k0 == 0, last = k0 + kc >= K;
         pack(n0, cols, k0, kc, panel);
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t m = t * kMR, mr = std::min<int64_t>(kMR, M - m);
-          float* c = blocks ? running + (t - t0) * kMR * kNR : one_tile;
-          micro_any(int(mr), x + m * ldx + k0, ldx, panel, kc / 2, c, first, last ? out + m * N + n0 : nullptr, N,
-                    rp ? rp + m : nullptr, colscale ? colscale + n0 : nullptr, bias ? bias + n0 : nullptr, cols);
+          const int64_t m0 = t * unit, rows = std::min<int64_t>(unit, M - m0);
+          float* ct = blocks ? running + (t - t0) * unit * kNR : one_tile;
+          if (amx) {
+            const bool whole = m0 < full;
+            amx_block(whole ? x + m0 * ldx + k0 : tail.data() + k0, whole ? ldx : Kp, panel, (kc + 31) / 32 * 16, ct,
+                      first, last ? out + m0 * N + n0 : nullptr, N, rows, rp ? rp + m0 : nullptr,
+                      colscale ? colscale + n0 : nullptr, bias ? bias + n0 : nullptr, cols);
+            continue;
+          }
+          for (int64_t i = 0; i < rows; i += kMR) {
+            const int64_t m = m0 + i, mr = std::min<int64_t>(kMR, rows - i);
+            micro_any(int(mr), x + m * ldx + k0, ldx, panel, kc / 2, ct + i * kNR, first, last ? out + m * N + n0 : nullptr,
+                      N, rp ? rp + m : nullptr, colscale ? colscale + n0 : nullptr, bias ? bias + n0 : nullptr, cols);
+          }
         }
       }
     }
+    if (amx) lowbit::amx::release();
   });
 }
 
 #undef LOWBIT_BF16
+#undef LOWBIT_AMX_BF16
 
 }  // namespace gemm_bf16

@@ -756,6 +756,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("gemv_bf16", &gemv_bf16, "int4 weight-only GEMV, bf16 x, M <= 4");
+  m.def("set_amx", &lowbit::amx::set_enabled, "use AMX tiles where the CPU has them (default true; false: AVX-512 alone)");
+  m.def("amx_active", [] { return lowbit::amx::usable_bf16() || lowbit::amx::usable_int8(); },
+        "whether this process runs AMX tiles: the CPU has them, Linux granted them and set_amx did not switch them off");
   m.def("gemv_bf16_act", &gemv_bf16_act, "int4 GEMV of bf16 x fake-quantized to float8 (dynamic scale), M <= 4",
         py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("zero_point"), py::arg("bias"), py::arg("act_per_token"),
         py::arg("act_eps"), py::arg("act_e5m2"));

@@ -213,6 +213,7 @@ static torch::Tensor int8_weight_only_mm_op(torch::Tensor x, torch::Tensor w, to
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_weight_only_mm", TORCH_FN(int8_weight_only_mm_op)); }
 
 #ifdef LOWBIT_INT8_GEMM_BF16
+#include "amx.h"
 // The AVX-512 build's large-M entry (int8_gemv.cpp): x @ dequantize(w, scale).T + bias for bf16 x, the
 // weight made bf16 one L2-resident panel at a time inside the GEMM (gemm_bf16.h).
 torch::Tensor int8_weight_only_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias);
@@ -227,5 +228,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_weight_only_gemm", &int8_weight_only_gemm,
         "int8 weight-only GEMM for bf16 x at large M (AVX-512 BF16): the weight made bf16 per panel inside the GEMM",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bias") = py::none());
+  m.def("set_amx", &lowbit::amx::set_enabled, "use AMX tiles where the CPU has them (default true; false: AVX-512 alone)");
+  m.def("amx_active", [] { return lowbit::amx::usable_bf16() || lowbit::amx::usable_int8(); },
+        "whether this process runs AMX tiles: the CPU has them, Linux granted them and set_amx did not switch them off");
 #endif
 }
