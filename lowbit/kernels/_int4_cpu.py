@@ -71,9 +71,18 @@ CHUNK_ROWS = 1024  # rows of W per mm (256-row slices measured 15% slower than o
 MIN_GROUP = 32  # smallest group size (a power of two) the kernels take: gemv_f32 steps 32 elements
 
 
+# On a CPU with AMX, gemm_bf16 runs on the tiles and is ahead from M = 5: 2 x 4096^2 g128, 2 threads, ms,
+# gemm_small_bf16 / gemm_bf16 (2-core Xeon guest, benchmarks/results/avx512_amx_xeon/scratch/int4_small_m_amx.py):
+# M = 5 5.64 / 3.24, 16 5.95 / 4.05, 32 10.93 / 3.24. So there gemm_small_bf16 serves no M.
+SMALL_MAX_M_AMX = GEMV_MAX_M
+
+
 def small_max_m() -> int:
-    """The largest M ``gemm_small_bf16`` serves for bf16 x: it depends on the build that runs (``_ext.active_isa``)."""
-    return SMALL_MAX_M_AVX2 if _ext.active_isa("int4_cpu") == "avx2" else SMALL_MAX_M
+    """The largest M ``gemm_small_bf16`` serves for bf16 x: it depends on the build that runs (``_ext.active_isa``)
+    and, for the AVX-512 one, on whether the CPU has AMX tiles (``SMALL_MAX_M_AMX``)."""
+    if _ext.active_isa("int4_cpu") == "avx2":
+        return SMALL_MAX_M_AVX2
+    return SMALL_MAX_M_AMX if {"amx_tile", "amx_bf16"} <= host.cpu_flags() else SMALL_MAX_M
 
 
 _DTYPES = (torch.bfloat16, torch.float32, torch.float16)

@@ -11,11 +11,22 @@ from lowbit.kernels import w8a8 as k8
 
 pytestmark = pytest.mark.skipif(k8._vnni_ext() is None, reason="needs the AVX-512 int8_act build on a CPU with avx512_vnni")
 
+_AMX = k8._vnni_ext() is not None and k8._vnni_ext().amx_active()
+
+
+@pytest.fixture(autouse=True, params=["amx", "avx512"] if _AMX else ["avx512"])
+def tiles(request):
+    """On a CPU with AMX every test runs twice: on the tiles (tdpbsud, the default there) and on vpdpbusd."""
+    k8._vnni_ext().set_amx(request.param == "amx")
+    yield request.param
+    k8._vnni_ext().set_amx(True)
+
 TILE_M, PANEL_N, BLOCK_K = 6, 64, 4096  # csrc/gemm_i8.h's kMR, kNR, kKC
 
 SHAPES = [
     (1, 1, 1), (5, 3, 2), (6, 64, 64), (7, 65, 63), (8, 40, 96), (13, 127, 129), (17, 5, 3), (36, 192, 576),
     (61, 130, 577), (100, 64, 4100), (9, 200, 2 * BLOCK_K + 1), (257, 576, 576), (12, 129, BLOCK_K),
+    (64, 96, 2 * BLOCK_K + 64), (70, 33, 200),  # AMX: whole 32-row blocks over two K blocks; a partial block
 ]
 
 

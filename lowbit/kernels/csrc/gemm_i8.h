@@ -26,6 +26,7 @@
 #include <cstring>
 #include <vector>
 
+#include "amx.h"
 #include "panel.h"
 #include "parallel.h"
 
@@ -166,6 +167,60 @@ inline uint8_t* panel_buffer() {
 
 using lowbit::m_splits;
 
+constexpr int64_t kAmxMR = 32;  // rows of a per AMX block: 2 tiles of 16
+
+#define LOWBIT_AMX_I8 __attribute__((target("avx512f,avx512bw,avx512vnni,amx-tile,amx-int8")))
+
+// On a CPU with AMX (amx.h): 32 rows of a (lda; every row readable for 4 * quads columns, zero past K) by
+// the panel's `quads` k-quads (a multiple of 16; the panel is the tiles' B layout, each byte b + 128) into
+// c, a running int32 tile of 32 x 64 (ldc 64): zeroed when `first`, else added to. tdpbsud multiplies a
+// signed byte of a by an unsigned one of the panel and adds 4 products to a lane, exactly (mod 2^32), so
+// c gets sum_k a (b + 128); finish_amx adds -128 sum_k a per row. The calling thread configured the tiles.
+LOWBIT_AMX_I8 inline void amx_block(const int8_t* a, int64_t lda, const uint8_t* panel, int64_t quads, int32_t* c,
+                                    bool first, int64_t cols) {
+  for (int h = 0; h < 2; ++h) {
+    if (h == 1 && cols <= 32) break;  // the half past the last panel's columns: never stored
+    int32_t* ch = c + 32 * h;
+    if (first) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+    } else {
+      _tile_loadd(0, ch, kNR * 4);
+      _tile_loadd(1, ch + 16, kNR * 4);
+      _tile_loadd(2, ch + 16 * kNR, kNR * 4);
+      _tile_loadd(3, ch + 16 * kNR + 16, kNR * 4);
+    }
+    const uint8_t* ph = panel + 128 * h;
+    for (int64_t q = 0; q < quads; q += 16) {
+      _tile_loadd(4, a + 4 * q, lda);
+      _tile_loadd(5, a + 16 * lda + 4 * q, lda);
+      _tile_loadd(6, ph + q * kQuadBytes, kQuadBytes);
+      _tile_loadd(7, ph + q * kQuadBytes + 64, kQuadBytes);
+      _tile_dpbsud(0, 4, 6);
+      _tile_dpbsud(1, 4, 7);
+      _tile_dpbsud(2, 5, 6);
+      _tile_dpbsud(3, 5, 7);
+    }
+    _tile_stored(0, ch, kNR * 4);
+    _tile_stored(1, ch + 16, kNR * 4);
+    _tile_stored(2, ch + 16 * kNR, kNR * 4);
+    _tile_stored(3, ch + 16 * kNR + 16, kNR * 4);
+  }
+}
+
+// Rows 0 .. rows of an AMX block's finished int32 tile (ldc 64) plus init[i] (mod 2^32).
+LOWBIT_VNNI inline void finish_amx(int32_t* c, int64_t rows, const int32_t* init) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512i v = _mm512_set1_epi32(init[i]);
+    for (int j = 0; j < 4; ++j) {
+      int32_t* p = c + i * kNR + 16 * j;
+      _mm512_store_si512(p, _mm512_add_epi32(_mm512_load_si512(p), v));
+    }
+  }
+}
+
 // No epilogue: gemm's int32 result is the output.
 struct NoEpilogue {
   void operator()(const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t) const {}
@@ -179,33 +234,57 @@ template <typename Epi = NoEpilogue>
 inline void gemm(const int8_t* a_in, const int8_t* b, int32_t* c, int64_t M, int64_t N, int64_t K,
                  const Epi& epi = Epi()) {
   TORCH_CHECK(c != nullptr || K <= kKC, "gemm_i8: an output-less call needs K <= ", kKC);
-  // a, padded to a multiple of 4 columns where needed, and each row's -128 * sum_k a (mod 2^32)
-  const int64_t lda = (K + 3) / 4 * 4;
+  // AMX where the CPU has it, for every row (as gemm_bf16: one way of summing per host)
+  const bool amx = lowbit::amx::usable_int8();
+  const int64_t unit = amx ? kAmxMR : kMR;
+  // a, padded where needed (columns to a multiple of 4, or of 64 and rows to a multiple of 32 for the tiles)
+  // with zero bytes, and each row's -128 * sum_k a (mod 2^32)
+  const int64_t lda = amx ? (K + 63) / 64 * 64 : (K + 3) / 4 * 4;
+  const int64_t Mp = (M + unit - 1) / unit * unit;
   std::vector<int8_t> padded;
   const int8_t* a = a_in;
-  if (lda != K) {
-    padded.assign(size_t(M * lda), 0);
+  if (lda != K || (amx && Mp != M)) {
+    padded.assign(size_t(Mp * lda), 0);
     for (int64_t m = 0; m < M; ++m) std::memcpy(padded.data() + m * lda, a_in + m * K, size_t(K));
     a = padded.data();
   }
   std::vector<int32_t> init(static_cast<size_t>(M));
   for (int64_t m = 0; m < M; ++m) init[size_t(m)] = int32_t(uint32_t(row_sum(a_in + m * K, K)) * uint32_t(-128));
   const int64_t panels = (N + kNR - 1) / kNR;
-  const int64_t tiles = (M + kMR - 1) / kMR;
-  const int64_t splits = m_splits(panels, tiles, 1.0);
+  const int64_t tiles = Mp / unit;
+  const int64_t splits = m_splits(panels, tiles, amx ? 4.0 : 1.0);
   const int64_t per_split = (tiles + splits - 1) / splits;
   lowbit::par_for(0, panels * splits, 1, [&](int64_t begin, int64_t end) {
     uint8_t* panel = panel_buffer();
+    thread_local std::vector<int32_t> run_keep;
+    if (amx) lowbit::amx::configure();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / splits, s = item % splits;
       const int64_t n0 = p * kNR, cols = std::min(kNR, N - n0);
       const int64_t t0 = s * per_split, t1 = std::min(tiles, t0 + per_split);
+      if (t0 >= t1) continue;
+      int32_t* running = nullptr;
+      if (amx) {  // one 32 x 64 int32 tile per block of the run, 64-byte aligned
+        run_keep.resize(size_t((t1 - t0) * kAmxMR * kNR + 16));
+        running = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(run_keep.data()) + 63) & ~uintptr_t(63));
+      }
       for (int64_t k0 = 0; k0 < K; k0 += kKC) {
         const int64_t kc = std::min(kKC, K - k0), quads = (kc + 3) / 4;
+        const bool last = k0 + kc >= K;
         pack_panel(b, K, n0, cols, k0, kc, panel);
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t m = t * kMR, mr = std::min<int64_t>(kMR, M - m);
-          if (c == nullptr) {
+          const int64_t m = t * unit, mr = std::min<int64_t>(unit, M - m);
+          if (amx) {
+            int32_t* ct = running + (t - t0) * kAmxMR * kNR;
+            amx_block(a + m * lda + k0, lda, panel, (quads + 15) / 16 * 16, ct, k0 == 0, cols);
+            if (!last) continue;
+            finish_amx(ct, mr, init.data() + m);
+            if (c == nullptr) {
+              epi(ct, kNR, m, mr, n0, cols);
+            } else {
+              for (int64_t i = 0; i < mr; ++i) std::memcpy(c + (m + i) * N + n0, ct + i * kNR, size_t(cols) * 4);
+            }
+          } else if (c == nullptr) {
             alignas(64) int32_t tile[kMR * kNR];
             micro_any(int(mr), a + m * lda + k0, lda, panel, quads, tile, kNR, cols, true, init.data() + m);
             epi(tile, kNR, m, mr, n0, cols);
@@ -215,6 +294,7 @@ inline void gemm(const int8_t* a_in, const int8_t* b, int32_t* c, int64_t M, int
         }
       }
     }
+    if (amx) lowbit::amx::release();
   });
 }
 
@@ -256,5 +336,6 @@ LOWBIT_VNNI inline void vnni_spin(int64_t iters) {
 }
 
 #undef LOWBIT_VNNI
+#undef LOWBIT_AMX_I8
 
 }  // namespace gemm_i8

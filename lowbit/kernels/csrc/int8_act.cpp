@@ -333,6 +333,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_i8", &mm_i8, "exact int8 x int8 -> int32 GEMM for small M (VNNI: call only on a CPU with avx512_vnni)");
   m.def("gemm_i8", &gemm_i8_entry, "exact int8 x int8 -> int32 GEMM on panels packed per call (VNNI: call only on a CPU with avx512_vnni)");
   m.def("w8a8_gemm", &w8a8_gemm, "w8a8_epilogue(gemm_i8(a, b), ...) with the epilogue on each tile in L1 (VNNI: call only on a CPU with avx512_vnni)");
+  m.def("set_amx", &lowbit::amx::set_enabled, "use AMX tiles where the CPU has them (default true; false: AVX-512 alone)");
+  m.def("amx_active", [] { return lowbit::amx::usable_bf16() || lowbit::amx::usable_int8(); },
+        "whether this process runs AMX tiles: the CPU has them, Linux granted them and set_amx did not switch them off");
   m.def("vnni_peak_gops", &vnni_peak_gops, "int8 compute peak: GOP/s of vpdpbusd on registers on every thread (VNNI: call only on a CPU with avx512_vnni)");
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
