@@ -221,6 +221,69 @@ LOWBIT_VNNI inline void finish_amx(int32_t* c, int64_t rows, const int32_t* init
   }
 }
 
+// ---- AMX with the weight as it is in memory (K a multiple of 64) ----------------------------------------
+//
+// The tiles multiply A (16 rows of 64 bytes, any row stride) by B (VNNI: row q holds 16 columns' 4 bytes of
+// k-quad q). So the weight's canonical rows, 16 at a time, are an A tile read straight from memory, with no
+// per-call packing (which took ~1.1 ms of a 4096^2 call at every M, the whole cost at M <= 16), and x is the
+// B operand, packed once per call: per block of 16 rows of x, k-quad q is 64 bytes (row i's 4 bytes at 4i).
+// Both signed: tdpbssd, exact, no correction. The result tiles hold out.T: (32 weight rows) x (32 rows of x),
+// turned round in L1 (transpose16) before the epilogue.
+constexpr int64_t kDirectNR = 32;  // weight rows per block: 2 A tiles
+
+// x (M, K; K a multiple of 64) as B tiles: Mp / 16 blocks of K / 4 quads x 64 bytes, rows past M zero.
+LOWBIT_VNNI inline void pack_x_vnni(const int8_t* a, int64_t M, int64_t K, int64_t Mp, int8_t* dst) {
+  const int64_t quads = K / 4;
+  for (int64_t mb = 0; mb < Mp / 16; ++mb) {
+    for (int64_t k = 0; k < K; k += 64) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t m = mb * 16 + i;
+        r[i] = m < M ? _mm512_loadu_si512(a + m * K + k) : _mm512_setzero_si512();
+      }
+      transpose16(r);  // r[q] lane i = row i's bytes 4q .. 4q + 3 of this 64-byte chunk
+      int8_t* out = dst + (mb * quads + k / 4) * 64;
+      for (int q = 0; q < 16; ++q) _mm512_storeu_si512(out + q * 64, r[q]);
+    }
+  }
+}
+
+// 32 weight rows w (ldw bytes apart) by 32 rows of x (B tiles bx0, bx1: quads of 64 bytes) over K / 64
+// steps into t (int32, [32 weight rows][32 rows of x], ld 32). The calling thread configured the tiles.
+LOWBIT_AMX_I8 inline void amx_direct_block(const int8_t* w, int64_t ldw, const int8_t* bx0, const int8_t* bx1,
+                                           int64_t K, int32_t* t) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < K; k += 64) {
+    _tile_loadd(4, w + k, ldw);
+    _tile_loadd(5, w + 16 * ldw + k, ldw);
+    _tile_loadd(6, bx0 + k * 16, 64);
+    _tile_loadd(7, bx1 + k * 16, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  _tile_stored(0, t, 128);
+  _tile_stored(1, t + 16, 128);
+  _tile_stored(2, t + 16 * 32, 128);
+  _tile_stored(3, t + 16 * 32 + 16, 128);
+}
+
+// t [32 weight rows][32 rows of x] (ld 32) -> o [32 rows of x][32 weight rows] (ld 32).
+LOWBIT_VNNI inline void turn_round(const int32_t* t, int32_t* o) {
+  for (int bi = 0; bi < 2; ++bi) {
+    for (int bj = 0; bj < 2; ++bj) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(t + (16 * bi + i) * 32 + 16 * bj);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(o + (16 * bj + i) * 32 + 16 * bi, r[i]);
+    }
+  }
+}
+
 // No epilogue: gemm's int32 result is the output.
 struct NoEpilogue {
   void operator()(const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t) const {}
@@ -236,6 +299,40 @@ inline void gemm(const int8_t* a_in, const int8_t* b, int32_t* c, int64_t M, int
   TORCH_CHECK(c != nullptr || K <= kKC, "gemm_i8: an output-less call needs K <= ", kKC);
   // AMX where the CPU has it, for every row (as gemm_bf16: one way of summing per host)
   const bool amx = lowbit::amx::usable_int8();
+  if (amx && K % 64 == 0 && K > 0) {  // the weight read as it is (above)
+    const int64_t Mp = (M + 31) / 32 * 32;
+    std::vector<int8_t> bx(size_t(Mp * K));
+    pack_x_vnni(a_in, M, K, Mp, bx.data());
+    // the last block of fewer than 32 weight rows: a zero padded copy (tiles read whole rows)
+    const int64_t full = N / kDirectNR * kDirectNR;
+    std::vector<int8_t> wtail;
+    if (full < N) {
+      wtail.assign(size_t(kDirectNR * K), 0);
+      std::memcpy(wtail.data(), b + full * K, size_t((N - full) * K));
+    }
+    const int64_t blocks = (N + kDirectNR - 1) / kDirectNR;
+    lowbit::par_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      lowbit::amx::configure();
+      alignas(64) int32_t t[32 * 32], o[32 * 32];
+      for (int64_t nb = begin; nb < end; ++nb) {
+        const int64_t n0 = nb * kDirectNR, cols = std::min(kDirectNR, N - n0);
+        const int8_t* w = n0 < full ? b + n0 * K : wtail.data();
+        for (int64_t m0 = 0; m0 < M; m0 += 32) {
+          const int64_t rows = std::min<int64_t>(32, M - m0);
+          const int8_t* bx0 = bx.data() + (m0 / 16) * K * 16;
+          amx_direct_block(w, K, bx0, bx0 + K * 16, K, t);
+          turn_round(t, o);
+          if (c == nullptr) {
+            epi(o, 32, m0, rows, n0, cols);
+          } else {
+            for (int64_t i = 0; i < rows; ++i) std::memcpy(c + (m0 + i) * N + n0, o + i * 32, size_t(cols) * 4);
+          }
+        }
+      }
+      lowbit::amx::release();
+    });
+    return;
+  }
   const int64_t unit = amx ? kAmxMR : kMR;
   // a, padded where needed (columns to a multiple of 4, or of 64 and rows to a multiple of 32 for the tiles)
   // with zero bytes, and each row's -128 * sum_k a (mod 2^32)
