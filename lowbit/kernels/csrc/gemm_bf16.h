@@ -245,6 +245,7 @@ LOWBIT_AMX_BF16 inline void amx_block(const uint16_t* a, int64_t lda, const uint
                                       bool first, uint16_t* ob, int64_t ldo, int64_t rows, const float* rowpost,
                                       const float* colscale, const float* bias, int64_t cols) {
   const int64_t sa = lda * 2;
+  const bool two = rows > 16;  // a block of at most 16 rows (a small M's only block): one A tile, two C tiles
   for (int h = 0; h < 2; ++h) {
     if (h == 1 && cols <= 32) break;  // the half past the last panel's columns: zero rows, never stored
     float* ch = c + 32 * h;
@@ -256,24 +257,38 @@ LOWBIT_AMX_BF16 inline void amx_block(const uint16_t* a, int64_t lda, const uint
     } else {
       _tile_loadd(0, ch, kNR * 4);
       _tile_loadd(1, ch + 16, kNR * 4);
-      _tile_loadd(2, ch + 16 * kNR, kNR * 4);
-      _tile_loadd(3, ch + 16 * kNR + 16, kNR * 4);
+      if (two) {
+        _tile_loadd(2, ch + 16 * kNR, kNR * 4);
+        _tile_loadd(3, ch + 16 * kNR + 16, kNR * 4);
+      }
     }
     const uint8_t* ph = panel + 128 * h;
-    for (int64_t q = 0; q < pairs; q += 16) {
-      _tile_loadd(4, a + 2 * q, sa);
-      _tile_loadd(5, a + 16 * lda + 2 * q, sa);
-      _tile_loadd(6, ph + q * kPairBytes, kPairBytes);
-      _tile_loadd(7, ph + q * kPairBytes + 64, kPairBytes);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+    if (two) {
+      for (int64_t q = 0; q < pairs; q += 16) {
+        _tile_loadd(4, a + 2 * q, sa);
+        _tile_loadd(5, a + 16 * lda + 2 * q, sa);
+        _tile_loadd(6, ph + q * kPairBytes, kPairBytes);
+        _tile_loadd(7, ph + q * kPairBytes + 64, kPairBytes);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    } else {
+      for (int64_t q = 0; q < pairs; q += 16) {
+        _tile_loadd(4, a + 2 * q, sa);
+        _tile_loadd(6, ph + q * kPairBytes, kPairBytes);
+        _tile_loadd(7, ph + q * kPairBytes + 64, kPairBytes);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+      }
     }
     _tile_stored(0, ch, kNR * 4);
     _tile_stored(1, ch + 16, kNR * 4);
-    _tile_stored(2, ch + 16 * kNR, kNR * 4);
-    _tile_stored(3, ch + 16 * kNR + 16, kNR * 4);
+    if (two) {
+      _tile_stored(2, ch + 16 * kNR, kNR * 4);
+      _tile_stored(3, ch + 16 * kNR + 16, kNR * 4);
+    }
   }
   if (!ob) return;
   const Epilogue ep = make_epilogue(colscale, bias, cols);

@@ -250,21 +250,32 @@ LOWBIT_VNNI inline void pack_x_vnni(const int8_t* a, int64_t M, int64_t K, int64
 
 // 32 weight rows w (ldw bytes apart) by 32 rows of x (B tiles bx0, bx1: quads of 64 bytes) over K / 64
 // steps into t (int32, [32 weight rows][32 rows of x], ld 32). The calling thread configured the tiles.
+// `two`: 32 rows of x; else at most 16 (bx1 unused, t's columns 16..31 left as they are).
 LOWBIT_AMX_I8 inline void amx_direct_block(const int8_t* w, int64_t ldw, const int8_t* bx0, const int8_t* bx1,
-                                           int64_t K, int32_t* t) {
+                                           int64_t K, bool two, int32_t* t) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int64_t k = 0; k < K; k += 64) {
-    _tile_loadd(4, w + k, ldw);
-    _tile_loadd(5, w + 16 * ldw + k, ldw);
-    _tile_loadd(6, bx0 + k * 16, 64);
-    _tile_loadd(7, bx1 + k * 16, 64);
-    _tile_dpbssd(0, 4, 6);
-    _tile_dpbssd(1, 4, 7);
-    _tile_dpbssd(2, 5, 6);
-    _tile_dpbssd(3, 5, 7);
+  if (two) {
+    for (int64_t k = 0; k < K; k += 64) {
+      _tile_loadd(4, w + k, ldw);
+      _tile_loadd(5, w + 16 * ldw + k, ldw);
+      _tile_loadd(6, bx0 + k * 16, 64);
+      _tile_loadd(7, bx1 + k * 16, 64);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+  } else {
+    for (int64_t k = 0; k < K; k += 64) {
+      _tile_loadd(4, w + k, ldw);
+      _tile_loadd(5, w + 16 * ldw + k, ldw);
+      _tile_loadd(6, bx0 + k * 16, 64);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(2, 5, 6);
+    }
   }
   _tile_stored(0, t, 128);
   _tile_stored(1, t + 16, 128);
@@ -320,7 +331,7 @@ inline void gemm(const int8_t* a_in, const int8_t* b, int32_t* c, int64_t M, int
         for (int64_t m0 = 0; m0 < M; m0 += 32) {
           const int64_t rows = std::min<int64_t>(32, M - m0);
           const int8_t* bx0 = bx.data() + (m0 / 16) * K * 16;
-          amx_direct_block(w, K, bx0, bx0 + K * 16, K, t);
+          amx_direct_block(w, K, bx0, bx0 + K * 16, K, rows > 16, t);
           turn_round(t, o);
           if (c == nullptr) {
             epi(o, 32, m0, rows, n0, cols);
