@@ -108,7 +108,8 @@ def test_noncontiguous_operands_still_exact_through_int8_mm():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("m, n, k", [(5, 3, 7), (6, 64, 64), (37, 130, 577), (13, 200, BLOCK_K), (9, 70, BLOCK_K + 4)])
+@pytest.mark.parametrize("m, n, k", [(5, 3, 7), (6, 64, 64), (37, 130, 577), (13, 200, BLOCK_K), (9, 70, BLOCK_K + 4),
+                                  (40, 70, BLOCK_K + 1536)])
 def test_w8a8_gemm_equals_gemm_then_epilogue(m, n, k, dtype):
     """w8a8_gemm (the epilogue per tile while in L1; for K over one block, the two calls) gives
     w8a8_epilogue(gemm_i8(...))'s bits: per-row and per-tensor s_x, bias, zero-point correction."""

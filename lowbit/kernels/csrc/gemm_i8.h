@@ -301,15 +301,15 @@ struct NoEpilogue {
 };
 
 // c (M, N) = a (M, K) @ b (N, K).T exactly; a and b contiguous int8, c int32 contiguous. Call only on a
-// CPU with avx512_vnni. With an epilogue and c == nullptr (only for K <= kKC: one block of K), each
+// CPU with avx512_vnni. With an epilogue and c == nullptr (for K <= kKC, one block of K, or any K on AMX), each
 // tile's int32 sums go to a per-thread 6 x 64 buffer instead and epi(tile, ld, m, rows, n0, cols) turns
 // them into the output while they are in L1: no (M, N) int32 array at all.
 template <typename Epi = NoEpilogue>
 inline void gemm(const int8_t* a_in, const int8_t* b, int32_t* c, int64_t M, int64_t N, int64_t K,
                  const Epi& epi = Epi()) {
-  TORCH_CHECK(c != nullptr || K <= kKC, "gemm_i8: an output-less call needs K <= ", kKC);
   // AMX where the CPU has it, for every row (as gemm_bf16: one way of summing per host)
   const bool amx = lowbit::amx::usable_int8();
+  TORCH_CHECK(c != nullptr || K <= kKC || amx, "gemm_i8: an output-less call needs K <= ", kKC, " (any K on AMX)");
   if (amx && K % 64 == 0 && K > 0) {  // the weight read as it is (above)
     const int64_t Mp = (M + 31) / 32 * 32;
     std::vector<int8_t> bx(size_t(Mp * K));

@@ -233,7 +233,9 @@ torch::Tensor w8a8_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor s_x, tor
                         c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> zcorr, torch::Tensor like) {
   lowbit::check_mm_i8(a, b, "w8a8_gemm");
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
-  if (M == 0 || N == 0 || K == 0 || K > gemm_i8::kKC) return w8a8_epilogue(gemm_i8_entry(a, b), s_x, s_w, bias, zcorr, like);
+  // vpdpbusd's tiles carry one block of K to the epilogue; AMX's carry any K (its running tiles)
+  if (M == 0 || N == 0 || K == 0 || (K > gemm_i8::kKC && !lowbit::amx::usable_int8()))
+    return w8a8_epilogue(gemm_i8_entry(a, b), s_x, s_w, bias, zcorr, like);
   TORCH_CHECK(s_x.device().is_cpu() && s_w.device().is_cpu(), "w8a8_gemm: s_x and s_w must be CPU tensors");
   TORCH_CHECK(s_x.scalar_type() == torch::kFloat && s_x.is_contiguous() && (s_x.numel() == 1 || s_x.numel() == M), "s_x: float32, 1 or M values");
   TORCH_CHECK(s_w.scalar_type() == torch::kFloat && s_w.is_contiguous() && s_w.numel() == N, "s_w: float32, N values");
