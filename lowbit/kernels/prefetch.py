@@ -6,7 +6,7 @@ streams at the DRAM's rate. The kernels were first tuned on an AVX-512 Intel hos
 non-temporal prefetch (NTA) 32 KiB ahead was best; on an AMD Zen 4 (EPYC, 2.6 GHz) the same prefetch
 held the int8 GEMV to 10.7 GB/s on one core against a 28 GB/s read probe, and a prefetch into L2 (T1)
 64 KiB ahead gave 24 GB/s. So the setting is measured, not assumed: the first process on a CPU times
-the int8 GEMV on a 128 MiB weight (well over any L3 here) with each of ``CANDIDATES``, interleaved,
+the int8 GEMV on a 256 MiB weight (over any guest's share of L3 seen here) with each of ``CANDIDATES``, interleaved,
 and keeps the fastest if it beats the original setting by ``MIN_GAIN`` (about 0.1 s, once; the
 result is cached in ``$LOWBIT_CACHE/prefetch-<cpu>.json``). The setting is per kernel where the
 best distance differs: on a Zen 2 the AVX2 int4 GEMV (more work per byte: two weights a byte, two
@@ -39,11 +39,16 @@ _log = logging.getLogger("lowbit.kernels")
 ENV = "LOWBIT_PREFETCH"
 HINTS = {"nta": 0, "t0": 1, "t1": 2}  # csrc/prefetch.h's PrefetchHint
 DEFAULT = ("nta", 32768)  # the setting the kernels were first tuned with
-CANDIDATES = (DEFAULT, ("t1", 16384), ("t1", 32768), ("t1", 65536))
+# T0 too since a 2-core Intel Xeon (AMX) guest: there its int4 GEMV through nn.Linear (16 x 4096^2 g128, M = 1)
+# read 21.3 GB/s with t0 16 KiB ahead against 18.1 with t1 32 KiB, the choice among the others then (probe 24.5;
+# benchmarks/results/avx512_amx_xeon/scratch/int4_gemv_prefetch_sweep.txt), though this measurement, run again
+# at 23:37 on its own call, put every t0 / t1 setting within 8% (int4 19.15 / 19.91, int8 27.58 / 27.04 GB/s)
+CANDIDATES = (DEFAULT, ("t1", 16384), ("t1", 32768), ("t1", 65536), ("t0", 16384), ("t0", 32768))
 MEASURED = ("int8_gemv", "int4_cpu")  # kernels timed on their own GEMV; the others take int8_gemv's choice
 MIN_GAIN = 1.05  # a candidate replaces DEFAULT only when this much faster (run-to-run noise is a few %)
 _MAX_DISTANCE = 1 << 20
-_BYTES = 128 << 20  # the measured weight: over any L3 this project's hosts have
+_BYTES = 256 << 20  # the measured weight: over any guest's share of L3 seen here (~100 MiB read at L3 speed on
+# the Intel guest above, whose /proc/cpuinfo says 480 MiB)
 _K = 4096
 _ROUNDS = 3
 
