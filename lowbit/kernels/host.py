@@ -102,6 +102,12 @@ def amx_active() -> bool | None:
     return None if fn is None else bool(fn())
 
 
+def _int4_small_max_m() -> int:
+    from lowbit.kernels import _int4_cpu
+
+    return _int4_cpu.small_max_m()
+
+
 def _amx_note(flags: frozenset[str]) -> str:
     if "amx_tile" not in flags:
         return ""
@@ -128,10 +134,12 @@ def host_report() -> list[tuple[str, str]]:
     else:
         how = "torch._int_mm"
     why = f"has {', '.join(have)}" if have else f"no {' / '.join(_INT8_DOT_FLAGS)}"
+    if has_int8_dot() and "avx512_vnni" in flags:
+        why += _amx_note(flags)  # gemm_i8 on the tiles where they are on
     rows.append(("int8 x int8 matmul", f"{how} ({why}; {INT8_ENV} overrides)"))
     if half_matmul_native(torch.bfloat16) and "avx512_bf16" in flags:
         how = ("lowbit's gemm_bf16, the weight made bf16 per panel inside the GEMM (where the AVX-512 builds run: "
-               "int8 above the GEMV's M, int4 and float8 above 32)")
+               f"int8 above the GEMV's M, int4 above {_int4_small_max_m()} and float8 above 32)")
         why = "has avx512_bf16" + _amx_note(flags)
     else:
         how = "the weight converted a chunk of rows at a time, then torch.mm"

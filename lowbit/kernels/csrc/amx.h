@@ -26,6 +26,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <vector>
 
 namespace lowbit::amx {
 
@@ -37,12 +38,16 @@ inline bool cpuid7_edx(int bit) {
 }
 
 inline bool granted() {
+#ifdef __linux__
   static const bool ok = [] {
     if (!cpuid7_edx(24)) return false;
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return ok;
+#else
+  return false;  // the permission request is Linux's; elsewhere the AVX-512 paths run
+#endif
 }
 
 inline std::atomic<bool>& enabled() {
@@ -60,6 +65,16 @@ inline bool usable_bf16() {
 inline bool usable_int8() {
   static const bool hw = cpuid7_edx(25) && granted();
   return hw && enabled().load(std::memory_order_relaxed);
+}
+
+// A per-thread buffer of at least n elements kept between calls (a fresh block over ~128 KiB is new pages from
+// glibc: page faults on every call, as gemm_bf16.h's panel buffer notes). Tag: one buffer per use. Contents
+// are what the last call left.
+template <typename Tag, typename T>
+inline T* kept(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
 }
 
 // Palette 1 with tiles 0..7 all 16 rows x 64 bytes: the 2 x 2 blocking of both GEMMs (C tiles 0-3, A

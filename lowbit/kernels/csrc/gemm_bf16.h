@@ -345,10 +345,12 @@ LOWBIT_BF16 void gemm(const uint16_t* x, int64_t ldx, int64_t M, int64_t N, int6
   const float* rp = rowpost.empty() ? nullptr : rowpost.data();
   // AMX's last block of fewer than 32 rows: read from a zero padded copy (32 x Kp)
   const int64_t full = M / kAmxMR * kAmxMR;
-  std::vector<uint16_t> tail;
+  struct Tail;
+  uint16_t* tail = nullptr;
   if (amx && full < M) {
-    tail.assign(size_t(kAmxMR * Kp), 0);
-    for (int64_t m = full; m < M; ++m) std::memcpy(tail.data() + (m - full) * Kp, x + m * ldx, size_t(K) * 2);
+    tail = lowbit::amx::kept<Tail, uint16_t>(size_t(kAmxMR * Kp));
+    std::fill(tail, tail + kAmxMR * Kp, uint16_t(0));
+    for (int64_t m = full; m < M; ++m) std::memcpy(tail + (m - full) * Kp, x + m * ldx, size_t(K) * 2);
   }
   const int64_t unit = amx ? kAmxMR : kMR;
   const int64_t panels = (N + kNR - 1) / kNR, tiles = (M + unit - 1) / unit;
@@ -381,7 +383,7 @@ LOWBIT_BF16 void gemm(const uint16_t* x, int64_t ldx, int64_t M, int64_t N, int6
           float* ct = blocks ? running + (t - t0) * unit * kNR : one_tile;
           if (amx) {
             const bool whole = m0 < full;
-            amx_block(whole ? x + m0 * ldx + k0 : tail.data() + k0, whole ? ldx : Kp, panel, (kc + 31) / 32 * 16, ct,
+            amx_block(whole ? x + m0 * ldx + k0 : tail + k0, whole ? ldx : Kp, panel, (kc + 31) / 32 * 16, ct,
                       first, last ? out + m0 * N + n0 : nullptr, N, rows, rp ? rp + m0 : nullptr,
                       colscale ? colscale + n0 : nullptr, bias ? bias + n0 : nullptr, cols);
             continue;

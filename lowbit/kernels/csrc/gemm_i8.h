@@ -312,14 +312,16 @@ inline void gemm(const int8_t* a_in, const int8_t* b, int32_t* c, int64_t M, int
   TORCH_CHECK(c != nullptr || K <= kKC || amx, "gemm_i8: an output-less call needs K <= ", kKC, " (any K on AMX)");
   if (amx && K % 64 == 0 && K > 0) {  // the weight read as it is (above)
     const int64_t Mp = (M + 31) / 32 * 32;
-    std::vector<int8_t> bx(size_t(Mp * K));
-    pack_x_vnni(a_in, M, K, Mp, bx.data());
+    struct XTiles;
+    int8_t* bx = lowbit::amx::kept<XTiles, int8_t>(size_t(Mp * K));  // every byte written by pack_x_vnni
+    pack_x_vnni(a_in, M, K, Mp, bx);
     // the last block of fewer than 32 weight rows: a zero padded copy (tiles read whole rows)
     const int64_t full = N / kDirectNR * kDirectNR;
-    std::vector<int8_t> wtail;
+    struct WTail;
+    int8_t* wtail = lowbit::amx::kept<WTail, int8_t>(size_t(kDirectNR * K));
     if (full < N) {
-      wtail.assign(size_t(kDirectNR * K), 0);
-      std::memcpy(wtail.data(), b + full * K, size_t((N - full) * K));
+      std::memcpy(wtail, b + full * K, size_t((N - full) * K));
+      std::memset(wtail + (N - full) * K, 0, size_t((kDirectNR - (N - full)) * K));
     }
     const int64_t blocks = (N + kDirectNR - 1) / kDirectNR;
     lowbit::par_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -327,10 +329,10 @@ inline void gemm(const int8_t* a_in, const int8_t* b, int32_t* c, int64_t M, int
       alignas(64) int32_t t[32 * 32], o[32 * 32];
       for (int64_t nb = begin; nb < end; ++nb) {
         const int64_t n0 = nb * kDirectNR, cols = std::min(kDirectNR, N - n0);
-        const int8_t* w = n0 < full ? b + n0 * K : wtail.data();
+        const int8_t* w = n0 < full ? b + n0 * K : wtail;
         for (int64_t m0 = 0; m0 < M; m0 += 32) {
           const int64_t rows = std::min<int64_t>(32, M - m0);
-          const int8_t* bx0 = bx.data() + (m0 / 16) * K * 16;
+          const int8_t* bx0 = bx + (m0 / 16) * K * 16;
           amx_direct_block(w, K, bx0, bx0 + K * 16, K, rows > 16, t);
           turn_round(t, o);
           if (c == nullptr) {
