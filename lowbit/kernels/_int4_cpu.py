@@ -32,7 +32,8 @@ exact int32 sums of the nibbles times x held as two int16 planes, see ``csrc/int
   per-group sums of x. Float32
   accumulation; the weight is used unrounded (the reference rounds it to bf16 first), so results
   differ from the reference by about the reference's own rounding (~50 dB SQNR).
-* bfloat16, M <= ``small_max_m()`` (``SMALL_MAX_M``; the AVX2 build ``SMALL_MAX_M_AVX2``): ``gemm_small_bf16``, same math, each unpacked weight pair
+* bfloat16, M <= ``small_max_m()`` (``SMALL_MAX_M``; the AVX2 build ``SMALL_MAX_M_AVX2``; CPUs with AMX
+  ``SMALL_MAX_M_AMX``, the GEMV's 4: none): ``gemm_small_bf16``, same math, each unpacked weight pair
   applied to 16 rows of x per instruction (register tile of W rows x 16-row blocks of x).
 * bfloat16 above ``small_max_m()`` (the AVX-512 build): ``gemm_bf16``, a bf16 GEMM (``csrc/gemm_bf16.h``)
   whose 64-row panels are dequantized exactly (the reference's bf16 values) per call inside the
