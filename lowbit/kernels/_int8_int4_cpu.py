@@ -12,6 +12,12 @@ quantization, then the float linear) computes the same products from the same ``
 dequantized activation and weight to the input dtype first; in float32 the two differ by float32
 rounding only.
 
+On a CPU with AMX tiles, a bfloat16 input from M = 32 with a power-of-two group size runs on bf16 tiles
+instead (``csrc/int8_int4.cpp``, run_amx): ``xq - zp_x`` (exact in bf16) times the weight's reference bf16
+values ``bf16(w * s_w)``, float32 sums over all of K, then ``s_x``: the reference's weight rounding, not the
+exact group sums (an int8 tile's sums would leave the tiles once per group to be scaled; slower than the
+VNNI panels at g32). ``set_amx(False)`` on the extension switches the tiles off.
+
 When a gradient is wanted, the same forward runs inside an autograd function whose backward is the
 fake-quantized path's (straight-through activation quantization, dequantized weight), so outputs do
 not depend on whether autograd records.

@@ -139,7 +139,8 @@ def host_report() -> list[tuple[str, str]]:
     rows.append(("int8 x int8 matmul", f"{how} ({why}; {INT8_ENV} overrides)"))
     if half_matmul_native(torch.bfloat16) and "avx512_bf16" in flags:
         how = ("lowbit's gemm_bf16, the weight made bf16 per panel inside the GEMM (where the AVX-512 builds run: "
-               f"int8 above the GEMV's M, int4 above {_int4_small_max_m()} and float8 above 32)")
+               f"int8 above the GEMV's M, int4 above {_int4_small_max_m()} and float8 above 32"
+               + ("; 8da4w with bf16 x from M = 32, on the tiles" if amx_active() else "") + ")")
         why = "has avx512_bf16" + _amx_note(flags)
     else:
         how = "the weight converted a chunk of rows at a time, then torch.mm"

@@ -59,6 +59,24 @@ def ext():
     return e
 
 
+@pytest.fixture
+def integer_paths(ext):
+    """The integer paths at every M: AMX tiles off (on a CPU with them, bf16 x from AMX_MIN_M runs on bf16 tiles)."""
+    if hasattr(ext, "set_amx"):
+        ext.set_amx(False)
+    yield ext
+    if hasattr(ext, "set_amx"):
+        ext.set_amx(True)
+
+
+@pytest.fixture
+def amx(ext):
+    """The AVX-512 build's AMX route, where this process runs AMX tiles (skipped elsewhere)."""
+    if not hasattr(ext, "amx_active") or not ext.amx_active():
+        pytest.skip("no AMX tiles in this process (the CPU lacks them, the OS refused them, or the AVX2 build runs)")
+    return ext
+
+
 def _weight(n, k, g, seed=0):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen)
@@ -117,7 +135,7 @@ GEMM_MIN_M, PANEL_N, TILE_M, BLOCK_M = 16, 64, 6, 256  # csrc/int8_int4.cpp: kGe
 @pytest.mark.parametrize("g", [32, 64, 96, 128, 256])
 @pytest.mark.parametrize("m, n", [(GEMM_MIN_M, 37), (GEMM_MIN_M + 1, PANEL_N), (GEMM_MIN_M + TILE_M + 2, PANEL_N + 1),
                                   (BLOCK_M + 1, 2 * PANEL_N + 5)])
-def test_gemm_path_matches_the_integer_formula(ext, m, n, g, dtype, bias):
+def test_gemm_path_matches_the_integer_formula(integer_paths, m, n, g, dtype, bias):
     """The large-M path (64-row weight panels packed per call, 6-row x 32-column tiles, 256-row blocks of x): tile,
     panel and block edges, K with a partial 64-element chunk (7 groups of 32 or 96)."""
     if m > k8.max_m():
@@ -518,3 +536,93 @@ def test_one_call_bad_arguments_raise_naming_them(ext, arg, value, why):
     a[arg] = value(a)
     with pytest.raises(RuntimeError, match=why):
         ext.int8_int4_dynamic_linear(**a)
+
+
+# ---- the AMX route (csrc/int8_int4.cpp, run_amx): bf16 x from AMX_MIN_M on a CPU with AMX tiles ------------------
+# x's integers xq - zp_x (exact in bf16) times the weight's reference bf16 values, float32 sums over all of K on the
+# tiles, s_x per row, the bias, one rounding to bf16. (c) Against that formula in float64 rounded once to bf16: the
+# float32 sums' order moves an output across a bf16 rounding boundary now and then (one bf16 step ~2^-8 relative;
+# measured >= 134 dB over these cases on a 2-core Xeon guest, most outputs equal; the bound allows one such step). (d) Against the float64 value unrounded: the output's
+# own bf16 rounding (~52-56 dB, as gemm_bf16's VS_FLOAT64_DB).
+AMX_MIN_M = 32  # csrc/int8_int4.cpp: kAmxMinM
+AMX_FORMULA_DB = 70.0
+AMX_FLOAT64_DB = 50.0
+
+
+def _bf16_weight_formula(x, q, s_w, bias, act=ACT):
+    """The AMX route's formula in float64 from the primitives' xq, s_x, zp_x and the weight's bf16 values."""
+    s_x, zp_x = choose_qparams_affine(x, act, check_finite=False)
+    xq = quantize_affine(x, s_x, zp_x, act).double() - zp_x.double()
+    g = q.shape[1] // s_w.shape[1]
+    w = (q.float() * s_w.repeat_interleave(g, dim=1)).bfloat16().double()  # dequantize_affine's values
+    out = s_x.double() * (xq @ w.T)
+    return out if bias is None else out + bias.double()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("g", [32, 64, 128, 256])
+@pytest.mark.parametrize("m, n, groups", [(AMX_MIN_M, 37, 3), (AMX_MIN_M + 1, 64, 5), (47, 65, 4), (71, 130, 2),
+                                          (257, 29, 3)])
+def test_amx_route_matches_its_formula(amx, m, n, groups, g, bias):
+    """AMX's 32-row blocks (a partial last one), 64-column panels (a partial last one), odd N."""
+    k = groups * g
+    q, qdata, s = _weight(n, k, g, seed=m + g)
+    x = (torch.randn(m, k) * torch.rand(m, 1) * 4).bfloat16()
+    b = torch.randn(n).bfloat16() if bias else None
+    out = k8.int8_int4_linear(x, qdata, s, None, b, ACT, _wspec(g))
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    want = _bf16_weight_formula(x.float(), q, s, None if b is None else b.float())
+    assert sqnr(want.bfloat16().double(), out.double()) >= AMX_FORMULA_DB
+    assert sqnr(want, out.double()) >= AMX_FLOAT64_DB
+    for row in (0, m // 2, m - 1):
+        assert sqnr(want[row].bfloat16().double(), out[row].double()) >= AMX_FORMULA_DB, row
+    amx.set_amx(False)  # the integer paths on the same input: within the reference bound of the tiles' result
+    try:
+        exact = k8.int8_int4_linear(x, qdata, s, None, b, ACT, _wspec(g))
+    finally:
+        amx.set_amx(True)
+    assert sqnr(_formula(x.float(), q, s, None if b is None else b.float()).double(), exact.double()) >= 45.0
+    assert sqnr(exact.double(), out.double()) >= REFERENCE_DB[torch.bfloat16]
+
+
+def test_amx_route_takes_k_past_a_panel_block_and_is_taken(amx):
+    """K past gemm_bf16's 4096-column panel block (running float32 tiles between blocks); the route is the one
+    taken: its output is the bf16-weight formula's, which the integer paths' is not."""
+    m, n, g = 40, 70, 32
+    k = 4096 + 4 * g
+    q, qdata, s = _weight(n, k, g, seed=3)
+    x = torch.randn(m, k).bfloat16()
+    out = k8.int8_int4_linear(x, qdata, s, None, None, ACT, _wspec(g))
+    want = _bf16_weight_formula(x.float(), q, s, None)
+    assert sqnr(want.bfloat16().double(), out.double()) >= AMX_FORMULA_DB
+    amx.set_amx(False)
+    try:
+        exact = k8.int8_int4_linear(x, qdata, s, None, None, ACT, _wspec(g))
+    finally:
+        amx.set_amx(True)
+    assert not torch.equal(out, exact)
+    assert sqnr(want.bfloat16().double(), exact.double()) < AMX_FORMULA_DB
+
+
+def test_amx_route_rows_nan_zero_and_not_taken_cases(amx):
+    """A row holding NaN / inf gives NaN, an all-zero row gives the bias exactly, the other rows their formula;
+    float32 x, M below AMX_MIN_M and a group that is not a power of two stay on the integer paths (exact)."""
+    m, n, g = 36, 33, 32
+    k = 4 * g
+    q, qdata, s = _weight(n, k, g, seed=5)
+    x = torch.randn(m, k).bfloat16()
+    x[1, 5] = float("inf")
+    x[2, 9] = float("nan")
+    x[3] = 0.0
+    b = torch.randn(n).bfloat16()
+    out = k8._forward(amx, x, qdata, s, b, ACT)  # the one-call entry (NaN rows through the primitives)
+    assert bool(out[1:3].isnan().all())
+    assert torch.equal(out[3], b)
+    keep = [i for i in range(m) if i not in (1, 2)]
+    want = _bf16_weight_formula(x[keep].float(), q, s, b.float())
+    assert sqnr(want.bfloat16().double(), out[keep].double()) >= AMX_FORMULA_DB
+    for xx, gg in ((torch.randn(m, k), g), (torch.randn(AMX_MIN_M - 1, k).bfloat16(), g), (torch.randn(m, 3 * 96).bfloat16(), 96)):
+        qq, qd, ss = _weight(n, xx.shape[1], gg, seed=7)
+        got = k8.int8_int4_linear(xx, qd, ss, None, None, ACT, _wspec(gg))
+        got32 = k8.int8_int4_linear(xx.float(), qd, ss, None, None, ACT, _wspec(gg))
+        assert torch.equal(got, got32.to(xx.dtype)), (xx.dtype, xx.shape, gg)

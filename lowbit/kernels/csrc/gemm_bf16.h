@@ -136,16 +136,31 @@ LOWBIT_BF16 inline Epilogue make_epilogue(const float* colscale, const float* bi
   return e;
 }
 
-// One row of a finished tile, 64 float32 sums v0..v3: (v * post) * s + b rounded to bf16 into o. post != 1:
-// a scaled row of x (its results may be subnormal: rounded one by one, store_exact).
+// Lanes of v that are subnormal or NaN: |v|'s bits minus 1 below 2^23 - 1 (subnormal), or above infinity's.
+LOWBIT_BF16 inline __mmask16 odd_lanes(__m512 v) {
+  const __m512i a = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF));
+  return _mm512_cmplt_epu32_mask(_mm512_sub_epi32(a, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x007FFFFF)) |
+         _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7F800000));
+}
+
+// One row of a finished tile, 64 float32 sums v0..v3: (v * post) * s + b rounded to bf16 into o. post != 1
+// (a scaled row of x, or a per-row factor: gemm's rowscale): a result may be subnormal or NaN, where
+// vcvtne2ps2bf16 differs from c10::BFloat16 (it reads float32 subnormals as zero and keeps a NaN's payload), so
+// such a row goes through store_exact; others (every lane normal, zero or infinite) round with the instruction.
 LOWBIT_BF16 inline void finish_row(uint16_t* o, __m512 v0, __m512 v1, __m512 v2, __m512 v3, float post,
                                    const Epilogue& e) {
   if (post != 1.f) {
     const __m512 r = _mm512_set1_ps(post);
-    store_exact(o, e.cols, _mm512_fmadd_ps(_mm512_mul_ps(v0, r), e.s[0], e.b[0]),
-                _mm512_fmadd_ps(_mm512_mul_ps(v1, r), e.s[1], e.b[1]),
-                _mm512_fmadd_ps(_mm512_mul_ps(v2, r), e.s[2], e.b[2]),
-                _mm512_fmadd_ps(_mm512_mul_ps(v3, r), e.s[3], e.b[3]));
+    v0 = _mm512_fmadd_ps(_mm512_mul_ps(v0, r), e.s[0], e.b[0]);
+    v1 = _mm512_fmadd_ps(_mm512_mul_ps(v1, r), e.s[1], e.b[1]);
+    v2 = _mm512_fmadd_ps(_mm512_mul_ps(v2, r), e.s[2], e.b[2]);
+    v3 = _mm512_fmadd_ps(_mm512_mul_ps(v3, r), e.s[3], e.b[3]);
+    if (odd_lanes(v0) | odd_lanes(v1) | odd_lanes(v2) | odd_lanes(v3)) {
+      store_exact(o, e.cols, v0, v1, v2, v3);
+      return;
+    }
+    _mm512_mask_storeu_epi16(o, e.mlo, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
+    _mm512_mask_storeu_epi16(o + 32, e.mhi, (__m512i)_mm512_cvtne2ps_pbh(v3, v2));
     return;
   }
   const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(v1, e.s[1], e.b[1]), _mm512_fmadd_ps(v0, e.s[0], e.b[0]));
@@ -316,12 +331,12 @@ LOWBIT_BF16 inline bool any_row_below(const uint16_t* x, int64_t ldx, int64_t M,
   return false;
 }
 
-// out (M, N) bf16 = (x (M, K) bf16 (row stride ldx, unit column stride) @ P.T) * colscale + bias, P's panels
-// made by `pack`; colscale and bias float32 (N,) or nullptr (1 and 0). K even. Call only on a CPU with
-// avx512bf16.
+// out (M, N) bf16 = ((x (M, K) bf16 (row stride ldx, unit column stride) @ P.T) * rowscale) * colscale + bias, P's
+// panels made by `pack`; rowscale float32 (M,) or nullptr (1: 8da4w's activation scale, x its integer values),
+// colscale and bias float32 (N,) or nullptr (1 and 0). K even. Call only on a CPU with avx512bf16.
 template <typename Packer>
 LOWBIT_BF16 void gemm(const uint16_t* x, int64_t ldx, int64_t M, int64_t N, int64_t K, const Packer& pack, const float* bias,
-                      uint16_t* out, const float* colscale = nullptr) {
+                      uint16_t* out, const float* colscale = nullptr, const float* rowscale = nullptr) {
   TORCH_CHECK(K % 2 == 0, "gemm_bf16: K must be even, got ", K);
   // rows below 2^kScaleTop: a scaled copy of x (rows of Kp, a multiple of 32, zero padded) and 2^-j per row
   std::vector<uint16_t> xs;
@@ -341,6 +356,10 @@ LOWBIT_BF16 void gemm(const uint16_t* x, int64_t ldx, int64_t M, int64_t N, int6
     }
     x = xs.data();
     ldx = Kp;
+  }
+  if (rowscale) {  // 2^-j * rowscale[m]: exact (a power of two) unless the product is subnormal
+    if (rowpost.empty()) rowpost.assign(rowscale, rowscale + M);
+    else for (int64_t m = 0; m < M; ++m) rowpost[m] *= rowscale[m];
   }
   const float* rp = rowpost.empty() ? nullptr : rowpost.data();
   // AMX's last block of fewer than 32 rows: read from a zero padded copy (32 x Kp)

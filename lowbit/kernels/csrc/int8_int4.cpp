@@ -33,9 +33,29 @@
 //
 // A row of x whose scale is not finite (NaN or inf in the input) gives NaN outputs, as the float
 // reference does.
+//
+// On a CPU with AMX tiles (csrc/amx.h), bf16 output and M >= kAmxMinM (power-of-two groups), the product runs on
+// bf16 tiles instead (run_amx, below): the activation's integers xq - zp_x in [-255, 255] are exact in bf16, the
+// weight is dequantized per 64-row panel to the reference's bf16 values bf16(w * s_w) (int4_panels.h, as int4
+// weight-only's gemm_bf16 reads it), tdpbf16ps sums their products in float32 over all of K, and the row's s_x
+// multiplies once at the end:
+//   out[m, n] = bf16(s_x[m] * sum_k (xq[m, k] - zp_x[m]) * bf16(w[n, k] * s_w[n, k / gs]) + bias[n])
+// The integer group sums are gone there: the weight carries the reference's bf16 rounding (2^-9 relative, the
+// same values the fake-quantized reference multiplies), not the exact per-group scaling above. Why: with
+// per-group scales an int8 tile's sums must leave the tiles once per group to be scaled in float32; at g32 that
+// costs more than the VNNI panels here (benchmarks/results/avx512_amx_xeon/scratch/int8_int4_amx_per_group.txt),
+// while the bf16 tiles take the scale inside the weight and run at int4 weight-only's speed.
+#define LOWBIT_INT8_INT4_AMX  // the entry's set_amx / amx_active (this build's AMX route, below)
 #include "int8_int4_entry.h"
 #include "parallel.h"
 #include "gemm_i8.h"
+#include "gemm_bf16.h"
+// int4_panels.h needs AVX-512 VBMI and BF16, which this build does not require: compiled for them here, run
+// only on a CPU with AMX tiles (every one has both), as amx_route checks.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")
+#include "int4_panels.h"
+#pragma GCC pop_options
 
 #include <numeric>
 
@@ -348,12 +368,61 @@ void run_gemm(const Gemm& g) {
   for (int64_t mb = 0; mb < g.M; mb += kGemmBlockM) run_gemm_block(g, mb, std::min(g.M, mb + kGemmBlockM));
 }
 
+// ---- AMX: bf16 tiles over the activation's integers (header comment) ------------------------------------------
+
+// From this M on the tiles (one 4096^2 layer, g32, bf16, 2 threads, 2-core Xeon guest with AMX:
+// benchmarks/results/avx512_amx_xeon/scratch/int8_int4_amx_bf16_route.txt).
+constexpr int64_t kAmxMinM = 32;
+
+bool amx_route(int64_t M, int64_t gs, at::ScalarType out_t) {
+  static const bool isa = __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16");
+  return out_t == at::kBFloat16 && M >= kAmxMinM && (gs & (gs - 1)) == 0 && isa && lowbit::amx::usable_bf16();
+}
+
+#define LOWBIT_I4_AMX_ISA __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")))
+
+// Row m of xq (K values, K % 32 == 0) as bf16 xq - zp: exact, |v| <= 255.
+LOWBIT_I4_AMX_ISA void integers_bf16(const int8_t* xr, int32_t zp, int64_t K, uint16_t* o) {
+  const __m512i z = _mm512_set1_epi32(zp);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512i v = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xr + k))), z);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), (__m256i)_mm512_cvtneps_pbh(_mm512_cvtepi32_ps(v)));
+  }
+}
+
+LOWBIT_I4_AMX_ISA void run_amx(const int8_t* x, const float* sxp, const int32_t* zp, int64_t M, int64_t K, const uint8_t* q, int64_t N,
+             const float* s, int64_t G, const void* bias, at::ScalarType bias_t, void* out, Scratch& ws) {
+  ws.xb.resize(size_t(M * K));
+  uint16_t* xb = ws.xb.data();
+  par_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) integers_bf16(x + m * K, zp[m], K, xb + m * K);
+  });
+  ws.sx_amx.resize(size_t(M));
+  for (int64_t m = 0; m < M; ++m)  // a row whose scale is not finite gives NaN, as the paths above
+    ws.sx_amx[m] = std::isfinite(sxp[m]) ? sxp[m] : std::numeric_limits<float>::quiet_NaN();
+  const float* bp = nullptr;
+  if (bias) {
+    ws.bias_f32.resize(size_t(N));
+    for (int64_t n = 0; n < N; ++n) ws.bias_f32[n] = load_float(bias, bias_t, n);
+    bp = ws.bias_f32.data();
+  }
+  lowbit::int4::W4 w{q, s, nullptr, nullptr, N, K, G, K / G, K / 2, 0};
+  while ((int64_t(1) << w.lg) < w.gs) ++w.lg;
+  gemm_bf16::gemm(xb, K, M, N, K, lowbit::int4::Int4Panels{&w}, bp, static_cast<uint16_t*>(out), nullptr,
+                  ws.sx_amx.data());
+}
+#undef LOWBIT_I4_AMX_ISA
+
 // The contract: int8_int4_entry.h.
 void run_kernel(const int8_t* x, const float* sxp, const int32_t* zp, int64_t M, int64_t K, const uint8_t* q, int64_t N,
                 const float* s, int64_t G, const void* bias, at::ScalarType bias_t, void* out, at::ScalarType out_t,
                 Scratch& ws) {
   if (M == 0 || N == 0) return;
   const int64_t gs = K / G, U = (K + kUnitK - 1) / kUnitK;
+  if (amx_route(M, gs, out_t)) {
+    run_amx(x, sxp, zp, M, K, q, N, s, G, bias, bias_t, out, ws);
+    return;
+  }
   if (M >= kGemmMinM) {
     ws.sxc.resize(M * G);
     int32_t* corr = ws.sxc.data();

@@ -50,6 +50,8 @@ struct Scratch {
   std::vector<int8_t> xq, xp;
   std::vector<float> sx;
   std::vector<int32_t> zp, sxc;
+  std::vector<uint16_t> xb;                // the AVX-512 build's AMX route: x's integers as bf16
+  std::vector<float> sx_amx, bias_f32;     // and its row scales, bias as float32
 };
 
 // The kernel proper, after the entry points' checks: xq (M, K) int8 rows, sxp / zp one per row
@@ -259,7 +261,7 @@ static c10::optional<torch::Tensor> dynamic_linear(torch::Tensor x, torch::Tenso
   run_kernel(ws.xq.data(), ws.sx.data(), ws.zp.data(), M, K, qdata.data_ptr<uint8_t>(), N, scale.data_ptr<float>(),
              scale.size(1), has_bias ? bias->data_ptr() : nullptr, has_bias ? bias->scalar_type() : at::kFloat,
              out.data_ptr(), out.scalar_type(), ws);
-  if (ws.xp.size() + ws.xq.size() + 4 * ws.sxc.size() > (size_t(1) << 22)) ws = Scratch();  // a large call: don't hold its memory
+  if (ws.xp.size() + ws.xq.size() + 4 * ws.sxc.size() + 2 * ws.xb.size() > (size_t(1) << 22)) ws = Scratch();  // a large call: don't hold its memory
   return out;
 }
 
@@ -282,7 +284,16 @@ torch::Tensor int8_int4_dynamic_linear_op(torch::Tensor x, torch::Tensor qdata, 
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_int4_dynamic_linear", TORCH_FN(int8_int4_dynamic_linear_op)); }
 
+#ifdef LOWBIT_INT8_INT4_AMX
+#include "amx.h"
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef LOWBIT_INT8_INT4_AMX
+  m.def("set_amx", &lowbit::amx::set_enabled, "use AMX tiles where the CPU has them (default true; false: AVX-512 alone)");
+  m.def("amx_active", [] { return lowbit::amx::usable_bf16() || lowbit::amx::usable_int8(); },
+        "whether this process runs AMX tiles: the CPU has them, Linux granted them and set_amx did not switch them off");
+#endif
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
   m.def("quantize_act_asym", &quantize_act_asym,
