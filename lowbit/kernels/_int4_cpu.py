@@ -80,10 +80,13 @@ SMALL_MAX_M_AMX = GEMV_MAX_M
 
 def small_max_m() -> int:
     """The largest M ``gemm_small_bf16`` serves for bf16 x: it depends on the build that runs (``_ext.active_isa``)
-    and, for the AVX-512 one, on whether the CPU has AMX tiles (``SMALL_MAX_M_AMX``)."""
+    and, for the AVX-512 one, on whether its GEMMs run on AMX tiles in this process (``SMALL_MAX_M_AMX``): the
+    build's ``amx_active()``, not the CPU's flags, so where Linux refuses the tiles or ``set_amx(False)`` switched
+    them off, gemm_bf16 (then on ``vdpbf16ps`` alone) does not take the M that gemm_small_bf16 serves faster."""
     if _ext.active_isa("int4_cpu") == "avx2":
         return SMALL_MAX_M_AVX2
-    return SMALL_MAX_M_AMX if {"amx_tile", "amx_bf16"} <= host.cpu_flags() else SMALL_MAX_M
+    on = getattr(_ext.load("int4_cpu"), "amx_active", None)
+    return SMALL_MAX_M_AMX if on is not None and on() else SMALL_MAX_M
 
 
 _DTYPES = (torch.bfloat16, torch.float32, torch.float16)
