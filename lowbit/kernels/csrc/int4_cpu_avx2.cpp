@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "fp8_act.h"
+#include "int4_weight.h"
 #include "parallel.h"
 #include "prefetch.h"
 #include "tile_f32.h"
@@ -50,14 +51,7 @@ constexpr int64_t kMinGroup = 32;
 #endif
 constexpr int64_t kScaleAheadRows = 16;
 
-struct W4 {
-  const uint8_t* q;
-  const float* s;
-  const int8_t* zp;  // int8 zero point, or nullptr
-  const float* zf;   // float32 zero point, or nullptr (both nullptr: symmetric)
-  int64_t N, K, G, gs, rb;
-  int lg;  // log2(gs)
-};
+using lowbit::int4::W4;
 
 void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined() && t.device().is_cpu(), name, " must be a CPU tensor");

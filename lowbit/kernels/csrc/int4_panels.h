@@ -12,20 +12,12 @@
 #include <cstring>
 
 #include "gemm_bf16.h"
+#include "int4_weight.h"
 #include "panel.h"
 
 namespace lowbit::int4 {
 
 constexpr int kAndXor = 0x6A;  // ternary logic: (a & b) ^ c
-
-struct W4 {
-  const uint8_t* q;
-  const float* s;
-  const int8_t* zp;  // int8 zero point, or nullptr
-  const float* zf;   // float32 zero point, or nullptr (both nullptr: symmetric)
-  int64_t N, K, G, gs, rb;
-  int lg;  // log2(gs)
-};
 
 inline bool asym(const W4& w) { return w.zp || w.zf; }
 
