@@ -279,23 +279,31 @@ LOWBIT_AMX_BF16 inline void amx_block(const uint16_t* a, int64_t lda, const uint
     }
     const uint8_t* ph = panel + 128 * h;
     if (two) {
+      // each tile loaded right after its last use in the step before (no tile renaming: a load waits for the
+      // products that read the tile), so the next step's loads overlap this step's products
+      _tile_loadd(4, a, sa);
+      _tile_loadd(6, ph, kPairBytes);
       for (int64_t q = 0; q < pairs; q += 16) {
-        _tile_loadd(4, a + 2 * q, sa);
-        _tile_loadd(5, a + 16 * lda + 2 * q, sa);
-        _tile_loadd(6, ph + q * kPairBytes, kPairBytes);
+        const bool more = q + 16 < pairs;
         _tile_loadd(7, ph + q * kPairBytes + 64, kPairBytes);
         _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(5, a + 16 * lda + 2 * q, sa);
         _tile_dpbf16ps(1, 4, 7);
+        if (more) _tile_loadd(4, a + 2 * (q + 16), sa);
         _tile_dpbf16ps(2, 5, 6);
+        if (more) _tile_loadd(6, ph + (q + 16) * kPairBytes, kPairBytes);
         _tile_dpbf16ps(3, 5, 7);
       }
-    } else {
+    } else {  // the same order on one x tile
+      _tile_loadd(4, a, sa);
+      _tile_loadd(6, ph, kPairBytes);
       for (int64_t q = 0; q < pairs; q += 16) {
-        _tile_loadd(4, a + 2 * q, sa);
-        _tile_loadd(6, ph + q * kPairBytes, kPairBytes);
+        const bool more = q + 16 < pairs;
         _tile_loadd(7, ph + q * kPairBytes + 64, kPairBytes);
         _tile_dpbf16ps(0, 4, 6);
+        if (more) _tile_loadd(6, ph + (q + 16) * kPairBytes, kPairBytes);
         _tile_dpbf16ps(1, 4, 7);
+        if (more) _tile_loadd(4, a + 2 * (q + 16), sa);
       }
     }
     _tile_stored(0, ch, kNR * 4);

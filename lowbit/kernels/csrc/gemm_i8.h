@@ -193,14 +193,18 @@ LOWBIT_AMX_I8 inline void amx_block(const int8_t* a, int64_t lda, const uint8_t*
       _tile_loadd(3, ch + 16 * kNR + 16, kNR * 4);
     }
     const uint8_t* ph = panel + 128 * h;
+    // each tile loaded right after its last use in the step before (gemm_bf16.h's amx_block)
+    _tile_loadd(4, a, lda);
+    _tile_loadd(6, ph, kQuadBytes);
     for (int64_t q = 0; q < quads; q += 16) {
-      _tile_loadd(4, a + 4 * q, lda);
-      _tile_loadd(5, a + 16 * lda + 4 * q, lda);
-      _tile_loadd(6, ph + q * kQuadBytes, kQuadBytes);
+      const bool more = q + 16 < quads;
       _tile_loadd(7, ph + q * kQuadBytes + 64, kQuadBytes);
       _tile_dpbsud(0, 4, 6);
+      _tile_loadd(5, a + 16 * lda + 4 * q, lda);
       _tile_dpbsud(1, 4, 7);
+      if (more) _tile_loadd(4, a + 4 * (q + 16), lda);
       _tile_dpbsud(2, 5, 6);
+      if (more) _tile_loadd(6, ph + (q + 16) * kQuadBytes, kQuadBytes);
       _tile_dpbsud(3, 5, 7);
     }
     _tile_stored(0, ch, kNR * 4);
@@ -257,24 +261,29 @@ LOWBIT_AMX_I8 inline void amx_direct_block(const int8_t* w, int64_t ldw, const i
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
+  // each tile loaded right after its last use in the step before (gemm_bf16.h's amx_block)
+  _tile_loadd(4, w, ldw);
+  _tile_loadd(6, bx0, 64);
   if (two) {
     for (int64_t k = 0; k < K; k += 64) {
-      _tile_loadd(4, w + k, ldw);
-      _tile_loadd(5, w + 16 * ldw + k, ldw);
-      _tile_loadd(6, bx0 + k * 16, 64);
+      const bool more = k + 64 < K;
       _tile_loadd(7, bx1 + k * 16, 64);
       _tile_dpbssd(0, 4, 6);
+      _tile_loadd(5, w + 16 * ldw + k, ldw);
       _tile_dpbssd(1, 4, 7);
+      if (more) _tile_loadd(4, w + k + 64, ldw);
       _tile_dpbssd(2, 5, 6);
+      if (more) _tile_loadd(6, bx0 + (k + 64) * 16, 64);
       _tile_dpbssd(3, 5, 7);
     }
   } else {
     for (int64_t k = 0; k < K; k += 64) {
-      _tile_loadd(4, w + k, ldw);
+      const bool more = k + 64 < K;
       _tile_loadd(5, w + 16 * ldw + k, ldw);
-      _tile_loadd(6, bx0 + k * 16, 64);
       _tile_dpbssd(0, 4, 6);
+      if (more) _tile_loadd(4, w + k + 64, ldw);
       _tile_dpbssd(2, 5, 6);
+      if (more) _tile_loadd(6, bx0 + (k + 64) * 16, 64);
     }
   }
   _tile_stored(0, t, 128);
