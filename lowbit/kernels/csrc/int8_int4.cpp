@@ -26,7 +26,7 @@
 // products are added (16 lanes here, 8 groups there): float32 rounding only.
 //
 // The weight row is unpacked once per pass over up to 8 rows of x, whose accumulators stay in
-// registers; M > 8 takes several passes over the row (L1-resident after the first). From M = 16 a
+// registers; M > 8 takes several passes over the row (L1-resident after the first). From M = 12 a
 // GEMM over 64-row panels packed per call takes over (below). Parallel over N;
 // the weight stream is prefetched as csrc/prefetch.h is set. A K that is not a multiple of 128 ends
 // in a partial unit read with a byte mask (the missing weights are 0, so they add nothing).
@@ -182,11 +182,14 @@ void rows(const Problem& p, int64_t n0, int64_t n1) {
 //
 // From kGemmMinM rows of x the weight is read as gemm_i8.h reads W8A8's: per call, each panel of 64 weight
 // rows is packed into a per-thread buffer that stays in L2, in k-quads of 256 bytes (zmm v: rows
-// 16v .. 16v + 15, lane l the 4 values u = w + 8 in [0, 15] of its row's elements 4t .. 4t + 3), with its
-// group sums of w and its scales transposed (64 per group). A tile of 6 rows of x x 32 columns keeps 12
-// int32 group sums and 12 float32 totals in registers (the best of 2-6 rows x 16-64 columns measured:
-// scratch/int8_int4_gemm_vs_old.py in benchmarks/results/avx512_zen4). Per group, each int32 sum starts at
-// -zp_x * SW - 8 * SX (SW: the weight row's sum of w over the group, SX: x's row's of xq), one vpmaddwd of the
+// 16v .. 16v + 15, lane l the 4 values u = w + 8 in [0, 15] of 4 of its row's elements: quad 2b holds the even
+// elements of the 8-element block b, quad 2b + 1 its odd ones, the nibble halves of 4 packed bytes, so packing
+// transposes the packed bytes and splits nibbles after; x is permuted to that order once per call, permute_x8),
+// with its group sums of w and its scales transposed (64 per group). While one group of 16 rows is packed, the
+// next 16 rows (or the next panel's first) are prefetched into L2 in address order. A tile of 6 rows of x x 32
+// columns keeps 12 int32 group sums and 12 float32 totals in registers (the best of 2-6 rows x 16-64 columns
+// measured: scratch/int8_int4_gemm_vs_old.py in benchmarks/results/avx512_zen4). Per group, each int32 sum starts
+// at -zp_x * SW - 8 * SX (SW: the weight row's sum of w over the group, SX: x's row's of xq), one vpmaddwd of the
 // int16 pairs (SW, -8) and (-zp_x, SX) (|SX| <= 128 * 256 fits), and gains one vpdpbusd per 4
 // elements (the row's 4 int8 values broadcast, the signed operand), so it ends at exactly
 //   I = sum (xq - zp_x) * w;
@@ -195,11 +198,12 @@ void rows(const Problem& p, int64_t n0, int64_t n1) {
 // packed as w = 0 and their outputs not stored.
 constexpr int64_t kPanel = 64;
 constexpr int64_t kQuad = kPanel * 4;  // bytes per k-quad of a panel
-// From this M the panels (8 x 4096^2, bf16 x, 2 threads, Zen 4, ms panels / the per-lane path above: g32 M = 12
-// 14.2 / 12.9, M = 16 15.8 / 16.5, M = 24 19.2 / 23.2; g128 M = 12 11.6 / 11.9, M = 16 12.2 / 15.3; below M = 12 the
-// per-call packing, a pass over the weight, costs more than the tiles save).
+// From this M the panels (8 x 4096^2, bf16 x, 2 threads, Zen 4, ms panels / the per-lane path above, since the
+// packing transposes packed bytes and prefetches (session 23, benchmarks/results/avx512_zen4/scratch/
+// int8_int4_pack_ab.txt): g32 M = 8 11.7 / 9.4, M = 12 11.0 / 12.3-14.3; g128 M = 8 8.7 / 8.8-9.4, M = 12 9.6 /
+// 13.4-15.3. Before it, 16: g32 M = 12 14.2 / 12.9, M = 16 15.8 / 16.5; g128 M = 12 11.6 / 11.9, M = 16 12.2 / 15.3).
 #ifndef LOWBIT_I4_GEMM_MIN_M
-#define LOWBIT_I4_GEMM_MIN_M 16
+#define LOWBIT_I4_GEMM_MIN_M 12
 #endif
 constexpr int64_t kGemmMinM = LOWBIT_I4_GEMM_MIN_M;
 constexpr int64_t kGemmBlockM = 256;  // rows of x per pass over the panels (256 x 4096 int8 = 1 MiB)
@@ -212,7 +216,7 @@ constexpr int kGemmVecs = LOWBIT_I4_VECS;  // zmm of 16 columns per tile (a divi
 
 struct Gemm {
   int64_t M, N, K, G, gs;
-  const int8_t* x;      // (M, K) xq
+  const int8_t* x;      // (M, K) xq, each 8-element block in permute_x8's order
   const int32_t* zp;    // (M,)
   const int32_t* corr;  // (M, G): int16 pairs (-zp, SX)
   const float* sx;      // (M,)
@@ -225,46 +229,96 @@ struct Gemm {
 };
 
 struct PanelBuf {
-  std::vector<uint8_t> u;   // (16 * ceil(K / 64) quads, 64 rows, 4)
+  std::vector<uint8_t> u;   // (32 * ceil(K / 128) quads, 64 rows, 4)
   std::vector<int32_t> su;  // (G, 64): int16 pairs (SW, -8)
   std::vector<float> s;     // (G, 64)
 };
 
+constexpr int kAndXor = 0x6A;  // vpternlogd: (a & b) ^ c
+
+// x's rows (M, K; K % 32 == 0) with every block of 8 elements reordered to its even elements, then its odd ones:
+// the order of the panels' k-quads (pack_panel), so that a quad of x is still 4 consecutive bytes.
+void permute_x8(const int8_t* x, int64_t M, int64_t K, int8_t* o) {
+  const __m512i ctl = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
+  par_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m)
+      for (int64_t k = 0; k < K; k += 64) {
+        const __mmask64 mk = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
+        _mm512_mask_storeu_epi8(o + m * K + k, mk, _mm512_shuffle_epi8(_mm512_maskz_loadu_epi8(mk, x + m * K + k), ctl));
+      }
+  });
+}
+
+// Panel n0 (up to 64 weight rows) in k-quads: 16 rows at a time, each 64-byte chunk of packed bytes (128
+// elements) is transposed as 16 x 16 dwords, so dword d of every row (elements 8d .. 8d + 7 of the chunk) lies in
+// one zmm; its low nibbles (the even elements) are quad 2d, its high nibbles (the odd ones) quad 2d + 1, each as
+// u = w + 8 = nibble ^ 8 by one vpternlogd. x is read in that order (permute_x8). The group sums of u come from the
+// same registers: byte sums of up to 8 blocks (16 quads, <= 240), then one vpdpbusd with 1s into int32 lanes.
+#ifndef LOWBIT_I4_PACK_HINT
+#define LOWBIT_I4_PACK_HINT _MM_HINT_T1
+#endif
+
 void pack_panel(const Gemm& g, int64_t n0, PanelBuf& pb) {
-  const int64_t rows = std::min(kPanel, g.N - n0), rb = g.K / 2, chunks = (g.K + 63) / 64;
-  pb.u.resize(chunks * 16 * kQuad);
+  const int64_t rows = std::min(kPanel, g.N - n0), rb = g.K / 2, chunks = (rb + 63) / 64, blocks = g.K / 8, bpg = g.gs / 8;
+  pb.u.resize(chunks * 32 * kQuad);
   pb.su.resize(g.G * kPanel);
-  pb.s.assign(g.G * kPanel, 0.f);
-  const __m512i lo4 = _mm512_set1_epi16(0x000F), flip = _mm512_set1_epi8(8);
-  for (int v = 0; v < 4; ++v) {  // 16 rows at a time along their whole length (16 read streams, not 64)
-    for (int64_t c = 0; c < chunks; ++c) {  // 64 elements = 32 packed bytes of each row
-      const int64_t bytes = std::min<int64_t>(32, rb - c * 32);
-      const __mmask32 mask = bytes == 32 ? ~__mmask32(0) : __mmask32((1u << bytes) - 1);
+  pb.s.resize(g.G * kPanel);
+  const __m512i lo4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8), ones = _mm512_set1_epi8(1);
+  const __m512i high = _mm512_set1_epi32(int32_t(0xFFF80000u)), low16 = _mm512_set1_epi32(0xFFFF);
+  const __m512i gs8 = _mm512_set1_epi32(int32_t(8 * g.gs));
+  for (int v = 0; v < 4; ++v) {
+    const int64_t live = std::min<int64_t>(16, rows - 16 * v);  // rows of this group of 16 that exist
+    __m512i acc = _mm512_setzero_si512(), bsum = _mm512_setzero_si512();
+    int nb = 0;         // blocks in bsum
+    int64_t inb = 0;    // blocks of the current group so far
+    int64_t gi = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t bytes = std::min<int64_t>(64, rb - c * 64);
+      const __mmask64 mask = bytes == 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1;
       __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        const int64_t row = 16 * v + i;
-        const __m256i raw = row < rows ? _mm256_maskz_loadu_epi8(mask, g.q + (n0 + row) * rb + c * 32) : _mm256_setzero_si256();
-        const __m512i wd = _mm512_cvtepu8_epi16(raw);  // byte j of the row in 16-bit lane j: elements 2j, 2j + 1
-        const __m512i lo = _mm512_and_si512(wd, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(wd, 4), lo4);
-        r[i] = _mm512_xor_si512(_mm512_or_si512(lo, _mm512_slli_epi16(hi, 8)), flip);  // int4 nibble ^ 8 = w + 8
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < live ? _mm512_maskz_loadu_epi8(mask, g.q + (n0 + 16 * v + i) * rb + c * 64) : _mm512_setzero_si512();
+      {  // the next 16 rows (of this panel, or the next panel's first), in address order, 16 lines per chunk
+        const char* nb16 = reinterpret_cast<const char*>(g.q + (n0 + 16 * v + 16) * rb);
+        const int64_t off = c * 16 * 64, left = (g.N - (n0 + 16 * v + 16)) * rb;
+        for (int64_t l = 0; l < 16 * 64; l += 64)
+          if (off + l < left) _mm_prefetch(nb16 + off + l, LOWBIT_I4_PACK_HINT);
       }
       gemm_i8::transpose16(r);
-      for (int t = 0; t < 16; ++t) _mm512_storeu_si512(pb.u.data() + (c * 16 + t) * kQuad + v * 64, r[t]);
+      const int64_t here = std::min<int64_t>(16, blocks - 16 * c);
+      uint8_t* cdst = pb.u.data() + 32 * c * kQuad + v * 64;
+#pragma GCC unroll 16
+      for (int d = 0; d < 16; ++d) {
+        if (d >= here) break;
+        const __m512i ua = _mm512_ternarylogic_epi32(r[d], lo4, eight, kAndXor);
+        const __m512i ub = _mm512_ternarylogic_epi32(_mm512_srli_epi16(r[d], 4), lo4, eight, kAndXor);
+        _mm512_storeu_si512(cdst + 2 * d * kQuad, ua);
+        _mm512_storeu_si512(cdst + (2 * d + 1) * kQuad, ub);
+        bsum = _mm512_add_epi8(bsum, _mm512_add_epi8(ua, ub));
+        const bool end = ++inb == bpg;
+        if (++nb == 8 || end) {
+          acc = _mm512_dpbusd_epi32(acc, bsum, ones);
+          bsum = _mm512_setzero_si512();
+          nb = 0;
+        }
+        if (end) {  // SW = SU - 8 gs in the low int16 (|SW| <= 8 * 256), -8 in the high one
+          inb = 0;
+          _mm512_storeu_si512(pb.su.data() + gi * kPanel + 16 * v, _mm512_or_si512(_mm512_and_si512(_mm512_sub_epi32(acc, gs8), low16), high));
+          acc = _mm512_setzero_si512();
+          ++gi;
+        }
+      }
     }
-  }
-  const __m512i ones = _mm512_set1_epi8(1);
-  const int64_t tg = g.gs / 4;
-  for (int64_t gi = 0; gi < g.G; ++gi) {
-    for (int v = 0; v < 4; ++v) {
-      __m512i acc = _mm512_setzero_si512();
-      for (int64_t t = gi * tg; t < (gi + 1) * tg; ++t)
-        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(pb.u.data() + t * kQuad + v * 64), ones);
-      // SW = SU - 8 gs in the low int16 (|SW| <= 8 * 256), -8 in the high one
-      const __m512i sw = _mm512_sub_epi32(acc, _mm512_set1_epi32(int32_t(8 * g.gs)));
-      _mm512_storeu_si512(pb.su.data() + gi * kPanel + 16 * v,
-                          _mm512_or_si512(_mm512_and_si512(sw, _mm512_set1_epi32(0xFFFF)), _mm512_set1_epi32(int32_t(0xFFF80000u))));
+    // The scales, transposed 16 groups x 16 rows at a time (rows past N: 0).
+    for (int64_t g0 = 0; g0 < g.G; g0 += 16) {
+      const int64_t cnt = std::min<int64_t>(16, g.G - g0);
+      const __mmask16 gm = cnt == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < live ? _mm512_castps_si512(_mm512_maskz_loadu_ps(gm, g.s + (n0 + 16 * v + i) * g.G + g0)) : _mm512_setzero_si512();
+      gemm_i8::transpose16(r);
+      for (int64_t t = 0; t < cnt; ++t) _mm512_storeu_si512(pb.s.data() + (g0 + t) * kPanel + 16 * v, r[t]);
     }
-    for (int64_t j = 0; j < rows; ++j) pb.s[gi * kPanel + j] = g.s[(n0 + j) * g.G + gi];
   }
 }
 
@@ -438,7 +492,9 @@ void run_kernel(const int8_t* x, const float* sxp, const int32_t* zp, int64_t M,
           corr[m * G + gi] = int32_t(nzp | (sx << 16));  // int16 pairs (-zp, SX): SX in [-128 * 256, 127 * 256]
         }
     });
-    run_gemm(Gemm{M, N, K, G, gs, x, zp, ws.sxc.data(), sxp, q, s, bias, bias_t, out, out_t});
+    ws.xp.resize(M * K);
+    permute_x8(x, M, K, ws.xp.data());
+    run_gemm(Gemm{M, N, K, G, gs, ws.xp.data(), zp, ws.sxc.data(), sxp, q, s, bias, bias_t, out, out_t});
     return;
   }
   // x as xu = xq + 128 (bit pattern xq ^ 0x80), per unit the even elements then the odd ones, laid
