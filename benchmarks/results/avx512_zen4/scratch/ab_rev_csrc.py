@@ -36,6 +36,11 @@ if name == "int8_int4":
         for m in MS:
             calls[f"8da4w g{g} M={m}"] = (lambda mod, x=torch.randn(m, 4096, dtype=torch.bfloat16), g=g, m=m:
                                           [mod.int8_int4_dynamic_linear(x, q, s, None, -128, 127, 1e-5) for q, s in (ws[g] if m < 256 else ws[g][:2])])
+if name == "int8_act":  # W8A8's GEMM (csrc/gemm_i8.h) alone
+    ws8 = [torch.randint(-128, 128, (4096, 4096), dtype=torch.int8, generator=gen) for _ in range(8)]
+    for m in MS:
+        calls[f"gemm_i8 M={m}"] = (lambda mod, a=torch.randint(-128, 128, (m, 4096), dtype=torch.int8, generator=gen), m=m:
+                                   [mod.gemm_i8(a, w) for w in (ws8 if m < 256 else ws8[:2])])
 if name == "int4_cpu":
     ws = {g: [(pack_int4(torch.randint(-8, 8, (4096, 4096), dtype=torch.int8, generator=gen)), torch.rand(4096, 4096 // g) / 100) for _ in range(8)] for g in (32, 128)}
     for g in (32, 128):
