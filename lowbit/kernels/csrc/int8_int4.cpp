@@ -323,6 +323,36 @@ void pack_panel(const Gemm& g, int64_t n0, PanelBuf& pb) {
   }
 }
 
+// The next item's panel (its packed weight rows and its scales: two contiguous ranges), prefetched into L2 while
+// this panel's tiles run, `per` 64-byte lines per step(), one step per group of a tile, so that packing it reads
+// L2 instead of waiting on DRAM: the packer alone streamed ~15 GB/s on 2 threads (8 x 4096^2 g32, M = 16), well
+// below the host's DRAM rate, and the tiles before it left the memory idle. Measured in
+// benchmarks/results/avx512_zen4/scratch/int8_int4_ahead_ab.txt. W8A8's gemm_i8 packer (256 KiB int8 panels) was
+// measured slower with the same prefetch (M = 16 11.6 -> 13.0 ms), so it has none.
+struct Ahead {
+  const char* at[2] = {nullptr, nullptr};
+  const char* end[2] = {nullptr, nullptr};
+  int range = 2;    // the range step() reads (2: done, or never armed)
+  int64_t per = 0;  // lines per step
+  // the ranges [a, a + abytes) and [b, b + bbytes), spread over `steps` calls of step()
+  void arm(const void* a, int64_t abytes, const void* b, int64_t bbytes, int64_t steps) {
+    at[0] = static_cast<const char*>(a), end[0] = at[0] + abytes;
+    at[1] = static_cast<const char*>(b), end[1] = at[1] + bbytes;
+    range = 0;
+    per = ((abytes + 63) / 64 + (bbytes + 63) / 64 + steps - 1) / std::max<int64_t>(1, steps);
+  }
+  inline void step() {
+    for (int64_t n = 0; n < per && range < 2; ++n) {
+      if (at[range] >= end[range]) {
+        ++range;
+        continue;
+      }
+      _mm_prefetch(at[range], LOWBIT_I4_PACK_HINT);
+      at[range] += 64;
+    }
+  }
+};
+
 // Named registers (gemm_i8.h: gcc 12 spills arrays of vpdpbusd accumulators): p<i><j> and t<i><j> are row i of
 // the tile, zmm j of its columns; the ones past the tile's R x NV are never used (if constexpr).
 #define LB_ON(i, j) if constexpr (R > i && NV > j)
@@ -343,13 +373,14 @@ void pack_panel(const Gemm& g, int64_t n0, PanelBuf& pb) {
 // Rows [m0, m0 + R) of x against columns [16 * v0, 16 * (v0 + NV)) of the panel at n0:
 // out = sx * tot + bias (NaN where sx is not finite).
 template <int R, int NV>
-void panel_tile(const Gemm& g, const PanelBuf& pb, int64_t n0, int v0, int64_t m0) {
+void panel_tile(const Gemm& g, const PanelBuf& pb, int64_t n0, int v0, int64_t m0, Ahead& ah) {
   static_assert(R >= 1 && R <= 6 && NV >= 1 && NV <= 4, "panel_tile: up to 6 rows x 4 vectors");
   const int64_t tg = g.gs / 4, cols = std::min<int64_t>(16 * NV, g.N - n0 - 16 * v0);
   const int8_t* xr = g.x + m0 * g.K;
   LB_DECL(0, 0) LB_DECL(0, 1) LB_DECL(0, 2) LB_DECL(0, 3) LB_DECL(1, 0) LB_DECL(1, 1) LB_DECL(1, 2) LB_DECL(1, 3) LB_DECL(2, 0) LB_DECL(2, 1) LB_DECL(2, 2) LB_DECL(2, 3) LB_DECL(3, 0) LB_DECL(3, 1) LB_DECL(3, 2) LB_DECL(3, 3) LB_DECL(4, 0) LB_DECL(4, 1) LB_DECL(4, 2) LB_DECL(4, 3) LB_DECL(5, 0) LB_DECL(5, 1) LB_DECL(5, 2) LB_DECL(5, 3)
   LB_ZERO(0, 0) LB_ZERO(0, 1) LB_ZERO(0, 2) LB_ZERO(0, 3) LB_ZERO(1, 0) LB_ZERO(1, 1) LB_ZERO(1, 2) LB_ZERO(1, 3) LB_ZERO(2, 0) LB_ZERO(2, 1) LB_ZERO(2, 2) LB_ZERO(2, 3) LB_ZERO(3, 0) LB_ZERO(3, 1) LB_ZERO(3, 2) LB_ZERO(3, 3) LB_ZERO(4, 0) LB_ZERO(4, 1) LB_ZERO(4, 2) LB_ZERO(4, 3) LB_ZERO(5, 0) LB_ZERO(5, 1) LB_ZERO(5, 2) LB_ZERO(5, 3)
   for (int64_t gi = 0; gi < g.G; ++gi) {
+    ah.step();
     {
       const int32_t* su = pb.su.data() + gi * kPanel + 16 * v0;
       const __m512i su0 = _mm512_loadu_si512(su), su1 = NV > 1 ? _mm512_loadu_si512(su + 16) : su0;
@@ -392,11 +423,11 @@ void panel_tile(const Gemm& g, const PanelBuf& pb, int64_t n0, int v0, int64_t m
 
 // Every panel against rows [mb, me) of x: items (panel, run of tiles) shared out as gemm_i8's are.
 template <int R>
-void tile_upto(int64_t r, const Gemm& g, const PanelBuf& pb, int64_t n0, int v0, int64_t m0) {
+void tile_upto(int64_t r, const Gemm& g, const PanelBuf& pb, int64_t n0, int v0, int64_t m0, Ahead& ah) {
   if constexpr (R > 1) {
-    if (r < R) return tile_upto<R - 1>(r, g, pb, n0, v0, m0);
+    if (r < R) return tile_upto<R - 1>(r, g, pb, n0, v0, m0, ah);
   }
-  panel_tile<R, kGemmVecs>(g, pb, n0, v0, m0);
+  panel_tile<R, kGemmVecs>(g, pb, n0, v0, m0, ah);
 }
 
 void run_gemm_block(const Gemm& g, int64_t mb, int64_t me) {
@@ -409,9 +440,14 @@ void run_gemm_block(const Gemm& g, int64_t mb, int64_t me) {
       if (t0 >= t1) continue;
       pack_panel(g, n0, pb);
       const int nv = int(std::min<int64_t>(4, (g.N - n0 + 15) / 16));  // vectors of the panel that hold columns
+      Ahead ah;
+      if (item + 1 < e && (item + 1) / splits * kPanel != n0) {  // the next item packs another panel
+        const int64_t n1 = (item + 1) / splits * kPanel, r1 = std::min(kPanel, g.N - n1);
+        ah.arm(g.q + n1 * (g.K / 2), r1 * (g.K / 2), g.s + n1 * g.G, r1 * g.G * 4, (t1 - t0) * ((nv + kGemmVecs - 1) / kGemmVecs) * g.G);
+      }
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t m0 = mb + t * kGemmRows;
-        for (int v0 = 0; v0 < nv; v0 += kGemmVecs) tile_upto<kGemmRows>(std::min<int64_t>(kGemmRows, me - m0), g, pb, n0, v0, m0);
+        for (int v0 = 0; v0 < nv; v0 += kGemmVecs) tile_upto<kGemmRows>(std::min<int64_t>(kGemmRows, me - m0), g, pb, n0, v0, m0, ah);
       }
     }
   });
