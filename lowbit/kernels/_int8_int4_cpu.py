@@ -52,7 +52,7 @@ __all__ = ["int8_int4_linear", "available", "max_m", "MAX_M", "MAX_GROUP"]
 # M = 1 / 4 / 16 / 32 / 64, g128 1.18x / 1.42x / 2.05x / 2.16x / 2.63x; at M = 128 still 1.3x / 1.9x but
 # narrowing (the rows of x one block of groups reads no longer fit L1). 64 keeps a clear margin.
 # AVX-512 VNNI build: the same comparison on an AVX-512 Zen 4 (2 threads, interleaved, medians of 5),
-# per-lane path: g32 1.87x / 1.31x / 1.26x / 0.89x at M = 1 / 16 / 32 / 64; from M = 12 (16 until session 23) its GEMM on 64-row
+# per-lane path: g32 1.87x / 1.31x / 1.26x / 0.89x at M = 1 / 16 / 32 / 64; from M = 9 (16 until session 23, then 12) its GEMM on 64-row
 # weight panels packed per call (csrc/int8_int4.cpp; against bf16 F.linear, benchmarks/results/avx512_zen4/
 # scratch/int8_int4_gemm_vs_old.py: g32 1.26x at M = 32, 1.39x at M = 256; g128 1.52x / 1.65x): no limit
 # (x is taken 256 rows at a time).

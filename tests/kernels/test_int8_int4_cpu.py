@@ -127,7 +127,7 @@ def test_matches_the_integer_formula(ext, m, g, dtype, bias):
     assert sqnr(_formula(x.float(), q, s, None if b is None else b.float()).double(), out32.double()) >= FORMULA_DB[torch.float32]
 
 
-GEMM_MIN_M, PANEL_N, TILE_M, BLOCK_M = 12, 64, 6, 256  # csrc/int8_int4.cpp: kGemmMinM, kPanel, kGemmRows, kGemmBlockM
+GEMM_MIN_M, PANEL_N, TILE_M, BLOCK_M = 9, 64, 6, 256  # csrc/int8_int4.cpp: kGemmMinM, kPanel, kGemmRows, kGemmBlockM
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])

@@ -26,7 +26,7 @@
 // products are added (16 lanes here, 8 groups there): float32 rounding only.
 //
 // The weight row is unpacked once per pass over up to 8 rows of x, whose accumulators stay in
-// registers; M > 8 takes several passes over the row (L1-resident after the first). From M = 12 a
+// registers; M > 8 takes several passes over the row (L1-resident after the first). From M = 9 a
 // GEMM over 64-row panels packed per call takes over (below). Parallel over N;
 // the weight stream is prefetched as csrc/prefetch.h is set. A K that is not a multiple of 128 ends
 // in a partial unit read with a byte mask (the missing weights are 0, so they add nothing).
@@ -186,7 +186,8 @@ void rows(const Problem& p, int64_t n0, int64_t n1) {
 // elements of the 8-element block b, quad 2b + 1 its odd ones, the nibble halves of 4 packed bytes, so packing
 // transposes the packed bytes and splits nibbles after; x is permuted to that order once per call, permute_x8),
 // with its group sums of w and its scales transposed (64 per group). While one group of 16 rows is packed, the
-// next 16 rows (or the next panel's first) are prefetched into L2 in address order. A tile of 6 rows of x x 32
+// next 16 rows (or the next panel's first) are prefetched into L2 in address order, and while a panel's tiles run,
+// the next panel this thread packs is prefetched into L2 (Ahead, below). A tile of 6 rows of x x 32
 // columns keeps 12 int32 group sums and 12 float32 totals in registers (the best of 2-6 rows x 16-64 columns
 // measured: scratch/int8_int4_gemm_vs_old.py in benchmarks/results/avx512_zen4). Per group, each int32 sum starts
 // at -zp_x * SW - 8 * SX (SW: the weight row's sum of w over the group, SX: x's row's of xq), one vpmaddwd of the
@@ -198,12 +199,14 @@ void rows(const Problem& p, int64_t n0, int64_t n1) {
 // packed as w = 0 and their outputs not stored.
 constexpr int64_t kPanel = 64;
 constexpr int64_t kQuad = kPanel * 4;  // bytes per k-quad of a panel
-// From this M the panels (8 x 4096^2, bf16 x, 2 threads, Zen 4, ms panels / the per-lane path above, since the
-// packing transposes packed bytes and prefetches (session 23, benchmarks/results/avx512_zen4/scratch/
-// int8_int4_pack_ab.txt): g32 M = 8 11.7 / 9.4, M = 12 11.0 / 12.3-14.3; g128 M = 8 8.7 / 8.8-9.4, M = 12 9.6 /
-// 13.4-15.3. Before it, 16: g32 M = 12 14.2 / 12.9, M = 16 15.8 / 16.5; g128 M = 12 11.6 / 11.9, M = 16 12.2 / 15.3).
+// From this M the panels (8 x 4096^2, bf16 x, 2 threads, Zen 4, ms per-lane path / panels, with the next panel
+// prefetched during the tiles (session 24, benchmarks/results/avx512_zen4/scratch/int8_int4_gemm_min_m_session24.txt):
+// g32 M = 9 8.89 / 8.39, M = 10 9.63 / 8.61, M = 11 11.03 / 9.49; g128 M = 9 8.74 / 6.92, M = 11 11.13 / 7.76; at
+// M = 8 the per-lane path still wins (g32 7.65 / 9.30, g128 6.98 / 7.44). On SmolLM2's four shapes (30 layers, g32)
+// at M = 9-11 the panels are as fast or faster (1536 -> 576 at M = 9 level: 94 / 98 us). It was 12 in session 23
+// and 16 before (int8_int4_pack_ab.txt).
 #ifndef LOWBIT_I4_GEMM_MIN_M
-#define LOWBIT_I4_GEMM_MIN_M 12
+#define LOWBIT_I4_GEMM_MIN_M 9
 #endif
 constexpr int64_t kGemmMinM = LOWBIT_I4_GEMM_MIN_M;
 constexpr int64_t kGemmBlockM = 256;  // rows of x per pass over the panels (256 x 4096 int8 = 1 MiB)
