@@ -50,7 +50,7 @@ def _weight_ok(*tensors) -> bool:
 
 
 def _int8_weight_only(qdata, scale) -> Plan | None:
-    """``int8_weight_only_linear_any``'s direct GEMV (M <= ``_ext_max_m()``, groups of a multiple of 16)."""
+    """``int8_weight_only_linear_any``'s direct GEMV (M <= ``_ext_max_m(x.dtype)``, groups of a multiple of 16)."""
     n, k = qdata.shape
     if scale.dim() != 2 or scale.shape[1] == 0 or k % scale.shape[1] or (k // scale.shape[1]) % 16:
         return None
@@ -61,11 +61,11 @@ def _int8_weight_only(qdata, scale) -> Plan | None:
     op = getattr(_ext.load("int8_gemv"), "int8_weight_only_mm", None)
     if op is None:
         return None
-    max_m = _int8._ext_max_m()
+    max_bf16, max_float = _int8._ext_max_m(torch.bfloat16), _int8._ext_max_m(torch.float32)
     s = scale.expand(n, -1)  # a view: in-place edits of the scale are seen
 
     def run(x, bias):
-        if x.shape[0] > max_m or not _plain_cpu(x) or wants_grad(x, bias):
+        if x.shape[0] > (max_bf16 if x.dtype == torch.bfloat16 else max_float) or not _plain_cpu(x) or wants_grad(x, bias):
             return None
         out = op(x, qdata, s)
         return out if bias is None else out + bias

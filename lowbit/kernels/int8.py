@@ -4,7 +4,7 @@
 One reference implementation (dequantize with the primitives, then ``F.linear``) and fast
 implementations chosen here by device and shape:
 
-* CPU, M <= ``_ext_max_m()`` (by the build that runs): our C++ kernel (``csrc/int8_gemv.cpp``, AVX-512, or
+* CPU, M <= ``_ext_max_m(dtype)`` (by the build that runs and x's dtype): our C++ kernel (``csrc/int8_gemv.cpp``, AVX-512, or
   ``csrc/int8_gemv_avx2.cpp`` on CPUs without it, built on first use; any group size that is a
   multiple of 16); bfloat16, per-row scale and
   M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm`` (see ``_int8pack_takes``); bf16 x at larger M on a
@@ -38,7 +38,19 @@ __all__ = ["int8_weight_only_linear", "int8_weight_only_linear_any"]
 # _weight_int8pack_mm / bf16: M = 1: 4.68 / 6.59 / 15.22, M = 2: 5.27 / 7.79 / 13.85, M = 4: 8.02 / 9.71 /
 # 14.98, M = 8: 13.99 / 18.19 / 17.92, M = 16: 25.43 / 33.89 / 21.89, where the chunked bf16 path (the
 # route above 8) was level with ours (36.6 / 37.1 in a slower moment) and ahead at M = 32.
-_EXT_MAX_M = 8
+_EXT_MAX_M_OLD = 8  # the limit for every dtype until session 24 (the comment above)
+# Session 24 (Zen 4, 2 threads, through quantize_ + nn.Linear, ms, limit 8 / the GEMV at every M;
+# benchmarks/results/avx512_zen4/scratch/int8wo_gemv_max_m_session24.txt): above 8 the route ran gemm_bf16 for bf16
+# x and the chunked path for float32 / float16 x. bf16 x, 8 x 4096^2: M = 9 20.2 / 13.2, M = 16 23.0 / 22.7, M = 32
+# 36.5 / 37.9, M = 64 57.1 / 79.0; SmolLM2's three other shapes (30 layers each) 1.18-1.89x at M = 9-16, 0.84-1.09x
+# at 32. So bf16 x takes the GEMV up to 16. Float32 and float16 x: 1.19-3.87x at M = 9-64 on every shape (8 x 4096^2
+# float32 M = 64 161.6 / 109.7), so up to 64 (larger M not measured; AVX2's limit is 192).
+_EXT_MAX_M = 16  # bf16 x
+_EXT_MAX_M_FLOAT = 64  # float32 and float16 x
+# On a CPU with AMX (csrc/amx.h), gemm_bf16 runs bf16 x on the tiles (int4's runs ahead of its small-M path from
+# M = 5, _int4_cpu.SMALL_MAX_M_AMX): bf16 x keeps the limit it had (not measured there). The CPU's flag decides,
+# not whether the tiles loaded, so that eager and compiled graphs route alike.
+_EXT_MAX_M_AMX = _EXT_MAX_M_OLD
 # AVX2 build: register tiles of up to 4 rows of x, the weight read once per call. Ahead of
 # _weight_int8pack_mm (optimum-quanto's path) and of bf16 at every M = 1..16 on 8 x 4096^2 and on
 # SmolLM2's 211 decode linears (benchmarks/results/int8_small_m_2t.json: 2 threads, quiet; ms for
@@ -54,14 +66,18 @@ _INT8PACK_MAX_M = 8  # _weight_int8pack_mm beats bf16 up to M=8 (1.2x), loses fr
 _CHUNK_BYTES = 2 << 20  # a converted chunk of rows: 256 x 4096 bf16 = 2 MiB stays in cache (measured best at 4096)
 
 
-def _max_m_of(isa: str | None) -> int:
-    """The largest M the C++ GEMV of build ``isa`` takes."""
-    return _EXT_MAX_M_AVX2 if isa == "avx2" else _EXT_MAX_M
+def _max_m_of(isa: str | None, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The largest M the C++ GEMV of build ``isa`` takes for x of ``dtype``."""
+    if isa == "avx2":
+        return _EXT_MAX_M_AVX2
+    if dtype != torch.bfloat16:
+        return _EXT_MAX_M_FLOAT
+    return _EXT_MAX_M_AMX if "amx_bf16" in host.cpu_flags() else _EXT_MAX_M
 
 
-def _ext_max_m() -> int:
-    """The largest M our C++ GEMV takes: it depends on the build that runs (``_ext.active_isa``)."""
-    return _max_m_of(_ext.active_isa("int8_gemv"))
+def _ext_max_m(dtype: torch.dtype = torch.bfloat16) -> int:
+    """The largest M our C++ GEMV takes for x of ``dtype``: it depends on the build that runs (``_ext.active_isa``)."""
+    return _max_m_of(_ext.active_isa("int8_gemv"), dtype)
 
 
 def _grad_input(grad, qdata, scale, zero_point, spec: QuantSpec):
@@ -174,12 +190,13 @@ def _gemm_bf16():
     return fn
 
 
-def _direct_max_m() -> int:
-    """The largest M :func:`int8_weight_only_linear_any` sends to the direct op: ``_ext_max_m()``, except while
-    torch.compile traces, where it is taken from the build this CPU runs (``_ext.fitting_isa``), loaded or not."""
+def _direct_max_m(dtype: torch.dtype) -> int:
+    """The largest M :func:`int8_weight_only_linear_any` sends to the direct op for x of ``dtype``: ``_ext_max_m``,
+    except while torch.compile traces, where it is taken from the build this CPU runs (``_ext.fitting_isa``), loaded
+    or not."""
     if torch.compiler.is_compiling():
-        return _max_m_of(_ext.fitting_isa("int8_gemv"))
-    return _ext_max_m()
+        return _max_m_of(_ext.fitting_isa("int8_gemv"), dtype)
+    return _ext_max_m(dtype)
 
 
 def _direct_gemv_op():
@@ -193,12 +210,12 @@ def _direct_gemv_op():
 
 
 def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, spec: QuantSpec, kernel: str) -> torch.Tensor:
-    """``int8_weight_only_linear``, except that a decode-sized CPU call wanting no gradient (M <= ``_direct_max_m()``, a
+    """``int8_weight_only_linear``, except that a decode-sized CPU call wanting no gradient (M <= ``_direct_max_m``, a
     symmetric weight, groups of a multiple of 16) calls the same C++ GEMV as a dispatcher op directly,
     skipping the custom op's Python layers (~15 us a call). Same values bit for bit, with or without the
     extension (the op's body then runs the custom op's PyTorch CPU paths)."""
     if (kernel == "auto" and zero_point is None and input.dim() == 2 and input.device.type == "cpu"
-            and input.shape[0] <= _direct_max_m() and qdata.dim() == 2 and qdata.dtype == torch.int8 and qdata.is_contiguous()
+            and input.shape[0] <= _direct_max_m(input.dtype) and qdata.dim() == 2 and qdata.dtype == torch.int8 and qdata.is_contiguous()
             and scale.dtype == torch.float32 and scale.dim() == 2 and input.shape[1] == qdata.shape[1]
             and scale.shape[1] > 0 and input.shape[1] % scale.shape[1] == 0 and (input.shape[1] // scale.shape[1]) % 16 == 0
             and not wants_grad(input, bias)):
@@ -246,7 +263,7 @@ def int8_weight_only_linear(
     if check_kernel(kernel) == "reference" or zero_point is not None:
         return _weight_only_reference(input, qdata, scale, zero_point, bias, spec)
     m, k = input.shape
-    if input.device.type == "cpu" and m <= _ext_max_m() and (k // scale.shape[1]) % 16 == 0 and qdata.is_contiguous():
+    if input.device.type == "cpu" and m <= _ext_max_m(input.dtype) and (k // scale.shape[1]) % 16 == 0 and qdata.is_contiguous():
         ext = _ext.load("int8_gemv")
         if ext is not None:
             out = ext.int8_weight_only_mm(input, qdata, scale.expand(qdata.shape[0], -1))

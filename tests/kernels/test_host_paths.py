@@ -17,7 +17,7 @@ from lowbit.kernels import w8a8 as int8_kernels
 from lowbit.kernels._fp8_cpu import float8_weight_only_linear_cpu, tiled_max_m
 from lowbit.kernels._int4_cpu import int4_linear_cpu, small_max_m
 from lowbit.kernels.int4 import dequantize_int4
-from lowbit.kernels.int8 import int8_weight_only_linear
+from lowbit.kernels.int8 import _ext_max_m as int8_gemv_max_m, int8_weight_only_linear
 from lowbit.kernels.w8a8 import _int8_mm_float32, int8_activation_linear, int8_mm
 from lowbit.primitives import choose_qparams_affine, pack_int4, quantize_affine
 from lowbit.spec import QuantSpec, spec_key
@@ -130,7 +130,8 @@ def test_w8a8_linear_same_bits_either_way(monkeypatch, act, dtype):
 
 # --- float32 compute for half activations at large M --------------------------------------------
 
-M_LARGE = max(small_max_m(), tiled_max_m()) + 7
+# above every small-M path: int4's, float8's tiles, the int8 GEMV's (its largest limit: float32 / float16 x)
+M_LARGE = max(small_max_m(), tiled_max_m(), int8_gemv_max_m(torch.float32), int8_gemv_max_m(torch.bfloat16)) + 7
 
 
 def _half_then_float(monkeypatch, fn, x, *args):
