@@ -44,9 +44,10 @@ _EXT_MAX_M_OLD = 8  # the limit for every dtype until session 24 (the comment ab
 # x and the chunked path for float32 / float16 x. bf16 x, 8 x 4096^2: M = 9 20.2 / 13.2, M = 16 23.0 / 22.7, M = 32
 # 36.5 / 37.9, M = 64 57.1 / 79.0; SmolLM2's three other shapes (30 layers each) 1.18-1.89x at M = 9-16, 0.84-1.09x
 # at 32. So bf16 x takes the GEMV up to 16. Float32 and float16 x: 1.19-3.87x at M = 9-64 on every shape (8 x 4096^2
-# float32 M = 64 161.6 / 109.7), so up to 64 (larger M not measured; AVX2's limit is 192).
+# float32 M = 64 161.6 / 109.7), float32 1.15-1.86x at M = 128 and 0.98-1.48x at 256 (8 x 4096^2 M = 128 371.6 /
+# 199.9), so up to 128 (float16 x, measured at 16 and 64 only, is widened to float32 and reaches the same paths).
 _EXT_MAX_M = 16  # bf16 x
-_EXT_MAX_M_FLOAT = 64  # float32 and float16 x
+_EXT_MAX_M_FLOAT = 128  # float32 and float16 x
 # On a CPU with AMX (csrc/amx.h), gemm_bf16 runs bf16 x on the tiles (int4's runs ahead of its small-M path from
 # M = 5, _int4_cpu.SMALL_MAX_M_AMX): bf16 x keeps the limit it had (not measured there). The CPU's flag decides,
 # not whether the tiles loaded, so that eager and compiled graphs route alike.
