@@ -41,15 +41,19 @@ exact int32 sums of the nibbles times x held as two int16 planes, see ``csrc/int
   1.12-1.18x bf16 where the chunked path ran 0.67-0.94x; 4096^2 g128 M = 256: 0.99x (chunked 0.92-0.96x)
   (``benchmarks/results/avx512_zen4/scratch/int4_gemm_bf16_vs_paths.py``). At M = 5..32 it is ahead of
   ``gemm_small_bf16`` on SmolLM2's small layers and behind it on 4096^2 from M = 8: not routed there.
-* otherwise (and float32/float16 with M > 1): ``linear_chunked``: ``CHUNK_ROWS`` rows of W at a
+* otherwise (and float32/float16 with M > ``F32_ROWS_MAX_M``): ``linear_chunked``: ``CHUNK_ROWS`` rows of W at a
   time are dequantized exactly (bit-equal to ``dequantize_affine``: ``(q - zp) * s`` in float32,
   q exact, one rounding for a float zp's subtraction, one for the product, one to x's dtype) into a reused buffer, then ``addmm``/``mm`` (oneDNN/BLAS) into
   the output's column slice. Equal to the reference up to matmul accumulation order. bf16/fp16 x
   on a CPU without native half matmul (``host.matmul_dtype``): ``_chunked_float32``, the same
   dequantized values widened to float32, a float32 matmul, one rounding of the output (5-6x faster
   at M=256 on an AVX2 host).
-* float32 / float16, M == 1: ``gemv_f32``, float32 math (x converted to float32 exactly, nibbles
-  to float32 exactly, FMA), one rounding of the output.
+* float32 / float16, M <= ``F32_ROWS_MAX_M`` (8): ``gemv_f32`` once per row of x, float32 math (x converted to
+  float32 exactly, nibbles to float32 exactly, FMA), one rounding of the output; each row's bits are its M = 1
+  bits. Until session 24 only M = 1 took it, and M = 2 fell to ``linear_chunked`` (dequantizing every weight row
+  per call): through ``quantize_`` + ``nn.Linear`` on the Zen 4 host, 2 threads, the rows are 1.38-7.1x faster for
+  float32 x at M = 2-8 and 1.6-13.8x for float16 x (8 x 4096^2 float32 M = 2 50.9 -> 11.1 ms), mixed at M = 16
+  (0.73-2.59x) (``benchmarks/results/avx512_zen4/scratch/int4_f32_rows_session24.txt``).
 """
 
 from __future__ import annotations
@@ -59,11 +63,12 @@ import torch
 from lowbit.kernels import _cpu_ops, _ext, host
 from lowbit.kernels.preference import wants_grad
 
-__all__ = ["int4_linear_cpu", "available", "direct_gemv_fp8_act", "direct_gemv_fp8_act_fn", "small_max_m", "GEMV_MAX_M",
+__all__ = ["int4_linear_cpu", "available", "direct_gemv_fp8_act", "direct_gemv_fp8_act_fn", "small_max_m", "GEMV_MAX_M", "F32_ROWS_MAX_M",
            "SMALL_MAX_M", "SMALL_MAX_M_AVX2", "CHUNK_ROWS", "MIN_GROUP"]
 
 GEMV_MAX_M = 4  # bf16: gemv_bf16 up to here (2.7x bf16 at M=4, 1 thread)
 SMALL_MAX_M = 32  # bf16: gemm_small_bf16 up to here, then the chunked dequantize + mm
+F32_ROWS_MAX_M = 8  # float32 / float16 x: gemv_f32 once per row up to here, then linear_chunked (module docstring)
 # The AVX2 build: gemm_small_bf16 (tile_f32.h's 4 x 3 tiles, its C++ limit 64) against the chunked path
 # (float32 at::mm: no native bf16 matmul), ms for 2 x 4096^2 g128, 2 threads, Zen 2 (benchmarks/results/
 # avx2_zen2/scratch/int4_fp8_small_m_vs_chunked.py): M = 32 15.4 / 43.0, 48 21.5 / 50.1, 64 29.8 / 59.4.
@@ -237,8 +242,9 @@ def int4_linear_cpu(
         out = ext.gemv_bf16(x2, qdata, scale, zero_point, bias)
     elif x.dtype == torch.bfloat16 and m <= small_max_m():
         out = ext.gemm_small_bf16(x2, qdata, scale, zero_point, bias)
-    elif x.dtype != torch.bfloat16 and m == 1:
-        out = ext.gemv_f32(x2, qdata, scale, zero_point, bias)
+    elif x.dtype != torch.bfloat16 and m <= F32_ROWS_MAX_M:  # gemv_f32 once per row: each row's M = 1 bits
+        out = ext.gemv_f32(x2, qdata, scale, zero_point, bias) if m == 1 else torch.cat(
+            [ext.gemv_f32(x2[i : i + 1], qdata, scale, zero_point, bias) for i in range(m)])
     elif host.matmul_dtype(x.dtype) != x.dtype:
         out = _chunked_float32(ext, x2, qdata, scale, zero_point, bias)
     elif x.dtype == torch.bfloat16 and hasattr(ext, "gemm_bf16"):

@@ -57,7 +57,7 @@ def _reference(x, qdata, scale, zero_point, g, bias=None):
 def _bound(dtype, m):
     if dtype == torch.bfloat16 and m <= _int4_cpu.small_max_m():
         return BF16_DPBF16_DB
-    if dtype != torch.bfloat16 and m == 1:
+    if dtype != torch.bfloat16 and m <= _int4_cpu.F32_ROWS_MAX_M:  # gemv_f32, once per row
         return GEMV_F32_DB[dtype]
     return CHUNKED_DB[dtype]
 
