@@ -2,6 +2,7 @@
 # nn.Linear (Int4WeightOnlyConfig's default spec), _int4_cpu.F32_ROWS_MAX_M = 1 ("before": M > 1 ran linear_chunked, or
 # _chunked_float32 for float16) against 64 ("rows": gemv_f32 once per row), interleaved, medians of 5 rounds after a
 # warm-up. Usage: .venv/bin/python <this file>
+import time, statistics, torch
 from torch import nn
 from lowbit import quantize_
 from lowbit.configs import Int4WeightOnlyConfig
