@@ -38,7 +38,6 @@ __all__ = ["int8_weight_only_linear", "int8_weight_only_linear_any"]
 # _weight_int8pack_mm / bf16: M = 1: 4.68 / 6.59 / 15.22, M = 2: 5.27 / 7.79 / 13.85, M = 4: 8.02 / 9.71 /
 # 14.98, M = 8: 13.99 / 18.19 / 17.92, M = 16: 25.43 / 33.89 / 21.89, where the chunked bf16 path (the
 # route above 8) was level with ours (36.6 / 37.1 in a slower moment) and ahead at M = 32.
-_EXT_MAX_M_OLD = 8  # the limit for every dtype until session 24 (the comment above)
 # Session 24 (Zen 4, 2 threads, through quantize_ + nn.Linear, ms, limit 8 / the GEMV at every M;
 # benchmarks/results/avx512_zen4/scratch/int8wo_gemv_max_m_session24.txt): above 8 the route ran gemm_bf16 for bf16
 # x and the chunked path for float32 / float16 x. bf16 x, 8 x 4096^2: M = 9 20.2 / 13.2, M = 16 23.0 / 22.7, M = 32
@@ -51,7 +50,7 @@ _EXT_MAX_M_FLOAT = 128  # float32 and float16 x
 # On a CPU with AMX (csrc/amx.h), gemm_bf16 runs bf16 x on the tiles (int4's runs ahead of its small-M path from
 # M = 5, _int4_cpu.SMALL_MAX_M_AMX): bf16 x keeps the limit it had (not measured there). The CPU's flag decides,
 # not whether the tiles loaded, so that eager and compiled graphs route alike.
-_EXT_MAX_M_AMX = _EXT_MAX_M_OLD
+_EXT_MAX_M_AMX = 8  # the limit every dtype had until session 24 (the comment above)
 # AVX2 build: register tiles of up to 4 rows of x, the weight read once per call. Ahead of
 # _weight_int8pack_mm (optimum-quanto's path) and of bf16 at every M = 1..16 on 8 x 4096^2 and on
 # SmolLM2's 211 decode linears (benchmarks/results/int8_small_m_2t.json: 2 threads, quiet; ms for
