@@ -26,14 +26,16 @@ AVX2 build has the same paths and entry points, with float32 FMA where AVX-512 u
 x is widened to float32 and multiplied by the exact ``q - zp``; at M = 1 with an int8 zero point or none,
 exact int32 sums of the nibbles times x held as two int16 planes, see ``csrc/int4_cpu_avx2.cpp``):
 
-* bfloat16, M <= ``GEMV_MAX_M``: ``gemv_bf16``, streams the packed weight once; nibbles become
+* bfloat16, M <= ``gemv_max_m()`` (``GEMV_MAX_M``; the AVX2 build and CPUs with AMX tiles ``GEMV_MAX_M_AVX2`` /
+  ``GEMV_MAX_M_AMX``, 4): ``gemv_bf16``, streams the packed weight once (at M > 4 in blocks of 4 rows of x,
+  each against 4 rows of W while they are in L1); nibbles become
   bf16 ``128 + q`` in one op, vdpbf16ps against x (bf16, permuted once per call), per-group scale
   by FMA, the ``128 + zp`` offset (an int8 or a float32 zp alike) removed once per row from
   per-group sums of x. Float32
   accumulation; the weight is used unrounded (the reference rounds it to bf16 first), so results
   differ from the reference by about the reference's own rounding (~50 dB SQNR).
-* bfloat16, M <= ``small_max_m()`` (``SMALL_MAX_M``; the AVX2 build ``SMALL_MAX_M_AVX2``; CPUs with AMX
-  ``SMALL_MAX_M_AMX``, the GEMV's 4: none): ``gemm_small_bf16``, same math, each unpacked weight pair
+* bfloat16, ``gemv_max_m()`` < M <= ``small_max_m()`` (``SMALL_MAX_M``; the AVX2 build ``SMALL_MAX_M_AVX2``;
+  CPUs with AMX ``SMALL_MAX_M_AMX``, the GEMV's 4: none): ``gemm_small_bf16``, same math, each unpacked weight pair
   applied to 16 rows of x per instruction (register tile of W rows x 16-row blocks of x).
 * bfloat16 above ``small_max_m()`` (the AVX-512 build): ``gemm_bf16``, a bf16 GEMM (``csrc/gemm_bf16.h``)
   whose 64-row panels are dequantized exactly (the reference's bf16 values) per call inside the
@@ -63,10 +65,19 @@ import torch
 from lowbit.kernels import _cpu_ops, _ext, host
 from lowbit.kernels.preference import wants_grad
 
-__all__ = ["int4_linear_cpu", "available", "direct_gemv_fp8_act", "direct_gemv_fp8_act_fn", "small_max_m", "GEMV_MAX_M", "F32_ROWS_MAX_M",
-           "SMALL_MAX_M", "SMALL_MAX_M_AVX2", "CHUNK_ROWS", "MIN_GROUP"]
+__all__ = ["int4_linear_cpu", "available", "direct_gemv_fp8_act", "direct_gemv_fp8_act_fn", "small_max_m", "gemv_max_m",
+           "GEMV_MAX_M", "GEMV_MAX_M_AVX2", "GEMV_MAX_M_AMX", "GEMV_KERNEL_MAX_M", "F32_ROWS_MAX_M", "SMALL_MAX_M",
+           "SMALL_MAX_M_AVX2", "CHUNK_ROWS", "MIN_GROUP"]
 
-GEMV_MAX_M = 4  # bf16: gemv_bf16 up to here (2.7x bf16 at M=4, 1 thread)
+# bf16: gemv_bf16 up to here on the AVX-512 build, gemm_small_bf16 above. 2 threads, Zen 4, gemv_bf16 / gemm_small_bf16
+# (/ gemm_bf16): 8 x 4096^2 (weights from DRAM), ms (benchmarks/results/avx512_zen4/scratch/int4_gemv_m16_ab.txt):
+# g128 M = 8 11.0 / 17.1, M = 12 16.2 / 18.3, M = 16 22.2 / 18.6; g32 M = 8 12.5 / 21.0, M = 12 14.4 / 17.3. SmolLM2's
+# layers (hot in cache), g64, us (int4_gemv_m16_smollm2.txt): 576 <- 576 M = 8 62.1 / 66.3 / 57.0, M = 12 90.2 / 72.6
+# / 61.1; 576 <- 1536 M = 8 83.7 / 122.9 / 115.0, M = 12 160.3 / 148.3 / 160.8. Above 8 the GEMV wins only where the
+# weight streams from DRAM, so 8.
+GEMV_MAX_M = 8
+GEMV_MAX_M_AVX2 = 4  # the AVX2 build's float32 GEMV (it takes larger M in blocks of 4, a pass over W each)
+GEMV_KERNEL_MAX_M = 16  # the largest M either build's gemv_bf16 / gemv_bf16_act takes
 SMALL_MAX_M = 32  # bf16: gemm_small_bf16 up to here, then the chunked dequantize + mm
 F32_ROWS_MAX_M = 8  # float32 / float16 x: gemv_f32 once per row up to here, then linear_chunked (module docstring)
 # The AVX2 build: gemm_small_bf16 (tile_f32.h's 4 x 3 tiles, its C++ limit 64) against the chunked path
@@ -80,7 +91,28 @@ MIN_GROUP = 32  # smallest group size (a power of two) the kernels take: gemv_f3
 # On a CPU with AMX, gemm_bf16 runs on the tiles and is ahead from M = 5: 2 x 4096^2 g128, 2 threads, ms,
 # gemm_small_bf16 / gemm_bf16 (2-core Xeon guest, benchmarks/results/avx512_amx_xeon/scratch/int4_small_m_amx.py):
 # M = 5 5.64 / 3.24, 16 5.95 / 4.05, 32 10.93 / 3.24. So there gemm_small_bf16 serves no M.
-SMALL_MAX_M_AMX = GEMV_MAX_M
+SMALL_MAX_M_AMX = GEMV_MAX_M_AMX = 4  # the tiles from M = 5, as before the GEMV took larger M (not measured against it)
+
+
+def _amx_on() -> bool:
+    on = getattr(_ext.load("int4_cpu"), "amx_active", None)
+    return on is not None and bool(on())
+
+
+def gemv_max_m() -> int:
+    """The largest M ``gemv_bf16`` serves for bf16 x: ``GEMV_MAX_M`` on the AVX-512 build, ``GEMV_MAX_M_AVX2`` on the
+    AVX2 one, ``GEMV_MAX_M_AMX`` where the AVX-512 build's GEMMs run on AMX tiles (as ``small_max_m``). While
+    torch.compile traces, from the build that fits this CPU and its flags (``_ext.fitting_isa``), not from whether
+    the extension loaded (README design note); either build's kernel takes any M up to ``GEMV_KERNEL_MAX_M``."""
+    if torch.compiler.is_compiling():
+        isa = _ext.fitting_isa("int4_cpu")
+        amx = "amx_bf16" in host.cpu_flags()
+    else:
+        isa = _ext.active_isa("int4_cpu")
+        amx = isa == "avx512" and _amx_on()
+    if isa == "avx2":
+        return GEMV_MAX_M_AVX2
+    return GEMV_MAX_M_AMX if amx else GEMV_MAX_M
 
 
 def small_max_m() -> int:
@@ -90,8 +122,7 @@ def small_max_m() -> int:
     them off, gemm_bf16 (then on ``vdpbf16ps`` alone) does not take the M that gemm_small_bf16 serves faster."""
     if _ext.active_isa("int4_cpu") == "avx2":
         return SMALL_MAX_M_AVX2
-    on = getattr(_ext.load("int4_cpu"), "amx_active", None)
-    return SMALL_MAX_M_AMX if on is not None and on() else SMALL_MAX_M
+    return SMALL_MAX_M_AMX if _amx_on() else SMALL_MAX_M
 
 
 _DTYPES = (torch.bfloat16, torch.float32, torch.float16)
@@ -125,7 +156,7 @@ def _supported(x, qdata, scale, zero_point, bias) -> bool:
 
 
 def direct_gemv_op():
-    """``lowbit_cpu::int4_gemv_bf16`` (the bf16 M <= 4 GEMV as a dispatcher op, defined in ``_cpu_ops``), or None:
+    """``lowbit_cpu::int4_gemv_bf16`` (the bf16 small-M GEMV as a dispatcher op, defined in ``_cpu_ops``), or None:
     while torch.compile traces, where no build of the kernel fits this CPU (``_ext.fitting_isa``: a graph must
     not depend on whether the extension loaded, README design note); in eager, where the extension is not loaded
     (the custom op's PyTorch paths are then faster than the op's reference body)."""
@@ -135,10 +166,10 @@ def direct_gemv_op():
 
 
 def direct_gemv(x, qdata, scale, zero_point, bias) -> torch.Tensor | None:
-    """The GEMV through :func:`direct_gemv_op` when it applies: CPU bf16 ``x`` (M, K) with M <= 4, no
+    """The GEMV through :func:`direct_gemv_op` when it applies: CPU bf16 ``x`` (M, K) with M <= ``gemv_max_m()``, no
     gradient wanted (the op has no autograd kernel) and a shape ``int4_linear_cpu`` takes (an int8,
     float32 or no zero point); else None. Same kernel, same values as ``int4_linear_cpu``."""
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.device.type != "cpu":
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > gemv_max_m() or x.device.type != "cpu":
         return None
     if wants_grad(x, bias):
         return None
@@ -167,7 +198,7 @@ def direct_gemv_fp8_act(x, qdata, scale, zero_point, bias, per_token: bool, eps:
     :func:`direct_gemv` would return None or ``x`` is not contiguous."""
     if not isinstance(x, torch.Tensor) or not x.is_contiguous():
         return None
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.device.type != "cpu":
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > gemv_max_m() or x.device.type != "cpu":
         return None
     if wants_grad(x, bias):
         return None
@@ -238,7 +269,7 @@ def int4_linear_cpu(
     scale = scale.contiguous()
     if zero_point is not None:
         zero_point = zero_point.contiguous()
-    if x.dtype == torch.bfloat16 and m <= GEMV_MAX_M:
+    if x.dtype == torch.bfloat16 and m <= gemv_max_m():
         out = ext.gemv_bf16(x2, qdata, scale, zero_point, bias)
     elif x.dtype == torch.bfloat16 and m <= small_max_m():
         out = ext.gemm_small_bf16(x2, qdata, scale, zero_point, bias)

@@ -73,7 +73,7 @@ SHAPES = [  # (N, K, group): K not a multiple of 128, odd-ish N
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=IDS.get)
 @pytest.mark.parametrize("symmetric", [False, True, "float-zp"], ids=["asym", "sym", "float-zp"])
-@pytest.mark.parametrize("m", [1, 2, 5, 16, 33, 256], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("m", [1, 2, 5, 12, 16, 33, 256], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}K{s[1]}g{s[2]}")
 def test_matches_reference(shape, m, symmetric, dtype):
     n, k, g = shape
@@ -201,7 +201,7 @@ def test_gemv_act_equals_the_two_calls(shape, symmetric, per_token, e5m2):
     n, k, g = shape
     qdata, s, zp, gen = _weight(n, k, g, symmetric, seed=k)
     b = torch.randn(n, generator=gen).bfloat16()
-    for m in range(1, _int4_cpu.GEMV_MAX_M + 1):
+    for m in range(1, _int4_cpu.GEMV_KERNEL_MAX_M + 1):
         x = _act_x(m, k, gen)
         for bias in (None, b):
             want = _gemv_two_calls(x, qdata, s, zp, bias, per_token, e5m2)
@@ -226,8 +226,8 @@ def test_gemv_act_layouts_nan_and_bad_arguments():
             ext.gemv_bf16_act(x, qdata, s, zp, None, True, eps, False)
     with pytest.raises(RuntimeError, match="x must be bf16"):
         ext.gemv_bf16_act(x.float(), qdata, s, zp, None, True, EPS, False)
-    with pytest.raises(RuntimeError, match="1 <= M <= 4"):
-        ext.gemv_bf16_act(_act_x(5, 128, gen), qdata, s, zp, None, True, EPS, False)
+    with pytest.raises(RuntimeError, match="1 <= M <= 16"):
+        ext.gemv_bf16_act(_act_x(17, 128, gen), qdata, s, zp, None, True, EPS, False)
     with pytest.raises(RuntimeError, match="bias must be floating"):
         ext.gemv_bf16_act(x, qdata, s, zp, torch.zeros(23), True, EPS, False)
     with pytest.raises(RuntimeError, match="zero_point must be contiguous int8"):
@@ -235,9 +235,9 @@ def test_gemv_act_layouts_nan_and_bad_arguments():
 
 
 @needs_two_call
-@pytest.mark.parametrize("m", [1, 4, 5], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("m", [1, 4, 5, 12, 13], ids=lambda m: f"M{m}")
 def test_fp8_int4_linear_fuses_at_decode(monkeypatch, m):
-    """int4_linear with float8 activations: the fused GEMV at bf16 M <= 4 (none above), equal to the
+    """int4_linear with float8 activations: the fused GEMV at bf16 M <= gemv_max_m() (none above), equal to the
     two-call route (one-pass fake quantization, then the GEMV) and the aten route bit for bit."""
     from lowbit.configs.int4 import Float8DynamicActivationInt4WeightConfig
     from lowbit.kernels import int4 as int4_mod
@@ -261,7 +261,7 @@ def test_fp8_int4_linear_fuses_at_decode(monkeypatch, m):
     monkeypatch.setattr(int4_mod, "direct_gemv_fp8_act", spy)
     with torch.no_grad():
         out = int4_mod.int4_linear(x, qdata, s, zp, b, spec, act_spec, "auto")
-        assert len(ran) == (m <= _int4_cpu.GEMV_MAX_M)
+        assert len(ran) == (m <= _int4_cpu.gemv_max_m())
         monkeypatch.setattr(int4_mod, "direct_gemv_fp8_act", lambda *a: None)
         assert torch.equal(out, int4_mod.int4_linear(x, qdata, s, zp, b, spec, act_spec, "auto"))
         monkeypatch.setattr(int4_mod, "_fake_quantize_fp8_cpu", lambda *a: None)
@@ -328,7 +328,7 @@ def test_bf16_subnormal_activations(kind, g, m):
     x = _subnormal_x(m)
     ref = _row_by_row_reference(x, qdata, s, zp, spec)
     _assert_close_per_row(ref, int4_weight_only_linear(x, qdata, s, zp, None, spec_key(spec), "auto"))
-    if m <= _int4_cpu.GEMV_MAX_M:
+    if m <= _int4_cpu.GEMV_KERNEL_MAX_M:
         _assert_close_per_row(ref, ext.gemv_bf16(x, qdata, s, zp, None))
     _assert_close_per_row(ref, ext.gemm_small_bf16(x, qdata, s, zp, None))
 
@@ -341,7 +341,7 @@ def test_gemv_act_subnormal_activations(kind, e5m2):
     subnormal: equal to the two calls, and per row against the reference on those values."""
     ext = _ext.load("int4_cpu")
     qdata, s, zp, spec = _subnormal_weight(kind, 64)
-    for m in range(1, _int4_cpu.GEMV_MAX_M + 1):
+    for m in range(1, _int4_cpu.GEMV_KERNEL_MAX_M + 1):
         x = _subnormal_x(m)
         xq, _ = ACT.fake_quant_fp8(x, -1.0, True, 1e-45, e5m2)
         got = ext.gemv_bf16_act(x, qdata, s, zp, None, True, 1e-45, e5m2)
@@ -369,16 +369,21 @@ def test_gemm_small_tiles_any_m(symmetric):
 
 @pytest.mark.parametrize("symmetric", [False, True, "float-zp"], ids=["asym", "sym", "float-zp"])
 def test_gemv_rows_of_x_alone(symmetric):
-    """gemv_bf16 at M = 2..4 (N = 7: a tail past the row tiles): every row of the result equals that row of
-    x in a pair, bit for bit (the pairs' sums do not depend on the tile shape or on M). At M = 1 the AVX2 build
-    runs its integer GEMV (every zero-point kind): a row alone is then within one bf16 step of it in a pair."""
+    """gemv_bf16 at M = 2..16 (N = 7: a tail past the row tiles; K = 320: a partial last chunk; M > 4: blocks of
+    rows of x, balanced on the AVX-512 build, of 4 on the AVX2 one): every row of the result equals that row of x
+    in a pair, bit for bit (the pairs' sums do not depend on the tile shape, the block or M), and the reference's
+    bound holds. At M = 1 the AVX2 build runs its integer GEMV (every zero-point kind): a row alone is then within
+    one bf16 step of it in a pair."""
     ext = _ext.load("int4_cpu")
-    qdata, s, zp, gen = _weight(7, 256, 64, symmetric, seed=5)
-    x = torch.randn(4, 256, generator=gen).bfloat16()
-    pairs = torch.cat([ext.gemv_bf16(torch.stack([x[i], x[(i + 1) % 4]]), qdata, s, zp, None)[:1] for i in range(4)])
-    for m in range(2, 5):
-        assert torch.equal(ext.gemv_bf16(x[:m], qdata, s, zp, None), pairs[:m]), m
-    alone = torch.cat([ext.gemv_bf16(x[i:i + 1], qdata, s, zp, None) for i in range(4)])
+    top = _int4_cpu.GEMV_KERNEL_MAX_M
+    qdata, s, zp, gen = _weight(7, 320, 64, symmetric, seed=5)
+    x = torch.randn(top, 320, generator=gen).bfloat16()
+    b = torch.randn(7, generator=gen)
+    pairs = torch.cat([ext.gemv_bf16(torch.stack([x[i], x[(i + 1) % top]]), qdata, s, zp, b)[:1] for i in range(top)])
+    for m in range(2, top + 1):
+        assert torch.equal(ext.gemv_bf16(x[:m], qdata, s, zp, b), pairs[:m]), m
+    assert sqnr(_reference(x, qdata, s, zp, 64, b.bfloat16()), pairs) >= BF16_DPBF16_DB
+    alone = torch.cat([ext.gemv_bf16(x[i:i + 1], qdata, s, zp, b) for i in range(top)])
     if _ext.active_isa("int4_cpu") != "avx2":
         assert torch.equal(alone, pairs)
     else:

@@ -13,11 +13,13 @@
 // with TORCH_CHECK before touching memory: whatever Python passes, nothing is read out of bounds.
 //
 // Three paths (the Python wrapper picks by M and dtype):
-//  * gemv_bf16 (bf16 x, tiny M): streams the packed weight once. Nibbles become bf16 with one
+//  * gemv_bf16 (bf16 x, small M): streams the packed weight once. Nibbles become bf16 with one
 //    ternary-logic op each (bits 0x4300 | v == 128 + v exactly), dot products with vdpbf16ps
 //    against a copy of x permuted once per call to the nibble-unpack order, per-lane group scale
 //    with one FMA per 128 elements, and the constant part removed once per row:
-//    dot(x, 128 + q) - sum_g s_g (128 + zp_g) sum(x over g). Float32 accumulation.
+//    dot(x, 128 + q) - sum_g s_g (128 + zp_g) sum(x over g). Float32 accumulation. M <= 16: rows of x
+//    in blocks of at most 4, each block against 4 rows of W while they are in L1 (gemv_bf16_impl); a
+//    row's result is the same whatever the other rows of x are.
 //  * gemv_f32 (float32 / float16 x, M = 1): x in float32, nibbles -> float32 exactly
 //    (0x4B000000 | v == 2^23 + v, minus 2^23 + zp), FMA per group, scale per group.
 //  * gemm_small_bf16 (bf16 x, small M): a tile of rows is dequantized exactly (bit-equal to the
@@ -43,6 +45,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "bf16_scale.h"
@@ -227,9 +230,62 @@ XPerm permute_x(const c10::BFloat16* x, int64_t M, int64_t K, int64_t ldx, int64
 
 constexpr int64_t kScaleAheadRows = 16;
 
-// R rows (n0 .. n0 + R) x MM rows of x.
+// The scales and zero points are separate streams the weight prefetch does not cover; with small groups they
+// are 1/4 (g32) of the weight bytes, and missing them stalled the GEMV 4x when the weight came from DRAM.
+// Prefetch the rows kScaleAheadRows ahead of the R rows at n0.
+inline void prefetch_scales_ahead(const W4& w, int64_t n0, int R) {
+  if (n0 + kScaleAheadRows + R > w.N) return;
+  const int64_t G = w.G;
+  const char* sa = reinterpret_cast<const char*>(w.s + (n0 + kScaleAheadRows) * G);
+  for (int64_t b = 0; b < R * G * 4; b += 64) _mm_prefetch(sa + b, _MM_HINT_T0);
+  if (w.zp) {
+    const char* za = reinterpret_cast<const char*>(w.zp + (n0 + kScaleAheadRows) * G);
+    for (int64_t b = 0; b < R * G; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
+  } else if (w.zf) {
+    const char* za = reinterpret_cast<const char*>(w.zf + (n0 + kScaleAheadRows) * G);
+    for (int64_t b = 0; b < R * G * 4; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
+  }
+}
+
+// The GEMV's results of R rows of W (n0 ..) x MM rows of x (m0 ..) from their scaled sums tot: minus the
+// constant part sum_g s_g (off + zp_g) sx_g (s_g (off + zp_g) once per row of W, an FMA per row of x),
+// times 2^-j, plus the bias.
 template <int R, int MM>
-inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t M, const float* bias, void* out,
+inline void finish_rows(const W4& w, const XPerm& p, int64_t n0, int64_t m0, const __m512 (&tot)[R][MM], const float* bias, void* out,
+                        at::ScalarType ot) {
+  const int64_t G = w.G;
+  const float off = asym(w) ? 128.f : 136.f;
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    __m512 corr[MM];
+    for (int m = 0; m < MM; ++m) corr[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g += 16) {
+      const __mmask16 gm = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1);
+      __m512 z = _mm512_set1_ps(off);
+      if (w.zp) z = _mm512_add_ps(z, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(gm, w.zp + n * G + g))));
+      else if (w.zf) z = _mm512_add_ps(z, _mm512_maskz_loadu_ps(gm, w.zf + n * G + g));
+      const __m512 cz = _mm512_mul_ps(_mm512_maskz_loadu_ps(gm, w.s + n * G + g), z);
+      for (int m = 0; m < MM; ++m) corr[m] = _mm512_fmadd_ps(cz, _mm512_maskz_loadu_ps(gm, p.sx.data() + (m0 + m) * G + g), corr[m]);
+    }
+    for (int m = 0; m < MM; ++m) {
+      float v = lowbit::unscale(_mm512_reduce_add_ps(_mm512_sub_ps(tot[r][m], corr[m])), p.post[m0 + m]);
+      if (bias) v += bias[n];
+      store_out(out, ot, (m0 + m) * w.N + n, v);
+    }
+  }
+}
+
+// R rows of W (n0 .. n0 + R) x MM rows of x (m0 .. m0 + MM). first: the first block of x's rows for these
+// rows of W (it prefetches the weight and the scales; later blocks find them in L1 / L2). The sums of a
+// pair (row of W, row of x) are the same operations in the same order whatever R, MM, MEM and m0 are, so
+// a row of the result does not depend on the other rows of x.
+// MEM (M > 1, R = 4, MM <= 4): the unpacked weight vectors and lane scales also go to an L1 array that the
+// products read. Measured on Zen 4 (session 25), this is the form GCC compiles best at M > 1: it keeps the
+// 4R weight vectors and x's 4 vectors of a row in registers and the R x MM sums in L1 (a load and a store
+// per four products); the register-only form at R = 2..4 ran 10-40% slower at M = 4..16, a form with the
+// sums explicitly in L1 ~8% slower (benchmarks/results/avx512_zen4/scratch/int4_gemv_m16_variants_session25.txt).
+template <int R, int MM, bool MEM>
+inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t m0, bool first, const float* bias, void* out,
                            at::ScalarType ot) {
   const int64_t C = p.C, rb = w.rb, gs = w.gs, G = w.G;
   const __m512i m0f = _mm512_set1_epi16(0xF);
@@ -248,90 +304,107 @@ inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t M, c
     qr[r] = w.q + (n0 + r) * rb;
     sr[r] = w.s + (n0 + r) * G;
   }
-  // The scales and zero points are separate streams the weight prefetch does not cover; with
-  // small groups they are 1/4 (g32) of the weight bytes, and missing them stalled the GEMV 4x
-  // when the weight came from DRAM. Prefetch the rows kScaleAheadRows ahead.
-  if (n0 + kScaleAheadRows + R <= w.N) {
-    const char* sa = reinterpret_cast<const char*>(w.s + (n0 + kScaleAheadRows) * G);
-    for (int64_t b = 0; b < R * G * 4; b += 64) _mm_prefetch(sa + b, _MM_HINT_T0);
-    if (w.zp) {
-      const char* za = reinterpret_cast<const char*>(w.zp + (n0 + kScaleAheadRows) * G);
-      for (int64_t b = 0; b < R * G; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
-    } else if (w.zf) {
-      const char* za = reinterpret_cast<const char*>(w.zf + (n0 + kScaleAheadRows) * G);
-      for (int64_t b = 0; b < R * G * 4; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
-    }
-  }
+  const uint16_t* xb = p.xq.data() + m0 * C * 128;
+  if (first) prefetch_scales_ahead(w, n0, R);
   const int64_t tail_bytes = rb - (C - 1) * 64;  // 1..64
   const __mmask64 tail_mask = tail_bytes >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail_bytes) - 1);
   for (int64_t c = 0; c < C; ++c) {
-    const uint16_t* xc = p.xq.data() + c * 128;
+    const uint16_t* xc = xb + c * 128;
     const __mmask64 bm = c + 1 < C ? ~__mmask64(0) : tail_mask;
     __mmask16 sm = 0xFFFF;
     if (gs < 128) {
       const int64_t left = G - c * gpc;
       sm = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
     }
-#pragma GCC unroll 4
+    __m512bh wv[R][4];
+    __m512 sv[R];
+    alignas(64) __m512i wb[MEM ? R : 1][4];
+    alignas(64) __m512 sb[MEM ? R : 1];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      lowbit::prefetch_stream(qr[r] + c * 64);
+      if (first) lowbit::prefetch_stream(qr[r] + c * 64);
       const __m512i v = c + 1 < C ? _mm512_loadu_si512(qr[r] + c * 64) : _mm512_maskz_loadu_epi8(bm, qr[r] + c * 64);
-      const __m512bh w0 = (__m512bh)_mm512_ternarylogic_epi32(v, m0f, magic, kAndXor);
-      const __m512bh w1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m0f, magic, kAndXor);
-      const __m512bh w2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), m0f, magic, kAndXor);
-      const __m512bh w3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 12), m0f, magic, kAndXor);
-      __m512 sv;
-      if (gs < 128) sv = _mm512_permutexvar_ps(gi, _mm512_maskz_loadu_ps(sm, sr[r] + c * gpc));
-      else sv = _mm512_set1_ps(sr[r][(c * 128) >> w.lg]);
-#pragma GCC unroll 4
-      for (int m = 0; m < MM; ++m) {
-        const uint16_t* xm = xc + m * C * 128;
-        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xm));
-        __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), w1, (__m512bh)_mm512_loadu_si512(xm + 32));
-        a = _mm512_dpbf16_ps(a, w2, (__m512bh)_mm512_loadu_si512(xm + 64));
-        b = _mm512_dpbf16_ps(b, w3, (__m512bh)_mm512_loadu_si512(xm + 96));
-        tot[r][m] = _mm512_fmadd_ps(_mm512_add_ps(a, b), sv, tot[r][m]);
+      wv[r][0] = (__m512bh)_mm512_ternarylogic_epi32(v, m0f, magic, kAndXor);
+      wv[r][1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m0f, magic, kAndXor);
+      wv[r][2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), m0f, magic, kAndXor);
+      wv[r][3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 12), m0f, magic, kAndXor);
+      if (gs < 128) sv[r] = _mm512_permutexvar_ps(gi, _mm512_maskz_loadu_ps(sm, sr[r] + c * gpc));
+      else sv[r] = _mm512_set1_ps(sr[r][(c * 128) >> w.lg]);
+      if constexpr (MEM) {
+        for (int j = 0; j < 4; ++j) wb[r][j] = (__m512i)wv[r][j];
+        sb[r] = sv[r];
       }
     }
-  }
-  const float off = asym(w) ? 128.f : 136.f;
-  for (int r = 0; r < R; ++r) {
-    const int64_t n = n0 + r;
+    if constexpr (MEM) asm volatile("" ::: "memory");  // the products read wb / sb back (see above)
+#pragma GCC unroll 16
     for (int m = 0; m < MM; ++m) {
-      // sum_g s_g (off + zp_g) sx_g
-      __m512 corr = _mm512_setzero_ps();
-      const float* sxm = p.sx.data() + m * G;
-      for (int64_t g = 0; g < G; g += 16) {
-        const __mmask16 gm = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1);
-        __m512 z = _mm512_set1_ps(off);
-        if (w.zp) z = _mm512_add_ps(z, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(gm, w.zp + n * G + g))));
-        else if (w.zf) z = _mm512_add_ps(z, _mm512_maskz_loadu_ps(gm, w.zf + n * G + g));
-        corr = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(gm, sr[r] + g), z), _mm512_maskz_loadu_ps(gm, sxm + g), corr);
+      const uint16_t* xm = xc + m * C * 128;
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xm), x1 = (__m512bh)_mm512_loadu_si512(xm + 32);
+      const __m512bh x2 = (__m512bh)_mm512_loadu_si512(xm + 64), x3 = (__m512bh)_mm512_loadu_si512(xm + 96);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const auto wj = [&](int j) {
+          if constexpr (MEM) return (__m512bh)_mm512_load_si512(&wb[r][j]);
+          else return wv[r][j];
+        };
+        // one chain of four products, one FMA by the group scales: 5 ops a pair a chunk
+        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), wj(0), x0);
+        a = _mm512_dpbf16_ps(a, wj(1), x1);
+        a = _mm512_dpbf16_ps(a, wj(2), x2);
+        a = _mm512_dpbf16_ps(a, wj(3), x3);
+        if constexpr (MEM) tot[r][m] = _mm512_fmadd_ps(a, _mm512_load_ps(reinterpret_cast<const float*>(&sb[r])), tot[r][m]);
+        else tot[r][m] = _mm512_fmadd_ps(a, sv[r], tot[r][m]);
       }
-      float v = lowbit::unscale(_mm512_reduce_add_ps(tot[r][m]) - _mm512_reduce_add_ps(corr), p.post[m]);
-      if (bias) v += bias[n];
-      store_out(out, ot, m * w.N + n, v);
     }
   }
+  finish_rows<R, MM>(w, p, n0, m0, tot, bias, out, ot);
 }
 
 #ifndef KGEMVROWS
 #define KGEMVROWS 4
 #endif
-constexpr int kGemvRows = KGEMVROWS;  // rows of W per step at M = 1
+constexpr int kGemvRows = KGEMVROWS;  // rows of W per step at M = 1 (registers)
+constexpr int kGemvRowsM = 4;         // rows of W per step at M > 1 (sums in L1: gemv_bf16_rows' MEM)
+constexpr int kGemvBlockM = 4;        // rows of x per pass over a step's rows of W (M > 1)
+constexpr int64_t kGemvMaxM = 16;     // gemv_bf16's largest M
 
-template <int MM>
+// mm (1..4) rows of x at m0 against R rows of W at n0 (gemv_bf16_rows).
+template <int R, bool MEM>
+inline void gemv_bf16_block(int mm, const W4& w, const XPerm& p, int64_t n0, int64_t m0, bool first, const float* bias, void* out,
+                            at::ScalarType ot) {
+  static_assert(kGemvBlockM == 4, "the switch below takes 1..4 rows of x");
+  switch (mm) {
+    case 1: gemv_bf16_rows<R, 1, MEM>(w, p, n0, m0, first, bias, out, ot); break;
+    case 2: gemv_bf16_rows<R, 2, MEM>(w, p, n0, m0, first, bias, out, ot); break;
+    case 3: gemv_bf16_rows<R, 3, MEM>(w, p, n0, m0, first, bias, out, ot); break;
+    default: gemv_bf16_rows<R, 4, MEM>(w, p, n0, m0, first, bias, out, ot); break;
+  }
+}
+
+// 1 <= M <= kGemvMaxM: x's rows in nblk balanced blocks of at most kGemvBlockM, every block against a step's
+// R rows of W while they are in L1.
 void gemv_bf16_impl(const W4& w, const XPerm& p, int64_t M, const float* bias, void* out, at::ScalarType ot) {
-  constexpr int R = MM == 1 ? kGemvRows : 2;
-  const int64_t nb = (w.N + R - 1) / R;
-  par_for(0, nb, 4, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t n0 = i * R;
-      if (n0 + R <= w.N) gemv_bf16_rows<R, MM>(w, p, n0, M, bias, out, ot);
-      else
-        for (int64_t n = n0; n < w.N; ++n) gemv_bf16_rows<1, MM>(w, p, n, M, bias, out, ot);
-    }
-  });
+  const int64_t nblk = (M + kGemvBlockM - 1) / kGemvBlockM;
+  int64_t bm0[kGemvMaxM + 1];
+  for (int64_t b = 0; b <= nblk; ++b) bm0[b] = b * M / nblk;
+  const auto run = [&](auto rows, auto mem) {
+    constexpr int R = decltype(rows)::value;
+    constexpr bool MEM = decltype(mem)::value;
+    const int64_t nb = (w.N + R - 1) / R;
+    par_for(0, nb, 4, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t n0 = i * R;
+        for (int64_t k = 0; k < nblk; ++k) {
+          const int mm = int(bm0[k + 1] - bm0[k]);
+          if (n0 + R <= w.N) gemv_bf16_block<R, MEM>(mm, w, p, n0, bm0[k], k == 0, bias, out, ot);
+          else  // the last rows of W one at a time
+            for (int64_t n = n0; n < w.N; ++n) gemv_bf16_block<1, false>(mm, w, p, n, bm0[k], k == 0, bias, out, ot);
+        }
+      }
+    });
+  };
+  if (M == 1) run(std::integral_constant<int, kGemvRows>{}, std::false_type{});
+  else run(std::integral_constant<int, kGemvRowsM>{}, std::true_type{});
 }
 
 // ---- GEMV, float32 math (float32 / float16 x), M = 1 -------------------------------------------
@@ -495,7 +568,7 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N, torch
 
 }  // namespace
 
-// out = x @ W.T + bias for bf16 x (2-D, row stride any, unit column stride), 1 <= M <= 4. act: x is
+// out = x @ W.T + bias for bf16 x (2-D, row stride any, unit column stride), 1 <= M <= 16. act: x is
 // first fake-quantized by that rule (gemv_bf16_act), into a bf16 copy the permutation then reads.
 static torch::Tensor gemv_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
                                      c10::optional<torch::Tensor> bias, const fp8_act::Rule* act) {
@@ -505,7 +578,7 @@ static torch::Tensor gemv_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch
               "x must be bf16 (M, K) with K = ", w.K, act ? "" : " and unit column stride", ", got ", x.scalar_type(), " ",
               x.sizes());
   const int64_t M = x.size(0);
-  TORCH_CHECK(M >= 1 && M <= 4, "gemv_bf16 takes 1 <= M <= 4, got M = ", M);
+  TORCH_CHECK(M >= 1 && M <= kGemvMaxM, "gemv_bf16 takes 1 <= M <= ", kGemvMaxM, ", got M = ", M);
   torch::Tensor bkeep;
   const float* bp = bias_ptr(bias, w.N, bkeep);
   std::vector<c10::BFloat16> xq;  // act: fake_quant_fp8's bf16 values, rows of K
@@ -516,12 +589,7 @@ static torch::Tensor gemv_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch
   XPerm p = act ? permute_x(xq.data(), M, w.K, w.K, w.G, w.gs) : permute_x(x.data_ptr<c10::BFloat16>(), M, w.K, x.stride(0), w.G, w.gs);
   auto out = torch::empty({M, w.N}, x.options());
   void* op = out.data_ptr();
-  switch (M) {
-    case 1: gemv_bf16_impl<1>(w, p, M, bp, op, at::kBFloat16); break;
-    case 2: gemv_bf16_impl<2>(w, p, M, bp, op, at::kBFloat16); break;
-    case 3: gemv_bf16_impl<3>(w, p, M, bp, op, at::kBFloat16); break;
-    default: gemv_bf16_impl<4>(w, p, M, bp, op, at::kBFloat16); break;
-  }
+  gemv_bf16_impl(w, p, M, bp, op, at::kBFloat16);
   return out;
 }
 
@@ -663,7 +731,7 @@ torch::Tensor linear_chunked(torch::Tensor x, torch::Tensor qdata, torch::Tensor
   return out;
 }
 
-// The M <= 4 bf16 GEMV also as a dispatcher op, lowbit_cpu::int4_gemv_bf16: called from Python or from
+// The M <= 16 bf16 GEMV also as a dispatcher op, lowbit_cpu::int4_gemv_bf16: called from Python or from
 // a compiled graph it skips the Python layers of the custom op lowbit::int4_weight_only_linear (about
 // 15-20 us a call, ~10% of a compiled int4 decode step of a 1B model). No autograd kernel: callers
 // route here only when no gradient is needed (lowbit/kernels/int4.py). The schema, fake kernel and a PyTorch
@@ -674,11 +742,11 @@ TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int4_gemv_bf16", TORCH_FN(gemv_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
-  m.def("gemv_bf16", &gemv_bf16, "int4 weight-only GEMV, bf16 x, M <= 4");
+  m.def("gemv_bf16", &gemv_bf16, "int4 weight-only GEMV, bf16 x, M <= 16");
   m.def("set_amx", &lowbit::amx::set_enabled, "use AMX tiles where the CPU has them (default true; false: AVX-512 alone)");
   m.def("amx_active", [] { return lowbit::amx::usable_bf16() || lowbit::amx::usable_int8(); },
         "whether this process runs AMX tiles: the CPU has them, Linux granted them and set_amx did not switch them off");
-  m.def("gemv_bf16_act", &gemv_bf16_act, "int4 GEMV of bf16 x fake-quantized to float8 (dynamic scale), M <= 4",
+  m.def("gemv_bf16_act", &gemv_bf16_act, "int4 GEMV of bf16 x fake-quantized to float8 (dynamic scale), M <= 16",
         py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("zero_point"), py::arg("bias"), py::arg("act_per_token"),
         py::arg("act_eps"), py::arg("act_e5m2"));
   m.def("gemv_f32", &gemv_f32, "int4 weight-only GEMV, float32/float16 x, M = 1");

@@ -11,7 +11,7 @@
 // product is a float32 FMA against the exact integer (q - zp) as float32.
 //  * gemv_bf16 at M = 1 (any zero point): the integer GEMV below (x as two int16 planes, vpmaddwd, exact
 //    int32 sums per block); otherwise:
-//  * gemv_bf16 / gemv_f32 (M <= 4 / M = 1): the packed weight is streamed once. 8 bytes become 8
+//  * gemv_bf16 / gemv_f32 (M <= 4, larger M in blocks of 4 / M = 1): the packed weight is streamed once. 8 bytes become 8
 //    dwords (vpmovzxbd), whose low nibbles are the even elements and high nibbles the odd ones;
 //    (q - zp) in int32, converted to float32 exactly, FMA against a copy of x permuted once per call
 //    to that order (per 16 elements: the 8 even, then the 8 odd). Per group the float32 sum is
@@ -550,7 +550,9 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N, torch
 
 }  // namespace
 
-// out = x @ W.T + bias for bf16 x (2-D, row stride any, unit column stride), 1 <= M <= 4. act: x is
+constexpr int64_t kGemvMaxM = 16;  // the AVX-512 build's limit
+
+// out = x @ W.T + bias for bf16 x (2-D, row stride any, unit column stride), 1 <= M <= 16. act: x is
 // first fake-quantized by that rule (gemv_bf16_act), into a bf16 copy the permutation then reads.
 static torch::Tensor gemv_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
                                      c10::optional<torch::Tensor> bias, const fp8_act::Rule* act) {
@@ -560,7 +562,7 @@ static torch::Tensor gemv_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch
               "x must be bf16 (M, K) with K = ", w.K, act ? "" : " and unit column stride", ", got ", x.scalar_type(), " ",
               x.sizes());
   const int64_t M = x.size(0);
-  TORCH_CHECK(M >= 1 && M <= 4, "gemv_bf16 takes 1 <= M <= 4, got M = ", M);
+  TORCH_CHECK(M >= 1 && M <= kGemvMaxM, "gemv_bf16 takes 1 <= M <= ", kGemvMaxM, ", got M = ", M);
   torch::Tensor bkeep;
   const float* bp = bias_ptr(bias, w.N, bkeep);
   std::vector<c10::BFloat16> xq;  // act: fake_quant_fp8's bf16 values, rows of K
@@ -580,12 +582,18 @@ static torch::Tensor gemv_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch
     else igemv_impl<kSym>(w, planes, bp, op, at::kBFloat16);
     return out;
   }
-  const std::vector<float> xp = permute_x(xb, M, w.K, ldx);
-  switch (M) {
-    case 1: gemv_any<1>(w, xp.data(), bp, op, at::kBFloat16); break;
-    case 2: gemv_any<2>(w, xp.data(), bp, op, at::kBFloat16); break;
-    case 3: gemv_any<3>(w, xp.data(), bp, op, at::kBFloat16); break;
-    default: gemv_any<4>(w, xp.data(), bp, op, at::kBFloat16); break;
+  // M > 4 (the AVX-512 build's limit, taken here so that a graph traced there runs here): blocks of 4 rows
+  // of x, a pass over W each (the Python routes send this build M <= _int4_cpu.GEMV_MAX_M_AVX2 = 4)
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const int64_t mm = std::min<int64_t>(4, M - m0);
+    const std::vector<float> xp = permute_x(xb + m0 * ldx, mm, w.K, ldx);
+    void* o = static_cast<c10::BFloat16*>(op) + m0 * w.N;
+    switch (mm) {
+      case 1: gemv_any<1>(w, xp.data(), bp, o, at::kBFloat16); break;
+      case 2: gemv_any<2>(w, xp.data(), bp, o, at::kBFloat16); break;
+      case 3: gemv_any<3>(w, xp.data(), bp, o, at::kBFloat16); break;
+      default: gemv_any<4>(w, xp.data(), bp, o, at::kBFloat16); break;
+    }
   }
   return out;
 }
@@ -686,8 +694,8 @@ TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int4_gemv_bf16", TORCH_FN(gemv_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", &lowbit::set_prefetch, "the weight stream's prefetch: hint 0 nta, 1 t0, 2 t1; distance in bytes");
   m.def("get_prefetch", &lowbit::get_prefetch, "(hint, distance) of the weight stream's prefetch");
-  m.def("gemv_bf16", &gemv_bf16, "int4 weight-only GEMV, bf16 x, M <= 4");
-  m.def("gemv_bf16_act", &gemv_bf16_act, "int4 GEMV of bf16 x fake-quantized to float8 (dynamic scale), M <= 4",
+  m.def("gemv_bf16", &gemv_bf16, "int4 weight-only GEMV, bf16 x, M <= 16");
+  m.def("gemv_bf16_act", &gemv_bf16_act, "int4 GEMV of bf16 x fake-quantized to float8 (dynamic scale), M <= 16",
         py::arg("x"), py::arg("qdata"), py::arg("scale"), py::arg("zero_point"), py::arg("bias"), py::arg("act_per_token"),
         py::arg("act_eps"), py::arg("act_e5m2"));
   m.def("gemv_f32", &gemv_f32, "int4 weight-only GEMV, float32/float16 x, M = 1");
