@@ -27,7 +27,7 @@ difference from the reference is the kernel's. Except 8da4w on CPU at any M (AVX
 M <= 64 (AVX2 build) where the ``int8_int4`` kernel builds (``_int8_int4_cpu``): the activation is really quantized (the same
 primitives), the group sums are exact int32 and each is scaled once in float32; the reference
 rounds the fake-quantized activation to the input dtype, so the two differ by that rounding
-(>= 40 dB bf16, tests/kernels/test_int8_int4_cpu.py). fp8 x int4 with bf16 x at M <= 4 on CPU:
+(>= 40 dB bf16, tests/kernels/test_int8_int4_cpu.py). fp8 x int4 with bf16 x at M <= ``_int4_cpu.gemv_max_m()`` on CPU:
 the fake quantization runs inside the GEMV's own copy of x (``_int4_cpu.direct_gemv_fp8_act``, one
 C++ call, the same values bit for bit).
 """
