@@ -18,7 +18,7 @@
 //    against a copy of x permuted once per call to the nibble-unpack order, per-lane group scale
 //    with one FMA per 128 elements, and the constant part removed once per row:
 //    dot(x, 128 + q) - sum_g s_g (128 + zp_g) sum(x over g). Float32 accumulation. M <= 16: rows of x
-//    in blocks of at most 4, each block against 4 rows of W while they are in L1 (gemv_bf16_impl); a
+//    in blocks of at most 4, each block against 4 rows of W while they are in L1 (int4_gemv_bf16.h); a
 //    row's result is the same whatever the other rows of x are.
 //  * gemv_f32 (float32 / float16 x, M = 1): x in float32, nibbles -> float32 exactly
 //    (0x4B000000 | v == 2^23 + v, minus 2^23 + zp), FMA per group, scale per group.
@@ -51,6 +51,7 @@
 #include "bf16_scale.h"
 #include "fp8_act.h"
 #include "gemm_bf16.h"
+#include "int4_gemv_bf16.h"
 #include "int4_panels.h"
 #include "parallel.h"
 #include "prefetch.h"
@@ -61,22 +62,6 @@ using lowbit::par_for;
 using namespace lowbit::int4;
 
 constexpr int64_t kMinGroup = 32;
-
-// Rows of bf16 x are scaled so that their largest value is 2^kScaleTop .. 2^(kScaleTop + 1) (j >= 0:
-// only rows below that are scaled): as large as ordinary activations, no larger, since the group scale
-// multiplies the scaled sums in float32 (a larger 2^j could overflow where the unscaled sum would not),
-// and large enough that the products with 128 + q (>= 2^7) and their sums are far from subnormal.
-constexpr int kScaleTop = 0;
-
-// x's rows (M, K), row stride ldx, K % 32 == 0, copied and scaled (lowbit::scale_rows_bf16): the copy,
-// rows of K, and post[m] = 2^-j.
-std::vector<uint16_t> scaled_copy(const c10::BFloat16* x, int64_t M, int64_t K, int64_t ldx, std::vector<double>& post) {
-  std::vector<uint16_t> xs(M * K);
-  for (int64_t m = 0; m < M; ++m) std::memcpy(xs.data() + m * K, x + m * ldx, K * sizeof(uint16_t));
-  post.assign(M, 1.0);
-  lowbit::scale_rows_bf16(xs.data(), M, K, K, kScaleTop, post.data());
-  return xs;
-}
 
 void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined() && t.device().is_cpu(), name, " must be a CPU tensor");
@@ -114,12 +99,6 @@ W4 make_w4(const torch::Tensor& q, const torch::Tensor& s, const c10::optional<t
     else w.zf = zp->data_ptr<float>();
   }
   return w;
-}
-
-inline void store_out(void* out, at::ScalarType t, int64_t i, float v) {
-  if (t == at::kBFloat16) static_cast<c10::BFloat16*>(out)[i] = c10::BFloat16(v);
-  else if (t == at::kHalf) static_cast<c10::Half*>(out)[i] = c10::Half(v);
-  else static_cast<float*>(out)[i] = v;
 }
 
 // Elements [k0, k1) of row n ((q - zp) * s in float32, one rounding to T), k0 % 16 == 0,
@@ -189,222 +168,6 @@ void dequant_rows_any(const W4& w, int64_t r0, int64_t r1, torch::Tensor& out, b
     case at::kFloat: dequant_rows_t(w, r0, r1, out.data_ptr<float>(), parallel); break;
     default: TORCH_CHECK(false, "dequant output must be bfloat16, float16 or float32");
   }
-}
-
-// ---- GEMV, bf16 x ------------------------------------------------------------------------------
-
-// Per call: x (each row scaled by 2^j, scaled_copy) permuted per 128-element chunk so that word i of
-// vector j (j = 0..3) is element 4i + j (the order the 64 packed bytes unpack to with 16-bit shifts),
-// zero padded to whole chunks; per-group sums of the scaled x; 2^-j per row.
-struct XPerm {
-  std::vector<uint16_t> xq;  // (M, C * 128)
-  std::vector<float> sx;     // (M, G)
-  std::vector<double> post;  // (M)
-  int64_t C;
-};
-
-XPerm permute_x(const c10::BFloat16* x, int64_t M, int64_t K, int64_t ldx, int64_t G, int64_t gs) {
-  XPerm p;
-  p.C = (K + 127) / 128;
-  p.xq.assign(M * p.C * 128, 0);
-  p.sx.assign(M * G, 0.f);
-  const std::vector<uint16_t> xs = scaled_copy(x, M, K, ldx, p.post);
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* xr = xs.data() + m * K;
-    uint16_t* d = p.xq.data() + m * p.C * 128;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t c = k / 128, e = k % 128;
-      d[c * 128 + (e % 4) * 32 + e / 4] = xr[k];
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
-        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k));
-        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-      }
-      p.sx[m * G + g] = _mm512_reduce_add_ps(acc);
-    }
-  }
-  return p;
-}
-
-constexpr int64_t kScaleAheadRows = 16;
-
-// The scales and zero points are separate streams the weight prefetch does not cover; with small groups they
-// are 1/4 (g32) of the weight bytes, and missing them stalled the GEMV 4x when the weight came from DRAM.
-// Prefetch the rows kScaleAheadRows ahead of the R rows at n0.
-inline void prefetch_scales_ahead(const W4& w, int64_t n0, int R) {
-  if (n0 + kScaleAheadRows + R > w.N) return;
-  const int64_t G = w.G;
-  const char* sa = reinterpret_cast<const char*>(w.s + (n0 + kScaleAheadRows) * G);
-  for (int64_t b = 0; b < R * G * 4; b += 64) _mm_prefetch(sa + b, _MM_HINT_T0);
-  if (w.zp) {
-    const char* za = reinterpret_cast<const char*>(w.zp + (n0 + kScaleAheadRows) * G);
-    for (int64_t b = 0; b < R * G; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
-  } else if (w.zf) {
-    const char* za = reinterpret_cast<const char*>(w.zf + (n0 + kScaleAheadRows) * G);
-    for (int64_t b = 0; b < R * G * 4; b += 64) _mm_prefetch(za + b, _MM_HINT_T0);
-  }
-}
-
-// The GEMV's results of R rows of W (n0 ..) x MM rows of x (m0 ..) from their scaled sums tot: minus the
-// constant part sum_g s_g (off + zp_g) sx_g (s_g (off + zp_g) once per row of W, an FMA per row of x),
-// times 2^-j, plus the bias.
-template <int R, int MM>
-inline void finish_rows(const W4& w, const XPerm& p, int64_t n0, int64_t m0, const __m512 (&tot)[R][MM], const float* bias, void* out,
-                        at::ScalarType ot) {
-  const int64_t G = w.G;
-  const float off = asym(w) ? 128.f : 136.f;
-  for (int r = 0; r < R; ++r) {
-    const int64_t n = n0 + r;
-    __m512 corr[MM];
-    for (int m = 0; m < MM; ++m) corr[m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < G; g += 16) {
-      const __mmask16 gm = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1);
-      __m512 z = _mm512_set1_ps(off);
-      if (w.zp) z = _mm512_add_ps(z, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(gm, w.zp + n * G + g))));
-      else if (w.zf) z = _mm512_add_ps(z, _mm512_maskz_loadu_ps(gm, w.zf + n * G + g));
-      const __m512 cz = _mm512_mul_ps(_mm512_maskz_loadu_ps(gm, w.s + n * G + g), z);
-      for (int m = 0; m < MM; ++m) corr[m] = _mm512_fmadd_ps(cz, _mm512_maskz_loadu_ps(gm, p.sx.data() + (m0 + m) * G + g), corr[m]);
-    }
-    for (int m = 0; m < MM; ++m) {
-      float v = lowbit::unscale(_mm512_reduce_add_ps(_mm512_sub_ps(tot[r][m], corr[m])), p.post[m0 + m]);
-      if (bias) v += bias[n];
-      store_out(out, ot, (m0 + m) * w.N + n, v);
-    }
-  }
-}
-
-// R rows of W (n0 .. n0 + R) x MM rows of x (m0 .. m0 + MM). first: the first block of x's rows for these
-// rows of W (it prefetches the weight and the scales; later blocks find them in L1 / L2). The sums of a
-// pair (row of W, row of x) are the same operations in the same order whatever R, MM, MEM and m0 are, so
-// a row of the result does not depend on the other rows of x.
-// MEM (M > 1, R = 4, MM <= 4): the unpacked weight vectors and lane scales also go to an L1 array that the
-// products read. Measured on Zen 4 (session 25), this is the form GCC compiles best at M > 1: it keeps the
-// 4R weight vectors and x's 4 vectors of a row in registers and the R x MM sums in L1 (a load and a store
-// per four products); the register-only form at R = 2..4 ran 10-40% slower at M = 4..16, a form with the
-// sums explicitly in L1 ~8% slower (benchmarks/results/avx512_zen4/scratch/int4_gemv_m16_variants_session25.txt).
-template <int R, int MM, bool MEM>
-inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t m0, bool first, const float* bias, void* out,
-                           at::ScalarType ot) {
-  const int64_t C = p.C, rb = w.rb, gs = w.gs, G = w.G;
-  const __m512i m0f = _mm512_set1_epi16(0xF);
-  const __m512i magic = _mm512_set1_epi16(asym(w) ? 0x4300 : 0x4308);
-  // group of fp32 lane l in a chunk: lane l covers chunk elements [8l, 8l + 8)
-  alignas(64) int32_t gidx[16];
-  for (int l = 0; l < 16; ++l) gidx[l] = gs < 128 ? int32_t(8 * l / gs) : 0;
-  const __m512i gi = _mm512_load_si512(gidx);
-  const int64_t gpc = gs < 128 ? 128 / gs : 0;  // groups per chunk (small groups)
-  __m512 tot[R][MM];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MM; ++m) tot[r][m] = _mm512_setzero_ps();
-  const uint8_t* qr[R];
-  const float* sr[R];
-  for (int r = 0; r < R; ++r) {
-    qr[r] = w.q + (n0 + r) * rb;
-    sr[r] = w.s + (n0 + r) * G;
-  }
-  const uint16_t* xb = p.xq.data() + m0 * C * 128;
-  if (first) prefetch_scales_ahead(w, n0, R);
-  const int64_t tail_bytes = rb - (C - 1) * 64;  // 1..64
-  const __mmask64 tail_mask = tail_bytes >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail_bytes) - 1);
-  for (int64_t c = 0; c < C; ++c) {
-    const uint16_t* xc = xb + c * 128;
-    const __mmask64 bm = c + 1 < C ? ~__mmask64(0) : tail_mask;
-    __mmask16 sm = 0xFFFF;
-    if (gs < 128) {
-      const int64_t left = G - c * gpc;
-      sm = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-    }
-    __m512bh wv[R][4];
-    __m512 sv[R];
-    alignas(64) __m512i wb[MEM ? R : 1][4];
-    alignas(64) __m512 sb[MEM ? R : 1];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      if (first) lowbit::prefetch_stream(qr[r] + c * 64);
-      const __m512i v = c + 1 < C ? _mm512_loadu_si512(qr[r] + c * 64) : _mm512_maskz_loadu_epi8(bm, qr[r] + c * 64);
-      wv[r][0] = (__m512bh)_mm512_ternarylogic_epi32(v, m0f, magic, kAndXor);
-      wv[r][1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m0f, magic, kAndXor);
-      wv[r][2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), m0f, magic, kAndXor);
-      wv[r][3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 12), m0f, magic, kAndXor);
-      if (gs < 128) sv[r] = _mm512_permutexvar_ps(gi, _mm512_maskz_loadu_ps(sm, sr[r] + c * gpc));
-      else sv[r] = _mm512_set1_ps(sr[r][(c * 128) >> w.lg]);
-      if constexpr (MEM) {
-        for (int j = 0; j < 4; ++j) wb[r][j] = (__m512i)wv[r][j];
-        sb[r] = sv[r];
-      }
-    }
-    if constexpr (MEM) asm volatile("" ::: "memory");  // the products read wb / sb back (see above)
-#pragma GCC unroll 16
-    for (int m = 0; m < MM; ++m) {
-      const uint16_t* xm = xc + m * C * 128;
-      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xm), x1 = (__m512bh)_mm512_loadu_si512(xm + 32);
-      const __m512bh x2 = (__m512bh)_mm512_loadu_si512(xm + 64), x3 = (__m512bh)_mm512_loadu_si512(xm + 96);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const auto wj = [&](int j) {
-          if constexpr (MEM) return (__m512bh)_mm512_load_si512(&wb[r][j]);
-          else return wv[r][j];
-        };
-        // one chain of four products, one FMA by the group scales: 5 ops a pair a chunk
-        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), wj(0), x0);
-        a = _mm512_dpbf16_ps(a, wj(1), x1);
-        a = _mm512_dpbf16_ps(a, wj(2), x2);
-        a = _mm512_dpbf16_ps(a, wj(3), x3);
-        if constexpr (MEM) tot[r][m] = _mm512_fmadd_ps(a, _mm512_load_ps(reinterpret_cast<const float*>(&sb[r])), tot[r][m]);
-        else tot[r][m] = _mm512_fmadd_ps(a, sv[r], tot[r][m]);
-      }
-    }
-  }
-  finish_rows<R, MM>(w, p, n0, m0, tot, bias, out, ot);
-}
-
-#ifndef KGEMVROWS
-#define KGEMVROWS 4
-#endif
-constexpr int kGemvRows = KGEMVROWS;  // rows of W per step at M = 1 (registers)
-constexpr int kGemvRowsM = 4;         // rows of W per step at M > 1 (sums in L1: gemv_bf16_rows' MEM)
-constexpr int kGemvBlockM = 4;        // rows of x per pass over a step's rows of W (M > 1)
-constexpr int64_t kGemvMaxM = 16;     // gemv_bf16's largest M
-
-// mm (1..4) rows of x at m0 against R rows of W at n0 (gemv_bf16_rows).
-template <int R, bool MEM>
-inline void gemv_bf16_block(int mm, const W4& w, const XPerm& p, int64_t n0, int64_t m0, bool first, const float* bias, void* out,
-                            at::ScalarType ot) {
-  static_assert(kGemvBlockM == 4, "the switch below takes 1..4 rows of x");
-  switch (mm) {
-    case 1: gemv_bf16_rows<R, 1, MEM>(w, p, n0, m0, first, bias, out, ot); break;
-    case 2: gemv_bf16_rows<R, 2, MEM>(w, p, n0, m0, first, bias, out, ot); break;
-    case 3: gemv_bf16_rows<R, 3, MEM>(w, p, n0, m0, first, bias, out, ot); break;
-    default: gemv_bf16_rows<R, 4, MEM>(w, p, n0, m0, first, bias, out, ot); break;
-  }
-}
-
-// 1 <= M <= kGemvMaxM: x's rows in nblk balanced blocks of at most kGemvBlockM, every block against a step's
-// R rows of W while they are in L1.
-void gemv_bf16_impl(const W4& w, const XPerm& p, int64_t M, const float* bias, void* out, at::ScalarType ot) {
-  const int64_t nblk = (M + kGemvBlockM - 1) / kGemvBlockM;
-  int64_t bm0[kGemvMaxM + 1];
-  for (int64_t b = 0; b <= nblk; ++b) bm0[b] = b * M / nblk;
-  const auto run = [&](auto rows, auto mem) {
-    constexpr int R = decltype(rows)::value;
-    constexpr bool MEM = decltype(mem)::value;
-    const int64_t nb = (w.N + R - 1) / R;
-    par_for(0, nb, 4, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t n0 = i * R;
-        for (int64_t k = 0; k < nblk; ++k) {
-          const int mm = int(bm0[k + 1] - bm0[k]);
-          if (n0 + R <= w.N) gemv_bf16_block<R, MEM>(mm, w, p, n0, bm0[k], k == 0, bias, out, ot);
-          else  // the last rows of W one at a time
-            for (int64_t n = n0; n < w.N; ++n) gemv_bf16_block<1, false>(mm, w, p, n, bm0[k], k == 0, bias, out, ot);
-        }
-      }
-    });
-  };
-  if (M == 1) run(std::integral_constant<int, kGemvRows>{}, std::false_type{});
-  else run(std::integral_constant<int, kGemvRowsM>{}, std::true_type{});
 }
 
 // ---- GEMV, float32 math (float32 / float16 x), M = 1 -------------------------------------------
