@@ -29,14 +29,16 @@ exact int32 sums of the nibbles times x held as two int16 planes, see ``csrc/int
 * bfloat16, M <= ``gemv_max_m()`` (``GEMV_MAX_M``; the AVX2 build and CPUs with AMX tiles ``GEMV_MAX_M_AVX2`` /
   ``GEMV_MAX_M_AMX``, 4): ``gemv_bf16``, streams the packed weight once (at M > 4 in blocks of 4 rows of x,
   each against 4 rows of W while they are in L1); nibbles become
-  bf16 ``128 + q`` in one op, vdpbf16ps against x (bf16, permuted once per call), per-group scale
-  by FMA, the ``128 + zp`` offset (an int8 or a float32 zp alike) removed once per row from
+  bf16 ``16 + q`` in two ops, vdpbf16ps against x (bf16, permuted once per call), per-group scale
+  by FMA, the ``16 + zp`` offset (an int8 or a float32 zp alike) removed once per row from
   per-group sums of x. Float32
   accumulation; the weight is used unrounded (the reference rounds it to bf16 first), so results
-  differ from the reference by about the reference's own rounding (~50 dB SQNR).
+  differ from the reference by about the reference's own rounding (~50 dB SQNR); the offset adds an
+  absolute error of about 2^-24 (16 + zp) s sum|x|.
 * bfloat16, ``gemv_max_m()`` < M <= ``small_max_m()`` (``SMALL_MAX_M``; the AVX2 build ``SMALL_MAX_M_AVX2``;
-  CPUs with AMX ``SMALL_MAX_M_AMX``, the GEMV's 4: none): ``gemm_small_bf16``, same math, each unpacked weight pair
-  applied to 16 rows of x per instruction (register tile of W rows x 16-row blocks of x).
+  CPUs with AMX ``SMALL_MAX_M_AMX``, the GEMV's 4: none): ``gemm_small_bf16``, nibbles looked up as bf16
+  ``q - zp`` (exact products, no offset), each unpacked weight pair applied to 16 rows of x per instruction
+  (register tile of W rows x 16-row blocks of x).
 * bfloat16 above ``small_max_m()`` (the AVX-512 build): ``gemm_bf16``, a bf16 GEMM (``csrc/gemm_bf16.h``)
   whose 64-row panels are dequantized exactly (the reference's bf16 values) per call inside the
   GEMM, in L2; float32 sums, one rounding of the output. SmolLM2's seven linears at M = 128, g64:

@@ -392,22 +392,77 @@ def test_gemv_rows_of_x_alone(symmetric):
 
 
 @pytest.mark.skipif(_ext.active_isa("int4_cpu") == "avx2", reason="the AVX2 build multiplies x by q - zp itself")
-@pytest.mark.xfail(strict=True, reason="known defect (session 25): the bf16 GEMV sums x * (128 + q) and removes "
-                   "s (128 + zp) sum(x) afterwards, both in float32, so its absolute error is about 2^-24 * 128 * s * "
-                   "sum|x| whatever the output is; an output far below that (a group at its zero point but for one "
-                   "weight, whose x is tiny) comes out as that rounding error (hypothesis found it, shrunk)")
+@pytest.mark.xfail(strict=True, reason="known defect (sessions 25-26): the bf16 GEMV sums x * (16 + q) and removes "
+                   "s (16 + zp) sum(x) afterwards, both in float32, so its absolute error is about 2^-24 * (16 + zp) * s * "
+                   "sum|x| whatever the output is (128 + zp before session 26); an output far below that (a group at its "
+                   "zero point but for one weight, whose x is tiny) comes out with that rounding error in it (hypothesis "
+                   "found it, shrunk)")
 def test_gemv_offset_cancellation_with_a_lone_weight():
     """W zero but for one weight per row (15 steps of a large scale), x ~ 1 except a tiny entry facing it: the
-    reference's output is that product (~1e-3); the GEMV's is off by the offset's rounding (~2e-3)."""
+    reference's output is that product (~1e-3); the GEMV's is off by the offset's rounding (~4e-4; ~3e-3 at 128)."""
     ext = _ext.load("int4_cpu")
-    k = 32
+    qdata, s, zp, x = _lone_weight()
+    ref = _reference(x, qdata, s, zp, x.shape[1])
+    assert sqnr(ref.float(), ext.gemv_bf16(x, qdata, s, zp, None).float()) >= BF16_DPBF16_DB
+
+
+def _lone_weight(k=32):
     qdata = torch.zeros(2, k // 2, dtype=torch.uint8)
     qdata[:, 6] = 0xF0  # element 13 = 15, the rest 0 = the zero point
     s, zp = torch.full((2, 1), 59.4), torch.zeros(2, 1, dtype=torch.int8)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(0)).bfloat16()
     x[0, 13] = 1e-6
-    ref = _reference(x, qdata, s, zp, k)
-    assert sqnr(ref.float(), ext.gemv_bf16(x, qdata, s, zp, None).float()) >= BF16_DPBF16_DB
+    return qdata, s, zp, x
+
+
+# gemm_small_bf16 (bf16 x, M = 9 .. 32 on the AVX-512 build) looks the nibbles up as bf16 (q - zp) (csrc/int4_gemv_bf16.h,
+# NibbleLut), so its products are exact and its only error is float32's over its sums (and, for a float zero point,
+# the s * zf * sum(x) it removes once per group): against float64 on the same bf16 x and exact weight, within the
+# output's bf16 rounding plus SMALL_SUMS_ROUNDINGS * 2^-24 * (|x| @ |W|.T + |x| @ (s |zf|).T). Measured at most
+# 0.31 of those units (both builds, session 26); before the table (x * (128 + q), the offset removed after) the
+# lone weight below was off by 2^-24 * 1.5e6 * |x| @ |W|.T.
+SMALL_SUMS_ROUNDINGS = 4.0
+
+
+def _error_excess(got, want, unit):
+    """How far the bf16 output is from float64 beyond the output's own bf16 rounding, in units."""
+    excess = ((got.double() - want).abs() - want.abs() * 2.0**-8).clamp_min(0)
+    return (excess / unit.clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+
+
+def _abs_terms(x, qdata, s, zp, g, signed):
+    w = unpack_int4(qdata, signed=signed).double()
+    zfloat = zp is not None and zp.dtype == torch.float32
+    if zp is not None and not zfloat:
+        w = w - zp.double().repeat_interleave(g, 1)
+    sg = s.double().repeat_interleave(g, 1)
+    terms = x.double().abs() @ (w * sg).abs().T
+    if zfloat:  # the kernel's (q * s) and (s * zf), separately
+        terms = terms + x.double().abs() @ (sg * zp.double().abs().repeat_interleave(g, 1)).T
+    return 2.0**-24 * terms
+
+
+def test_small_gemm_lone_weight_is_exact():
+    """The lone weight the GEMV gets wrong (above): gemm_small_bf16's products are exact, so it gives the
+    reference's value to its bf16 rounding."""
+    qdata, s, zp, x = _lone_weight()
+    want = _exact(x, qdata, s, zp, x.shape[1], False)
+    got = _ext.load("int4_cpu").gemm_small_bf16(x, qdata, s, zp, None)
+    assert _error_excess(got, want, _abs_terms(x, qdata, s, zp, x.shape[1], False)) <= SMALL_SUMS_ROUNDINGS
+
+
+@pytest.mark.parametrize("symmetric", [False, True, "float-zp"], ids=["asym", "sym", "float-zp"])
+@pytest.mark.parametrize("shape", [(33, 256, 32), (48, 1024, 64), (19, 544, 32), (7, 1024, 256), (40, 4096, 128),
+                                   (9, 8192, 8192)], ids=lambda s: f"N{s[0]}K{s[1]}g{s[2]}")
+@pytest.mark.parametrize("m", [1, 9, 17, 33])
+def test_small_gemm_error_is_its_sums(shape, symmetric, m):
+    """Every group size, K with a part chunk (544), x spread over ~2^12 within a group, 1 .. 3 blocks of 16 rows."""
+    n, k, g = shape
+    qdata, s, zp, gen = _weight(n, k, g, symmetric, seed=n + m)
+    x = torch.cat([_wide_x(k, gen) for _ in range(m)])
+    want = _exact(x, qdata, s, zp, g, symmetric is True)
+    got = _ext.load("int4_cpu").gemm_small_bf16(x, qdata, s, zp, None)
+    assert _error_excess(got, want, _abs_terms(x, qdata, s, zp, g, symmetric is True)) <= SMALL_SUMS_ROUNDINGS
 
 
 # --- the AVX2 build's integer GEMV at M = 1 (csrc/int4_cpu_avx2.cpp: bf16 x as two int16 planes, vpmaddwd) ---

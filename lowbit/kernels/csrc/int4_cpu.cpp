@@ -13,18 +13,20 @@
 // with TORCH_CHECK before touching memory: whatever Python passes, nothing is read out of bounds.
 //
 // Three paths (the Python wrapper picks by M and dtype):
-//  * gemv_bf16 (bf16 x, small M): streams the packed weight once. Nibbles become bf16 with one
-//    ternary-logic op each (bits 0x4300 | v == 128 + v exactly), dot products with vdpbf16ps
+//  * gemv_bf16 (bf16 x, small M): streams the packed weight once. Nibbles become bf16 with a shift
+//    and a ternary-logic op each (bits 0x4180 | q << 3 == 16 + q exactly), dot products with vdpbf16ps
 //    against a copy of x permuted once per call to the nibble-unpack order, per-lane group scale
 //    with one FMA per 128 elements, and the constant part removed once per row:
-//    dot(x, 128 + q) - sum_g s_g (128 + zp_g) sum(x over g). Float32 accumulation. M <= 16: rows of x
+//    dot(x, 16 + q) - sum_g s_g (16 + zp_g) sum(x over g). Float32 accumulation, so an absolute error of
+//    about 2^-24 (16 + zp) s sum|x| (README, "Int4's bf16 GEMM at small M multiplies by q - zp"). M <= 16: rows of x
 //    in blocks of at most 4, each block against 4 rows of W while they are in L1 (int4_gemv_bf16.h); a
 //    row's result is the same whatever the other rows of x are.
 //  * gemv_f32 (float32 / float16 x, M = 1): x in float32, nibbles -> float32 exactly
 //    (0x4B000000 | v == 2^23 + v, minus 2^23 + zp), FMA per group, scale per group.
-//  * gemm_small_bf16 (bf16 x, small M): a tile of rows is dequantized exactly (bit-equal to the
-//    reference dequantize) into an L1 buffer, then vdpbf16ps with a broadcast weight pair against
-//    16 rows of x at a time (x repacked once per call as k-pairs x 16 rows).
+//  * gemm_small_bf16 (bf16 x, small M): the nibbles of a tile of rows are looked up as bf16 (q - zp)
+//    (exact; int4_gemv_bf16.h's NibbleLut) into an L1 buffer, then vdpbf16ps with a broadcast weight
+//    pair against 16 rows of x at a time (x repacked once per call as k-pairs x 16 rows), the group
+//    scale by one FMA per segment: products exact, float32 sums, no offset.
 //  * gemm_bf16 (bf16 x, larger M): gemm_bf16.h's GEMM, its panels of 64 rows dequantized exactly (bf16,
 //    bit-equal to the reference dequantize) per call inside the GEMM, in L2.
 //  * linear_chunked (float32 / float16 x, large M): rows of W dequantized exactly into a reused
@@ -215,12 +217,14 @@ inline void gemv_f32_rows(const W4& w, const float* x, int64_t n0, const float* 
 // ---- small-M GEMM, bf16 x ----------------------------------------------------------------------
 //
 // A chunk of 128 elements of a row is 16 dwords; dword i holds nibbles of elements 8i .. 8i + 7
-// at bits 4t. ((D >> 4j) & 0x000F000F) ^ 0x43004300 is the bf16 pair (128 + q[8i + j],
-// 128 + q[8i + j + 4]): 4 shifts/ternlogs give all 64 pairs of the chunk. Each pair is broadcast
-// and multiplied (vdpbf16ps) with a vector of 16 x rows holding the same two elements, packed
-// once per call. Accumulators are per (row of W, 16 rows of x): a segment of min(gs, 128)
-// elements is one group, its accumulator is scaled by s[n, g] with one FMA; the constant part
-// sum_g s (128 + zp) sum_{k in g} x is removed at the end.
+// at bits 4t. The low 4 bits of each word of D >> 4j, looked up (LutTables: vpermw / vpermt2w), are the
+// bf16 pair (q[8i + j] - zp, q[8i + j + 4] - zp): 4 shifts and lookups give all 64 pairs of the chunk.
+// Each pair is broadcast and multiplied (vdpbf16ps) with a vector of 16 x rows holding the same two
+// elements, packed once per call. Accumulators are per (row of W, 16 rows of x): a segment of
+// min(gs, 128) elements is one group, its accumulator is scaled by s[n, g] with one FMA. A float zero
+// point: the table gives bf16 q and sum_g s zf sum_{k in g} x is removed at the end. Against the
+// offset form (bf16 128 + q, sum_g s (128 + zp) sum x removed after; before session 26) 0.88-1.00x the time
+// at M = 12 on 8 x 4096^2 (avx512_zen4/scratch/int4_lut_ab_session26.txt), and exact products.
 
 // xpk[b][c][j][i][l] = (x[16b + l, 128c + 8i + j], x[16b + l, 128c + 8i + j + 4]); zero padded.
 std::vector<uint32_t> pack_x_pairs(const c10::BFloat16* x, int64_t M, int64_t K, int64_t ldx, int64_t C) {
@@ -242,7 +246,7 @@ std::vector<uint32_t> pack_x_pairs(const c10::BFloat16* x, int64_t M, int64_t K,
   return xp;
 }
 
-template <int MB, int NT>
+template <int MB, int NT, int LM>
 void gemm_small_impl(const W4& w, const uint32_t* xp, const float* sxp, const double* post, int64_t M, const float* bias,
                      void* out, at::ScalarType ot) {
   const int64_t N = w.N, K = w.K, G = w.G, C = (K + 127) / 128;
@@ -252,8 +256,7 @@ void gemm_small_impl(const W4& w, const uint32_t* xp, const float* sxp, const do
   const int64_t tail_bytes = w.rb - (C - 1) * 64;
   const __mmask64 tail_mask = tail_bytes >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail_bytes) - 1);
   const __m512i m0f = _mm512_set1_epi32(0x000F000F);
-  const __m512i magic = _mm512_set1_epi32(asym(w) ? 0x43004300 : 0x43084308);
-  const float off = asym(w) ? 128.f : 136.f;
+  const __m512i gbits = lut_group_bits<LM>();
   par_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
     alignas(64) uint32_t wbuf[NT][64];
     alignas(64) float tot[NT][MB][16];
@@ -271,10 +274,11 @@ void gemm_small_impl(const W4& w, const uint32_t* xp, const float* sxp, const do
           const uint8_t* src = w.q + nr[n] * w.rb + c * 64;
           lowbit::prefetch_stream(src);
           const __m512i v = _mm512_maskz_loadu_epi8(bm, src);
-          _mm512_store_si512(wbuf[n], _mm512_ternarylogic_epi32(v, m0f, magic, kAndXor));
-          _mm512_store_si512(wbuf[n] + 16, _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 4), m0f, magic, kAndXor));
-          _mm512_store_si512(wbuf[n] + 32, _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 8), m0f, magic, kAndXor));
-          _mm512_store_si512(wbuf[n] + 48, _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 12), m0f, magic, kAndXor));
+          const LutTables<LM> lt(w, nr[n], c);  // words 2i, 2i + 1 are in the chunk's group 8i / gs, as in the GEMV
+          _mm512_store_si512(wbuf[n], lt.lookup(v, m0f, gbits));
+          _mm512_store_si512(wbuf[n] + 16, lt.lookup(_mm512_srli_epi32(v, 4), m0f, gbits));
+          _mm512_store_si512(wbuf[n] + 32, lt.lookup(_mm512_srli_epi32(v, 8), m0f, gbits));
+          _mm512_store_si512(wbuf[n] + 48, lt.lookup(_mm512_srli_epi32(v, 12), m0f, gbits));
         }
         const int64_t nseg = std::min<int64_t>(128, K - c * 128) / seg;
         for (int64_t sgi = 0; sgi < nseg; ++sgi) {
@@ -306,8 +310,8 @@ void gemm_small_impl(const W4& w, const uint32_t* xp, const float* sxp, const do
         const float bv = bias ? bias[row] : 0.f;
         for (int b = 0; b < MB; ++b) {
           __m512 corr = _mm512_setzero_ps();
-          for (int64_t g = 0; g < G; ++g) {
-            const float cg = w.s[row * G + g] * (off + zp_of(w, row, g));
+          for (int64_t g = 0; w.zf && g < G; ++g) {
+            const float cg = w.s[row * G + g] * w.zf[row * G + g];
             corr = _mm512_fmadd_ps(_mm512_set1_ps(cg), _mm512_loadu_ps(sxp + (b * G + g) * 16), corr);
           }
           _mm512_store_ps(tmp, _mm512_sub_ps(_mm512_load_ps(tot[n][b]), corr));
@@ -418,9 +422,9 @@ torch::Tensor gemm_small_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tenso
   const std::vector<uint16_t> xs = scaled_copy(x.data_ptr<c10::BFloat16>(), M, K, x.stride(0), post);
   const c10::BFloat16* xb = reinterpret_cast<const c10::BFloat16*>(xs.data());
   std::vector<uint32_t> xp = pack_x_pairs(xb, M, K, K, C);
-  // per-group sums of the scaled x: sx[b][g][l], zero for padding rows
+  // per-group sums of the scaled x: sx[b][g][l], zero for padding rows (read for a float zero point only)
   std::vector<float> sx(MB * G * 16, 0.f);
-  for (int64_t m = 0; m < M; ++m)
+  for (int64_t m = 0; w.zf && m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       float acc = 0.f;
       for (int64_t k = g * w.gs; k < (g + 1) * w.gs; ++k) acc += float(xb[m * K + k]);
@@ -428,11 +432,19 @@ torch::Tensor gemm_small_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tenso
     }
   auto out = torch::empty({M, w.N}, x.options());
   void* op = out.data_ptr();
-  switch (MB) {
-    case 1: gemm_small_impl<1, 12>(w, xp.data(), sx.data(), post.data(), M, bp, op, at::kBFloat16); break;
-    case 2: gemm_small_impl<2, 12>(w, xp.data(), sx.data(), post.data(), M, bp, op, at::kBFloat16); break;
-    case 3: gemm_small_impl<3, 8>(w, xp.data(), sx.data(), post.data(), M, bp, op, at::kBFloat16); break;
-    default: gemm_small_impl<4, 6>(w, xp.data(), sx.data(), post.data(), M, bp, op, at::kBFloat16); break;
+  const auto run = [&](auto lut) {
+    constexpr int LM = decltype(lut)::value;
+    switch (MB) {
+      case 1: gemm_small_impl<1, 12, LM>(w, xp.data(), sx.data(), post.data(), M, bp, op, at::kBFloat16); break;
+      case 2: gemm_small_impl<2, 12, LM>(w, xp.data(), sx.data(), post.data(), M, bp, op, at::kBFloat16); break;
+      case 3: gemm_small_impl<3, 8, LM>(w, xp.data(), sx.data(), post.data(), M, bp, op, at::kBFloat16); break;
+      default: gemm_small_impl<4, 6, LM>(w, xp.data(), sx.data(), post.data(), M, bp, op, at::kBFloat16); break;
+    }
+  };
+  switch (lut_mode(w)) {
+    case kOne: run(std::integral_constant<int, kOne>{}); break;
+    case kTwo: run(std::integral_constant<int, kTwo>{}); break;
+    default: run(std::integral_constant<int, kFour>{}); break;
   }
   return out;
 }

@@ -17,7 +17,7 @@
 //    to that order (per 16 elements: the 8 even, then the 8 odd). Per group the float32 sum is
 //    scaled by s with one FMA. Nothing cancels: the result is the reference's sum in another order.
 //    (Taking the zero point out of the loop, sum x * (q + zp) minus zp * sum(x) once per group as the
-//    AVX-512 build does with its 128 + q, saves 2 of 9 instructions per 16 elements but loses the
+//    AVX-512 build's GEMV does with its 16 + q, saves 2 of 9 instructions per 16 elements but loses the
 //    small terms next to a huge x whose weight is the zero point: the property tests found one.)
 //  * gemm_small_bf16 (M <= 64): rows of W dequantized exactly (bit-equal to the reference's float32
 //    dequantize) into an L1/L2 buffer, 4 at a time, then tile_f32.h's 4 x 3 register tiles, float32 FMA.

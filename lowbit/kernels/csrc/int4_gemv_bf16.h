@@ -1,8 +1,9 @@
 // The int4 weight-only GEMV for bf16 x (int4_cpu.cpp's gemv_bf16 and gemv_bf16_act), its copy of x and the
-// helpers the file's other bf16 paths share (scaled_copy, store_out): nibbles become bf16 128 + q in one
-// ternary-logic op, vdpbf16ps against x permuted once per call, a per-lane group scale, the 128 + zp offset
-// removed per row from per-group sums of x (int4_cpu.cpp's header comment). AVX-512 F/BW/VL + BF16 (+ VBMI
-// through int4_panels.h); included by int4_cpu.cpp only.
+// helpers the file's other bf16 paths share (scaled_copy, store_out, and NibbleLut, gemm_small_bf16's bf16
+// q - zp tables): nibbles become bf16 16 + q in a shift and a ternary-logic op, vdpbf16ps against x permuted
+// once per call, a per-lane group scale, the 16 + zp offset removed per row from per-group sums of x
+// (int4_cpu.cpp's header comment). AVX-512 F/BW/VL + BF16 (+ VBMI through int4_panels.h); included by
+// int4_cpu.cpp only.
 #pragma once
 
 #include <torch/extension.h>
@@ -26,7 +27,7 @@ namespace lowbit::int4 {
 // Rows of bf16 x are scaled so that their largest value is 2^kScaleTop .. 2^(kScaleTop + 1) (j >= 0:
 // only rows below that are scaled): as large as ordinary activations, no larger, since the group scale
 // multiplies the scaled sums in float32 (a larger 2^j could overflow where the unscaled sum would not),
-// and large enough that the products with 128 + q (>= 2^7) and their sums are far from subnormal.
+// and large enough that the GEMV's products with 16 + q (>= 2^4) and their sums are far from subnormal.
 constexpr int kScaleTop = 0;
 
 // x's rows (M, K), row stride ldx, K % 32 == 0, copied and scaled (lowbit::scale_rows_bf16): the copy,
@@ -82,6 +83,89 @@ inline XPerm permute_x(const c10::BFloat16* x, int64_t M, int64_t K, int64_t ldx
   return p;
 }
 
+// ---- nibbles to bf16 (q - zp) through a table ----------------------------------------------------
+//
+// A word of an unpacked vector holds a nibble in its low 4 bits (the next nibble's bits above it, unless
+// masked); vpermw / vpermt2w look it up in a table of bf16 (q - zp) values: exact (|q - zp| <= 143 < 2^8),
+// so every product x * (q - zp) is exact in float32 and nothing is removed after the sums (an offset of
+// 128 + q removed as s (128 + zp) sum(x) left an absolute error of ~2^-24 * 128 * s * sum|x| in every
+// output). gemm_small_bf16 uses it; the GEMV does not: on Zen 4 a lookup (1 a cycle) costs twice a
+// ternary-logic op (2 a cycle) and the GEMV ran 1.06-1.52x slower with it (README, "Int4's bf16 GEMM at
+// small M multiplies by q - zp"). Tables: index zp + 128 for an int8 zero point,
+// kLutSym for two's complement nibbles (bf16(q) of the nibble's q), kLutQ for bf16(nibble) (a float zero
+// point, removed once per group after the sums as before). 32 words each, words 16..31 equal to 0..15, so
+// that a one-table lookup ignores bit 4 of the index.
+constexpr int kLutSym = 256, kLutQ = 257;
+
+struct NibbleLut {
+  alignas(64) uint16_t t[258][32];
+  NibbleLut() {
+    for (int z = 0; z < 258; ++z)
+      for (int i = 0; i < 32; ++i) {
+        const int q = i & 15;
+        const float v = z == kLutSym ? float((q ^ 8) - 8) : z == kLutQ ? float(q) : float(q - (z - 128));
+        t[z][i] = c10::BFloat16(v).x;
+      }
+  }
+};
+
+inline const NibbleLut& nibble_lut() {
+  static const NibbleLut lut;
+  return lut;
+}
+
+// How a chunk of 128 elements (a vector's word w is in the chunk's group w / (gs / 4)) finds its tables:
+// kOne: one group per chunk, or one table for every group (symmetric, float zero point); kTwo: two groups
+// (gs = 64, int8 zero points), the index's bit 4 picks the half; kFour: four (gs = 32), vpermt2w's bits 4-5.
+enum LutMode { kOne = 0, kTwo = 1, kFour = 2 };
+
+inline LutMode lut_mode(const W4& w) {
+  if (!w.zp || w.gs >= 128) return kOne;
+  return w.gs == 64 ? kTwo : kFour;
+}
+
+inline int lut_index(const W4& w, int64_t n, int64_t g) {
+  return w.zp ? int(w.zp[n * w.G + g]) + 128 : w.zf ? kLutQ : kLutSym;
+}
+
+// Bits the index gets above the nibble: the group's half (kTwo) or quarter (kFour) of the table.
+template <int LM>
+inline __m512i lut_group_bits() {
+  alignas(64) uint16_t b[32];
+  for (int i = 0; i < 32; ++i) b[i] = LM == kTwo ? uint16_t((i / 16) * 16) : LM == kFour ? uint16_t((i / 8) * 16) : 0;
+  return _mm512_load_si512(b);
+}
+
+// Row n's tables for chunk c (groups past the last reuse it: those weights face zero padding of x).
+template <int LM>
+struct LutTables {
+  __m512i a, b;
+  LutTables(const W4& w, int64_t n, int64_t c) {
+    const NibbleLut& l = nibble_lut();
+    if constexpr (LM == kOne) {
+      a = _mm512_load_si512(l.t[lut_index(w, n, w.zp ? (c * 128) >> w.lg : 0)]);
+      b = a;
+    } else {
+      constexpr int ng = LM == kTwo ? 2 : 4;
+      int idx[4];
+      for (int i = 0; i < ng; ++i) idx[i] = lut_index(w, n, std::min<int64_t>(c * ng + i, w.G - 1));
+      const auto pair = [&](int i, int j) {
+        return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(l.t[i]))),
+                                  _mm256_load_si256(reinterpret_cast<const __m256i*>(l.t[j])), 1);
+      };
+      a = pair(idx[0], idx[1]);
+      b = LM == kFour ? pair(idx[2], idx[3]) : a;
+    }
+  }
+  // nib: words whose low 4 bits are the nibbles (bits above: the next nibbles, masked here where they matter)
+  inline __m512i lookup(__m512i nib, __m512i m0f, __m512i gbits) const {
+    if constexpr (LM == kOne) return _mm512_permutexvar_epi16(nib, a);
+    const __m512i idx = _mm512_ternarylogic_epi32(nib, m0f, gbits, kAndOr);
+    if constexpr (LM == kTwo) return _mm512_permutexvar_epi16(idx, a);
+    return _mm512_permutex2var_epi16(a, idx, b);
+  }
+};
+
 constexpr int64_t kScaleAheadRows = 16;
 
 // The scales and zero points are separate streams the weight prefetch does not cover; with small groups they
@@ -103,12 +187,12 @@ inline void prefetch_scales_ahead(const W4& w, int64_t n0, int R) {
 
 // The GEMV's results of R rows of W (n0 ..) x MM rows of x (m0 ..) from their scaled sums tot: minus the
 // constant part sum_g s_g (off + zp_g) sx_g (s_g (off + zp_g) once per row of W, an FMA per row of x),
-// times 2^-j, plus the bias.
+// times 2^-j, plus the bias. off: 16, or 24 for two's complement nibbles (16 + (nibble ^ 8) = 24 + q).
 template <int R, int MM>
 inline void finish_rows(const W4& w, const XPerm& p, int64_t n0, int64_t m0, const __m512 (&tot)[R][MM], const float* bias, void* out,
                         at::ScalarType ot) {
   const int64_t G = w.G;
-  const float off = asym(w) ? 128.f : 136.f;
+  const float off = asym(w) ? 16.f : 24.f;
   for (int r = 0; r < R; ++r) {
     const int64_t n = n0 + r;
     __m512 corr[MM];
@@ -142,8 +226,8 @@ template <int R, int MM, bool MEM>
 inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t m0, bool first, const float* bias, void* out,
                            at::ScalarType ot) {
   const int64_t C = p.C, rb = w.rb, gs = w.gs, G = w.G;
-  const __m512i m0f = _mm512_set1_epi16(0xF);
-  const __m512i magic = _mm512_set1_epi16(asym(w) ? 0x4300 : 0x4308);
+  const __m512i m78 = _mm512_set1_epi16(0x78);
+  const __m512i magic = _mm512_set1_epi16(asym(w) ? 0x4180 : 0x41C0);
   // group of fp32 lane l in a chunk: lane l covers chunk elements [8l, 8l + 8)
   alignas(64) int32_t gidx[16];
   for (int l = 0; l < 16; ++l) gidx[l] = gs < 128 ? int32_t(8 * l / gs) : 0;
@@ -178,10 +262,11 @@ inline void gemv_bf16_rows(const W4& w, const XPerm& p, int64_t n0, int64_t m0, 
     for (int r = 0; r < R; ++r) {
       if (first) lowbit::prefetch_stream(qr[r] + c * 64);
       const __m512i v = c + 1 < C ? _mm512_loadu_si512(qr[r] + c * 64) : _mm512_maskz_loadu_epi8(bm, qr[r] + c * 64);
-      wv[r][0] = (__m512bh)_mm512_ternarylogic_epi32(v, m0f, magic, kAndXor);
-      wv[r][1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m0f, magic, kAndXor);
-      wv[r][2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), m0f, magic, kAndXor);
-      wv[r][3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 12), m0f, magic, kAndXor);
+      // nibble j (bits 4j .. 4j + 3 of a word) to mantissa bits 3 .. 6 under 16.0's exponent: 16 + q
+      wv[r][0] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(v, 3), m78, magic, kAndXor);
+      wv[r][1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 1), m78, magic, kAndXor);
+      wv[r][2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 5), m78, magic, kAndXor);
+      wv[r][3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 9), m78, magic, kAndXor);
       if (gs < 128) sv[r] = _mm512_permutexvar_ps(gi, _mm512_maskz_loadu_ps(sm, sr[r] + c * gpc));
       else sv[r] = _mm512_set1_ps(sr[r][(c * 128) >> w.lg]);
       if constexpr (MEM) {

@@ -18,6 +18,7 @@
 namespace lowbit::int4 {
 
 constexpr int kAndXor = 0x6A;  // ternary logic: (a & b) ^ c
+constexpr int kAndOr = 0xEA;   // ternary logic: (a & b) | c
 
 inline bool asym(const W4& w) { return w.zp || w.zf; }
 
