@@ -26,7 +26,8 @@ AVX2 build has the same paths and entry points, with float32 FMA where AVX-512 u
 x is widened to float32 and multiplied by the exact ``q - zp``; at M = 1 with an int8 zero point or none,
 exact int32 sums of the nibbles times x held as two int16 planes, see ``csrc/int4_cpu_avx2.cpp``):
 
-* bfloat16, M <= ``gemv_max_m()`` (``GEMV_MAX_M``; the AVX2 build and CPUs with AMX tiles ``GEMV_MAX_M_AVX2`` /
+* bfloat16, M <= ``gemv_max_m(K)`` (``GEMV_MAX_M``, ``GEMV_MAX_M_LARGE_K`` from K = ``LARGE_K``; the AVX2 build and
+  CPUs with AMX tiles ``GEMV_MAX_M_AVX2`` /
   ``GEMV_MAX_M_AMX``, 4): ``gemv_bf16``, streams the packed weight once (at M > 4 in blocks of 4 rows of x,
   each against 4 rows of W while they are in L1); nibbles become
   bf16 ``16 + q`` in two ops, vdpbf16ps against x (bf16, permuted once per call), per-group scale
@@ -35,7 +36,8 @@ exact int32 sums of the nibbles times x held as two int16 planes, see ``csrc/int
   accumulation; the weight is used unrounded (the reference rounds it to bf16 first), so results
   differ from the reference by about the reference's own rounding (~50 dB SQNR); the offset adds an
   absolute error of about 2^-24 (16 + zp) s sum|x|.
-* bfloat16, ``gemv_max_m()`` < M <= ``small_max_m()`` (``SMALL_MAX_M``; the AVX2 build ``SMALL_MAX_M_AVX2``;
+* bfloat16, ``gemv_max_m(K)`` < M <= ``small_max_m(K)`` (the AVX-512 build: ``SMALL_MAX_M_LARGE_K`` from K =
+  ``LARGE_K``, none below it; the AVX2 build ``SMALL_MAX_M_AVX2``;
   CPUs with AMX ``SMALL_MAX_M_AMX``, the GEMV's 4: none): ``gemm_small_bf16``, nibbles looked up as bf16
   ``q - zp`` (exact products, no offset), each unpacked weight pair applied to 16 rows of x per instruction
   (register tile of W rows x 16-row blocks of x).
@@ -43,8 +45,9 @@ exact int32 sums of the nibbles times x held as two int16 planes, see ``csrc/int
   whose 64-row panels are dequantized exactly (the reference's bf16 values) per call inside the
   GEMM, in L2; float32 sums, one rounding of the output. SmolLM2's seven linears at M = 128, g64:
   1.12-1.18x bf16 where the chunked path ran 0.67-0.94x; 4096^2 g128 M = 256: 0.99x (chunked 0.92-0.96x)
-  (``benchmarks/results/avx512_zen4/scratch/int4_gemm_bf16_vs_paths.py``). At M = 5..32 it is ahead of
-  ``gemm_small_bf16`` on SmolLM2's small layers and behind it on 4096^2 from M = 8: not routed there.
+  (``benchmarks/results/avx512_zen4/scratch/int4_gemm_bf16_vs_paths.py``). At M = 9..32 it is ahead of
+  the GEMV and ``gemm_small_bf16`` on SmolLM2's layers (K < ``LARGE_K``) and from M = 17 on larger ones, so it takes
+  M > ``small_max_m(K)`` (session 26; the comment at ``LARGE_K``).
 * otherwise (and float32/float16 with M > ``F32_ROWS_MAX_M``): ``linear_chunked``: ``CHUNK_ROWS`` rows of W at a
   time are dequantized exactly (bit-equal to ``dequantize_affine``: ``(q - zp) * s`` in float32,
   q exact, one rounding for a float zp's subtraction, one for the product, one to x's dtype) into a reused buffer, then ``addmm``/``mm`` (oneDNN/BLAS) into
@@ -68,7 +71,7 @@ from lowbit.kernels import _cpu_ops, _ext, host
 from lowbit.kernels.preference import wants_grad
 
 __all__ = ["int4_linear_cpu", "available", "direct_gemv_fp8_act", "direct_gemv_fp8_act_fn", "small_max_m", "gemv_max_m",
-           "GEMV_MAX_M", "GEMV_MAX_M_AVX2", "GEMV_MAX_M_AMX", "GEMV_KERNEL_MAX_M", "F32_ROWS_MAX_M", "SMALL_MAX_M",
+           "GEMV_MAX_M", "LARGE_K", "GEMV_MAX_M_LARGE_K", "SMALL_MAX_M_LARGE_K", "GEMV_MAX_M_AVX2", "GEMV_MAX_M_AMX", "GEMV_KERNEL_MAX_M", "F32_ROWS_MAX_M", "SMALL_MAX_M",
            "SMALL_MAX_M_AVX2", "CHUNK_ROWS", "MIN_GROUP"]
 
 # bf16: gemv_bf16 up to here on the AVX-512 build, gemm_small_bf16 above. 2 threads, Zen 4, gemv_bf16 / gemm_small_bf16
@@ -78,9 +81,19 @@ __all__ = ["int4_linear_cpu", "available", "direct_gemv_fp8_act", "direct_gemv_f
 # / 61.1; 576 <- 1536 M = 8 83.7 / 122.9 / 115.0, M = 12 160.3 / 148.3 / 160.8. Above 8 the GEMV wins only where the
 # weight streams from DRAM, so 8.
 GEMV_MAX_M = 8
+# From K = LARGE_K (session 26): the GEMV up to GEMV_MAX_M_LARGE_K, gemm_small_bf16 up to SMALL_MAX_M_LARGE_K, gemm_bf16
+# above; below LARGE_K gemm_bf16 from GEMV_MAX_M + 1. 2 threads, Zen 4, weights from DRAM, ms gemv / small / gemm
+# (benchmarks/results/avx512_zen4/scratch/int4_small_m_routes_session26.txt): llama1b's 7 linears x 4 (K 2048 / 8192)
+# g128 M = 9 18.5 / 24.6 / 28.3, M = 12 23.3 / 25.3 / 30.5, M = 16 31.0 / 26.1 / 34.8, M = 24 - / 47.6 / 43.3;
+# 8 x 4096^2 g32 M = 12 14.3 / 17.2 / 17.7, M = 16 18.6 / 16.9 / 20.1, M = 24 - / 31.4 / 24.9; SmolLM2's 7 linears
+# x 30 (K 576 / 1536) g32 float zero point M = 9 17.8 / 21.7 / 17.0, M = 12 21.9 / 22.8 / 17.3, M = 16 27.8 / 23.2
+# / 19.4 (int8 zero points: gemm_small and gemm_bf16 level at 12-16).
+LARGE_K = 2048
+GEMV_MAX_M_LARGE_K = 12
+SMALL_MAX_M_LARGE_K = 16
 GEMV_MAX_M_AVX2 = 4  # the AVX2 build's float32 GEMV (it takes larger M in blocks of 4, a pass over W each)
 GEMV_KERNEL_MAX_M = 16  # the largest M either build's gemv_bf16 / gemv_bf16_act takes
-SMALL_MAX_M = 32  # bf16: gemm_small_bf16 up to here, then the chunked dequantize + mm
+SMALL_MAX_M = 32  # the AVX-512 build's gemm_small_bf16 takes M up to here (its route: small_max_m)
 F32_ROWS_MAX_M = 8  # float32 / float16 x: gemv_f32 once per row up to here, then linear_chunked (module docstring)
 # The AVX2 build: gemm_small_bf16 (tile_f32.h's 4 x 3 tiles, its C++ limit 64) against the chunked path
 # (float32 at::mm: no native bf16 matmul), ms for 2 x 4096^2 g128, 2 threads, Zen 2 (benchmarks/results/
@@ -101,8 +114,9 @@ def _amx_on() -> bool:
     return on is not None and bool(on())
 
 
-def gemv_max_m() -> int:
-    """The largest M ``gemv_bf16`` serves for bf16 x: ``GEMV_MAX_M`` on the AVX-512 build, ``GEMV_MAX_M_AVX2`` on the
+def gemv_max_m(k: int | None = None) -> int:
+    """The largest M ``gemv_bf16`` serves for bf16 x (K = ``k`` where known): on the AVX-512 build ``GEMV_MAX_M``, or
+    ``GEMV_MAX_M_LARGE_K`` from K = ``LARGE_K``; ``GEMV_MAX_M_AVX2`` on the
     AVX2 one, ``GEMV_MAX_M_AMX`` where the AVX-512 build's GEMMs run on AMX tiles (as ``small_max_m``). While
     torch.compile traces, from the build that fits this CPU and its flags (``_ext.fitting_isa``), not from whether
     the extension loaded (README design note); either build's kernel takes any M up to ``GEMV_KERNEL_MAX_M``."""
@@ -114,17 +128,23 @@ def gemv_max_m() -> int:
         amx = isa == "avx512" and _amx_on()
     if isa == "avx2":
         return GEMV_MAX_M_AVX2
-    return GEMV_MAX_M_AMX if amx else GEMV_MAX_M
+    if amx:
+        return GEMV_MAX_M_AMX
+    return GEMV_MAX_M_LARGE_K if k is not None and k >= LARGE_K else GEMV_MAX_M
 
 
-def small_max_m() -> int:
-    """The largest M ``gemm_small_bf16`` serves for bf16 x: it depends on the build that runs (``_ext.active_isa``)
-    and, for the AVX-512 one, on whether its GEMMs run on AMX tiles in this process (``SMALL_MAX_M_AMX``): the
+def small_max_m(k: int | None = None) -> int:
+    """The largest M ``gemm_small_bf16`` or the GEMV serves for bf16 x (K = ``k``; without it, the largest over K),
+    gemm_bf16 above on the AVX-512 build: it depends on the build that runs (``_ext.active_isa``)
+    and, for the AVX-512 one, on K (``SMALL_MAX_M_LARGE_K`` from ``LARGE_K``, else the GEMV's ``GEMV_MAX_M``: no M) and
+    on whether its GEMMs run on AMX tiles in this process (``SMALL_MAX_M_AMX``): the
     build's ``amx_active()``, not the CPU's flags, so where Linux refuses the tiles or ``set_amx(False)`` switched
     them off, gemm_bf16 (then on ``vdpbf16ps`` alone) does not take the M that gemm_small_bf16 serves faster."""
     if _ext.active_isa("int4_cpu") == "avx2":
         return SMALL_MAX_M_AVX2
-    return SMALL_MAX_M_AMX if _amx_on() else SMALL_MAX_M
+    if _amx_on():
+        return SMALL_MAX_M_AMX
+    return SMALL_MAX_M_LARGE_K if k is None or k >= LARGE_K else GEMV_MAX_M
 
 
 _DTYPES = (torch.bfloat16, torch.float32, torch.float16)
@@ -171,7 +191,7 @@ def direct_gemv(x, qdata, scale, zero_point, bias) -> torch.Tensor | None:
     """The GEMV through :func:`direct_gemv_op` when it applies: CPU bf16 ``x`` (M, K) with M <= ``gemv_max_m()``, no
     gradient wanted (the op has no autograd kernel) and a shape ``int4_linear_cpu`` takes (an int8,
     float32 or no zero point); else None. Same kernel, same values as ``int4_linear_cpu``."""
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > gemv_max_m() or x.device.type != "cpu":
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > gemv_max_m(x.shape[-1]) or x.device.type != "cpu":
         return None
     if wants_grad(x, bias):
         return None
@@ -200,7 +220,7 @@ def direct_gemv_fp8_act(x, qdata, scale, zero_point, bias, per_token: bool, eps:
     :func:`direct_gemv` would return None or ``x`` is not contiguous."""
     if not isinstance(x, torch.Tensor) or not x.is_contiguous():
         return None
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > gemv_max_m() or x.device.type != "cpu":
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] > gemv_max_m(x.shape[-1]) or x.device.type != "cpu":
         return None
     if wants_grad(x, bias):
         return None
@@ -271,9 +291,9 @@ def int4_linear_cpu(
     scale = scale.contiguous()
     if zero_point is not None:
         zero_point = zero_point.contiguous()
-    if x.dtype == torch.bfloat16 and m <= gemv_max_m():
+    if x.dtype == torch.bfloat16 and m <= gemv_max_m(x2.shape[1]):
         out = ext.gemv_bf16(x2, qdata, scale, zero_point, bias)
-    elif x.dtype == torch.bfloat16 and m <= small_max_m():
+    elif x.dtype == torch.bfloat16 and m <= small_max_m(x2.shape[1]):
         out = ext.gemm_small_bf16(x2, qdata, scale, zero_point, bias)
     elif x.dtype != torch.bfloat16 and m <= F32_ROWS_MAX_M:  # gemv_f32 once per row: each row's M = 1 bits
         out = ext.gemv_f32(x2, qdata, scale, zero_point, bias) if m == 1 else torch.cat(

@@ -192,7 +192,7 @@ def make_int4_plan(qdata, scale, zero_point, spec: QuantSpec, act_spec, kernel: 
     op = _int4_gemv(qdata, scale, zero_point, dtype)
     if op is None:
         return None
-    max_m = _int4_cpu.gemv_max_m()
+    max_m = _int4_cpu.gemv_max_m(qdata.shape[1] * 2)
 
     def bias_ok(bias):
         return bias is None or (bias.dim() == 1 and bias.shape[0] == n and bias.is_floating_point()

@@ -102,10 +102,11 @@ def amx_active() -> bool | None:
     return None if fn is None else bool(fn())
 
 
-def _int4_small_max_m() -> int:
+def _int4_small_max_m() -> str:
     from lowbit.kernels import _int4_cpu
 
-    return _int4_cpu.small_max_m()
+    big, small = _int4_cpu.small_max_m(_int4_cpu.LARGE_K), _int4_cpu.small_max_m(_int4_cpu.LARGE_K - 1)
+    return str(big) if big == small else f"{big} (K >= {_int4_cpu.LARGE_K}; above {small} for smaller K)"
 
 
 def _amx_note(flags: frozenset[str]) -> str:

@@ -47,7 +47,7 @@ def test_amx_runs_where_the_cpu_has_it(tiles):
     from lowbit.kernels import _int4_cpu
 
     # int4's gemm_small_bf16 / gemm_bf16 threshold follows the tiles, not the CPU's flags
-    assert _int4_cpu.small_max_m() == (_int4_cpu.SMALL_MAX_M_AMX if tiles == "amx" else _int4_cpu.SMALL_MAX_M)
+    assert _int4_cpu.small_max_m() == (_int4_cpu.SMALL_MAX_M_AMX if tiles == "amx" else _int4_cpu.SMALL_MAX_M_LARGE_K)
     assert _int4_cpu.gemv_max_m() == (_int4_cpu.GEMV_MAX_M_AMX if tiles == "amx" else _int4_cpu.GEMV_MAX_M)
 
 TILE_M, PANEL_N, BLOCK_K = 6, 64, 4096  # csrc/gemm_bf16.h's kMR, kNR, kKC

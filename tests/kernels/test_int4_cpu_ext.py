@@ -54,8 +54,8 @@ def _reference(x, qdata, scale, zero_point, g, bias=None):
     return F.linear(x, w, bias)
 
 
-def _bound(dtype, m):
-    if dtype == torch.bfloat16 and m <= _int4_cpu.small_max_m():
+def _bound(dtype, m, k):
+    if dtype == torch.bfloat16 and m <= _int4_cpu.small_max_m(k):
         return BF16_DPBF16_DB
     if dtype != torch.bfloat16 and m <= _int4_cpu.F32_ROWS_MAX_M:  # gemv_f32, once per row
         return GEMV_F32_DB[dtype]
@@ -83,7 +83,38 @@ def test_matches_reference(shape, m, symmetric, dtype):
     ref = _reference(x, qdata, s, zp, g, b)
     out = int4_linear_cpu(x, qdata, s, zp, b)
     assert out is not None and out.dtype == dtype and out.shape == (m, n)
-    assert sqnr(ref.float(), out.float()) >= _bound(dtype, m)
+    assert sqnr(ref.float(), out.float()) >= _bound(dtype, m, k)
+
+
+class _KernelSpy:
+    """The int4_cpu module, recording which bf16 kernel int4_linear_cpu calls."""
+
+    def __init__(self, mod, calls):
+        self._mod, self._calls = mod, calls
+
+    def __getattr__(self, name):
+        fn = getattr(self._mod, name)
+        if name in ("gemv_bf16", "gemm_small_bf16", "gemm_bf16"):
+            return lambda *args: self._calls.append(name) or fn(*args)
+        return fn
+
+
+@pytest.mark.skipif(_ext.active_isa("int4_cpu") != "avx512" or _int4_cpu._amx_on(),
+                    reason="the AVX-512 build's bf16 route without AMX tiles")
+@pytest.mark.parametrize("k,m,kernel", [(576, 8, "gemv_bf16"), (576, 9, "gemm_bf16"), (1536, 16, "gemm_bf16"),
+                                        (2048, 12, "gemv_bf16"), (2048, 13, "gemm_small_bf16"),
+                                        (4096, 16, "gemm_small_bf16"), (2048, 17, "gemm_bf16"), (8192, 32, "gemm_bf16")])
+def test_bf16_route_follows_m_and_k(monkeypatch, k, m, kernel):
+    """bf16 x above the GEMV's 8 rows: the GEMV to 12 and gemm_small_bf16 to 16 from K = LARGE_K, gemm_bf16 above
+    and for smaller K (_int4_cpu's LARGE_K comment); each against the reference."""
+    calls = []
+    load = _ext.load
+    monkeypatch.setattr(_ext, "load", lambda name: _KernelSpy(load(name), calls) if name == "int4_cpu" else load(name))
+    qdata, s, zp, gen = _weight(40, k, 64, False, seed=k + m)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    out = int4_linear_cpu(x, qdata, s, zp)
+    assert calls == [kernel]
+    assert sqnr(_reference(x, qdata, s, zp, 64).float(), out.float()) >= _bound(torch.bfloat16, m, k)
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 64, 65], ids=lambda m: f"M{m}")
@@ -97,12 +128,12 @@ def test_no_bias_and_non_contiguous_x(m, dtype):
     ref = _reference(x.contiguous(), qdata, s, zp, g)
     out = int4_linear_cpu(x, qdata, s, zp)
     assert out is not None and out.shape == (m, n)
-    assert sqnr(ref.float(), out.float()) >= _bound(dtype, m)
+    assert sqnr(ref.float(), out.float()) >= _bound(dtype, m, k)
     # a row-strided view (unit last-dim stride) is used without a copy
     wide = torch.randn(m, 2 * k, generator=gen).to(dtype)
     xv = wide[:, :k]
     ref = _reference(xv.contiguous(), qdata, s, zp, g)
-    assert sqnr(ref.float(), int4_linear_cpu(xv, qdata, s, zp).float()) >= _bound(dtype, m)
+    assert sqnr(ref.float(), int4_linear_cpu(xv, qdata, s, zp).float()) >= _bound(dtype, m, k)
 
 
 def test_leading_dims_folded():
