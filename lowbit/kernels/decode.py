@@ -13,7 +13,9 @@ the routing's bit for bit; it returns None for any call it does not take, and th
 the routing as before.
 
 A plan is made only in eager mode with kernel "auto" and a CPU weight; ``make_*_plan`` return None
-when no fast path applies to the weight (then the routing runs every call).
+when no fast path applies to the weight (then the routing runs every call). Making a plan also puts the
+weight's large buffers on huge pages (``lowbit.kernels.hugepages``: a loaded checkpoint's weights get
+them at their first eager call, ``quantize_``'s when it makes them).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Callable
 import torch
 
 from lowbit.granularity import PerToken
-from lowbit.kernels import _ext, _fp8_cpu, _int4_cpu, _int8_int4_cpu
+from lowbit.kernels import _ext, _fp8_cpu, _int4_cpu, _int8_int4_cpu, hugepages
 from lowbit.kernels import float8 as _float8
 from lowbit.kernels import int8 as _int8
 from lowbit.kernels import w8a8 as _w8a8
@@ -156,6 +158,7 @@ def make_int8_plan(qdata, scale, zero_point, act_scale, act_zero_point, act_pre_
             or not _weight_ok(qdata, scale) or qdata.dtype != torch.int8 or qdata.dim() != 2
             or scale.dtype != torch.float32):
         return None
+    hugepages.advise_all((qdata, scale))
     if act_spec is None:
         return None if act_scale is not None else _int8_weight_only(qdata, scale)
     if act_scale is not None:
@@ -184,6 +187,7 @@ def make_int4_plan(qdata, scale, zero_point, spec: QuantSpec, act_spec, kernel: 
     inside the GEMV's call: ``direct_gemv_fp8_act``), each as ``int4_linear`` routes it."""
     if kernel != "auto" or not _weight_ok(qdata, scale, zero_point) or qdata.dtype != torch.uint8 or qdata.dim() != 2:
         return None
+    hugepages.advise_all((qdata, scale, zero_point))
     n = qdata.shape[0]
     if act_spec is not None and not act_spec.dtype.is_float:  # 8da4w: int8_int4_linear takes symmetric int4 only
         if spec.dtype.name != "int4" or not spec.symmetric or spec.qmin != -8 or spec.qmax != 7:
@@ -268,6 +272,7 @@ def make_float8_plan(qdata, scale, act_scale, act_pre_scale, act_spec, kernel: s
     read from its tensor on every call, so an in-place edit is seen)."""
     if kernel != "auto" or act_pre_scale is not None or not _weight_ok(qdata, scale, act_scale):
         return None
+    hugepages.advise_all((qdata, scale))
     probe = torch.empty(1, qdata.shape[-1] if qdata.dim() == 2 else 0, dtype=dtype)
     if qdata.dim() != 2 or not _fp8_cpu._supported(probe, qdata, scale, None):
         return None

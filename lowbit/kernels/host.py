@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -147,4 +148,12 @@ def host_report() -> list[tuple[str, str]]:
         how = "the weight converted a chunk of rows at a time, then torch.mm"
         why = "no avx512_bf16" if "avx512_bf16" not in flags else f"bf16 matmul off by {HALF_ENV}"
     rows.append(("bf16 weight-only large-M matmul", f"{how} ({why})"))
+    from lowbit.kernels import hugepages
+
+    if hugepages.enabled():
+        pages = (f"quantized weights of {hugepages.MIN_BYTES >> 20} MiB or more advised onto 2 MiB pages (madvise; "
+                 f"{hugepages.ENV}=0 switches it off)")
+    else:
+        pages = f"4 KiB pages as allocated ({'switched off by ' + hugepages.ENV + '=0' if sys.platform.startswith('linux') else 'not Linux'})"
+    rows.append(("weight pages", pages))
     return rows

@@ -10,6 +10,7 @@ from torch import nn
 
 import lowbit.configs  # noqa: F401  (registers every config's handler)
 from lowbit.configs.base import QuantConfig, get_handler, mark_quantized
+from lowbit.kernels import hugepages
 from lowbit.quantize.plan import ConfigMapping, QuantizePlan, check_config, plan_quantization, state_bytes
 from lowbit.tensors.base import QuantizedTensor
 
@@ -78,6 +79,9 @@ def quantize_(
     plan = plan_quantization(model, config, filter_fn, strict=strict)
     before = state_bytes(model)
     _apply(plan)
+    for p in model.parameters():  # the decode GEMVs stream these: on huge pages (lowbit.kernels.hugepages)
+        if isinstance(p, QuantizedTensor) and p.device.type == "cpu":
+            hugepages.advise_quantized(p)
     line = "quantize_: " + plan.describe(before=before, after=state_bytes(model))
     if plan.notable:
         warnings.warn(line, UserWarning, stacklevel=2)

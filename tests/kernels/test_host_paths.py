@@ -229,4 +229,4 @@ def test_matmul_dtype(monkeypatch):
     native = any(f in host.cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
     assert host.matmul_dtype(torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
     assert [r[0] for r in host.host_report()] == ["bfloat16 large-M matmul", "float16 large-M matmul", "int8 x int8 matmul",
-                                                  "bf16 weight-only large-M matmul"]
+                                                  "bf16 weight-only large-M matmul", "weight pages"]
