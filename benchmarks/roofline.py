@@ -251,14 +251,20 @@ def _stacked(model: nn.Module, x: torch.Tensor):
 
 
 def dram_bandwidth(threads: int, rounds: int = 5, nbytes: int = 2**30) -> float:
-    """GB/s of ``torch.sum`` over ``nbytes`` (1 GiB) of float32 with ``threads`` threads (median of ``rounds``)."""
+    """GB/s of ``torch.sum`` over ``nbytes`` (1 GiB) of float32 with ``threads`` threads (median of ``rounds``), the
+    buffer on 2 MiB pages as lowbit's quantized weights are (``lowbit.kernels.hugepages``; since session 26: on 4 KiB
+    pages the same read was ~13% slower on the Zen 4 guest, 29.4-29.9 against 33.9-34.0 GB/s:
+    avx512_zen4/scratch/dram_probe_pages_session26.txt)."""
     import statistics
     import time
+
+    from lowbit.kernels import hugepages
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         t = torch.ones(nbytes // 4, dtype=torch.float32)
+        hugepages.advise(t)
         t.sum()
         times = []
         for _ in range(rounds):

@@ -32,7 +32,7 @@ for name, cfg in configs.items():
     mods[(name, "plain")], mods[(name, "huge")] = plain, huge
 os.system(f"grep AnonHugePages /proc/{os.getpid()}/smaps_rollup")
 print(f"DRAM probe before: {R.dram_bandwidth(2):.1f} GB/s", flush=True)
-for M in (1, 4):
+for M in [int(v) for v in os.environ.get("MS", "1,4").split(",")]:
     x = torch.randn(M, 4096, dtype=torch.bfloat16)
     fns = {k: R._stacked(m, x) for k, m in mods.items()}
     for f in fns.values(): f()
