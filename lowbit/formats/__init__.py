@@ -21,6 +21,8 @@ from pathlib import Path
 
 from torch import nn
 
+from lowbit.kernels import hugepages
+
 __all__ = ["FORMATS", "SOURCE_KINDS", "detect_format", "export", "from_pretrained", "describe"]
 
 FORMATS = ("compressed-tensors", "gguf")
@@ -102,11 +104,15 @@ def from_pretrained(path, *, device="cpu"):
     if kind == "compressed-tensors":
         from lowbit.formats.compressed_tensors_load import load_compressed_tensors
 
-        return load_compressed_tensors(p, device=device)
+        model = load_compressed_tensors(p, device=device)
+        hugepages.advise_model(model)  # as quantize_ does (lowbit.kernels.hugepages)
+        return model
     if kind == "gguf":
         from lowbit.formats.gguf import load_gguf
 
-        return load_gguf(_gguf_file(p), device=device)
+        model = load_gguf(_gguf_file(p), device=device)
+        hugepages.advise_model(model)
+        return model
     raise ValueError(f"{p} is a float transformers checkpoint, not a quantized one: load it with transformers' "
                      "from_pretrained, or quantize it first (lowbit.quantize_pretrained / lowbit quantize)")
 

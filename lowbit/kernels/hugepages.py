@@ -12,8 +12,9 @@ set before its first allocation.
 ``MADV_HUGEPAGE`` and collapsed now with ``MADV_COLLAPSE`` (Linux 6.1+; on older kernels khugepaged
 collapses them later, in the background). Nothing is copied or moved: the tensor, its strides and what
 is saved are unchanged, and a tensor smaller than two huge pages (whose interior may hold none) is left
-as it is. The kernels' decode plans advise a weight's tensors when the plan is made (the first eager
-call on CPU) and ``quantize_`` advises the weights it makes on CPU. ``LOWBIT_HUGEPAGES=0`` switches it
+as it is. ``quantize_`` and ``lowbit.formats.from_pretrained`` / ``lowbit.pretrained.from_pretrained`` advise the
+weights they make on CPU (:func:`advise_model`), and the kernels' decode plans advise a weight's tensors when the
+plan is made (its first eager call on CPU: weights made any other way). ``LOWBIT_HUGEPAGES=0`` switches it
 off; where the call is refused (another OS, a kernel without THP, a file mapping) nothing happens.
 """
 
@@ -26,7 +27,7 @@ import sys
 
 import torch
 
-__all__ = ["advise", "advise_all", "advise_quantized", "enabled", "HUGE_PAGE", "MIN_BYTES", "ENV"]
+__all__ = ["advise", "advise_all", "advise_model", "advise_quantized", "enabled", "HUGE_PAGE", "MIN_BYTES", "ENV"]
 
 ENV = "LOWBIT_HUGEPAGES"
 HUGE_PAGE = 2 << 20  # x86-64's PMD-sized transparent huge page
@@ -79,6 +80,12 @@ def advise(t: torch.Tensor) -> int:
 def advise_all(tensors) -> int:
     """:func:`advise` over ``tensors`` (None entries skipped); the bytes advised."""
     return sum(advise(t) for t in tensors if t is not None)
+
+
+def advise_model(model) -> int:
+    """:func:`advise_quantized` over a module's quantized CPU parameters (``quantize_`` and the checkpoint loaders
+    call it on what they make); the bytes advised."""
+    return sum(advise_quantized(p) for p in model.parameters() if p.device.type == "cpu")
 
 
 def advise_quantized(t) -> int:

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.configs.base import QuantConfig
+from lowbit.kernels import hugepages
 from lowbit.serialization import (
     FORMAT_VERSION,
     CheckpointError,
@@ -395,6 +396,7 @@ def from_pretrained(path, *, device: str | torch.device = "cpu"):
     # replace them; buffers computed in __init__ (rotary frequencies) are real
     model = _build(config, dtype, str(device))
     apply_state(model, state, configs, where=p)
+    hugepages.advise_model(model)  # as quantize_ does (lowbit.kernels.hugepages)
     try:
         model.generation_config = tf.GenerationConfig.from_pretrained(p, local_files_only=True)
     except (OSError, ValueError):

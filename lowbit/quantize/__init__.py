@@ -79,9 +79,7 @@ def quantize_(
     plan = plan_quantization(model, config, filter_fn, strict=strict)
     before = state_bytes(model)
     _apply(plan)
-    for p in model.parameters():  # the decode GEMVs stream these: on huge pages (lowbit.kernels.hugepages)
-        if isinstance(p, QuantizedTensor) and p.device.type == "cpu":
-            hugepages.advise_quantized(p)
+    hugepages.advise_model(model)  # the decode GEMVs stream these weights: on huge pages (lowbit.kernels.hugepages)
     line = "quantize_: " + plan.describe(before=before, after=state_bytes(model))
     if plan.notable:
         warnings.warn(line, UserWarning, stacklevel=2)

@@ -385,3 +385,28 @@ def test_packed_gqa_attention_equals_sdpa_in_decode(hf, compiled):
         return torch.stack(outs)
 
     assert torch.equal(run("lowbit", compiled), run("sdpa", compiled))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_loaded_weights_are_advised_onto_huge_pages(tmp_path, hf):
+    """from_pretrained advises the quantized weights it makes onto 2 MiB pages, as quantize_ does
+    (lowbit.kernels.hugepages), before any forward."""
+    from lowbit.kernels import hugepages
+
+    if hugepages.advise(torch.zeros(hugepages.MIN_BYTES + hugepages.HUGE_PAGE, dtype=torch.uint8)) == 0:
+        pytest.skip("this kernel refuses MADV_HUGEPAGE (no transparent huge pages)")
+    hf.write_tiny_llama(tmp_path / "src", num_hidden_layers=1, intermediate_size=98304, dtype=torch.bfloat16)  # 6 MiB int8
+    quantize_pretrained(tmp_path / "src", tmp_path / "q", Int8WeightOnlyConfig(), progress=False)
+    qdata = from_pretrained(tmp_path / "q").model.layers[0].mlp.gate_proj.weight.qdata
+    page = -(-qdata.data_ptr() // hugepages.HUGE_PAGE) * hugepages.HUGE_PAGE
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    flags, inside = set(), False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= page < hi
+        elif inside and head == "VmFlags:":
+            flags = set(line.split()[1:])
+    assert "hg" in flags
