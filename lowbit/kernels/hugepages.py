@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-__all__ = ["advise", "advise_all", "advise_model", "advise_quantized", "enabled", "HUGE_PAGE", "MIN_BYTES", "ENV"]
+__all__ = ["advise", "advise_all", "advise_model", "advised", "advise_quantized", "enabled", "HUGE_PAGE", "MIN_BYTES", "ENV"]
 
 ENV = "LOWBIT_HUGEPAGES"
 HUGE_PAGE = 2 << 20  # x86-64's PMD-sized transparent huge page
@@ -80,6 +80,27 @@ def advise(t: torch.Tensor) -> int:
 def advise_all(tensors) -> int:
     """:func:`advise` over ``tensors`` (None entries skipped); the bytes advised."""
     return sum(advise(t) for t in tensors if t is not None)
+
+
+def advised(t: torch.Tensor) -> bool:
+    """Whether the first whole huge page inside ``t``'s memory lies in a mapping advised ``MADV_HUGEPAGE`` (its
+    ``hg`` flag in ``/proc/self/smaps``); False where there is none or no such file."""
+    page = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    if page + HUGE_PAGE > t.data_ptr() + t.numel() * t.element_size():
+        return False
+    inside = False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(v, 16) for v in head.split("-"))
+                    inside = lo <= page < hi
+                elif inside and head == "VmFlags:":
+                    return "hg" in line.split()[1:]
+    except OSError:
+        pass
+    return False
 
 
 def advise_model(model) -> int:

@@ -13,25 +13,6 @@ from lowbit.kernels import hugepages
 needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
 
 
-def _vm_flags(address: int) -> set[str]:
-    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return set(line.split()[1:])
-    return set()
-
-
-def _huge_inside(t: torch.Tensor) -> int:
-    """The first whole huge page inside t's memory."""
-    return -(-t.data_ptr() // hugepages.HUGE_PAGE) * hugepages.HUGE_PAGE
-
-
 @needs_linux
 def test_advise_marks_the_whole_huge_pages_inside_and_keeps_the_values():
     t = torch.randint(-128, 128, (3 * hugepages.HUGE_PAGE + 12345,), dtype=torch.int8)
@@ -40,7 +21,7 @@ def test_advise_marks_the_whole_huge_pages_inside_and_keeps_the_values():
     if n == 0:
         pytest.skip("this kernel refuses MADV_HUGEPAGE (no transparent huge pages)")
     assert n % hugepages.HUGE_PAGE == 0 and 2 * hugepages.HUGE_PAGE <= n <= t.numel()
-    assert "hg" in _vm_flags(_huge_inside(t))  # VM_HUGEPAGE on the advised range
+    assert hugepages.advised(t)  # VM_HUGEPAGE on the advised range
     assert torch.equal(t, keep)
     assert hugepages.advise(t) == n  # again: the same range, nothing else
 
@@ -68,7 +49,7 @@ def test_quantize_advises_the_weights_it_makes_and_outputs_do_not_change(config,
     layer = nn.Linear(4096, 2048, bias=False, dtype=torch.bfloat16)  # int4: 4 MiB of nibbles, int8: 8 MiB
     advised, plain = nn.Sequential(layer), nn.Sequential(copy.deepcopy(layer))
     lowbit.quantize_(advised, config)
-    assert "hg" in _vm_flags(_huge_inside(advised[0].weight.qdata))
+    assert hugepages.advised(advised[0].weight.qdata)
     monkeypatch.setenv(hugepages.ENV, "0")
     lowbit.quantize_(plain, config)
     assert torch.equal(advised[0].weight.qdata, plain[0].weight.qdata)
@@ -89,8 +70,8 @@ def test_the_first_eager_call_advises_a_weight_quantize_did_not(monkeypatch):
     monkeypatch.setenv(hugepages.ENV, "0")
     lowbit.quantize_(model, lowbit.Int8WeightOnlyConfig())
     monkeypatch.delenv(hugepages.ENV)
-    if "hg" in _vm_flags(_huge_inside(model[0].weight.qdata)):
+    if hugepages.advised(model[0].weight.qdata):
         pytest.skip("the allocator reused a range advised earlier in this process")
     with torch.no_grad():
         model(torch.randn(1, 4096, dtype=torch.bfloat16))
-    assert "hg" in _vm_flags(_huge_inside(model[0].weight.qdata))
+    assert hugepages.advised(model[0].weight.qdata)
