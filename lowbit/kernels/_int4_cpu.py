@@ -71,7 +71,7 @@ from lowbit.kernels import _cpu_ops, _ext, host
 from lowbit.kernels.preference import wants_grad
 
 __all__ = ["int4_linear_cpu", "available", "direct_gemv_fp8_act", "direct_gemv_fp8_act_fn", "small_max_m", "gemv_max_m",
-           "GEMV_MAX_M", "LARGE_K", "GEMV_MAX_M_LARGE_K", "SMALL_MAX_M_LARGE_K", "GEMV_MAX_M_AVX2", "GEMV_MAX_M_AMX", "GEMV_KERNEL_MAX_M", "F32_ROWS_MAX_M", "SMALL_MAX_M",
+           "GEMV_MAX_M", "LARGE_K", "GEMV_MAX_M_LARGE_K", "SMALL_MAX_M_LARGE_K", "GEMV_MAX_M_AVX2", "GEMV_MAX_M_AMX", "GEMV_KERNEL_MAX_M", "F32_ROWS_MAX_M",
            "SMALL_MAX_M_AVX2", "CHUNK_ROWS", "MIN_GROUP"]
 
 # bf16: gemv_bf16 up to here on the AVX-512 build, gemm_small_bf16 above. 2 threads, Zen 4, gemv_bf16 / gemm_small_bf16
@@ -93,7 +93,6 @@ GEMV_MAX_M_LARGE_K = 12
 SMALL_MAX_M_LARGE_K = 16
 GEMV_MAX_M_AVX2 = 4  # the AVX2 build's float32 GEMV (it takes larger M in blocks of 4, a pass over W each)
 GEMV_KERNEL_MAX_M = 16  # the largest M either build's gemv_bf16 / gemv_bf16_act takes
-SMALL_MAX_M = 32  # the AVX-512 build's gemm_small_bf16 takes M up to here (its route: small_max_m)
 F32_ROWS_MAX_M = 8  # float32 / float16 x: gemv_f32 once per row up to here, then linear_chunked (module docstring)
 # The AVX2 build: gemm_small_bf16 (tile_f32.h's 4 x 3 tiles, its C++ limit 64) against the chunked path
 # (float32 at::mm: no native bf16 matmul), ms for 2 x 4096^2 g128, 2 threads, Zen 2 (benchmarks/results/

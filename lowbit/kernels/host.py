@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from lowbit.kernels import _ext
+from lowbit.kernels import _ext, hugepages
 
 __all__ = [
     "cpu_flags",
@@ -103,7 +103,8 @@ def amx_active() -> bool | None:
     return None if fn is None else bool(fn())
 
 
-def _int4_small_max_m() -> str:
+def _int4_gemm_from() -> str:
+    """Above which M int4's bf16 x runs gemm_bf16 here, as text (it depends on K on the AVX-512 build)."""
     from lowbit.kernels import _int4_cpu
 
     big, small = _int4_cpu.small_max_m(_int4_cpu.LARGE_K), _int4_cpu.small_max_m(_int4_cpu.LARGE_K - 1)
@@ -141,15 +142,13 @@ def host_report() -> list[tuple[str, str]]:
     rows.append(("int8 x int8 matmul", f"{how} ({why}; {INT8_ENV} overrides)"))
     if half_matmul_native(torch.bfloat16) and "avx512_bf16" in flags:
         how = ("lowbit's gemm_bf16, the weight made bf16 per panel inside the GEMM (where the AVX-512 builds run: "
-               f"int8 above the GEMV's M, int4 above {_int4_small_max_m()} and float8 above 32"
+               f"int8 above the GEMV's M, int4 above {_int4_gemm_from()} and float8 above 32"
                + ("; 8da4w with bf16 x from M = 32, on the tiles" if amx_active() else "") + ")")
         why = "has avx512_bf16" + _amx_note(flags)
     else:
         how = "the weight converted a chunk of rows at a time, then torch.mm"
         why = "no avx512_bf16" if "avx512_bf16" not in flags else f"bf16 matmul off by {HALF_ENV}"
     rows.append(("bf16 weight-only large-M matmul", f"{how} ({why})"))
-    from lowbit.kernels import hugepages
-
     if hugepages.enabled():
         pages = (f"quantized weights of {hugepages.MIN_BYTES >> 20} MiB or more advised onto 2 MiB pages (madvise; "
                  f"{hugepages.ENV}=0 switches it off)")

@@ -2,7 +2,7 @@
 
 A decode GEMV streams every weight byte from DRAM once per token. On 4 KiB pages the CPU's hardware
 prefetchers stop at every page boundary and each page costs a TLB entry; on 2 MiB pages they run on. On
-the 2-core Zen 4 guest (session 26), int4's bf16 GEMV at M = 1 on 8 x 4096^2 ran 11-24% faster on the
+the 2-core Zen 4 guest (session 26), int4's bf16 GEMV at M = 1 on 8 x 4096^2 took 0.84x the time on the
 same bytes collapsed into huge pages (benchmarks/results/avx512_zen4/scratch/hugepages_session26.txt).
 Linux gives anonymous memory huge pages only where a range is advised (``enabled`` is ``madvise`` on most
 distributions, as here), and PyTorch's CPU allocator advises nothing unless ``THP_MEM_ALLOC_ENABLE=1`` is
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import sys
 
@@ -34,6 +35,7 @@ HUGE_PAGE = 2 << 20  # x86-64's PMD-sized transparent huge page
 MIN_BYTES = 2 * HUGE_PAGE  # below this a buffer may hold no whole huge page
 _MADV_HUGEPAGE = 14
 _MADV_COLLAPSE = 25
+_log = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
@@ -73,8 +75,16 @@ def advise(t: torch.Tensor) -> int:
     fn = _madvise()
     if fn(lo, hi - lo, _MADV_HUGEPAGE) != 0:
         return 0
-    fn(lo, hi - lo, _MADV_COLLAPSE)  # may fail (older kernel, no free huge page): khugepaged then, or never
+    if fn(lo, hi - lo, _MADV_COLLAPSE) != 0:  # older kernel, no free huge page: khugepaged later, or never
+        _collapse_refused(ctypes.get_errno())
     return hi - lo
+
+
+@functools.cache
+def _collapse_refused(errno: int) -> None:
+    """Said once per reason (INFO on this module's logger): the pages stay advised but small for now."""
+    _log.info("MADV_COLLAPSE refused (%s): weights are advised onto huge pages, collapsed later by khugepaged if at "
+              "all (%s=0 switches advising off)", os.strerror(errno), ENV)
 
 
 def advise_all(tensors) -> int:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(_ext.load("int4_cpu") is None, reason="int4_cpu 
 # measured 49.2 .. 55.8 dB.
 BF16_DPBF16_DB = 44.0
 # chunked path: exact dequantize + the same matmul op; measured inf (bit-equal) .. >= 78 dB. bf16 x above
-# SMALL_MAX_M on the AVX-512 build: gemm_bf16, the same dequantized values and float32 sums in another order
+# small_max_m(K) on the AVX-512 build: gemm_bf16, the same dequantized values and float32 sums in another order
 # (measured 74.7 .. 187 dB, and inf on small shapes), held to the same bound.
 CHUNKED_DB = {torch.bfloat16: 70.0, torch.float16: 70.0, torch.float32: 110.0}
 # float32-math GEMV (float32 / float16 x): measured >= 125 dB (fp32), >= 67 dB (fp16).

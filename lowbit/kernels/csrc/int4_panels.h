@@ -22,11 +22,6 @@ constexpr int kAndOr = 0xEA;   // ternary logic: (a & b) | c
 
 inline bool asym(const W4& w) { return w.zp || w.zf; }
 
-// The zero point of row n, group g, as float32 (0 when symmetric).
-inline float zp_of(const W4& w, int64_t n, int64_t g) {
-  return w.zp ? float(w.zp[n * w.G + g]) : w.zf ? w.zf[n * w.G + g] : 0.f;
-}
-
 // The part of the zero point nib16_f32 subtracts through the magic number: the integer one (or 8 for
 // two's complement nibbles); a float zero point is subtracted after it (sub_zf), in float32.
 inline float zbase_of(const W4& w, int64_t n, int64_t g) {
