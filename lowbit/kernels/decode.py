@@ -52,7 +52,7 @@ def _weight_ok(*tensors) -> bool:
 
 
 def _int8_weight_only(qdata, scale) -> Plan | None:
-    """``int8_weight_only_linear_any``'s direct GEMV (M <= ``_ext_max_m(x.dtype)``, groups of a multiple of 16)."""
+    """``int8_weight_only_linear_any``'s direct GEMV (M <= ``_ext_max_m(x.dtype, K, groups)``, groups of a multiple of 16)."""
     n, k = qdata.shape
     if scale.dim() != 2 or scale.shape[1] == 0 or k % scale.shape[1] or (k // scale.shape[1]) % 16:
         return None
@@ -63,7 +63,7 @@ def _int8_weight_only(qdata, scale) -> Plan | None:
     op = getattr(_ext.load("int8_gemv"), "int8_weight_only_mm", None)
     if op is None:
         return None
-    max_bf16, max_float = _int8._ext_max_m(torch.bfloat16), _int8._ext_max_m(torch.float32)
+    max_bf16, max_float = _int8._ext_max_m(torch.bfloat16, k, scale.shape[1]), _int8._ext_max_m(torch.float32)
     s = scale.expand(n, -1)  # a view: in-place edits of the scale are seen
 
     def run(x, bias):

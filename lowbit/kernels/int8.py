@@ -4,7 +4,8 @@
 One reference implementation (dequantize with the primitives, then ``F.linear``) and fast
 implementations chosen here by device and shape:
 
-* CPU, M <= ``_ext_max_m(dtype)`` (by the build that runs and x's dtype): our C++ kernel (``csrc/int8_gemv.cpp``, AVX-512, or
+* CPU, M <= ``_ext_max_m(dtype, K, groups)`` (by the build that runs, x's dtype and, for bf16 x, the weight's K
+  and scales per row): our C++ kernel (``csrc/int8_gemv.cpp``, AVX-512, or
   ``csrc/int8_gemv_avx2.cpp`` on CPUs without it, built on first use; any group size that is a
   multiple of 16); bfloat16, per-row scale and
   M <= ``_INT8PACK_MAX_M``: ``torch._weight_int8pack_mm`` (see ``_int8pack_takes``); bf16 x at larger M on a
@@ -46,6 +47,15 @@ __all__ = ["int8_weight_only_linear", "int8_weight_only_linear_any"]
 # float32 M = 64 161.6 / 109.7), float32 1.15-1.86x at M = 128 and 0.98-1.48x at 256 (8 x 4096^2 M = 128 371.6 /
 # 199.9), so up to 128 (float16 x, measured at 16 and 64 only, is widened to float32 and reaches the same paths).
 _EXT_MAX_M = 16  # bf16 x
+# Session 27 (Zen 4, 2 threads): bf16 x with one scale per row from M = 9 converts each block of 4 weight rows to bf16
+# once for every row of x (csrc/int8_gemv.cpp, run_scratch). ms GEMV / gemm_bf16 / bf16 F.linear
+# (benchmarks/results/avx512_zen4/scratch/int8wo_scratch_tiles_session27.txt, _large_m.txt): 8 x 4096^2 M = 16 15.15 /
+# 22.08 / 21.90, M = 32 25.55 / 29.74 / 29.54, M = 48 36.05 / 41.07 / 42.35, M = 64 47.81 / 49.00 / 49.70, M = 96
+# 83.13 / 66.51 / 69.26; SmolLM2's layers (K = 576, 1536) M = 16 1.25 / 1.19 / 1.83, M = 24 1.79 / 1.55 / 2.28. So
+# per-row weights with K >= LARGE_K take the GEMV up to _EXT_MAX_M_LARGE_K; smaller K and grouped scales (whose
+# scratch tiles lost to btile: int8wo_scratch_tiles_session27_groups_not_kept.txt) keep _EXT_MAX_M.
+_EXT_MAX_M_LARGE_K = 48
+LARGE_K = 2048
 _EXT_MAX_M_FLOAT = 128  # float32 and float16 x
 # On a CPU with AMX (csrc/amx.h), gemm_bf16 runs bf16 x on the tiles (int4's runs ahead of its small-M path from
 # M = 5, _int4_cpu.SMALL_MAX_M_AMX): bf16 x keeps the limit it had (not measured there). The CPU's flag decides,
@@ -66,18 +76,24 @@ _INT8PACK_MAX_M = 8  # _weight_int8pack_mm beats bf16 up to M=8 (1.2x), loses fr
 _CHUNK_BYTES = 2 << 20  # a converted chunk of rows: 256 x 4096 bf16 = 2 MiB stays in cache (measured best at 4096)
 
 
-def _max_m_of(isa: str | None, dtype: torch.dtype = torch.bfloat16) -> int:
-    """The largest M the C++ GEMV of build ``isa`` takes for x of ``dtype``."""
+def _max_m_of(isa: str | None, dtype: torch.dtype = torch.bfloat16, k: int | None = None, groups: int | None = None) -> int:
+    """The largest M the C++ GEMV of build ``isa`` takes for x of ``dtype`` against a weight of ``k`` columns and
+    ``groups`` scales per row (None: the largest over every weight)."""
     if isa == "avx2":
         return _EXT_MAX_M_AVX2
     if dtype != torch.bfloat16:
         return _EXT_MAX_M_FLOAT
-    return _EXT_MAX_M_AMX if "amx_bf16" in host.cpu_flags() else _EXT_MAX_M
+    if "amx_bf16" in host.cpu_flags():
+        return _EXT_MAX_M_AMX
+    if (k is None or k >= LARGE_K) and groups in (None, 1) and "avx512_bf16" in host.cpu_flags():
+        return _EXT_MAX_M_LARGE_K
+    return _EXT_MAX_M
 
 
-def _ext_max_m(dtype: torch.dtype = torch.bfloat16) -> int:
-    """The largest M our C++ GEMV takes for x of ``dtype``: it depends on the build that runs (``_ext.active_isa``)."""
-    return _max_m_of(_ext.active_isa("int8_gemv"), dtype)
+def _ext_max_m(dtype: torch.dtype = torch.bfloat16, k: int | None = None, groups: int | None = None) -> int:
+    """The largest M our C++ GEMV takes for x of ``dtype`` (and a weight of ``k`` columns, ``groups`` scales per row;
+    None: the largest over every weight): it depends on the build that runs (``_ext.active_isa``)."""
+    return _max_m_of(_ext.active_isa("int8_gemv"), dtype, k, groups)
 
 
 def _grad_input(grad, qdata, scale, zero_point, spec: QuantSpec):
@@ -190,13 +206,13 @@ def _gemm_bf16():
     return fn
 
 
-def _direct_max_m(dtype: torch.dtype) -> int:
+def _direct_max_m(dtype: torch.dtype, k: int, groups: int) -> int:
     """The largest M :func:`int8_weight_only_linear_any` sends to the direct op for x of ``dtype``: ``_ext_max_m``,
     except while torch.compile traces, where it is taken from the build this CPU runs (``_ext.fitting_isa``), loaded
     or not."""
     if torch.compiler.is_compiling():
-        return _max_m_of(_ext.fitting_isa("int8_gemv"), dtype)
-    return _ext_max_m(dtype)
+        return _max_m_of(_ext.fitting_isa("int8_gemv"), dtype, k, groups)
+    return _ext_max_m(dtype, k, groups)
 
 
 def _direct_gemv_op():
@@ -215,9 +231,10 @@ def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, spec: Qua
     skipping the custom op's Python layers (~15 us a call). Same values bit for bit, with or without the
     extension (the op's body then runs the custom op's PyTorch CPU paths)."""
     if (kernel == "auto" and zero_point is None and input.dim() == 2 and input.device.type == "cpu"
-            and input.shape[0] <= _direct_max_m(input.dtype) and qdata.dim() == 2 and qdata.dtype == torch.int8 and qdata.is_contiguous()
+            and qdata.dim() == 2 and qdata.dtype == torch.int8 and qdata.is_contiguous()
             and scale.dtype == torch.float32 and scale.dim() == 2 and input.shape[1] == qdata.shape[1]
             and scale.shape[1] > 0 and input.shape[1] % scale.shape[1] == 0 and (input.shape[1] // scale.shape[1]) % 16 == 0
+            and input.shape[0] <= _direct_max_m(input.dtype, input.shape[1], scale.shape[1])
             and not wants_grad(input, bias)):
         op = _direct_gemv_op()
         if op is not None:
@@ -263,7 +280,8 @@ def int8_weight_only_linear(
     if check_kernel(kernel) == "reference" or zero_point is not None:
         return _weight_only_reference(input, qdata, scale, zero_point, bias, spec)
     m, k = input.shape
-    if input.device.type == "cpu" and m <= _ext_max_m(input.dtype) and (k // scale.shape[1]) % 16 == 0 and qdata.is_contiguous():
+    if (input.device.type == "cpu" and m <= _ext_max_m(input.dtype, k, scale.shape[1]) and (k // scale.shape[1]) % 16 == 0
+            and qdata.is_contiguous()):
         ext = _ext.load("int8_gemv")
         if ext is not None:
             out = ext.int8_weight_only_mm(input, qdata, scale.expand(qdata.shape[0], -1))

@@ -153,7 +153,7 @@ def test_int8_weight_only_routes_here_above_the_gemv(above, monkeypatch):
     fn = k8._gemm_bf16()
     monkeypatch.setattr(k8, "_gemm_bf16", lambda: lambda *a: calls.append(1) or fn(*a))
     spec = Int8WeightOnlyConfig().weight_spec()
-    m = k8._ext_max_m(torch.bfloat16) + above  # the GEMV's limit for bf16 x (16 on AVX-512 without AMX)
+    m = k8._ext_max_m(torch.bfloat16, 96, 1) + above  # the GEMV's limit for bf16 x, K = 96 (16 on AVX-512 without AMX)
     x, w, s, b, _ = _operands(m, 96, 320, 1, m)
     out = k8.int8_weight_only_linear(x, w, s, None, b, spec_key(spec), "auto")
     ref = k8.int8_weight_only_linear(x, w, s, None, b, spec_key(spec), "reference")

@@ -260,3 +260,43 @@ def test_weight_only_fp16_with_scales_below_fp16_normal_range(m):
     ref = int8_weight_only_linear(x, t.qdata, t.scale, None, None, key, "reference")
     fast = int8_weight_only_linear(x, t.qdata, t.scale, None, None, key, "auto")
     assert sqnr(ref.float(), fast.float()) >= WEIGHT_ONLY_FAST_VS_REF_DB[torch.float16]
+
+
+def test_the_gemv_limit_follows_the_build_dtype_k_and_groups(monkeypatch):
+    """The largest M the int8 GEMV takes: AVX2 192; float32 / float16 x 128; bf16 x on AMX 8; bf16 x with one scale
+    per row and K >= LARGE_K on a CPU with AVX-512 BF16 48 (its scratch tiles), else 16."""
+    from lowbit.kernels import int8 as k8
+
+    flags = {"plain": frozenset({"avx512f", "avx512bw", "avx512_bf16"}), "amx": frozenset({"avx512_bf16", "amx_bf16"}),
+             "no_bf16": frozenset({"avx512f", "avx512bw"})}
+    monkeypatch.setattr(host, "cpu_flags", lambda: flags["plain"])
+    assert k8._max_m_of("avx2", torch.bfloat16, 4096, 1) == 192
+    assert k8._max_m_of("avx512", torch.float32, 4096, 1) == 128
+    assert k8._max_m_of("avx512", torch.bfloat16, k8.LARGE_K, 1) == 48
+    assert k8._max_m_of("avx512", torch.bfloat16, None, None) == 48  # the largest over every weight
+    assert k8._max_m_of("avx512", torch.bfloat16, k8.LARGE_K - 16, 1) == 16
+    assert k8._max_m_of("avx512", torch.bfloat16, 4096, 32) == 16
+    monkeypatch.setattr(host, "cpu_flags", lambda: flags["no_bf16"])
+    assert k8._max_m_of("avx512", torch.bfloat16, 4096, 1) == 16
+    monkeypatch.setattr(host, "cpu_flags", lambda: flags["amx"])
+    assert k8._max_m_of("avx512", torch.bfloat16, 4096, 1) == 8
+
+
+@pytest.mark.parametrize("k, groups, m, gemv", [(2048, 1, 48, True), (2048, 1, 49, False), (1024, 1, 17, False),
+                                                 (2048, 16, 17, False), (1024, 1, 16, True)], ids=str)
+def test_bf16_x_routes_by_m_k_and_groups(k, groups, m, gemv, monkeypatch):
+    """Through the custom op: bf16 x goes to the GEMV up to its limit for the weight's K and groups, to gemm_bf16 above."""
+    from lowbit.kernels import int8 as k8
+
+    if k8._gemm_bf16() is None or k8._ext_max_m(torch.bfloat16, 2048, 1) != 48:
+        pytest.skip("needs the AVX-512 build on a CPU with AVX-512 BF16 and no AMX")
+    calls = []
+    fn = k8._gemm_bf16()
+    monkeypatch.setattr(k8, "_gemm_bf16", lambda: lambda *a: calls.append(1) or fn(*a))
+    g = torch.Generator().manual_seed(k + m)
+    t = Int8Tensor.from_float(torch.randn(40, k, generator=g), QuantSpec("int8", PerGroup(k // groups)))
+    x = torch.randn(m, k, generator=g).bfloat16()
+    out = int8_weight_only_linear(x, t.qdata, t.scale, None, None, spec_key(t.spec), "auto")
+    ref = int8_weight_only_linear(x, t.qdata, t.scale, None, None, spec_key(t.spec), "reference")
+    assert calls == ([] if gemv else [1])
+    assert sqnr(ref.float(), out.float()) >= WEIGHT_ONLY_FAST_VS_REF_DB[torch.bfloat16]

@@ -1,9 +1,10 @@
 """The int8 weight-only GEMV (csrc/int8_gemv.cpp, AVX-512, or csrc/int8_gemv_avx2.cpp, whichever build
-loads here; LOWBIT_ISA=avx2 tests the other on an AVX-512 host) at M = 1..17: against the reference by
+loads here; LOWBIT_ISA=avx2 tests the other on an AVX-512 host) at M = 1..17 (and 33): against the reference by
 SQNR, and row by row against the same row alone through the same kind of tile (each kind has one
 summation order for every tile shape, M and thread count, so those are equal bit for bit). The AVX-512
 build multiplies bf16 x at M >= 2 with vdpbf16ps (its bf16 tiles, on a CPU with AVX-512 BF16 and groups
-of a multiple of 32); everything else, and bf16 x at M = 1, with float32 FMA (its float tiles)."""
+of a multiple of 32; with one scale per row from M = 9 each block of weight rows converted once, the same sums);
+everything else, and bf16 x at M = 1, with float32 FMA (its float tiles)."""
 
 import pytest
 import torch
@@ -74,6 +75,33 @@ def test_each_row_equals_the_row_alone(n, k, group, dtype):
         assert torch.equal(ext.int8_weight_only_mm(x[:m], t.qdata, t.scale), rows2[:m]), f"M={m}"
 
 
+@pytest.mark.parametrize("n, k", [(101, 1040), (22, 576), (7, 64), (64, 2048)], ids=str)
+def test_the_scratch_tiles_equal_the_bf16_tiles(n, k):
+    """bf16 x against one scale per row from M = 9 (get_scratch_min_m): each block of 4 weight rows is converted
+    once into a scratch for every row of x, with the bf16 tiles' sums in their order: the same bits at every M
+    (4-row tiles and their 1-3 row tails, blocks of 1-3 weight rows at N's end, 1 and 2 threads)."""
+    ext = _ext_or_skip()
+    if not hasattr(ext, "set_scratch_min_m"):
+        pytest.skip(f"the {_ext.active_isa('int8_gemv')} build has no scratch tiles")
+    t, g = _weight(n, k, k)
+    keep, threads = ext.get_scratch_min_m(), torch.get_num_threads()
+    try:
+        for m in (2, 5, 9, 14, 33):
+            x = torch.randn(m, k, generator=g).bfloat16()
+            ext.set_scratch_min_m(10**9)
+            tiles = ext.int8_weight_only_mm(x, t.qdata, t.scale)
+            ext.set_scratch_min_m(2)
+            for nt in (1, 2):
+                torch.set_num_threads(nt)
+                assert torch.equal(ext.int8_weight_only_mm(x, t.qdata, t.scale), tiles), f"M={m} threads={nt}"
+            torch.set_num_threads(threads)
+    finally:
+        ext.set_scratch_min_m(keep)
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="scratch min M must be at least 2, got 1"):
+        ext.set_scratch_min_m(1)
+
+
 def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a - b| in units of b's last place as a bf16 value (both bf16)."""
     b32 = b.float()
@@ -107,12 +135,13 @@ def test_bf16_x_with_subnormal_rows():
     assert _bf16_ulps(out, f32).max().item() <= 1.0
 
 
+@pytest.mark.parametrize("group", [64, 576], ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("m", [1, 4, 9])
-def test_thread_count_does_not_change_the_result(m):
+def test_thread_count_does_not_change_the_result(m, group):
     """Above the kernel's serial threshold (1024 x 576 int8 = 576 KiB) rows are split over threads;
-    each row's sum is the same whoever computes it."""
+    each row's sum is the same whoever computes it (whole rows: the scratch tiles at M = 9)."""
     ext = _ext_or_skip()
-    t, g = _weight(1024, 576, 64)
+    t, g = _weight(1024, 576, group)
     x = torch.randn(m, 576, generator=g).bfloat16()
     threads = torch.get_num_threads()
     try:
@@ -142,11 +171,11 @@ def test_strided_x_and_broadcast_scale_equal_contiguous_copies(dtype):
 
 @pytest.mark.parametrize("granularity", [PerRow(), PerGroup(32), PerTensor()], ids=repr)
 def test_the_layer_route_at_small_m_matches_reference(granularity):
-    """Whatever int8.py routes to at M = 2..16 (this kernel, _weight_int8pack_mm or the chunked path)
+    """Whatever int8.py routes to at M = 2..32 (this kernel, _weight_int8pack_mm or the chunked path)
     stays within the bound."""
     g = torch.Generator().manual_seed(1)
     t = Int8Tensor.from_float(torch.randn(96, 256, generator=g), QuantSpec("int8", granularity))
-    for m in (2, 4, 8, 16):
+    for m in (2, 4, 8, 16, 32):
         x = torch.randn(m, 256, generator=g).bfloat16()
         ref = int8_weight_only_linear(x, t.qdata, t.scale, None, None, spec_key(t.spec), "reference")
         out = int8_weight_only_linear(x, t.qdata, t.scale, None, None, spec_key(t.spec), "auto")

@@ -25,6 +25,8 @@
 //    5.6 -> 8.2. Not at M = 1: there it was level in L3 (28.1 against 29.1) and 10-20% slower from
 //    DRAM on this Zen 4 (18-19 against 20-24 GB/s), as an exact-integer variant was (see
 //    benchmarks/results/avx512_zen4/scratch/README.md): the M = 1 GEMV streams, it is not ALU-bound here.
+//    With one scale per row from M = 9 (scratch_min_m) the same sums run as scratch tiles (stile below): each
+//    block of 4 weight rows converted once for every row of x.
 // Each kind has one summation order for every tile shape, M and thread count, so a row of a result
 // equals, bit for bit, the result for that row of x alone through the same kind of tile (for bf16 x
 // at M >= 2: that row twice, M = 2). The AVX2 build sums the same products in another order (8 lanes).
@@ -134,6 +136,101 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void btile(const
       store_out(a, (m0 + m) * a.N + n0 + r, lowbit::unscale(_mm512_reduce_add_ps(tot[r][m]), a.post[m0 + m]));
 }
 
+// bf16 x with one scale per row at M >= scratch_min_m(): btile's sums (the same products in the same order, so the
+// same bits: a row of the result still equals that row alone through the bf16 tiles), but each block of 4 weight rows
+// is converted to bf16 once, whole K, into a per-thread scratch (4 x 4096 bf16: 32 KiB) that serves every row of x,
+// 4 at a time (16 accumulators); btile converts its rows again for every 4 rows of x (5 conversion ops per 32
+// weights against at most 4 vdpbf16ps per row). 8 x 4096^2, 2 threads, Zen 4, ms scratch / btile / gemm_bf16 /
+// bf16 F.linear (benchmarks/results/avx512_zen4/scratch/int8wo_scratch_tiles_session27.txt): M = 8 10.40 / 9.85 /
+// 15.96 / 17.05, M = 9 11.07 / 15.01 / 17.22 / 18.90, M = 16 15.15 / 21.06 / 22.08 / 21.90. Not kept: chunks of
+// K (512, 1024 columns, the sums carried in memory between them) ran slower than whole rows
+// (int8wo_scratch_chunks_session27_not_kept.txt); with groups of 128 (2 rows of x a tile, 8 running totals beside the
+// sums) the scratch ran 1.0-1.75x btile's time (int8wo_scratch_tiles_session27_groups_not_kept.txt).
+constexpr int64_t kScratchMinM = 9;
+constexpr int kSR = 4;  // weight rows per scratch block
+constexpr int kSM = 4;  // rows of x per scratch tile
+
+int64_t& scratch_min_m() {  // set_scratch_min_m: A/B runs and tests
+  static int64_t v = kScratchMinM;
+  return v;
+}
+
+// The block's rows n0 .. n0 + nr - 1 converted to bf16 (exact: |q| <= 128) into dst, 4 rows of K (rows past nr: zero),
+// prefetching ahead as btile does.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void convert_block(const Args& a, int64_t n0, int nr,
+                                                                             uint16_t* dst) {
+  const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                       31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const int64_t K = a.K;
+  for (int r = 0; r < kSR; ++r) {
+    uint16_t* d = dst + r * K;
+    if (r >= nr) {
+      std::memset(d, 0, size_t(K) * 2);
+      continue;
+    }
+    const int8_t* w = a.w + (n0 + r) * K;
+    for (int64_t k = 0; k < K; k += 32) {
+      if ((k & 63) == 0) lowbit::prefetch_stream(w + k);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16))));
+      _mm512_storeu_si512(d + k, _mm512_permutex2var_epi16(_mm512_castps_si512(lo), odd, _mm512_castps_si512(hi)));
+    }
+  }
+}
+
+// MT rows of x (from m0) against the block's 4 converted rows (sw, row stride K), one group.
+template <int MT>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void stile(const Args& a, const uint16_t* sw, int64_t n0,
+                                                                             int nr, int64_t m0) {
+  const int64_t K = a.K;
+  const uint16_t* xr = a.xs + m0 * K;
+  __m512 acc[MT][kSR];
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < kSR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512i wv[kSR];
+#pragma GCC unroll 4
+    for (int r = 0; r < kSR; ++r) wv[r] = _mm512_loadu_si512(sw + r * K + k);
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xr + m * K + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < kSR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv[r], (__m512bh)xv);
+    }
+  }
+  for (int r = 0; r < nr; ++r) {
+    const __m512 sv = _mm512_set1_ps(a.s[(n0 + r) * a.ss0]);
+    for (int m = 0; m < MT; ++m)  // btile's tot = fma(acc, s, 0) for its one group
+      store_out(a, (m0 + m) * a.N + n0 + r,
+                lowbit::unscale(_mm512_reduce_add_ps(_mm512_fmadd_ps(acc[m][r], sv, _mm512_setzero_ps())), a.post[m0 + m]));
+  }
+}
+
+void run_scratch(const Args& a) {
+  const int64_t blocks = (a.N + kSR - 1) / kSR;
+  auto body = [&](int64_t b, int64_t e) {
+    thread_local std::vector<uint16_t> sw;
+    sw.resize(size_t(kSR * a.K));
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n0 = i * kSR;
+      const int nr = static_cast<int>(std::min<int64_t>(kSR, a.N - n0));
+      convert_block(a, n0, nr, sw.data());
+      for (int64_t m0 = 0; m0 < a.M; m0 += kSM) {
+        switch (std::min<int64_t>(kSM, a.M - m0)) {
+          case 1: stile<1>(a, sw.data(), n0, nr, m0); break;
+          case 2: stile<2>(a, sw.data(), n0, nr, m0); break;
+          case 3: stile<3>(a, sw.data(), n0, nr, m0); break;
+          default: stile<kSM>(a, sw.data(), n0, nr, m0); break;
+        }
+      }
+    }
+  };
+  if (a.N * a.K < kSerialBytes) body(0, blocks);
+  else lowbit::par_for(0, blocks, 1, body);
+}
+
 struct Bf16Tiles {
   template <int R, int MM, bool PF>
   static void run_tile(const Args& a, int64_t n0, int64_t m0) { btile<R, MM, PF>(a, n0, m0); }
@@ -157,7 +254,8 @@ void run_all(const Args& a) {
     Args b = a;
     b.xs = xs.data();
     b.post = post.data();
-    if (a.M <= 3) run<4, Bf16Tiles>(b);
+    if (a.G == 1 && a.M >= scratch_min_m()) run_scratch(b);
+    else if (a.M <= 3) run<4, Bf16Tiles>(b);
     else run<3, Bf16Tiles>(b);
     return;
   }
@@ -166,6 +264,12 @@ void run_all(const Args& a) {
 }
 
 }  // namespace
+
+void set_scratch_min_m(int64_t m) {
+  TORCH_CHECK(m >= kBf16MinM, "scratch min M must be at least ", kBf16MinM, ", got ", m);
+  scratch_min_m() = m;
+}
+int64_t get_scratch_min_m() { return scratch_min_m(); }
 
 // x (M, K) bf16 with unit column stride @ dequantize(w, scale).T (+ bias) in bf16, for the larger M the
 // GEMV leaves: gemm_bf16::gemm with Int8Panels, so the products are the reference's (the weight's

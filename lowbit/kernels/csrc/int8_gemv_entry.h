@@ -217,6 +217,9 @@ TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_weight_only_mm", TORCH_FN(
 // The AVX-512 build's large-M entry (int8_gemv.cpp): x @ dequantize(w, scale).T + bias for bf16 x, the
 // weight made bf16 one L2-resident panel at a time inside the GEMM (gemm_bf16.h).
 torch::Tensor int8_weight_only_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias);
+// The smallest M at which the bf16 tiles convert each block of weight rows once into a scratch (int8_gemv.cpp).
+void set_scratch_min_m(int64_t m);
+int64_t get_scratch_min_m();
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -228,6 +231,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_weight_only_gemm", &int8_weight_only_gemm,
         "int8 weight-only GEMM for bf16 x at large M (AVX-512 BF16): the weight made bf16 per panel inside the GEMM",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bias") = py::none());
+  m.def("set_scratch_min_m", &set_scratch_min_m,
+        "bf16 x from this M on: each block of 4 weight rows converted once, for every row of x (tests, A/B runs)",
+        py::arg("m"));
+  m.def("get_scratch_min_m", &get_scratch_min_m, "set_scratch_min_m's value");
   m.def("set_amx", &lowbit::amx::set_enabled, "use AMX tiles where the CPU has them (default true; false: AVX-512 alone)");
   m.def("amx_active", [] { return lowbit::amx::usable_bf16() || lowbit::amx::usable_int8(); },
         "whether this process runs AMX tiles: the CPU has them, Linux granted them and set_amx did not switch them off");
