@@ -41,7 +41,10 @@ exact int32 sums of the nibbles times x held as two int16 planes, see ``csrc/int
   CPUs with AMX ``SMALL_MAX_M_AMX``, the GEMV's 4: none): ``gemm_small_bf16``, nibbles looked up as bf16
   ``q - zp`` (exact products, no offset), each unpacked weight pair applied to 16 rows of x per instruction
   (register tile of W rows x 16-row blocks of x).
-* bfloat16 above ``small_max_m()`` (the AVX-512 build): ``gemm_bf16``, a bf16 GEMM (``csrc/gemm_bf16.h``)
+* bfloat16, ``small_max_m(K)`` < M <= ``rows_max_m(K)`` (the AVX-512 build without AMX: ``ROWS_MAX_M_LARGE_K`` from K =
+  ``LARGE_K``, none below it): ``gemm_rows_bf16``, each block of 4 weight rows dequantized once to the reference's
+  bf16 values into a per-thread scratch that serves every row of x (4 x 4 ``vdpbf16ps`` tiles over all of K).
+* bfloat16 above ``rows_max_m(K)`` (the AVX-512 build): ``gemm_bf16``, a bf16 GEMM (``csrc/gemm_bf16.h``)
   whose 64-row panels are dequantized exactly (the reference's bf16 values) per call inside the
   GEMM, in L2; float32 sums, one rounding of the output. SmolLM2's seven linears at M = 128, g64:
   1.12-1.18x bf16 where the chunked path ran 0.67-0.94x; 4096^2 g128 M = 256: 0.99x (chunked 0.92-0.96x)
@@ -71,7 +74,7 @@ from lowbit.kernels import _cpu_ops, _ext, host
 from lowbit.kernels.preference import wants_grad
 
 __all__ = ["int4_linear_cpu", "available", "direct_gemv_fp8_act", "direct_gemv_fp8_act_fn", "small_max_m", "gemv_max_m",
-           "GEMV_MAX_M", "LARGE_K", "GEMV_MAX_M_LARGE_K", "SMALL_MAX_M_LARGE_K", "GEMV_MAX_M_AVX2", "GEMV_MAX_M_AMX", "GEMV_KERNEL_MAX_M", "F32_ROWS_MAX_M",
+           "GEMV_MAX_M", "LARGE_K", "GEMV_MAX_M_LARGE_K", "SMALL_MAX_M_LARGE_K", "ROWS_MAX_M_LARGE_K", "rows_max_m", "GEMV_MAX_M_AVX2", "GEMV_MAX_M_AMX", "GEMV_KERNEL_MAX_M", "F32_ROWS_MAX_M",
            "SMALL_MAX_M_AVX2", "CHUNK_ROWS", "MIN_GROUP"]
 
 # bf16: gemv_bf16 up to here on the AVX-512 build, gemm_small_bf16 above. 2 threads, Zen 4, gemv_bf16 / gemm_small_bf16
@@ -91,6 +94,13 @@ GEMV_MAX_M = 8
 LARGE_K = 2048
 GEMV_MAX_M_LARGE_K = 12
 SMALL_MAX_M_LARGE_K = 16
+# From K = LARGE_K above SMALL_MAX_M_LARGE_K (session 27): gemm_rows_bf16 (4 weight rows dequantized once into a scratch
+# for every row of x) up to ROWS_MAX_M_LARGE_K, gemm_bf16 above. 8 x 4096^2 g128, 2 threads, Zen 4, ms rows / gemm_bf16
+# / gemm_small_bf16 / bf16 F.linear (benchmarks/results/avx512_zen4/scratch/int4_rows_gemm_session27.txt): M = 20 17.90
+# / 21.90 / 25.27 / 22.96, M = 24 21.19 / 25.22 / 26.35 / 26.32, M = 32 25.99 / 29.06 / 25.90 / 30.20, M = 48 40.47 /
+# 43.11 / 40.28 / 42.39, M = 64 48.64 / 47.83 / 50.01 / 49.91. Below LARGE_K (SmolLM2's layers) gemm_bf16 stays ahead
+# from M = 20 (rows 1.41 / gemm 1.34 ms), so there it keeps every M above the GEMV.
+ROWS_MAX_M_LARGE_K = 48
 GEMV_MAX_M_AVX2 = 4  # the AVX2 build's float32 GEMV (it takes larger M in blocks of 4, a pass over W each)
 GEMV_KERNEL_MAX_M = 16  # the largest M either build's gemv_bf16 / gemv_bf16_act takes
 F32_ROWS_MAX_M = 8  # float32 / float16 x: gemv_f32 once per row up to here, then linear_chunked (module docstring)
@@ -144,6 +154,15 @@ def small_max_m(k: int | None = None) -> int:
     if _amx_on():
         return SMALL_MAX_M_AMX
     return SMALL_MAX_M_LARGE_K if k is None or k >= LARGE_K else GEMV_MAX_M
+
+
+def rows_max_m(k: int | None = None) -> int:
+    """The largest M ``gemm_rows_bf16``, ``gemm_small_bf16`` or the GEMV serves for bf16 x (K = ``k``; without it, the
+    largest over K), gemm_bf16 above: on the AVX-512 build without AMX tiles ``ROWS_MAX_M_LARGE_K`` from K =
+    ``LARGE_K``, else ``small_max_m(k)`` (no M for gemm_rows_bf16)."""
+    if _ext.active_isa("int4_cpu") == "avx512" and not _amx_on() and (k is None or k >= LARGE_K):
+        return ROWS_MAX_M_LARGE_K
+    return small_max_m(k)
 
 
 _DTYPES = (torch.bfloat16, torch.float32, torch.float16)
@@ -299,6 +318,8 @@ def int4_linear_cpu(
             [ext.gemv_f32(x2[i : i + 1], qdata, scale, zero_point, bias) for i in range(m)])
     elif host.matmul_dtype(x.dtype) != x.dtype:
         out = _chunked_float32(ext, x2, qdata, scale, zero_point, bias)
+    elif x.dtype == torch.bfloat16 and m <= rows_max_m(x2.shape[1]) and hasattr(ext, "gemm_rows_bf16"):
+        out = ext.gemm_rows_bf16(x2, qdata, scale, zero_point, bias)
     elif x.dtype == torch.bfloat16 and hasattr(ext, "gemm_bf16"):
         out = ext.gemm_bf16(x2, qdata, scale, zero_point, bias)
     else:

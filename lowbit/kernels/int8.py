@@ -228,8 +228,9 @@ def _direct_gemv_op():
 def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, spec: QuantSpec, kernel: str) -> torch.Tensor:
     """``int8_weight_only_linear``, except that a decode-sized CPU call wanting no gradient (M <= ``_direct_max_m``, a
     symmetric weight, groups of a multiple of 16) calls the same C++ GEMV as a dispatcher op directly,
-    skipping the custom op's Python layers (~15 us a call). Same values bit for bit, with or without the
-    extension (the op's body then runs the custom op's PyTorch CPU paths)."""
+    skipping the custom op's Python layers (~15 us a call), and any other eager CPU call wanting no gradient (a
+    symmetric weight) runs the custom op's CPU body (:func:`_weight_only_cpu`) without its dispatch. Same values
+    bit for bit, with or without the extension (the op's body then runs the custom op's PyTorch CPU paths)."""
     if (kernel == "auto" and zero_point is None and input.dim() == 2 and input.device.type == "cpu"
             and qdata.dim() == 2 and qdata.dtype == torch.int8 and qdata.is_contiguous()
             and scale.dtype == torch.float32 and scale.dim() == 2 and input.shape[1] == qdata.shape[1]
@@ -239,6 +240,10 @@ def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, spec: Qua
         op = _direct_gemv_op()
         if op is not None:
             return op(input, qdata, scale.expand(qdata.shape[0], -1), bias)
+    if (kernel == "auto" and zero_point is None and input.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not wants_grad(input, bias)):  # eager, any other M: the custom op's CPU body without its dispatch (~25 us)
+        _check_2d(input, qdata, scale)
+        return _weight_only_cpu(input, qdata, scale, bias)
     return int8_weight_only_linear(input, qdata, scale, zero_point, bias, spec_key(spec), kernel)
 
 
@@ -279,19 +284,24 @@ def int8_weight_only_linear(
     spec = spec_from_key(spec)
     if check_kernel(kernel) == "reference" or zero_point is not None:
         return _weight_only_reference(input, qdata, scale, zero_point, bias, spec)
+    if input.device.type == "cpu":
+        return _weight_only_cpu(input, qdata, scale, bias)
+    return _weight_only_reference(input, qdata, scale, zero_point, bias, spec)
+
+
+def _weight_only_cpu(input, qdata, scale, bias):
+    """The custom op's CPU paths for a symmetric weight (arguments checked): the C++ GEMV, ``gemm_bf16``, or
+    :func:`_weight_only_cpu_torch`."""
     m, k = input.shape
-    if (input.device.type == "cpu" and m <= _ext_max_m(input.dtype, k, scale.shape[1]) and (k // scale.shape[1]) % 16 == 0
-            and qdata.is_contiguous()):
+    if m <= _ext_max_m(input.dtype, k, scale.shape[1]) and (k // scale.shape[1]) % 16 == 0 and qdata.is_contiguous():
         ext = _ext.load("int8_gemv")
         if ext is not None:
             out = ext.int8_weight_only_mm(input, qdata, scale.expand(qdata.shape[0], -1))
             return out if bias is None else out + bias
-    if (input.device.type == "cpu" and input.dtype == torch.bfloat16 and input.stride(1) == 1 and qdata.is_contiguous()
+    if (input.dtype == torch.bfloat16 and input.stride(1) == 1 and qdata.is_contiguous()
             and (k // scale.shape[1]) % 16 == 0 and (gemm := _gemm_bf16()) is not None):
         return gemm(input, qdata, scale.expand(qdata.shape[0], -1), bias)
-    if input.device.type == "cpu":
-        return _weight_only_cpu_torch(input, qdata, scale, bias)
-    return _weight_only_reference(input, qdata, scale, zero_point, bias, spec)
+    return _weight_only_cpu_torch(input, qdata, scale, bias)
 
 
 @int8_weight_only_linear.register_fake

@@ -94,7 +94,7 @@ class _KernelSpy:
 
     def __getattr__(self, name):
         fn = getattr(self._mod, name)
-        if name in ("gemv_bf16", "gemm_small_bf16", "gemm_bf16"):
+        if name in ("gemv_bf16", "gemm_small_bf16", "gemm_rows_bf16", "gemm_bf16"):
             return lambda *args: self._calls.append(name) or fn(*args)
         return fn
 
@@ -103,10 +103,13 @@ class _KernelSpy:
                     reason="the AVX-512 build's bf16 route without AMX tiles")
 @pytest.mark.parametrize("k,m,kernel", [(576, 8, "gemv_bf16"), (576, 9, "gemm_bf16"), (1536, 16, "gemm_bf16"),
                                         (2048, 12, "gemv_bf16"), (2048, 13, "gemm_small_bf16"),
-                                        (4096, 16, "gemm_small_bf16"), (2048, 17, "gemm_bf16"), (8192, 32, "gemm_bf16")])
+                                        (4096, 16, "gemm_small_bf16"), (2048, 17, "gemm_rows_bf16"),
+                                        (8192, 32, "gemm_rows_bf16"), (4096, 48, "gemm_rows_bf16"), (4096, 49, "gemm_bf16"),
+                                        (1536, 24, "gemm_bf16")])
 def test_bf16_route_follows_m_and_k(monkeypatch, k, m, kernel):
-    """bf16 x above the GEMV's 8 rows: the GEMV to 12 and gemm_small_bf16 to 16 from K = LARGE_K, gemm_bf16 above
-    and for smaller K (_int4_cpu's LARGE_K comment); each against the reference."""
+    """bf16 x above the GEMV's 8 rows: the GEMV to 12, gemm_small_bf16 to 16 and gemm_rows_bf16 to 48 from K =
+    LARGE_K, gemm_bf16 above and for smaller K (_int4_cpu's LARGE_K and ROWS_MAX_M_LARGE_K comments); each against
+    the reference."""
     calls = []
     load = _ext.load
     monkeypatch.setattr(_ext, "load", lambda name: _KernelSpy(load(name), calls) if name == "int4_cpu" else load(name))
@@ -175,6 +178,7 @@ def test_every_path_on_the_same_data(m, kind):
     assert sqnr(ref.float(), ext.linear_chunked(x, qdata, s, zp, b, 32).float()) >= CHUNKED_DB[torch.bfloat16]
     if hasattr(ext, "gemm_bf16"):  # the AVX-512 build: the same products as the reference, another order
         assert sqnr(ref.float(), ext.gemm_bf16(x, qdata, s, zp, b).float()) >= CHUNKED_DB[torch.bfloat16]
+        assert sqnr(ref.float(), ext.gemm_rows_bf16(x, qdata, s, zp, b).float()) >= CHUNKED_DB[torch.bfloat16]
 
 
 def test_unsupported_returns_none():
@@ -362,6 +366,33 @@ def test_bf16_subnormal_activations(kind, g, m):
     if m <= _int4_cpu.GEMV_KERNEL_MAX_M:
         _assert_close_per_row(ref, ext.gemv_bf16(x, qdata, s, zp, None))
     _assert_close_per_row(ref, ext.gemm_small_bf16(x, qdata, s, zp, None))
+    if hasattr(ext, "gemm_rows_bf16"):
+        _assert_close_per_row(ref, ext.gemm_rows_bf16(x, qdata, s, zp, None))
+
+
+@pytest.mark.skipif(not hasattr(_ext.load("int4_cpu"), "gemm_rows_bf16"), reason="gemm_rows_bf16 is the AVX-512 build's")
+@pytest.mark.parametrize("symmetric", [False, True, "float-zp"], ids=["asym", "sym", "float-zp"])
+def test_gemm_rows_any_m_and_threads(symmetric):
+    """gemm_rows_bf16's 4 x 4 tiles: N = 7 (a block of 3 weight rows at the end), M = 1..9 (every tail of the 4-row
+    tiles); each (row of x, weight row) sum runs alone over all of K, so every row of the result equals that row of x
+    alone, on 1 or 2 threads (N = 1030: blocks shared out), and the reference's bound holds."""
+    ext = _ext.load("int4_cpu")
+    for n in (7, 1030):
+        qdata, s, zp, gen = _weight(n, 1152, 128, symmetric, seed=5)
+        x = torch.randn(9, 1152, generator=gen).bfloat16()
+        b = torch.randn(n, generator=gen).bfloat16()
+        alone = torch.cat([ext.gemm_rows_bf16(x[i:i + 1], qdata, s, zp, b) for i in range(9)])
+        threads = torch.get_num_threads()
+        try:
+            for nt in (1, 2):
+                torch.set_num_threads(nt)
+                for m in range(1, 10):
+                    assert torch.equal(ext.gemm_rows_bf16(x[:m], qdata, s, zp, b), alone[:m]), (n, m, nt)
+        finally:
+            torch.set_num_threads(threads)
+        assert sqnr(_reference(x, qdata, s, zp, 128, b).float(), alone.float()) >= CHUNKED_DB[torch.bfloat16]
+    with pytest.raises(RuntimeError, match="x must be bf16"):
+        ext.gemm_rows_bf16(x.float(), qdata, s, zp, b)
 
 
 @needs_two_call

@@ -465,6 +465,84 @@ torch::Tensor gemm_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch::Tenso
   return out;
 }
 
+// out = x @ W.T + bias for bf16 x at mid M (the route: _int4_cpu.py): each block of 4 weight rows is dequantized once
+// to the reference's bf16 values (dequant_row) into a per-thread scratch of 4 rows of K, which serves every row of x,
+// 4 at a time: 16 vdpbf16ps accumulators over all of K (lane l sums the k-pairs 16 i + l in order), one horizontal
+// sum per output, (sum * 2^-j) + bias rounded once to bf16. gemm_bf16's products (the same bf16 weights and x), its
+// sums in another order; gemm_small_bf16's exact (q - zp) group sums are not used here.
+constexpr int kRowsSR = 4;  // weight rows per scratch block
+constexpr int kRowsSM = 4;  // rows of x per tile
+
+template <int MT>
+inline void rows_tile(const uint16_t* sw, const uint16_t* xr, int64_t K, int nr, int64_t m0, int64_t n0, int64_t N,
+                      const double* post, const float* bp, c10::BFloat16* op) {
+  __m512 acc[MT][kRowsSR];
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < kRowsSR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512i wv[kRowsSR];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRowsSR; ++r) wv[r] = _mm512_loadu_si512(sw + r * K + k);
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xr + m * K + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRowsSR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv[r], (__m512bh)xv);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < nr; ++r) {
+      float v = lowbit::unscale(_mm512_reduce_add_ps(acc[m][r]), post[m0 + m]);
+      if (bp) v += bp[n0 + r];
+      op[(m0 + m) * N + n0 + r] = c10::BFloat16(v);
+    }
+}
+
+torch::Tensor gemm_rows_bf16(torch::Tensor x, torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp,
+                             c10::optional<torch::Tensor> bias) {
+  W4 w = make_w4(qdata, scale, zp);
+  check_bf16_x(x, w);
+  const int64_t M = x.size(0), K = w.K, N = w.N;
+  TORCH_CHECK(K % 32 == 0, "gemm_rows_bf16 needs K a multiple of 32, got ", K);
+  torch::Tensor bkeep;
+  const float* bp = bias_ptr(bias, N, bkeep);
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  std::vector<double> post;
+  const std::vector<uint16_t> xs = scaled_copy(x.data_ptr<c10::BFloat16>(), M, K, x.stride(0), post);
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  const int64_t blocks = (N + kRowsSR - 1) / kRowsSR;
+  par_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+    thread_local std::vector<c10::BFloat16> sw;
+    sw.resize(size_t(kRowsSR * K));
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n0 = i * kRowsSR;
+      const int nr = static_cast<int>(std::min<int64_t>(kRowsSR, N - n0));
+      for (int r = 0; r < kRowsSR; ++r) {
+        if (r < nr) {
+          lowbit::prefetch_region(w.q + (n0 + r) * w.rb, 0, w.rb);  // the weight stream, its distance ahead (prefetch.h)
+          dequant_row<c10::BFloat16>(w, n0 + r, 0, K, sw.data() + r * K);
+        } else {
+          std::memset(sw.data() + r * K, 0, size_t(K) * 2);
+        }
+      }
+      const uint16_t* swp = reinterpret_cast<const uint16_t*>(sw.data());
+      for (int64_t m0 = 0; m0 < M; m0 += kRowsSM) {
+        const uint16_t* xr = xs.data() + m0 * K;
+        switch (std::min<int64_t>(kRowsSM, M - m0)) {
+          case 1: rows_tile<1>(swp, xr, K, nr, m0, n0, N, post.data(), bp, op); break;
+          case 2: rows_tile<2>(swp, xr, K, nr, m0, n0, N, post.data(), bp, op); break;
+          case 3: rows_tile<3>(swp, xr, K, nr, m0, n0, N, post.data(), bp, op); break;
+          default: rows_tile<kRowsSM>(swp, xr, K, nr, m0, n0, N, post.data(), bp, op); break;
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // Rows [row0, row1) of W, dequantized exactly into out[: row1 - row0] (dtype of out).
 void dequant_rows(torch::Tensor qdata, torch::Tensor scale, c10::optional<torch::Tensor> zp, int64_t row0, int64_t row1,
                   torch::Tensor out) {
@@ -526,6 +604,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("act_eps"), py::arg("act_e5m2"));
   m.def("gemv_f32", &gemv_f32, "int4 weight-only GEMV, float32/float16 x, M = 1");
   m.def("gemm_small_bf16", &gemm_small_bf16, "int4 weight-only small-M GEMM, bf16 x, M <= 64");
+  m.def("gemm_rows_bf16", &gemm_rows_bf16, "int4 weight-only GEMM, bf16 x, mid M: 4 weight rows dequantized at a time for every row of x");
   m.def("gemm_bf16", &gemm_bf16_entry, "int4 weight-only GEMM, bf16 x, any M: panels dequantized inside the GEMM");
   m.def("dequant_rows", &dequant_rows, "exact dequantization of a row range into a buffer");
   m.def("linear_chunked", &linear_chunked, "chunked dequantize + mm");
