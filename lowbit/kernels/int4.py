@@ -264,7 +264,8 @@ def int4_linear(
         if out is not None:
             return out
         # eager CPU calls that want no gradient, above the GEMV: the custom op's CPU body (int4_linear_cpu, the same
-        # kernels, the same values) without its dispatch, ~25 us a call (SmolLM2's 576-wide layers run 100-300 us)
+        # kernels, the same values) without its dispatch, 11-16 us a call (SmolLM2's 576-wide layers run 80-400 us:
+        # benchmarks/results/avx512_zen4/scratch/custom_op_skip_ab_session27.txt)
         if (input.device.type == "cpu" and input.dim() == 2 and not torch.compiler.is_compiling()
                 and not wants_grad(input, bias)):
             _check_spec(spec, zero_point)

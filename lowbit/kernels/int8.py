@@ -241,7 +241,7 @@ def int8_weight_only_linear_any(input, qdata, scale, zero_point, bias, spec: Qua
         if op is not None:
             return op(input, qdata, scale.expand(qdata.shape[0], -1), bias)
     if (kernel == "auto" and zero_point is None and input.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not wants_grad(input, bias)):  # eager, any other M: the custom op's CPU body without its dispatch (~25 us)
+            and not wants_grad(input, bias)):  # eager, any other M: the custom op's CPU body without its dispatch (11-16 us)
         _check_2d(input, qdata, scale)
         return _weight_only_cpu(input, qdata, scale, bias)
     return int8_weight_only_linear(input, qdata, scale, zero_point, bias, spec_key(spec), kernel)
