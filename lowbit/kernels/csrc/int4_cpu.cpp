@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "bf16_scale.h"
+#include "bf16_rows.h"
 #include "fp8_act.h"
 #include "gemm_bf16.h"
 #include "int4_gemv_bf16.h"
@@ -470,28 +471,14 @@ torch::Tensor gemm_bf16_entry(torch::Tensor x, torch::Tensor qdata, torch::Tenso
 // 4 at a time: 16 vdpbf16ps accumulators over all of K (lane l sums the k-pairs 16 i + l in order), one horizontal
 // sum per output, (sum * 2^-j) + bias rounded once to bf16. gemm_bf16's products (the same bf16 weights and x), its
 // sums in another order; gemm_small_bf16's exact (q - zp) group sums are not used here.
-constexpr int kRowsSR = 4;  // weight rows per scratch block
+constexpr int kRowsSR = lowbit::bf16_rows::kW;  // weight rows per scratch block
 constexpr int kRowsSM = 4;  // rows of x per tile
 
 template <int MT>
 inline void rows_tile(const uint16_t* sw, const uint16_t* xr, int64_t K, int nr, int64_t m0, int64_t n0, int64_t N,
                       const double* post, const float* bp, c10::BFloat16* op) {
   __m512 acc[MT][kRowsSR];
-#pragma GCC unroll 4
-  for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 4
-    for (int r = 0; r < kRowsSR; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    __m512i wv[kRowsSR];
-#pragma GCC unroll 4
-    for (int r = 0; r < kRowsSR; ++r) wv[r] = _mm512_loadu_si512(sw + r * K + k);
-#pragma GCC unroll 4
-    for (int m = 0; m < MT; ++m) {
-      const __m512i xv = _mm512_loadu_si512(xr + m * K + k);
-#pragma GCC unroll 4
-      for (int r = 0; r < kRowsSR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv[r], (__m512bh)xv);
-    }
-  }
+  lowbit::bf16_rows::sums<MT>(sw, xr, K, acc);
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < nr; ++r) {
       float v = lowbit::unscale(_mm512_reduce_add_ps(acc[m][r]), post[m0 + m]);

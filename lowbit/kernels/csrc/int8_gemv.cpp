@@ -33,6 +33,7 @@
 #define LOWBIT_INT8_GEMM_BF16
 #include "int8_gemv_entry.h"
 #include "gemm_bf16.h"
+#include "bf16_rows.h"
 // bf16_scale.h and the bf16 tiles use AVX-512 BF16, which this build does not require: they run only
 // where the CPU has it (cpu_bf16()).
 #pragma GCC push_options
@@ -147,7 +148,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void btile(const
 // (int8wo_scratch_chunks_session27_not_kept.txt); with groups of 128 (2 rows of x a tile, 8 running totals beside the
 // sums) the scratch ran 1.0-1.75x btile's time (int8wo_scratch_tiles_session27_groups_not_kept.txt).
 constexpr int64_t kScratchMinM = 9;
-constexpr int kSR = 4;  // weight rows per scratch block
+constexpr int kSR = lowbit::bf16_rows::kW;  // weight rows per scratch block
 constexpr int kSM = 4;  // rows of x per scratch tile
 
 int64_t& scratch_min_m() {  // set_scratch_min_m: A/B runs and tests
@@ -182,24 +183,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void convert_block(c
 template <int MT>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void stile(const Args& a, const uint16_t* sw, int64_t n0,
                                                                              int nr, int64_t m0) {
-  const int64_t K = a.K;
-  const uint16_t* xr = a.xs + m0 * K;
   __m512 acc[MT][kSR];
-#pragma GCC unroll 4
-  for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 4
-    for (int r = 0; r < kSR; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    __m512i wv[kSR];
-#pragma GCC unroll 4
-    for (int r = 0; r < kSR; ++r) wv[r] = _mm512_loadu_si512(sw + r * K + k);
-#pragma GCC unroll 4
-    for (int m = 0; m < MT; ++m) {
-      const __m512i xv = _mm512_loadu_si512(xr + m * K + k);
-#pragma GCC unroll 4
-      for (int r = 0; r < kSR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv[r], (__m512bh)xv);
-    }
-  }
+  lowbit::bf16_rows::sums<MT>(sw, a.xs + m0 * a.K, a.K, acc);
   for (int r = 0; r < nr; ++r) {
     const __m512 sv = _mm512_set1_ps(a.s[(n0 + r) * a.ss0]);
     for (int m = 0; m < MT; ++m)  // btile's tot = fma(acc, s, 0) for its one group
