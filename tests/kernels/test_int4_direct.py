@@ -54,26 +54,3 @@ def test_compiled_graph_calls_the_direct_op():
         out, code = run_and_get_code(torch.compile(layer, fullgraph=True), x)
     assert torch.equal(out, ref)
     assert "lowbit_cpu.int4_gemv_bf16" in "\n".join(code)
-
-
-@pytest.mark.parametrize("m, dtype", [(9, torch.bfloat16), (33, torch.bfloat16), (3, torch.float32)], ids=str)
-def test_eager_calls_above_the_gemv_skip_the_custom_op(m, dtype, monkeypatch):
-    """An eager CPU call wanting no gradient that the GEMV does not take runs the custom op's CPU body
-    (int4_linear_cpu) directly: the same values as the custom op; a call wanting a gradient goes through the op."""
-    import lowbit.kernels.int4 as k4
-
-    layer = _layer(bias=True)
-    layer.to(dtype)
-    w = layer.weight
-    x = torch.randn(m, 256, dtype=dtype)
-    with torch.no_grad():
-        custom = int4_weight_only_linear(x, w.qdata, w.scale, w.zero_point, layer.bias, spec_key(w.spec), "auto")
-    calls = []
-    op = k4.int4_weight_only_linear
-    monkeypatch.setattr(k4, "int4_weight_only_linear", lambda *a: calls.append(1) or op(*a))
-    with torch.no_grad():
-        assert torch.equal(layer(x), custom)
-    assert calls == []
-    xg = x.clone().requires_grad_()
-    layer(xg).float().sum().backward()
-    assert calls == [1] and xg.grad is not None

@@ -43,28 +43,3 @@ def test_gradients_still_flow_and_compiled_graphs_call_the_op():
         out, code = run_and_get_code(torch.compile(layer, fullgraph=True), x.detach())
     assert torch.equal(out, ref)
     assert "lowbit_cpu.int8_weight_only_mm" in "\n".join(code)
-
-
-@pytest.mark.parametrize("m, dtype", [(17, torch.bfloat16), (300, torch.bfloat16), (200, torch.float32)], ids=str)
-def test_eager_calls_above_the_gemv_skip_the_custom_op(m, dtype, monkeypatch):
-    """An eager CPU call wanting no gradient above the GEMV's M runs the custom op's CPU body (_weight_only_cpu)
-    directly: the same values as the custom op; a call wanting a gradient goes through the op."""
-    import lowbit.kernels.int8 as k8
-    from lowbit import Int8WeightOnlyConfig, quantize_
-    from lowbit.spec import spec_key
-
-    torch.manual_seed(0)
-    layer = quantize_(torch.nn.Linear(256, 96).to(dtype), Int8WeightOnlyConfig())
-    w = layer.weight
-    x = torch.randn(m, 256, dtype=dtype)
-    with torch.no_grad():
-        custom = k8.int8_weight_only_linear(x, w.qdata, w.scale, None, layer.bias, spec_key(w.spec), "auto")
-    calls = []
-    op = k8.int8_weight_only_linear
-    monkeypatch.setattr(k8, "int8_weight_only_linear", lambda *a: calls.append(1) or op(*a))
-    with torch.no_grad():
-        assert torch.equal(layer(x), custom)
-    assert calls == []
-    xg = x.clone().requires_grad_()
-    layer(xg).float().sum().backward()
-    assert calls == [1] and xg.grad is not None
