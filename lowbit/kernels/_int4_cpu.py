@@ -96,7 +96,7 @@ GEMV_MAX_M_LARGE_K = 12
 SMALL_MAX_M_LARGE_K = 16
 # From K = LARGE_K above SMALL_MAX_M_LARGE_K (session 27): gemm_rows_bf16 (4 weight rows dequantized once into a scratch
 # for every row of x) up to ROWS_MAX_M_LARGE_K, gemm_bf16 above. 8 x 4096^2 g128, 2 threads, Zen 4, ms rows / gemm_bf16
-# / gemm_small_bf16 / bf16 F.linear (benchmarks/results/avx512_zen4/scratch/int4_rows_gemm_session27.txt): M = 20 17.90
+# / gemm_small_bf16 / bf16 F.linear (benchmarks/results/avx512_zen4/scratch/int4_rows_gemm_session27.txt, run 1): M = 20 17.90
 # / 21.90 / 25.27 / 22.96, M = 24 21.19 / 25.22 / 26.35 / 26.32, M = 32 25.99 / 29.06 / 25.90 / 30.20, M = 48 40.47 /
 # 43.11 / 40.28 / 42.39, M = 64 48.64 / 47.83 / 50.01 / 49.91. Below LARGE_K (SmolLM2's layers) gemm_bf16 stays ahead
 # from M = 20 (rows 1.41 / gemm 1.34 ms), so there it keeps every M above the GEMV.
