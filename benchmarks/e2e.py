@@ -614,6 +614,10 @@ def _run_batch(model_key, workload, tag, batch, base, baselines, work, ref, info
             tq = time.time()
             lm = shared_copy(base)
             notes = v.build(lm)
+            # modules a peer swapped in are made in training mode; the model was in eval before. bitsandbytes'
+            # Linear4bit repacks its weight for its CPU kernel only in eval mode (at its first forward): in training
+            # mode it decoded llama1b at 0.53x bf16 instead (results/avx512_zen4/session27/e2e_quick, before this line)
+            lm.eval()
             notes["quantize_s"] = round(time.time() - tq, 1)
             step = new_step(lm, work, workload)
         except Exception as e:  # noqa: BLE001 - a variant that fails to build is reported, not fatal
